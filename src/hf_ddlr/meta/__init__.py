@@ -1,0 +1,25 @@
+"""The meta-gradient math as pure torch (no transformers import): rate tables, lookahead, strategies."""
+
+from .engine import STRATEGIES, MetaBatch, MetaGradients, MicroBatch, find_output_layer, meta_gradients
+from .lookahead import ParamSpec, lookahead, param_specs, tangent, weight_decay_grad
+from .passes import frozen_batchnorm, per_example_loss, replay_rng
+from .rates import RateTable, RateUpdate
+
+__all__ = [
+    "STRATEGIES",
+    "MetaBatch",
+    "MetaGradients",
+    "MicroBatch",
+    "ParamSpec",
+    "RateTable",
+    "RateUpdate",
+    "find_output_layer",
+    "frozen_batchnorm",
+    "lookahead",
+    "meta_gradients",
+    "param_specs",
+    "per_example_loss",
+    "replay_rng",
+    "tangent",
+    "weight_decay_grad",
+]

@@ -1,0 +1,110 @@
+"""Helpers that make the extra forward passes of a meta step faithful to the real one.
+
+The lookahead, meta and directional-derivative passes must see the same function as the real training
+forward (batch-statistics BatchNorm, the same dropout masks) without leaving any trace on the model
+(BatchNorm running statistics must be bit-identical to a plain step's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+__all__ = [
+    "frozen_batchnorm",
+    "replay_rng",
+    "forward_ad_safe_attention",
+    "extract_logits",
+    "per_example_loss",
+    "functional_logits",
+]
+
+
+@contextlib.contextmanager
+def frozen_batchnorm(model: nn.Module) -> Iterator[None]:
+    """Use batch statistics in every BatchNorm layer without reading or writing running statistics.
+
+    Setting ``track_running_stats=False`` makes ``F.batch_norm`` receive ``running_mean=None`` in train
+    mode, so the pass computes exactly what a training forward computes and updates nothing.
+    """
+    mods = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    old = [m.track_running_stats for m in mods]
+    for m in mods:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m, o in zip(mods, old):
+            m.track_running_stats = o
+
+
+def _rng_devices() -> list[int]:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return [torch.cuda.current_device()]
+    return []
+
+
+@contextlib.contextmanager
+def replay_rng(seed: int) -> Iterator[None]:
+    """Run a block with the global RNG seeded by ``seed`` and restore the outer RNG stream afterwards.
+
+    Every pass over the same micro-batch (lookahead, directional derivative, real forward) is run under
+    the same seed so that dropout draws identical masks; the outer stream is left untouched.
+    """
+    with torch.random.fork_rng(devices=_rng_devices()):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def forward_ad_safe_attention() -> Iterator[None]:
+    """Route scaled-dot-product attention to the math kernel, the only one with forward-mode AD rules
+    and double-backward support on CPU (the fused flash kernel has neither)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - very old torch
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def extract_logits(outputs: Any) -> torch.Tensor:
+    """Return the logits of a model output (a ``ModelOutput``, a mapping with ``logits`` or a tensor)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, Mapping):
+        logits = outputs.get("logits")
+    if logits is None:
+        raise TypeError(
+            f"The model returned {type(outputs).__name__} without `logits`. MetaLRTrainer needs per-example "
+            "losses computed from classification logits: use a *ForSequenceClassification / "
+            "*ForImageClassification model or make forward() return an object or dict with `logits`."
+        )
+    return logits
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of every example, computed in fp32 (or fp64) even when the logits are half precision."""
+    if logits.dim() != 2:
+        raise ValueError(
+            f"Expected logits of shape (batch, num_labels), got {tuple(logits.shape)}. Per-example learning "
+            "rates are defined for single-label classification."
+        )
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    return F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
+
+
+def functional_logits(
+    model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Mapping[str, Any]
+) -> torch.Tensor:
+    """Logits of ``model`` evaluated at ``params`` (a subset of its parameters) on keyword ``inputs``."""
+    return extract_logits(functional_call(model, dict(params), args=(), kwargs=dict(inputs), strict=False))
