@@ -49,6 +49,7 @@ class MicroBatch:
     weights: torch.Tensor  # current effective weights e_i
     seed: int  # RNG seed under which the real forward of this micro-batch runs (dropout replay)
     losses: torch.Tensor | None = None  # L_i(θ) if already known (finite differences reuse them)
+    indices: torch.Tensor | None = None  # dataset row of every example (for the rate table)
 
 
 @dataclass

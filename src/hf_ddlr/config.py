@@ -1,0 +1,170 @@
+"""`MetaLRConfig`: `TrainingArguments` plus every option of the meta step, each documented for the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .meta.engine import STRATEGIES
+
+__all__ = ["MetaLRConfig"]
+
+LEVELS = ("instance", "class", "both")
+UPDATES = ("same_step", "delayed")
+LOOKAHEADS = ("optimizer", "sgd")
+SCALINGS = ("normalized", "raw")
+
+
+@dataclass
+class MetaLRConfig(TrainingArguments):
+    """Training arguments of :class:`~hf_ddlr.MetaLRTrainer`.
+
+    Everything of :class:`transformers.TrainingArguments` plus the options of the data-dependent learning
+    rates (Saxena, Vyas & DeCoste). With ``HfArgumentParser`` every field below is a command-line flag.
+    """
+
+    lr_level: str = field(
+        default="instance",
+        metadata={
+            "help": "Which learning-rate multipliers to learn: 'instance' (one per training example), 'class' "
+            "(one per label) or 'both' (their product).",
+            "choices": list(LEVELS),
+        },
+    )
+    meta_lr: float = field(
+        default=0.1,
+        metadata={
+            "help": "Step size of the rate update. With meta_lr_scaling='normalized' (default) it is the typical "
+            "change of a rate per visit (0.03-0.3 all work); with 'raw' it multiplies the raw meta-gradient "
+            "as in the paper and needs tuning per model and learning rate."
+        },
+    )
+    meta_lr_scaling: str = field(
+        default="normalized",
+        metadata={
+            "help": "'normalized': divide each level's meta-gradient by its mean absolute value over the batch, "
+            "so meta_lr does not depend on the learning rate, batch size or gradient scale. 'raw': the paper's "
+            "plain SGD on the meta-gradient.",
+            "choices": list(SCALINGS),
+        },
+    )
+    learn_weight_decay: bool = field(
+        default=False,
+        metadata={
+            "help": "Learn the weight-decay coefficient by the same meta-gradient (paper §2.3), starting from "
+            "`weight_decay`. The learned value is what the optimizer applies to its decay parameter groups."
+        },
+    )
+    weight_decay_meta_lr: float = field(
+        default=0.01,
+        metadata={
+            "help": "Step size of the weight-decay update: the largest relative change per step with "
+            "'normalized' scaling (wd moves multiplicatively), the raw SGD step with 'raw' scaling."
+        },
+    )
+    keep_history: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep the learned rates across steps and epochs (the paper's method). False resets them to 1 "
+            "before every meta step: the paper's no-history ablation, close to Learning to Reweight."
+        },
+    )
+    meta_strategy: str = field(
+        default="jvp",
+        metadata={
+            "help": "How the per-example meta-gradients are computed: 'jvp' (forward-mode AD, exact), "
+            "'finite_difference' (exact to ~1e-5 in fp32, cheaper; falls back to jvp under bf16/fp16), "
+            "'exact' (double backward, the Learning-to-Reweight way; the reference) or 'last_layer' "
+            "(closed form on the final linear layer; a cheap proxy).",
+            "choices": list(STRATEGIES),
+        },
+    )
+    meta_update: str = field(
+        default="same_step",
+        metadata={
+            "help": "'same_step': the real step uses the freshly updated rates (paper). 'delayed': the real step "
+            "uses the current rates and the meta-gradient is rebuilt from its gradient; the new rates apply "
+            "from the example's next visit (no second backward).",
+            "choices": list(UPDATES),
+        },
+    )
+    meta_interval: int = field(
+        default=1, metadata={"help": "Run a meta step every k optimizer steps; rates are held in between."}
+    )
+    meta_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Meta-set examples per meta step and device. Default: the examples per optimizer step and "
+            "device (per_device_train_batch_size x gradient_accumulation_steps)."
+        },
+    )
+    lookahead: str = field(
+        default="optimizer",
+        metadata={
+            "help": "'optimizer': the lookahead is the real optimizer's next iterate (momentum SGD, Adam/AdamW "
+            "with the second moment held constant). 'sgd': the paper's plain-SGD lookahead at the current LR.",
+            "choices": list(LOOKAHEADS),
+        },
+    )
+    max_rate: float | None = field(
+        default=None, metadata={"help": "Optional upper bound for every rate (rates are always clamped at 0)."}
+    )
+    index_column: str = field(
+        default="sample_index",
+        metadata={
+            "help": "Column holding each training example's row index (added when missing). Kept for training "
+            "batches only and never passed to the model."
+        },
+    )
+    fd_epsilon: float = field(
+        default=3e-5,
+        metadata={"help": "Relative step of meta_strategy='finite_difference': eps = fd_epsilon * |theta| / |T|."},
+    )
+    replay_trajectory: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub repo id or local folder of a learned LR trajectory to replay instead of learning rates "
+            "(no meta set needed). The train set must match the trajectory's size and fingerprint."
+        },
+    )
+    resize_rates_on_resume: bool = field(
+        default=False,
+        metadata={
+            "help": "When resuming onto a train set of another size, keep the overlapping rows of the instance "
+            "table instead of failing."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks = [
+            ("lr_level", self.lr_level, LEVELS),
+            ("meta_strategy", self.meta_strategy, STRATEGIES),
+            ("meta_update", self.meta_update, UPDATES),
+            ("lookahead", self.lookahead, LOOKAHEADS),
+            ("meta_lr_scaling", self.meta_lr_scaling, SCALINGS),
+        ]
+        for name, value, allowed in checks:
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, allowed))}.")
+        for name in ("meta_lr", "weight_decay_meta_lr", "fd_epsilon"):
+            v = getattr(self, name)
+            if not v >= 0:
+                raise ValueError(f"{name} must be >= 0, got {v}. It is a step size; use 0 to freeze the values.")
+        if self.meta_interval < 1:
+            raise ValueError(f"meta_interval must be a positive integer, got {self.meta_interval}.")
+        if self.meta_batch_size is not None and self.meta_batch_size < 1:
+            raise ValueError(f"meta_batch_size must be positive, got {self.meta_batch_size}.")
+        if self.max_rate is not None and self.max_rate <= 0:
+            raise ValueError(f"max_rate must be > 0 (or None for no bound), got {self.max_rate}.")
+        if self.learn_weight_decay and self.weight_decay <= 0 and self.meta_lr_scaling == "normalized":
+            raise ValueError(
+                "learn_weight_decay=True needs a starting value: set weight_decay > 0 (e.g. 5e-4). The normalized "
+                "weight-decay update is multiplicative and cannot leave 0."
+            )
+        if self.meta_update == "delayed" and self.meta_strategy == "exact":
+            raise ValueError(
+                "meta_strategy='exact' rebuilds the whole lookahead graph, so it only runs with "
+                "meta_update='same_step'. Use meta_strategy='jvp' or 'finite_difference' with 'delayed'."
+            )

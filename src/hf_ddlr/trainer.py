@@ -1,0 +1,456 @@
+"""`MetaLRTrainer`: the Hugging Face wiring around the meta step of :mod:`hf_ddlr.meta`.
+
+The trainer keeps the Trainer's own loop. Once per optimizer step (before the first micro-batch of the
+gradient-accumulation window) it runs the meta step on the unwrapped model with pure functional passes,
+then lets ``Trainer.training_step`` do every real forward/backward, so gradient accumulation, ``no_sync``,
+mixed precision, clipping and logging stay the Trainer's. The only change to the real step is the loss:
+``Σ e_i L_i / N_window`` with the learned example weights ``e_i``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainingArguments
+from transformers.utils import logging
+
+from .config import MetaLRConfig
+from .meta import MetaBatch, MicroBatch, RateTable, meta_gradients, param_specs, per_example_loss, replay_rng
+from .meta.distributed import all_gather_varlen
+from .meta.passes import extract_logits
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["MetaLRTrainer", "META_STATE_NAME"]
+
+META_STATE_NAME = "meta_state.safetensors"
+_LABEL_KEYS = ("labels", "label")
+
+
+def _as_meta_config(args: TrainingArguments | None) -> MetaLRConfig:
+    if args is None:
+        return MetaLRConfig(output_dir="trainer_output")
+    if isinstance(args, MetaLRConfig):
+        return args
+    if isinstance(args, TrainingArguments):
+        values = {f.name: getattr(args, f.name) for f in fields(args) if f.init}
+        return MetaLRConfig(**values)
+    raise TypeError(f"args must be a MetaLRConfig or TrainingArguments, got {type(args).__name__}.")
+
+
+class _IndexedDataset(Dataset):
+    """Adds the row index to every item of a map-style dataset of dicts."""
+
+    def __init__(self, base: Dataset, column: str) -> None:
+        self.base, self.column = base, column
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.base[i]
+        if not isinstance(item, Mapping):
+            raise TypeError(
+                f"MetaLRTrainer needs dataset items that are dicts (got {type(item).__name__}) to attach the "
+                f"'{self.column}' index; return a dict like {{'pixel_values': ..., 'labels': ...}}."
+            )
+        return {**item, self.column: i}
+
+
+def _label_values(dataset: Any) -> torch.Tensor | None:
+    """All labels of a `datasets.Dataset` (None when they cannot be read cheaply)."""
+    names = getattr(dataset, "column_names", None)
+    if names is None:
+        return None
+    for key in _LABEL_KEYS:
+        if key in names:
+            return torch.as_tensor(dataset.with_format(None)[key])
+    return None
+
+
+def _has_labels(dataset: Any) -> bool:
+    names = getattr(dataset, "column_names", None)
+    if names is not None:
+        return any(k in names for k in _LABEL_KEYS)
+    try:
+        item = dataset[0]
+    except Exception:  # noqa: BLE001 - an unindexable dataset: let the first batch tell
+        return True
+    return isinstance(item, Mapping) and any(k in item for k in _LABEL_KEYS)
+
+
+class MetaLRTrainer(Trainer):
+    """A :class:`transformers.Trainer` that learns per-example / per-class learning-rate multipliers and the
+    weight decay by a one-step-lookahead meta-gradient on ``meta_dataset`` (Saxena, Vyas & DeCoste).
+
+    Without ``meta_dataset`` (and without ``args.replay_trajectory``) it is exactly ``Trainer``.
+    The learned values are in :attr:`rates` (``.instance``, ``.per_class``, ``.weight_decay``).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        meta_dataset: Any = None,
+        processing_class: Any = None,
+        num_labels: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        args = _as_meta_config(args)
+        self.meta_dataset = meta_dataset
+        self._meta_active = meta_dataset is not None
+        self.rates: RateTable | None = None
+        if self._meta_active:
+            if train_dataset is None:
+                raise ValueError("MetaLRTrainer with a meta_dataset needs a train_dataset.")
+            if not _has_labels(train_dataset):
+                raise ValueError(
+                    "The train dataset has no 'labels'/'label' column: per-example learning rates need the "
+                    "class label of every example."
+                )
+            if not _has_labels(meta_dataset):
+                raise ValueError("The meta dataset has no 'labels'/'label' column; add the labels of its examples.")
+            train_dataset = self._with_index(train_dataset, args.index_column)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        if self._meta_active:
+            self._init_meta(num_labels)
+
+    # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _with_index(dataset: Any, column: str) -> Any:
+        names = getattr(dataset, "column_names", None)
+        if names is not None:
+            if column in names:
+                return dataset
+            fmt = dataset.format
+            out = dataset.add_column(column, list(range(len(dataset))))
+            if fmt.get("type") == "custom":  # keep a user's set_transform
+                out.set_transform(fmt["format_kwargs"]["transform"], columns=fmt.get("columns"),
+                                  output_all_columns=fmt.get("output_all_columns", False))
+            return out
+        return _IndexedDataset(dataset, column)
+
+    def _infer_num_labels(self, num_labels: int | None) -> int:
+        if num_labels is not None:
+            return int(num_labels)
+        cfg = getattr(self.model, "config", None)
+        if cfg is not None and getattr(cfg, "num_labels", None):
+            return int(cfg.num_labels)
+        labels = _label_values(self.train_dataset)
+        if labels is not None:
+            return int(labels.max()) + 1
+        raise ValueError("Cannot tell the number of classes: pass num_labels=... to MetaLRTrainer.")
+
+    def _init_meta(self, num_labels: int | None) -> None:
+        args: MetaLRConfig = self.args
+        self.num_labels = self._infer_num_labels(num_labels)
+        for name, ds in (("meta", self.meta_dataset), ("train", self.train_dataset)):
+            labels = _label_values(ds)
+            if labels is not None and labels.numel() and (labels.min() < 0 or labels.max() >= self.num_labels):
+                bad = sorted({int(v) for v in labels[(labels < 0) | (labels >= self.num_labels)].unique()[:10]})
+                raise ValueError(
+                    f"The {name} dataset has labels {bad} outside the model's label space 0..{self.num_labels - 1}. "
+                    "Use the same label mapping as the train set (and num_labels / model.config.num_labels)."
+                )
+        self.rates = RateTable(
+            len(self.train_dataset),
+            self.num_labels,
+            args.lr_level,
+            weight_decay=args.weight_decay,
+            learn_weight_decay=args.learn_weight_decay,
+            meta_lr=args.meta_lr,
+            meta_wd_lr=args.weight_decay_meta_lr,
+            scaling=args.meta_lr_scaling,
+            max_rate=args.max_rate,
+            device=args.device,
+        )
+        self.loss_is_scaled_for_ga = False  # compute_loss returns a per-window mean; the Trainer divides by GA
+        self._window: list[MicroBatch] = []
+        self._window_pos = 0
+        self._window_normalizer = 1.0
+        self._current_weights: torch.Tensor | None = None
+        self._meta_log: dict[str, float] = {"meta_loss_sum": 0.0, "meta_steps": 0, "skipped": 0}
+        self._warned: set[str] = set()
+        self._meta_data = None
+
+    # ------------------------------------------------------------------ columns
+    def _with_index_signature(self, fn, *a, description=None):
+        self._set_signature_columns_if_needed()
+        saved = self._signature_columns
+        self._signature_columns = saved + [self.args.index_column]
+        try:
+            return fn(*a, description=description)
+        finally:
+            self._signature_columns = saved
+
+    def _remove_unused_columns(self, dataset, description=None):
+        if self._meta_active and description == "Training":
+            return self._with_index_signature(super()._remove_unused_columns, dataset, description=description)
+        return super()._remove_unused_columns(dataset, description)
+
+    def _get_collator_with_removed_columns(self, data_collator, description=None):
+        if self._meta_active and description == "Training":
+            return self._with_index_signature(
+                super()._get_collator_with_removed_columns, data_collator, description=description
+            )
+        return super()._get_collator_with_removed_columns(data_collator, description)
+
+    # ------------------------------------------------------------------ optimizer
+    def create_optimizer(self, model=None):
+        opt = super().create_optimizer(model)
+        if self._meta_active:
+            self._tag_decay_groups(opt)
+        return opt
+
+    def _decay_names(self) -> set[str]:
+        return set(self.get_decay_parameter_names(self.model))
+
+    def _tag_decay_groups(self, opt) -> None:
+        decay = self._decay_names()
+        ids = {id(p) for n, p in self.model.named_parameters() if n in decay}
+        for g in opt.param_groups:
+            if "hf_ddlr_decay" not in g:
+                g["hf_ddlr_decay"] = bool(g["params"]) and all(id(p) in ids for p in g["params"])
+
+    def _raw_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def _apply_weight_decay(self) -> None:
+        if not self.args.learn_weight_decay:
+            return
+        self._tag_decay_groups(self.optimizer)
+        for g in self.optimizer.param_groups:
+            if g.get("hf_ddlr_decay"):
+                g["weight_decay"] = self.rates.weight_decay
+
+    # ------------------------------------------------------------------ the meta step
+    def _seed(self, kind: int, k: int = 0) -> int:
+        return (
+            self.args.seed * 1_000_003
+            + self.state.global_step * 7_919
+            + k * 104_729
+            + kind * 86_028_121
+            + self.args.process_index * 15_485_863
+        ) % (2**62)
+
+    def _meta_batch(self) -> MetaBatch:
+        if self._meta_data is None:
+            ds = self.meta_dataset
+            if hasattr(ds, "column_names") and self.args.remove_unused_columns:
+                ds = self._remove_unused_columns(ds, description="Meta")
+            self._meta_data = ds
+        ds = self._meta_data
+        m = self.args.meta_batch_size or self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        g = torch.Generator().manual_seed(self._seed(kind=1))
+        idx = torch.randperm(len(ds), generator=g)[:m] if m <= len(ds) else torch.randint(len(ds), (m,), generator=g)
+        batch = self._prepare_inputs(self.data_collator([ds[int(i)] for i in idx]))
+        batch.pop(self.args.index_column, None)
+        labels = batch.pop("labels", None)
+        if labels is None:
+            labels = batch.pop("label")
+        return MetaBatch(batch, labels, seed=self._seed(kind=2))
+
+    def _to_microbatch(self, raw: Mapping[str, Any], k: int) -> MicroBatch:
+        col = self.args.index_column
+        if col not in raw:
+            raise KeyError(
+                f"The training batch has no '{col}' column. If the train set uses set_transform, return "
+                f"'{col}' from the transform (it is added to the dataset automatically)."
+            )
+        batch = self._prepare_inputs(dict(raw))
+        idx = batch.pop(col)
+        labels = batch.pop("labels", None)
+        if labels is None:
+            raise KeyError("The training batch has no 'labels'; per-example learning rates need labels.")
+        weights = self.rates.effective(idx, labels)
+        return MicroBatch(batch, labels, weights, seed=self._seed(kind=0, k=k), indices=idx)
+
+    def _meta_step_due(self) -> bool:
+        return self.state.global_step % self.args.meta_interval == 0
+
+    def _strategy(self) -> str:
+        s = self.args.meta_strategy
+        if s == "finite_difference" and (self.args.bf16 or self.args.fp16):
+            if "fd" not in self._warned:
+                warnings.warn(
+                    "meta_strategy='finite_difference' is unreliable in half precision (the perturbation drowns "
+                    "in rounding); using 'jvp' instead.",
+                    stacklevel=2,
+                )
+                self._warned.add("fd")
+            return "jvp"
+        return s
+
+    def _run_meta_step(self, grads: dict[str, torch.Tensor] | None = None) -> None:
+        args: MetaLRConfig = self.args
+        model = self.model
+        model.train()
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self._tag_decay_groups(self.optimizer)
+        decay = {n for n, p in params.items() if any(
+            g.get("hf_ddlr_decay") and any(q is p for q in g["params"]) for g in self.optimizer.param_groups)}
+        specs = param_specs(self._raw_optimizer(), params, decay, mode=args.lookahead)
+        res = meta_gradients(
+            model,
+            params,
+            self._window,
+            self._meta_batch(),
+            specs,
+            weight_decay=self.rates.weight_decay if args.learn_weight_decay else args.weight_decay,
+            normalizer=self._window_normalizer,
+            strategy=self._strategy(),
+            grads=grads,
+            label_smoothing=args.label_smoothing_factor,
+            fd_eps=args.fd_epsilon,
+        )
+        if not res.finite:
+            self._meta_log["skipped"] += 1
+            logger.warning(
+                f"Step {self.state.global_step}: the meta loss or its gradient is not finite "
+                f"(meta loss {res.meta_loss}); the rates are left unchanged for this step."
+            )
+            return
+        idx = all_gather_varlen(torch.cat([mb.indices for mb in self._window]))
+        labels = all_gather_varlen(torch.cat([mb.labels for mb in self._window]))
+        grad = all_gather_varlen(res.example_grad.to(labels.device))
+        self.rates.update(idx, labels, grad, res.weight_decay_grad)
+        self._meta_log["meta_loss_sum"] += res.meta_loss
+        self._meta_log["meta_steps"] += 1
+        self.last_meta_gradients = res
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self._meta_active and batch_samples:
+            self._begin_window(batch_samples)
+        return batch_samples, num_items
+
+    def _begin_window(self, batch_samples: list) -> None:
+        if not self.args.keep_history and self._meta_step_due() and self.args.meta_update == "same_step":
+            self.rates.reset()
+        self._window = [self._to_microbatch(b, k) for k, b in enumerate(batch_samples)]
+        self._window_pos = 0
+        self._window_normalizer = float(sum(mb.labels.shape[0] for mb in self._window))
+        if self.args.meta_update == "same_step" and self._meta_step_due():
+            self._run_meta_step()
+            for mb in self._window:
+                mb.weights = self.rates.effective(mb.indices, mb.labels)
+        self._apply_weight_decay()
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self._meta_active:
+            return super().training_step(model, inputs, num_items_in_batch)
+        k = self._window_pos
+        if k >= len(self._window):
+            raise RuntimeError("training_step was called outside the Trainer's loop; use trainer.train().")
+        self._window_pos += 1
+        mb = self._window[k]
+        inputs = dict(inputs)
+        inputs.pop(self.args.index_column, None)
+        self._current_weights = mb.weights.detach()
+        try:
+            with replay_rng(mb.seed):
+                loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._current_weights = None
+        if self._last_losses is not None:
+            mb.losses = self._last_losses
+        if self.args.meta_update == "delayed" and k == len(self._window) - 1 and self._meta_step_due():
+            self._delayed_meta_step()
+        return loss
+
+    _last_losses: torch.Tensor | None = None
+
+    def _delayed_meta_step(self) -> None:
+        scale = 1.0
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None:
+            scale = float(scaler.get_scale())
+        grads = {
+            n: (p.grad.detach().float() / scale if p.grad is not None else torch.zeros_like(p))
+            for n, p in self.model.named_parameters()
+            if p.requires_grad
+        }
+        if not self.args.keep_history:
+            self.rates.reset()
+        self._run_meta_step(grads=grads)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        w = self._current_weights if self._meta_active else None
+        if w is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        inputs.pop(self.args.index_column, None)
+        outputs = model(**inputs)
+        L = per_example_loss(extract_logits(outputs), labels, self.args.label_smoothing_factor)
+        self._last_losses = L.detach()
+        loss = (w.to(L.dtype) * L).sum() / self._window_normalizer * self.current_gradient_accumulation_steps
+        return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._meta_active and "loss" in logs and self.rates is not None:
+            logs.update(self.meta_metrics())
+        super().log(logs, start_time)
+
+    def meta_metrics(self) -> dict[str, float]:
+        """Scalar summaries of the meta state since the last call (what goes to log_history / reporters)."""
+        m: dict[str, float] = {}
+        n = self._meta_log["meta_steps"]
+        if n:
+            m["meta_loss"] = round(self._meta_log["meta_loss_sum"] / n, 6)
+        if self._meta_log["skipped"]:
+            m["meta_skipped_steps"] = self._meta_log["skipped"]
+        self._meta_log.update(meta_loss_sum=0.0, meta_steps=0, skipped=0)
+        for name, t in (("rate", self.rates.instance), ("class_rate", self.rates.per_class)):
+            if t is not None:
+                m[f"{name}_mean"] = float(t.mean())
+                m[f"{name}_min"] = float(t.min())
+                m[f"{name}_max"] = float(t.max())
+                m[f"{name}_zero_frac"] = float((t <= 1e-6).float().mean())
+        m["meta_weight_decay"] = float(self.rates.weight_decay)
+        return m
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self._meta_active and self.args.should_save:
+            safetensors.torch.save_file(
+                {k: v.contiguous() for k, v in self.rates.state_dict().items()},
+                os.path.join(output_dir, META_STATE_NAME),
+            )
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if not self._meta_active or checkpoint is None:
+            return
+        path = os.path.join(checkpoint, META_STATE_NAME)
+        if not os.path.isfile(path):
+            warnings.warn(
+                f"{path} is missing: the learned rates restart from 1 (the checkpoint was not written by "
+                "MetaLRTrainer, or with save_only_model=True). Training is not an exact continuation.",
+                stacklevel=2,
+            )
+            return
+        self.rates.load_state_dict(
+            safetensors.torch.load_file(path), allow_resize=self.args.resize_rates_on_resume
+        )
+        self._apply_weight_decay()
