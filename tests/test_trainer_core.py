@@ -1,0 +1,191 @@
+"""MetaLRTrainer end to end on tiny models: the paper's update rule, pass-through, bad input."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import TinyMLP, make_split
+from transformers import Trainer, TrainingArguments
+
+from hf_ddlr import MetaLRConfig, MetaLRTrainer
+
+COMMON = dict(report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+
+
+def _args(tmp_path, **kw):
+    return MetaLRConfig(output_dir=str(tmp_path), **{**COMMON, **kw})
+
+
+def _per_example_grads(model, x, y):
+    names = [n for n, _ in model.named_parameters()]
+    out = []
+    for i in range(x.shape[0]):
+        loss = F.cross_entropy(model(x[i : i + 1]).logits, y[i : i + 1])
+        out.append(dict(zip(names, torch.autograd.grad(loss, list(model.parameters())))))
+    return out
+
+
+@pytest.mark.parametrize("level", ["instance", "class", "both"])
+def test_one_sgd_step_matches_the_paper_equations(tmp_path, level):
+    """Eq. 3-7 and §2.3 of the paper, computed independently with per-example gradients."""
+    lam, meta_lr, wd, wd_lr = 0.5, 20.0, 0.01, 50.0
+    train, meta = make_split(24, seed=1), make_split(10, seed=2)
+    torch.manual_seed(0)
+    model = TinyMLP()
+    start = copy.deepcopy(model)
+    args = _args(
+        tmp_path, per_device_train_batch_size=24, max_steps=1, learning_rate=lam, optim="sgd",
+        lr_scheduler_type="constant", weight_decay=wd, lr_level=level, meta_lr=meta_lr, meta_lr_scaling="raw",
+        learn_weight_decay=True, weight_decay_meta_lr=wd_lr, meta_batch_size=10, lookahead="sgd", max_grad_norm=0.0,
+    )
+    trainer = MetaLRTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta)
+    trainer.train()
+
+    # ---- independent reference
+    x, y = torch.tensor(train["x"]), torch.tensor(train["label"])
+    xm, ym = torch.tensor(meta["x"]), torch.tensor(meta["label"])
+    N = x.shape[0]
+    grads = _per_example_grads(start, x, y)
+    decay = {"l1.weight", "l2.weight"}  # the Trainer does not decay biases
+    theta = dict(start.named_parameters())
+    g_mean = {n: sum(g[n] for g in grads) / N for n in theta}
+    look = {n: (p - lam * (g_mean[n] + (wd * p if n in decay else 0))).detach().requires_grad_() for n, p in theta.items()}
+    lm = F.cross_entropy(torch.func.functional_call(start, look, (xm,)).logits, ym)
+    g_meta = dict(zip(look, torch.autograd.grad(lm, list(look.values()))))
+    dots = torch.stack([sum((g[n] * g_meta[n]).sum() for n in theta) for g in grads])
+    C = 3
+    if level in ("instance", "both"):
+        expect_inst = (1 + meta_lr * (lam / N) * dots).clamp(min=0)
+        torch.testing.assert_close(trainer.rates.instance, expect_inst, rtol=1e-4, atol=1e-5)
+    else:
+        assert trainer.rates.instance is None
+    if level in ("class", "both"):
+        class_dots = torch.zeros(C).index_add_(0, y, dots)
+        expect_cls = (1 + meta_lr * (lam / N) * class_dots).clamp(min=0)
+        torch.testing.assert_close(trainer.rates.per_class, expect_cls, rtol=1e-4, atol=1e-5)
+    else:
+        assert trainer.rates.per_class is None
+    wd_grad = -lam * sum(float((g_meta[n] * theta[n]).sum()) for n in decay)
+    expect_wd = max(0.0, wd - wd_lr * wd_grad)
+    assert trainer.rates.weight_decay == pytest.approx(expect_wd, rel=1e-4)
+    assert trainer.rates.weight_decay != pytest.approx(wd, rel=1e-3)  # it really moved
+
+    # ---- the real step used the new rates and the new weight decay
+    e = torch.ones(N)
+    if trainer.rates.instance is not None:
+        e = e * trainer.rates.instance
+    if trainer.rates.per_class is not None:
+        e = e * trainer.rates.per_class[y]
+    for n, p in trainer.model.named_parameters():
+        g = sum(e[i] * grads[i][n] for i in range(N)) / N
+        ref = theta[n].detach() - lam * (g + (trainer.rates.weight_decay * theta[n].detach() if n in decay else 0))
+        torch.testing.assert_close(p.detach(), ref, rtol=1e-4, atol=1e-6)
+
+
+def _train_plain_and_meta_without_meta_set(tmp_path, **kw):
+    torch.manual_seed(0)
+    m1 = TinyMLP(bn=True, dropout=0.2)
+    m2 = copy.deepcopy(m1)
+    train = make_split(64, seed=3)
+    common = dict(per_device_train_batch_size=8, num_train_epochs=2, gradient_accumulation_steps=2,
+                  learning_rate=0.05, weight_decay=0.01, **{**COMMON, **kw})
+    t1 = Trainer(model=m1, args=TrainingArguments(output_dir=str(tmp_path / "a"), **common), train_dataset=train)
+    t1.train()
+    t2 = MetaLRTrainer(model=m2, args=MetaLRConfig(output_dir=str(tmp_path / "b"), **common), train_dataset=train)
+    t2.train()
+    return m1, m2, t2
+
+
+def test_without_meta_set_it_is_exactly_trainer(tmp_path):
+    m1, m2, t2 = _train_plain_and_meta_without_meta_set(tmp_path)
+    assert t2.rates is None
+    for (n, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_meta_step_leaves_batchnorm_stats_as_a_plain_step(tmp_path):
+    """After one step the running BN statistics equal a plain Trainer's (they only depend on the real forward)."""
+    torch.manual_seed(0)
+    m1 = TinyMLP(bn=True)
+    m2 = copy.deepcopy(m1)
+    train, meta = make_split(32, seed=4), make_split(16, seed=5)
+    kw = dict(per_device_train_batch_size=32, max_steps=1, optim="sgd", **COMMON)
+    Trainer(model=m1, args=TrainingArguments(output_dir=str(tmp_path / "a"), **kw), train_dataset=train).train()
+    t = MetaLRTrainer(model=m2, args=MetaLRConfig(output_dir=str(tmp_path / "b"), **kw), train_dataset=train,
+                      meta_dataset=meta)
+    t.train()
+    assert not torch.equal(t.rates.instance, torch.ones(32))
+    assert torch.equal(m1.bn.running_mean, m2.bn.running_mean)
+    assert torch.equal(m1.bn.running_var, m2.bn.running_var)
+    assert torch.equal(m1.bn.num_batches_tracked, m2.bn.num_batches_tracked)
+
+
+def test_index_column_added_and_never_reaches_the_model(tmp_path):
+    seen = []
+
+    class Strict(TinyMLP):
+        def forward(self, x, labels=None):  # no **kwargs: an index column would raise TypeError
+            seen.append(x.shape[0])
+            return super().forward(x, labels)
+
+    train, meta = make_split(32, seed=6), make_split(8, seed=7)
+    assert "sample_index" not in train.column_names
+    t = MetaLRTrainer(model=Strict(), args=_args(tmp_path, per_device_train_batch_size=8, max_steps=2),
+                      train_dataset=train, meta_dataset=meta, eval_dataset=meta)
+    t.train()
+    assert "sample_index" in t.train_dataset.column_names
+    assert "eval_loss" in t.evaluate()
+    assert seen
+
+
+# ---------------------------------------------------------------- bad input
+def test_meta_labels_outside_label_space(tmp_path):
+    train, meta = make_split(16, seed=1), make_split(8, seed=2, num_labels=5)
+    meta = meta.map(lambda r: {"label": 4})
+    with pytest.raises(ValueError, match=r"labels \[4\] outside the model's label space 0..2"):
+        MetaLRTrainer(model=TinyMLP(), args=_args(tmp_path), train_dataset=train, meta_dataset=meta, num_labels=3)
+
+
+def test_train_set_without_labels(tmp_path):
+    train = make_split(16, seed=1).remove_columns("label")
+    with pytest.raises(ValueError, match="no 'labels'/'label' column"):
+        MetaLRTrainer(model=TinyMLP(), args=_args(tmp_path), train_dataset=train, meta_dataset=make_split(8, seed=2))
+
+
+def test_model_without_logits(tmp_path):
+    class NoLogits(TinyMLP):
+        def forward(self, x, labels=None):
+            return {"scores": super().forward(x).logits}
+
+    t = MetaLRTrainer(model=NoLogits(), args=_args(tmp_path, max_steps=1, per_device_train_batch_size=8),
+                      train_dataset=make_split(16, seed=1), meta_dataset=make_split(8, seed=2), num_labels=3)
+    before = t.rates.instance.clone()
+    with pytest.raises(TypeError, match="without `logits`"):
+        t.train()
+    assert torch.equal(t.rates.instance, before)
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(lr_level="instanse"), "lr_level='instanse' is not valid"),
+        (dict(meta_lr=-1.0), "meta_lr must be >= 0"),
+        (dict(meta_strategy="fast"), "meta_strategy='fast' is not valid"),
+        (dict(meta_interval=0), "meta_interval must be a positive integer"),
+        (dict(learn_weight_decay=True, weight_decay=0.0), "needs a starting value"),
+    ],
+)
+def test_bad_config(tmp_path, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        _args(tmp_path, **kw)
+
+
+def test_non_finite_meta_loss_skips_update(tmp_path):
+    train, meta = make_split(16, seed=1), make_split(8, seed=2)
+    meta = meta.map(lambda r: {"x": [float("nan")] * 6})
+    t = MetaLRTrainer(model=TinyMLP(), args=_args(tmp_path, max_steps=2, per_device_train_batch_size=8,
+                                                 logging_steps=1), train_dataset=train, meta_dataset=meta)
+    t.train()
+    assert torch.equal(t.rates.instance, torch.ones(16))
+    assert any(h.get("meta_skipped_steps") for h in t.state.log_history)
