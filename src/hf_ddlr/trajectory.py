@@ -436,8 +436,16 @@ class LRTrajectory:
                 f"{local} is a file; pass the folder that holds {TRAJECTORY_TENSORS_NAME} and {TRAJECTORY_CONFIG_NAME}"
             )
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+        from huggingface_hub.utils import validate_repo_id
 
+        try:
+            validate_repo_id(str(repo_id_or_path))
+        except HFValidationError as err:
+            raise FileNotFoundError(
+                f"{str(repo_id_or_path)!r} is neither an existing local folder nor a Hub repo id ({err}). "
+                f"Check the path, or pass a repo id such as 'user/repo'."
+            ) from err
         paths = []
         for name in TRAJECTORY_FILES:
             try:

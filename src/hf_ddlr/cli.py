@@ -1,0 +1,78 @@
+"""``hf-ddlr`` command line: inspect, average and push learned LR trajectories.
+
+    hf-ddlr show REPO_OR_DIR [--revision R] [--plots-dir DIR] [--json]
+    hf-ddlr average OUT_DIR RUN_DIR_OR_REPO [RUN_DIR_OR_REPO ...]
+    hf-ddlr push DIR REPO_ID [--private] [--revision R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-ddlr", description="Inspect, average and push learned learning-rate trajectories (hf_ddlr)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    show = sub.add_parser("show", help="print a trajectory's summary table and write its plots")
+    show.add_argument("source", metavar="REPO_OR_DIR", help="local folder or Hub model repo id holding lr_trajectory.*")
+    show.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) to download")
+    show.add_argument("--plots-dir", default="lr_trajectory_plots",
+                      help="where to write the PNG plots (default: ./lr_trajectory_plots)")
+    show.add_argument("--no-plots", action="store_true", help="only print the summary")
+    show.add_argument("--json", action="store_true", help="print the summary as JSON instead of Markdown")
+
+    avg = sub.add_parser("average", help="average k-fold trajectories (instance tables indexed by full train "
+                                         "position, NaN where a fold did not train) and save the result")
+    avg.add_argument("output_dir", metavar="OUT_DIR")
+    avg.add_argument("sources", metavar="RUN", nargs="+", help="local folders or Hub repo ids")
+
+    push = sub.add_parser("push", help="upload a saved trajectory (with plots and a card) to a Hub model repo")
+    push.add_argument("source", metavar="DIR", help="folder holding lr_trajectory.safetensors/.json")
+    push.add_argument("repo_id", metavar="REPO_ID")
+    push.add_argument("--private", action="store_true", default=None)
+    push.add_argument("--revision", default=None, help="branch to push to (created when missing)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hf-ddlr`` console script; returns the exit status."""
+    args = _build_parser().parse_args(argv)
+    from .trajectory import LRTrajectory
+
+    try:
+        if args.command == "show":
+            traj = LRTrajectory.from_pretrained(args.source, revision=args.revision)
+            if args.json:
+                print(json.dumps(traj.summary(), indent=2))
+            else:
+                ds = traj.dataset or {}
+                print(f"# Learned LR trajectory: {args.source}\n")
+                print(f"model: {traj.model_name or '-'}; dataset: {ds.get('id') or '-'} "
+                      f"(split {ds.get('split') or '-'}, {ds.get('num_examples')} examples)\n")
+                print(traj.summary_markdown())
+            if not args.no_plots:
+                for path in traj.save_plots(args.plots_dir):
+                    print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
+        elif args.command == "average":
+            runs = [LRTrajectory.from_pretrained(s) for s in args.sources]
+            avg = LRTrajectory.average(runs)
+            for path in avg.save_pretrained(args.output_dir):
+                print(f"wrote {path}")
+        elif args.command == "push":
+            traj = LRTrajectory.from_pretrained(args.source)
+            info = traj.push_to_hub(args.repo_id, private=args.private, revision=args.revision)
+            print(f"pushed to {getattr(info, 'commit_url', args.repo_id)}")
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as err:
+        print(f"hf-ddlr {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
