@@ -17,7 +17,9 @@ def hub_server(tmp_path):
         yield server
 
 
-def make_synthetic_cifar100(per_class_train: int = 12, per_class_test: int = 2, seed: int = 0) -> datasets.DatasetDict:
+def make_synthetic_cifar100(
+    per_class_train: int = 12, per_class_test: int = 2, seed: int = 0
+) -> datasets.DatasetDict:
     """Random 32x32 RGB images with the exact ``uoft-cs/cifar100`` features and the true fine -> coarse map."""
     rng = np.random.default_rng(seed)
 

@@ -89,8 +89,12 @@ class RepoStore:
             (d / "commits").mkdir(parents=True)
             (d / "refs.json").write_text(json.dumps({}))
             (d / "commits.json").write_text(json.dumps([]))
-            self.commit(rtype, repo_id, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
-                        message="initial commit")
+            self.commit(
+                rtype,
+                repo_id,
+                {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
+                message="initial commit",
+            )
             return True
 
     def refs(self, repo: Path) -> dict[str, str]:
@@ -157,7 +161,9 @@ class RepoStore:
                 (staging / path).write_bytes(data)
             digest = hashlib.sha1(f"{parent}\n{message}\n{time.time_ns()}".encode())
             for f in sorted(p for p in staging.rglob("*") if p.is_file()):
-                digest.update(f.relative_to(staging).as_posix().encode() + b"\0" + git_blob_oid(f.read_bytes()).encode())
+                digest.update(
+                    f.relative_to(staging).as_posix().encode() + b"\0" + git_blob_oid(f.read_bytes()).encode()
+                )
             sha = digest.hexdigest()
             staging.rename(repo / "commits" / sha)
             log = self.log(repo)
@@ -181,7 +187,12 @@ class RepoStore:
     def entry(self, base: Path, p: Path) -> dict:
         rel = p.relative_to(base).as_posix()
         if p.is_dir():
-            return {"type": "directory", "oid": hashlib.sha1(rel.encode()).hexdigest(), "size": 0, "path": rel}
+            return {
+                "type": "directory",
+                "oid": hashlib.sha1(rel.encode()).hexdigest(),
+                "size": 0,
+                "path": rel,
+            }
         data = p.read_bytes()
         return {"type": "file", "oid": git_blob_oid(data), "size": len(data), "path": rel}
 
@@ -190,9 +201,18 @@ class RepoStore:
         base = self.snapshot(repo, commit)
         files = sorted(p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file())
         info = {
-            "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24], "id": repo_id, "sha": commit,
-            "author": repo_id.split("/")[0], "private": False, "gated": False, "disabled": False,
-            "lastModified": date, "createdAt": date, "tags": [], "downloads": 0, "likes": 0,
+            "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24],
+            "id": repo_id,
+            "sha": commit,
+            "author": repo_id.split("/")[0],
+            "private": False,
+            "gated": False,
+            "disabled": False,
+            "lastModified": date,
+            "createdAt": date,
+            "tags": [],
+            "downloads": 0,
+            "likes": 0,
             "siblings": [{"rfilename": f} for f in files],
         }
         if rtype == "model":
@@ -223,7 +243,9 @@ class _Handler(BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(n) if n else b""
 
-    def _send(self, status: int, body: bytes = b"", ctype: str = "application/json", headers=None, head=False):
+    def _send(
+        self, status: int, body: bytes = b"", ctype: str = "application/json", headers=None, head=False
+    ):
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -272,9 +294,18 @@ class _Handler(BaseHTTPRequestHandler):
         if segs[:1] == ["api"]:
             rest = segs[1:]
             if rest == ["whoami-v2"]:
-                return self._json({"type": "user", "name": "hubtest", "fullname": "hubtest", "orgs": [],
-                                   "auth": {"type": "access_token",
-                                            "accessToken": {"displayName": "test", "role": "write"}}})
+                return self._json(
+                    {
+                        "type": "user",
+                        "name": "hubtest",
+                        "fullname": "hubtest",
+                        "orgs": [],
+                        "auth": {
+                            "type": "access_token",
+                            "accessToken": {"displayName": "test", "role": "write"},
+                        },
+                    }
+                )
             if rest == ["validate-yaml"] and method == "POST":
                 self._body()
                 return self._json({"errors": [], "warnings": []})
@@ -290,7 +321,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json({"url": url, "name": repo_id})
             if rest == ["repos", "delete"] and method == "DELETE":
                 body = json.loads(self._body() or b"{}")
-                repo_id = f"{body['organization']}/{body['name']}" if body.get("organization") else body["name"]
+                repo_id = (
+                    f"{body['organization']}/{body['name']}" if body.get("organization") else body["name"]
+                )
                 shutil.rmtree(st.require(body.get("type") or "model", repo_id))
                 return self._json({})
             if len(rest) >= 3 and rest[0] in SINGULAR:
@@ -315,7 +348,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(st.info(rtype, repo_id, repo, st.resolve(repo, "/".join(tail[1:]))), head=head)
         if op == "tree" and rev:
             recursive = query.get("recursive", ["false"])[0].lower() == "true"
-            return self._json(st.entries(repo, st.resolve(repo, rev), "/".join(tail[2:]), recursive), head=head)
+            return self._json(
+                st.entries(repo, st.resolve(repo, rev), "/".join(tail[2:]), recursive), head=head
+            )
         if op == "paths-info" and rev and method == "POST":
             commit = st.resolve(repo, rev)
             raw = self._body()
@@ -327,15 +362,24 @@ class _Handler(BaseHTTPRequestHandler):
             found = [base / p.strip("/") for p in paths]
             return self._json([st.entry(base, p) for p in found if p.exists() and p != base])
         if op == "refs":
-            branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": sha} for b, sha in st.refs(repo).items()]
+            branches = [
+                {"name": b, "ref": f"refs/heads/{b}", "targetCommit": sha} for b, sha in st.refs(repo).items()
+            ]
             return self._json({"branches": branches, "tags": [], "converts": []})
         if op == "commits" and rev:
             commit, out = st.resolve(repo, "/".join(tail[1:])), []
             by_id = {c["id"]: c for c in st.log(repo)}
             while commit:
                 c = by_id[commit]
-                out.append({"id": c["id"], "title": c["title"], "message": c["title"], "date": hub_date(c["date"]),
-                            "authors": [{"user": "hubtest"}]})
+                out.append(
+                    {
+                        "id": c["id"],
+                        "title": c["title"],
+                        "message": c["title"],
+                        "date": hub_date(c["date"]),
+                        "authors": [{"user": "hubtest"}],
+                    }
+                )
                 commit = c["parent"]
             return self._json(out)
         if op == "branch" and method == "POST":
@@ -371,18 +415,35 @@ class _Handler(BaseHTTPRequestHandler):
                     header = val
                 elif key == "file":
                     enc = val.get("encoding")
-                    files[val["path"]] = base64.b64decode(val["content"]) if enc == "base64" else val["content"].encode()
+                    files[val["path"]] = (
+                        base64.b64decode(val["content"]) if enc == "base64" else val["content"].encode()
+                    )
                 elif key == "deletedFile":
                     deletions.append(val["path"])
                 elif key == "deletedFolder":
                     deletions.append(val["path"].rstrip("/") + "/")
                 else:
-                    raise HubError(400, f"this test hub serves every file as 'regular'; unsupported operation {key!r}")
-            sha = st.commit(rtype, repo_id, files, deletions=tuple(deletions), message=header.get("summary", "update"),
-                            branch="/".join(tail[1:]) or "main", parent_commit=header.get("parentCommit"))
+                    raise HubError(
+                        400, f"this test hub serves every file as 'regular'; unsupported operation {key!r}"
+                    )
+            sha = st.commit(
+                rtype,
+                repo_id,
+                files,
+                deletions=tuple(deletions),
+                message=header.get("summary", "update"),
+                branch="/".join(tail[1:]) or "main",
+                parent_commit=header.get("parentCommit"),
+            )
             prefix = "" if rtype == "model" else f"{PLURAL[rtype]}/"
-            return self._json({"success": True, "commitOid": sha, "pullRequestUrl": None,
-                               "commitUrl": f"{self.endpoint}/{prefix}{repo_id}/commit/{sha}"})
+            return self._json(
+                {
+                    "success": True,
+                    "commitOid": sha,
+                    "pullRequestUrl": None,
+                    "commitUrl": f"{self.endpoint}/{prefix}{repo_id}/commit/{sha}",
+                }
+            )
         if op in ("xet-write-token", "xet-read-token"):
             raise HubError(501, "this test hub has no Xet storage; uploads use the 'regular' mode")
         raise HubError(404, f"Unknown repo API route {op!r}")
@@ -396,11 +457,16 @@ class _Handler(BaseHTTPRequestHandler):
         m = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range") or "")
         if m and (m.group(1) or m.group(2)):
             if m.group(1):
-                start, end = int(m.group(1)), min(int(m.group(2)) if m.group(2) else len(data) - 1, len(data) - 1)
+                start, end = (
+                    int(m.group(1)),
+                    min(int(m.group(2)) if m.group(2) else len(data) - 1, len(data) - 1),
+                )
             else:
                 start, end = max(0, len(data) - int(m.group(2))), len(data) - 1
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-            return self._send(206, data[start : end + 1], "application/octet-stream", headers, head=method == "HEAD")
+            return self._send(
+                206, data[start : end + 1], "application/octet-stream", headers, head=method == "HEAD"
+            )
         return self._send(200, data, "application/octet-stream", headers, head=method == "HEAD")
 
 
@@ -440,7 +506,11 @@ class HubServer:
         self.stop()
 
     def commit_files(
-        self, repo_type: str, repo_id: str, files: dict[str, bytes | str | os.PathLike], message: str = "add files"
+        self,
+        repo_type: str,
+        repo_id: str,
+        files: dict[str, bytes | str | os.PathLike],
+        message: str = "add files",
     ) -> str:
         """Create the repo if needed and commit ``files`` (path in repo -> bytes / text / local path)."""
         return self.store.commit(repo_type, repo_id, files, message=message)

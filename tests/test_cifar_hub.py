@@ -71,12 +71,22 @@ def cifar_repo(hub_server, synthetic_cifar100, tmp_path):
 
 def test_load_cifar100_from_hub_protocol_server(cifar_repo, synthetic_cifar100, tmp_path):
     env = cifar_repo.client_env(tmp_path / "hf_home")
-    proc = subprocess.run([sys.executable, "-c", CLIENT], env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-c", CLIENT], env=env, capture_output=True, text=True, timeout=180
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
     assert {k: v["rows"] for k, v in report.items()} == {"train": 1000, "meta": 200, "test": 200}
     for split in report.values():
-        assert split["columns"] == ["img", "label", "coarse_label", "clean_label", "is_noisy", "sample_index", "source_index"]
+        assert split["columns"] == [
+            "img",
+            "label",
+            "coarse_label",
+            "clean_label",
+            "is_noisy",
+            "sample_index",
+            "source_index",
+        ]
         assert split["label_names"] == CIFAR100_FINE_NAMES
         assert split["coarse_names"] == CIFAR100_COARSE_NAMES
         assert split["shape"] == [32, 32, 3]
@@ -104,7 +114,9 @@ def test_hub_server_model_upload_and_download(hub_server, tmp_path, monkeypatch)
     url = api.create_repo("tester/tiny-cnn")
     assert str(url).endswith("/tester/tiny-cnn")
     api.create_repo("tester/tiny-cnn", exist_ok=True)
-    info = api.upload_folder(repo_id="tester/tiny-cnn", folder_path=tmp_path / "local", commit_message="add model")
+    info = api.upload_folder(
+        repo_id="tester/tiny-cnn", folder_path=tmp_path / "local", commit_message="add model"
+    )
     assert len(info.oid) == 40
     files = set(api.list_repo_files("tester/tiny-cnn"))
     assert {"config.json", "model.safetensors"} <= files
@@ -112,7 +124,11 @@ def test_hub_server_model_upload_and_download(hub_server, tmp_path, monkeypatch)
     loaded = AutoModelForImageClassification.from_pretrained(path)
     assert type(loaded) is M.SmallCNNForImageClassification
     assert huggingface_hub.hf_hub_download(
-        "tester/tiny-cnn", "config.json", revision=info.oid, endpoint=hub_server.endpoint, cache_dir=tmp_path / "c2"
+        "tester/tiny-cnn",
+        "config.json",
+        revision=info.oid,
+        endpoint=hub_server.endpoint,
+        cache_dir=tmp_path / "c2",
     )
     with pytest.raises(huggingface_hub.errors.RepositoryNotFoundError):
         api.model_info("tester/missing")

@@ -53,7 +53,9 @@ def test_realised_noise_rate(synthetic_cifar100, mode, rate, expected):
     train = out["train"]
     label, clean, is_noisy = arr(train, "label"), arr(train, "clean_label"), arr(train, "is_noisy")
     realised = float(np.mean(label != clean))
-    print(f"{mode} noise requested {rate:.2f}: realised wrong-label rate {realised:.4f} over {len(train)} rows")
+    print(
+        f"{mode} noise requested {rate:.2f}: realised wrong-label rate {realised:.4f} over {len(train)} rows"
+    )
     assert abs(realised - expected) < 0.01
     np.testing.assert_array_equal(is_noisy, label != clean)
     assert label.min() >= 0 and label.max() < 100
@@ -95,7 +97,9 @@ def test_same_seed_same_splits_different_seed_different_noise(synthetic_cifar100
 
 def test_meta_split_does_not_depend_on_noise(synthetic_cifar100):
     clean = D.make_variant(synthetic_cifar100, "clean", meta_size=100, seed=4)
-    noisy = D.make_variant(synthetic_cifar100, "noisy", noise_rate=0.6, noise_mode="flip", meta_size=100, seed=4)
+    noisy = D.make_variant(
+        synthetic_cifar100, "noisy", noise_rate=0.6, noise_mode="flip", meta_size=100, seed=4
+    )
     np.testing.assert_array_equal(arr(clean["meta"], "source_index"), arr(noisy["meta"], "source_index"))
     assert not arr(clean["train"], "is_noisy").any()
 
@@ -141,7 +145,10 @@ def test_kfold_meta_splits_partition_train(synthetic_cifar100):
     assert sorted(seen) == sorted(arr(base["train"], "source_index").tolist())
     # noisy labels travel with their rows
     lookup = dict(zip(arr(base["train"], "source_index"), arr(base["train"], "label")))
-    assert all(lookup[s] == lbl for s, lbl in zip(arr(folds[1]["meta"], "source_index"), arr(folds[1]["meta"], "label")))
+    assert all(
+        lookup[s] == lbl
+        for s, lbl in zip(arr(folds[1]["meta"], "source_index"), arr(folds[1]["meta"], "label"))
+    )
     one = D.make_kfold(base, 4, 2, seed=0)
     np.testing.assert_array_equal(arr(one["meta"], "source_index"), arr(folds[2]["meta"], "source_index"))
 
@@ -177,7 +184,9 @@ def test_meta_size_errors(synthetic_cifar100):
 
 
 def test_superclass_needs_coarse_label(synthetic_cifar100):
-    no_coarse = datasets.DatasetDict({k: v.remove_columns("coarse_label") for k, v in synthetic_cifar100.items()})
+    no_coarse = datasets.DatasetDict(
+        {k: v.remove_columns("coarse_label") for k, v in synthetic_cifar100.items()}
+    )
     with pytest.raises(ValueError, match="needs a 'coarse_label' ClassLabel column"):
         D.make_variant(no_coarse, "superclass", superclass="people", meta_size=50)
     assert "coarse_label" not in D.make_variant(no_coarse, "clean", meta_size=100)["train"].column_names
@@ -217,7 +226,10 @@ def test_embedded_mnist(mnist):
     for c, digits in enumerate(D.DIGIT_SUPERCLASSES.values()):
         assert set(fine[coarse == c]) == set(digits)
     # real digits, not noise: the mean "one" has far less ink than the mean "zero"
-    ink = {d: np.mean([np.asarray(mnist["test"][int(i)]["img"]).mean() for i in np.flatnonzero(fine == d)[:20]]) for d in (0, 1)}
+    ink = {
+        d: np.mean([np.asarray(mnist["test"][int(i)]["img"]).mean() for i in np.flatnonzero(fine == d)[:20]])
+        for d in (0, 1)
+    }
     assert ink[1] < 0.7 * ink[0]
 
 

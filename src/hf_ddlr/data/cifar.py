@@ -39,7 +39,8 @@ CIFAR100_COARSE_NAMES: list[str] = list(CIFAR100_SUPERCLASSES)
 CIFAR100_FINE_NAMES: list[str] = sorted(n for fines in CIFAR100_SUPERCLASSES.values() for n in fines)
 # fine label id -> coarse label id
 CIFAR100_FINE_TO_COARSE: list[int] = [
-    next(c for c, fines in enumerate(CIFAR100_SUPERCLASSES.values()) if name in fines) for name in CIFAR100_FINE_NAMES
+    next(c for c, fines in enumerate(CIFAR100_SUPERCLASSES.values()) if name in fines)
+    for name in CIFAR100_FINE_NAMES
 ]
 # per-channel statistics of the CIFAR-100 training images (pixel values scaled to [0, 1])
 CIFAR100_MEAN: tuple[float, float, float] = (0.5071, 0.4865, 0.4409)
@@ -79,7 +80,9 @@ def load_cifar100(
     """
     from hf_ddlr.data.variants import make_variant
 
-    raw = datasets.load_dataset(repo_id, revision=revision, cache_dir=None if cache_dir is None else str(cache_dir))
+    raw = datasets.load_dataset(
+        repo_id, revision=revision, cache_dir=None if cache_dir is None else str(cache_dir)
+    )
     if not isinstance(raw, datasets.DatasetDict) or not {"train", "test"} <= set(raw):
         raise ValueError(
             f"{repo_id} did not load as a DatasetDict with 'train' and 'test' splits (got {type(raw).__name__} "

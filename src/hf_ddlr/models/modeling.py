@@ -101,7 +101,9 @@ class _BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -123,7 +125,10 @@ class CifarResNetForImageClassification(_CifarClassifier):
         stages, cin = [], w
         for i, n in enumerate(config.depths):
             cout = w * 2**i
-            blocks = [_BasicBlock(cin if j == 0 else cout, cout, (1 if i == 0 else 2) if j == 0 else 1) for j in range(n)]
+            blocks = [
+                _BasicBlock(cin if j == 0 else cout, cout, (1 if i == 0 else 2) if j == 0 else 1)
+                for j in range(n)
+            ]
             stages.append(nn.Sequential(*blocks))
             cin = cout
         self.stages = nn.ModuleList(stages)
@@ -152,7 +157,8 @@ class CifarVGGForImageClassification(_CifarClassifier):
         for width, depth in zip(config.stage_channels, config.stage_depths):
             layers: list[nn.Module] = []
             for _ in range(depth):
-                layers.append(nn.Conv2d(cin, width, 3, padding=1, bias=True))  # biased convs, as in the standard count
+                # biased convs, as in the standard count
+                layers.append(nn.Conv2d(cin, width, 3, padding=1, bias=True))
                 layers.append(nn.BatchNorm2d(width) if config.batch_norm else nn.Identity())
                 cin = width
             stages.append(nn.ModuleList(layers))
@@ -210,7 +216,12 @@ class WideResNetForImageClassification(_CifarClassifier):
             stride = 1 if i == 0 else 2
             stages.append(
                 nn.Sequential(
-                    *[_WideBlock(cin if j == 0 else cout, cout, stride if j == 0 else 1, config.dropout_rate) for j in range(n)]
+                    *[
+                        _WideBlock(
+                            cin if j == 0 else cout, cout, stride if j == 0 else 1, config.dropout_rate
+                        )
+                        for j in range(n)
+                    ]
                 )
             )
             cin = cout
