@@ -100,10 +100,11 @@ class MetaLRConfig(TrainingArguments):
         },
     )
     lookahead: str = field(
-        default="optimizer",
+        default="sgd",
         metadata={
-            "help": "'optimizer': the lookahead is the real optimizer's next iterate (momentum SGD, Adam/AdamW "
-            "with the second moment held constant). 'sgd': the paper's plain-SGD lookahead at the current LR.",
+            "help": "'sgd' (default): the paper's plain-SGD lookahead at the current learning rate. 'optimizer': "
+            "the lookahead is the real optimizer's next iterate (momentum SGD; Adam/AdamW with the second moment "
+            "held constant, so the meta-gradient is preconditioned like the real update).",
             "choices": list(LOOKAHEADS),
         },
     )
