@@ -110,7 +110,10 @@ def test_push_and_pull_through_the_hub(hub_server, tmp_path):
     run_client(f"""
         from hf_ddlr.hub import upload_folder_with_retry_message
         from hf_ddlr.trajectory import LRTrajectory
-        LRTrajectory.from_pretrained({str(traj_dir)!r}).push_to_hub("hubtest/traj", commit_message="traj")
+        traj = LRTrajectory.from_pretrained({str(traj_dir)!r})
+        traj.push_to_hub("hubtest/traj", commit_message="traj")
+        traj.truncate(4)  # a different trajectory on a branch: revision= must select it
+        traj.push_to_hub("hubtest/traj", revision="exp1")
         upload_folder_with_retry_message({str(model_dir)!r}, "hubtest/tiny-cnn", ignore_patterns=["_*"])
     """, push_env, tmp_path)
 
@@ -122,6 +125,7 @@ def test_push_and_pull_through_the_hub(hub_server, tmp_path):
         from hf_ddlr.trajectory import LRTrajectory
         LRTrajectory.from_pretrained("hubtest/traj").save_pretrained({str(out / "traj")!r})
         LRTrajectory.from_pretrained("hubtest/tiny-cnn").save_pretrained({str(out / "model_traj")!r})
+        LRTrajectory.from_pretrained("hubtest/traj", revision="exp1").save_pretrained({str(out / "exp1")!r})
         assert cli.main(["show", "hubtest/traj", "--plots-dir", {str(out / "cli_plots")!r}]) == 0
         try:  # a model repo without a trajectory: the error names the repo and the missing file
             LRTrajectory.from_pretrained("hubtest/plain-model")
@@ -133,6 +137,9 @@ def test_push_and_pull_through_the_hub(hub_server, tmp_path):
     assert (pull_home / "hub").is_dir()
     assert LRTrajectory.from_pretrained(out / "traj") == traj
     assert LRTrajectory.from_pretrained(out / "model_traj") == traj
+    on_branch = LRTrajectory.from_pretrained(out / "exp1")
+    traj.truncate(4)
+    assert on_branch == traj and on_branch.num_steps == 4
     assert sorted(p.name for p in (out / "cli_plots").iterdir()) == sorted(PLOTS)
 
     assert "ERROR: Hub repo 'hubtest/plain-model' (revision main) has no lr_trajectory" in pulled.stdout
