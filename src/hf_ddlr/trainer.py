@@ -10,6 +10,7 @@ mixed precision, clipping and logging stay the Trainer's. The only change to the
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from collections.abc import Mapping
 from dataclasses import fields
@@ -18,13 +19,14 @@ from typing import Any
 import safetensors.torch
 import torch
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 from .config import MetaLRConfig
 from .meta import MetaBatch, MicroBatch, RateTable, meta_gradients, param_specs, per_example_loss, replay_rng
 from .meta.distributed import all_gather_varlen
 from .meta.passes import extract_logits
+from .trajectory import TRAJECTORY_CONFIG_NAME, TRAJECTORY_TENSORS_NAME, LRTrajectory
 
 logger = logging.get_logger(__name__)
 
@@ -108,18 +110,33 @@ class MetaLRTrainer(Trainer):
     ) -> None:
         args = _as_meta_config(args)
         self.meta_dataset = meta_dataset
-        self._meta_active = meta_dataset is not None
+        self.replay: LRTrajectory | None = None
+        if args.replay_trajectory is not None:
+            if meta_dataset is not None:
+                raise ValueError(
+                    "Pass either meta_dataset (learn the rates) or replay_trajectory (replay learned rates), not both."
+                )
+            self.replay = (
+                args.replay_trajectory
+                if isinstance(args.replay_trajectory, LRTrajectory)
+                else LRTrajectory.from_pretrained(args.replay_trajectory)
+            )
+            if train_dataset is not None:
+                self.replay.check_dataset(train_dataset)
+        self._meta_active = meta_dataset is not None or self.replay is not None
         self.rates: RateTable | None = None
+        self.lr_trajectory: LRTrajectory | None = None
         if self._meta_active:
             if train_dataset is None:
-                raise ValueError("MetaLRTrainer with a meta_dataset needs a train_dataset.")
+                raise ValueError("MetaLRTrainer with a meta_dataset or replay_trajectory needs a train_dataset.")
             if not _has_labels(train_dataset):
                 raise ValueError(
                     "The train dataset has no 'labels'/'label' column: per-example learning rates need the "
                     "class label of every example."
                 )
-            if not _has_labels(meta_dataset):
+            if meta_dataset is not None and not _has_labels(meta_dataset):
                 raise ValueError("The meta dataset has no 'labels'/'label' column; add the labels of its examples.")
+            self._source_train_dataset = train_dataset
             train_dataset = self._with_index(train_dataset, args.index_column)
         super().__init__(
             model=model,
@@ -132,6 +149,7 @@ class MetaLRTrainer(Trainer):
         )
         if self._meta_active:
             self._init_meta(num_labels)
+            self.add_callback(_TrajectoryRecorder(self))
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
@@ -163,6 +181,8 @@ class MetaLRTrainer(Trainer):
         args: MetaLRConfig = self.args
         self.num_labels = self._infer_num_labels(num_labels)
         for name, ds in (("meta", self.meta_dataset), ("train", self.train_dataset)):
+            if ds is None:
+                continue
             labels = _label_values(ds)
             if labels is not None and labels.numel() and (labels.min() < 0 or labels.max() >= self.num_labels):
                 bad = sorted({int(v) for v in labels[(labels < 0) | (labels >= self.num_labels)].unique()[:10]})
@@ -190,6 +210,27 @@ class MetaLRTrainer(Trainer):
         self._meta_log: dict[str, float] = {"meta_loss_sum": 0.0, "meta_steps": 0, "skipped": 0}
         self._warned: set[str] = set()
         self._meta_data = None
+        self._step_meta_loss: float | None = None
+        self._step_lr = float(args.learning_rate)
+        self.lr_trajectory = LRTrajectory.for_dataset(
+            self._source_train_dataset, config=self._meta_settings(),
+            model_name=getattr(getattr(self.model, "config", None), "_name_or_path", None) or None,
+        )
+        if self.lr_trajectory.label_names is None and self.rates.per_class is not None:
+            self.lr_trajectory.label_names = [str(c) for c in range(self.num_labels)]
+
+    def _meta_settings(self) -> dict[str, Any]:
+        a: MetaLRConfig = self.args
+        keys = ("lr_level", "meta_lr", "meta_lr_scaling", "learn_weight_decay", "weight_decay_meta_lr",
+                "keep_history", "meta_strategy", "meta_update", "meta_interval", "meta_batch_size", "lookahead",
+                "max_rate", "learning_rate", "weight_decay", "optim", "lr_scheduler_type",
+                "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps", "seed")
+        out = {k: getattr(a, k) for k in keys}
+        out["optim"] = str(out["optim"].value if hasattr(out["optim"], "value") else out["optim"])
+        out["lr_scheduler_type"] = str(getattr(out["lr_scheduler_type"], "value", out["lr_scheduler_type"]))
+        out["mode"] = "replay" if self.replay is not None else "learn"
+        out["meta_set_size"] = len(self.meta_dataset) if self.meta_dataset is not None else None
+        return out
 
     # ------------------------------------------------------------------ columns
     def _with_index_signature(self, fn, *a, description=None):
@@ -284,7 +325,7 @@ class MetaLRTrainer(Trainer):
         return MicroBatch(batch, labels, weights, seed=self._seed(kind=0, k=k), indices=idx)
 
     def _meta_step_due(self) -> bool:
-        return self.state.global_step % self.args.meta_interval == 0
+        return self.replay is None and self.state.global_step % self.args.meta_interval == 0
 
     def _strategy(self) -> str:
         s = self.args.meta_strategy
@@ -332,6 +373,7 @@ class MetaLRTrainer(Trainer):
         labels = all_gather_varlen(torch.cat([mb.labels for mb in self._window]))
         grad = all_gather_varlen(res.example_grad.to(labels.device))
         self.rates.update(idx, labels, grad, res.weight_decay_grad)
+        self._step_meta_loss = res.meta_loss
         self._meta_log["meta_loss_sum"] += res.meta_loss
         self._meta_log["meta_steps"] += 1
         self.last_meta_gradients = res
@@ -342,7 +384,34 @@ class MetaLRTrainer(Trainer):
             self._begin_window(batch_samples)
         return batch_samples, num_items
 
+    def _set_replayed_rates(self) -> None:
+        """Rates of the replayed trajectory for the coming step (see :meth:`LRTrajectory.instance_rates_at`)."""
+        t, step = self.replay, self.state.global_step + 1
+        epoch = self.state.global_step / max(1, self._steps_per_epoch())
+        # a same-step run applied, during epoch e, the value its table holds at the end of epoch e (each example
+        # is visited once per epoch); a delayed run applied the value from the start of the epoch
+        mode = "previous" if t.config.get("meta_update") == "delayed" else "next"
+        if self.rates.instance is not None:
+            if not t.has_instance_rates:
+                raise ValueError("The replayed trajectory has no instance rates; set lr_level to what it recorded.")
+            self.rates.instance.copy_(t.instance_rates_at(epoch, mode=mode).to(self.rates.instance.device))
+        if self.rates.per_class is not None:
+            if not t.has_class_rates:
+                raise ValueError("The replayed trajectory has no class rates; set lr_level to what it recorded.")
+            self.rates.per_class.copy_(t.class_rates_at(step, mode="linear").to(self.rates.per_class.device))
+        if self.args.learn_weight_decay and t.num_steps:
+            self.rates.weight_decay = t.weight_decay_at(step)
+
+    def _steps_per_epoch(self) -> int:
+        n = len(self.get_train_dataloader()) if not hasattr(self, "_spe") else self._spe
+        self._spe = max(1, n // self.args.gradient_accumulation_steps + int(n % self.args.gradient_accumulation_steps > 0))
+        return self._spe
+
     def _begin_window(self, batch_samples: list) -> None:
+        self._step_meta_loss = None
+        self._step_lr = float(self.optimizer.param_groups[0]["lr"])
+        if self.replay is not None:
+            self._set_replayed_rates()
         if not self.args.keep_history and self._meta_step_due() and self.args.meta_update == "same_step":
             self.rates.reset()
         self._window = [self._to_microbatch(b, k) for k, b in enumerate(batch_samples)]
@@ -429,7 +498,52 @@ class MetaLRTrainer(Trainer):
         m["meta_weight_decay"] = float(self.rates.weight_decay)
         return m
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints and the Hub
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        if self._meta_active and self.args.should_save:
+            self.lr_trajectory.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if self._meta_active and self.is_world_process_zero():
+            for name in (TRAJECTORY_TENSORS_NAME, TRAJECTORY_CONFIG_NAME):
+                src = os.path.join(checkpoint_folder, name)
+                if os.path.isfile(src):
+                    shutil.copy(src, os.path.join(self.args.output_dir, name))
+        super()._push_from_checkpoint(checkpoint_folder)
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """The Trainer's card plus the learned-trajectory section, plots and replay instructions."""
+        super().create_model_card(*args, **kwargs)
+        if self._meta_active and self.is_world_process_zero():
+            from .hub import write_artifacts
+
+            write_artifacts(
+                self.lr_trajectory, self.args.output_dir, repo_id=self._repo_id(),
+                model_name=kwargs.get("model_name"), dataset_name=kwargs.get("dataset_name"),
+            )
+
+    def _repo_id(self) -> str:
+        return self.hub_model_id or self.args.hub_model_id or os.path.basename(os.path.normpath(self.args.output_dir))
+
+    def push_to_hub(self, *args: Any, **kwargs: Any):
+        """``Trainer.push_to_hub`` (model, trajectory, plots, card). On failure the output folder is complete and
+        the error says how to retry."""
+        try:
+            return super().push_to_hub(*args, **kwargs)
+        except Exception as err:
+            if not self._meta_active:
+                raise
+            from .hub import HubUploadError, retry_command
+
+            repo = self._repo_id()
+            raise HubUploadError(
+                f"Pushing {self.args.output_dir} to {repo} failed: {type(err).__name__}: {err}. The folder is "
+                f"complete locally (model, {TRAJECTORY_TENSORS_NAME}, plots, README.md); retry with "
+                f"`{retry_command(self.args.output_dir, repo)}` or trainer.push_to_hub().",
+                folder_path=self.args.output_dir, repo_id=repo,
+            ) from err
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self._meta_active and self.args.should_save:
@@ -454,3 +568,35 @@ class MetaLRTrainer(Trainer):
             safetensors.torch.load_file(path), allow_resize=self.args.resize_rates_on_resume
         )
         self._apply_weight_decay()
+        if os.path.isfile(os.path.join(checkpoint, TRAJECTORY_TENSORS_NAME)):
+            loaded = LRTrajectory.from_pretrained(checkpoint)
+            loaded.truncate(self.state.global_step)
+            self.lr_trajectory = loaded
+
+
+class _TrajectoryRecorder(TrainerCallback):
+    """Feeds :attr:`MetaLRTrainer.lr_trajectory`: per-step LR / weight decay / meta loss and class rates,
+    instance rates at the start and at every epoch end."""
+
+    def __init__(self, trainer: MetaLRTrainer) -> None:
+        self.trainer = trainer
+
+    def _snapshot(self, state, instance: bool) -> None:
+        t, rates = self.trainer.lr_trajectory, self.trainer.rates
+        if rates.per_class is not None:
+            t.record_class_rates(state.global_step, state.epoch or 0.0, rates.per_class)
+        if instance and rates.instance is not None:
+            t.record_instance_rates(state.global_step, state.epoch or 0.0, rates.instance)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer.lr_trajectory.num_steps == 0 and state.global_step == 0:
+            self._snapshot(state, instance=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        tr = self.trainer
+        wd = tr.rates.weight_decay if args.learn_weight_decay else args.weight_decay
+        tr.lr_trajectory.record_step(state.global_step, state.epoch or 0.0, tr._step_lr, wd, tr._step_meta_loss)
+        self._snapshot(state, instance=False)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._snapshot(state, instance=True)
