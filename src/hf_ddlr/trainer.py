@@ -24,7 +24,7 @@ from transformers.utils import logging
 
 from .config import MetaLRConfig
 from .meta import MetaBatch, MicroBatch, RateTable, meta_gradients, param_specs, per_example_loss, replay_rng
-from .meta.distributed import all_gather_varlen
+from .meta.distributed import all_gather_varlen, all_ranks_true
 from .meta.passes import extract_logits
 from .trajectory import TRAJECTORY_CONFIG_NAME, TRAJECTORY_TENSORS_NAME, LRTrajectory
 
@@ -148,10 +148,38 @@ class MetaLRTrainer(Trainer):
             **kwargs,
         )
         if self._meta_active:
+            if meta_dataset is not None:
+                self._check_supported_parallelism()
             self._init_meta(num_labels)
             self.add_callback(_TrajectoryRecorder(self))
 
     # ------------------------------------------------------------------ set-up
+    def _check_supported_parallelism(self) -> None:
+        """Refuse, at start-up, the parallel set-ups the meta step does not support.
+
+        The meta step runs functional passes over the full, unsharded parameters of ``self.model`` on every
+        process, so it works for one process (CPU or one GPU) and for multi-process data parallelism (DDP),
+        not with sharded or split parameters, nor with single-process multi-GPU ``DataParallel``.
+        """
+        pc = getattr(self.accelerator, "parallelism_config", None)
+        split = {k: getattr(pc, k, 1) or 1 for k in ("tp_size", "cp_size", "dp_shard_size")} if pc is not None else {}
+        problems = [
+            (self.is_deepspeed_enabled, "DeepSpeed"),
+            (self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False), "FSDP"),
+            (any(v > 1 for v in split.values()), f"a parallelism_config that shards or splits the model ({split})"),
+            (self.args.n_gpu > 1, f"torch.nn.DataParallel over {self.args.n_gpu} GPUs in one process"),
+        ]
+        found = [what for bad, what in problems if bad]
+        if found:
+            raise ValueError(
+                f"MetaLRTrainer (learning rates with a meta_dataset) does not support {' and '.join(found)}: the "
+                "meta step needs the full, unsharded parameters on every process. Supported: a single process "
+                "(CPU or one GPU) and multi-process DistributedDataParallel, e.g. `torchrun --nproc_per_node N "
+                "train.py` or `accelerate launch --multi_gpu --num_processes N train.py` (without a DeepSpeed/FSDP "
+                "config). For several GPUs in one process, launch one process per GPU that way instead of "
+                "DataParallel (or set CUDA_VISIBLE_DEVICES to one GPU)."
+            )
+
     @staticmethod
     def _with_index(dataset: Any, column: str) -> Any:
         names = getattr(dataset, "column_names", None)
@@ -349,6 +377,8 @@ class MetaLRTrainer(Trainer):
         decay = {n for n, p in params.items() if any(
             g.get("hf_ddlr_decay") and any(q is p for q in g["params"]) for g in self.optimizer.param_groups)}
         specs = param_specs(self._raw_optimizer(), params, decay, mode=args.lookahead)
+        scaler = getattr(self.accelerator, "scaler", None)  # fp16 GradScaler (GPU): meta passes run scaled too
+        loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         res = meta_gradients(
             model,
             params,
@@ -361,8 +391,9 @@ class MetaLRTrainer(Trainer):
             grads=grads,
             label_smoothing=args.label_smoothing_factor,
             fd_eps=args.fd_epsilon,
+            loss_scale=loss_scale,
         )
-        if not res.finite:
+        if not all_ranks_true(res.finite, self.args.device):  # every rank skips together (no hanging gather)
             self._meta_log["skipped"] += 1
             logger.warning(
                 f"Step {self.state.global_step}: the meta loss or its gradient is not finite "

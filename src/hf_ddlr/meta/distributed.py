@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["world_size", "all_reduce_mean_", "all_gather_varlen"]
+__all__ = ["world_size", "all_reduce_mean_", "all_gather_varlen", "all_ranks_true"]
 
 
 def world_size() -> int:
@@ -41,3 +41,12 @@ def all_gather_varlen(t: torch.Tensor) -> torch.Tensor:
     out = [torch.zeros_like(pad) for _ in sizes]
     dist.all_gather(out, pad)
     return torch.cat([o[:s] for o, s in zip(out, sizes)])
+
+
+def all_ranks_true(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True when ``flag`` is true on every rank (a MIN all-reduce), so that all ranks take the same branch."""
+    if world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())

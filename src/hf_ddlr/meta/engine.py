@@ -87,14 +87,20 @@ def _losses(model: nn.Module, params: Mapping[str, torch.Tensor], mb, smoothing:
 
 def lookahead_gradient(
     model: nn.Module, params: Mapping[str, torch.Tensor], window: Sequence[MicroBatch], normalizer: float,
-    smoothing: float = 0.0,
+    smoothing: float = 0.0, loss_scale: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """(1/normalizer) Σ e_i ∇L_i over the window, averaged over ranks: the gradient the real step will use."""
+    """(1/normalizer) Σ e_i ∇L_i over the window, averaged over ranks: the gradient the real step will use.
+
+    ``loss_scale`` (the fp16 GradScaler's current scale) multiplies the loss before the backward so that
+    half-precision intermediate gradients do not underflow; the result is divided by it again (unscaled).
+    """
     total: dict[str, torch.Tensor] | None = None
     for mb in window:
         with replay_rng(mb.seed), frozen_batchnorm(model):
             L = _losses(model, params, mb, smoothing)
-            g = _grads((mb.weights.to(L.dtype) * L).sum() / normalizer, params)
+            g = _grads((mb.weights.to(L.dtype) * L).sum() * (loss_scale / normalizer), params)
+            if loss_scale != 1.0:
+                g = {n: v / loss_scale for n, v in g.items()}
         mb.losses = L.detach()
         total = g if total is None else {n: total[n] + g[n] for n in total}
     all_reduce_mean_(list(total.values()))
@@ -102,13 +108,17 @@ def lookahead_gradient(
 
 
 def meta_loss_gradient(
-    model: nn.Module, theta: Mapping[str, torch.Tensor], meta: MetaBatch, smoothing: float = 0.0
+    model: nn.Module, theta: Mapping[str, torch.Tensor], meta: MetaBatch, smoothing: float = 0.0,
+    loss_scale: float = 1.0,
 ) -> tuple[float, dict[str, torch.Tensor]]:
-    """Mean meta loss and its gradient at θ (batch-statistics BN, nothing written), averaged over ranks."""
+    """Mean meta loss and its gradient at θ (batch-statistics BN, nothing written), averaged over ranks.
+    The backward runs on ``loss_scale × L_meta`` and the gradient is unscaled (fp16 underflow)."""
     leaf = {n: v.detach().requires_grad_(True) for n, v in theta.items()}
     with replay_rng(meta.seed), frozen_batchnorm(model):
         Lm = per_example_loss(functional_logits(model, leaf, meta.inputs), meta.labels, smoothing).mean()
-        g = _grads(Lm, leaf)
+        g = _grads(Lm * loss_scale, leaf)
+        if loss_scale != 1.0:
+            g = {n: v / loss_scale for n, v in g.items()}
     lm = Lm.detach().reshape(1)
     all_reduce_mean_([lm, *g.values()])
     return float(lm), g
@@ -116,17 +126,18 @@ def meta_loss_gradient(
 
 def jvp_dots(
     model: nn.Module, params: Mapping[str, torch.Tensor], mb: MicroBatch, T: Mapping[str, torch.Tensor],
-    smoothing: float = 0.0,
+    smoothing: float = 0.0, loss_scale: float = 1.0,
 ) -> torch.Tensor:
-    """T·∇L_i for every example of ``mb`` in one forward-mode pass, replaying the real forward's dropout."""
+    """T·∇L_i for every example of ``mb`` in one forward-mode pass, replaying the real forward's dropout.
+    The tangent is pushed forward as ``loss_scale × T`` (fp16 underflow) and the dots are unscaled."""
     with replay_rng(mb.seed), frozen_batchnorm(model), forward_ad_safe_attention(), torch.no_grad():
         with fwAD.dual_level():
-            dual = {n: fwAD.make_dual(p.detach(), T[n].to(p.dtype)) for n, p in params.items()}
+            dual = {n: fwAD.make_dual(p.detach(), (T[n] * loss_scale).to(p.dtype)) for n, p in params.items()}
             L = _losses(model, dual, mb, smoothing)
             primal, tang = fwAD.unpack_dual(L)
     if mb.losses is None:
         mb.losses = primal.detach()
-    return tang.detach().float()
+    return tang.detach().float() / loss_scale
 
 
 def fd_dots(
@@ -254,6 +265,7 @@ def meta_gradients(
     grads: Mapping[str, torch.Tensor] | None = None,
     label_smoothing: float = 0.0,
     fd_eps: float = 3e-5,
+    loss_scale: float = 1.0,
 ) -> MetaGradients:
     """∂L_meta/∂e_i for every example of ``window`` and ∂L_meta/∂wd after the lookahead of ``specs``.
 
@@ -261,6 +273,10 @@ def meta_gradients(
     the number of examples the real loss is averaged over on this rank (the real gradient is
     ``Σ e_i ∇L_i / normalizer`` averaged over ranks). ``grads`` may carry that real gradient when it is
     already known (the delayed update reuses the real step's ``.grad``); otherwise it is computed.
+    ``loss_scale`` is the fp16 GradScaler's current scale (1 otherwise): the reverse passes run on scaled
+    losses and the forward-mode pass on a scaled tangent, and every result is unscaled, so the returned
+    gradients do not depend on it (up to rounding) but do not underflow in half precision. Overflow shows
+    up as a non-finite result (:attr:`MetaGradients.finite`), which the caller skips.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown meta_strategy {strategy!r}; choose one of {STRATEGIES}.")
@@ -271,12 +287,12 @@ def meta_gradients(
     if strategy == "last_layer":
         return _last_layer(model, params, window, meta, specs, weight_decay, normalizer, label_smoothing, grads)
     if grads is None:
-        grads = lookahead_gradient(model, params, window, normalizer, label_smoothing)
+        grads = lookahead_gradient(model, params, window, normalizer, label_smoothing, loss_scale)
     theta = lookahead({n: p.detach() for n, p in params.items()}, grads, specs, weight_decay)
-    meta_loss, g_meta = meta_loss_gradient(model, theta, meta, label_smoothing)
+    meta_loss, g_meta = meta_loss_gradient(model, theta, meta, label_smoothing, loss_scale)
     T = tangent(g_meta, specs)
     if strategy == "jvp":
-        dots = torch.cat([jvp_dots(model, params, mb, T, label_smoothing) for mb in window])
+        dots = torch.cat([jvp_dots(model, params, mb, T, label_smoothing, loss_scale) for mb in window])
     else:
         dots = torch.cat([fd_dots(model, params, mb, T, fd_eps, label_smoothing) for mb in window])
     wd_g = weight_decay_grad(g_meta, params, specs)
