@@ -6,6 +6,7 @@ import datasets
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 
@@ -33,3 +34,29 @@ def make_split(n: int, seed: int, d_in: int = 6, num_labels: int = 3, noise: flo
         flip = torch.rand(n, generator=g) < noise
         y = torch.where(flip, torch.randint(0, num_labels, (n,), generator=g), y)
     return datasets.Dataset.from_dict({"x": x.tolist(), "label": y.tolist()})
+
+
+class TinyConfig(PretrainedConfig):
+    model_type = "hf_ddlr_tiny_test"
+
+    def __init__(self, d_in: int = 6, hidden: int = 16, **kw):
+        self.d_in, self.hidden = d_in, hidden
+        kw.setdefault("num_labels", 3)
+        super().__init__(**kw)
+
+
+class TinyPreTrained(PreTrainedModel):
+    """TinyMLP as a PreTrainedModel (save_pretrained / push_to_hub work)."""
+
+    config_class = TinyConfig
+
+    def __init__(self, config: TinyConfig):
+        super().__init__(config)
+        self.net = TinyMLP(config.d_in, config.hidden, config.num_labels)
+        self.post_init()
+
+    def _init_weights(self, module):
+        pass
+
+    def forward(self, x, labels=None):
+        return self.net(x, labels)

@@ -418,7 +418,7 @@ class MetaLRTrainer(Trainer):
     def _set_replayed_rates(self) -> None:
         """Rates of the replayed trajectory for the coming step (see :meth:`LRTrajectory.instance_rates_at`)."""
         t, step = self.replay, self.state.global_step + 1
-        epoch = self.state.global_step / max(1, self._steps_per_epoch())
+        epoch = (self.state.global_step + 0.5) / self._steps_per_epoch()  # strictly inside the current epoch
         # a same-step run applied, during epoch e, the value its table holds at the end of epoch e (each example
         # is visited once per epoch); a delayed run applied the value from the start of the epoch
         mode = "previous" if t.config.get("meta_update") == "delayed" else "next"
@@ -434,8 +434,9 @@ class MetaLRTrainer(Trainer):
             self.rates.weight_decay = t.weight_decay_at(step)
 
     def _steps_per_epoch(self) -> int:
-        n = len(self.get_train_dataloader()) if not hasattr(self, "_spe") else self._spe
-        self._spe = max(1, n // self.args.gradient_accumulation_steps + int(n % self.args.gradient_accumulation_steps > 0))
+        if getattr(self, "_spe", None) is None:
+            n, ga = len(self.get_train_dataloader()), self.args.gradient_accumulation_steps
+            self._spe = max(1, -(-n // ga))
         return self._spe
 
     def _begin_window(self, batch_samples: list) -> None:
@@ -563,7 +564,7 @@ class MetaLRTrainer(Trainer):
         try:
             return super().push_to_hub(*args, **kwargs)
         except Exception as err:
-            if not self._meta_active:
+            if not self._meta_active or not _is_transfer_error(err):
                 raise
             from .hub import HubUploadError, retry_command
 
@@ -603,6 +604,14 @@ class MetaLRTrainer(Trainer):
             loaded = LRTrajectory.from_pretrained(checkpoint)
             loaded.truncate(self.state.global_step)
             self.lr_trajectory = loaded
+
+
+def _is_transfer_error(err: BaseException) -> bool:
+    """An error of the network / Hub layer (whichever HTTP client huggingface_hub uses), not of our code."""
+    if isinstance(err, OSError):
+        return True
+    clients = {"httpx", "httpx2", "requests", "urllib3", "huggingface_hub", "aiohttp"}
+    return any(c.__module__.split(".")[0] in clients for c in type(err).__mro__)
 
 
 class _TrajectoryRecorder(TrainerCallback):

@@ -1,0 +1,140 @@
+"""The trainer's learned trajectory: recorded, saved with the model, replayed, pushed to a (loopback) Hub."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from tiny import TinyConfig, TinyMLP, TinyPreTrained, make_split
+from transformers import TrainerCallback
+
+from hf_ddlr import MetaLRConfig, MetaLRTrainer
+from hf_ddlr.hub import HubUploadError
+from hf_ddlr.trajectory import TRAJECTORY_CONFIG_NAME, TRAJECTORY_TENSORS_NAME, LRTrajectory
+
+COMMON = dict(report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, optim="sgd",
+              learning_rate=0.1, per_device_train_batch_size=8, logging_steps=2)
+
+
+class AppliedRates(TrainerCallback):
+    """What the real step of every optimizer step applied: {(step, example index): effective weight}."""
+
+    def __init__(self, trainer):
+        self.trainer, self.applied = trainer, {}
+
+    def on_step_end(self, args, state, control, **kw):
+        for mb in self.trainer._window:
+            for i, w in zip(mb.indices.tolist(), mb.weights.tolist()):
+                self.applied[(state.global_step, i)] = w
+
+
+def _train(tmp_path, name, train, meta=None, pretrained=False, **kw):
+    args = MetaLRConfig(output_dir=str(tmp_path / name), **{**COMMON, **kw})
+    torch.manual_seed(0)
+    model = TinyPreTrained(TinyConfig()) if pretrained else TinyMLP()
+    t = MetaLRTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta)
+    cb = AppliedRates(t)
+    t.add_callback(cb)
+    t.train()
+    return t, cb.applied
+
+
+@pytest.mark.parametrize("level, update", [("instance", "same_step"), ("both", "same_step"), ("instance", "delayed")])
+def test_replay_reproduces_applied_rates(tmp_path, level, update):
+    train, meta = make_split(40, seed=1), make_split(16, seed=2)
+    orig, applied = _train(tmp_path, "orig", train, meta, num_train_epochs=3, lr_level=level, meta_update=update)
+    traj = orig.lr_trajectory
+    assert traj.num_steps == orig.state.global_step == 15
+    assert traj.instance_epochs.tolist() == [0.0, 1.0, 2.0, 3.0]
+    torch.testing.assert_close(traj.instance_rates[-1], orig.rates.instance.cpu())
+    if level == "both":
+        assert traj.class_rates.shape == (16, 3)  # step 0 and every step
+    orig.save_model()
+    assert (tmp_path / "orig" / TRAJECTORY_TENSORS_NAME).is_file()
+    assert LRTrajectory.from_pretrained(tmp_path / "orig") == traj
+
+    rep, replayed = _train(tmp_path, "replay", train, None, num_train_epochs=3, lr_level=level,
+                           replay_trajectory=str(tmp_path / "orig"))
+    assert rep.lr_trajectory.config["mode"] == "replay"
+    assert set(replayed) == set(applied)
+    moved = sum(abs(v - 1) > 1e-3 for v in applied.values())
+    assert moved > len(applied) // 2  # the rates really were learned, so the comparison means something
+    for key, w in applied.items():
+        assert replayed[key] == pytest.approx(w, rel=1e-5, abs=1e-6), key
+
+
+def test_replay_refuses_other_train_set(tmp_path):
+    train, meta = make_split(40, seed=1), make_split(16, seed=2)
+    orig, _ = _train(tmp_path, "orig", train, meta, max_steps=2)
+    orig.save_model()
+    args = MetaLRConfig(output_dir=str(tmp_path / "r"), replay_trajectory=str(tmp_path / "orig"), **COMMON)
+    with pytest.raises(ValueError, match="learned on 40 examples .* has 41"):
+        MetaLRTrainer(model=TinyMLP(), args=args, train_dataset=make_split(41, seed=1))
+    with pytest.raises(ValueError, match="fingerprint mismatch"):
+        MetaLRTrainer(model=TinyMLP(), args=args, train_dataset=make_split(40, seed=9))
+
+
+def test_push_to_hub_then_download_in_a_clean_cache(tmp_path, hub_server, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", hub_server.endpoint)
+    monkeypatch.setattr("transformers.utils.hub._hf_api", None)  # the Trainer caches one HfApi per process
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    train, meta = make_split(40, seed=1), make_split(16, seed=2)
+    t, _ = _train(tmp_path, "out", train, meta, True, num_train_epochs=2, lr_level="both", push_to_hub=True,
+                  hub_model_id="me/tiny-metalr", hub_strategy="end", hub_token="hf_test_token")
+    t.push_to_hub()
+    t.lr_trajectory.save_pretrained(tmp_path / "expected")
+
+    script = f"""
+        import json
+        from huggingface_hub import hf_hub_download, list_repo_files
+        from hf_ddlr.trajectory import LRTrajectory
+        files = list_repo_files("me/tiny-metalr")
+        t = LRTrajectory.from_pretrained("me/tiny-metalr")
+        assert t == LRTrajectory.from_pretrained({str(tmp_path / "expected")!r}), "trajectory differs"
+        card = open(hf_hub_download("me/tiny-metalr", "README.md")).read()
+        png = open(hf_hub_download("me/tiny-metalr", "lr_trajectory_class.png"), "rb").read()
+        print(json.dumps({{"files": files, "card": card, "png": png[:8].hex()}}))
+    """
+    env = hub_server.client_env(tmp_path / "clean_home")
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for f in ("model.safetensors", "config.json", TRAJECTORY_TENSORS_NAME, TRAJECTORY_CONFIG_NAME, "README.md",
+              "lr_trajectory_class.png", "lr_trajectory_instance.png"):
+        assert f in out["files"], f
+    assert out["png"] == "89504e470d0a1a0a"  # PNG signature
+    assert f"`{TRAJECTORY_TENSORS_NAME}`" in out["card"] and "replay_trajectory" in out["card"]
+    assert "generated_from_trainer" in out["card"]
+
+
+def test_failed_push_leaves_output_complete_and_says_how_to_retry(tmp_path, hub_server, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", hub_server.endpoint)
+    monkeypatch.setattr("transformers.utils.hub._hf_api", None)
+    train, meta = make_split(24, seed=1), make_split(8, seed=2)
+    t, _ = _train(tmp_path, "out", train, meta, True, max_steps=3, push_to_hub=True, hub_model_id="me/fails",
+                  hub_strategy="end", hub_token="hf_test_token")
+    with socket.socket() as sock:  # a port nobody listens on: the Hub is unreachable from now on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", dead)
+    monkeypatch.setattr("transformers.utils.hub._hf_api", None)
+    with pytest.raises(HubUploadError, match=r"The folder is complete locally .*retry with `hf upload me/fails"):
+        t.push_to_hub()
+    out = tmp_path / "out"
+    for f in ("model.safetensors", TRAJECTORY_TENSORS_NAME, TRAJECTORY_CONFIG_NAME, "README.md",
+              "lr_trajectory_instance.png"):
+        assert (out / f).is_file(), f
+    assert LRTrajectory.from_pretrained(out) == t.lr_trajectory
