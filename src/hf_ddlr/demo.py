@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from .config import MetaLRConfig
 from .trainer import MetaLRTrainer
@@ -43,17 +43,6 @@ class NoisyDigitsSetup:
     channels: tuple[int, ...] = (16, 32)
     seed: int = 0
     meta: dict = field(default_factory=dict)  # extra MetaLRConfig options (meta_lr, lr_level, ...)
-
-
-class _RateSnapshots(TrainerCallback):
-    """Per-instance rates at every epoch end (for the clean-vs-noisy plot)."""
-
-    def __init__(self, trainer: MetaLRTrainer) -> None:
-        self.trainer, self.epochs, self.rates = trainer, [0.0], [trainer.rates.instance.detach().cpu().clone()]
-
-    def on_epoch_end(self, args, state, control, **kw):
-        self.epochs.append(float(state.epoch))
-        self.rates.append(self.trainer.rates.instance.detach().cpu().clone())
 
 
 def prepare_noisy_digits(setup: NoisyDigitsSetup):
@@ -117,15 +106,15 @@ def run_noisy_experiment(setup: NoisyDigitsSetup, method: str, output_dir: str, 
     else:
         args = MetaLRConfig(**common, **setup.meta)
         trainer = MetaLRTrainer(model=model, args=args, train_dataset=ds["train"], meta_dataset=ds["meta"])
-        snaps = _RateSnapshots(trainer)
-        trainer.add_callback(snaps)
+        trainer.lr_trajectory.noise_mask = torch.as_tensor(noisy)  # plots and summary split clean / noisy
         trainer.train()
-        r = trainer.rates.instance.detach().cpu().numpy()
-        out["auroc"] = float(roc_auc_score(~noisy, r))
-        out["rate_clean"] = float(r[~noisy].mean())
-        out["rate_noisy"] = float(r[noisy].mean())
         out["weight_decay"] = float(trainer.rates.weight_decay)
-        out["snapshots"] = {"epochs": snaps.epochs, "rates": [s.numpy() for s in snaps.rates]}
+        if trainer.rates.instance is not None:
+            r = trainer.rates.instance.detach().cpu().numpy()
+            out["auroc"] = float(roc_auc_score(~noisy, r))
+            out["rate_clean"] = float(r[~noisy].mean())
+            out["rate_noisy"] = float(r[noisy].mean())
+        out["trajectory"] = trainer.lr_trajectory
     out["test_accuracy"] = _accuracy(trainer, ds["test"])
     out["train_time_s"] = time.time() - t0
     return out
@@ -138,8 +127,9 @@ def plot_rates(result: dict, noisy: np.ndarray, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ep = np.asarray(result["snapshots"]["epochs"])
-    R = np.stack(result["snapshots"]["rates"])
+    traj = result["trajectory"]
+    ep = traj.instance_epochs.numpy()
+    R = traj.instance_rates.numpy()
     fig, ax = plt.subplots(figsize=(6, 4))
     for mask, name, color in ((~noisy, "clean", "tab:blue"), (noisy, "noisy", "tab:red")):
         m, s = R[:, mask].mean(1), R[:, mask].std(1)
@@ -187,8 +177,9 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n" + table + "\n")
     png = os.path.join(a.output_dir, "rates_clean_vs_noisy.png")
     plot_rates(meta, data[1], png)
+    meta["trajectory"].save_pretrained(os.path.join(a.output_dir, "metalr"))
     result = {"setup": {k: v for k, v in setup.__dict__.items()},
-              "plain": plain, "metalr": {k: v for k, v in meta.items() if k != "snapshots"}}
+              "plain": plain, "metalr": {k: v for k, v in meta.items() if k != "trajectory"}}
     with open(os.path.join(a.output_dir, "results.json"), "w") as f:
         json.dump(result, f, indent=2, default=list)
     with open(os.path.join(a.output_dir, "results.md"), "w") as f:
