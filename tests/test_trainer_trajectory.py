@@ -30,6 +30,8 @@ class AppliedRates(TrainerCallback):
         for mb in self.trainer._window:
             for i, w in zip(mb.indices.tolist(), mb.weights.tolist()):
                 self.applied[(state.global_step, i)] = w
+        decay = [g["weight_decay"] for g in kw["optimizer"].param_groups if g.get("hf_ddlr_decay")]
+        self.applied[(state.global_step, "wd")] = decay[0]
 
 
 def _train(tmp_path, name, train, meta=None, pretrained=False, **kw):
@@ -46,7 +48,8 @@ def _train(tmp_path, name, train, meta=None, pretrained=False, **kw):
 @pytest.mark.parametrize("level, update", [("instance", "same_step"), ("both", "same_step"), ("instance", "delayed")])
 def test_replay_reproduces_applied_rates(tmp_path, level, update):
     train, meta = make_split(40, seed=1), make_split(16, seed=2)
-    orig, applied = _train(tmp_path, "orig", train, meta, num_train_epochs=3, lr_level=level, meta_update=update)
+    wd = dict(learn_weight_decay=True, weight_decay=1e-3) if level == "both" else {}
+    orig, applied = _train(tmp_path, "orig", train, meta, num_train_epochs=3, lr_level=level, meta_update=update, **wd)
     traj = orig.lr_trajectory
     assert traj.num_steps == orig.state.global_step == 15
     assert traj.instance_epochs.tolist() == [0.0, 1.0, 2.0, 3.0]
@@ -58,7 +61,9 @@ def test_replay_reproduces_applied_rates(tmp_path, level, update):
     assert LRTrajectory.from_pretrained(tmp_path / "orig") == traj
 
     rep, replayed = _train(tmp_path, "replay", train, None, num_train_epochs=3, lr_level=level,
-                           replay_trajectory=str(tmp_path / "orig"))
+                           replay_trajectory=str(tmp_path / "orig"), **wd)
+    if wd:
+        assert len({applied[(s, "wd")] for s in range(1, 16)}) > 5  # the weight decay was learned
     assert rep.lr_trajectory.config["mode"] == "replay"
     assert set(replayed) == set(applied)
     moved = sum(abs(v - 1) > 1e-3 for v in applied.values())

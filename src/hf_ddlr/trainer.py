@@ -416,22 +416,28 @@ class MetaLRTrainer(Trainer):
         return batch_samples, num_items
 
     def _set_replayed_rates(self) -> None:
-        """Rates of the replayed trajectory for the coming step (see :meth:`LRTrajectory.instance_rates_at`)."""
-        t, step = self.replay, self.state.global_step + 1
-        epoch = (self.state.global_step + 0.5) / self._steps_per_epoch()  # strictly inside the current epoch
-        # a same-step run applied, during epoch e, the value its table holds at the end of epoch e (each example
-        # is visited once per epoch); a delayed run applied the value from the start of the epoch
+        """Rates of the replayed trajectory for the coming step, looked up by epoch so that a trajectory
+        learned on a k-fold subset (fewer steps per epoch) replays on the full train set.
+
+        Instance rates: a same-step run applied, during epoch e, the value its table holds at the end of
+        epoch e (each example is visited once per epoch); a delayed run applied the value from the start
+        of the epoch. Class rates and weight decay: the values recorded for this step (interpolated when
+        the replay has more steps per epoch than the original run).
+        """
+        t, spe = self.replay, self._steps_per_epoch()
+        mid = (self.state.global_step + 0.5) / spe  # strictly inside the current epoch
+        end = (self.state.global_step + 1) / spe  # the epoch value the original run recorded for this step
         mode = "previous" if t.config.get("meta_update") == "delayed" else "next"
         if self.rates.instance is not None:
             if not t.has_instance_rates:
                 raise ValueError("The replayed trajectory has no instance rates; set lr_level to what it recorded.")
-            self.rates.instance.copy_(t.instance_rates_at(epoch, mode=mode).to(self.rates.instance.device))
+            self.rates.instance.copy_(t.instance_rates_at(mid, mode=mode).to(self.rates.instance.device))
         if self.rates.per_class is not None:
             if not t.has_class_rates:
                 raise ValueError("The replayed trajectory has no class rates; set lr_level to what it recorded.")
-            self.rates.per_class.copy_(t.class_rates_at(step, mode="linear").to(self.rates.per_class.device))
+            self.rates.per_class.copy_(t.class_rates_at(epoch=end).to(self.rates.per_class.device))
         if self.args.learn_weight_decay and t.num_steps:
-            self.rates.weight_decay = t.weight_decay_at(step)
+            self.rates.weight_decay = t.weight_decay_at(epoch=end)
 
     def _steps_per_epoch(self) -> int:
         if getattr(self, "_spe", None) is None:
