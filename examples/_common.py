@@ -1,0 +1,396 @@
+"""Shared plumbing of the example scripts (not a public API; each script documents its own experiment).
+
+* :func:`parse_args` — ``HfArgumentParser`` over (script options, :class:`~hf_ddlr.MetaLRConfig`), with
+  per-dataset presets that apply only to the flags the user did not give.
+* :func:`image_data` — CIFAR-100 variants from the Hub (on-the-fly transforms) or the embedded MNIST digits
+  (decoded once into normalised tensors), as train / meta / test views with exactly the columns each consumer
+  needs (``sample_index`` only where the MetaLR trainer wants it).
+* :func:`build_image_model` — ResNet-18 / VGG-16-BN / WRN-28-10 / the small CNN by name.
+* :func:`trainer_class` — adds a step ("multi-step") learning-rate schedule to ``Trainer`` / ``MetaLRTrainer``,
+  given as fractions of the run (the published schedules are all of this form).
+* :func:`run_one` — train one method, evaluate every epoch, collect best / final accuracy, rates and plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import HfArgumentParser, Trainer
+
+from hf_ddlr import MetaLRConfig, MetaLRTrainer
+
+IMAGE_MODELS = ("resnet18", "vgg16", "wrn28_10", "small_cnn")
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+def explicit_flags(argv: Sequence[str]) -> set[str]:
+    """Names of the ``--flags`` present on the command line (``--a b`` and ``--a=b`` forms)."""
+    return {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+
+def parse_args(script_cls: type, presets: Callable[[Any], dict[str, Any]], argv: Sequence[str] | None = None):
+    """Parse ``argv`` into ``(script_options, MetaLRConfig)``.
+
+    ``presets(script_options)`` returns defaults for ``MetaLRConfig`` fields that depend on the script options
+    (dataset, --quick, ...). They replace the dataclass defaults, so a flag on the command line always wins.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = HfArgumentParser(script_cls, allow_abbrev=False)
+    (script,) = first.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)[:1]
+    parser = HfArgumentParser((script_cls, MetaLRConfig), allow_abbrev=False)
+    parser.set_defaults(**presets(script))
+    script, config = parser.parse_args_into_dataclasses(args=argv)
+    script._explicit = explicit_flags(argv)  # which flags the user set (per-method overrides must not beat them)
+    return script, config
+
+
+def common_presets(script: Any, name: str, **extra: Any) -> dict[str, Any]:
+    """Defaults shared by all scripts: output folder, evaluation every epoch, no checkpoints, CPU when no GPU."""
+    out = dict(
+        output_dir=os.path.join("outputs", name),
+        eval_strategy="epoch",
+        save_strategy="no",
+        logging_steps=50,
+        report_to="none",
+        remove_unused_columns=False,  # every split below exposes exactly the columns its consumer needs
+        per_device_eval_batch_size=512,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    if getattr(script, "quick", False):
+        out.update(logging_steps=5)
+    out.update(extra)
+    return out
+
+
+def run_config(config: MetaLRConfig, script: Any, method: str, overrides: dict[str, Any]) -> MetaLRConfig:
+    """The config of one method's run: its own output sub-folder (and Hub repo), plus method defaults
+    (``overrides``) for the fields the user did not set on the command line."""
+    changes = {k: v for k, v in overrides.items() if k not in script._explicit}
+    changes["output_dir"] = os.path.join(config.output_dir, method)
+    if config.push_to_hub:
+        base = config.hub_model_id or os.path.basename(os.path.normpath(config.output_dir))
+        changes["hub_model_id"] = f"{base}-{method}"
+    return dataclasses.replace(config, **changes)
+
+
+def parse_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+# ---------------------------------------------------------------------------------------------- data
+class ImageData:
+    """Train / meta / test of one image variant; ``view(split, index)`` gives the dataset a consumer should get."""
+
+    def __init__(self, raw, make_view: Callable[[str, bool], Any], num_channels: int, image_size: int) -> None:
+        self.raw, self._make_view = raw, make_view
+        self.num_channels, self.image_size = num_channels, image_size
+        fine = raw["train"].features["label"]
+        self.num_labels, self.label_names = fine.num_classes, list(fine.names)
+
+    def view(self, split: str, index: bool = False):
+        return self._make_view(split, index)
+
+    @property
+    def noise_mask(self) -> np.ndarray:
+        return np.asarray(self.raw["train"]["is_noisy"], dtype=bool)
+
+
+def _subsample(dd, n_train: int | None, n_test: int | None, seed: int):
+    import datasets
+
+    out = {}
+    for name, n in (("train", n_train), ("test", n_test)):
+        split = dd[name]
+        out[name] = split.shuffle(seed=seed).select(range(n)).flatten_indices() if n and n < len(split) else split
+    return datasets.DatasetDict(out)
+
+
+def load_variant(
+    dataset: str,
+    variant: str,
+    *,
+    noise_rate: float = 0.0,
+    noise_mode: str = "uniform",
+    superclass: str | None = None,
+    meta_size: int = 1000,
+    seed: int = 0,
+    max_train: int | None = None,
+    max_test: int | None = None,
+):
+    """A :func:`hf_ddlr.data.make_variant` DatasetDict (train / meta / test) of CIFAR-100 (Hub) or the embedded
+    MNIST digits (offline; optionally subsampled before the split, for smoke tests)."""
+    from hf_ddlr.data import load_cifar100, make_variant
+
+    kw = dict(noise_rate=noise_rate, noise_mode=noise_mode, superclass=superclass, meta_size=meta_size, seed=seed)
+    if variant != "superclass":
+        kw.pop("superclass")
+    if dataset == "cifar100" and not (max_train or max_test):
+        return load_cifar100(variant, **kw)
+    return make_variant(load_raw(dataset, max_train, max_test, seed), variant, **kw)
+
+
+def load_raw(dataset: str, max_train: int | None = None, max_test: int | None = None, seed: int = 0):
+    """The raw CIFAR-100-schema DatasetDict (train / test) of ``dataset``."""
+    import datasets
+
+    from hf_ddlr.data import CIFAR100_REPO_ID, load_embedded
+
+    if dataset == "cifar100":
+        if max_train or max_test:
+            raise ValueError("--max_train_samples / --quick subsampling is for --dataset embedded only.")
+        return datasets.load_dataset(CIFAR100_REPO_ID)
+    if dataset != "embedded":
+        raise ValueError(f"unknown dataset {dataset!r}; use 'cifar100' (Hub) or 'embedded' (offline MNIST digits).")
+    return _subsample(load_embedded("mnist"), max_train, max_test, seed)
+
+
+def image_views(raw, dataset: str, augment: bool = True, stats=None) -> ImageData:
+    """Views of a variant's splits for the trainers.
+
+    ``dataset="cifar100"``: on-the-fly transforms (standard augmentation on train, CIFAR-100 statistics).
+    ``dataset="embedded"``: decoded once into normalised tensors (no augmentation: the digits are small and not
+    flip-symmetric). ``stats=(mean, std)`` overrides the statistics (default: CIFAR-100's / the train split's).
+    """
+    import datasets
+
+    from hf_ddlr.data import CIFAR100_MEAN, CIFAR100_STD, compute_mean_std, make_transform
+
+    if dataset == "cifar100":
+        mean, std = stats or (CIFAR100_MEAN, CIFAR100_STD)
+
+        def make_view(split: str, index: bool):
+            cols = ["img", "label"] + (["sample_index"] if index else [])
+            fn = make_transform(augment=augment and split == "train", mean=mean, std=std, crop_padding=4, flip=True)
+            ds = raw[split] if index else raw[split].remove_columns("sample_index")
+            return ds.with_transform(fn, columns=cols)
+
+        return ImageData(raw, make_view, num_channels=3, image_size=32)
+
+    mean, std = stats or compute_mean_std(raw["train"])
+    to_tensor = make_transform(augment=False, mean=mean, std=std)
+    tensors = {}
+    for name, split in raw.items():  # small data: decode once, keep normalised tensors
+        cols = to_tensor(split.select_columns(["img", "label", "sample_index"])[:])
+        feats = datasets.Features({
+            "pixel_values": datasets.Array3D(tuple(cols["pixel_values"][0].shape), "float32"),
+            "label": split.features["label"], "sample_index": datasets.Value("int64"),
+            "is_noisy": datasets.Value("bool"),
+        })
+        cols["pixel_values"] = torch.stack(cols["pixel_values"]).numpy()
+        cols["is_noisy"] = split["is_noisy"]
+        tensors[name] = datasets.Dataset.from_dict(cols, features=feats)
+
+    def make_view(split: str, index: bool):
+        cols = ["pixel_values", "label"] + (["sample_index"] if index else [])
+        return tensors[split].with_format("torch", columns=cols)
+
+    return ImageData(raw, make_view, num_channels=1, image_size=int(np.asarray(tensors["train"][0]["pixel_values"]).shape[-1]))
+
+
+def image_data(dataset: str, variant: str, *, augment: bool = True, **kw) -> ImageData:
+    """:func:`load_variant` + :func:`image_views`."""
+    return image_views(load_variant(dataset, variant, **kw), dataset, augment=augment)
+
+
+# ---------------------------------------------------------------------------------------------- models
+def build_image_model(name: str, data: ImageData, seed: int, dropout_rate: float = 0.0):
+    """A freshly initialised classifier (seeded) for ``data``'s channels, size and labels."""
+    from hf_ddlr.models import (
+        CifarResNetConfig,
+        CifarResNetForImageClassification,
+        CifarVGGConfig,
+        CifarVGGForImageClassification,
+        SmallCNNConfig,
+        SmallCNNForImageClassification,
+        WideResNetConfig,
+        WideResNetForImageClassification,
+    )
+
+    labels = dict(
+        num_labels=data.num_labels,
+        id2label=dict(enumerate(data.label_names)),
+        label2id={n: i for i, n in enumerate(data.label_names)},
+    )
+    torch.manual_seed(seed)
+    if name == "resnet18":
+        return CifarResNetForImageClassification(CifarResNetConfig(num_channels=data.num_channels, **labels))
+    if name == "vgg16":
+        return CifarVGGForImageClassification(CifarVGGConfig(num_channels=data.num_channels, **labels))
+    if name == "wrn28_10":
+        cfg = WideResNetConfig(num_channels=data.num_channels, dropout_rate=dropout_rate, **labels)
+        return WideResNetForImageClassification(cfg)
+    if name == "small_cnn":
+        cfg = SmallCNNConfig(num_channels=data.num_channels, image_size=data.image_size, channels=[16, 32], **labels)
+        return SmallCNNForImageClassification(cfg)
+    raise ValueError(f"unknown model {name!r}; choose one of {IMAGE_MODELS}.")
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+class _StepSchedule:
+    """Linear warm-up (the args' warmup_steps) then the LR times ``factor`` after each milestone fraction."""
+
+    lr_decay_at: tuple[float, ...] = ()
+    lr_decay_factor: float = 0.1
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None and self.lr_decay_at:
+            warm = self.args.get_warmup_steps(num_training_steps)
+            milestones = [int(round(f * num_training_steps)) for f in self.lr_decay_at]
+            factor = self.lr_decay_factor
+
+            def multiplier(step: int) -> float:
+                w = step / warm if step < warm else 1.0
+                return w * factor ** sum(step >= m for m in milestones)
+
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, multiplier)
+            self._created_lr_scheduler = True
+            return self.lr_scheduler
+        return super().create_scheduler(num_training_steps, optimizer)
+
+
+def trainer_class(base: type[Trainer], lr_decay_at: Sequence[float] = (), lr_decay_factor: float = 0.1) -> type:
+    """``base`` with a step schedule: LR ×``lr_decay_factor`` at each fraction of the run in ``lr_decay_at``
+    (e.g. ``(2/3, 5/6)`` = 40k and 50k of 60k steps). Empty: the args' ``lr_scheduler_type`` as usual."""
+    if not lr_decay_at:
+        return base
+    bad = [f for f in lr_decay_at if not 0 < f < 1]
+    if bad:
+        raise ValueError(f"lr_decay_at takes fractions of the run in (0, 1), got {bad}.")
+    return type(f"{base.__name__}StepLR", (_StepSchedule, base),
+                {"lr_decay_at": tuple(lr_decay_at), "lr_decay_factor": lr_decay_factor})
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def accuracy_metric(eval_pred) -> dict[str, float]:
+    logits, labels = eval_pred
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
+
+
+def eval_curve(trainer: Trainer) -> tuple[list[float], list[float]]:
+    """(epochs, test accuracies) of every evaluation during training."""
+    pts = [(h["epoch"], h["eval_accuracy"]) for h in trainer.state.log_history if "eval_accuracy" in h]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def run_one(
+    method: str,
+    trainer_cls: type[Trainer],
+    model,
+    args: MetaLRConfig,
+    train,
+    test,
+    meta=None,
+    noise_mask: np.ndarray | None = None,
+    **trainer_kwargs: Any,
+) -> dict[str, Any]:
+    """Train one run, evaluate on ``test`` every epoch (and at the end), and describe it as a JSON-able dict.
+
+    ``meta`` given: a :class:`~hf_ddlr.MetaLRTrainer` run (``trainer_cls`` must be one); its learned rates,
+    trajectory summary and plots are added. With ``args.push_to_hub`` the run is pushed (MetaLR runs: model,
+    ``lr_trajectory.*``, plots and model card).
+    """
+    kwargs = dict(model=model, args=args, train_dataset=train, eval_dataset=test, compute_metrics=accuracy_metric)
+    if meta is not None:
+        kwargs["meta_dataset"] = meta
+    kwargs.update(trainer_kwargs)
+    trainer = trainer_cls(**kwargs)
+    t0 = time.time()
+    trainer.train()
+    train_time = time.time() - t0
+    final = trainer.evaluate()
+    epochs, accs = eval_curve(trainer)
+    out: dict[str, Any] = {
+        "method": method,
+        "seed": args.seed,
+        "final_accuracy": float(final["eval_accuracy"]),
+        "best_accuracy": float(max(accs)) if accs else float(final["eval_accuracy"]),
+        "curve": {"epoch": epochs, "accuracy": accs},
+        "train_time_s": round(train_time, 1),
+        "train_size": len(train),
+    }
+    if isinstance(trainer, MetaLRTrainer) and trainer.rates is not None:
+        r = trainer.rates
+        out["learned_weight_decay"] = float(r.weight_decay)
+        if r.per_class is not None:
+            out["class_rates"] = [round(float(v), 4) for v in r.per_class.cpu()]
+        if r.instance is not None:
+            inst = r.instance.detach().cpu().numpy()
+            out["instance_rate_mean"] = float(inst.mean())
+            if noise_mask is not None and 0 < noise_mask.mean() < 1 and args.keep_history:
+                # (without history the table only holds the last step's values: no separation to report)
+                from sklearn.metrics import roc_auc_score
+
+                out["auroc_clean_vs_noisy"] = float(roc_auc_score(~noise_mask, inst))
+                out["rate_clean"] = float(inst[~noise_mask].mean())
+                out["rate_noisy"] = float(inst[noise_mask].mean())
+        if trainer.lr_trajectory is not None:
+            out["trajectory_summary"] = trainer.lr_trajectory.summary()
+            if args.should_save:
+                trainer.save_model()  # model + lr_trajectory.{safetensors,json}
+                out["plots"] = trainer.lr_trajectory.save_plots(args.output_dir)
+    elif args.should_save:
+        trainer.save_model()
+    if args.push_to_hub:
+        trainer.push_to_hub()
+    out["trainer"] = trainer
+    return out
+
+
+def strip(run: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in run.items() if k != "trainer"}
+
+
+def mean_std(values: Sequence[float]) -> str:
+    v = np.asarray(values, dtype=float)
+    if len(v) == 0 or np.all(np.isnan(v)):
+        return "–"
+    return f"{np.nanmean(v):.4f} ± {np.nanstd(v):.4f}" if len(v) > 1 else f"{v[0]:.4f}"
+
+
+def fmt(x: Any, digits: int = 4) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def write_outputs(output_dir: str, name: str, payload: dict[str, Any], table: str, runs: list[dict[str, Any]]) -> None:
+    """``<name>_results.json``, ``<name>_results.md`` and ``<name>_accuracy.png`` (test accuracy per epoch)."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, f"{name}_results.json"), "w") as f:
+        json.dump(payload, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    with open(os.path.join(output_dir, f"{name}_results.md"), "w") as f:
+        f.write(table + "\n")
+    plot_curves(runs, os.path.join(output_dir, f"{name}_accuracy.png"), title=name)
+    print("\n" + table + "\n")
+    print(f"[{name}] wrote {output_dir}/{name}_results.json, {name}_results.md, {name}_accuracy.png")
+
+
+def plot_curves(runs: list[dict[str, Any]], path: str, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+        c = run.get("curve") or {}
+        if c.get("epoch"):
+            ax.plot(c["epoch"], c["accuracy"], marker="o", ms=3, label=run["method"])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
