@@ -1,0 +1,145 @@
+"""The paper's protocol for final numbers (§3.1): learn on k folds, average, replay on the full train set.
+
+Each fold holds out 1/k of the train set as its meta set and learns a learning-rate trajectory with
+MetaLRTrainer. The k trajectories are averaged (per example over the folds that trained on it) and the
+average is replayed on the *full* train set with the same schedule and no meta set. A plain Trainer on
+the same schedule is the baseline. Writes results.json, the averaged trajectory (+ plots) and, with
+--push_to_hub, uploads the replayed model together with the trajectory and a model card.
+
+Offline (embedded MNIST digits, small CNN):
+    python examples/kfold_replay.py --dataset embedded --output_dir outputs/kfold --k 3
+CIFAR-100 from the Hub, ResNet-18, on GPUs:
+    accelerate launch examples/kfold_replay.py --dataset cifar100 --model resnet18 --k 5 \
+        --num_train_epochs 200 --learning_rate 0.1 --output_dir outputs/kfold_cifar
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+
+from hf_ddlr import MetaLRConfig, MetaLRTrainer
+from hf_ddlr.data import (
+    CIFAR100_MEAN,
+    CIFAR100_REPO_ID,
+    CIFAR100_STD,
+    compute_mean_std,
+    kfold_splits,
+    load_embedded,
+    make_transform,
+)
+from hf_ddlr.trajectory import LRTrajectory, dataset_signature
+
+
+@dataclass
+class ScriptArguments:
+    dataset: str = field(default="embedded", metadata={"help": "'embedded' (offline MNIST digits) or 'cifar100' (Hub)."})
+    model: str = field(default="auto", metadata={"help": "'small_cnn', 'resnet18' or 'auto' (small_cnn offline)."})
+    k: int = field(default=3, metadata={"help": "Number of folds."})
+    quick: bool = field(default=False, metadata={"help": "Tiny budget (a few hundred examples, 1 epoch) for tests."})
+
+
+def _materialize(split: datasets.Dataset, to_tensor) -> datasets.Dataset:
+    cols = to_tensor(split.select_columns(["img", "label", "sample_index"])[:])
+    shape = tuple(cols["pixel_values"][0].shape)
+    cols["pixel_values"] = torch.stack(cols["pixel_values"]).numpy()
+    feats = datasets.Features({"pixel_values": datasets.Array3D(shape, "float32"), "label": split.features["label"],
+                               "sample_index": datasets.Value("int64")})
+    return datasets.Dataset.from_dict(cols, features=feats).with_format("torch")
+
+
+def _model(name: str, num_labels: int, channels: int, size: int, seed: int):
+    from hf_ddlr.models import (
+        CifarResNetConfig,
+        CifarResNetForImageClassification,
+        SmallCNNConfig,
+        SmallCNNForImageClassification,
+    )
+
+    torch.manual_seed(seed)
+    if name == "resnet18":
+        return CifarResNetForImageClassification(CifarResNetConfig(num_channels=channels, num_labels=num_labels))
+    return SmallCNNForImageClassification(
+        SmallCNNConfig(num_channels=channels, image_size=size, channels=[16, 32], num_labels=num_labels)
+    )
+
+
+def main() -> dict:
+    script, args = HfArgumentParser((ScriptArguments, MetaLRConfig)).parse_args_into_dataclasses()
+    if script.dataset == "embedded":
+        raw = load_embedded("mnist")
+    elif script.dataset == "cifar100":
+        raw = datasets.load_dataset(CIFAR100_REPO_ID)  # the same call load_cifar100 makes
+    else:
+        raise ValueError(f"--dataset must be 'embedded' or 'cifar100', got {script.dataset!r}")
+    if script.quick:
+        raw = datasets.DatasetDict(train=raw["train"].select(range(600)), test=raw["test"].select(range(200)))
+        args.num_train_epochs, args.logging_steps = 1, 5
+    folds = kfold_splits(raw, script.k, seed=args.seed)  # fold i: train = other folds, meta = fold i
+    raw = datasets.DatasetDict({
+        k: v.rename_column("fine_label", "label").add_column("sample_index", list(range(len(v))))
+        for k, v in raw.items()
+    })
+    mean, std = (CIFAR100_MEAN, CIFAR100_STD) if script.dataset == "cifar100" else compute_mean_std(raw["train"])
+    to_tensor = make_transform(augment=False, mean=mean, std=std)
+    full_train, test = _materialize(raw["train"], to_tensor), _materialize(raw["test"], to_tensor)
+    num_labels = raw["train"].features["label"].num_classes
+    channels, size = full_train[0]["pixel_values"].shape[0], full_train[0]["pixel_values"].shape[-1]
+    model_name = script.model if script.model != "auto" else ("small_cnn" if script.dataset == "embedded" else "resnet18")
+    args.remove_unused_columns = False
+    out_dir = args.output_dir
+
+    # 1. learn one trajectory per fold
+    trajectories, indices = [], []
+    for i, fold in enumerate(folds):
+        print(f"[kfold] fold {i + 1}/{script.k}: {len(fold['train'])} train, {len(fold['meta'])} meta", flush=True)
+        fold_args = MetaLRConfig(**{**args.to_dict(), "output_dir": os.path.join(out_dir, f"fold_{i}"),
+                                    "push_to_hub": False, "save_strategy": "no", "report_to": []})
+        trainer = MetaLRTrainer(
+            model=_model(model_name, num_labels, channels, size, args.seed), args=fold_args,
+            train_dataset=_materialize(fold["train"], to_tensor), meta_dataset=_materialize(fold["meta"], to_tensor),
+        )
+        trainer.train()
+        trajectories.append(trainer.lr_trajectory)
+        indices.append(torch.as_tensor(fold["train"]["source_index"]))
+
+    # 2. average them, indexed by the full train set
+    averaged = LRTrajectory.average(trajectories, instance_indices=indices, dataset=dataset_signature(full_train))
+    averaged.save_pretrained(os.path.join(out_dir, "averaged_trajectory"))
+    averaged.save_plots(os.path.join(out_dir, "averaged_trajectory"))
+
+    # 3. replay on the full train set (no meta set) and compare with a plain Trainer on the same schedule
+    def evaluate(trainer: Trainer) -> float:
+        pred = trainer.predict(test.remove_columns("sample_index"))
+        return float((pred.predictions.argmax(-1) == pred.label_ids).mean())
+
+    replay_args = MetaLRConfig(**{**args.to_dict(), "output_dir": os.path.join(out_dir, "replay"), "report_to": []})
+    replay_args.replay_trajectory = averaged
+    replay = MetaLRTrainer(model=_model(model_name, num_labels, channels, size, args.seed), args=replay_args,
+                           train_dataset=full_train)
+    replay.train()
+    plain_kw = {k: v for k, v in args.to_dict().items() if k in TrainingArguments.__dataclass_fields__}
+    plain = Trainer(model=_model(model_name, num_labels, channels, size, args.seed),
+                    args=TrainingArguments(**{**plain_kw, "output_dir": os.path.join(out_dir, "plain"),
+                                              "push_to_hub": False, "report_to": []}),
+                    train_dataset=full_train.remove_columns("sample_index"))
+    plain.train()
+    result = {"k": script.k, "dataset": script.dataset, "model": model_name,
+              "replay_test_accuracy": evaluate(replay), "plain_test_accuracy": evaluate(plain),
+              "averaged_summary": averaged.summary()}
+    print(json.dumps({k: v for k, v in result.items() if k != "averaged_summary"}, indent=2))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as fh:
+        json.dump(result, fh, indent=2, default=str)
+    if args.push_to_hub:
+        replay.push_to_hub()
+    return result
+
+
+if __name__ == "__main__":
+    main()
