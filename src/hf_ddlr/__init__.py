@@ -6,7 +6,8 @@ one-step-lookahead meta-gradient on a small clean held-out set (Saxena, Vyas & D
 
 from .config import MetaLRConfig
 from .trainer import MetaLRTrainer
+from .trajectory import LRTrajectory
 
 __version__ = "0.1.0"
 
-__all__ = ["MetaLRConfig", "MetaLRTrainer", "__version__"]
+__all__ = ["LRTrajectory", "MetaLRConfig", "MetaLRTrainer", "__version__"]
