@@ -609,6 +609,16 @@ class MetaLRTrainer(Trainer):
         if os.path.isfile(os.path.join(checkpoint, TRAJECTORY_TENSORS_NAME)):
             loaded = LRTrajectory.from_pretrained(checkpoint)
             loaded.truncate(self.state.global_step)
+            n_old, n_new = loaded.dataset.get("num_examples"), self.lr_trajectory.dataset.get("num_examples")
+            if n_old != n_new:  # only reachable with resize_rates_on_resume=True (the rate table raised otherwise)
+                warnings.warn(
+                    f"Resuming onto a train set of {n_new} examples from a checkpoint trained on {n_old}: the "
+                    "trajectory keeps its per-step history and class rates but drops the old instance-rate "
+                    "snapshots and now describes the new train set.",
+                    stacklevel=2,
+                )
+                loaded.dataset, loaded.noise_mask = self.lr_trajectory.dataset, self.lr_trajectory.noise_mask
+                loaded._instance = []
             self.lr_trajectory = loaded
 
 

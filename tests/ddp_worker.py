@@ -1,0 +1,137 @@
+"""Worker for the 2-process CPU DDP tests (tests/test_distributed.py). Also importable: ``run`` is the one
+definition of a training run, used unchanged by the single-process reference in the test.
+
+    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUT [all|parity]
+    accelerate launch --multi_gpu --num_processes 2 tests/ddp_worker.py OUT parity
+
+Every rank writes ``OUT/<run>_rank<r>.safetensors`` (parameters, rates, learned weight decay, the
+trajectory's tensors) and ``OUT/<run>_rank<r>.json`` (the training rows of every step's window, log
+history), so the test can check that the ranks agree with each other and with one process.
+
+The global batches are the same as one process with ``per_device_train_batch_size × world_size``:
+with accelerate's default ``split_batches=False`` the sampler's batches of size ``b`` (one permutation
+``randperm(n, seed + epoch)`` shared by all ranks) are dealt round-robin, so optimizer step ``t`` of a
+GA=g run covers sampler batches ``[t·g·W, (t+1)·g·W)``, i.e. the same rows as one process with batch
+``g·W·b``. Each rank's meta batch is the whole meta set (``meta_batch_size = len(meta set)``), so the
+rank-averaged meta gradient equals the single-process one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import safetensors.torch
+import torch
+from tiny import TinyMLP, make_split
+from transformers import TrainerCallback
+
+from hf_ddlr import MetaLRConfig, MetaLRTrainer
+
+N_TRAIN, N_META = 32, 8
+MAX_STEPS = 6  # 4 steps per epoch at a global batch of 8: crosses an epoch boundary
+
+
+class _Recording(MetaLRTrainer):
+    """Records the dataset rows of every optimizer step's window on this rank."""
+
+    def _begin_window(self, batch_samples):
+        super()._begin_window(batch_samples)
+        self.seen_rows = getattr(self, "seen_rows", [])
+        self.seen_rows.append(torch.cat([mb.indices for mb in self._window]).tolist())
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def run(
+    out_dir: str,
+    per_device_batch: int,
+    ga: int = 1,
+    stop_at: int | None = None,
+    resume: bool = False,
+    save_steps: int | None = None,
+    max_steps: int = MAX_STEPS,
+) -> _Recording:
+    torch.manual_seed(0)
+    model = TinyMLP(hidden=12)
+    args = MetaLRConfig(
+        output_dir=out_dir,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        optim="sgd",
+        learning_rate=0.3,
+        lr_scheduler_type="constant",
+        weight_decay=0.01,
+        learn_weight_decay=True,
+        lr_level="both",
+        meta_lr=0.2,
+        per_device_train_batch_size=per_device_batch,
+        gradient_accumulation_steps=ga,
+        meta_batch_size=N_META,
+        max_steps=max_steps,
+        logging_steps=1,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+    )
+    trainer = _Recording(
+        model=model,
+        args=args,
+        train_dataset=make_split(N_TRAIN, seed=11),
+        meta_dataset=make_split(N_META, seed=12),
+    )
+    if stop_at is not None:
+        trainer.add_callback(_StopAt(stop_at))
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    return trainer
+
+
+def state_of(trainer: MetaLRTrainer) -> dict[str, torch.Tensor]:
+    """Everything that must agree between ranks and with the single-process run."""
+    out = {f"param.{n}": p.detach().clone() for n, p in trainer.model.named_parameters()}
+    out["rates.instance"] = trainer.rates.instance.clone()
+    out["rates.per_class"] = trainer.rates.per_class.clone()
+    out["rates.weight_decay"] = torch.tensor(trainer.rates.weight_decay, dtype=torch.float64)
+    if getattr(trainer, "lr_trajectory", None) is not None:
+        out.update({f"traj.{k}": v.clone() for k, v in trainer.lr_trajectory.tensors().items()})
+    return out
+
+
+def dump(trainer: MetaLRTrainer, out: str, name: str) -> None:
+    rank = trainer.args.process_index
+    safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in state_of(trainer).items()},
+        os.path.join(out, f"{name}_rank{rank}.safetensors"),
+    )
+    info = {
+        "world_size": trainer.args.world_size,
+        "parallel_mode": str(trainer.args.parallel_mode),
+        "wrapped": type(trainer.model_wrapped).__name__,
+        "seen_rows": trainer.seen_rows,
+        "log_history": trainer.state.log_history,
+    }
+    with open(os.path.join(out, f"{name}_rank{rank}.json"), "w") as f:
+        json.dump(info, f)
+
+
+def main() -> None:
+    out, mode = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "all")
+    dump(run(os.path.join(out, "ga1"), per_device_batch=4), out, "ga1")
+    if mode == "all":
+        dump(run(os.path.join(out, "ga2"), per_device_batch=2, ga=2), out, "ga2")
+        # exact resume under DDP: stop after 3 steps (mid-epoch, checkpoint-3), resume to 6
+        dump(run(os.path.join(out, "resume"), per_device_batch=4, stop_at=3, save_steps=3), out, "stopped")
+        dump(run(os.path.join(out, "resume"), per_device_batch=4, resume=True, save_steps=3), out, "resumed")
+
+
+if __name__ == "__main__":
+    main()

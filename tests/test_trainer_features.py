@@ -1,0 +1,453 @@
+"""MetaLRTrainer features around the meta step: unsupported parallelism refused at start-up, gradient
+accumulation, mixed precision (bf16 autocast, fp16 loss scaling), exact resume, logging, text models."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import shutil
+
+import datasets
+import pytest
+import torch
+from ddp_worker import run, state_of
+from tiny import TinyMLP, make_split
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    DataCollatorWithPadding,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainerCallback,
+)
+
+import hf_ddlr.meta.engine as engine
+import hf_ddlr.trainer as trainer_mod
+from hf_ddlr import MetaLRConfig, MetaLRTrainer
+from hf_ddlr.trainer import META_STATE_NAME
+
+COMMON = dict(report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+
+
+def _args(tmp_path, **kw):
+    return MetaLRConfig(output_dir=str(tmp_path), **{**COMMON, **kw})
+
+
+def _assert_states(a: dict, b: dict, exact: bool, rtol=1e-5, atol=1e-6):
+    assert set(a) == set(b)
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
+
+
+# ---------------------------------------------------------------- tiny text model, built locally
+WORDS = [f"w{i}" for i in range(90)]
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+
+
+def _text_split(tok, n: int, seed: int) -> datasets.Dataset:
+    """Variable-length 'sentences' (so DataCollatorWithPadding pads); label = mostly low word ids."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(0, len(WORDS), (int(torch.randint(3, 12, (1,), generator=g)),), generator=g)
+        rows.append({"text": " ".join(WORDS[i] for i in ids), "label": int((ids < 45).float().mean() > 0.5)})
+    return datasets.Dataset.from_list(rows).map(
+        lambda b: tok(b["text"]), batched=True, remove_columns=["text"]
+    )
+
+
+def _bert() -> BertForSequenceClassification:
+    cfg = BertConfig(
+        vocab_size=len(WORDS) + 4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(0)
+    return BertForSequenceClassification(cfg)
+
+
+@pytest.fixture(scope="module")
+def text_data():
+    tok = _tokenizer()
+    return tok, _text_split(tok, 32, seed=1), _text_split(tok, 16, seed=2)
+
+
+def _bert_trainer(tmp_path, text_data, **kw) -> MetaLRTrainer:
+    tok, train, meta = text_data
+    args = _args(
+        tmp_path,
+        **{
+            **dict(
+                optim="sgd",
+                learning_rate=0.5,
+                lr_scheduler_type="constant",
+                max_steps=3,
+                logging_steps=1,
+                meta_lr=0.2,
+            ),
+            **kw,
+        },
+    )
+    return MetaLRTrainer(
+        model=_bert(),
+        args=args,
+        train_dataset=train,
+        meta_dataset=meta,
+        data_collator=DataCollatorWithPadding(tok),
+        processing_class=tok,
+    )
+
+
+# ---------------------------------------------------------------- start-up refusal
+@pytest.mark.parametrize("what", ["fsdp", "deepspeed", "dataparallel"])
+def test_unsupported_parallelism_is_refused_at_start_up(tmp_path, monkeypatch, what):
+    """FSDP / DeepSpeed / DataParallel cannot be started on this CPU machine, so the flags the Trainer sets for
+    them are forced right where it sets them; the check must name what is and is not supported."""
+    orig = Trainer.create_accelerator_and_postprocess
+
+    def forced(self):
+        orig(self)
+        if what == "fsdp":
+            self.is_fsdp_enabled = True
+        elif what == "deepspeed":
+            self.is_deepspeed_enabled = True
+        else:
+            self.args._n_gpu = 2
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", forced)
+    name = {"fsdp": "FSDP", "deepspeed": "DeepSpeed", "dataparallel": "DataParallel over 2 GPUs"}[what]
+    with pytest.raises(
+        ValueError,
+        match=rf"does not support .*{name}.*Supported: a single process.*"
+        r"DistributedDataParallel.*torchrun.*accelerate launch --multi_gpu",
+    ):
+        MetaLRTrainer(
+            model=TinyMLP(),
+            args=_args(tmp_path),
+            train_dataset=make_split(16, seed=1),
+            meta_dataset=make_split(8, seed=2),
+        )
+    # without a meta set it is a plain Trainer and leaves the choice to the Trainer
+    MetaLRTrainer(model=TinyMLP(), args=_args(tmp_path), train_dataset=make_split(16, seed=1))
+
+
+# ---------------------------------------------------------------- gradient accumulation
+def test_ga2_equals_ga1_with_double_batch(tmp_path):
+    """One meta step per optimizer step over the whole window: GA=2 x b == GA=1 x 2b (params, rates, trajectory).
+    The default-like meta batch is the whole meta set in both, so the meta gradients coincide."""
+    ga2 = run(str(tmp_path / "ga2"), per_device_batch=4, ga=2)
+    ga1 = run(str(tmp_path / "ga1"), per_device_batch=8)
+    assert ga2.seen_rows == ga1.seen_rows  # the same examples in every window
+    assert not torch.equal(ga1.rates.instance, torch.ones_like(ga1.rates.instance))
+    a, b = state_of(ga2), state_of(ga1)
+    for k in [
+        k for k in a if k.startswith("traj.") and "epoch" in k
+    ]:  # epochs are float bookkeeping of the loop
+        torch.testing.assert_close(a.pop(k), b.pop(k))
+    _assert_states(a, b, exact=False)
+    losses = lambda t: [h["loss"] for h in t.state.log_history if "loss" in h]  # noqa: E731
+    assert losses(ga2) == pytest.approx(losses(ga1), rel=1e-5)
+
+
+def test_bert_with_ga_is_not_hit_by_the_loss_scaling_trap(tmp_path, text_data):
+    """BertForSequenceClassification.forward takes **kwargs, so a plain Trainer skips the /GA division (2x
+    gradients with GA=2, see reference §1.2). MetaLRTrainer must give GA=2 x 4 == GA=1 x 8."""
+    ga2 = _bert_trainer(
+        tmp_path / "ga2", text_data, per_device_train_batch_size=4, gradient_accumulation_steps=2
+    )
+    ga1 = _bert_trainer(tmp_path / "ga1", text_data, per_device_train_batch_size=8)
+    assert ga2.model_accepts_loss_kwargs  # the trap's precondition is there
+    ga2.train()
+    ga1.train()
+    for (n, p), (_, q) in zip(ga2.model.named_parameters(), ga1.model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+    torch.testing.assert_close(ga2.rates.instance, ga1.rates.instance, rtol=1e-4, atol=1e-5)
+    l2 = [h["loss"] for h in ga2.state.log_history if "loss" in h]
+    l1 = [h["loss"] for h in ga1.state.log_history if "loss" in h]
+    assert l2 == pytest.approx(l1, rel=1e-4) and max(l1) < 1.0  # a cross-entropy of 2 classes, not 2x it
+
+
+# ---------------------------------------------------------------- text model, SDPA without forward-mode AD
+def test_bert_with_padding_trains_and_sdpa_is_routed_to_math(tmp_path, text_data, monkeypatch):
+    t = _bert_trainer(tmp_path / "a", text_data, per_device_train_batch_size=8, lr_level="both")
+    assert t.model.config._attn_implementation == "sdpa" and t.model.config.attention_probs_dropout_prob == 0
+    t.train()
+    assert t.last_meta_gradients.finite
+    assert not torch.equal(t.rates.instance, torch.ones(32)) and bool(torch.isfinite(t.rates.instance).all())
+    assert all(h.get("meta_loss") is not None for h in t.state.log_history if "loss" in h)
+    # negative control: without the math-kernel routing the CPU flash kernel has no forward-mode AD rule
+    monkeypatch.setattr(engine, "forward_ad_safe_attention", contextlib.nullcontext)
+    t2 = _bert_trainer(tmp_path / "b", text_data, per_device_train_batch_size=8, max_steps=1)
+    with pytest.raises(NotImplementedError, match="forward AD"):
+        t2.train()
+
+
+# ---------------------------------------------------------------- mixed precision
+def _one_step(tmp_path, model, bf16: bool, **kw) -> MetaLRTrainer:
+    dtypes = []
+    t = MetaLRTrainer(
+        model=model,
+        args=_args(
+            tmp_path,
+            bf16=bf16,
+            optim="sgd",
+            learning_rate=0.3,
+            max_steps=1,
+            per_device_train_batch_size=16,
+            weight_decay=0.01,
+            learn_weight_decay=True,
+            **kw,
+        ),
+        train_dataset=make_split(32, seed=3),
+        meta_dataset=make_split(16, seed=4),
+    )
+    orig = engine.meta_loss_gradient
+
+    def spy(model, *a, **k):  # which dtype do the meta passes compute in?
+        h = model.l2.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        try:
+            return orig(model, *a, **k)
+        finally:
+            h.remove()
+
+    engine.meta_loss_gradient = spy
+    try:
+        t.train()
+    finally:
+        engine.meta_loss_gradient = orig
+    t.meta_pass_dtypes = dtypes
+    return t
+
+
+def test_bf16_meta_gradients_match_fp32(tmp_path):
+    """bf16=True on CPU: accelerate wraps model.forward in autocast, and functional_call inherits it. The
+    meta-gradients of one step from the same weights are within cosine 0.999 of the fp32 ones."""
+    torch.manual_seed(0)
+    m = TinyMLP(hidden=64)
+    fp32 = _one_step(tmp_path / "fp32", copy.deepcopy(m), bf16=False)
+    bf16 = _one_step(tmp_path / "bf16", copy.deepcopy(m), bf16=True)
+    assert fp32.meta_pass_dtypes == [torch.float32]
+    assert bf16.meta_pass_dtypes == [torch.bfloat16]  # autocast really reached the functional meta pass
+    g32, g16 = fp32.last_meta_gradients, bf16.last_meta_gradients
+    assert g16.finite
+    cos = _cos(g32.example_grad, g16.example_grad)
+    assert cos > 0.999, cos
+    assert g16.meta_loss == pytest.approx(g32.meta_loss, rel=1e-2)
+    assert g16.weight_decay_grad == pytest.approx(g32.weight_decay_grad, rel=0.05)
+
+
+def _scaled_run(tmp_path, scaler, steps=4):
+    seen = []
+    orig = trainer_mod.meta_gradients
+
+    def spy(*a, **k):
+        seen.append(k["loss_scale"])
+        return orig(*a, **k)
+
+    torch.manual_seed(0)
+    t = MetaLRTrainer(
+        model=TinyMLP(hidden=12),
+        args=_args(
+            tmp_path,
+            optim="sgd",
+            learning_rate=0.3,
+            lr_scheduler_type="constant",
+            max_steps=steps,
+            per_device_train_batch_size=8,
+            logging_steps=1,
+            lr_level="both",
+            weight_decay=0.01,
+            learn_weight_decay=True,
+            max_grad_norm=0.0,
+        ),  # (clipping unscales only under native fp16 AMP)
+        train_dataset=make_split(32, seed=11),
+        meta_dataset=make_split(8, seed=12),
+    )
+    if scaler is not None:  # what fp16 on a GPU gives (accelerate ignores fp16 on CPU); set before prepare()
+        t.accelerator.scaler = scaler
+    trainer_mod.meta_gradients = spy
+    try:
+        t.train()
+    finally:
+        trainer_mod.meta_gradients = orig
+    t.seen_loss_scales = seen
+    return t
+
+
+def test_fp16_loss_scale_is_applied_and_undone(tmp_path):
+    """With a GradScaler (scale 2^10) the real step runs on a scaled loss and the meta passes on losses scaled by
+    the same factor; both are unscaled, so parameters and rates equal an unscaled run."""
+    plain = _scaled_run(tmp_path / "a", None)
+    scaled = _scaled_run(
+        tmp_path / "b", torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=10**6)
+    )
+    assert plain.seen_loss_scales == [1.0] * 4
+    assert scaled.seen_loss_scales == [1024.0] * 4
+    _assert_states(state_of(scaled), state_of(plain), exact=False)
+    assert not torch.equal(plain.rates.instance, torch.ones(32))
+
+
+def test_overflowing_meta_step_is_skipped_without_touching_rates(tmp_path):
+    """An fp16 overflow (here: an infinite loss scale) makes the meta-gradient non-finite: the step is skipped,
+    the rates stay, the skip is logged, and the GradScaler skips the real step too."""
+    torch.manual_seed(0)
+    start = [p.detach().clone() for p in TinyMLP(hidden=12).parameters()]
+    t = _scaled_run(
+        tmp_path, torch.amp.GradScaler("cpu", init_scale=float("inf"), growth_interval=10**6), steps=3
+    )
+    assert torch.equal(t.rates.instance, torch.ones(32)) and torch.equal(t.rates.per_class, torch.ones(3))
+    assert t.rates.weight_decay == 0.01
+    assert sum(h.get("meta_skipped_steps", 0) for h in t.state.log_history) == 3
+    assert all(torch.equal(a, b) for a, b in zip(start, t.model.parameters()))
+
+
+# ---------------------------------------------------------------- checkpoints and exact resume
+def test_resume_is_bit_exact_and_needs_the_meta_state(tmp_path):
+    straight = run(str(tmp_path / "straight"), per_device_batch=8)
+    out = str(tmp_path / "resume")
+    stopped = run(out, per_device_batch=8, stop_at=3, save_steps=3)  # mid-epoch (4 steps per epoch)
+    assert stopped.state.global_step == 3
+    ckpt = os.path.join(out, "checkpoint-3")
+    assert {META_STATE_NAME, "lr_trajectory.safetensors"} <= set(os.listdir(ckpt))
+    resumed = run(out, per_device_batch=8, resume=True, save_steps=3)
+    assert resumed.state.global_step == 6
+    _assert_states(state_of(resumed), state_of(straight), exact=True)  # params, rates, wd, trajectory tensors
+    assert resumed.lr_trajectory == straight.lr_trajectory
+    logs = lambda t: [h for h in t.state.log_history if "loss" in h]  # noqa: E731
+    assert logs(resumed) == logs(straight)
+
+    # negative control: the same resume without the meta state is not an exact continuation
+    os.remove(os.path.join(ckpt, META_STATE_NAME))
+    for d in os.listdir(out):
+        if d != "checkpoint-3":
+            shutil.rmtree(os.path.join(out, d))
+    with pytest.warns(UserWarning, match="meta_state.safetensors is missing"):
+        broken = run(out, per_device_batch=8, resume=True, save_steps=3)
+    assert not torch.allclose(broken.rates.instance, straight.rates.instance)
+
+
+def _size_run(tmp_path, n: int, resume: bool, **kw):
+    torch.manual_seed(0)
+    t = MetaLRTrainer(
+        model=TinyMLP(hidden=12),
+        args=_args(
+            tmp_path,
+            optim="sgd",
+            per_device_train_batch_size=8,
+            max_steps=4,
+            save_strategy="steps",
+            save_steps=2,
+            **kw,
+        ),
+        train_dataset=make_split(n, seed=11),
+        meta_dataset=make_split(8, seed=12),
+    )
+    seen = {}
+
+    class Grab(TrainerCallback):
+        def on_train_begin(self, args, state, control, **k):
+            seen["instance"] = t.rates.instance.clone()
+
+    t.add_callback(Grab())
+    if not resume:
+        t.add_callback(_Stop(2))
+    t.train(resume_from_checkpoint=True if resume else None)
+    return t, seen
+
+
+class _Stop(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step >= self.step
+
+
+def test_resume_on_a_train_set_of_another_size(tmp_path):
+    first, _ = _size_run(tmp_path, 32, resume=False)
+    saved = first.rates.instance.clone()
+    assert not torch.equal(saved, torch.ones(32))
+    with pytest.raises(
+        ValueError,
+        match=r"instance rate table has 32 entries but this train set has 40.*"
+        r"resize_rates_on_resume=True",
+    ):
+        _size_run(tmp_path, 40, resume=True)
+    with pytest.warns(UserWarning, match="drops the old instance-rate snapshots"):
+        t, seen = _size_run(tmp_path, 40, resume=True, resize_rates_on_resume=True)
+    assert torch.equal(seen["instance"][:32], saved)  # the overlap is kept ...
+    assert torch.equal(seen["instance"][32:], torch.ones(8))  # ... and the new rows start at 1
+    assert t.state.global_step == 4 and t.rates.instance.shape == (40,)
+    assert t.lr_trajectory.num_steps == 4 and t.lr_trajectory.instance_rates.shape[1:] == (40,)
+
+
+# ---------------------------------------------------------------- logging
+def test_meta_values_reach_log_history_reporters_and_the_progress_bar(tmp_path, capsys):
+    got = []
+
+    class Reporter(TrainerCallback):  # what TensorBoard / W&B / trackio callbacks receive
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            got.append(dict(logs))
+
+    t = MetaLRTrainer(
+        model=TinyMLP(),
+        args=_args(
+            tmp_path,
+            per_device_train_batch_size=8,
+            max_steps=4,
+            logging_steps=2,
+            disable_tqdm=False,
+            weight_decay=0.01,
+            learn_weight_decay=True,
+            lr_level="both",
+        ),
+        train_dataset=make_split(32, seed=1),
+        meta_dataset=make_split(8, seed=2),
+        callbacks=[Reporter()],
+    )
+    t.train()
+    keys = {
+        "meta_loss",
+        "rate_mean",
+        "rate_min",
+        "rate_max",
+        "rate_zero_frac",
+        "class_rate_mean",
+        "class_rate_zero_frac",
+        "meta_weight_decay",
+    }
+    train_logs = [h for h in t.state.log_history if "loss" in h]
+    assert len(train_logs) == 2
+    for h in train_logs:
+        assert keys <= set(h), keys - set(h)
+        assert h["rate_min"] <= h["rate_mean"] <= h["rate_max"] and 0 <= h["rate_zero_frac"] <= 1
+        assert h["meta_loss"] > 0
+    assert [g for g in got if "loss" in g] == [
+        {k: v for k, v in h.items() if k != "step"} for h in train_logs
+    ]
+    printed = capsys.readouterr()
+    assert "'meta_loss'" in printed.out + printed.err  # ProgressCallback.on_log writes the logs under the bar
