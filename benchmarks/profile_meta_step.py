@@ -1,0 +1,145 @@
+"""Where the time of one `MetaLRTrainer` optimizer step goes: wall-clock timers around the engine phases.
+
+Runs ``trainer.train()`` for a few steps of one configuration (the tasks of ``step_cost.py``) with timers
+wrapped around every phase of the meta step and of the real step, and prints milliseconds per step and the
+same in units of a plain Trainer step (measured alongside, interleaved). ``--ops`` adds a torch.profiler
+table of the top operators of the meta step.
+
+    .venv/bin/python benchmarks/profile_meta_step.py --model resnet --width 32 --config jvp
+    .venv/bin/python benchmarks/profile_meta_step.py --model bert --config jvp --ops
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import functools
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from step_cost import make_task, make_trainer  # noqa: E402
+
+import hf_ddlr.meta.engine as engine  # noqa: E402
+import hf_ddlr.trainer as trainer_mod  # noqa: E402
+
+PHASES: dict[str, float] = collections.defaultdict(float)
+_stack: list[str] = []
+
+
+def timed(name: str, fn):
+    @functools.wraps(fn)
+    def wrapper(*a, **k):
+        _stack.append(name)
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            PHASES[name] += time.perf_counter() - t0
+            _stack.pop()
+
+    return wrapper
+
+
+def install() -> None:
+    for name in ("lookahead_gradient", "meta_loss_gradient", "jvp_dots", "fd_dots", "_exact", "_last_layer"):
+        setattr(engine, name, timed(f"engine.{name}", getattr(engine, name)))
+    engine.lookahead = timed("engine.lookahead (theta')", engine.lookahead)
+    engine.tangent = timed("engine.tangent", engine.tangent)
+    engine.weight_decay_grad = timed("engine.weight_decay_grad", engine.weight_decay_grad)
+    T = trainer_mod.MetaLRTrainer
+    for name in (
+        "_run_meta_step",
+        "_meta_batch",
+        "_to_microbatch",
+        "get_batch_samples",
+        "_delayed_meta_step",
+    ):
+        setattr(T, name, timed(f"trainer.{name}", getattr(T, name)))
+    trainer_mod.meta_gradients = timed("engine.meta_gradients (total)", trainer_mod.meta_gradients)
+    trainer_mod.param_specs = timed("trainer: param_specs", trainer_mod.param_specs)
+    Trainer.training_step = timed("Trainer.training_step (real fwd+bwd)", Trainer.training_step)
+    trainer_mod.all_gather_varlen = timed("trainer: gather + rate update", trainer_mod.all_gather_varlen)
+
+
+class StepClock(TrainerCallback):
+    def __init__(self):
+        self.t0, self.times, self.snap = None, [], []
+
+    def on_step_end(self, args, state, control, **kw):
+        now = time.perf_counter()
+        if self.t0 is not None:
+            self.times.append(now - self.t0)
+            self.snap.append(dict(PHASES))
+        self.t0 = time.perf_counter()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="resnet", choices=["resnet", "bert"])
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--config", default="jvp")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--ops", action="store_true", help="torch.profiler table of one meta step's operators")
+    a = p.parse_args(argv)
+    torch.set_num_threads(2)
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    task = make_task(a.model, a.width, n_train=(a.steps + 2) * task_batch(a.model))
+    tmp = tempfile.mkdtemp()
+    # plain reference first (no wrappers installed yet)
+    clock_p = StepClock()
+    make_trainer(task, "plain", a.steps + 1, os.path.join(tmp, "p"), callbacks=[clock_p]).train()
+    install()
+    clock = StepClock()
+    tr = make_trainer(task, a.config, a.steps + 1, os.path.join(tmp, "m"), callbacks=[clock])
+    tr.train()
+    plain = statistics.median(clock_p.times)
+    step = statistics.median(clock.times)
+    n = len(clock.times)
+    first = clock.snap[0]
+    last = clock.snap[-1]
+    # phases accumulated over the timed steps (exclude what happened before the first timed step)
+    ph = {k: (last.get(k, 0.0) - first.get(k, 0.0)) / max(n - 1, 1) for k in last}
+    print(
+        f"\n{a.model} ({'w' + str(a.width) if a.model == 'resnet' else ''}) {a.config}: "
+        f"plain step {plain * 1e3:.0f} ms, meta step {step * 1e3:.0f} ms = {step / plain:.2f}x plain"
+    )
+    print("| phase | ms/step | × plain step |\n|---|---|---|")
+    for k, v in sorted(ph.items(), key=lambda kv: -kv[1]):
+        if v > 0:
+            print(f"| {k} | {v * 1e3:.1f} | {v / plain:.2f} |")
+    if a.ops:
+        from torch.profiler import ProfilerActivity, profile
+
+        prof_ctx = profile(activities=[ProfilerActivity.CPU], record_shapes=False)
+        orig = trainer_mod.MetaLRTrainer._run_meta_step
+
+        def prof_run(self, *x, **k):
+            with prof_ctx if not getattr(prof_run, "done", False) else contextlib.nullcontext():
+                out = orig(self, *x, **k)
+            prof_run.done = True
+            return out
+
+        trainer_mod.MetaLRTrainer._run_meta_step = prof_run
+        tr2 = make_trainer(task, a.config, 2, os.path.join(tmp, "o"))
+        tr2.train()
+        print(prof_ctx.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def task_batch(model):
+    return 64 if model == "resnet" else 32
+
+
+if __name__ == "__main__":
+    main()

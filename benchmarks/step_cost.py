@@ -1,0 +1,616 @@
+"""Step cost of `MetaLRTrainer` against a plain `transformers.Trainer` step (time, memory, agreement).
+
+For a CIFAR ResNet-18 (batch 64, 100 classes, random 32x32 inputs) and a small BERT classifier (hidden 128,
+2 layers, seq 64, batch 32) it measures, for every meta strategy x update mode
+(jvp / finite_difference / exact / last_layer x same_step / delayed; exact only same_step):
+
+* **time per optimizer step** as a ratio to a plain ``Trainer`` step and to the ``"exact"`` strategy, all
+  measured in the same process. Every configuration runs the *real* ``trainer.train()`` loop (same model
+  init, SGD with momentum 0.9, weight decay 5e-4, same data) in its own thread; the threads are driven
+  round-robin (rotated order every round) by a callback that blocks in ``on_step_end`` until it is that
+  configuration's turn again, so exactly one training loop runs at any time and the timed interval is one
+  full iteration of ``Trainer._inner_training_loop``: ``get_batch_samples`` (data + the same-step meta step,
+  which runs *before* ``on_step_begin``), ``training_step`` (real forward/backward; the delayed meta step),
+  clipping, ``optimizer.step``, scheduler, ``zero_grad`` and the callbacks. The first ``--warmup`` rounds
+  are discarded; the reported time is the median over ``--rounds``.
+* **working memory per step**: each configuration in its own subprocess with ``MALLOC_MMAP_THRESHOLD_=131072``
+  (freed tensors go back to the OS, so RSS tracks live tensor memory); after one warm-up step, ``gc`` and
+  ``malloc_trim(0)``, the high-water mark is reset through ``/proc/self/clear_refs`` and VmHWM minus the RSS
+  just before is the per-step working set. Whole-process peak RSS (imports included) is reported too.
+* **agreement with "exact"**: from one deep copy of the same model state (after ``--acc-warm`` plain steps,
+  rate table set to U[0.5, 1.5] so the lookahead is non-uniform) every configuration does one
+  ``trainer.train()`` step on the same batch and the same meta batch; ``trainer.last_meta_gradients`` is
+  compared with exact's (cosine, Spearman, max relative error, weight-decay meta-gradient). The delayed
+  mode's meta-gradient at that state must equal exact's (it is only applied one visit later).
+
+The script prints a Markdown table and PASS/FAIL for the targets of issue 6, and writes
+``benchmarks/results/step_cost_<model>.json`` and ``.md``. It is a benchmark, not a test: failures are
+printed, never hidden, and the exit code is 0 unless something crashed.
+
+    .venv/bin/python benchmarks/step_cost.py                 # both models, ResNet width 64 (~10 min, 2 cores)
+    .venv/bin/python benchmarks/step_cost.py --quick         # width 32, fewer rounds (~3 min)
+    .venv/bin/python benchmarks/step_cost.py --model resnet --width 32 --rounds 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import gc
+import io
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+
+# (name, strategy, update); "plain" is transformers.Trainer
+CONFIGS: list[tuple[str, str | None, str | None]] = [
+    ("plain", None, None),
+    ("exact", "exact", "same_step"),
+    ("jvp", "jvp", "same_step"),
+    ("finite_difference", "finite_difference", "same_step"),
+    ("last_layer", "last_layer", "same_step"),
+    ("jvp/delayed", "jvp", "delayed"),
+    ("finite_difference/delayed", "finite_difference", "delayed"),
+    ("last_layer/delayed", "last_layer", "delayed"),
+]
+EXACT_FAMILY = ("jvp", "finite_difference", "jvp/delayed", "finite_difference/delayed")
+
+
+# ---------------------------------------------------------------------------------------------- the tasks
+class DictDataset(torch.utils.data.Dataset):
+    """In-memory map-style dataset of dict items (cheap __getitem__, so data loading stays negligible)."""
+
+    def __init__(self, **cols: torch.Tensor) -> None:
+        self.cols = cols
+        self.n = len(next(iter(cols.values())))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.cols.items()}
+
+
+@dataclass
+class Task:
+    name: str
+    batch_size: int
+    learning_rate: float
+    make_model: Any  # () -> fresh model, same init every call
+    train: DictDataset
+    meta: DictDataset
+    describe: str
+
+
+def make_task(name: str, width: int, n_train: int) -> Task:
+    g = torch.Generator().manual_seed(1234)
+    if name == "resnet":
+        from hf_ddlr.models import CifarResNetConfig, CifarResNetForImageClassification
+
+        C, B = 100, 64
+        protos = torch.randn(C, 3, 32, 32, generator=g)
+
+        def images(n: int, noisy: float) -> tuple[torch.Tensor, torch.Tensor]:
+            y = torch.randint(0, C, (n,), generator=g)
+            x = 0.5 * protos[y] + torch.randn(n, 3, 32, 32, generator=g)
+            if noisy:  # 20 % of the train labels flipped, the meta set clean
+                flip = torch.rand(n, generator=g) < noisy
+                y = torch.where(flip, torch.randint(0, C, (n,), generator=g), y)
+            return x, y
+
+        xt, yt = images(n_train, 0.2)
+        xm, ym = images(1000, 0.0)
+
+        def make_model():
+            torch.manual_seed(0)
+            return CifarResNetForImageClassification(CifarResNetConfig(base_width=width, num_labels=C))
+
+        return Task(
+            "resnet",
+            B,
+            0.1,
+            make_model,
+            DictDataset(pixel_values=xt, labels=yt),
+            DictDataset(pixel_values=xm, labels=ym),
+            f"CIFAR ResNet-18 (base_width {width}, 100 classes), batch 64, random 32x32 inputs "
+            "(class prototypes + noise, 20% flipped labels)",
+        )
+    if name == "bert":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        V, S, B = 1000, 64, 32
+
+        def tokens(n: int, noisy: float) -> tuple[torch.Tensor, torch.Tensor]:
+            ids = torch.randint(1, V, (n, S), generator=g)
+            y = ((ids < V // 2).sum(1) > S // 2).long()  # token-count rule
+            if noisy:
+                flip = torch.rand(n, generator=g) < noisy
+                y = torch.where(flip, 1 - y, y)
+            return ids, y
+
+        it, yt = tokens(n_train, 0.2)
+        im, ym = tokens(1000, 0.0)
+
+        def make_model():
+            torch.manual_seed(0)
+            cfg = BertConfig(
+                vocab_size=V,
+                hidden_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=512,
+                max_position_embeddings=S,
+                num_labels=2,
+            )
+            return BertForSequenceClassification(cfg)
+
+        return Task(
+            "bert",
+            B,
+            0.02,
+            make_model,
+            DictDataset(input_ids=it, labels=yt),
+            DictDataset(input_ids=im, labels=ym),
+            "BertForSequenceClassification (vocab 1000, hidden 128, 2 layers, 2 heads, ffn 512, dropout 0.1, "
+            "sdpa attention), seq 64, batch 32, 2 labels",
+        )
+    raise ValueError(name)
+
+
+def make_trainer(task: Task, cfg: str, max_steps: int, out_dir: str, model=None, callbacks=()):
+    """A plain ``Trainer`` (cfg 'plain') or a ``MetaLRTrainer`` configured as ``cfg``."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_ddlr import MetaLRConfig, MetaLRTrainer
+
+    _, strategy, update = next(c for c in CONFIGS if c[0] == cfg)
+    common = dict(
+        output_dir=out_dir,
+        per_device_train_batch_size=task.batch_size,
+        max_steps=max_steps,
+        learning_rate=task.learning_rate,
+        optim="sgd",
+        optim_args="momentum=0.9",
+        weight_decay=5e-4,
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+        data_seed=0,
+    )
+    model = task.make_model() if model is None else model
+    if strategy is None:
+        return Trainer(
+            model=model, args=TrainingArguments(**common), train_dataset=task.train, callbacks=list(callbacks)
+        )
+    args = MetaLRConfig(**common, meta_strategy=strategy, meta_update=update)
+    tr = MetaLRTrainer(model=model, args=args, train_dataset=task.train, meta_dataset=task.meta)
+    for cb in callbacks:  # after the trainer's own trajectory recorder
+        tr.add_callback(cb)
+    return tr
+
+
+# ---------------------------------------------------------------------------------------------- timing
+class _Turnstile(TrainerCallback):
+    """A TrainerCallback that lets its training loop run one optimizer step per turn."""
+
+    def __init__(self) -> None:
+        self.go = threading.Semaphore(0)
+        self.done = threading.Semaphore(0)
+        self.times: list[float] = []
+        self.t0 = 0.0
+        self.error: BaseException | None = None
+        self.finished = False
+
+    def _wait_turn(self) -> None:
+        self.done.release()
+        self.go.acquire()
+        self.t0 = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kw):
+        self._wait_turn()
+
+    def on_step_end(self, args, state, control, **kw):
+        self.times.append(time.perf_counter() - self.t0)
+        self._wait_turn()
+
+
+def time_configs(
+    task: Task, configs: list[str], rounds: int, warmup: int, log=print
+) -> dict[str, list[float]]:
+    """Per-step times (s) of every configuration, interleaved round-robin in one process."""
+    total = warmup + rounds
+    tmp = tempfile.mkdtemp(prefix="hf_ddlr_bench_")
+    turns: dict[str, _Turnstile] = {}
+    threads: dict[str, threading.Thread] = {}
+    for cfg in configs:  # start one at a time: each thread sets itself up, then waits in on_train_begin
+        turn = _Turnstile()
+        tr = make_trainer(task, cfg, total, os.path.join(tmp, cfg.replace("/", "_")), callbacks=[turn])
+
+        def run(tr=tr, turn=turn):
+            try:
+                tr.train()
+            except BaseException as e:  # noqa: BLE001 - reported by the coordinator
+                turn.error = e
+            finally:
+                turn.finished = True
+                turn.done.release()
+
+        th = threading.Thread(target=run, name=cfg, daemon=True)
+        th.start()
+        turn.done.acquire()
+        if turn.error is not None:
+            raise RuntimeError(f"{cfg}: {turn.error!r}") from turn.error
+        turns[cfg], threads[cfg] = turn, th
+    for r in range(total):
+        order = configs[r % len(configs) :] + configs[: r % len(configs)]
+        for cfg in order:
+            turn = turns[cfg]
+            turn.go.release()
+            turn.done.acquire()
+            if turn.error is not None:
+                raise RuntimeError(f"{cfg}: {turn.error!r}") from turn.error
+        if r >= warmup:
+            line = "  ".join(f"{c}={turns[c].times[-1] * 1e3:.0f}" for c in configs)
+            log(f"  round {r - warmup + 1}/{rounds} ms: {line}")
+        else:
+            log(f"  warm-up round {r + 1}/{warmup}")
+    for cfg in configs:  # let every loop finish train()
+        turns[cfg].go.release()
+        threads[cfg].join()
+        if turns[cfg].error is not None:
+            raise RuntimeError(f"{cfg}: {turns[cfg].error!r}") from turns[cfg].error
+    return {cfg: turns[cfg].times[warmup:] for cfg in configs}
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+class _MemProbe(TrainerCallback):
+    """Resets the RSS high-water mark after step 1 and reads it after the last step."""
+
+    def __init__(self, last: int) -> None:
+        self.last, self.base, self.hwm, self.times, self.t0 = last, None, None, [], None
+
+    def on_step_end(self, args, state, control, **kw):
+        now = time.perf_counter()
+        if self.t0 is not None:
+            self.times.append(now - self.t0)
+        if state.global_step == 1:
+            gc.collect()
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            self.base = _status_kb("VmRSS") / 1024
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        if state.global_step == self.last:
+            self.hwm = _status_kb("VmHWM") / 1024
+        self.t0 = time.perf_counter()
+
+
+def mem_child(a: argparse.Namespace) -> None:
+    torch.set_num_threads(a.threads)
+    task = make_task(a.model, a.width, n_train=a.batch_mult * 64)
+    gc.collect()
+    setup = _status_kb("VmRSS") / 1024
+    probe = _MemProbe(a.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = make_trainer(task, a.config, a.steps, tmp, callbacks=[probe])
+        tr.train()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        json.dumps(
+            dict(
+                config=a.config,
+                setup_mb=setup,
+                peak_rss_mb=peak,
+                base_mb=probe.base,
+                hwm_mb=probe.hwm,
+                work_mb=probe.hwm - probe.base,
+                step_s=statistics.median(probe.times),
+            )
+        )
+    )
+
+
+def measure_memory(model: str, width: int, configs: list[str], steps: int, threads: int, log=print) -> dict:
+    out = {}
+    for cfg in configs:
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "_mem",
+            "--model",
+            model,
+            "--width",
+            str(width),
+            "--config",
+            cfg,
+            "--steps",
+            str(steps),
+            "--threads",
+            str(threads),
+        ]
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+        if p.returncode != 0 or not lines:
+            log(f"  memory {cfg}: FAILED (rc {p.returncode})\n{p.stderr[-2000:]}")
+            out[cfg] = None
+            continue
+        out[cfg] = json.loads(lines[-1])
+        log(
+            f"  memory {cfg}: working {out[cfg]['work_mb']:.1f} MB, peak RSS {out[cfg]['peak_rss_mb']:.0f} MB"
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- agreement
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a.double().numpy(), b.double().numpy()).statistic)
+
+
+def agreement(task: Task, configs: list[str], warm_steps: int, log=print) -> dict:
+    """One step of every configuration from the same state, batch and meta batch; compare with exact."""
+    tmp = tempfile.mkdtemp(prefix="hf_ddlr_acc_")
+    base = task.make_model()
+    if warm_steps:
+        tr = make_trainer(task, "plain", warm_steps, os.path.join(tmp, "warm"), model=base)
+        tr.train()
+        base = tr.model
+    g = torch.Generator().manual_seed(7)
+    rates0 = 0.5 + torch.rand(len(task.train), generator=g)
+    res = {}
+    for cfg in configs:
+        if cfg == "plain":
+            continue
+        tr = make_trainer(task, cfg, 1, os.path.join(tmp, cfg.replace("/", "_")), model=copy.deepcopy(base))
+        tr.rates.instance.copy_(rates0)
+        tr.train()
+        mg = tr.last_meta_gradients
+        res[cfg] = dict(
+            example_grad=mg.example_grad.detach().double().cpu(),
+            wd=float(mg.weight_decay_grad),
+            meta_loss=float(mg.meta_loss),
+        )
+    ref = res["exact"]
+    out = {}
+    for cfg, r in res.items():
+        v, e = r["example_grad"], ref["example_grad"]
+        out[cfg] = dict(
+            cos=float(torch.nn.functional.cosine_similarity(v, e, dim=0)),
+            spearman=_spearman(v, e),
+            max_rel_err=float((v - e).abs().max() / e.abs().max()),
+            wd_grad_rel_err=abs(r["wd"] - ref["wd"]) / max(abs(ref["wd"]), 1e-30),
+            meta_loss=r["meta_loss"],
+            n=int(v.numel()),
+        )
+        log(
+            f"  agreement {cfg}: cos {out[cfg]['cos']:.7f}  spearman {out[cfg]['spearman']:.4f}  "
+            f"max rel err {out[cfg]['max_rel_err']:.1e}"
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- report
+def evaluate_targets(rows: dict[str, dict]) -> list[dict]:
+    def t(cfg):
+        return rows[cfg]["time_x_plain"]
+
+    def m(cfg):
+        return rows[cfg].get("mem_x_plain")
+
+    out = []
+
+    def add(desc, value, ok, fmt="{:.2f}"):
+        out.append(
+            dict(
+                target=desc,
+                value=None if value is None else float(value),
+                shown="n/a" if value is None else fmt.format(value),
+                result="N/A" if ok is None else ("PASS" if ok else "FAIL"),
+            )
+        )
+
+    add("default (jvp, same_step) time <= 3.4x plain", t("jvp"), t("jvp") <= 3.4)
+    add(
+        "default (jvp, same_step) memory <= 2.3x plain",
+        m("jvp"),
+        None if m("jvp") is None else m("jvp") <= 2.3,
+    )
+    sp = rows["exact"]["time_s"] / rows["jvp"]["time_s"]
+    add("default (jvp, same_step) >= 1.3x faster than exact", sp, sp >= 1.3)
+    delayed = [c for c in ("jvp/delayed", "finite_difference/delayed") if c in rows]
+    fastest = min(delayed, key=t)
+    add(f"fastest exact delayed mode ({fastest}) time <= 2.6x plain", t(fastest), t(fastest) <= 2.6)
+    add(
+        f"fastest exact delayed mode ({fastest}) memory <= 1.3x plain",
+        m(fastest),
+        None if m(fastest) is None else m(fastest) <= 1.3,
+    )
+    add("last_layer (same_step) time <= 1.45x plain", t("last_layer"), t("last_layer") <= 1.45)
+    for c in EXACT_FAMILY:
+        cos = rows[c].get("cos")
+        add(f"{c} agrees with exact: cosine >= 0.9999", cos, None if cos is None else cos >= 0.9999, "{:.7f}")
+    return out
+
+
+def fmt_row(cfg: str, r: dict) -> str:
+    def f(v, spec):
+        return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+    mem = (
+        f"{f(r.get('work_mb'), '.0f')} (×{f(r.get('mem_x_plain'), '.2f')})"
+        if r.get("work_mb") is not None
+        else "–"
+    )
+    peak = f"{f(r.get('peak_rss_mb'), '.0f')}" if r.get("peak_rss_mb") is not None else "–"
+    return (
+        f"| {cfg} | {r['time_s'] * 1e3:.0f} | {r['time_x_plain']:.2f} | {r['time_x_exact']:.2f} | {mem} | {peak} | "
+        f"{f(r.get('cos'), '.7f')} | {f(r.get('spearman'), '.4f')} | {f(r.get('max_rel_err'), '.1e')} |"
+    )
+
+
+def render(result: dict) -> str:
+    lines = [
+        f"### {result['model_description']}",
+        "",
+        f"{result['environment']}; time: median of {result['rounds']} interleaved rounds after "
+        f"{result['warmup']} warm-up rounds; memory: per-step working set in its own process; agreement: one step "
+        f"from the same state after {result['acc_warm_steps']} plain steps, rates U[0.5, 1.5].",
+        "",
+        "| configuration | ms/step | time ×plain | time ×exact | working mem MB (×plain) | peak RSS MB | "
+        "cos vs exact | Spearman | max rel err |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [fmt_row(cfg, r) for cfg, r in result["rows"].items()]
+    lines += ["", "| target | measured | result |", "|---|---|---|"]
+    lines += [f"| {t['target']} | {t['shown']} | {t['result']} |" for t in result["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def run_model(model: str, a: argparse.Namespace) -> dict:
+    log = print
+    configs = [c[0] for c in CONFIGS]
+    rounds = a.rounds if a.rounds is not None else (a.bert_rounds if model == "bert" else a.resnet_rounds)
+    width = a.width
+    t_start = time.time()
+    task = make_task(model, width, n_train=(a.warmup + rounds + 2) * (64 if model == "resnet" else 32))
+    log(f"\n== {model}: {task.describe}")
+    log(f"-- timing {len(configs)} configurations, {a.warmup} warm-up + {rounds} rounds")
+    times = time_configs(task, configs, rounds, a.warmup, log=log)
+    log("-- agreement with exact")
+    acc = agreement(task, configs, a.acc_warm, log=log)
+    mem = {}
+    if not a.no_mem:
+        log("-- memory (one subprocess per configuration)")
+        mem = measure_memory(model, width, configs, a.mem_steps, a.threads, log=log)
+    med = {c: statistics.median(v) for c, v in times.items()}
+    rows = {}
+    for c in configs:
+        r = dict(
+            time_s=med[c],
+            time_x_plain=med[c] / med["plain"],
+            time_x_exact=med[c] / med["exact"],
+            time_iqr_s=[float(q) for q in statistics.quantiles(times[c], n=4)] if len(times[c]) > 1 else None,
+            times_s=times[c],
+        )
+        if mem.get(c) and mem.get("plain"):
+            r.update(
+                work_mb=mem[c]["work_mb"],
+                peak_rss_mb=mem[c]["peak_rss_mb"],
+                mem_x_plain=mem[c]["work_mb"] / mem["plain"]["work_mb"],
+                peak_x_plain=mem[c]["peak_rss_mb"] / mem["plain"]["peak_rss_mb"],
+            )
+        if c in acc:
+            r.update(acc[c])
+        rows[c] = r
+    result = dict(
+        model=model,
+        width=width if model == "resnet" else None,
+        model_description=task.describe,
+        environment=f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, fp32",
+        rounds=rounds,
+        warmup=a.warmup,
+        acc_warm_steps=a.acc_warm,
+        mem_steps=a.mem_steps,
+        rows=rows,
+        memory_raw=mem,
+        wall_s=time.time() - t_start,
+        timing_method="real trainer.train() loops in threads, driven round-robin one optimizer step per turn "
+        "(on_step_end to on_step_end: get_batch_samples incl. same-step meta step, training_step, "
+        "optimizer/scheduler step, callbacks)",
+    )
+    result["targets"] = evaluate_targets(rows)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_argument
+    sub("mode", nargs="?", default="bench", choices=["bench", "_mem"])
+    sub("--model", default="all", choices=["all", "resnet", "bert"])
+    sub(
+        "--width",
+        type=int,
+        default=64,
+        help="ResNet base width (64 = standard ResNet-18; 32 runs ~3x faster)",
+    )
+    sub("--rounds", type=int, default=None, help="timed rounds (default: 8 for ResNet, 30 for BERT)")
+    sub("--resnet-rounds", type=int, default=8)
+    sub("--bert-rounds", type=int, default=30)
+    sub("--warmup", type=int, default=2)
+    sub("--acc-warm", type=int, default=10, help="plain steps before the agreement step")
+    sub("--mem-steps", type=int, default=4, help="steps per memory subprocess (the first is warm-up)")
+    sub("--no-mem", action="store_true")
+    sub(
+        "--quick",
+        action="store_true",
+        help="width 32, 4 ResNet / 12 BERT rounds, 1 warm-up round, 3 memory steps",
+    )
+    sub("--threads", type=int, default=2)
+    sub("--out", default=RESULTS)
+    # internal (_mem)
+    sub("--config", default="plain")
+    sub("--steps", type=int, default=4)
+    sub("--batch-mult", type=int, default=8)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if a.mode == "_mem":
+        with contextlib.redirect_stderr(io.StringIO()):
+            mem_child(a)
+        return
+    if a.quick:
+        a.width, a.resnet_rounds, a.bert_rounds, a.warmup, a.mem_steps = 32, 4, 12, 1, 3
+    os.makedirs(a.out, exist_ok=True)
+    models = ["resnet", "bert"] if a.model == "all" else [a.model]
+    for model in models:
+        res = run_model(model, a)
+        md = render(res)
+        print("\n" + md)
+        suffix = "" if model == "bert" or res["width"] == 64 else f"_w{res['width']}"
+        base = os.path.join(a.out, f"step_cost_{model}{suffix}")
+        with open(base + ".json", "w") as f:
+            json.dump(res, f, indent=1)
+        with open(base + ".md", "w") as f:
+            f.write(md)
+        print(f"wrote {base}.json and .md ({res['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
