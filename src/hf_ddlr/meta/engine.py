@@ -50,6 +50,8 @@ class MicroBatch:
     seed: int  # RNG seed under which the real forward of this micro-batch runs (dropout replay)
     losses: torch.Tensor | None = None  # L_i(θ) if already known (finite differences reuse them)
     indices: torch.Tensor | None = None  # dataset row of every example (for the rate table)
+    # (head input h, logits) of the real forward, when it already ran: the last-layer strategy reuses them
+    features: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -188,9 +190,13 @@ def _last_layer(
         feats = []
         with torch.no_grad():
             for mb in window:
-                with replay_rng(mb.seed), frozen_batchnorm(model):
-                    logits = functional_logits(model, {}, mb.inputs).float()
-                h = box["h"].detach().float().reshape(logits.shape[0], -1)
+                if mb.features is not None:
+                    h, logits = (f.detach().float() for f in mb.features)
+                else:
+                    with replay_rng(mb.seed), frozen_batchnorm(model):
+                        logits = functional_logits(model, {}, mb.inputs).float()
+                    h = box["h"].detach().float()
+                h = h.reshape(logits.shape[0], -1)
                 C = logits.shape[1]
                 target = torch.nn.functional.one_hot(mb.labels, C).float()
                 if smoothing:
