@@ -65,7 +65,9 @@ def _check_run(out: Path, name: str, single_process, first_step: int = 0) -> dic
     for k in ref:
         if k.startswith("traj.") and "epoch" in k:
             continue
-        torch.testing.assert_close(s0[k], ref[k], rtol=1e-5, atol=1e-6, msg=f"{name}: {k} vs single process")
+        torch.testing.assert_close(
+            s0[k], ref[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{name}: {k} vs single process: {m}"
+        )  # fp32 sums split over ranks round differently; a semantic error is orders of magnitude larger
     assert not torch.equal(s0["rates.instance"], torch.ones_like(s0["rates.instance"]))
     assert float(s0["rates.weight_decay"]) != 0.01
     return s0
