@@ -23,8 +23,17 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 from .config import MetaLRConfig
-from .meta import MetaBatch, MicroBatch, RateTable, meta_gradients, param_specs, per_example_loss, replay_rng
-from .meta.distributed import all_gather_varlen, all_ranks_true
+from .meta import (
+    MetaBatch,
+    MicroBatch,
+    RateTable,
+    find_output_layer,
+    meta_gradients,
+    param_specs,
+    per_example_loss,
+    replay_rng,
+)
+from .meta.distributed import all_gather_varlen, all_ranks_true, all_reduce_mean_
 from .meta.passes import extract_logits
 from .trajectory import TRAJECTORY_CONFIG_NAME, TRAJECTORY_TENSORS_NAME, LRTrajectory
 
@@ -233,6 +242,7 @@ class MetaLRTrainer(Trainer):
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-window mean; the Trainer divides by GA
         self._window: list[MicroBatch] = []
         self._window_pos = 0
+        self._fused = False
         self._window_normalizer = 1.0
         self._current_weights: torch.Tensor | None = None
         self._meta_log: dict[str, float] = {"meta_loss_sum": 0.0, "meta_steps": 0, "skipped": 0}
@@ -455,7 +465,10 @@ class MetaLRTrainer(Trainer):
         self._window = [self._to_microbatch(b, k) for k, b in enumerate(batch_samples)]
         self._window_pos = 0
         self._window_normalizer = float(sum(mb.labels.shape[0] for mb in self._window))
-        if self.args.meta_update == "same_step" and self._meta_step_due():
+        same_step = self.args.meta_update == "same_step" and self._meta_step_due()
+        # One micro-batch per step: the meta step reuses the real forward (see compute_loss), one forward less.
+        self._fused = same_step and len(self._window) == 1 and self._strategy() != "exact"
+        if same_step and not self._fused:
             self._run_meta_step()
             for mb in self._window:
                 mb.weights = self.rates.effective(mb.indices, mb.labels)
@@ -500,17 +513,55 @@ class MetaLRTrainer(Trainer):
         self._run_meta_step(grads=grads)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The weighted loss ``Σ e_i L_i / N_window`` of a training micro-batch (the Trainer's loss otherwise).
+
+        With one micro-batch per optimizer step and ``meta_update="same_step"`` the meta step happens here,
+        between the real forward and its backward: the lookahead gradient is ``autograd.grad`` on the real
+        forward's retained graph and the backward then uses the freshly updated weights (one forward
+        fewer than running the meta step on its own).
+        """
         w = self._current_weights if self._meta_active else None
         if w is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         inputs.pop(self.args.index_column, None)
-        outputs = model(**inputs)
-        L = per_example_loss(extract_logits(outputs), labels, self.args.label_smoothing_factor)
+        mb = self._window[self._window_pos - 1]
+        box: dict[str, torch.Tensor] = {}
+        hook = None
+        if self._strategy() == "last_layer" and (self._fused or self.args.meta_update == "delayed"):
+            _, head = find_output_layer(self.model, self.num_labels)
+            hook = head.register_forward_hook(lambda mod, inp, out: box.__setitem__("h", inp[0]))
+        try:
+            outputs = model(**inputs)
+        finally:
+            if hook is not None:
+                hook.remove()
+        logits = extract_logits(outputs)
+        L = per_example_loss(logits, labels, self.args.label_smoothing_factor)
         self._last_losses = L.detach()
+        if "h" in box:
+            mb.features = (box["h"].detach(), logits.detach())
+        if self._fused:
+            mb.losses = L.detach()
+            self._run_meta_step(grads=self._fused_lookahead_grad(w, L))
+            self._apply_weight_decay()
+            w = mb.weights = self.rates.effective(mb.indices, mb.labels)
         loss = (w.to(L.dtype) * L).sum() / self._window_normalizer * self.current_gradient_accumulation_steps
         return (loss, outputs) if return_outputs else loss
+
+    def _fused_lookahead_grad(self, w: torch.Tensor, L: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """(1/N) Σ e_i ∇L_i from the real forward's graph (kept for the real backward), averaged over ranks."""
+        if self._strategy() == "last_layer":
+            return None  # the closed form needs only the head's input, captured during the forward
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        scaler = getattr(self.accelerator, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        total = (w.to(L.dtype) * L).sum() * (scale / self._window_normalizer)
+        gs = torch.autograd.grad(total, list(params.values()), retain_graph=True, allow_unused=True)
+        grads = {n: (g / scale if g is not None else torch.zeros_like(p)) for (n, p), g in zip(params.items(), gs)}
+        all_reduce_mean_(list(grads.values()))
+        return grads
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
