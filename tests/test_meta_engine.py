@@ -133,3 +133,26 @@ def test_last_layer_equals_exact_restricted_to_head():
 def test_per_example_loss_rejects_non_classification_logits():
     with pytest.raises(ValueError, match="single-label classification"):
         per_example_loss(torch.randn(2, 3, 4), torch.zeros(2, dtype=torch.long))
+
+
+def test_meta_package_imports_only_torch_and_itself():
+    """`meta/` stays reusable without transformers: its modules import nothing but stdlib, torch and meta."""
+    import ast
+    import pathlib
+    import sys
+
+    import hf_ddlr.meta as meta_pkg
+
+    allowed_roots = {"torch", "__future__"} | set(sys.stdlib_module_names)
+    for path in pathlib.Path(meta_pkg.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                roots = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level > 1:
+                    raise AssertionError(f"{path.name} imports outside meta/ ({'.' * node.level}{node.module})")
+                roots = [] if node.level == 1 else [node.module.split(".")[0]]
+            else:
+                continue
+            for r in roots:
+                assert r in allowed_roots, f"{path.name} imports {r}"
