@@ -31,6 +31,7 @@ from step_cost import make_task, make_trainer  # noqa: E402
 import hf_ddlr.meta.engine as engine  # noqa: E402
 import hf_ddlr.trainer as trainer_mod  # noqa: E402
 
+CLOCK = time.perf_counter
 PHASES: dict[str, float] = collections.defaultdict(float)
 _stack: list[str] = []
 
@@ -39,11 +40,11 @@ def timed(name: str, fn):
     @functools.wraps(fn)
     def wrapper(*a, **k):
         _stack.append(name)
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         try:
             return fn(*a, **k)
         finally:
-            PHASES[name] += time.perf_counter() - t0
+            PHASES[name] += CLOCK() - t0
             _stack.pop()
 
     return wrapper
@@ -51,22 +52,19 @@ def timed(name: str, fn):
 
 def install() -> None:
     for name in ("lookahead_gradient", "meta_loss_gradient", "jvp_dots", "fd_dots", "_exact", "_last_layer"):
-        setattr(engine, name, timed(f"engine.{name}", getattr(engine, name)))
+        if hasattr(engine, name):
+            setattr(engine, name, timed(f"engine.{name}", getattr(engine, name)))
     engine.lookahead = timed("engine.lookahead (theta')", engine.lookahead)
     engine.tangent = timed("engine.tangent", engine.tangent)
     engine.weight_decay_grad = timed("engine.weight_decay_grad", engine.weight_decay_grad)
     T = trainer_mod.MetaLRTrainer
-    for name in (
-        "_run_meta_step",
-        "_meta_batch",
-        "_to_microbatch",
-        "get_batch_samples",
-        "_delayed_meta_step",
-    ):
-        setattr(T, name, timed(f"trainer.{name}", getattr(T, name)))
+    names = ("_run_meta_step", "_meta_batch", "_to_microbatch", "get_batch_samples", "_delayed_meta_step")
+    for name in names + ("_fused_lookahead_grad", "compute_loss"):
+        if hasattr(T, name):  # the trainer's internals change; time what exists
+            setattr(T, name, timed(f"trainer.{name}", getattr(T, name)))
     trainer_mod.meta_gradients = timed("engine.meta_gradients (total)", trainer_mod.meta_gradients)
     trainer_mod.param_specs = timed("trainer: param_specs", trainer_mod.param_specs)
-    Trainer.training_step = timed("Trainer.training_step (real fwd+bwd)", Trainer.training_step)
+    Trainer.training_step = timed("Trainer.training_step (all of the real step)", Trainer.training_step)
     trainer_mod.all_gather_varlen = timed("trainer: gather + rate update", trainer_mod.all_gather_varlen)
 
 
@@ -75,11 +73,11 @@ class StepClock(TrainerCallback):
         self.t0, self.times, self.snap = None, [], []
 
     def on_step_end(self, args, state, control, **kw):
-        now = time.perf_counter()
+        now = CLOCK()
         if self.t0 is not None:
             self.times.append(now - self.t0)
             self.snap.append(dict(PHASES))
-        self.t0 = time.perf_counter()
+        self.t0 = CLOCK()
 
 
 def main(argv=None):
@@ -88,9 +86,15 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--config", default="jvp")
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--clock", default="wall", choices=["wall", "cpu"], help="cpu: process CPU time (busy machine)"
+    )
     p.add_argument("--ops", action="store_true", help="torch.profiler table of one meta step's operators")
     a = p.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
+    global CLOCK
+    CLOCK = time.process_time if a.clock == "cpu" else time.perf_counter
     warnings.filterwarnings("ignore")
     from transformers.utils import logging as hf_logging
 

@@ -45,7 +45,7 @@ def _ms(v: list[float], spec: str = ".4f") -> str:
         return "–"
     if len(v) == 1:
         return format(v[0], spec)
-    return f"{format(statistics.mean(v), spec)} ± {format(statistics.stdev(v), spec)}"
+    return f"{format(statistics.mean(v), spec)} ± {format(statistics.stdev(v), spec.lstrip('+'))}"
 
 
 def render(runs: list[dict], seeds: list[int], epochs: float) -> str:

@@ -1,0 +1,121 @@
+"""The benchmark scripts import, parse their flags and turn measurements into tables and PASS/FAIL lines.
+
+The benchmarks themselves take minutes (see benchmarks/); the slow test runs a one-round BERT step-cost pass.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def _load(name: str):
+    if BENCH not in sys.path:
+        sys.path.insert(0, BENCH)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _rows(jvp_time: float, cos: float) -> dict:
+    rows = {}
+    for name, t in [
+        ("plain", 1.0),
+        ("exact", 4.5),
+        ("jvp", jvp_time),
+        ("finite_difference", 3.0),
+        ("last_layer", 1.3),
+        ("jvp/delayed", 3.0),
+        ("finite_difference/delayed", 2.4),
+        ("last_layer/delayed", 1.3),
+    ]:
+        rows[name] = dict(
+            time_s=t / 10,
+            time_x_plain=t,
+            time_x_exact=t / 4.5,
+            work_mb=100 * min(t, 2.0),
+            peak_rss_mb=500.0,
+            mem_x_plain=min(t, 2.0) if name != "finite_difference/delayed" else 1.2,
+        )
+        if name != "plain":
+            rows[name].update(cos=cos, spearman=1.0, max_rel_err=1e-7)
+    return rows
+
+
+def test_step_cost_targets_pass_and_fail():
+    sc = _load("step_cost")
+    good = {t["target"]: t["result"] for t in sc.evaluate_targets(_rows(3.2, 1.0))}
+    assert good["default (jvp, same_step) time <= 3.4x plain"] == "PASS"
+    assert good["jvp agrees with exact: cosine >= 0.9999"] == "PASS"
+    assert "fastest exact delayed mode (finite_difference/delayed) time <= 2.6x plain" in good
+    bad = {t["target"]: t["result"] for t in sc.evaluate_targets(_rows(4.0, 0.99))}
+    assert bad["default (jvp, same_step) time <= 3.4x plain"] == "FAIL"
+    assert bad["default (jvp, same_step) >= 1.3x faster than exact"] == "FAIL"
+    assert bad["jvp/delayed agrees with exact: cosine >= 0.9999"] == "FAIL"
+
+
+def test_step_cost_render_has_every_configuration():
+    sc = _load("step_cost")
+    rows = _rows(3.2, 1.0)
+    res = dict(
+        model_description="m",
+        environment="e",
+        rounds=1,
+        warmup=0,
+        acc_warm_steps=0,
+        rows=rows,
+        targets=sc.evaluate_targets(rows),
+    )
+    md = sc.render(res)
+    for name in rows:
+        assert f"| {name} |" in md
+    assert "PASS" in md
+
+
+def test_strategy_accuracy_render():
+    sa = _load("strategy_accuracy")
+    runs = [
+        dict(
+            config=c,
+            seed=s,
+            test_accuracy=0.9 + 0.01 * s,
+            auroc=0.9,
+            rate_clean=1.2,
+            rate_noisy=0.3,
+            train_time_s=50.0,
+        )
+        for c in ("jvp (default)", "last_layer")
+        for s in (0, 1)
+    ]
+    md = sa.render(runs, [0, 1], 8)
+    assert "| jvp (default) | 0.9050 ± 0.0071 |" in md
+    assert "+0.0000 ± 0.0000" in md
+
+
+@pytest.mark.slow
+def test_step_cost_bert_one_round(tmp_path):
+    sc = _load("step_cost")
+    sc.main(
+        [
+            "--model",
+            "bert",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+            "--no-mem",
+            "--acc-warm",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert (tmp_path / "step_cost_bert.json").is_file()
+    assert (tmp_path / "step_cost_bert.md").is_file()
