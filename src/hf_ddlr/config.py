@@ -36,8 +36,9 @@ class MetaLRConfig(TrainingArguments):
         default=0.1,
         metadata={
             "help": "Step size of the rate update. With meta_lr_scaling='normalized' (default) it is the typical "
-            "change of a rate per visit (0.03-0.3 all work); with 'raw' it multiplies the raw meta-gradient "
-            "as in the paper and needs tuning per model and learning rate."
+            "change of an instance rate per visit (0.03-0.3 all work) and the largest total change of the class "
+            "rates per step; with 'raw' it multiplies the raw meta-gradient as in the paper and needs tuning "
+            "per model and learning rate."
         },
     )
     meta_lr_scaling: str = field(

@@ -33,9 +33,11 @@ class RateTable:
     """Per-instance / per-class rate multipliers and the (optionally learned) weight decay.
 
     ``meta_lr_scaling="raw"`` is the paper's update ``w ← max(0, w − meta_lr · ∂L_meta/∂w)``.
-    ``"normalized"`` (the default) divides each level's gradient by its mean absolute value over the rows
-    the batch touches, so ``meta_lr`` is the typical change of a rate per visit whatever the learning rate,
-    batch size or gradient scale; the weight decay then moves multiplicatively,
+    ``"normalized"`` (the default) makes the step scale-free, whatever the learning rate, batch size or
+    gradient scale: an instance rate's gradient is divided by the batch's mean absolute value, so
+    ``meta_lr`` is the typical change of a rate per visit; a class rate moves by ``meta_lr`` times its
+    share of the batch's total absolute meta-gradient (a class is visited every step, so the class table
+    as a whole moves by at most ``meta_lr`` per step); the weight decay moves multiplicatively,
     ``wd ← wd · exp(−meta_wd_lr · g / rms(g))`` with a running RMS of its meta-gradient.
     """
 
@@ -87,10 +89,10 @@ class RateTable:
             self.per_class.fill_(1.0)
 
     # ------------------------------------------------------------------ updating
-    def _scaled(self, grad: torch.Tensor) -> torch.Tensor | None:
+    def _scaled(self, grad: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor | None:
         if self.scaling == "raw":
             return self.meta_lr * grad
-        scale = grad.abs().mean()
+        scale = grad.abs().mean() if scale is None else scale
         if not torch.isfinite(scale) or scale <= 0:
             return None
         return self.meta_lr * grad / scale
@@ -127,17 +129,19 @@ class RateTable:
         if self.per_class is not None:
             lab = labels.to(self.per_class.device)
             factor = self.instance[indices.to(self.instance.device)] if self.instance is not None else 1.0
-            class_grad = torch.zeros_like(self.per_class).index_add_(
-                0, lab, example_grad.to(self.per_class.device) * factor
-            )
+            contrib = example_grad.to(self.per_class.device) * factor
+            class_grad = torch.zeros_like(self.per_class).index_add_(0, lab, contrib)
             present = torch.unique(lab)
+            # normalized: a class moves by meta_lr times its share of the batch's total |meta-gradient|, so
+            # the class table as a whole moves at most meta_lr per step (not meta_lr per class and step)
+            class_scale = contrib.abs().sum()
         # apply both levels from the same (pre-update) values
         if self.instance is not None:
             step = self._scaled(grad_table[rows])
             if step is not None:
                 self.instance[rows] = self._clamp(self.instance[rows] - step)
         if self.per_class is not None:
-            step = self._scaled(class_grad[present])
+            step = self._scaled(class_grad[present], class_scale)
             if step is not None:
                 self.per_class[present] = self._clamp(self.per_class[present] - step)
         if self.learn_weight_decay and weight_decay_grad is not None:
