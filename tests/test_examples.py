@@ -1,0 +1,111 @@
+"""Every example script runs to completion offline in ``--quick`` mode and writes sane results.
+
+Each script runs in a subprocess exactly as a user would start it (``python examples/x.py --dataset embedded
+--quick ...``) with the Hub switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), into a temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def run_example(script: str, out: Path, *extra: str, timeout: int = 300, env: dict | None = None) -> dict:
+    if env is None:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {**env, "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, str(EXAMPLES / script), "--dataset", "embedded", "--quick", "--output_dir", str(out),
+           "--disable_tqdm", "true", *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    name = script.removesuffix(".py")
+    for suffix in ("_results.json", "_results.md", "_accuracy.png"):
+        assert (out / f"{name}{suffix}").is_file(), f"{name}{suffix} missing; stdout:\n{proc.stdout[-2000:]}"
+    return json.loads((out / f"{name}_results.json").read_text())
+
+
+def check_runs(payload: dict, methods: list[str]) -> dict[str, dict]:
+    runs = {r["method"]: r for r in payload["runs"]}
+    assert list(runs) == methods
+    for r in runs.values():
+        assert 0.0 <= r["final_accuracy"] <= 1.0 and 0.0 <= r["best_accuracy"] <= 1.0
+        assert r["best_accuracy"] >= r["final_accuracy"] - 1e-9 or not r["curve"]["accuracy"]
+        assert r["train_time_s"] > 0
+    return runs
+
+
+def test_noisy_cifar100(tmp_path):
+    payload = run_example("noisy_cifar100.py", tmp_path, "--methods", "plain,metalr", "--noise_rate", "0.4")
+    runs = check_runs(payload, ["plain", "metalr"])
+    assert abs(payload["wrong_label_fraction"] - 0.36) < 0.03  # uniform noise: 0.4 x 9/10 of the labels wrong
+    m = runs["metalr"]
+    assert 0.0 <= m["auroc_clean_vs_noisy"] <= 1.0
+    assert m["rate_clean"] >= 0 and m["rate_noisy"] >= 0
+    assert "auroc_clean_vs_noisy" not in runs["plain"]
+    files = {p.name for p in (tmp_path / "metalr").iterdir()}
+    assert {"lr_trajectory.safetensors", "lr_trajectory.json", "lr_trajectory_instance.png"} <= files
+
+
+def test_train_cifar100_kfold_and_baselines(tmp_path):
+    payload = run_example("train_cifar100.py", tmp_path, "--methods", "adam,metalr", "--protocol", "kfold",
+                          "--k", "2", "--max_train_samples", "240", "--max_test_samples", "100")
+    runs = check_runs(payload, ["adam", "metalr"])
+    assert runs["metalr"]["protocol"] == "kfold(2) + replay"
+    assert runs["metalr"]["learned_weight_decay"] > 0
+    assert (tmp_path / "metalr" / "averaged_trajectory" / "lr_trajectory.json").is_file()
+    assert "learned_weight_decay" not in runs["adam"]
+
+
+def test_personalize_superclass(tmp_path):
+    payload = run_example("personalize_superclass.py", tmp_path)
+    runs = check_runs(payload, ["biased", "full", "transfer", "metalr"])
+    assert payload["superclass"] == "curvy" and payload["superclass_classes"] == ["two", "three", "five"]
+    assert len(runs["metalr"]["class_rates"]) == 10 and min(runs["metalr"]["class_rates"]) >= 0
+    assert runs["biased"]["class_weights"][2] > 1 and runs["biased"]["class_weights"][0] == 1
+
+
+def test_text_classification(tmp_path):
+    payload = run_example("text_classification.py", tmp_path, "--max_train_samples", "240",
+                          "--max_test_samples", "100")
+    runs = check_runs(payload, ["plain", "metalr"])
+    assert 0.0 <= runs["metalr"]["auroc_clean_vs_noisy"] <= 1.0
+
+
+def test_push_to_hub_uploads_model_trajectory_and_card(hub_server, tmp_path):
+    """``--push_to_hub`` (the Trainer's flag) through the loopback Hub: one repo per method, with the trajectory."""
+    env = hub_server.client_env(tmp_path / "hf_home")
+    run_example("noisy_cifar100.py", tmp_path / "out", "--methods", "metalr", "--max_train_samples", "150",
+                "--max_test_samples", "50", "--push_to_hub", "--hub_model_id", "hubtest/noisy-example", env=env)
+    store = hub_server.store
+    repo = store.require("model", "hubtest/noisy-example-metalr")
+    files = {e["path"] for e in store.entries(repo, store.resolve(repo, "main"), recursive=True)}
+    assert {"model.safetensors", "config.json", "lr_trajectory.safetensors", "lr_trajectory.json",
+            "README.md"} <= files, files
+    assert any(f.endswith(".png") for f in files)
+
+
+def test_flags_override_presets():
+    """Presets fill in what the user did not give; every MetaLRConfig option is a flag."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import noisy_cifar100
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    s, cfg = noisy_cifar100.parse_args(noisy_cifar100.NoisyOptions, noisy_cifar100.presets,
+                                       ["--dataset", "embedded", "--keep_history", "false", "--meta_lr", "0.3"])
+    assert (cfg.learning_rate, cfg.per_device_train_batch_size, cfg.num_train_epochs) == (0.05, 64, 8)
+    assert cfg.keep_history is False and cfg.meta_lr == 0.3
+    s, cfg = noisy_cifar100.parse_args(noisy_cifar100.NoisyOptions, noisy_cifar100.presets,
+                                       ["--learning_rate", "0.02", "--setting", "A"])
+    assert s.dataset == "cifar100" and cfg.learning_rate == 0.02 and cfg.max_steps == 60_000
+    assert cfg.per_device_train_batch_size == 100 and cfg.weight_decay == 5e-4
+    with pytest.raises(SystemExit):
+        noisy_cifar100.parse_args(noisy_cifar100.NoisyOptions, noisy_cifar100.presets, ["--lr_level", "bogus"])
