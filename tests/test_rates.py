@@ -1,0 +1,73 @@
+"""RateTable: the update rules, clamping, no-history reset and state round trip."""
+
+import math
+
+import pytest
+import torch
+
+from hf_ddlr.meta import RateTable
+
+
+def test_normalized_instance_step_is_meta_lr_per_visit_whatever_the_scale():
+    for scale in (1e-6, 1.0, 1e3):
+        t = RateTable(6, 3, "instance", meta_lr=0.1)
+        g = torch.tensor([1.0, -1.0, 2.0, -2.0]) * scale
+        t.update(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 0]), g)
+        # mean |g| = 1.5 * scale -> steps of 0.1 * g / (1.5 scale)
+        torch.testing.assert_close(t.instance, torch.tensor([1 - 0.1 / 1.5, 1 + 0.1 / 1.5, 1 - 0.2 / 1.5,
+                                                             1 + 0.2 / 1.5, 1.0, 1.0]))
+
+
+def test_normalized_class_step_splits_meta_lr_by_share():
+    t = RateTable(4, 3, "class", meta_lr=0.3)
+    g = torch.tensor([1.0, 1.0, -2.0, 0.0])  # classes 0, 0, 1, 2
+    t.update(None, torch.tensor([0, 0, 1, 2]), g)
+    # total |g| = 4: class 0 gets +2/4 of the step (gradient +2 -> rate down), class 1 -2/4, class 2 unchanged
+    torch.testing.assert_close(t.per_class, torch.tensor([1 - 0.3 * 2 / 4, 1 + 0.3 * 2 / 4, 1.0]))
+    assert float((t.per_class - 1).abs().sum()) <= 0.3 + 1e-6
+
+
+def test_raw_update_clamps_at_zero_and_respects_max_rate():
+    t = RateTable(3, 2, "both", meta_lr=10.0, scaling="raw", max_rate=1.5)
+    t.update(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([1.0, -1.0]))
+    # instance: e_i = w_i * w_c[y_i] = 1, grad_i times w_class = 1 -> 1 - 10 = -9 -> 0; 1 + 10 -> capped 1.5
+    assert t.instance.tolist() == [0.0, 1.5, 1.0]
+    assert t.per_class.tolist() == [0.0, 1.5]
+
+
+def test_non_finite_gradient_leaves_everything_untouched():
+    t = RateTable(3, 2, "both", learn_weight_decay=True, weight_decay=1e-3)
+    before = {k: v.clone() for k, v in t.state_dict().items()}
+    upd = t.update(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([float("nan"), 1.0]), 0.5)
+    assert not upd.applied
+    for k, v in t.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not t.update(torch.tensor([0]), torch.tensor([0]), torch.tensor([1.0]), math.inf).applied
+
+
+def test_weight_decay_normalized_is_multiplicative_and_bounded():
+    t = RateTable(2, 2, "instance", learn_weight_decay=True, weight_decay=1e-3, meta_wd_lr=0.01)
+    for _ in range(5):
+        t.update(torch.tensor([0]), torch.tensor([0]), torch.tensor([1.0]), weight_decay_grad=1e-7)
+    assert 1e-3 * math.exp(-0.05 - 1e-9) <= t.weight_decay < 1e-3  # positive gradient: decreases, by <= 1 %/step
+
+
+def test_state_round_trip_and_resize():
+    t = RateTable(5, 2, "both", learn_weight_decay=True, weight_decay=1e-3)
+    t.update(torch.tensor([0, 3]), torch.tensor([0, 1]), torch.tensor([0.5, -0.5]), 0.1)
+    u = RateTable(5, 2, "both", learn_weight_decay=True, weight_decay=1e-3)
+    u.load_state_dict(t.state_dict())
+    assert torch.equal(u.instance, t.instance) and torch.equal(u.per_class, t.per_class)
+    assert u.weight_decay == t.weight_decay
+    small = RateTable(3, 2, "both", learn_weight_decay=True, weight_decay=1e-3)
+    with pytest.raises(ValueError, match="5 entries but this train set has 3"):
+        small.load_state_dict(t.state_dict())
+    small.load_state_dict(t.state_dict(), allow_resize=True)
+    assert torch.equal(small.instance, t.instance[:3])
+
+
+def test_reset_is_the_no_history_ablation():
+    t = RateTable(3, 2, "both")
+    t.update(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([1.0, -1.0]))
+    t.reset()
+    assert t.instance.tolist() == [1.0, 1.0, 1.0] and t.per_class.tolist() == [1.0, 1.0]
