@@ -25,7 +25,8 @@ import sys
 import safetensors.torch
 import torch
 from tiny import TinyMLP, make_split
-from transformers import TrainerCallback
+from tiny_text import text_data_splits, tiny_bert
+from transformers import DataCollatorWithPadding, TrainerCallback
 
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
 
@@ -59,9 +60,18 @@ def run(
     resume: bool = False,
     save_steps: int | None = None,
     max_steps: int = MAX_STEPS,
+    model: str = "mlp",
 ) -> _Recording:
-    torch.manual_seed(0)
-    model = TinyMLP(hidden=12)
+    """``model="bert"``: the tiny BERT of tiny_text.py with padding (its forward takes **kwargs: the GA/DDP
+    loss-scaling trap's precondition), 32 train / 16 meta sentences."""
+    if model == "bert":
+        tok, train, meta = text_data_splits()
+        extra = dict(data_collator=DataCollatorWithPadding(tok), processing_class=tok)
+        net = tiny_bert()
+    else:
+        train, meta, extra = make_split(N_TRAIN, seed=11), make_split(N_META, seed=12), {}
+        torch.manual_seed(0)
+        net = TinyMLP(hidden=12)
     args = MetaLRConfig(
         output_dir=out_dir,
         use_cpu=True,
@@ -77,18 +87,13 @@ def run(
         meta_lr=0.2,
         per_device_train_batch_size=per_device_batch,
         gradient_accumulation_steps=ga,
-        meta_batch_size=N_META,
+        meta_batch_size=len(meta),
         max_steps=max_steps,
         logging_steps=1,
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,
     )
-    trainer = _Recording(
-        model=model,
-        args=args,
-        train_dataset=make_split(N_TRAIN, seed=11),
-        meta_dataset=make_split(N_META, seed=12),
-    )
+    trainer = _Recording(model=net, args=args, train_dataset=train, meta_dataset=meta, **extra)
     if stop_at is not None:
         trainer.add_callback(_StopAt(stop_at))
     trainer.train(resume_from_checkpoint=True if resume else None)
@@ -131,6 +136,8 @@ def main() -> None:
         # exact resume under DDP: stop after 3 steps (mid-epoch, checkpoint-3), resume to 6
         dump(run(os.path.join(out, "resume"), per_device_batch=4, stop_at=3, save_steps=3), out, "stopped")
         dump(run(os.path.join(out, "resume"), per_device_batch=4, resume=True, save_steps=3), out, "resumed")
+        # BERT + padding (forward takes **kwargs): no GA/DDP loss-scaling trap, 2 ranks x 4 == 1 x 8
+        dump(run(os.path.join(out, "bert"), per_device_batch=4, max_steps=3, model="bert"), out, "bert")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,13 @@ def single_process(tmp_path_factory):
     return state_of(t), t.seen_rows
 
 
+@pytest.fixture(scope="module")
+def single_process_bert(tmp_path_factory):
+    t = run(str(tmp_path_factory.mktemp("single_bert")), per_device_batch=8, max_steps=3, model="bert")
+    assert t.model_accepts_loss_kwargs  # the trap's precondition: BERT's forward takes **kwargs
+    return state_of(t), t.seen_rows
+
+
 def _check_run(out: Path, name: str, single_process, first_step: int = 0) -> dict:
     ref, ref_rows = single_process
     (s0, j0), (s1, j1) = _load(out, name, 0), _load(out, name, 1)
@@ -73,7 +80,9 @@ def _check_run(out: Path, name: str, single_process, first_step: int = 0) -> dic
     return s0
 
 
-def test_torchrun_ddp_matches_single_process_and_resumes_exactly(tmp_path, single_process):
+def test_torchrun_ddp_matches_single_process_and_resumes_exactly(
+    tmp_path, single_process, single_process_bert
+):
     out = tmp_path / "out"
     out.mkdir()
     _launch(
@@ -88,6 +97,8 @@ def test_torchrun_ddp_matches_single_process_and_resumes_exactly(tmp_path, singl
         assert torch.equal(resumed[k], ga1[k]), f"resume: {k}"
     logs = lambda name: [h for h in _load(out, name, 0)[1]["log_history"] if "loss" in h]  # noqa: E731
     assert logs("resumed") == logs("ga1")
+    # BERT with padding under DDP: the Trainer's x num_processes / no-/GA scaling must not apply
+    _check_run(out, "bert", single_process_bert)
     ckpt = out / "resume" / "checkpoint-3"
     assert {"meta_state.safetensors", "rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(ckpt))
 

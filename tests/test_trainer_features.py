@@ -8,19 +8,12 @@ import copy
 import os
 import shutil
 
-import datasets
 import pytest
 import torch
 from ddp_worker import run, state_of
 from tiny import TinyMLP, make_split
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    DataCollatorWithPadding,
-    PreTrainedTokenizerFast,
-    Trainer,
-    TrainerCallback,
-)
+from tiny_text import text_data_splits, tiny_bert
+from transformers import DataCollatorWithPadding, Trainer, TrainerCallback
 
 import hf_ddlr.meta.engine as engine
 import hf_ddlr.trainer as trainer_mod
@@ -47,53 +40,9 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
 
 
-# ---------------------------------------------------------------- tiny text model, built locally
-WORDS = [f"w{i}" for i in range(90)]
-
-
-def _tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
-    )
-
-
-def _text_split(tok, n: int, seed: int) -> datasets.Dataset:
-    """Variable-length 'sentences' (so DataCollatorWithPadding pads); label = mostly low word ids."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        ids = torch.randint(0, len(WORDS), (int(torch.randint(3, 12, (1,), generator=g)),), generator=g)
-        rows.append({"text": " ".join(WORDS[i] for i in ids), "label": int((ids < 45).float().mean() > 0.5)})
-    return datasets.Dataset.from_list(rows).map(
-        lambda b: tok(b["text"]), batched=True, remove_columns=["text"]
-    )
-
-
-def _bert() -> BertForSequenceClassification:
-    cfg = BertConfig(
-        vocab_size=len(WORDS) + 4,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    torch.manual_seed(0)
-    return BertForSequenceClassification(cfg)
-
-
 @pytest.fixture(scope="module")
 def text_data():
-    tok = _tokenizer()
-    return tok, _text_split(tok, 32, seed=1), _text_split(tok, 16, seed=2)
+    return text_data_splits()
 
 
 def _bert_trainer(tmp_path, text_data, **kw) -> MetaLRTrainer:
@@ -113,7 +62,7 @@ def _bert_trainer(tmp_path, text_data, **kw) -> MetaLRTrainer:
         },
     )
     return MetaLRTrainer(
-        model=_bert(),
+        model=tiny_bert(),
         args=args,
         train_dataset=train,
         meta_dataset=meta,
