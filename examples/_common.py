@@ -140,18 +140,18 @@ def load_variant(
 
 
 def load_raw(dataset: str, max_train: int | None = None, max_test: int | None = None, seed: int = 0):
-    """The raw CIFAR-100-schema DatasetDict (train / test) of ``dataset``."""
+    """The raw CIFAR-100-schema DatasetDict (train / test) of ``dataset``, optionally subsampled (seeded)."""
     import datasets
 
     from hf_ddlr.data import CIFAR100_REPO_ID, load_embedded
 
     if dataset == "cifar100":
-        if max_train or max_test:
-            raise ValueError("--max_train_samples / --quick subsampling is for --dataset embedded only.")
-        return datasets.load_dataset(CIFAR100_REPO_ID)
-    if dataset != "embedded":
+        raw = datasets.load_dataset(CIFAR100_REPO_ID)  # the call load_cifar100 makes
+    elif dataset == "embedded":
+        raw = load_embedded("mnist")
+    else:
         raise ValueError(f"unknown dataset {dataset!r}; use 'cifar100' (Hub) or 'embedded' (offline MNIST digits).")
-    return _subsample(load_embedded("mnist"), max_train, max_test, seed)
+    return _subsample(raw, max_train, max_test, seed)
 
 
 def image_views(raw, dataset: str, augment: bool = True, stats=None) -> ImageData:

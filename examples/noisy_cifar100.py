@@ -40,6 +40,7 @@ Examples::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
@@ -93,8 +94,8 @@ class NoisyOptions:
     lr_decay_factor: float = field(default=0.1, metadata={"help": "Multiplier at each decay point."})
     dropout_rate: float = field(default=0.0, metadata={"help": "WRN dropout (MW-Net: 0)."})
     quick: bool = field(default=False, metadata={"help": "Smoke test: 400 train / 200 test examples, 1 epoch."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Subsample train (embedded only)."})
-    max_test_samples: int | None = field(default=None, metadata={"help": "Subsample test (embedded only)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Subsample train (seeded)."})
+    max_test_samples: int | None = field(default=None, metadata={"help": "Subsample test (seeded)."})
 
 
 def presets(s: NoisyOptions) -> dict:
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     meta_size = s.meta_size or (100 if embedded else 1000)
     n_train, n_test = s.max_train_samples, s.max_test_samples
     if s.quick:
-        n_train, n_test, meta_size = n_train or 400, n_test or 200, min(meta_size, 50)
+        n_train, n_test = n_train or 400, n_test or 200
+        meta_size = min(meta_size, 50 if embedded else 100)  # CIFAR: class-balanced, one image per class
     if s.lr_decay_at is not None:
         decay = tuple(float(v) for v in parse_list(s.lr_decay_at))
     else:
@@ -135,11 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = []
     for method in methods:
         base, forced = METHODS[method]
-        args = run_config(config, s, method, {})
-        if forced:
-            import dataclasses
-
-            args = dataclasses.replace(args, **forced)
+        args = dataclasses.replace(run_config(config, s, method, {}), **forced)
         meta = base is MetaLRTrainer
         print(f"[noisy] training {method} ...", flush=True)
         run = run_one(

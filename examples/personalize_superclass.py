@@ -98,8 +98,8 @@ class PersonalOptions:
     lr_decay_at: str = field(default="0.3,0.6,0.8", metadata={"help": "LR steps at these fractions of the run."})
     lr_decay_factor: float = field(default=0.2, metadata={"help": "Multiplier at each LR step."})
     quick: bool = field(default=False, metadata={"help": "Smoke test: 400 train / 200 test examples, 1 epoch."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Subsample train (embedded only)."})
-    max_test_samples: int | None = field(default=None, metadata={"help": "Subsample test (embedded only)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Subsample train (seeded)."})
+    max_test_samples: int | None = field(default=None, metadata={"help": "Subsample test (seeded)."})
 
 
 def presets(s: PersonalOptions) -> dict:

