@@ -520,7 +520,12 @@ def run_model(model: str, a: argparse.Namespace) -> dict:
     log("-- agreement with exact")
     acc = agreement(task, configs, a.acc_warm, log=log)
     mem = {}
-    if not a.no_mem:
+    mem_path = _base_path(a, model, width) + ".mem.json"
+    if a.reuse_mem and os.path.isfile(mem_path):
+        with open(mem_path) as f:
+            mem = json.load(f)
+        log(f"-- memory: reusing {mem_path}")
+    elif not a.no_mem:
         log("-- memory (one subprocess per configuration)")
         mem = measure_memory(model, width, configs, a.mem_steps, a.threads, log=log)
     med = {c: statistics.median(v) for c, v in times.items()}
@@ -564,6 +569,11 @@ def run_model(model: str, a: argparse.Namespace) -> dict:
     return result
 
 
+def _base_path(a: argparse.Namespace, model: str, width: int) -> str:
+    suffix = "" if model == "bert" or width == 64 else f"_w{width}"
+    return os.path.join(a.out, f"step_cost_{model}{suffix}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_argument
@@ -582,6 +592,12 @@ def main(argv: list[str] | None = None) -> None:
     sub("--acc-warm", type=int, default=10, help="plain steps before the agreement step")
     sub("--mem-steps", type=int, default=4, help="steps per memory subprocess (the first is warm-up)")
     sub("--no-mem", action="store_true")
+    sub(
+        "--mem-only",
+        action="store_true",
+        help="only the memory subprocesses; writes step_cost_<model>.mem.json",
+    )
+    sub("--reuse-mem", action="store_true", help="take memory from step_cost_<model>.mem.json when it exists")
     sub(
         "--quick",
         action="store_true",
@@ -615,12 +631,17 @@ def main(argv: list[str] | None = None) -> None:
         a.width, a.resnet_rounds, a.bert_rounds, a.warmup, a.mem_steps = 32, 4, 12, 1, 3
     os.makedirs(a.out, exist_ok=True)
     models = ["resnet", "bert"] if a.model == "all" else [a.model]
+    if a.mem_only:  # memory does not depend on the machine's load: run it separately, reuse with --reuse-mem
+        for model in models:
+            mem = measure_memory(model, a.width, [c[0] for c in CONFIGS], a.mem_steps, a.threads)
+            with open(_base_path(a, model, a.width) + ".mem.json", "w") as f:
+                json.dump(mem, f, indent=1)
+        return
     for model in models:
         res = run_model(model, a)
         md = render(res)
         print("\n" + md)
-        suffix = "" if model == "bert" or res["width"] == 64 else f"_w{res['width']}"
-        base = os.path.join(a.out, f"step_cost_{model}{suffix}")
+        base = _base_path(a, model, a.width)
         with open(base + ".json", "w") as f:
             json.dump(res, f, indent=1)
         with open(base + ".md", "w") as f:
