@@ -349,7 +349,9 @@ def mem_child(a: argparse.Namespace) -> None:
     )
 
 
-def measure_memory(model: str, width: int, configs: list[str], steps: int, threads: int, log=print) -> dict:
+def measure_memory(
+    model: str, width: int, configs: list[str], steps: int, threads: int, log=print, patch: str | None = None
+) -> dict:
     out = {}
     for cfg in configs:
         cmd = [
@@ -366,7 +368,7 @@ def measure_memory(model: str, width: int, configs: list[str], steps: int, threa
             str(steps),
             "--threads",
             str(threads),
-        ]
+        ] + (["--patch", patch] if patch else [])
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
@@ -527,7 +529,7 @@ def run_model(model: str, a: argparse.Namespace) -> dict:
         log(f"-- memory: reusing {mem_path}")
     elif not a.no_mem:
         log("-- memory (one subprocess per configuration)")
-        mem = measure_memory(model, width, configs, a.mem_steps, a.threads, log=log)
+        mem = measure_memory(model, width, configs, a.mem_steps, a.threads, log=log, patch=a.patch)
     med = {c: statistics.median(v) for c, v in times.items()}
     rows = {}
     for c in configs:
@@ -538,16 +540,10 @@ def run_model(model: str, a: argparse.Namespace) -> dict:
             time_iqr_s=[float(q) for q in statistics.quantiles(times[c], n=4)] if len(times[c]) > 1 else None,
             times_s=times[c],
         )
-        if mem.get(c) and mem.get("plain"):
-            r.update(
-                work_mb=mem[c]["work_mb"],
-                peak_rss_mb=mem[c]["peak_rss_mb"],
-                mem_x_plain=mem[c]["work_mb"] / mem["plain"]["work_mb"],
-                peak_x_plain=mem[c]["peak_rss_mb"] / mem["plain"]["peak_rss_mb"],
-            )
         if c in acc:
             r.update(acc[c])
         rows[c] = r
+    add_memory(rows, mem)
     result = dict(
         model=model,
         width=width if model == "resnet" else None,
@@ -577,7 +573,7 @@ def _base_path(a: argparse.Namespace, model: str, width: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_argument
-    sub("mode", nargs="?", default="bench", choices=["bench", "_mem"])
+    sub("mode", nargs="?", default="bench", choices=["bench", "merge", "_mem"])
     sub("--model", default="all", choices=["all", "resnet", "bert"])
     sub(
         "--width",
@@ -597,6 +593,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="only the memory subprocesses; writes step_cost_<model>.mem.json",
     )
+    sub(
+        "--patch",
+        default=None,
+        help="python file run first (monkeypatches hf_ddlr; for A/B tests of changes)",
+    )
+    sub("--configs", default=None, help="with --mem-only: comma-separated subset of the configurations")
     sub("--reuse-mem", action="store_true", help="take memory from step_cost_<model>.mem.json when it exists")
     sub(
         "--quick",
@@ -616,6 +618,10 @@ def main(argv: list[str] | None = None) -> None:
     sub("--steps", type=int, default=4)
     sub("--batch-mult", type=int, default=8)
     a = p.parse_args(argv)
+    if a.patch:  # A/B-test a change to hf_ddlr without editing it: the file monkeypatches the package
+        import runpy
+
+        runpy.run_path(a.patch)
     torch.set_num_threads(a.threads)
     global CLOCK
     CLOCK = time.process_time if a.clock == "cpu" else time.perf_counter
@@ -631,22 +637,49 @@ def main(argv: list[str] | None = None) -> None:
         a.width, a.resnet_rounds, a.bert_rounds, a.warmup, a.mem_steps = 32, 4, 12, 1, 3
     os.makedirs(a.out, exist_ok=True)
     models = ["resnet", "bert"] if a.model == "all" else [a.model]
+    if (
+        a.mode == "merge"
+    ):  # fold step_cost_<model>.mem.json into step_cost_<model>.json (timing run with --no-mem)
+        for model in models:
+            base = _base_path(a, model, a.width)
+            with open(base + ".json") as f:
+                res = json.load(f)
+            with open(base + ".mem.json") as f:
+                mem = json.load(f)
+            add_memory(res["rows"], mem)
+            res["memory_raw"], res["targets"] = mem, evaluate_targets(res["rows"])
+            write_result(res, base)
+        return
     if a.mem_only:  # memory does not depend on the machine's load: run it separately, reuse with --reuse-mem
         for model in models:
-            mem = measure_memory(model, a.width, [c[0] for c in CONFIGS], a.mem_steps, a.threads)
+            configs = a.configs.split(",") if a.configs else [c[0] for c in CONFIGS]
+            mem = measure_memory(model, a.width, configs, a.mem_steps, a.threads, patch=a.patch)
             with open(_base_path(a, model, a.width) + ".mem.json", "w") as f:
                 json.dump(mem, f, indent=1)
         return
     for model in models:
-        res = run_model(model, a)
-        md = render(res)
-        print("\n" + md)
-        base = _base_path(a, model, a.width)
-        with open(base + ".json", "w") as f:
-            json.dump(res, f, indent=1)
-        with open(base + ".md", "w") as f:
-            f.write(md)
-        print(f"wrote {base}.json and .md ({res['wall_s']:.0f} s)")
+        write_result(run_model(model, a), _base_path(a, model, a.width))
+
+
+def add_memory(rows: dict, mem: dict) -> None:
+    for c, r in rows.items():
+        if mem.get(c) and mem.get("plain"):
+            r.update(
+                work_mb=mem[c]["work_mb"],
+                peak_rss_mb=mem[c]["peak_rss_mb"],
+                mem_x_plain=mem[c]["work_mb"] / mem["plain"]["work_mb"],
+                peak_x_plain=mem[c]["peak_rss_mb"] / mem["plain"]["peak_rss_mb"],
+            )
+
+
+def write_result(res: dict, base: str) -> None:
+    md = render(res)
+    print("\n" + md)
+    with open(base + ".json", "w") as f:
+        json.dump(res, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(md)
+    print(f"wrote {base}.json and .md ({res['wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":
