@@ -123,6 +123,7 @@ def main() -> dict:
     replay = MetaLRTrainer(model=_model(model_name, num_labels, channels, size, args.seed), args=replay_args,
                            train_dataset=full_train)
     replay.train()
+    replay.save_model()  # model + the replayed trajectory
     plain_kw = {k: v for k, v in args.to_dict().items() if k in TrainingArguments.__dataclass_fields__}
     plain = Trainer(model=_model(model_name, num_labels, channels, size, args.seed),
                     args=TrainingArguments(**{**plain_kw, "output_dir": os.path.join(out_dir, "plain"),

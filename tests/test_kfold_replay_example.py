@@ -1,0 +1,33 @@
+"""examples/kfold_replay.py end to end in --quick mode (offline): k folds -> average -> replay."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from hf_ddlr import LRTrajectory
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_kfold_average_replay_quick(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "kfold_replay.py"), "--dataset", "embedded", "--quick", "--k", "2",
+         "--output_dir", str(tmp_path), "--per_device_train_batch_size", "32", "--learning_rate", "0.05",
+         "--optim", "sgd", "--disable_tqdm", "true", "--report_to", "none"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert 0.0 <= result["replay_test_accuracy"] <= 1.0 and 0.0 <= result["plain_test_accuracy"] <= 1.0
+    avg = LRTrajectory.from_pretrained(tmp_path / "averaged_trajectory")
+    assert avg.instance_rates.shape[1] == 600  # indexed by the full train set
+    assert torch.equal(avg.instance_coverage, torch.ones(600, dtype=avg.instance_coverage.dtype))  # k=2: one fold each
+    assert avg.config["averaged_over_runs"] == 2
+    assert (tmp_path / "averaged_trajectory" / "lr_trajectory_instance.png").is_file()
+    replayed = LRTrajectory.from_pretrained(tmp_path / "replay")
+    assert replayed.config["mode"] == "replay"
