@@ -44,7 +44,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -308,12 +307,14 @@ class _MemProbe(TrainerCallback):
 
     def __init__(self, last: int) -> None:
         self.last, self.base, self.hwm, self.times, self.t0 = last, None, None, [], None
+        self.setup_hwm = 0.0
 
     def on_step_end(self, args, state, control, **kw):
         now = time.perf_counter()
         if self.t0 is not None:
             self.times.append(now - self.t0)
         if state.global_step == 1:
+            self.setup_hwm = _status_kb("VmHWM") / 1024  # imports, set-up and the first step
             gc.collect()
             ctypes.CDLL("libc.so.6").malloc_trim(0)
             self.base = _status_kb("VmRSS") / 1024
@@ -333,7 +334,8 @@ def mem_child(a: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tr = make_trainer(task, a.config, a.steps, tmp, callbacks=[probe])
         tr.train()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # not ru_maxrss: Linux carries it over fork+exec, so it would report the (large) parent's RSS
+    peak = max(probe.setup_hwm, probe.hwm)
     print(
         json.dumps(
             dict(
@@ -435,7 +437,7 @@ def agreement(task: Task, configs: list[str], warm_steps: int, log=print) -> dic
 # ---------------------------------------------------------------------------------------------- report
 def evaluate_targets(rows: dict[str, dict]) -> list[dict]:
     def t(cfg):
-        return rows[cfg]["time_x_plain"]
+        return rows[cfg].get("time_x_plain_paired") or rows[cfg]["time_x_plain"]
 
     def m(cfg):
         return rows[cfg].get("mem_x_plain")
@@ -458,7 +460,7 @@ def evaluate_targets(rows: dict[str, dict]) -> list[dict]:
         m("jvp"),
         None if m("jvp") is None else m("jvp") <= 2.3,
     )
-    sp = rows["exact"]["time_s"] / rows["jvp"]["time_s"]
+    sp = 1.0 / (rows["jvp"].get("time_x_exact_paired") or rows["jvp"]["time_x_exact"])
     add("default (jvp, same_step) >= 1.3x faster than exact", sp, sp >= 1.3)
     delayed = [c for c in ("jvp/delayed", "finite_difference/delayed") if c in rows]
     fastest = min(delayed, key=t)
@@ -486,7 +488,8 @@ def fmt_row(cfg: str, r: dict) -> str:
     )
     peak = f"{f(r.get('peak_rss_mb'), '.0f')}" if r.get("peak_rss_mb") is not None else "–"
     return (
-        f"| {cfg} | {r['time_s'] * 1e3:.0f} | {r['time_x_plain']:.2f} | {r['time_x_exact']:.2f} | {mem} | {peak} | "
+        f"| {cfg} | {r['time_s'] * 1e3:.0f} | {f(r.get('time_x_plain_paired'), '.2f')} | {r['time_x_plain']:.2f} | "
+        f"{f(r.get('time_x_exact_paired'), '.2f')} | {mem} | {peak} | "
         f"{f(r.get('cos'), '.7f')} | {f(r.get('spearman'), '.4f')} | {f(r.get('max_rel_err'), '.1e')} |"
     )
 
@@ -496,12 +499,13 @@ def render(result: dict) -> str:
         f"### {result['model_description']}",
         "",
         f"{result['environment']}; time: median of {result['rounds']} interleaved rounds after "
-        f"{result['warmup']} warm-up rounds; memory: per-step working set in its own process; agreement: one step "
+        f"{result['warmup']} warm-up rounds (×plain, ×exact: median of the per-round ratios; the targets use "
+        "these); memory: per-step working set in its own process; agreement: one step "
         f"from the same state after {result['acc_warm_steps']} plain steps, rates U[0.5, 1.5].",
         "",
-        "| configuration | ms/step | time ×plain | time ×exact | working mem MB (×plain) | peak RSS MB | "
-        "cos vs exact | Spearman | max rel err |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| configuration | ms/step | time ×plain | (ratio of medians) | time ×exact | working mem MB (×plain) | "
+        "peak RSS MB | cos vs exact | Spearman | max rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [fmt_row(cfg, r) for cfg, r in result["rows"].items()]
     lines += ["", "| target | measured | result |", "|---|---|---|"]
@@ -543,6 +547,7 @@ def run_model(model: str, a: argparse.Namespace) -> dict:
         if c in acc:
             r.update(acc[c])
         rows[c] = r
+    add_paired(rows)
     add_memory(rows, mem)
     result = dict(
         model=model,
@@ -644,10 +649,12 @@ def main(argv: list[str] | None = None) -> None:
             base = _base_path(a, model, a.width)
             with open(base + ".json") as f:
                 res = json.load(f)
-            with open(base + ".mem.json") as f:
-                mem = json.load(f)
-            add_memory(res["rows"], mem)
-            res["memory_raw"], res["targets"] = mem, evaluate_targets(res["rows"])
+            add_paired(res["rows"])
+            if os.path.isfile(base + ".mem.json"):  # else keep the memory measured in the run itself
+                with open(base + ".mem.json") as f:
+                    res["memory_raw"] = json.load(f)
+                add_memory(res["rows"], res["memory_raw"])
+            res["targets"] = evaluate_targets(res["rows"])
             write_result(res, base)
         return
     if a.mem_only:  # memory does not depend on the machine's load: run it separately, reuse with --reuse-mem
@@ -659,6 +666,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     for model in models:
         write_result(run_model(model, a), _base_path(a, model, a.width))
+
+
+def add_paired(rows: dict) -> None:
+    """Median over rounds of the per-round ratio (robust to load that changes between rounds)."""
+    for r in rows.values():
+        for ref, key in (("plain", "time_x_plain_paired"), ("exact", "time_x_exact_paired")):
+            pairs = [t / b for t, b in zip(r["times_s"], rows[ref]["times_s"])]
+            r[key] = statistics.median(pairs) if pairs else None
 
 
 def add_memory(rows: dict, mem: dict) -> None:
