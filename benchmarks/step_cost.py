@@ -30,6 +30,11 @@ printed, never hidden, and the exit code is 0 unless something crashed.
     .venv/bin/python benchmarks/step_cost.py                 # both models, ResNet width 64 (~10 min, 2 cores)
     .venv/bin/python benchmarks/step_cost.py --quick         # width 32, fewer rounds (~3 min)
     .venv/bin/python benchmarks/step_cost.py --model resnet --width 32 --rounds 8
+
+On a machine shared with other jobs: ``--clock cpu --threads 1`` (process CPU time, robust to load), memory
+separately (``--mem-only``, load-independent; then ``merge`` folds it into a ``--no-mem`` timing run). To A/B
+a change to ``hf_ddlr`` without editing it, ``--patch FILE`` runs FILE (which monkeypatches the package)
+first, in the memory subprocesses too.
 """
 
 from __future__ import annotations
