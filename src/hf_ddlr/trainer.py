@@ -503,11 +503,17 @@ class MetaLRTrainer(Trainer):
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None:
             scale = float(scaler.get_scale())
-        grads = {
-            n: (p.grad.detach().float() / scale if p.grad is not None else torch.zeros_like(p))
-            for n, p in self.model.named_parameters()
-            if p.requires_grad
-        }
+        # The engine only reads these, so fp32 gradients at scale 1 are passed as they are: a copy would
+        # cost a full gradient's worth of memory at the step's peak.
+        def real_grad(p: torch.Tensor) -> torch.Tensor:
+            if p.grad is None:
+                return torch.zeros_like(p)
+            g = p.grad.detach()
+            if scale == 1.0 and g.dtype == torch.float32:
+                return g
+            return g.float() / scale
+
+        grads = {n: real_grad(p) for n, p in self.model.named_parameters() if p.requires_grad}
         if not self.args.keep_history:
             self.rates.reset()
         self._run_meta_step(grads=grads)

@@ -144,7 +144,7 @@ def jvp_dots(
 
 def fd_dots(
     model: nn.Module, params: Mapping[str, torch.Tensor], mb: MicroBatch, T: Mapping[str, torch.Tensor],
-    eps_rel: float = 3e-5, smoothing: float = 0.0,
+    eps_rel: float = 3e-6, smoothing: float = 0.0,
 ) -> torch.Tensor:
     """One-sided finite difference ``(L_i(θ+εT) − L_i(θ))/ε`` with ε relative to ‖θ‖/‖T‖."""
     with torch.no_grad():
@@ -270,7 +270,7 @@ def meta_gradients(
     strategy: Strategy = "jvp",
     grads: Mapping[str, torch.Tensor] | None = None,
     label_smoothing: float = 0.0,
-    fd_eps: float = 3e-5,
+    fd_eps: float = 3e-6,
     loss_scale: float = 1.0,
 ) -> MetaGradients:
     """∂L_meta/∂e_i for every example of ``window`` and ∂L_meta/∂wd after the lookahead of ``specs``.
