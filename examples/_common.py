@@ -31,6 +31,23 @@ from hf_ddlr import MetaLRConfig, MetaLRTrainer
 IMAGE_MODELS = ("resnet18", "vgg16", "wrn28_10", "small_cnn")
 
 
+@dataclasses.dataclass
+class ImageExampleOptions:
+    """The options every image example shares (the script-specific ones come after them in ``--help``)."""
+
+    dataset: str = dataclasses.field(default="cifar100", metadata={
+        "help": "'cifar100' (uoft-cs/cifar100 from the Hub) or 'embedded' (offline MNIST digits).",
+        "choices": ["cifar100", "embedded"]})
+    model: str | None = dataclasses.field(default=None, metadata={
+        "help": "Classifier: resnet18, vgg16, wrn28_10 or small_cnn (default: the script's paper model on "
+        "cifar100, small_cnn on embedded).",
+        "choices": list(IMAGE_MODELS)})
+    quick: bool = dataclasses.field(default=False, metadata={
+        "help": "Smoke test: 400 train / 200 test examples, 1 epoch."})
+    max_train_samples: int | None = dataclasses.field(default=None, metadata={"help": "Subsample train (seeded)."})
+    max_test_samples: int | None = dataclasses.field(default=None, metadata={"help": "Subsample test (seeded)."})
+
+
 # ---------------------------------------------------------------------------------------------- arguments
 def explicit_flags(argv: Sequence[str]) -> set[str]:
     """Names of the ``--flags`` present on the command line (``--a b`` and ``--a=b`` forms)."""

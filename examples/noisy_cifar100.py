@@ -49,7 +49,7 @@ from transformers import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    IMAGE_MODELS,
+    ImageExampleOptions,
     build_image_model,
     common_presets,
     fmt,
@@ -78,12 +78,7 @@ SETTINGS = {  # (training length, LR decay points as fractions of the run)
 
 
 @dataclass
-class NoisyOptions:
-    dataset: str = field(default="cifar100", metadata={"help": "'cifar100' (Hub) or 'embedded' (offline MNIST).",
-                                                        "choices": ["cifar100", "embedded"]})
-    model: str | None = field(default=None, metadata={
-        "help": "Classifier: wrn28_10 (default for cifar100), resnet18, vgg16, small_cnn (default for embedded).",
-        "choices": list(IMAGE_MODELS)})
+class NoisyOptions(ImageExampleOptions):
     methods: str = field(default="plain,metalr", metadata={"help": f"Comma-separated subset of {list(METHODS)}."})
     noise_rate: float = field(default=0.4, metadata={"help": "Fraction of training labels replaced (0.2/0.4/0.6)."})
     noise_mode: str = field(default="uniform", metadata={"choices": ["uniform", "flip"], "help": "See apply_label_noise."})
@@ -93,9 +88,6 @@ class NoisyOptions:
         "help": "LR ×lr_decay_factor at these fractions of the run, comma-separated (default: the setting's)."})
     lr_decay_factor: float = field(default=0.1, metadata={"help": "Multiplier at each decay point."})
     dropout_rate: float = field(default=0.0, metadata={"help": "WRN dropout (MW-Net: 0)."})
-    quick: bool = field(default=False, metadata={"help": "Smoke test: 400 train / 200 test examples, 1 epoch."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Subsample train (seeded)."})
-    max_test_samples: int | None = field(default=None, metadata={"help": "Subsample test (seeded)."})
 
 
 def presets(s: NoisyOptions) -> dict:

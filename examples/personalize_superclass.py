@@ -44,7 +44,7 @@ from transformers import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    IMAGE_MODELS,
+    ImageExampleOptions,
     build_image_model,
     common_presets,
     image_views,
@@ -84,14 +84,9 @@ class ClassWeightedTrainer(Trainer):
 
 
 @dataclass
-class PersonalOptions:
-    dataset: str = field(default="cifar100", metadata={"help": "'cifar100' (Hub) or 'embedded' (offline MNIST).",
-                                                        "choices": ["cifar100", "embedded"]})
+class PersonalOptions(ImageExampleOptions):
     superclass: str | None = field(default=None, metadata={
         "help": "Coarse class name (default vehicles_1 on CIFAR-100, curvy on the embedded digits)."})
-    model: str | None = field(default=None, metadata={
-        "help": "resnet18 (default for cifar100), vgg16, wrn28_10, small_cnn (default for embedded).",
-        "choices": list(IMAGE_MODELS)})
     methods: str = field(default=",".join(METHODS), metadata={"help": f"Comma-separated subset of {list(METHODS)}."})
     meta_size: int | None = field(default=None, metadata={"help": "Personal (meta) images (default 250; 90 embedded)."})
     bias_weight: float | None = field(default=None, metadata={
@@ -100,9 +95,6 @@ class PersonalOptions:
     finetune_lr_scale: float = field(default=0.1, metadata={"help": "Fine-tuning LR = this × learning_rate."})
     lr_decay_at: str = field(default="0.3,0.6,0.8", metadata={"help": "LR steps at these fractions of the run."})
     lr_decay_factor: float = field(default=0.2, metadata={"help": "Multiplier at each LR step."})
-    quick: bool = field(default=False, metadata={"help": "Smoke test: 400 train / 200 test examples, 1 epoch."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Subsample train (seeded)."})
-    max_test_samples: int | None = field(default=None, metadata={"help": "Subsample test (seeded)."})
 
 
 def presets(s: PersonalOptions) -> dict:

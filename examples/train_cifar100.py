@@ -50,7 +50,7 @@ from transformers import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    IMAGE_MODELS,
+    ImageExampleOptions,
     build_image_model,
     common_presets,
     fmt,
@@ -80,12 +80,7 @@ METHOD_SPECS = {
 
 
 @dataclass
-class TrainOptions:
-    dataset: str = field(default="cifar100", metadata={"help": "'cifar100' (Hub) or 'embedded' (offline MNIST).",
-                                                        "choices": ["cifar100", "embedded"]})
-    model: str | None = field(default=None, metadata={
-        "help": "resnet18 (default for cifar100), vgg16, wrn28_10, small_cnn (default for embedded).",
-        "choices": list(IMAGE_MODELS)})
+class TrainOptions(ImageExampleOptions):
     methods: str = field(default="metalr", metadata={"help": f"Comma-separated subset of {list(METHODS)}."})
     protocol: str = field(default="holdout", metadata={"choices": ["holdout", "kfold"],
                                                        "help": "holdout meta set, or the paper's k-fold + replay."})
@@ -93,9 +88,6 @@ class TrainOptions:
     meta_size: int | None = field(default=None, metadata={"help": "Held-out meta images (default 1000; 100 embedded)."})
     lr_decay_at: str = field(default="0.3,0.6,0.8", metadata={"help": "LR steps at these fractions of the run."})
     lr_decay_factor: float = field(default=0.2, metadata={"help": "Multiplier at each LR step."})
-    quick: bool = field(default=False, metadata={"help": "Smoke test: 400 train / 200 test examples, 1 epoch."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Subsample train (seeded)."})
-    max_test_samples: int | None = field(default=None, metadata={"help": "Subsample test (seeded)."})
 
 
 def presets(s: TrainOptions) -> dict:
