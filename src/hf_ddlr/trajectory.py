@@ -944,13 +944,13 @@ class LRTrajectory:
                     vals = table[:, mask]
                     mean, std = np.nanmean(vals, 1), np.nanstd(vals, 1)
                     ax.plot(x, mean, color=color, linewidth=2, label=f"{name} ({int(mask.sum())})")
-                    ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2)
+                    ax.fill_between(x, np.maximum(mean - std, 0.0), mean + std, color=color, alpha=0.2)
             ax.set_title("Per-instance rates: clean vs noisy labels (mean ± std)")
         else:
             mean, std = np.nanmean(table, 1), np.nanstd(table, 1)
             q10, q90 = np.nanquantile(table, 0.1, axis=1), np.nanquantile(table, 0.9, axis=1)
             ax.plot(x, mean, color="tab:blue", linewidth=2, label="mean")
-            ax.fill_between(x, mean - std, mean + std, color="tab:blue", alpha=0.2, label="± std")
+            ax.fill_between(x, np.maximum(mean - std, 0.0), mean + std, color="tab:blue", alpha=0.2, label="± std")
             ax.plot(x, q10, color="tab:blue", linestyle="--", linewidth=1, label="10 % / 90 % quantiles")
             ax.plot(x, q90, color="tab:blue", linestyle="--", linewidth=1)
             ax.set_title(f"Per-instance rates ({table.shape[1]} examples)")
