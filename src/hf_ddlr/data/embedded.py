@@ -91,8 +91,14 @@ def load_embedded(name: str = "mnist", *, seed: int = 0) -> datasets.DatasetDict
     coarse = np.asarray(DIGIT_TO_COARSE, dtype=np.int64)
     features = embedded_features()
 
-    def split(idx: np.ndarray) -> datasets.Dataset:
+    def split(idx: np.ndarray, split_name: str) -> datasets.Dataset:
         idx = np.sort(idx)
+        # The name and split travel into learned trajectories and model cards (dataset_signature).
+        info = datasets.DatasetInfo(
+            dataset_name=f"embedded-{name}",
+            features=features,
+            description=f"hf_ddlr.data.load_embedded({name!r}, seed={seed}): {name} digits in the CIFAR-100 schema",
+        )
         return datasets.Dataset.from_dict(
             {
                 "img": [images[i] for i in idx],
@@ -100,6 +106,8 @@ def load_embedded(name: str = "mnist", *, seed: int = 0) -> datasets.DatasetDict
                 "coarse_label": coarse[labels[idx]].tolist(),
             },
             features=features,
+            info=info,
+            split=split_name,
         )
 
-    return datasets.DatasetDict(train=split(train_rows), test=split(test_rows))
+    return datasets.DatasetDict(train=split(train_rows, "train"), test=split(test_rows, "test"))
