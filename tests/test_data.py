@@ -218,6 +218,11 @@ def test_other_bad_arguments(synthetic_cifar100):
 def test_embedded_mnist(mnist):
     assert (len(mnist["train"]), len(mnist["test"])) == (4000, 1000)
     assert mnist["train"].features == D.embedded_features()
+    # named, so a trajectory learned on it records which data it was (dataset_signature)
+    assert (mnist["train"].info.dataset_name, mnist["train"].split, mnist["test"].split) == (
+        "embedded-mnist", "train", "test")
+    noisy = D.make_variant(mnist, "noisy", noise_rate=0.4, meta_size=100)
+    assert (noisy["train"].info.dataset_name, str(noisy["train"].split)) == ("embedded-mnist", "train")
     assert (np.bincount(arr(mnist["train"], "fine_label")) == 400).all()
     assert (np.bincount(arr(mnist["test"], "fine_label")) == 100).all()
     img = mnist["train"][0]["img"]
