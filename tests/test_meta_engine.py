@@ -156,3 +156,32 @@ def test_meta_package_imports_only_torch_and_itself():
                 continue
             for r in roots:
                 assert r in allowed_roots, f"{path.name} imports {r}"
+
+
+def test_meta_loss_is_a_validation_loss_unless_meta_dropout():
+    """By default the meta loss has dropout off but BatchNorm on batch statistics; meta_dropout keeps dropout."""
+    from hf_ddlr.meta.engine import meta_loss_gradient
+
+    model, params, specs, window, meta = _setup()
+    _fwd_kw(model)
+    model.train()
+    theta = {n: p.detach() for n, p in params.items()}
+
+    def loss(m):
+        return meta_loss_gradient(model, theta, m)[0]
+
+    no_drop = [loss(MetaBatch(meta.inputs, meta.labels, seed=s)) for s in (1, 2)]
+    assert no_drop[0] == no_drop[1]  # no randomness left
+    with torch.no_grad():  # the same as dropout off by hand, BN still in batch mode (running stats not used)
+        model.drop.eval()
+        ref = float(per_example_loss(model(**meta.inputs), meta.labels).mean())
+        model.drop.train()
+    assert no_drop[0] == pytest.approx(ref, rel=1e-6)
+    with torch.no_grad():
+        model.eval()
+        full_eval = float(per_example_loss(model(**meta.inputs), meta.labels).mean())
+        model.train()
+    assert abs(full_eval - no_drop[0]) > 1e-4  # BatchNorm was not switched to running statistics
+    with_drop = [loss(MetaBatch(meta.inputs, meta.labels, seed=s, dropout=True)) for s in (1, 2)]
+    assert with_drop[0] != with_drop[1] and with_drop[0] != no_drop[0]
+    assert all(m.training for m in model.modules())  # every flag restored

@@ -109,6 +109,15 @@ class MetaLRConfig(TrainingArguments):
             "choices": list(LOOKAHEADS),
         },
     )
+    meta_dropout: bool = field(
+        default=False,
+        metadata={
+            "help": "Evaluate the meta loss with dropout active. Default False: the meta loss is a held-out "
+            "validation loss and is computed like one (dropout and other train-only randomness off; BatchNorm "
+            "still uses batch statistics like the real step), which gives a less noisy meta-gradient and skips "
+            "the dropout masks' cost. The training-batch passes always replay the real step's dropout."
+        },
+    )
     max_rate: float | None = field(
         default=None, metadata={"help": "Optional upper bound for every rate (rates are always clamped at 0)."}
     )

@@ -261,7 +261,7 @@ class MetaLRTrainer(Trainer):
         a: MetaLRConfig = self.args
         keys = ("lr_level", "meta_lr", "meta_lr_scaling", "learn_weight_decay", "weight_decay_meta_lr",
                 "keep_history", "meta_strategy", "meta_update", "meta_interval", "meta_batch_size", "lookahead",
-                "max_rate", "learning_rate", "weight_decay", "optim", "lr_scheduler_type",
+                "meta_dropout", "max_rate", "learning_rate", "weight_decay", "optim", "lr_scheduler_type",
                 "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps", "seed")
         out = {k: getattr(a, k) for k in keys}
         out["optim"] = str(out["optim"].value if hasattr(out["optim"], "value") else out["optim"])
@@ -345,7 +345,7 @@ class MetaLRTrainer(Trainer):
         labels = batch.pop("labels", None)
         if labels is None:
             labels = batch.pop("label")
-        return MetaBatch(batch, labels, seed=self._seed(kind=2))
+        return MetaBatch(batch, labels, seed=self._seed(kind=2), dropout=self.args.meta_dropout)
 
     def _to_microbatch(self, raw: Mapping[str, Any], k: int) -> MicroBatch:
         col = self.args.index_column

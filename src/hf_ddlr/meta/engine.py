@@ -30,6 +30,7 @@ from .passes import (
     forward_ad_safe_attention,
     frozen_batchnorm,
     functional_logits,
+    meta_loss_mode,
     per_example_loss,
     replay_rng,
 )
@@ -59,6 +60,7 @@ class MetaBatch:
     inputs: dict[str, Any]
     labels: torch.Tensor
     seed: int
+    dropout: bool = False  # evaluate the meta loss with dropout on (train mode) instead of like a validation loss
 
 
 @dataclass
@@ -116,7 +118,7 @@ def meta_loss_gradient(
     """Mean meta loss and its gradient at θ (batch-statistics BN, nothing written), averaged over ranks.
     The backward runs on ``loss_scale × L_meta`` and the gradient is unscaled (fp16 underflow)."""
     leaf = {n: v.detach().requires_grad_(True) for n, v in theta.items()}
-    with replay_rng(meta.seed), frozen_batchnorm(model):
+    with replay_rng(meta.seed), frozen_batchnorm(model), meta_loss_mode(model, meta.dropout):
         Lm = per_example_loss(functional_logits(model, leaf, meta.inputs), meta.labels, smoothing).mean()
         g = _grads(Lm * loss_scale, leaf)
         if loss_scale != 1.0:
@@ -212,7 +214,7 @@ def _last_layer(
                     grads[bn] = gb.to(hp[bn].dtype)
                 all_reduce_mean_(list(grads.values()))
             theta = lookahead({n: p.detach() for n, p in hp.items()}, {n: grads[n] for n in hp}, specs, weight_decay)
-            with replay_rng(meta.seed), frozen_batchnorm(model):
+            with replay_rng(meta.seed), frozen_batchnorm(model), meta_loss_mode(model, meta.dropout):
                 functional_logits(model, {}, meta.inputs)
             hm = box["h"].detach().float().reshape(meta.labels.shape[0], -1)
         W2 = theta[wn].detach().float().requires_grad_(True)
@@ -250,7 +252,7 @@ def _exact(
             mb.losses = L.detach()
             g = gi if g is None else {n: g[n] + gi[n] for n in g}
         theta = lookahead(params, g, specs, wd)
-        with replay_rng(meta.seed), frozen_batchnorm(model):
+        with replay_rng(meta.seed), frozen_batchnorm(model), meta_loss_mode(model, meta.dropout):
             Lm = per_example_loss(functional_logits(model, theta, meta.inputs), meta.labels, smoothing).mean()
         out = torch.autograd.grad(Lm, [*e_leaves, wd], allow_unused=True)
     eg = torch.cat([o if o is not None else torch.zeros_like(e) for o, e in zip(out[:-1], e_leaves)])

@@ -18,6 +18,7 @@ from torch.func import functional_call
 
 __all__ = [
     "frozen_batchnorm",
+    "meta_loss_mode",
     "replay_rng",
     "forward_ad_safe_attention",
     "extract_logits",
@@ -42,6 +43,28 @@ def frozen_batchnorm(model: nn.Module) -> Iterator[None]:
     finally:
         for m, o in zip(mods, old):
             m.track_running_stats = o
+
+
+@contextlib.contextmanager
+def meta_loss_mode(model: nn.Module, dropout: bool) -> Iterator[None]:
+    """Evaluate the held-out (meta) loss like a validation loss unless ``dropout`` is True.
+
+    Every module except BatchNorm is switched to eval mode (dropout and other train-only randomness
+    off); BatchNorm keeps using batch statistics, as the real step and the lookahead do, so the meta
+    loss is the one of the model the real step trains. Restores every flag afterwards.
+    """
+    if dropout:
+        yield
+        return
+    bn = nn.modules.batchnorm._BatchNorm
+    mods = [m for m in model.modules() if m.training and not isinstance(m, bn)]
+    for m in mods:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.training = True
 
 
 def _rng_devices() -> list[int]:
