@@ -48,6 +48,19 @@ class ImageExampleOptions:
     max_test_samples: int | None = dataclasses.field(default=None, metadata={"help": "Subsample test (seeded)."})
 
 
+def is_main_process() -> bool:
+    """True on the process that prints and writes the results (rank 0 under ``accelerate launch``/torchrun)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def say(*args: Any) -> None:
+    """``print`` on the main process only (every rank runs the script under ``accelerate launch``)."""
+    if is_main_process():
+        print(*args, flush=True)
+
+
 # ---------------------------------------------------------------------------------------------- arguments
 def explicit_flags(argv: Sequence[str]) -> set[str]:
     """Names of the ``--flags`` present on the command line (``--a b`` and ``--a=b`` forms)."""
@@ -380,7 +393,10 @@ def fmt(x: Any, digits: int = 4) -> str:
 
 
 def write_outputs(output_dir: str, name: str, payload: dict[str, Any], table: str, runs: list[dict[str, Any]]) -> None:
-    """``<name>_results.json``, ``<name>_results.md`` and ``<name>_accuracy.png`` (test accuracy per epoch)."""
+    """``<name>_results.json``, ``<name>_results.md`` and ``<name>_accuracy.png`` (test accuracy per epoch),
+    written and printed by the main process only."""
+    if not is_main_process():
+        return
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, f"{name}_results.json"), "w") as f:
         json.dump(payload, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import datasets
 import torch
+from accelerate import PartialState
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
@@ -93,11 +94,13 @@ def main() -> dict:
     model_name = script.model if script.model != "auto" else ("small_cnn" if script.dataset == "embedded" else "resnet18")
     args.remove_unused_columns = False
     out_dir = args.output_dir
+    is_main = PartialState().is_main_process  # every rank runs this script under accelerate launch
 
     # 1. learn one trajectory per fold
     trajectories, indices = [], []
     for i, fold in enumerate(folds):
-        print(f"[kfold] fold {i + 1}/{script.k}: {len(fold['train'])} train, {len(fold['meta'])} meta", flush=True)
+        if is_main:
+            print(f"[kfold] fold {i + 1}/{script.k}: {len(fold['train'])} train, {len(fold['meta'])} meta", flush=True)
         fold_args = MetaLRConfig(**{**args.to_dict(), "output_dir": os.path.join(out_dir, f"fold_{i}"),
                                     "push_to_hub": False, "save_strategy": "no", "report_to": []})
         trainer = MetaLRTrainer(
@@ -110,8 +113,9 @@ def main() -> dict:
 
     # 2. average them, indexed by the full train set
     averaged = LRTrajectory.average(trajectories, instance_indices=indices, dataset=dataset_signature(full_train))
-    averaged.save_pretrained(os.path.join(out_dir, "averaged_trajectory"))
-    averaged.save_plots(os.path.join(out_dir, "averaged_trajectory"))
+    if is_main:
+        averaged.save_pretrained(os.path.join(out_dir, "averaged_trajectory"))
+        averaged.save_plots(os.path.join(out_dir, "averaged_trajectory"))
 
     # 3. replay on the full train set (no meta set) and compare with a plain Trainer on the same schedule
     def evaluate(trainer: Trainer) -> float:
@@ -133,10 +137,11 @@ def main() -> dict:
     result = {"k": script.k, "dataset": script.dataset, "model": model_name,
               "replay_test_accuracy": evaluate(replay), "plain_test_accuracy": evaluate(plain),
               "averaged_summary": averaged.summary()}
-    print(json.dumps({k: v for k, v in result.items() if k != "averaged_summary"}, indent=2))
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as fh:
-        json.dump(result, fh, indent=2, default=str)
+    if is_main:
+        print(json.dumps({k: v for k, v in result.items() if k != "averaged_summary"}, indent=2))
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "results.json"), "w") as fh:
+            json.dump(result, fh, indent=2, default=str)
     if args.push_to_hub:
         replay.push_to_hub()
     return result

@@ -58,6 +58,7 @@ from _common import (  # noqa: E402
     parse_list,
     run_config,
     run_one,
+    say,
     strip,
     trainer_class,
     write_outputs,
@@ -124,21 +125,21 @@ def main(argv: list[str] | None = None) -> dict:
     data = image_data(s.dataset, "noisy", noise_rate=s.noise_rate, noise_mode=s.noise_mode, meta_size=meta_size,
                       seed=config.seed, max_train=n_train, max_test=n_test)
     noisy = data.noise_mask
-    print(f"[noisy] {s.dataset}: {len(data.raw['train'])} train ({noisy.mean():.1%} wrong labels), "
-          f"{len(data.raw['meta'])} clean meta, {len(data.raw['test'])} test; model {model_name}", flush=True)
+    say(f"[noisy] {s.dataset}: {len(data.raw['train'])} train ({noisy.mean():.1%} wrong labels), "
+          f"{len(data.raw['meta'])} clean meta, {len(data.raw['test'])} test; model {model_name}")
     runs = []
     for method in methods:
         base, forced = METHODS[method]
         args = dataclasses.replace(run_config(config, s, method, {}), **forced)
         meta = base is MetaLRTrainer
-        print(f"[noisy] training {method} ...", flush=True)
+        say(f"[noisy] training {method} ...")
         run = run_one(
             method, trainer_class(base, decay, s.lr_decay_factor), build_image_model(model_name, data, config.seed,
                                                                                        s.dropout_rate),
             args, data.view("train", index=meta), data.view("test"), meta=data.view("meta") if meta else None,
             noise_mask=noisy,
         )
-        print(f"[noisy]   best {run['best_accuracy']:.4f}  final {run['final_accuracy']:.4f}", flush=True)
+        say(f"[noisy]   best {run['best_accuracy']:.4f}  final {run['final_accuracy']:.4f}")
         runs.append(run)
 
     rows = ["| method | best test acc | final test acc | rate AUROC clean>noisy | mean rate clean / noisy | "

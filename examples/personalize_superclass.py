@@ -53,6 +53,7 @@ from _common import (  # noqa: E402
     parse_list,
     run_config,
     run_one,
+    say,
     strip,
     trainer_class,
     write_outputs,
@@ -131,9 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
     data = image_views(raw, s.dataset)
     targets = sorted(set(data.raw["meta"]["label"]))
     names = [data.label_names[c] for c in targets]
-    print(f"[personal] {s.dataset}: superclass {superclass!r} = {names}; {len(data.raw['train'])} train (all "
+    say(f"[personal] {s.dataset}: superclass {superclass!r} = {names}; {len(data.raw['train'])} train (all "
           f"classes), {len(data.raw['meta'])} personal images, {len(data.raw['test'])} test images of the "
-          f"superclass; model {model_name}", flush=True)
+          f"superclass; model {model_name}")
     train, test = data.view("train"), data.view("test")
 
     def new_model():
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs, full_run = [], None
     order = sorted(methods, key=lambda m: METHODS.index(m) if m != "transfer" else len(METHODS))  # full first
     for method in order:
-        print(f"[personal] training {method} ...", flush=True)
+        say(f"[personal] training {method} ...")
         args = run_config(config, s, method, {})
         if method in ("full", "biased"):
             kw = {}
@@ -174,8 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
             run["pretrain_final_accuracy"] = full_run["final_accuracy"]
         all_classes = run["trainer"].evaluate(data.view("test_all"), metric_key_prefix="all")
         run["all_classes_accuracy"] = float(all_classes["all_accuracy"])
-        print(f"[personal]   superclass: best {run['best_accuracy']:.4f}  final {run['final_accuracy']:.4f}; "
-              f"all classes {run['all_classes_accuracy']:.4f}", flush=True)
+        say(f"[personal]   superclass: best {run['best_accuracy']:.4f}  final {run['final_accuracy']:.4f}; "
+              f"all classes {run['all_classes_accuracy']:.4f}")
         runs.append(run)
 
     runs.sort(key=lambda r: METHODS.index(r["method"]))

@@ -34,7 +34,17 @@ import numpy as np
 from transformers import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import common_presets, fmt, parse_args, parse_list, run_config, run_one, strip, write_outputs  # noqa: E402
+from _common import (  # noqa: E402
+    common_presets,
+    fmt,
+    parse_args,
+    parse_list,
+    run_config,
+    run_one,
+    say,
+    strip,
+    write_outputs,
+)
 
 from hf_ddlr import MetaLRTrainer  # noqa: E402
 
@@ -198,8 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
         return ds.select_columns([c for c in keep + (["sample_index"] if index else []) if c in ds.column_names]
                                  + (["is_noisy"] if split == "train" else []))
 
-    print(f"[text] {s.dataset}: {len(raw['train'])} train ({noise_mask.mean():.0%} wrong labels), "
-          f"{len(raw['meta'])} clean meta, {len(raw['test'])} test", flush=True)
+    say(f"[text] {s.dataset}: {len(raw['train'])} train ({noise_mask.mean():.0%} wrong labels), "
+          f"{len(raw['meta'])} clean meta, {len(raw['test'])} test")
     runs = []
     for method in parse_list(s.methods):
         if method not in METHODS:
@@ -207,11 +217,11 @@ def main(argv: list[str] | None = None) -> dict:
         # the tokenised splits carry only model columns (+ index, is_noisy): let the Trainer drop the rest
         args = dataclasses.replace(run_config(config, s, method, {}), remove_unused_columns=True)
         meta = method == "metalr"
-        print(f"[text] training {method} ...", flush=True)
+        say(f"[text] training {method} ...")
         run = run_one(method, MetaLRTrainer if meta else Trainer, make_model(), args, view("train", index=meta),
                       view("test"), meta=view("meta") if meta else None, noise_mask=noise_mask,
                       processing_class=tokenizer)
-        print(f"[text]   best {run['best_accuracy']:.4f}  final {run['final_accuracy']:.4f}", flush=True)
+        say(f"[text]   best {run['best_accuracy']:.4f}  final {run['final_accuracy']:.4f}")
         runs.append(run)
 
     rows = ["| method | best test acc | final test acc | rate AUROC clean>noisy | mean rate clean / noisy | "

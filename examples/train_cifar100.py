@@ -61,6 +61,7 @@ from _common import (  # noqa: E402
     parse_list,
     run_config,
     run_one,
+    say,
     strip,
     trainer_class,
     write_outputs,
@@ -141,9 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
         full = _full_train(folds[0])
         stats = None if not embedded else compute_mean_std(full["train"])
         data = image_views(full, s.dataset, stats=stats)
-    print(f"[cifar100] {s.dataset}: {len(data.raw['train'])} train, "
+    say(f"[cifar100] {s.dataset}: {len(data.raw['train'])} train, "
           f"{len(data.raw['meta']) if folds is None else f'{s.k} folds as'} meta, {len(data.raw['test'])} test; "
-          f"model {model_name}; protocol {s.protocol}", flush=True)
+          f"model {model_name}; protocol {s.protocol}")
 
     runs = []
     for method in methods:
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         args = dataclasses.replace(run_config(config, s, method, defaults), **forced)
         cls = trainer_class(base, decay, s.lr_decay_factor)
         model = build_image_model(model_name, data, config.seed)
-        print(f"[cifar100] training {method} ...", flush=True)
+        say(f"[cifar100] training {method} ...")
         if base is MetaLRTrainer and folds is not None:
             run = _kfold_run(method, cls, model_name, data, folds, args, s, stats)
         elif base is MetaLRTrainer:
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             run = run_one(method, cls, model, args, data.view("train"), data.view("test"),
                           **_make_trainer_kwargs(method, args))
-        print(f"[cifar100]   best {run['best_accuracy']:.4f}  final {run['final_accuracy']:.4f}", flush=True)
+        say(f"[cifar100]   best {run['best_accuracy']:.4f}  final {run['final_accuracy']:.4f}")
         runs.append(run)
 
     rows = ["| method | optimizer | lr | best test acc | final test acc | learned wd | rates (mean) | time (s) |",
@@ -188,7 +189,7 @@ def _kfold_run(method, cls, model_name, data, folds, args, s, stats):
     for i, fold in enumerate(folds):
         fd = image_views(fold, s.dataset, stats=stats)
         fargs = dataclasses.replace(args, output_dir=os.path.join(args.output_dir, f"fold{i}"), push_to_hub=False)
-        print(f"[cifar100]   fold {i + 1}/{len(folds)}: learning the trajectory", flush=True)
+        say(f"[cifar100]   fold {i + 1}/{len(folds)}: learning the trajectory")
         r = run_one(f"{method}_fold{i}", cls, build_image_model(model_name, fd, args.seed), fargs,
                     fd.view("train", index=True), fd.view("test"), meta=fd.view("meta"))
         trajs.append(r["trainer"].lr_trajectory)
@@ -197,7 +198,7 @@ def _kfold_run(method, cls, model_name, data, folds, args, s, stats):
     avg = LRTrajectory.average(trajs, instance_indices=indices, dataset=dataset_signature(train))
     path = os.path.join(args.output_dir, "averaged_trajectory")
     avg.save_pretrained(path)
-    print(f"[cifar100]   replaying the average of {len(trajs)} trajectories on the full train set", flush=True)
+    say(f"[cifar100]   replaying the average of {len(trajs)} trajectories on the full train set")
     rargs = dataclasses.replace(args, replay_trajectory=path)
     run = run_one(method, cls, build_image_model(model_name, data, args.seed), rargs, train, data.view("test"))
     run["protocol"] = f"kfold({len(folds)}) + replay"

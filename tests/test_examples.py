@@ -18,14 +18,19 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-def run_example(script: str, out: Path, *extra: str, timeout: int = 300, env: dict | None = None) -> dict:
+def run_example(script: str, out: Path, *extra: str, timeout: int = 300, env: dict | None = None,
+                launcher: list[str] | None = None, stdout: list[str] | None = None) -> dict:
+    """Run ``examples/<script>`` (with ``launcher``, e.g. ``accelerate launch ...``, in front when given);
+    the process's stdout is appended to ``stdout`` when given."""
     if env is None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env = {**env, "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, str(EXAMPLES / script), "--dataset", "embedded", "--quick", "--output_dir", str(out),
-           "--disable_tqdm", "true", *extra]
+    cmd = [*(launcher or [sys.executable]), str(EXAMPLES / script), "--dataset", "embedded", "--quick",
+           "--output_dir", str(out), "--disable_tqdm", "true", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    if stdout is not None:
+        stdout.append(proc.stdout)
     name = script.removesuffix(".py")
     for suffix in ("_results.json", "_results.md", "_accuracy.png"):
         assert (out / f"{name}{suffix}").is_file(), f"{name}{suffix} missing; stdout:\n{proc.stdout[-2000:]}"
@@ -52,6 +57,21 @@ def test_noisy_cifar100(tmp_path):
     assert "auroc_clean_vs_noisy" not in runs["plain"]
     files = {p.name for p in (tmp_path / "metalr").iterdir()}
     assert {"lr_trajectory.safetensors", "lr_trajectory.json", "lr_trajectory_instance.png"} <= files
+
+
+def test_noisy_cifar100_under_accelerate_launch_on_two_processes(tmp_path):
+    """`accelerate launch --multi_gpu` (2 CPU processes, gloo): trains, and only rank 0 prints and writes."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "HF_HOME": str(tmp_path / "hf_home")}  # no user accelerate config
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    out: list[str] = []
+    payload = run_example("noisy_cifar100.py", tmp_path / "out", "--methods", "metalr", env=env,
+                          launcher=launcher, stdout=out)
+    runs = check_runs(payload, ["metalr"])
+    assert 0.0 <= runs["metalr"]["auroc_clean_vs_noisy"] <= 1.0
+    assert out[0].count("| method |") == 1 and out[0].count("[noisy] training metalr") == 1
+    assert (tmp_path / "out" / "metalr" / "lr_trajectory.safetensors").is_file()
 
 
 def test_noisy_cifar100_through_the_hub(hub_server, synthetic_cifar100, tmp_path):
