@@ -129,18 +129,18 @@ def _interp_rows(xs: torch.Tensor, table: torch.Tensor, x: float, mode: str, wha
         raise ValueError(f"the trajectory has no {what} snapshots: it was recorded at another rate level")
     if mode not in ("linear", "previous", "next"):
         raise ValueError(f"mode must be 'linear', 'previous' or 'next', got {mode!r}")
-    xs_list = xs.tolist()
-    if x <= xs_list[0]:
+    xs_np = xs.numpy()
+    if x <= xs_np[0]:
         return table[0].clone()
-    if x >= xs_list[-1]:
+    if x >= xs_np[-1]:
         return table[-1].clone()
-    hi = int(np.searchsorted(np.asarray(xs_list), x, side="left"))  # xs[hi-1] < x <= xs[hi]
+    hi = int(np.searchsorted(xs_np, x, side="left"))  # xs[hi-1] < x <= xs[hi]
     lo = hi - 1
-    if xs_list[hi] == x or mode == "next":
+    if xs_np[hi] == x or mode == "next":
         return table[hi].clone()
     if mode == "previous":
         return table[lo].clone()
-    frac = (x - xs_list[lo]) / (xs_list[hi] - xs_list[lo])
+    frac = (x - float(xs_np[lo])) / (float(xs_np[hi]) - float(xs_np[lo]))
     return torch.lerp(table[lo], table[hi], float(frac))
 
 
@@ -180,6 +180,13 @@ class LRTrajectory:
         self._meta_loss: list[float] = []
         self._class: list[tuple[int, float, torch.Tensor]] = []
         self._instance: list[tuple[int, float, torch.Tensor]] = []
+        # stacked tensors for the replay queries (every optimizer step); cleared whenever a record changes
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def _cached(self, key: str, build: Any) -> torch.Tensor:
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
 
     @classmethod
     def for_dataset(
@@ -221,6 +228,7 @@ class LRTrajectory:
         raises, because a trajectory must be monotonic (use :meth:`truncate` when resuming).
         """
         step = int(step)
+        self._cache.clear()
         if self._steps and step <= self._steps[-1]:
             if step < self._steps[-1]:
                 raise ValueError(
@@ -239,6 +247,7 @@ class LRTrajectory:
         self, store: list, step: int, epoch: float, rates: torch.Tensor, what: str, size: int | None
     ) -> None:
         row = _to_cpu_1d(rates, what)
+        self._cache.clear()
         if store and row.shape != store[-1][2].shape:
             raise ValueError(f"{what} changed size from {store[-1][2].numel()} to {row.numel()} within one run")
         if size is not None and row.numel() != size:
@@ -265,6 +274,7 @@ class LRTrajectory:
 
     def truncate(self, max_step: int) -> None:
         """Drop everything recorded after ``max_step`` (resume from a checkpoint taken at ``max_step``)."""
+        self._cache.clear()
         keep = [i for i, s in enumerate(self._steps) if s <= max_step]
         for name in ("_steps", "_epochs", "_lr", "_wd", "_meta_loss"):
             lst = getattr(self, name)
@@ -436,7 +446,7 @@ class LRTrajectory:
                 f"{local} is a file; pass the folder that holds {TRAJECTORY_TENSORS_NAME} and {TRAJECTORY_CONFIG_NAME}"
             )
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+        from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
         from huggingface_hub.utils import validate_repo_id
 
         try:
@@ -459,6 +469,12 @@ class LRTrajectory:
                         token=token,
                     )
                 )
+            except LocalEntryNotFoundError as err:
+                raise FileNotFoundError(
+                    f"{str(repo_id_or_path)!r} is not a local folder, and {name} of the Hub repo of that name is not "
+                    f"in the local cache while the Hub cannot be reached (offline mode, HF_HUB_OFFLINE=1, or no "
+                    f"network). Check the path, or download the trajectory once online."
+                ) from err
             except EntryNotFoundError as err:
                 raise FileNotFoundError(
                     f"Hub repo {repo_id_or_path!r} (revision {revision or 'main'}) has no {name}: it holds no "
@@ -482,7 +498,12 @@ class LRTrajectory:
                 f"{config_path} uses trajectory schema version {version}, but this hf_ddlr reads up to "
                 f"version {SCHEMA_VERSION}. Upgrade hf_ddlr (pip install -U hf_ddlr) to load it."
             )
-        t = load_file(str(tensors_path))
+        try:
+            t = load_file(str(tensors_path))
+        except Exception as err:  # safetensors raises its own SafetensorError for a truncated/corrupt file
+            raise ValueError(
+                f"{tensors_path} is corrupt or truncated ({err}); re-save the trajectory or download it again."
+            ) from err
         declared = set(meta.get("tensors", {}))
         if declared != set(t):
             raise ValueError(
@@ -675,6 +696,15 @@ class LRTrajectory:
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Every fold's ``[E, N_full]`` instance table (NaN where it did not train) and the full noise mask."""
         if instance_indices is None:
+            prints = [t.dataset.get("fingerprint") for t in trajs]
+            for k, fp in enumerate(prints[1:], start=1):
+                if prints[0] and fp and fp != prints[0]:
+                    raise ValueError(
+                        f"trajectory {k} was learned on another train set than trajectory 0 (fingerprint {fp!r} vs "
+                        f"{prints[0]!r}), so row i of their instance tables is not the same example. Pass "
+                        f"instance_indices=[each fold's full-train positions, ...] and dataset=<full train "
+                        f"signature> (as examples/kfold_replay.py does), or average runs on the same train set."
+                    )
             sizes = {t._instance[0][2].numel() for t in trajs}
             if len(sizes) != 1:
                 raise ValueError(
@@ -722,12 +752,14 @@ class LRTrajectory:
         first/last snapshot is used. Interpolation runs over the recorded epochs, so snapshots need not
         be exactly at integers. Result dtype float32.
         """
-        return _interp_rows(self.instance_epochs, self.instance_rates, float(epoch), mode, "instance").float()
+        xs = self._cached("instance_epochs", lambda: self.instance_epochs)
+        table = self._cached("instance_rates", lambda: self.instance_rates)
+        return _interp_rows(xs, table, float(epoch), mode, "instance").float()
 
     def _step_or_epoch(self, step: int | None, epoch: float | None, xs_steps: torch.Tensor, xs_epochs: torch.Tensor):
         if (step is None) == (epoch is None):
             raise ValueError("pass exactly one of step= or epoch=")
-        return (xs_steps.to(torch.float64), float(step)) if step is not None else (xs_epochs, float(epoch))
+        return (xs_steps, float(step)) if step is not None else (xs_epochs, float(epoch))
 
     def class_rates_at(
         self, step: int | None = None, *, epoch: float | None = None, mode: str = "linear"
@@ -739,14 +771,22 @@ class LRTrajectory:
         last snapshot at or before it. At a recorded step both return that snapshot exactly; before the
         first / after the last recorded step the first / last snapshot is used.
         """
-        xs, x = self._step_or_epoch(step, epoch, self.class_steps, self.class_epochs)
-        return _interp_rows(xs, self.class_rates, x, mode, "class").float()
+        xs, x = self._step_or_epoch(
+            step, epoch,
+            self._cached("class_steps", lambda: self.class_steps.to(torch.float64)),
+            self._cached("class_epochs", lambda: self.class_epochs),
+        )
+        return _interp_rows(xs, self._cached("class_rates", lambda: self.class_rates), x, mode, "class").float()
 
     def _scalar_at(self, values: list[float], step: int | None, epoch: float | None, what: str) -> float:
         if not self._steps:
             raise ValueError(f"the trajectory has no per-step records, so no {what} to replay")
-        xs, x = self._step_or_epoch(step, epoch, self.steps, self.epochs)
-        table = torch.tensor(values, dtype=torch.float64).unsqueeze(1)
+        xs, x = self._step_or_epoch(
+            step, epoch,
+            self._cached("steps", lambda: self.steps.to(torch.float64)),
+            self._cached("epochs", lambda: self.epochs),
+        )
+        table = self._cached(what, lambda: torch.tensor(values, dtype=torch.float64).unsqueeze(1))
         return float(_interp_rows(xs, table, x, "linear", what)[0])
 
     def weight_decay_at(self, step: int | None = None, *, epoch: float | None = None) -> float:
@@ -764,7 +804,11 @@ class LRTrajectory:
 
         The size must match (instance rates are indexed by position). Fingerprints are compared when
         both are known (``datasets.Dataset``); a torch dataset has none, so only its size is checked.
+        A trajectory without instance rates (class level) is indexed by label, not by row, and replays on
+        any train set with the same labels (e.g. the average of k folds on the full train set).
         """
+        if self.has_class_rates and not self.has_instance_rates:
+            return
         mine = self.dataset or {}
         n_mine, n_theirs = mine.get("num_examples"), signature.get("num_examples")
         if n_mine is not None and n_theirs is not None and int(n_mine) != int(n_theirs):
@@ -826,7 +870,7 @@ class LRTrajectory:
             s["lowest_classes"] = [[self._class_name(c), float(cls_rates[c])] for c in order[:5]]
             s["highest_classes"] = [[self._class_name(c), float(cls_rates[c])] for c in reversed(order[-5:])]
         inst = self._final_instance()
-        if inst is not None:
+        if inst is not None and bool((~torch.isnan(inst)).any()):
             known = ~torch.isnan(inst)
             vals = inst[known]
             s["instance_rate_mean"] = float(vals.mean())
@@ -852,17 +896,18 @@ class LRTrajectory:
             "num_epochs": "epochs",
             "num_meta_steps": "meta steps",
             "final_learning_rate": "final model learning rate",
-            "final_weight_decay": "final learned weight decay",
+            "final_weight_decay": ("final learned weight decay" if self.config.get("learn_weight_decay", True)
+                                   else "weight decay (fixed, not learned)"),
             "final_meta_loss": "final meta loss",
             "class_rate_mean": "final class rate: mean",
             "class_rate_min": "final class rate: min",
             "class_rate_max": "final class rate: max",
-            "class_rate_near_zero_fraction": f"classes with rate < {NEAR_ZERO}",
+            "class_rate_near_zero_fraction": f"fraction of classes with rate < {NEAR_ZERO}",
             "instance_rate_mean": "final instance rate: mean",
             "instance_rate_std": "final instance rate: std",
             "instance_rate_min": "final instance rate: min",
             "instance_rate_max": "final instance rate: max",
-            "instance_rate_near_zero_fraction": f"instances with rate < {NEAR_ZERO}",
+            "instance_rate_near_zero_fraction": f"fraction of instances with rate < {NEAR_ZERO}",
             "noise_fraction": "noisy-label fraction",
             "instance_rate_mean_clean": "final instance rate: mean over clean",
             "instance_rate_mean_noisy": "final instance rate: mean over noisy",
@@ -960,13 +1005,18 @@ class LRTrajectory:
 
     def _plot_weight_decay(self, ax: Any) -> None:
         x = self.steps.numpy()
-        ax.plot(x, self.weight_decay.numpy(), color="tab:green", linewidth=1.5, label="learned weight decay")
+        learned = bool(self.config.get("learn_weight_decay", True))
+        wd_label = "learned weight decay" if learned else "weight decay (fixed)"
+        h1 = ax.plot(x, self.weight_decay.numpy(), color="tab:green", linewidth=1.5, label=wd_label)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("weight decay", color="tab:green")
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax2 = ax.twinx()
-        ax2.plot(x, self.learning_rate.numpy(), color="tab:gray", linewidth=1, linestyle="--", label="model LR")
+        h2 = ax2.plot(x, self.learning_rate.numpy(), color="tab:gray", linewidth=1, linestyle="--", label="model LR")
         ax2.set_ylabel("model learning rate", color="tab:gray")
-        ax.set_title("Weight decay and model learning rate")
+        ax.legend(h1 + h2, [h.get_label() for h in h1 + h2], loc="best")
+        ax.set_title(("Learned weight decay" if learned else "Model learning rate (weight decay fixed)")
+                     + " over training")
 
     def _plot_meta_loss(self, ax: Any) -> None:
         x = self.steps.numpy()
