@@ -90,8 +90,15 @@ def test_write_artifacts_standalone_card(tmp_path):
         [TRAJECTORY_TENSORS_NAME, TRAJECTORY_CONFIG_NAME, *PLOTS, "README.md"])
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.tags == list(CARD_TAGS)
-    assert card.text.lstrip().startswith("# toy-resnet")
+    assert card.text.lstrip().startswith("# me/traj")  # the repo, not the base model the run started from
+    assert "This model was trained with data-dependent dynamic learning rates" in card.text
     assert LRTrajectory.from_pretrained(tmp_path) == traj
+    # a later run of another rate level into the same folder: no stale plot of the earlier one remains
+    instance_only = make_trajectory()
+    instance_only._class = []
+    written = write_artifacts(instance_only, tmp_path, repo_id="me/traj")
+    assert not (tmp_path / "lr_trajectory_class.png").exists()
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(Path(p).name for p in written if p.endswith(".png"))
 
 
 def test_push_and_pull_through_the_hub(hub_server, tmp_path):

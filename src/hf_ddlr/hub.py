@@ -24,6 +24,7 @@ from typing import Any
 
 from .trajectory import (
     PLOT_FILE_TEMPLATE,
+    PLOT_KINDS,
     TRAJECTORY_CONFIG_NAME,
     TRAJECTORY_TENSORS_NAME,
     LRTrajectory,
@@ -198,12 +199,15 @@ def write_artifacts(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = trajectory.save_pretrained(out)
+    for kind in PLOT_KINDS:  # plots of an earlier run into this folder would be uploaded with the new card
+        (out / PLOT_FILE_TEMPLATE.format(kind=kind)).unlink(missing_ok=True)
     plots = trajectory.save_plots(out)
     written += plots
     readme = out / README_NAME
     if model_card_base is None and readme.is_file():
         model_card_base = readme.read_text(encoding="utf-8")
-    name = model_name or trajectory.model_name or (repo_id or out.resolve().name)
+    # the repo is the best title; the trajectory's model_name is the *base* model (often a local path)
+    name = model_name or repo_id or trajectory.model_name or out.resolve().name
     text = render_model_card(
         trajectory,
         model_name=name,
