@@ -130,6 +130,27 @@ def test_last_layer_equals_exact_restricted_to_head():
     assert got.weight_decay_grad == pytest.approx(ref.weight_decay_grad, rel=1e-4)
 
 
+def test_last_layer_refuses_a_head_that_runs_per_token():
+    class PerToken(nn.Module):  # like a decoder-only *ForSequenceClassification: score every token, then pool
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))[:, -1]
+
+    torch.manual_seed(0)
+    model = PerToken()
+    params = dict(model.named_parameters())
+    specs = param_specs(torch.optim.SGD(model.parameters(), lr=0.1), params, [], mode="sgd")
+    window = [MicroBatch({"x": torch.randn(6, 5, 4)}, torch.randint(0, 3, (6,)), torch.ones(6), seed=1)]
+    meta = MetaBatch({"x": torch.randn(6, 5, 4)}, torch.randint(0, 3, (6,)), seed=2)
+    with pytest.raises(ValueError, match="one feature vector per example.*meta_strategy='jvp'"):
+        meta_gradients(model, params, window, meta, specs, weight_decay=0.0, normalizer=6, strategy="last_layer")
+    jvp = meta_gradients(model, params, window, meta, specs, weight_decay=0.0, normalizer=6, strategy="jvp")
+    assert jvp.finite
+
+
 def test_per_example_loss_rejects_non_classification_logits():
     with pytest.raises(ValueError, match="single-label classification"):
         per_example_loss(torch.randn(2, 3, 4), torch.zeros(2, dtype=torch.long))

@@ -177,6 +177,17 @@ def find_output_layer(model: nn.Module, num_labels: int | None = None) -> tuple[
     return found
 
 
+def _head_features(h: torch.Tensor, batch: int, head: nn.Linear) -> torch.Tensor:
+    """The head's input as one feature vector per example, or a clear error when the head ran per token."""
+    if h.numel() != batch * head.in_features:
+        raise ValueError(
+            f"meta_strategy='last_layer' needs one feature vector per example at the classification head, but "
+            f"the head ran on an input of shape {tuple(h.shape)} for {batch} examples (e.g. a decoder-only "
+            f"*ForSequenceClassification scores every token and pools afterwards). Use meta_strategy='jvp'."
+        )
+    return h.reshape(batch, head.in_features)
+
+
 def _last_layer(
     model: nn.Module, params: Mapping[str, torch.Tensor], window: Sequence[MicroBatch], meta: MetaBatch,
     specs: Mapping[str, ParamSpec], weight_decay: float, normalizer: float, smoothing: float,
@@ -198,7 +209,7 @@ def _last_layer(
                     with replay_rng(mb.seed), frozen_batchnorm(model):
                         logits = functional_logits(model, {}, mb.inputs).float()
                     h = box["h"].detach().float()
-                h = h.reshape(logits.shape[0], -1)
+                h = _head_features(h, logits.shape[0], head)
                 C = logits.shape[1]
                 target = torch.nn.functional.one_hot(mb.labels, C).float()
                 if smoothing:
@@ -216,7 +227,7 @@ def _last_layer(
             theta = lookahead({n: p.detach() for n, p in hp.items()}, {n: grads[n] for n in hp}, specs, weight_decay)
             with replay_rng(meta.seed), frozen_batchnorm(model), meta_loss_mode(model, meta.dropout):
                 functional_logits(model, {}, meta.inputs)
-            hm = box["h"].detach().float().reshape(meta.labels.shape[0], -1)
+            hm = _head_features(box["h"].detach().float(), meta.labels.shape[0], head)
         W2 = theta[wn].detach().float().requires_grad_(True)
         b2 = theta[bn].detach().float().requires_grad_(True) if bn else None
         lm_logits = hm @ W2.T + (b2 if b2 is not None else 0.0)
