@@ -137,6 +137,67 @@ def test_index_column_added_and_never_reaches_the_model(tmp_path):
     assert "sample_index" in t.train_dataset.column_names
     assert "eval_loss" in t.evaluate()
     assert seen
+    # hf_ddlr.data splits carry the column on every split; with remove_unused_columns=False (set_transform
+    # pipelines) it must not reach the model in evaluation / prediction either
+    t.args.remove_unused_columns = False
+    test = make_split(8, seed=8).add_column("sample_index", list(range(8)))
+    assert "eval_loss" in t.evaluate(test)
+    assert t.predict(test).predictions.shape == (8, 3)
+
+
+def test_existing_index_column_must_be_row_positions(tmp_path):
+    full = make_split(64, seed=6).add_column("sample_index", list(range(64)))
+    args = _args(tmp_path, per_device_train_batch_size=8, max_steps=1)
+    with pytest.raises(ValueError, match=r"not a permutation of the row positions 0..31 .*remove_columns"):
+        MetaLRTrainer(model=TinyMLP(), args=args, train_dataset=full.select(range(32, 64)),
+                      meta_dataset=make_split(8, seed=7))
+    shuffled = full.select(range(32)).shuffle(seed=0)  # a permutation: kept as it is
+    t = MetaLRTrainer(model=TinyMLP(), args=args, train_dataset=shuffled, meta_dataset=make_split(8, seed=7))
+    assert t.train_dataset["sample_index"] == shuffled["sample_index"]
+
+
+def test_user_transform_sees_the_added_index_column(tmp_path):
+    def transform(batch):  # a typical with_transform: builds the model inputs, passes the rest through
+        return {"x": [[2 * v for v in row] for row in batch["x"]], **{k: batch[k] for k in batch if k != "x"}}
+
+    train = make_split(32, seed=6).with_transform(transform, columns=["x", "label"])
+    t = MetaLRTrainer(model=TinyMLP(), args=_args(tmp_path, per_device_train_batch_size=8, max_steps=2,
+                                                  remove_unused_columns=False),
+                      train_dataset=train, meta_dataset=make_split(8, seed=7))
+    assert t.train_dataset[3]["sample_index"] == 3
+    t.train()
+    assert (t.rates.instance != 1).sum() == 16  # the two visited batches got rates
+
+
+def test_torch_meta_dataset_keys_the_model_does_not_take_are_dropped(tmp_path):
+    class TorchMeta(torch.utils.data.Dataset):
+        def __init__(self, ds):
+            self.rows = ds.with_format("torch")
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            r = self.rows[i]
+            return {"x": r["x"], "label": r["label"], "is_noisy": torch.tensor(False)}
+
+    t = MetaLRTrainer(model=TinyMLP(), args=_args(tmp_path, per_device_train_batch_size=8, max_steps=2),
+                      train_dataset=make_split(32, seed=6), meta_dataset=TorchMeta(make_split(8, seed=7)))
+    t.train()
+    assert t.lr_trajectory.meta_loss.isfinite().all()
+
+
+def test_second_train_call_is_a_fresh_run(tmp_path):
+    args = _args(tmp_path, per_device_train_batch_size=8, max_steps=3)
+    torch.manual_seed(0)
+    t = MetaLRTrainer(model=TinyMLP(), args=args, train_dataset=make_split(32, seed=6),
+                      meta_dataset=make_split(8, seed=7))
+    t.train()
+    first = t.lr_trajectory
+    assert first.num_steps == 3 and (t.rates.instance != 1).any()
+    t.train()  # hyperparameter_search / model_init trials call train() again
+    assert t.lr_trajectory is not first and t.lr_trajectory.steps.tolist() == [1, 2, 3]
+    assert t.lr_trajectory.instance_rates[0].eq(1).all()  # started again from rates 1
 
 
 # ---------------------------------------------------------------- bad input
@@ -174,6 +235,7 @@ def test_model_without_logits(tmp_path):
         (dict(meta_strategy="fast"), "meta_strategy='fast' is not valid"),
         (dict(meta_interval=0), "meta_interval must be a positive integer"),
         (dict(learn_weight_decay=True, weight_decay=0.0), "needs a starting value"),
+        (dict(keep_history=False, meta_update="delayed"), "would train without rates"),
     ],
 )
 def test_bad_config(tmp_path, kw, msg):

@@ -173,10 +173,17 @@ class MetaLRConfig(TrainingArguments):
             raise ValueError(f"meta_batch_size must be positive, got {self.meta_batch_size}.")
         if self.max_rate is not None and self.max_rate <= 0:
             raise ValueError(f"max_rate must be > 0 (or None for no bound), got {self.max_rate}.")
-        if self.learn_weight_decay and self.weight_decay <= 0 and self.meta_lr_scaling == "normalized":
+        if (self.learn_weight_decay and self.weight_decay <= 0 and self.meta_lr_scaling == "normalized"
+                and self.replay_trajectory is None):
             raise ValueError(
                 "learn_weight_decay=True needs a starting value: set weight_decay > 0 (e.g. 5e-4). The normalized "
                 "weight-decay update is multiplicative and cannot leave 0."
+            )
+        if not self.keep_history and self.meta_update == "delayed" and self.lr_level in ("instance", "both"):
+            raise ValueError(
+                "keep_history=False with meta_update='delayed' at the instance level would train without rates: "
+                "the delayed update only applies from an example's next visit, and without history the table "
+                "is reset before it. Use meta_update='same_step' for the no-history ablation (or lr_level='class')."
             )
         if self.meta_update == "delayed" and self.meta_strategy == "exact":
             raise ValueError(

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
+import numpy as np
 import safetensors.torch
 import torch
 from torch.utils.data import Dataset
@@ -132,6 +133,10 @@ class MetaLRTrainer(Trainer):
             )
             if train_dataset is not None:
                 self.replay.check_dataset(train_dataset)
+            if self.replay.config.get("learn_weight_decay") and not args.learn_weight_decay:
+                # the trajectory carries the learned weight decay: replay it too (it is part of the schedule)
+                logger.info("replay_trajectory learned the weight decay: replaying it (learn_weight_decay=True).")
+                args.learn_weight_decay = True
         self._meta_active = meta_dataset is not None or self.replay is not None
         self.rates: RateTable | None = None
         self.lr_trajectory: LRTrajectory | None = None
@@ -162,6 +167,16 @@ class MetaLRTrainer(Trainer):
             self._init_meta(num_labels)
             self.add_callback(_TrajectoryRecorder(self))
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
+              ignore_keys_for_eval: list[str] | None = None, **kwargs: Any):
+        """``Trainer.train``. A second call without ``resume_from_checkpoint`` is a new run (as in
+        ``hyperparameter_search``): it starts again from rates 1 and an empty trajectory."""
+        if self._meta_active and getattr(self, "_has_trained", False) and not resume_from_checkpoint:
+            self._init_meta(self.num_labels)
+            self._spe = None
+        self._has_trained = True
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
     # ------------------------------------------------------------------ set-up
     def _check_supported_parallelism(self) -> None:
         """Refuse, at start-up, the parallel set-ups the meta step does not support.
@@ -191,14 +206,25 @@ class MetaLRTrainer(Trainer):
 
     @staticmethod
     def _with_index(dataset: Any, column: str) -> Any:
+        """``dataset`` with ``column`` holding each row's position (the key of its instance rate)."""
         names = getattr(dataset, "column_names", None)
         if names is not None:
             if column in names:
-                return dataset
+                values = np.asarray(dataset.with_format(None)[column], dtype=np.int64)
+                if len(values) == len(dataset) and np.array_equal(np.sort(values), np.arange(len(dataset))):
+                    return dataset  # a permutation of the row positions (e.g. from hf_ddlr.data): keep it
+                raise ValueError(
+                    f"The train set's {column!r} column is not a permutation of the row positions 0..{len(dataset) - 1} "
+                    f"(values {values.min() if len(values) else '-'}..{values.max() if len(values) else '-'}), e.g. "
+                    f"after .select()/.filter()/train_test_split: instance rates are indexed by it. Drop it with "
+                    f"train_dataset.remove_columns({column!r}) and MetaLRTrainer adds a fresh one, or set "
+                    f"index_column to another name."
+                )
             fmt = dataset.format
             out = dataset.add_column(column, list(range(len(dataset))))
-            if fmt.get("type") == "custom":  # keep a user's set_transform
-                out.set_transform(fmt["format_kwargs"]["transform"], columns=fmt.get("columns"),
+            if fmt.get("type") == "custom":  # keep a user's set_transform, and let it see the new column
+                cols = fmt.get("columns")
+                out.set_transform(fmt["format_kwargs"]["transform"], columns=None if cols is None else [*cols, column],
                                   output_all_columns=fmt.get("output_all_columns", False))
             return out
         return _IndexedDataset(dataset, column)
@@ -292,6 +318,13 @@ class MetaLRTrainer(Trainer):
             )
         return super()._get_collator_with_removed_columns(data_collator, description)
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The Trainer's, without the index column (``hf_ddlr.data`` splits carry it, and with
+        ``remove_unused_columns=False`` — needed by ``set_transform`` pipelines — it would reach the model)."""
+        if self._meta_active and self.args.index_column in inputs:
+            inputs = {k: v for k, v in inputs.items() if k != self.args.index_column}
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
         opt = super().create_optimizer(model)
@@ -332,15 +365,18 @@ class MetaLRTrainer(Trainer):
 
     def _meta_batch(self) -> MetaBatch:
         if self._meta_data is None:
-            ds = self.meta_dataset
-            if hasattr(ds, "column_names") and self.args.remove_unused_columns:
-                ds = self._remove_unused_columns(ds, description="Meta")
-            self._meta_data = ds
+            ds, collate = self.meta_dataset, self.data_collator
+            if hasattr(ds, "column_names"):
+                if self.args.remove_unused_columns:
+                    ds = self._remove_unused_columns(ds, description="Meta")
+            else:  # a torch dataset: drop the keys the model does not take at collation, as the Trainer does
+                collate = self._get_collator_with_removed_columns(self.data_collator, description="Meta")
+            self._meta_data, self._meta_collate = ds, collate
         ds = self._meta_data
         m = self.args.meta_batch_size or self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
         g = torch.Generator().manual_seed(self._seed(kind=1))
         idx = torch.randperm(len(ds), generator=g)[:m] if m <= len(ds) else torch.randint(len(ds), (m,), generator=g)
-        batch = self._prepare_inputs(self.data_collator([ds[int(i)] for i in idx]))
+        batch = self._prepare_inputs(self._meta_collate([ds[int(i)] for i in idx]))
         batch.pop(self.args.index_column, None)
         labels = batch.pop("labels", None)
         if labels is None:
@@ -434,10 +470,13 @@ class MetaLRTrainer(Trainer):
         of the epoch. Class rates and weight decay: the values recorded for this step (interpolated when
         the replay has more steps per epoch than the original run).
         """
-        t, spe = self.replay, self._steps_per_epoch()
-        mid = (self.state.global_step + 0.5) / spe  # strictly inside the current epoch
-        end = (self.state.global_step + 1) / spe  # the epoch value the original run recorded for this step
-        mode = "previous" if t.config.get("meta_update") == "delayed" else "next"
+        t, spe, gs = self.replay, self._steps_per_epoch(), self.state.global_step
+        delayed = t.config.get("meta_update") == "delayed"
+        mid = (gs + 0.5) / spe  # strictly inside the current epoch
+        # The original run recorded, at the end of step s, the values after that step's meta update: a
+        # same-step run had applied them in step s itself, a delayed one applies them from step s + 1 on.
+        end = (gs if delayed else gs + 1) / spe
+        mode = "previous" if delayed else "next"
         if self.rates.instance is not None:
             if not t.has_instance_rates:
                 raise ValueError("The replayed trajectory has no instance rates; set lr_level to what it recorded.")
@@ -447,7 +486,10 @@ class MetaLRTrainer(Trainer):
                 raise ValueError("The replayed trajectory has no class rates; set lr_level to what it recorded.")
             self.rates.per_class.copy_(t.class_rates_at(epoch=end).to(self.rates.per_class.device))
         if self.args.learn_weight_decay and t.num_steps:
-            self.rates.weight_decay = t.weight_decay_at(epoch=end)
+            if delayed and gs == 0:  # before the first record: the original run's starting value
+                self.rates.weight_decay = float(t.config.get("weight_decay", self.args.weight_decay))
+            else:
+                self.rates.weight_decay = t.weight_decay_at(epoch=end)
 
     def _steps_per_epoch(self) -> int:
         if getattr(self, "_spe", None) is None:
