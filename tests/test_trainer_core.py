@@ -227,6 +227,17 @@ def test_model_without_logits(tmp_path):
     assert torch.equal(t.rates.instance, before)
 
 
+def test_model_returning_a_tuple(tmp_path):
+    class TupleOut(TinyMLP):  # return_dict=False style; labels are never passed by MetaLRTrainer
+        def forward(self, x, labels=None):
+            return (super().forward(x).logits,)
+
+    t = MetaLRTrainer(model=TupleOut(), args=_args(tmp_path, max_steps=2, per_device_train_batch_size=8),
+                      train_dataset=make_split(16, seed=1), meta_dataset=make_split(8, seed=2), num_labels=3)
+    t.train()
+    assert (t.rates.instance != 1).sum() == 16
+
+
 @pytest.mark.parametrize(
     "kw, msg",
     [

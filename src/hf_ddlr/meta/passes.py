@@ -99,9 +99,12 @@ def forward_ad_safe_attention() -> Iterator[None]:
 
 
 def extract_logits(outputs: Any) -> torch.Tensor:
-    """Return the logits of a model output (a ``ModelOutput``, a mapping with ``logits`` or a tensor)."""
+    """Return the logits of a model output: a ``ModelOutput``, a mapping with ``logits``, a tensor, or a
+    tuple (``return_dict=False``), whose first element is the logits because labels are never passed in."""
     if isinstance(outputs, torch.Tensor):
         return outputs
+    if isinstance(outputs, tuple) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
     logits = getattr(outputs, "logits", None)
     if logits is None and isinstance(outputs, Mapping):
         logits = outputs.get("logits")
