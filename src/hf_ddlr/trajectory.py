@@ -24,7 +24,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -644,11 +644,18 @@ class LRTrajectory:
             e = cls._common_length([len(t._instance) for t in trajs], "instance snapshots")
             cls._check_aligned("instance snapshot epoch", [t.instance_epochs[:e] for t in trajs], epoch_atol)
             tables, noise = cls._full_tables(trajs, e, instance_indices, out.dataset)
-            stacked = torch.stack(tables)  # [K, E, N] with NaN where a fold did not train
-            valid = ~torch.isnan(stacked)
-            coverage = valid[:, 0, :].sum(0).to(torch.int32)  # coverage does not change over epochs
-            summed = torch.where(valid, stacked, torch.zeros((), dtype=stacked.dtype)).sum(0)
-            mean = summed / valid.sum(0).clamp(min=1)
+            # running sums over the folds ([E, N] each, NaN where a fold did not train): memory of two tables,
+            # not of all K folds stacked
+            summed = count = None
+            for table in tables:
+                valid = ~torch.isnan(table)
+                if summed is None:
+                    summed, count = torch.zeros_like(table), torch.zeros(table.shape, dtype=torch.int32)
+                summed += torch.where(valid, table, torch.zeros((), dtype=table.dtype))
+                count += valid
+            coverage = count[0].clone()  # coverage does not change over epochs
+            mean = summed / count.clamp(min=1)
+            del summed, count
             uncovered = int((coverage == 0).sum())
             if uncovered:
                 warnings.warn(
@@ -693,8 +700,9 @@ class LRTrajectory:
         e: int,
         instance_indices: Sequence[torch.Tensor | Sequence[int]] | None,
         dataset: dict[str, Any],
-    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Every fold's ``[E, N_full]`` instance table (NaN where it did not train) and the full noise mask."""
+    ) -> tuple[Iterator[torch.Tensor], torch.Tensor | None]:
+        """Every fold's ``[E, N_full]`` instance table (NaN where it did not train), built one at a time so
+        that averaging holds two tables, not K, and the full noise mask."""
         if instance_indices is None:
             prints = [t.dataset.get("fingerprint") for t in trajs]
             for k, fp in enumerate(prints[1:], start=1):
@@ -713,30 +721,34 @@ class LRTrajectory:
                 )
             masks = [t.noise_mask for t in trajs]
             noise = masks[0].clone() if all(m is not None for m in masks) else None
-            return [t.instance_rates[:e].to(torch.float64) for t in trajs], noise
+            return (t.instance_rates[:e].to(torch.float64) for t in trajs), noise
         n_full = dataset.get("num_examples") if dataset else None
         if n_full is None:
             raise ValueError("average(..., instance_indices=...) needs dataset=<full train set signature> for N")
-        tables = []
+        positions = []
         noise = torch.zeros(n_full, dtype=torch.bool)
         noise_known = torch.zeros(n_full, dtype=torch.bool)
         for k, (t, idx) in enumerate(zip(trajs, instance_indices)):
             idx = torch.as_tensor(idx, dtype=torch.int64)
-            rows = t.instance_rates[:e].to(torch.float64)
-            if idx.numel() != rows.shape[1]:
+            width = t._instance[0][2].numel()
+            if idx.numel() != width:
                 raise ValueError(
-                    f"instance_indices[{k}] has {idx.numel()} positions but trajectory {k} has "
-                    f"{rows.shape[1]} instance rates"
+                    f"instance_indices[{k}] has {idx.numel()} positions but trajectory {k} has {width} instance rates"
                 )
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_full):
                 raise ValueError(f"instance_indices[{k}] has positions outside the full train set of {n_full}")
-            full = torch.full((e, n_full), float("nan"), dtype=torch.float64)
-            full[:, idx] = rows
-            tables.append(full)
+            positions.append(idx)
             if t.noise_mask is not None:
                 noise[idx] = t.noise_mask
                 noise_known[idx] = True
-        return tables, (noise if bool(noise_known.all()) else None)
+
+        def tables() -> Iterator[torch.Tensor]:
+            for t, idx in zip(trajs, positions):
+                full = torch.full((e, n_full), float("nan"), dtype=torch.float64)
+                full[:, idx] = torch.stack([r[2] for r in t._instance[:e]]).to(torch.float64)
+                yield full
+
+        return tables(), (noise if bool(noise_known.all()) else None)
 
     # ------------------------------------------------------------------ replay queries
     def instance_rates_at(self, epoch: float, mode: str = "linear") -> torch.Tensor:
@@ -972,12 +984,20 @@ class LRTrajectory:
     def _plot_class(self, ax: Any) -> None:
         x = self.class_epochs.numpy()
         table = self.class_rates.numpy()
-        ax.plot(x, table, linewidth=0.5, alpha=0.5)
+        C = table.shape[1]
+        if C <= 10:  # few classes: one labelled line each
+            for c in range(C):
+                ax.plot(x, table[:, c], linewidth=1.2, alpha=0.8, label=self._class_name(c))
+        else:  # many: all in grey, the 3 lowest and 3 highest final rates labelled
+            ax.plot(x, table, color="tab:gray", linewidth=0.5, alpha=0.35)
+            order = np.argsort(table[-1], kind="stable")
+            for c in [*order[:3], *order[::-1][:3]]:
+                ax.plot(x, table[:, c], linewidth=1.2, label=self._class_name(int(c)))
         ax.plot(x, table.mean(1), color="black", linewidth=2.5, label="mean over classes")
         ax.set_xlabel("epoch")
         ax.set_ylabel("class learning-rate multiplier")
-        ax.set_title(f"Per-class rates ({table.shape[1]} classes)")
-        ax.legend(loc="best")
+        ax.set_title(f"Per-class rates ({C} classes)" + ("" if C <= 10 else "; lowest and highest 3 labelled"))
+        ax.legend(loc="best", fontsize="small", ncol=2 if C > 5 else 1)
 
     def _plot_instance(self, ax: Any) -> None:
         x = self.instance_epochs.numpy()
