@@ -288,3 +288,21 @@ def test_summary_auroc_and_markdown():
     assert "| AUROC of final instance rate, clean vs noisy | 1 |" in md
     assert "**Lowest final class rates:**" in md
     assert not any(math.isnan(v) for v in s.values() if isinstance(v, float))
+
+
+def test_average_refuses_rows_of_different_train_sets_and_class_level_replays_anywhere():
+    a, b = make_trajectory(0), make_trajectory(1)
+    b.dataset["fingerprint"] = "beef"  # same size, other rows (e.g. two folds of a stratified k-fold split)
+    with pytest.raises(ValueError, match="another train set.*instance_indices"):
+        LRTrajectory.average([a, b])
+    # with the folds' full-train positions it is well defined
+    avg = LRTrajectory.average([a, b], instance_indices=[torch.arange(N), torch.arange(N)],
+                               dataset={"num_examples": N, "fingerprint": None})
+    assert avg.has_instance_rates
+    # class-level rates are indexed by label: an average of folds replays on the full train set
+    for t in (a, b):
+        t._instance = []
+    cls_avg = LRTrajectory.average([a, b])
+    cls_avg.check_compatible({"num_examples": 10 * N, "fingerprint": "full"})
+    with pytest.raises(ValueError, match="size mismatch"):
+        make_trajectory(0).check_compatible({"num_examples": 10 * N, "fingerprint": "full"})
