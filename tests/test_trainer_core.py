@@ -214,6 +214,13 @@ def test_train_set_without_labels(tmp_path):
         MetaLRTrainer(model=TinyMLP(), args=_args(tmp_path), train_dataset=train, meta_dataset=make_split(8, seed=2))
 
 
+def test_iterable_train_set_is_refused(tmp_path):
+    stream = make_split(16, seed=1).to_iterable_dataset()
+    with pytest.raises(ValueError, match="map-style train_dataset"):
+        MetaLRTrainer(model=TinyMLP(), args=_args(tmp_path, max_steps=1), train_dataset=stream,
+                      meta_dataset=make_split(8, seed=2))
+
+
 def test_model_without_logits(tmp_path):
     class NoLogits(TinyMLP):
         def forward(self, x, labels=None):

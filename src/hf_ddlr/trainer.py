@@ -143,6 +143,14 @@ class MetaLRTrainer(Trainer):
         if self._meta_active:
             if train_dataset is None:
                 raise ValueError("MetaLRTrainer with a meta_dataset or replay_trajectory needs a train_dataset.")
+            for name, ds in (("train_dataset", train_dataset), ("meta_dataset", meta_dataset)):
+                if ds is not None and not hasattr(ds, "__len__"):
+                    raise ValueError(
+                        f"MetaLRTrainer needs a map-style {name} (datasets.Dataset or a torch Dataset with __len__): "
+                        f"per-example rates are indexed by row and meta batches are sampled by position, which an "
+                        f"{type(ds).__name__} (streaming/iterable) does not offer. Materialize it first, e.g. "
+                        f"datasets.Dataset.from_generator(...) or load_dataset(..., streaming=False)."
+                    )
             if not _has_labels(train_dataset):
                 raise ValueError(
                     "The train dataset has no 'labels'/'label' column: per-example learning rates need the "
