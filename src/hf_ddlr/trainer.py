@@ -428,8 +428,8 @@ class MetaLRTrainer(Trainer):
         model.train()
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self._tag_decay_groups(self.optimizer)
-        decay = {n for n, p in params.items() if any(
-            g.get("hf_ddlr_decay") and any(q is p for q in g["params"]) for g in self.optimizer.param_groups)}
+        decay_ids = {id(q) for g in self.optimizer.param_groups if g.get("hf_ddlr_decay") for q in g["params"]}
+        decay = {n for n, p in params.items() if id(p) in decay_ids}
         specs = param_specs(self._raw_optimizer(), params, decay, mode=args.lookahead)
         scaler = getattr(self.accelerator, "scaler", None)  # fp16 GradScaler (GPU): meta passes run scaled too
         loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
@@ -446,6 +446,7 @@ class MetaLRTrainer(Trainer):
             label_smoothing=args.label_smoothing_factor,
             fd_eps=args.fd_epsilon,
             loss_scale=loss_scale,
+            num_labels=self.num_labels,
         )
         if not all_ranks_true(res.finite, self.args.device):  # every rank skips together (no hanging gather)
             self._meta_log["skipped"] += 1

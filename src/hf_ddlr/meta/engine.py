@@ -191,9 +191,9 @@ def _head_features(h: torch.Tensor, batch: int, head: nn.Linear) -> torch.Tensor
 def _last_layer(
     model: nn.Module, params: Mapping[str, torch.Tensor], window: Sequence[MicroBatch], meta: MetaBatch,
     specs: Mapping[str, ParamSpec], weight_decay: float, normalizer: float, smoothing: float,
-    grads: Mapping[str, torch.Tensor] | None,
+    grads: Mapping[str, torch.Tensor] | None, num_labels: int | None = None,
 ) -> MetaGradients:
-    head_name, head = find_output_layer(model)
+    head_name, head = find_output_layer(model, num_labels)
     hp = {n: p for n, p in params.items() if n in (f"{head_name}.weight", f"{head_name}.bias")}
     wn = f"{head_name}.weight"
     bn = f"{head_name}.bias" if f"{head_name}.bias" in hp else None
@@ -285,6 +285,7 @@ def meta_gradients(
     label_smoothing: float = 0.0,
     fd_eps: float = 3e-6,
     loss_scale: float = 1.0,
+    num_labels: int | None = None,
 ) -> MetaGradients:
     """∂L_meta/∂e_i for every example of ``window`` and ∂L_meta/∂wd after the lookahead of ``specs``.
 
@@ -295,7 +296,8 @@ def meta_gradients(
     ``loss_scale`` is the fp16 GradScaler's current scale (1 otherwise): the reverse passes run on scaled
     losses and the forward-mode pass on a scaled tangent, and every result is unscaled, so the returned
     gradients do not depend on it (up to rounding) but do not underflow in half precision. Overflow shows
-    up as a non-finite result (:attr:`MetaGradients.finite`), which the caller skips.
+    up as a non-finite result (:attr:`MetaGradients.finite`), which the caller skips. ``num_labels`` picks
+    the classification head of ``"last_layer"`` (the last ``nn.Linear`` with that many outputs).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown meta_strategy {strategy!r}; choose one of {STRATEGIES}.")
@@ -304,7 +306,8 @@ def meta_gradients(
             raise ValueError("meta_strategy='exact' recomputes the lookahead graph; it cannot take precomputed grads.")
         return _exact(model, params, window, meta, specs, weight_decay, normalizer, label_smoothing)
     if strategy == "last_layer":
-        return _last_layer(model, params, window, meta, specs, weight_decay, normalizer, label_smoothing, grads)
+        return _last_layer(model, params, window, meta, specs, weight_decay, normalizer, label_smoothing, grads,
+                           num_labels)
     if grads is None:
         grads = lookahead_gradient(model, params, window, normalizer, label_smoothing, loss_scale)
     theta = lookahead({n: p.detach() for n, p in params.items()}, grads, specs, weight_decay)
