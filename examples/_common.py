@@ -76,11 +76,24 @@ def parse_args(script_cls: type, presets: Callable[[Any], dict[str, Any]], argv:
     argv = list(sys.argv[1:] if argv is None else argv)
     first = HfArgumentParser(script_cls, allow_abbrev=False)
     (script,) = first.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)[:1]
+    script._explicit = explicit_flags(argv)  # which flags the user set (presets and per-method overrides yield)
     parser = HfArgumentParser((script_cls, MetaLRConfig), allow_abbrev=False)
     parser.set_defaults(**presets(script))
+    explicit = script._explicit
     script, config = parser.parse_args_into_dataclasses(args=argv)
-    script._explicit = explicit_flags(argv)  # which flags the user set (per-method overrides must not beat them)
+    script._explicit = explicit
     return script, config
+
+
+def step_decay(script: Any, default: Sequence[float]) -> tuple[float, ...]:
+    """The step-decay fractions to use: ``default`` (the script's / paper's schedule), unless the user chose
+    a scheduler with ``--lr_scheduler_type`` (then none, so that scheduler is the one that runs)."""
+    explicit = getattr(script, "_explicit", set())
+    if "lr_scheduler_type" in explicit:
+        if "lr_decay_at" in explicit and default:
+            raise SystemExit("--lr_scheduler_type and --lr_decay_at both set the LR schedule; pass one of them.")
+        return ()
+    return tuple(default)
 
 
 def common_presets(script: Any, name: str, **extra: Any) -> dict[str, Any]:
@@ -136,12 +149,22 @@ class ImageData:
 
 
 def _subsample(dd, n_train: int | None, n_test: int | None, seed: int):
+    """At most ``n_train`` / ``n_test`` rows, drawn class-balanced (seeded), so that class-balanced meta
+    splits stay possible on a small budget (``--quick`` on CIFAR-100 keeps 4 images of each class)."""
     import datasets
 
     out = {}
     for name, n in (("train", n_train), ("test", n_test)):
         split = dd[name]
-        out[name] = split.shuffle(seed=seed).select(range(n)).flatten_indices() if n and n < len(split) else split
+        if not n or n >= len(split):
+            out[name] = split
+            continue
+        labels = np.asarray(split["fine_label"], dtype=np.int64)
+        rng = np.random.default_rng(seed)
+        per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+        # round-robin over the classes: every class gets n // C rows (the first n % C classes one more)
+        order = [rows[k] for k in range(max(len(r) for r in per_class)) for rows in per_class if k < len(rows)]
+        out[name] = split.select(sorted(order[:n])).flatten_indices()
     return datasets.DatasetDict(out)
 
 
@@ -338,8 +361,8 @@ def run_one(
     t0 = time.time()
     trainer.train()
     train_time = time.time() - t0
+    epochs, accs = eval_curve(trainer)  # before the final evaluate(), which would repeat the last epoch's point
     final = trainer.evaluate()
-    epochs, accs = eval_curve(trainer)
     out: dict[str, Any] = {
         "method": method,
         "seed": args.seed,
@@ -351,7 +374,8 @@ def run_one(
     }
     if isinstance(trainer, MetaLRTrainer) and trainer.rates is not None:
         r = trainer.rates
-        out["learned_weight_decay"] = float(r.weight_decay)
+        if args.learn_weight_decay:
+            out["learned_weight_decay"] = float(r.weight_decay)
         if r.per_class is not None:
             out["class_rates"] = [round(float(v), 4) for v in r.per_class.cpu()]
         if r.instance is not None:

@@ -15,6 +15,7 @@ CIFAR-100 from the Hub, ResNet-18, on GPUs:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -40,7 +41,8 @@ from hf_ddlr.trajectory import LRTrajectory, dataset_signature
 @dataclass
 class ScriptArguments:
     dataset: str = field(default="embedded", metadata={"help": "'embedded' (offline MNIST digits) or 'cifar100' (Hub)."})
-    model: str = field(default="auto", metadata={"help": "'small_cnn', 'resnet18' or 'auto' (small_cnn offline)."})
+    model: str = field(default="auto", metadata={"help": "'small_cnn', 'resnet18' or 'auto' (small_cnn offline).",
+                                                  "choices": ["auto", "small_cnn", "resnet18"]})
     k: int = field(default=3, metadata={"help": "Number of folds."})
     quick: bool = field(default=False, metadata={"help": "Tiny budget (a few hundred examples, 1 epoch) for tests."})
 
@@ -101,8 +103,9 @@ def main() -> dict:
     for i, fold in enumerate(folds):
         if is_main:
             print(f"[kfold] fold {i + 1}/{script.k}: {len(fold['train'])} train, {len(fold['meta'])} meta", flush=True)
-        fold_args = MetaLRConfig(**{**args.to_dict(), "output_dir": os.path.join(out_dir, f"fold_{i}"),
-                                    "push_to_hub": False, "save_strategy": "no", "report_to": []})
+        # dataclasses.replace, not to_dict(): to_dict() masks hub_token as "<HUB_TOKEN>"
+        fold_args = dataclasses.replace(args, output_dir=os.path.join(out_dir, f"fold_{i}"), push_to_hub=False,
+                                        save_strategy="no", report_to=[])
         trainer = MetaLRTrainer(
             model=_model(model_name, num_labels, channels, size, args.seed), args=fold_args,
             train_dataset=_materialize(fold["train"], to_tensor), meta_dataset=_materialize(fold["meta"], to_tensor),
@@ -122,13 +125,13 @@ def main() -> dict:
         pred = trainer.predict(test.remove_columns("sample_index"))
         return float((pred.predictions.argmax(-1) == pred.label_ids).mean())
 
-    replay_args = MetaLRConfig(**{**args.to_dict(), "output_dir": os.path.join(out_dir, "replay"), "report_to": []})
-    replay_args.replay_trajectory = averaged
+    replay_args = dataclasses.replace(args, output_dir=os.path.join(out_dir, "replay"), report_to=[],
+                                      replay_trajectory=averaged)
     replay = MetaLRTrainer(model=_model(model_name, num_labels, channels, size, args.seed), args=replay_args,
                            train_dataset=full_train)
     replay.train()
     replay.save_model()  # model + the replayed trajectory
-    plain_kw = {k: v for k, v in args.to_dict().items() if k in TrainingArguments.__dataclass_fields__}
+    plain_kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
     plain = Trainer(model=_model(model_name, num_labels, channels, size, args.seed),
                     args=TrainingArguments(**{**plain_kw, "output_dir": os.path.join(out_dir, "plain"),
                                               "push_to_hub": False, "report_to": []}),

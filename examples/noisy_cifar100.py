@@ -59,6 +59,7 @@ from _common import (  # noqa: E402
     run_config,
     run_one,
     say,
+    step_decay,
     strip,
     trainer_class,
     write_outputs,
@@ -97,6 +98,8 @@ def presets(s: NoisyOptions) -> dict:
                  weight_decay=5e-4, warmup_steps=0.125, lr_scheduler_type="constant_with_warmup", num_train_epochs=8)
     else:
         length, _ = SETTINGS[s.setting]
+        if "num_train_epochs" in getattr(s, "_explicit", ()):  # the user's length replaces the setting's
+            length = {"max_steps": -1}
         p = dict(per_device_train_batch_size=100, learning_rate=0.1, optim="sgd", optim_args="momentum=0.9",
                  weight_decay=5e-4, lr_scheduler_type="constant", **length)
     if s.quick:
@@ -117,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         decay = tuple(float(v) for v in parse_list(s.lr_decay_at))
     else:
         decay = () if embedded else SETTINGS[s.setting][1]
+    decay = step_decay(s, decay)
     methods = parse_list(s.methods)
     unknown = set(methods) - set(METHODS)
     if unknown:
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
             "learned wd | train time (s) |", "|---|---|---|---|---|---|---|"]
     for r in runs:
         sep = (f"{r['rate_clean']:.2f} / {r['rate_noisy']:.2f}" if "rate_clean" in r else "–")
-        wd = fmt(r.get("learned_weight_decay"), 6) if r["method"] != "plain" else "–"
+        wd = fmt(r.get("learned_weight_decay"), 6) if "learned_weight_decay" in r else "fixed"
         rows.append(f"| {r['method']} | {r['best_accuracy']:.4f} | {r['final_accuracy']:.4f} | "
                     f"{fmt(r.get('auroc_clean_vs_noisy'), 3)} | {sep} | {wd} | {r['train_time_s']:.0f} |")
     table = "\n".join(rows)

@@ -54,6 +54,7 @@ from _common import (  # noqa: E402
     run_config,
     run_one,
     say,
+    step_decay,
     strip,
     trainer_class,
     write_outputs,
@@ -117,8 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
     meta_size = s.meta_size or (90 if embedded else 250)
     n_train, n_test = s.max_train_samples, s.max_test_samples
     if s.quick:
-        n_train, n_test, meta_size = n_train or 400, n_test or 200, min(meta_size, 30)
-    decay = tuple(float(v) for v in parse_list(s.lr_decay_at))
+        # balanced over the superclass's fine classes: 10 per digit / 2 per CIFAR-100 class
+        n_train, n_test, meta_size = n_train or 400, n_test or 200, min(meta_size, 30 if embedded else 10)
+    decay = step_decay(s, [float(v) for v in parse_list(s.lr_decay_at)])
     methods = parse_list(s.methods)
     unknown = set(methods) - set(METHODS)
     if unknown:

@@ -62,6 +62,7 @@ from _common import (  # noqa: E402
     run_config,
     run_one,
     say,
+    step_decay,
     strip,
     trainer_class,
     write_outputs,
@@ -124,8 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
     meta_size = s.meta_size or (100 if embedded else 1000)
     n_train, n_test = s.max_train_samples, s.max_test_samples
     if s.quick:
-        n_train, n_test, meta_size = n_train or 400, n_test or 200, min(meta_size, 50)
-    decay = tuple(float(v) for v in parse_list(s.lr_decay_at))
+        # class-balanced meta split: 5 per digit / 1 per CIFAR-100 class
+        n_train, n_test, meta_size = n_train or 400, n_test or 200, min(meta_size, 50 if embedded else 100)
+    decay = step_decay(s, [float(v) for v in parse_list(s.lr_decay_at)])
     methods = parse_list(s.methods)
     unknown = set(methods) - set(METHOD_SPECS)
     if unknown:

@@ -44,6 +44,8 @@ def check_runs(payload: dict, methods: list[str]) -> dict[str, dict]:
         assert 0.0 <= r["final_accuracy"] <= 1.0 and 0.0 <= r["best_accuracy"] <= 1.0
         assert r["best_accuracy"] >= r["final_accuracy"] - 1e-9 or not r["curve"]["accuracy"]
         assert r["train_time_s"] > 0
+        epochs = r["curve"]["epoch"]
+        assert len(set(epochs)) == len(epochs), epochs  # one point per evaluation, the final one not repeated
     return runs
 
 
@@ -150,3 +152,30 @@ def test_flags_override_presets():
     assert cfg.per_device_train_batch_size == 100 and cfg.weight_decay == 5e-4
     with pytest.raises(SystemExit):
         noisy_cifar100.parse_args(noisy_cifar100.NoisyOptions, noisy_cifar100.presets, ["--lr_level", "bogus"])
+    # the user's length replaces setting A's 60k steps (max_steps would silently win over num_train_epochs)
+    s, cfg = noisy_cifar100.parse_args(noisy_cifar100.NoisyOptions, noisy_cifar100.presets,
+                                       ["--setting", "A", "--num_train_epochs", "5"])
+    assert (cfg.max_steps, cfg.num_train_epochs) == (-1, 5)
+    # an explicit scheduler replaces the script's step decay instead of being ignored
+    assert noisy_cifar100.step_decay(s, (0.5, 0.8)) == (0.5, 0.8)
+    s, _ = noisy_cifar100.parse_args(noisy_cifar100.NoisyOptions, noisy_cifar100.presets,
+                                     ["--lr_scheduler_type", "cosine"])
+    assert noisy_cifar100.step_decay(s, (0.5, 0.8)) == ()
+
+
+def test_quick_subsample_keeps_every_cifar100_class(synthetic_cifar100):
+    """--quick on CIFAR-100 (400 train images) must still allow the class-balanced meta split."""
+    import numpy as np
+
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    from hf_ddlr.data import make_variant
+
+    sub = _common._subsample(synthetic_cifar100, 400, 200, seed=0)
+    counts = np.bincount(sub["train"]["fine_label"], minlength=100)
+    assert len(sub["train"]) == 400 and counts.min() == counts.max() == 4
+    assert len(make_variant(sub, "noisy", noise_rate=0.4, meta_size=100, seed=0)["meta"]) == 100
+    assert len(make_variant(sub, "superclass", superclass="vehicles_1", meta_size=10, seed=0)["meta"]) == 10

@@ -22,6 +22,8 @@ Output splits all share one schema, the one the trainer and models consume:
 
 from __future__ import annotations
 
+import numbers
+
 import datasets
 import numpy as np
 
@@ -163,7 +165,7 @@ def apply_label_noise(
 
 
 def _check_noise(noise_rate: float, mode: str) -> None:
-    if not (isinstance(noise_rate, (int, float)) and 0.0 <= float(noise_rate) < 1.0):
+    if not (isinstance(noise_rate, numbers.Real) and 0.0 <= float(noise_rate) < 1.0):
         raise ValueError(f"noise_rate must be in [0, 1), got {noise_rate!r}; e.g. 0.4 for 40% label noise.")
     if mode not in NOISE_MODES:
         raise ValueError(f"unknown noise_mode {mode!r}; choose one of {NOISE_MODES}.")
@@ -270,10 +272,15 @@ def _balanced_holdout(
     for c in classes:
         rows = np.flatnonzero(labels == c)
         if per_class >= len(rows):
+            fix = (
+                f"use meta_size <= {(len(rows) - 1) * n_classes}"
+                if len(rows) > 1
+                else "the class has too few training images for a balanced meta set: subsample the train split "
+                "class-balanced (stratified), not uniformly"
+            )
             raise ValueError(
                 f"meta_size={meta_size} needs {per_class} images of class {fine.names[c]!r} but train has only "
-                f"{len(rows)} (at least one must stay in train); use meta_size <= {(len(rows) - 1) * n_classes} "
-                "or check the class counts."
+                f"{len(rows)} (at least one must stay in train); {fix}."
             )
         picked.append(rng.choice(rows, size=per_class, replace=False))
     return np.sort(np.concatenate(picked))
