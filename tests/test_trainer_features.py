@@ -400,3 +400,25 @@ def test_meta_values_reach_log_history_reporters_and_the_progress_bar(tmp_path, 
     ]
     printed = capsys.readouterr()
     assert "'meta_loss'" in printed.out + printed.err  # ProgressCallback.on_log writes the logs under the bar
+
+
+def test_resume_after_a_max_steps_stop_mid_epoch_matches_a_straight_run(tmp_path):
+    """max_steps < one epoch with save_strategy="epoch" (the Trainer saves at that stop), then resume with a
+    longer max_steps: the trajectory holds no snapshot of the stop, and describes the longer run."""
+    def make(out, max_steps):
+        torch.manual_seed(0)
+        return MetaLRTrainer(
+            model=TinyMLP(hidden=12),
+            args=_args(out, optim="sgd", learning_rate=0.1, lr_scheduler_type="constant", per_device_train_batch_size=8,
+                       max_steps=max_steps, save_strategy="epoch"),
+            train_dataset=make_split(32, seed=11), meta_dataset=make_split(8, seed=12),
+        )
+
+    straight = make(tmp_path / "straight", 7)
+    straight.train()
+    make(tmp_path / "resume", 3).train()  # 4 steps per epoch: stops mid-epoch, checkpoint-3 saved
+    resumed = make(tmp_path / "resume", 7)
+    resumed.train(resume_from_checkpoint=True)
+    assert [(s, e) for s, e, _ in resumed.lr_trajectory._instance] == [(0, 0.0), (4, 1.0), (7, 1.75)]
+    assert resumed.lr_trajectory == straight.lr_trajectory  # tensors and config (max_steps 7, not 3)
+    assert torch.equal(resumed.rates.instance, straight.rates.instance)

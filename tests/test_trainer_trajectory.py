@@ -46,27 +46,31 @@ def _train(tmp_path, name, train, meta=None, pretrained=False, **kw):
 
 
 @pytest.mark.parametrize(
-    "level, update", [("instance", "same_step"), ("both", "same_step"), ("instance", "delayed"), ("both", "delayed")]
+    "level, update, n, ga",
+    [("instance", "same_step", 40, 1), ("both", "same_step", 40, 1), ("instance", "delayed", 40, 1),
+     ("both", "delayed", 40, 1),
+     ("both", "same_step", 36, 2)],  # 5 micro-batches per epoch, GA 2: every epoch ends on a shorter window
 )
-def test_replay_reproduces_applied_rates(tmp_path, level, update):
-    train, meta = make_split(40, seed=1), make_split(16, seed=2)
+def test_replay_reproduces_applied_rates(tmp_path, level, update, n, ga):
+    train, meta = make_split(n, seed=1), make_split(16, seed=2)
     wd = dict(learn_weight_decay=True, weight_decay=1e-3) if level == "both" else {}
-    orig, applied = _train(tmp_path, "orig", train, meta, num_train_epochs=3, lr_level=level, meta_update=update, **wd)
+    orig, applied = _train(tmp_path, "orig", train, meta, num_train_epochs=3, lr_level=level, meta_update=update,
+                           gradient_accumulation_steps=ga, **wd)
     traj = orig.lr_trajectory
-    assert traj.num_steps == orig.state.global_step == 15
+    assert traj.num_steps == orig.state.global_step == (15 if ga == 1 else 9)
     assert traj.instance_epochs.tolist() == [0.0, 1.0, 2.0, 3.0]
     torch.testing.assert_close(traj.instance_rates[-1], orig.rates.instance.cpu())
     if level == "both":
-        assert traj.class_rates.shape == (16, 3)  # step 0 and every step
+        assert traj.class_rates.shape == (traj.num_steps + 1, 3)  # step 0 and every step
     orig.save_model()
     assert (tmp_path / "orig" / TRAJECTORY_TENSORS_NAME).is_file()
     assert LRTrajectory.from_pretrained(tmp_path / "orig") == traj
 
     # the replay needs no weight-decay settings: a trajectory that learned it replays it
     rep, replayed = _train(tmp_path, "replay", train, None, num_train_epochs=3, lr_level=level,
-                           replay_trajectory=str(tmp_path / "orig"))
+                           gradient_accumulation_steps=ga, replay_trajectory=str(tmp_path / "orig"))
     if wd:
-        assert len({applied[(s, "wd")] for s in range(1, 16)}) > 5  # the weight decay was learned
+        assert len({applied[(s, "wd")] for s in range(1, traj.num_steps + 1)}) > 5  # the weight decay was learned
     assert rep.lr_trajectory.config["mode"] == "replay"
     assert set(replayed) == set(applied)
     moved = sum(abs(v - 1) > 1e-3 for v in applied.values())

@@ -484,7 +484,7 @@ class MetaLRTrainer(Trainer):
         mid = (gs + 0.5) / spe  # strictly inside the current epoch
         # The original run recorded, at the end of step s, the values after that step's meta update: a
         # same-step run had applied them in step s itself, a delayed one applies them from step s + 1 on.
-        end = (gs if delayed else gs + 1) / spe
+        end = self._epoch_after(gs if delayed else gs + 1)
         mode = "previous" if delayed else "next"
         if self.rates.instance is not None:
             if not t.has_instance_rates:
@@ -502,9 +502,16 @@ class MetaLRTrainer(Trainer):
 
     def _steps_per_epoch(self) -> int:
         if getattr(self, "_spe", None) is None:
-            n, ga = len(self.get_train_dataloader()), self.args.gradient_accumulation_steps
-            self._spe = max(1, -(-n // ga))
+            self._batches = len(self.get_train_dataloader())
+            self._spe = max(1, -(-self._batches // self.args.gradient_accumulation_steps))
         return self._spe
+
+    def _epoch_after(self, step: int) -> float:
+        """``state.epoch`` as the Trainer reports it after optimizer step ``step`` (micro-batches done / per
+        epoch): with gradient accumulation the last window of an epoch can be shorter than the others."""
+        spe = self._steps_per_epoch()
+        e, k = divmod(step, spe)
+        return e + min(k * self.args.gradient_accumulation_steps, self._batches) / self._batches
 
     def _begin_window(self, batch_samples: list) -> None:
         self._step_meta_loss = None
@@ -716,7 +723,14 @@ class MetaLRTrainer(Trainer):
         self._apply_weight_decay()
         if os.path.isfile(os.path.join(checkpoint, TRAJECTORY_TENSORS_NAME)):
             loaded = LRTrajectory.from_pretrained(checkpoint)
-            loaded.truncate(self.state.global_step)
+            step = self.state.global_step
+            loaded.truncate(step)
+            # A run stopped mid-epoch recorded its final table at on_epoch_end (fractional epoch); the resumed
+            # run finishes that epoch and records the real epoch end, as an uninterrupted run would.
+            loaded._instance = [r for r in loaded._instance if not (r[0] == step and abs(r[1] - round(r[1])) > 1e-6)]
+            loaded._cache.clear()
+            # the trajectory now describes this run (its schedule may be longer than the checkpointed one's)
+            loaded.config = {**loaded.config, **self._meta_settings()}
             n_old, n_new = loaded.dataset.get("num_examples"), self.lr_trajectory.dataset.get("num_examples")
             if n_old != n_new:  # only reachable with resize_rates_on_resume=True (the rate table raised otherwise)
                 warnings.warn(
