@@ -9,6 +9,7 @@ import os
 import shutil
 
 import pytest
+import safetensors.torch
 import torch
 from ddp_worker import run, state_of
 from tiny import TinyMLP, make_split
@@ -19,6 +20,7 @@ import hf_ddlr.meta.engine as engine
 import hf_ddlr.trainer as trainer_mod
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
 from hf_ddlr.trainer import META_STATE_NAME
+from hf_ddlr.trajectory import LRTrajectory
 
 COMMON = dict(report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
 
@@ -422,3 +424,21 @@ def test_resume_after_a_max_steps_stop_mid_epoch_matches_a_straight_run(tmp_path
     assert [(s, e) for s, e, _ in resumed.lr_trajectory._instance] == [(0, 0.0), (4, 1.0), (7, 1.75)]
     assert resumed.lr_trajectory == straight.lr_trajectory  # tensors and config (max_steps 7, not 3)
     assert torch.equal(resumed.rates.instance, straight.rates.instance)
+
+
+def test_load_best_model_at_end_brings_back_its_rates_and_trajectory(tmp_path):
+    torch.manual_seed(0)
+    t = MetaLRTrainer(
+        model=TinyMLP(hidden=12),
+        args=_args(tmp_path, optim="sgd", learning_rate=1.0, per_device_train_batch_size=8, max_steps=8,
+                   eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                   load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True),
+        train_dataset=make_split(32, seed=11), meta_dataset=make_split(8, seed=12), eval_dataset=make_split(16, seed=5),
+    )
+    t.train()
+    best = t.state.best_model_checkpoint
+    best_step = int(best.rsplit("-", 1)[1])
+    assert best_step < 8  # the last step is not the best one here, so the test means something
+    saved = safetensors.torch.load_file(os.path.join(best, META_STATE_NAME))
+    assert torch.equal(t.rates.instance, saved["instance"])
+    assert t.lr_trajectory.num_steps == best_step and t.lr_trajectory == LRTrajectory.from_pretrained(best)

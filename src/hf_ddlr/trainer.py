@@ -705,6 +705,18 @@ class MetaLRTrainer(Trainer):
                 os.path.join(output_dir, META_STATE_NAME),
             )
 
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the rates and the trajectory go back to the best checkpoint too, so that
+        ``trainer.rates``, ``save_model`` and ``push_to_hub`` describe the model that is kept."""
+        super()._load_best_model()
+        best = self.state.best_model_checkpoint
+        if not self._meta_active or not best or not os.path.isfile(os.path.join(best, META_STATE_NAME)):
+            return
+        self.rates.load_state_dict(safetensors.torch.load_file(os.path.join(best, META_STATE_NAME)))
+        if os.path.isfile(os.path.join(best, TRAJECTORY_TENSORS_NAME)):
+            self.lr_trajectory = LRTrajectory.from_pretrained(best)
+        logger.info(f"Loaded the rates and LR trajectory of the best checkpoint {best} with its model.")
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if not self._meta_active or checkpoint is None:
