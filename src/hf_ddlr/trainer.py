@@ -381,7 +381,9 @@ class MetaLRTrainer(Trainer):
                 collate = self._get_collator_with_removed_columns(self.data_collator, description="Meta")
             self._meta_data, self._meta_collate = ds, collate
         ds = self._meta_data
-        m = self.args.meta_batch_size or self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        # default: the micro-batches of one optimizer step (_train_batch_size follows auto_find_batch_size)
+        per_device = getattr(self, "_train_batch_size", None) or self.args.per_device_train_batch_size
+        m = self.args.meta_batch_size or per_device * self.args.gradient_accumulation_steps
         g = torch.Generator().manual_seed(self._seed(kind=1))
         idx = torch.randperm(len(ds), generator=g)[:m] if m <= len(ds) else torch.randint(len(ds), (m,), generator=g)
         batch = self._prepare_inputs(self._meta_collate([ds[int(i)] for i in idx]))
