@@ -181,7 +181,6 @@ class MetaLRTrainer(Trainer):
         ``hyperparameter_search``): it starts again from rates 1 and an empty trajectory."""
         if self._meta_active and getattr(self, "_has_trained", False) and not resume_from_checkpoint:
             self._init_meta(self.num_labels)
-            self._spe = None
         self._has_trained = True
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
@@ -282,6 +281,7 @@ class MetaLRTrainer(Trainer):
         self._meta_log: dict[str, float] = {"meta_loss_sum": 0.0, "meta_steps": 0, "skipped": 0}
         self._warned: set[str] = set()
         self._meta_data = None
+        self._spe: int | None = None  # optimizer steps per epoch, computed on first use
         self._step_meta_loss: float | None = None
         self._step_lr = float(args.learning_rate)
         self.lr_trajectory = LRTrajectory.for_dataset(
@@ -503,7 +503,7 @@ class MetaLRTrainer(Trainer):
                 self.rates.weight_decay = t.weight_decay_at(epoch=end)
 
     def _steps_per_epoch(self) -> int:
-        if getattr(self, "_spe", None) is None:
+        if self._spe is None:
             self._batches = len(self.get_train_dataloader())
             self._spe = max(1, -(-self._batches // self.args.gradient_accumulation_steps))
         return self._spe
@@ -737,12 +737,7 @@ class MetaLRTrainer(Trainer):
         self._apply_weight_decay()
         if os.path.isfile(os.path.join(checkpoint, TRAJECTORY_TENSORS_NAME)):
             loaded = LRTrajectory.from_pretrained(checkpoint)
-            step = self.state.global_step
-            loaded.truncate(step)
-            # A run stopped mid-epoch recorded its final table at on_epoch_end (fractional epoch); the resumed
-            # run finishes that epoch and records the real epoch end, as an uninterrupted run would.
-            loaded._instance = [r for r in loaded._instance if not (r[0] == step and abs(r[1] - round(r[1])) > 1e-6)]
-            loaded._cache.clear()
+            loaded.truncate(self.state.global_step, drop_partial_epoch=True)
             # the trajectory now describes this run (its schedule may be longer than the checkpointed one's)
             loaded.config = {**loaded.config, **self._meta_settings()}
             n_old, n_new = loaded.dataset.get("num_examples"), self.lr_trajectory.dataset.get("num_examples")

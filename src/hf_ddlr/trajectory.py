@@ -272,15 +272,23 @@ class LRTrajectory:
         size = self.dataset.get("num_examples") if self.dataset else None
         self._record_rates(self._instance, step, epoch, rates, "instance rates", size)
 
-    def truncate(self, max_step: int) -> None:
-        """Drop everything recorded after ``max_step`` (resume from a checkpoint taken at ``max_step``)."""
+    def truncate(self, max_step: int, *, drop_partial_epoch: bool = False) -> None:
+        """Drop everything recorded after ``max_step`` (resume from a checkpoint taken at ``max_step``).
+
+        ``drop_partial_epoch=True`` also drops an instance snapshot taken at ``max_step`` in the middle of
+        an epoch (a run stopped by ``max_steps`` records its table at ``on_epoch_end``): the resumed run
+        finishes that epoch and records the real epoch end, as an uninterrupted run would.
+        """
         self._cache.clear()
         keep = [i for i, s in enumerate(self._steps) if s <= max_step]
         for name in ("_steps", "_epochs", "_lr", "_wd", "_meta_loss"):
             lst = getattr(self, name)
             setattr(self, name, [lst[i] for i in keep])
         self._class = [r for r in self._class if r[0] <= max_step]
-        self._instance = [r for r in self._instance if r[0] <= max_step]
+        self._instance = [
+            r for r in self._instance
+            if r[0] < max_step or (r[0] == max_step and not (drop_partial_epoch and abs(r[1] - round(r[1])) > 1e-6))
+        ]
 
     # ------------------------------------------------------------------ tensor views
     @property
