@@ -76,10 +76,10 @@ def parse_args(script_cls: type, presets: Callable[[Any], dict[str, Any]], argv:
     argv = list(sys.argv[1:] if argv is None else argv)
     first = HfArgumentParser(script_cls, allow_abbrev=False)
     (script,) = first.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)[:1]
-    script._explicit = explicit_flags(argv)  # which flags the user set (presets and per-method overrides yield)
+    explicit = explicit_flags(argv)  # which flags the user set (presets and per-method overrides yield to them)
+    script._explicit = explicit
     parser = HfArgumentParser((script_cls, MetaLRConfig), allow_abbrev=False)
     parser.set_defaults(**presets(script))
-    explicit = script._explicit
     script, config = parser.parse_args_into_dataclasses(args=argv)
     script._explicit = explicit
     return script, config
