@@ -128,9 +128,10 @@ def run_unit(kind: str, seed: int, a: argparse.Namespace, work: Path) -> dict:
     return unit
 
 
-def cached(kind: str, seed: int, a: argparse.Namespace, work: Path) -> dict | None:
+def cached(kind: str, seed: int, a: argparse.Namespace, work: Path, *, honour_force: bool = True) -> dict | None:
+    """The stored result of one unit for these settings (None: to be run; ``--force`` says so for all)."""
     path = work / "runs" / f"{kind}_seed{seed}.json"
-    if a.force or not path.is_file():
+    if (honour_force and a.force) or not path.is_file():
         return None
     unit = json.loads(path.read_text())
     return unit if (unit.get("epochs"), unit.get("quick")) == (a.epochs, a.quick) else None
@@ -186,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         for k, s in todo:
             run_unit(k, s, a, work)
-    units = {(k, s): cached(k, s, a, work) for k in ("noisy", "personal") for s in a.seeds}
+    # everything was just (re)computed: read it back even under --force
+    units = {(k, s): cached(k, s, a, work, honour_force=False) for k in ("noisy", "personal") for s in a.seeds}
     noisy: dict[str, list[dict]] = {}
     personal: dict[str, list[dict]] = {}
     for (k, _), unit in sorted(units.items(), key=lambda kv: kv[0]):
