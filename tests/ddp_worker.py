@@ -123,6 +123,7 @@ def dump(trainer: MetaLRTrainer, out: str, name: str) -> None:
         "wrapped": type(trainer.model_wrapped).__name__,
         "seen_rows": trainer.seen_rows,
         "log_history": trainer.state.log_history,
+        "layerwise": trainer._layerwise,
     }
     with open(os.path.join(out, f"{name}_rank{rank}.json"), "w") as f:
         json.dump(info, f)

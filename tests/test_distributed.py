@@ -53,12 +53,14 @@ def single_process_bert(tmp_path_factory):
     return state_of(t), t.seen_rows
 
 
-def _check_run(out: Path, name: str, single_process, first_step: int = 0) -> dict:
+def _check_run(out: Path, name: str, single_process, first_step: int = 0, layerwise: str = "verified") -> dict:
+    """``layerwise``: how the dots were taken on both ranks ("verified": per-layer products, GA: forward mode)."""
     ref, ref_rows = single_process
     (s0, j0), (s1, j1) = _load(out, name, 0), _load(out, name, 1)
     for j in (j0, j1):
         assert j["world_size"] == 2 and j["parallel_mode"] == "ParallelMode.DISTRIBUTED"
         assert j["wrapped"] == "DistributedDataParallel"
+        assert j["layerwise"] == layerwise, name
     # every rank holds the identical model, rate tables, weight decay and trajectory
     assert set(s0) == set(s1) == set(ref)
     for k in s0:
@@ -90,7 +92,7 @@ def test_torchrun_ddp_matches_single_process_and_resumes_exactly(
         tmp_path,
     )
     ga1 = _check_run(out, "ga1", single_process)  # 2 ranks x 4
-    _check_run(out, "ga2", single_process)  # 2 ranks x GA 2 x 2
+    _check_run(out, "ga2", single_process, layerwise="unchecked")  # 2 ranks x GA 2 x 2 (forward mode)
     # exact resume under DDP: stopped after step 3 (mid-epoch), resumed to 6 == never stopped, bit for bit
     resumed = _check_run(out, "resumed", single_process, first_step=3)
     for k in ga1:

@@ -9,6 +9,7 @@ mixed precision, clipping and logging stay the Trainer's. The only change to the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import warnings
@@ -35,6 +36,7 @@ from .meta import (
     replay_rng,
 )
 from .meta.distributed import all_gather_varlen, all_ranks_true, all_reduce_mean_
+from .meta.layerwise import LayerTape, LayerwiseUnsupported, record_layers, unsupported_reason
 from .meta.passes import extract_logits
 from .trajectory import TRAJECTORY_CONFIG_NAME, TRAJECTORY_TENSORS_NAME, LRTrajectory
 
@@ -276,6 +278,7 @@ class MetaLRTrainer(Trainer):
         self._window: list[MicroBatch] = []
         self._window_pos = 0
         self._fused = False
+        self._layerwise = "unchecked"  # per-layer dots: "unchecked" | "verified" | "off"
         self._window_normalizer = 1.0
         self._current_weights: torch.Tensor | None = None
         self._meta_log: dict[str, float] = {"meta_loss_sum": 0.0, "meta_steps": 0, "skipped": 0}
@@ -424,7 +427,10 @@ class MetaLRTrainer(Trainer):
             return "jvp"
         return s
 
-    def _run_meta_step(self, grads: dict[str, torch.Tensor] | None = None) -> None:
+    def _run_meta_step(
+        self, grads: dict[str, torch.Tensor] | None = None, layer_tape: LayerTape | None = None,
+        check_layer_tape: float | None = None,
+    ) -> Any:
         args: MetaLRConfig = self.args
         model = self.model
         model.train()
@@ -433,8 +439,6 @@ class MetaLRTrainer(Trainer):
         decay_ids = {id(q) for g in self.optimizer.param_groups if g.get("hf_ddlr_decay") for q in g["params"]}
         decay = {n for n, p in params.items() if id(p) in decay_ids}
         specs = param_specs(self._raw_optimizer(), params, decay, mode=args.lookahead)
-        scaler = getattr(self.accelerator, "scaler", None)  # fp16 GradScaler (GPU): meta passes run scaled too
-        loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         res = meta_gradients(
             model,
             params,
@@ -447,8 +451,10 @@ class MetaLRTrainer(Trainer):
             grads=grads,
             label_smoothing=args.label_smoothing_factor,
             fd_eps=args.fd_epsilon,
-            loss_scale=loss_scale,
+            loss_scale=self._loss_scale(),
             num_labels=self.num_labels,
+            layer_tape=layer_tape,
+            check_layer_tape=check_layer_tape,
         )
         if not all_ranks_true(res.finite, self.args.device):  # every rank skips together (no hanging gather)
             self._meta_log["skipped"] += 1
@@ -456,7 +462,7 @@ class MetaLRTrainer(Trainer):
                 f"Step {self.state.global_step}: the meta loss or its gradient is not finite "
                 f"(meta loss {res.meta_loss}); the rates are left unchanged for this step."
             )
-            return
+            return res
         idx = all_gather_varlen(torch.cat([mb.indices for mb in self._window]))
         labels = all_gather_varlen(torch.cat([mb.labels for mb in self._window]))
         grad = all_gather_varlen(res.example_grad.to(labels.device))
@@ -465,6 +471,12 @@ class MetaLRTrainer(Trainer):
         self._meta_log["meta_loss_sum"] += res.meta_loss
         self._meta_log["meta_steps"] += 1
         self.last_meta_gradients = res
+        return res
+
+    def _loss_scale(self) -> float:
+        """The fp16 GradScaler's current scale (1 otherwise): the meta passes run on scaled losses too."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -598,8 +610,13 @@ class MetaLRTrainer(Trainer):
         if self._strategy() == "last_layer" and (self._fused or self.args.meta_update == "delayed"):
             _, head = find_output_layer(self.model, self.num_labels)
             hook = head.register_forward_hook(lambda mod, inp, out: box.__setitem__("h", inp[0]))
+        recording = (
+            record_layers(self.model, self._param_names(), labels.shape[0])
+            if self._layerwise_applies() else contextlib.nullcontext()
+        )
         try:
-            outputs = model(**inputs)
+            with recording as tape:
+                outputs = model(**inputs)
         finally:
             if hook is not None:
                 hook.remove()
@@ -608,21 +625,98 @@ class MetaLRTrainer(Trainer):
         self._last_losses = L.detach()
         if "h" in box:
             mb.features = (box["h"].detach(), logits.detach())
+        ga = self.current_gradient_accumulation_steps
         if self._fused:
             mb.losses = L.detach()
-            self._run_meta_step(grads=self._fused_lookahead_grad(w, L))
+            layerwise = tape is not None and self._layerwise_meta_step(tape, w, L)
+            if not layerwise:
+                self._run_meta_step(grads=self._fused_lookahead_grad(w, L))
             self._apply_weight_decay()
             w = mb.weights = self.rates.effective(mb.indices, mb.labels)
-        loss = (w.to(L.dtype) * L).sum() / self._window_normalizer * self.current_gradient_accumulation_steps
+            if layerwise and self._layerwise == "verified":
+                # The real gradient Σ e_i ∇L_i / N from the recorded layers (no second backward): a loss whose
+                # gradient is exactly that and whose value is the weighted loss, for the Trainer's backward.
+                G = tape.weighted_grads(w / self._window_normalizer)
+                params = self._trainable_params()
+                S = sum((params[n] * g.to(params[n].dtype)).sum() for n, g in G.items())
+                loss = ((S - S.detach()) + (w.to(L.dtype) * L.detach()).sum() / self._window_normalizer) * ga
+                return (loss, outputs) if return_outputs else loss
+        loss = (w.to(L.dtype) * L).sum() / self._window_normalizer * ga
         return (loss, outputs) if return_outputs else loss
+
+    def _trainable_params(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _param_names(self) -> dict[int, str]:
+        return {id(p): n for n, p in self._trainable_params().items()}
+
+    def _layerwise_applies(self) -> bool:
+        """Whether this step's meta step takes its dots from the recorded layers (see ``layerwise_dots``)."""
+        args: MetaLRConfig = self.args
+        if not (self._fused and args.layerwise_dots and self._strategy() == "jvp") or self._layerwise == "off":
+            return False
+        if self._layerwise == "unchecked":
+            reason = unsupported_reason(self.model)
+            checkpointing = args.gradient_checkpointing or any(
+                getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules()
+            )
+            if reason is None and checkpointing:
+                reason = "gradient checkpointing recomputes the layers during the backward"
+            if reason is not None:
+                self._layerwise_off(reason, warn=False)
+                return False
+        return True
+
+    def _layerwise_off(self, reason: str, warn: bool) -> None:
+        self._layerwise = "off"
+        msg = f"meta_strategy='jvp' uses forward mode for this model: {reason}."
+        if warn:
+            warnings.warn(msg + " (layerwise_dots=False skips this check.)", stacklevel=3)
+        else:
+            logger.info(msg)
+
+    def _layerwise_meta_step(self, tape: LayerTape, w: torch.Tensor, L: torch.Tensor) -> bool:
+        """The meta step from the recorded layers; False when they cannot serve (nothing was done then, and
+        the real forward's graph is intact). The first time, the lookahead gradient and the dots are checked
+        against autograd and forward mode; on a mismatch the checked step keeps the reference values and every
+        later step uses forward mode."""
+        check = self._layerwise == "unchecked"
+        half = bool(self.args.bf16 or self.args.fp16)
+        problem = None
+        try:
+            tape.backward(L, self._loss_scale(), retain_graph=check)
+        except LayerwiseUnsupported as e:
+            problem = str(e)
+        grads = None
+        if problem is None:
+            got = tape.weighted_grads(w / self._window_normalizer)
+            grads = {n: got[n] if n in got else torch.zeros_like(p, dtype=torch.float32)
+                     for n, p in self._trainable_params().items()}
+            all_reduce_mean_(list(grads.values()))
+            if check:
+                problem = _compare_grads(grads, self._fused_lookahead_grad(w, L), 2e-2 if half else 1e-3)
+        if check and not all_ranks_true(problem is None, self.args.device):
+            self._layerwise_off(problem or "the check failed on another process", warn=True)
+            return False
+        if problem is not None:  # a later step that cannot be decomposed (e.g. an unusual batch)
+            self._layerwise_off(problem, warn=True)
+            return False
+        res = self._run_meta_step(grads=grads, layer_tape=tape,
+                                  check_layer_tape=(0.999 if half else 0.9999) if check else None)
+        if check:
+            if all_ranks_true(res.layerwise_mismatch is None, self.args.device):
+                self._layerwise = "verified"
+                logger.info("meta_strategy='jvp': per-layer products match forward mode; using them.")
+            else:
+                self._layerwise_off(res.layerwise_mismatch or "the check failed on another process", warn=True)
+        return True
 
     def _fused_lookahead_grad(self, w: torch.Tensor, L: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """(1/N) Σ e_i ∇L_i from the real forward's graph (kept for the real backward), averaged over ranks."""
         if self._strategy() == "last_layer":
             return None  # the closed form needs only the head's input, captured during the forward
         params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        scaler = getattr(self.accelerator, "scaler", None)
-        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        scale = self._loss_scale()
         total = (w.to(L.dtype) * L).sum() * (scale / self._window_normalizer)
         gs = torch.autograd.grad(total, list(params.values()), retain_graph=True, allow_unused=True)
         grads = {n: (g / scale if g is not None else torch.zeros_like(p)) for (n, p), g in zip(params.items(), gs)}
@@ -751,6 +845,16 @@ class MetaLRTrainer(Trainer):
                 loaded.dataset, loaded.noise_mask = self.lr_trajectory.dataset, self.lr_trajectory.noise_mask
                 loaded._instance = []
             self.lr_trajectory = loaded
+
+
+def _compare_grads(got: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor], tol: float) -> str | None:
+    """Why ``got`` differs from ``ref`` beyond ``tol`` (relative, per tensor, with a floor for ~zero tensors)."""
+    floor = 1e-3 * max(float(r.float().norm()) for r in ref.values())
+    for n, r in ref.items():
+        err = float((got[n].float() - r.float()).norm())
+        if not err <= tol * (float(r.float().norm()) + floor):
+            return f"the per-layer gradient of '{n}' differs from autograd's by {err:.3g} (norm {float(r.norm()):.3g})"
+    return None
 
 
 def _is_transfer_error(err: BaseException) -> bool:

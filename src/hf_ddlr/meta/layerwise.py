@@ -1,0 +1,231 @@
+"""Per-example gradient algebra from one forward's layer inputs and output gradients ("ghost" products).
+
+For a model built only from ``nn.Linear``, ``nn.Embedding`` and ``nn.LayerNorm`` parameters, with no
+coupling between the examples of a batch (no BatchNorm in train mode), the gradient of example i's loss
+w.r.t. a layer's weight is ``Σ_t g_{i,t} ⊗ a_{i,t}`` (a: the layer's input, g: the gradient of the loss at
+its output, t: the positions of the example). So, from the tensors a and g of *one* real forward and *one*
+backward to the layer outputs:
+
+- ``T·∇L_i`` for every example costs one matmul per linear layer (``Σ_t g·(T a)``) — what forward-mode AD
+  costs three matmuls for (it recomputes the primal and pushes the tangent through every op);
+- ``Σ_i c_i ∇L_i`` for any weights c (the lookahead gradient, then the real step's gradient with the
+  updated rates) costs the weight-gradient matmul of a backward, without a second backward pass.
+
+This is the same mathematics as the jvp strategy (the same numbers up to rounding); :class:`LayerTape`
+only applies where every trainable parameter sits in one of those layers, and the trainer checks it
+against forward mode on its first step (:func:`unsupported_reason` lists what is checked statically).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LayerTape", "LayerwiseUnsupported", "record_layers", "unsupported_reason"]
+
+_LAYERS = (nn.Linear, nn.Embedding, nn.LayerNorm)
+
+
+class LayerwiseUnsupported(RuntimeError):
+    """The recorded forward cannot be decomposed per example (raised at run time; callers fall back)."""
+
+
+def _trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(k, p) for k, p in module.named_parameters(recurse=False) if p.requires_grad]
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why the per-layer products cannot serve ``model``, or None when they can (checked statically)."""
+    covered: set[int] = set()
+    for name, m in model.named_modules():
+        own = _trainable(m)
+        if not own:
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            return f"'{name}' is a BatchNorm layer in train mode (its batch statistics couple the examples)"
+        if type(m) not in _LAYERS:
+            return f"'{name}' ({type(m).__name__}) holds trainable parameters and is not Linear/Embedding/LayerNorm"
+        if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.scale_grad_by_freq or m.sparse):
+            return f"'{name}' is an Embedding with max_norm / scale_grad_by_freq / sparse"
+        covered.update(id(p) for _, p in own)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            return f"'{name}' is a BatchNorm layer in train mode (its batch statistics couple the examples)"
+    for n, p in model.named_parameters():
+        if p.requires_grad and id(p) not in covered:
+            return f"parameter '{n}' does not belong to a supported layer"
+    return None
+
+
+@dataclass
+class _Call:
+    module: nn.Module
+    inp: torch.Tensor
+    out: torch.Tensor
+    versions: tuple[int, int]
+    grad: torch.Tensor | None = None
+    xhat: torch.Tensor | None = None
+
+
+class LayerTape:
+    """The layer calls of one forward; after :meth:`backward`, per-example dots and weighted gradients.
+
+    ``names`` maps the model's trainable parameters (by identity) to the names used in the tangent / gradient
+    dictionaries (the model's ``named_parameters`` names).
+    """
+
+    def __init__(self, names: Mapping[int, str], batch: int) -> None:
+        self.names = dict(names)
+        self.calls: list[_Call] = []
+        self.batch = batch
+        self.problem: str | None = None
+        self._done = False
+        self.scale = 1.0  # why the forward cannot be decomposed (found while recording)
+
+    # ------------------------------------------------------------------ recording
+    def _hook(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        if not args or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
+            self.problem = f"a {type(module).__name__} was called without a tensor input/output"
+            return None
+        if not out.requires_grad:
+            return None
+        x = args[0]
+        B = self.batch
+        if isinstance(module, nn.Embedding) and B and B > 1 and x.dim() >= 1 and x.shape[0] == 1:
+            # Position embeddings are looked up once ([1, S]) and broadcast over the batch; an explicit
+            # expand (a view, the same values downstream) gives every example its own output gradient.
+            x, out = x.expand(B, *x.shape[1:]), out.expand(B, *out.shape[1:])
+            self.calls.append(_Call(module, x, out, (x._version, out._version)))
+            return out
+        self.calls.append(_Call(module, x, out, (x._version, out._version)))
+        return None
+
+    def backward(self, losses: torch.Tensor, scale: float = 1.0, retain_graph: bool = False) -> None:
+        """Gradients of ``Σ_i L_i`` at every recorded layer output (one reverse pass that skips weight
+        gradients). ``scale`` multiplies the loss (fp16 underflow) and is divided out of every product."""
+        if self.problem is not None:
+            raise LayerwiseUnsupported(self.problem)
+        if not self.calls:
+            raise LayerwiseUnsupported("no supported layer ran in the forward")
+        B = self.batch
+        if losses.shape[0] != B:
+            raise LayerwiseUnsupported(f"{losses.shape[0]} losses for a batch of {B}")
+        for c in self.calls:
+            if (c.inp._version, c.out._version) != c.versions:
+                raise LayerwiseUnsupported(f"the input or output of a {type(c.module).__name__} was modified in place")
+            if c.inp.dim() == 0 or c.inp.shape[0] != B or c.out.shape[0] != B:
+                raise LayerwiseUnsupported(
+                    f"a {type(c.module).__name__} ran on a tensor whose first dimension is not the batch"
+                )
+        self._done = True
+        gs = torch.autograd.grad(
+            losses.sum() * scale, [c.out for c in self.calls], retain_graph=retain_graph, allow_unused=True
+        )
+        self.scale = float(scale)
+        for c, g in zip(self.calls, gs):
+            c.grad = None if g is None else g.detach()  # kept scaled (half precision); unscaled in fp32 below
+            c.out = None  # the graph is no longer needed
+
+    # ------------------------------------------------------------------ products
+    def _pieces(self) -> Iterator[tuple[_Call, torch.Tensor, torch.Tensor]]:
+        """(call, a, g) with a, g as [B, positions, features] in fp32 (ids for embeddings)."""
+        if not self._done:
+            raise RuntimeError("LayerTape.backward must run before products are taken")
+        B = self.batch
+        for c in self.calls:
+            if c.grad is None:
+                continue
+            m = c.module
+            g = c.grad.float()
+            if self.scale != 1.0:
+                g = g / self.scale
+            if isinstance(m, nn.Linear):
+                yield c, c.inp.detach().reshape(B, -1, m.in_features).float(), g.reshape(B, -1, m.out_features)
+            elif isinstance(m, nn.Embedding):
+                ids = c.inp.reshape(B, -1)
+                g = g.reshape(B, -1, m.embedding_dim)
+                if m.padding_idx is not None:
+                    g = g * (ids != m.padding_idx).unsqueeze(-1)
+                yield c, ids, g
+            else:  # LayerNorm: a is the normalized input x̂ (computed once per tape)
+                n = math.prod(m.normalized_shape)
+                if c.xhat is None:
+                    x = c.inp.detach().float()
+                    c.xhat = F.layer_norm(x, m.normalized_shape, None, None, m.eps).reshape(B, -1, n)
+                yield c, c.xhat, g.reshape(B, -1, n)
+
+    def _param(self, m: nn.Module, attr: str) -> str | None:
+        p = getattr(m, attr, None)
+        return None if p is None or not p.requires_grad else self.names.get(id(p))
+
+    def dots(self, T: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``T·∇L_i`` for every example (fp32), T given for the named parameters."""
+        out = torch.zeros(self.batch, dtype=torch.float32, device=self._device())
+        for c, a, g in self._pieces():
+            m = c.module
+            w, b = self._param(m, "weight"), self._param(m, "bias")
+            if isinstance(m, nn.Linear):
+                if w is not None:
+                    out += ((a @ T[w].float().T) * g).sum((1, 2))
+                if b is not None:
+                    out += g.sum(1) @ T[b].float()
+            elif isinstance(m, nn.Embedding):
+                if w is not None:
+                    out += (T[w].float()[a] * g).sum((1, 2))
+            else:
+                if w is not None:
+                    out += (a * g).sum(1) @ T[w].float().reshape(-1)
+                if b is not None:
+                    out += g.sum(1) @ T[b].float().reshape(-1)
+        return out
+
+    def weighted_grads(self, coef: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``Σ_i coef_i ∇L_i`` for every named parameter a recorded layer used (fp32, parameter shapes)."""
+        grads: dict[str, torch.Tensor] = {}
+
+        def add(name: str | None, value: torch.Tensor) -> None:
+            if name is not None:
+                grads[name] = grads[name] + value if name in grads else value
+
+        coef = coef.float().to(self._device())
+        for c, a, g in self._pieces():
+            m = c.module
+            w, b = self._param(m, "weight"), self._param(m, "bias")
+            cg = g * coef[:, None, None]
+            if isinstance(m, nn.Linear):
+                add(w, cg.reshape(-1, m.out_features).T @ a.reshape(-1, m.in_features))
+                add(b, cg.sum((0, 1)))
+            elif isinstance(m, nn.Embedding):
+                if w is not None:
+                    gw = torch.zeros(m.num_embeddings, m.embedding_dim, dtype=torch.float32, device=g.device)
+                    add(w, gw.index_add_(0, a.reshape(-1), cg.reshape(-1, m.embedding_dim)))
+            else:
+                add(w, (a * cg).sum((0, 1)).reshape(m.normalized_shape))
+                add(b, cg.sum((0, 1)).reshape(m.normalized_shape))
+        return grads
+
+    def _device(self) -> torch.device:
+        return self.calls[0].inp.device if self.calls else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def record_layers(model: nn.Module, names: Mapping[int, str], batch: int) -> Iterator[LayerTape]:
+    """Record every call of a Linear / Embedding / LayerNorm layer with trainable parameters in ``model``
+    during a forward over ``batch`` examples."""
+    tape = LayerTape(names, batch)
+    handles = [
+        m.register_forward_hook(tape._hook)
+        for m in model.modules()
+        if type(m) in _LAYERS and _trainable(m)
+    ]
+    try:
+        yield tape
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,256 @@
+"""Per-layer ("ghost") products: the same dots and gradients as forward mode / autograd, and the trainer path
+that uses them (checked against forward mode, falls back when a model cannot be decomposed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import TinyMLP, make_split
+from tiny_text import text_data_splits, tiny_bert
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, DataCollatorWithPadding
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+import hf_ddlr.meta.engine as engine
+from hf_ddlr import MetaLRConfig, MetaLRTrainer
+from hf_ddlr.meta import MicroBatch, per_example_loss, replay_rng
+from hf_ddlr.meta.layerwise import LayerwiseUnsupported, record_layers, unsupported_reason
+
+
+def _bert(dropout: float = 0.1) -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=12, num_labels=3, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=0.0, pad_token_id=0)
+    return BertForSequenceClassification(cfg).train()
+
+
+def _batch(B: int = 6, S: int = 10):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 50, (B, S), generator=g)
+    mask = torch.ones(B, S, dtype=torch.long)
+    for i in range(B):  # padded rows of different lengths (the pad id's embedding row gets no gradient)
+        n = 4 + i % 5
+        ids[i, n:], mask[i, n:] = 0, 0
+    ids[::2, 1] = 0  # the pad id inside attended text too: its embedding row still gets no gradient
+    return {"input_ids": ids, "attention_mask": mask}, torch.randint(0, 3, (B,), generator=g)
+
+
+def _record(model, inputs, labels, seed=5):
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with replay_rng(seed), record_layers(model, {id(p): n for n, p in params.items()}, labels.shape[0]) as tape:
+        L = per_example_loss(model(**inputs).logits, labels)
+    return params, tape, L
+
+
+def test_products_equal_autograd_per_example_and_forward_mode_on_bert():
+    """BERT with dropout, padding and broadcast position embeddings: Σ c_i ∇L_i equals autograd for arbitrary c,
+    a one-hot c gives one example's own gradient (so nothing leaks between examples), and T·∇L_i equals the
+    forward-mode dots."""
+    model = _bert()
+    inputs, labels = _batch()
+    params, tape, L = _record(model, inputs, labels)
+    c = torch.rand(6) + 0.1
+    ref = torch.autograd.grad((c * L).sum(), list(params.values()), retain_graph=True)
+    one = torch.autograd.grad(L[2], list(params.values()), retain_graph=True)
+    tape.backward(L)
+    got, got_one = tape.weighted_grads(c), tape.weighted_grads(torch.eye(6)[2])
+    assert set(got) == set(params)
+    big = max(float(r.norm()) for r in ref)
+    for n, r, r1 in zip(params, ref, one):
+        torch.testing.assert_close(got[n], r, rtol=1e-4, atol=1e-6 * big, msg=n)
+        torch.testing.assert_close(got_one[n], r1, rtol=1e-4, atol=1e-6 * big, msg=n)
+    assert float(got["bert.embeddings.word_embeddings.weight"][0].abs().max()) == 0.0  # padding row
+    T = {n: torch.randn_like(p) for n, p in params.items()}
+    T["bert.embeddings.word_embeddings.weight"][0] = 0  # as in any tangent: the meta gradient is 0 there too
+    dots = tape.dots(T)
+    fwd = engine.jvp_dots(model, params, MicroBatch(inputs, labels, c, seed=5), T)
+    torch.testing.assert_close(dots, fwd, rtol=1e-4, atol=1e-5 * float(fwd.abs().max()))
+
+
+def test_products_follow_the_loss_scale():
+    model = _bert(dropout=0.0)
+    inputs, labels = _batch()
+    params, tape, L = _record(model, inputs, labels)
+    ref = torch.autograd.grad(L.sum(), list(params.values()), retain_graph=True)
+    tape.backward(L, scale=1024.0)
+    got = tape.weighted_grads(torch.ones(6))
+    for n, r in zip(params, ref):
+        torch.testing.assert_close(got[n], r, rtol=1e-4, atol=1e-6, msg=n)
+
+
+class _Conv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(1, 2, 3)
+
+
+class _OwnParam(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(3, 3)
+        self.scale = nn.Parameter(torch.ones(3))
+
+
+def test_unsupported_models_are_named():
+    assert unsupported_reason(TinyMLP()) is None
+    assert unsupported_reason(_bert()) is None
+    assert "BatchNorm" in unsupported_reason(TinyMLP(bn=True))
+    assert "'c' (Conv2d)" in unsupported_reason(_Conv())
+    assert "'' (_OwnParam)" in unsupported_reason(_OwnParam())
+    frozen = _OwnParam()
+    frozen.scale.requires_grad_(False)
+    assert unsupported_reason(frozen) is None  # only trainable parameters matter
+
+
+class _InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.l1(x)
+        h.mul_(2.0)  # the recorded output is no longer the layer's output
+        return self.l2(torch.relu(h))
+
+
+class _SeqFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):  # x: [B, 4] -> runs l1 on a [2, B, 4] sequence-first tensor
+        return self.l2(self.l1(torch.stack([x, -x])).mean(0))
+
+
+@pytest.mark.parametrize("model, match", [(_InPlace(), "modified in place"), (_SeqFirst(), "not the batch")])
+def test_forwards_that_cannot_be_decomposed_are_refused_before_the_backward(model, match):
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    with record_layers(model, {id(p): n for n, p in model.named_parameters()}, 5) as tape:
+        L = per_example_loss(model(x), y)
+    with pytest.raises(LayerwiseUnsupported, match=match):
+        tape.backward(L)
+    L.sum().backward()  # the graph is intact: the caller can fall back to a normal backward
+
+
+# ---------------------------------------------------------------- the trainer path
+COMMON = dict(report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, optim="sgd",
+              learning_rate=0.5, lr_scheduler_type="constant", logging_steps=1, max_steps=4, meta_lr=0.2)
+
+
+def _count_jvp(monkeypatch) -> list:
+    calls = []
+    orig = engine.jvp_dots
+
+    def spy(*a, **k):
+        calls.append(1)
+        return orig(*a, **k)
+
+    monkeypatch.setattr(engine, "jvp_dots", spy)
+    return calls
+
+
+def _text_trainer(tmp_path, layerwise: bool, **kw) -> MetaLRTrainer:
+    tok, train, meta = text_data_splits()
+    model = tiny_bert()
+    model.config.hidden_dropout_prob = 0.1  # dropout on the residual stream: the replayed masks must match
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.1 if m.p == 0.0 else m.p
+    args = MetaLRConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, lr_level="both",
+                        learn_weight_decay=True, weight_decay=0.01, layerwise_dots=layerwise, **{**COMMON, **kw})
+    return MetaLRTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta,
+                         data_collator=DataCollatorWithPadding(tok), processing_class=tok)
+
+
+def test_trainer_with_layerwise_products_trains_like_forward_mode(tmp_path, monkeypatch):
+    calls = _count_jvp(monkeypatch)
+    a = _text_trainer(tmp_path / "a", layerwise=True)
+    a.train()
+    n_a = len(calls)
+    b = _text_trainer(tmp_path / "b", layerwise=False)
+    b.train()
+    assert a._layerwise == "verified"
+    assert n_a == 1 and len(calls) - n_a == 4  # forward mode only for the first step's check
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
+    torch.testing.assert_close(a.rates.instance, b.rates.instance, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(a.rates.per_class, b.rates.per_class, rtol=1e-4, atol=1e-6)
+    assert a.rates.weight_decay == pytest.approx(b.rates.weight_decay, rel=1e-4)
+    assert not torch.equal(a.rates.instance, torch.ones_like(a.rates.instance))
+    la = [h["loss"] for h in a.state.log_history if "loss" in h]
+    lb = [h["loss"] for h in b.state.log_history if "loss" in h]
+    assert la == pytest.approx(lb, rel=1e-4)  # the logged loss is the weighted loss, not the surrogate's
+
+
+class _TiedHead(nn.Module):
+    """Linear layers only, but the head's weight is also used outside its module (as tied weights are)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = TinyMLP(hidden=16)
+
+    def forward(self, x, labels=None):
+        h = F.relu(self.net.l1(x))
+        logits = self.net.l2(h) + 0.5 * F.linear(h, self.net.l2.weight)
+        return SequenceClassifierOutput(logits=logits)
+
+
+@pytest.mark.parametrize("kind", ["tied", "batchnorm"])
+def test_trainer_falls_back_to_forward_mode(tmp_path, monkeypatch, kind):
+    """A weight used outside its layer passes the static check but fails the first step's check (a warning;
+    that step keeps the reference values); BatchNorm is ruled out up front. Both train like forward mode."""
+    calls = _count_jvp(monkeypatch)
+
+    def run(layerwise, out):
+        torch.manual_seed(0)
+        model = _TiedHead() if kind == "tied" else TinyMLP(bn=True)
+        args = MetaLRConfig(output_dir=str(out), per_device_train_batch_size=8, layerwise_dots=layerwise, **COMMON)
+        t = MetaLRTrainer(model=model, args=args, train_dataset=make_split(32, seed=3),
+                          meta_dataset=make_split(16, seed=4))
+        t.train()
+        return t
+
+    if kind == "tied":
+        with pytest.warns(UserWarning, match="uses forward mode for this model: the per-layer gradient"):
+            a = run(True, tmp_path / "a")
+    else:
+        a = run(True, tmp_path / "a")
+    assert a._layerwise == "off" and len(calls) == 4
+    b = run(False, tmp_path / "b")
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=n)
+    torch.testing.assert_close(a.rates.instance, b.rates.instance)
+
+
+def test_dots_check_catches_examples_coupled_outside_batchnorm(tmp_path, monkeypatch):
+    """Examples mixed by something other than BatchNorm (here: a batch mean subtracted from the features)
+    give correct summed gradients but wrong per-example dots: the check on the first step catches it."""
+
+    class Coupled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = TinyMLP(hidden=16)
+
+        def forward(self, x, labels=None):
+            h = F.relu(self.net.l1(x))
+            return SequenceClassifierOutput(logits=self.net.l2(h - h.mean(0, keepdim=True)))
+
+    torch.manual_seed(0)
+    args = MetaLRConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, **COMMON)
+    t = MetaLRTrainer(model=Coupled(), args=args, train_dataset=make_split(32, seed=3),
+                      meta_dataset=make_split(16, seed=4))
+    with pytest.warns(UserWarning, match="per-layer dots vs forward mode"):
+        t.train()
+    assert t._layerwise == "off"
+
+
+def test_gradient_accumulation_and_checkpointing_keep_forward_mode(tmp_path, monkeypatch):
+    calls = _count_jvp(monkeypatch)
+    t = _text_trainer(tmp_path, layerwise=True, gradient_accumulation_steps=2, max_steps=2)
+    t.train()
+    assert t._layerwise == "unchecked" and len(calls) == 4  # two micro-batches per step: forward mode
+    t2 = _text_trainer(tmp_path / "gc", layerwise=True, activation_checkpointing=True, max_steps=1)
+    t2.train()
+    assert t2._layerwise == "off"
