@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step_cost import make_task, make_trainer  # noqa: E402
 
 import hf_ddlr.meta.engine as engine  # noqa: E402
+import hf_ddlr.meta.layerwise as layerwise  # noqa: E402
 import hf_ddlr.trainer as trainer_mod  # noqa: E402
 
 CLOCK = time.perf_counter
@@ -56,8 +57,11 @@ def install() -> None:
     engine.lookahead = timed("engine.lookahead (theta')", engine.lookahead)
     engine.tangent = timed("engine.tangent", engine.tangent)
     engine.weight_decay_grad = timed("engine.weight_decay_grad", engine.weight_decay_grad)
+    for name in ("backward", "dots", "weighted_grads"):  # per-layer products (jvp on transformers)
+        setattr(layerwise.LayerTape, name, timed(f"LayerTape.{name}", getattr(layerwise.LayerTape, name)))
     T = trainer_mod.MetaLRTrainer
-    names = ("_run_meta_step", "_meta_batch", "_to_microbatch", "get_batch_samples", "_delayed_meta_step")
+    names = ("_run_meta_step", "_meta_batch", "_to_microbatch", "get_batch_samples", "_delayed_meta_step",
+             "_layerwise_meta_step")
     for name in names + ("_fused_lookahead_grad", "compute_loss"):
         if hasattr(T, name):  # the trainer's internals change; time what exists
             setattr(T, name, timed(f"trainer.{name}", getattr(T, name)))

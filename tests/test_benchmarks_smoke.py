@@ -119,3 +119,15 @@ def test_step_cost_bert_one_round(tmp_path):
     )
     assert (tmp_path / "step_cost_bert.json").is_file()
     assert (tmp_path / "step_cost_bert.md").is_file()
+
+
+def test_step_cost_measures_forward_mode_beside_the_default_on_bert_only(tmp_path):
+    """On the BERT the default takes the per-layer products; 'jvp/forward_mode' is the same configuration with
+    layerwise_dots=False (on the ResNet, a BatchNorm model, both would be forward mode: not measured twice)."""
+    sc = _load("step_cost")
+    assert "jvp/forward_mode" in sc.configs_for("bert") and "jvp/forward_mode" not in sc.configs_for("resnet")
+    assert sc.OPTIONS["jvp/forward_mode"] == {"layerwise_dots": False}
+    task = sc.make_task("bert", 32, n_train=64)
+    for cfg, expected in (("jvp", True), ("jvp/forward_mode", False)):
+        tr = sc.make_trainer(task, cfg, 1, str(tmp_path / cfg.replace("/", "_")))
+        assert tr.args.layerwise_dots is expected and tr.args.meta_strategy == "jvp"

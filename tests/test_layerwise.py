@@ -254,3 +254,42 @@ def test_gradient_accumulation_and_checkpointing_keep_forward_mode(tmp_path, mon
     t2 = _text_trainer(tmp_path / "gc", layerwise=True, activation_checkpointing=True, max_steps=1)
     t2.train()
     assert t2._layerwise == "off"
+
+
+@pytest.mark.parametrize("where", ["lookahead gradient", "meta loss"])
+def test_an_overflowing_first_step_postpones_the_check(tmp_path, monkeypatch, where):
+    """fp16 runs overflow in their first steps; such a step must neither pass nor fail the check (it would
+    otherwise switch the fast path off for the whole run): the next finite step is checked instead."""
+    calls = _count_jvp(monkeypatch)
+    first = []
+    if where == "lookahead gradient":
+        orig = MetaLRTrainer._fused_lookahead_grad
+
+        def patched(self, w, L):
+            g = orig(self, w, L)
+            if not first:
+                first.append(1)
+                g = {n: v + float("inf") for n, v in g.items()}
+            return g
+
+        monkeypatch.setattr(MetaLRTrainer, "_fused_lookahead_grad", patched)
+    else:
+        orig = engine.meta_loss_gradient
+
+        def patched(*a, **k):
+            lm, g = orig(*a, **k)
+            if not first:
+                first.append(1)
+                lm = float("inf")
+            return lm, g
+
+        monkeypatch.setattr(engine, "meta_loss_gradient", patched)
+    states = []
+    t = _text_trainer(tmp_path, layerwise=True)
+    orig_step = t._layerwise_meta_step
+    monkeypatch.setattr(t, "_layerwise_meta_step", lambda *a: (orig_step(*a), states.append(t._layerwise))[0])
+    t.train()
+    assert states[:2] == ["unchecked", "verified"] and t._layerwise == "verified"
+    skipped = sum(h.get("meta_skipped_steps", 0) for h in t.state.log_history)
+    assert skipped == (1 if where == "meta loss" else 0)
+    assert len(calls) == 2  # step 1: forward mode (as the reference path, or as the check), step 2: the check

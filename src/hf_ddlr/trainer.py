@@ -677,9 +677,10 @@ class MetaLRTrainer(Trainer):
 
     def _layerwise_meta_step(self, tape: LayerTape, w: torch.Tensor, L: torch.Tensor) -> bool:
         """The meta step from the recorded layers; False when they cannot serve (nothing was done then, and
-        the real forward's graph is intact). The first time, the lookahead gradient and the dots are checked
-        against autograd and forward mode; on a mismatch the checked step keeps the reference values and every
-        later step uses forward mode."""
+        the real forward's graph is intact). Until it has passed once, the lookahead gradient and the dots are
+        checked against autograd and forward mode (a step whose values overflow, as early fp16 steps do, does
+        not count); on a mismatch the checked step keeps the reference values and every later step uses
+        forward mode."""
         check = self._layerwise == "unchecked"
         half = bool(self.args.bf16 or self.args.fp16)
         problem = None
@@ -687,6 +688,10 @@ class MetaLRTrainer(Trainer):
             tape.backward(L, self._loss_scale(), retain_graph=check)
         except LayerwiseUnsupported as e:
             problem = str(e)
+        if check and not all_ranks_true(problem is None, self.args.device):  # every rank takes the same path
+            self._layerwise_off(problem or "the recorded forward could not be decomposed on another process",
+                                warn=True)
+            return False
         grads = None
         if problem is None:
             got = tape.weighted_grads(w / self._window_normalizer)
@@ -694,7 +699,10 @@ class MetaLRTrainer(Trainer):
                      for n, p in self._trainable_params().items()}
             all_reduce_mean_(list(grads.values()))
             if check:
-                problem = _compare_grads(grads, self._fused_lookahead_grad(w, L), 2e-2 if half else 1e-3)
+                ref = self._fused_lookahead_grad(w, L)
+                if not all(bool(torch.isfinite(r).all()) for r in ref.values()):
+                    return False  # an fp16 overflow (the same on every rank): this step has no check; next one
+                problem = _compare_grads(grads, ref, 2e-2 if half else 1e-3)
         if check and not all_ranks_true(problem is None, self.args.device):
             self._layerwise_off(problem or "the check failed on another process", warn=True)
             return False
@@ -703,7 +711,7 @@ class MetaLRTrainer(Trainer):
             return False
         res = self._run_meta_step(grads=grads, layer_tape=tape,
                                   check_layer_tape=(0.999 if half else 0.9999) if check else None)
-        if check:
+        if check and all_ranks_true(res.finite, self.args.device):  # (non-finite: skipped; checked next step)
             if all_ranks_true(res.layerwise_mismatch is None, self.args.device):
                 self._layerwise = "verified"
                 logger.info("meta_strategy='jvp': per-layer products match forward mode; using them.")
