@@ -6,7 +6,8 @@ downloaded), all from the same initial weights and batches.
 For every precision (fp32 reference, bf16, fp16) it prints: whether the rates moved, whether the
 meta-gradients were finite, the cosine of the first step's per-example meta-gradients against fp32 (same
 weights, same batch), how many meta steps were skipped as non-finite, how many optimizer steps the fp16
-GradScaler skipped, and the mean step time. fp16 needs a GPU (accelerate ignores fp16 on CPU): on a CPU it is
+GradScaler skipped, the mean step time, and whether the per-layer products (``layerwise_dots``) passed their
+check against forward mode ("verified") or the run fell back to forward mode ("off"). fp16 needs a GPU (accelerate ignores fp16 on CPU): on a CPU it is
 skipped with a message, and so is bf16 on a GPU without bf16 support. Exit status 1 when a check fails
 (a precision with no finite meta step, rates that did not move, or a cosine below --min-cos).
 """
@@ -138,6 +139,8 @@ def run_one(precision: str, a: argparse.Namespace, train, meta, out_dir: str) ->
         "first_grad": results[0][0].example_grad.detach().double().cpu() if results else None,
         "first_finite": bool(results and results[0][0].finite),
         "first_meta_loss": results[0][0].meta_loss if results else float("nan"),
+        # how the dots were taken: "verified" = per-layer products, "off" = forward mode (see layerwise_dots)
+        "layerwise": t._layerwise,
     }
 
 
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     header = (
         f"{'precision':9} {'scaler':6} {'rates moved':11} {'meta finite':11} {'cos vs fp32':11} "
-        f"{'meta skipped':12} {'opt skipped':11} {'step ms':8} {'rate min/max':15} {'wd':9}"
+        f"{'meta skipped':12} {'opt skipped':11} {'step ms':8} {'rate min/max':15} {'wd':9} {'layerwise':9}"
     )
     print(header)
     print("-" * len(header))
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['precision']:9} {str(r['grad_scaler']):6} {str(r['rates_moved']):11} "
             f"{r['meta_finite_steps']:>4}/{r['meta_steps']:<6} {cos:11.6f} {r['meta_skipped']:12d} "
             f"{r['optimizer_steps_skipped']:11d} {r['step_time_ms']:8.1f} {lo:6.3f}/{hi:<8.3f} "
-            f"{r['weight_decay']:.2e}{'' if good else '  <-- FAILED'}"
+            f"{r['weight_decay']:.2e} {r['layerwise']:9}{'' if good else '  <-- FAILED'}"
         )
         if r["grad_scaler"]:
             print(f"  fp16 loss scales used by the meta step: {r['loss_scales']}")
