@@ -293,3 +293,34 @@ def test_an_overflowing_first_step_postpones_the_check(tmp_path, monkeypatch, wh
     skipped = sum(h.get("meta_skipped_steps", 0) for h in t.state.log_history)
     assert skipped == (1 if where == "meta loss" else 0)
     assert len(calls) == 2  # step 1: forward mode (as the reference path, or as the check), step 2: the check
+
+
+def test_meta_gradients_from_a_tape_equal_forward_mode_and_the_check_reports_a_wrong_tape():
+    from hf_ddlr.meta import MetaBatch, meta_gradients, param_specs
+
+    model = _bert()
+    inputs, labels = _batch()
+    meta_inputs, meta_labels = _batch(B=4, S=8)
+    params = {n: p for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    specs = param_specs(opt, params, [n for n in params if n.endswith("weight")], mode="sgd")
+    w = torch.rand(6) + 0.5
+
+    def run(tape=None, check=None, strategy="jvp"):
+        return meta_gradients(model, params, [MicroBatch(inputs, labels, w, seed=5)], MetaBatch(meta_inputs, meta_labels, 9),
+                              specs, weight_decay=0.01, normalizer=6.0, strategy=strategy, layer_tape=tape,
+                              check_layer_tape=check)
+
+    ref = run()
+    _, tape, L = _record(model, inputs, labels)
+    tape.backward(L)
+    got = run(tape, check=0.9999)
+    assert got.layerwise_mismatch is None
+    torch.testing.assert_close(got.example_grad, ref.example_grad, rtol=1e-4, atol=1e-6)
+    assert got.weight_decay_grad == pytest.approx(ref.weight_decay_grad, rel=1e-5)
+    tape.scale = 2.0  # a tape whose products are off by a factor: same direction, wrong norm
+    bad = run(tape, check=0.9999)
+    assert "norms" in bad.layerwise_mismatch
+    torch.testing.assert_close(bad.example_grad, ref.example_grad, rtol=1e-4, atol=1e-6)  # the reference is kept
+    with pytest.raises(ValueError, match="layer tape gives the dots of meta_strategy='jvp'"):
+        run(tape, strategy="finite_difference")

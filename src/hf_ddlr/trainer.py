@@ -27,6 +27,7 @@ from transformers.utils import logging
 from .config import MetaLRConfig
 from .meta import (
     MetaBatch,
+    MetaGradients,
     MicroBatch,
     RateTable,
     find_output_layer,
@@ -430,7 +431,7 @@ class MetaLRTrainer(Trainer):
     def _run_meta_step(
         self, grads: dict[str, torch.Tensor] | None = None, layer_tape: LayerTape | None = None,
         check_layer_tape: float | None = None,
-    ) -> Any:
+    ) -> MetaGradients:
         args: MetaLRConfig = self.args
         model = self.model
         model.train()
