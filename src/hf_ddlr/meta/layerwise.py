@@ -44,19 +44,16 @@ def unsupported_reason(model: nn.Module) -> str | None:
     """Why the per-layer products cannot serve ``model``, or None when they can (checked statically)."""
     covered: set[int] = set()
     for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            return f"'{name}' is a BatchNorm layer in train mode (its batch statistics couple the examples)"
         own = _trainable(m)
         if not own:
             continue
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
-            return f"'{name}' is a BatchNorm layer in train mode (its batch statistics couple the examples)"
         if type(m) not in _LAYERS:
             return f"'{name}' ({type(m).__name__}) holds trainable parameters and is not Linear/Embedding/LayerNorm"
         if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.scale_grad_by_freq or m.sparse):
             return f"'{name}' is an Embedding with max_norm / scale_grad_by_freq / sparse"
         covered.update(id(p) for _, p in own)
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
-            return f"'{name}' is a BatchNorm layer in train mode (its batch statistics couple the examples)"
     for n, p in model.named_parameters():
         if p.requires_grad and id(p) not in covered:
             return f"parameter '{n}' does not belong to a supported layer"
@@ -84,9 +81,9 @@ class LayerTape:
         self.names = dict(names)
         self.calls: list[_Call] = []
         self.batch = batch
-        self.problem: str | None = None
-        self._done = False
-        self.scale = 1.0  # why the forward cannot be decomposed (found while recording)
+        self.problem: str | None = None  # why the forward cannot be decomposed (found while recording)
+        self._done = False  # backward has run
+        self.scale = 1.0  # the loss scale the recorded output gradients carry
 
     # ------------------------------------------------------------------ recording
     def _hook(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
@@ -199,7 +196,8 @@ class LayerTape:
             w, b = self._param(m, "weight"), self._param(m, "bias")
             cg = g * coef[:, None, None]
             if isinstance(m, nn.Linear):
-                add(w, cg.reshape(-1, m.out_features).T @ a.reshape(-1, m.in_features))
+                if w is not None:
+                    add(w, cg.reshape(-1, m.out_features).T @ a.reshape(-1, m.in_features))
                 add(b, cg.sum((0, 1)))
             elif isinstance(m, nn.Embedding):
                 if w is not None:
