@@ -39,6 +39,7 @@ from .meta import (
 from .meta.distributed import all_gather_varlen, all_ranks_true, all_reduce_mean_
 from .meta.layerwise import LayerTape, LayerwiseUnsupported, record_layers, unsupported_reason
 from .meta.passes import extract_logits
+from .meta.primal_reuse import record_outputs
 from .trajectory import TRAJECTORY_CONFIG_NAME, TRAJECTORY_TENSORS_NAME, LRTrajectory
 
 logger = logging.get_logger(__name__)
@@ -611,12 +612,14 @@ class MetaLRTrainer(Trainer):
         if self._strategy() == "last_layer" and (self._fused or self.args.meta_update == "delayed"):
             _, head = find_output_layer(self.model, self.num_labels)
             hook = head.register_forward_hook(lambda mod, inp, out: box.__setitem__("h", inp[0]))
-        recording = (
-            record_layers(self.model, self._param_names(), labels.shape[0])
-            if self._layerwise_applies() else contextlib.nullcontext()
-        )
+        layerwise = self._layerwise_applies()
+        # forward mode at this step: its pass can take the layers' primal values from this forward
+        reuse = self._fused and not layerwise and self._strategy() == "jvp"
         try:
-            with recording as tape:
+            with contextlib.ExitStack() as stack:
+                tape = stack.enter_context(record_layers(self.model, self._param_names(), labels.shape[0])) \
+                    if layerwise else None
+                mb.outputs = stack.enter_context(record_outputs(self.model)) if reuse else None
                 outputs = model(**inputs)
         finally:
             if hook is not None:
@@ -632,6 +635,7 @@ class MetaLRTrainer(Trainer):
             layerwise = tape is not None and self._layerwise_meta_step(tape, w, L)
             if not layerwise:
                 self._run_meta_step(grads=self._fused_lookahead_grad(w, L))
+            mb.outputs = None
             self._apply_weight_decay()
             w = mb.weights = self.rates.effective(mb.indices, mb.labels)
             if layerwise and self._layerwise == "verified":

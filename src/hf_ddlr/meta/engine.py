@@ -18,6 +18,7 @@ Strategies for the dots ``T·∇L_i`` (see :mod:`hf_ddlr.meta.lookahead` for T):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from .passes import (
     per_example_loss,
     replay_rng,
 )
+from .primal_reuse import Recording, reuse_outputs
 
 __all__ = ["MicroBatch", "MetaBatch", "MetaGradients", "meta_gradients", "STRATEGIES", "find_output_layer"]
 
@@ -57,6 +59,8 @@ class MicroBatch:
     indices: torch.Tensor | None = None  # dataset row of every example (for the rate table)
     # (head input h, logits) of the real forward, when it already ran: the last-layer strategy reuses them
     features: tuple[torch.Tensor, torch.Tensor] | None = None
+    # conv / linear outputs of the real forward, when it already ran: the jvp pass reuses them as its primal
+    outputs: Recording | None = None
 
 
 @dataclass
@@ -139,8 +143,11 @@ def jvp_dots(
     smoothing: float = 0.0, loss_scale: float = 1.0,
 ) -> torch.Tensor:
     """T·∇L_i for every example of ``mb`` in one forward-mode pass, replaying the real forward's dropout.
-    The tangent is pushed forward as ``loss_scale × T`` (fp16 underflow) and the dots are unscaled."""
-    with replay_rng(mb.seed), frozen_batchnorm(model), forward_ad_safe_attention(), torch.no_grad():
+    The tangent is pushed forward as ``loss_scale × T`` (fp16 underflow) and the dots are unscaled. With
+    ``mb.outputs`` (the real forward's layer outputs) the convolution / linear layers take their primal
+    values from there instead of computing them again."""
+    reuse = reuse_outputs(mb.outputs) if mb.outputs else contextlib.nullcontext()
+    with replay_rng(mb.seed), frozen_batchnorm(model), forward_ad_safe_attention(), torch.no_grad(), reuse:
         with fwAD.dual_level():
             dual = {n: fwAD.make_dual(p.detach(), (T[n] * loss_scale).to(p.dtype)) for n, p in params.items()}
             L = _losses(model, dual, mb, smoothing)

@@ -1,0 +1,100 @@
+"""Forward mode without recomputing what the real forward already computed.
+
+A forward-mode pass computes every primal value again beside its tangent: for a convolution or a linear
+layer that is one of its three matmuls / convolutions (``W·x`` beside ``W·ẋ + Ẇ·x``). The jvp pass of a
+meta step runs at the same parameters, on the same micro-batch, with the same dropout masks and
+batch-statistics BatchNorm as the real forward that just ran — so its primal values are the real
+forward's. :func:`record_outputs` keeps the outputs of the convolution / linear layers of the real
+forward; :func:`reuse_outputs` makes those layers return them as the primal of the forward-mode pass and
+compute only the tangent. The result is the same jvp (the tangent formulas are unchanged), with one
+convolution in three saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["record_outputs", "reuse_outputs"]
+
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+Recording = dict[nn.Module, list[torch.Tensor]]
+
+
+@contextlib.contextmanager
+def record_outputs(model: nn.Module) -> Iterator[Recording]:
+    """Keep the output of every call of a Conv1d/2d/3d or Linear layer of ``model`` (in call order)."""
+    rec: Recording = {}
+
+    def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if isinstance(out, torch.Tensor):
+            rec.setdefault(m, []).append(out.detach())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if type(m) in _LAYERS]
+    try:
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _tangent_only(m: nn.Module, queue: list[torch.Tensor], orig_forward):
+    """A forward for layer ``m`` that takes its primal output from ``queue`` and computes the tangent only."""
+    linear = isinstance(m, nn.Linear)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x_p, x_t = fwAD.unpack_dual(x)
+        out = queue[0] if queue else None
+        batch_dims = (lambda t: t.shape[:-1]) if linear else (lambda t: t.shape[:1])
+        if out is None or out.device != x_p.device or batch_dims(out) != batch_dims(x_p):
+            return orig_forward(x)  # not the recorded call: compute it
+        queue.pop(0)
+        w_p, w_t = fwAD.unpack_dual(m.weight)
+        apply = (lambda a, b: F.linear(a, b)) if linear else (lambda a, b: m._conv_forward(a, b, None))
+        tangent = None
+        for a, b in ((x_t, w_p), (x_p, w_t)):
+            if a is not None and b is not None:
+                t = apply(a, b)
+                tangent = t if tangent is None else tangent + t
+        b_t = fwAD.unpack_dual(m.bias).tangent if m.bias is not None else None
+        if b_t is not None:
+            shape = [1] * out.dim()
+            shape[-1 if linear else 1] = -1
+            tangent = b_t.reshape(shape).expand_as(out) if tangent is None else tangent + b_t.reshape(shape)
+        if tangent is None:
+            return out
+        if tangent.shape != out.shape:
+            raise RuntimeError(
+                f"the recorded {type(m).__name__} output has shape {tuple(out.shape)}, its tangent "
+                f"{tuple(tangent.shape)}: the forward-mode pass is not the recorded forward"
+            )
+        return fwAD.make_dual(out, tangent.to(out.dtype))
+
+    return forward
+
+
+@contextlib.contextmanager
+def reuse_outputs(rec: Recording) -> Iterator[None]:
+    """During a forward-mode pass, the recorded layers return their recorded outputs as primal values.
+
+    Each layer consumes its recorded outputs in call order; a call whose batch dimensions differ from the
+    next recorded output's (not the recorded forward) computes normally.
+    """
+    saved: list[tuple[nn.Module, object]] = []
+    try:
+        for m, outs in rec.items():
+            saved.append((m, m.__dict__.get("forward")))
+            m.forward = _tangent_only(m, list(outs), m.forward)
+        yield
+    finally:
+        for m, old in saved:
+            if old is None:
+                del m.forward  # back to the class's forward
+            else:
+                m.forward = old
