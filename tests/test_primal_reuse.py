@@ -42,7 +42,7 @@ def test_reused_primals_give_the_same_dots_and_are_really_used():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
     # negative control: wrong recorded primals change the dots, so they are what the pass used
     wrong = copy.copy(mb)
-    wrong.outputs = {m: [o * 1.5 for o in outs] for m, outs in rec.items()}
+    wrong.outputs = {m: [(o * 1.5, 0) for o, _ in outs] for m, outs in rec.items()}
     assert cos(engine.jvp_dots(model, params, wrong, T), ref) < 0.999
     for m in rec:  # the layers are back to their own forward
         assert "forward" not in m.__dict__
@@ -128,6 +128,49 @@ class _NoRecording:
 
     def __exit__(self, *exc):
         return False
+
+
+class _InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        h = self.c(x)
+        h.mul_(2.0)  # overwrites the conv's output in place
+        return self.fc(torch.relu(h).flatten(1))
+
+
+def test_outputs_overwritten_in_place_are_not_reused():
+    torch.manual_seed(0)
+    model = _InPlace()
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 3, (6,))
+    params = dict(model.named_parameters())
+    T = {n: torch.randn_like(p) for n, p in params.items()}
+    mb = engine.MicroBatch({"x": x}, y, torch.ones(6), seed=1)
+    _fwd_kw(model)
+    ref = engine.jvp_dots(model, params, copy.copy(mb), T)
+    with record_outputs(model) as rec:
+        model(x=x)
+    conv_out, version = rec[model.c][0]
+    assert conv_out._version != version  # the recorded tensor now holds 2 × the conv's output
+    mb.outputs = rec
+    torch.testing.assert_close(engine.jvp_dots(model, params, mb, T), ref)
+
+
+def test_reused_primals_under_bf16_autocast():
+    model, params, specs, window, meta = _setup()
+    _fwd_kw(model)
+    model.train()
+    T = {n: torch.randn_like(p) * 1e-2 for n, p in params.items()}
+    mb = window[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = engine.jvp_dots(model, params, copy.deepcopy(mb), T)
+        reused = copy.copy(mb)
+        reused.outputs = _recorded(model, mb)
+        got = engine.jvp_dots(model, params, reused, T)
+    assert cos(got, ref) > 0.999
 
 
 def test_reuse_skips_layers_without_tangent_work():

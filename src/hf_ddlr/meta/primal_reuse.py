@@ -24,7 +24,8 @@ __all__ = ["record_outputs", "reuse_outputs"]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
-Recording = dict[nn.Module, list[torch.Tensor]]
+# per layer, in call order: (output, its version counter when recorded)
+Recording = dict[nn.Module, list[tuple[torch.Tensor, int]]]
 
 
 @contextlib.contextmanager
@@ -34,7 +35,7 @@ def record_outputs(model: nn.Module) -> Iterator[Recording]:
 
     def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
         if isinstance(out, torch.Tensor):
-            rec.setdefault(m, []).append(out.detach())
+            rec.setdefault(m, []).append((out.detach(), out._version))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if type(m) in _LAYERS]
     try:
@@ -44,17 +45,20 @@ def record_outputs(model: nn.Module) -> Iterator[Recording]:
             h.remove()
 
 
-def _tangent_only(m: nn.Module, queue: list[torch.Tensor], orig_forward):
+def _tangent_only(m: nn.Module, queue: list[tuple[torch.Tensor, int]], orig_forward):
     """A forward for layer ``m`` that takes its primal output from ``queue`` and computes the tangent only."""
     linear = isinstance(m, nn.Linear)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         x_p, x_t = fwAD.unpack_dual(x)
-        out = queue[0] if queue else None
+        if not queue:
+            return orig_forward(x)  # more calls than recorded: compute them
+        out, version = queue.pop(0)
         batch_dims = (lambda t: t.shape[:-1]) if linear else (lambda t: t.shape[:1])
-        if out is None or out.device != x_p.device or batch_dims(out) != batch_dims(x_p):
-            return orig_forward(x)  # not the recorded call: compute it
-        queue.pop(0)
+        if out._version != version or out.device != x_p.device or batch_dims(out) != batch_dims(x_p):
+            # modified in place after it was recorded (e.g. an in-place ReLU right after the layer), or not the
+            # recorded call: compute it
+            return orig_forward(x)
         w_p, w_t = fwAD.unpack_dual(m.weight)
         apply = (lambda a, b: F.linear(a, b)) if linear else (lambda a, b: m._conv_forward(a, b, None))
         tangent = None
@@ -83,8 +87,9 @@ def _tangent_only(m: nn.Module, queue: list[torch.Tensor], orig_forward):
 def reuse_outputs(rec: Recording) -> Iterator[None]:
     """During a forward-mode pass, the recorded layers return their recorded outputs as primal values.
 
-    Each layer consumes its recorded outputs in call order; a call whose batch dimensions differ from the
-    next recorded output's (not the recorded forward) computes normally.
+    Each layer consumes its recorded outputs in call order; a call whose recorded output was modified in place
+    since (an in-place activation right after the layer), or whose batch dimensions differ from it (not the
+    recorded forward), computes normally.
     """
     saved: list[tuple[nn.Module, object]] = []
     try:
