@@ -598,7 +598,9 @@ class MetaLRTrainer(Trainer):
         With one micro-batch per optimizer step and ``meta_update="same_step"`` the meta step happens here,
         between the real forward and its backward: the lookahead gradient is ``autograd.grad`` on the real
         forward's retained graph and the backward then uses the freshly updated weights (one forward
-        fewer than running the meta step on its own).
+        fewer than running the meta step on its own). The forward-mode pass takes its conv / linear primal
+        values from this forward; on models the per-layer products serve (``layerwise_dots``), they replace
+        the forward-mode pass and the second backward altogether.
         """
         w = self._current_weights if self._meta_active else None
         if w is None or not model.training:
@@ -608,22 +610,18 @@ class MetaLRTrainer(Trainer):
         inputs.pop(self.args.index_column, None)
         mb = self._window[self._window_pos - 1]
         box: dict[str, torch.Tensor] = {}
-        hook = None
-        if self._strategy() == "last_layer" and (self._fused or self.args.meta_update == "delayed"):
-            _, head = find_output_layer(self.model, self.num_labels)
-            hook = head.register_forward_hook(lambda mod, inp, out: box.__setitem__("h", inp[0]))
         layerwise = self._layerwise_applies()
         # forward mode at this step: its pass can take the layers' primal values from this forward
         reuse = self._fused and not layerwise and self._strategy() == "jvp"
-        try:
-            with contextlib.ExitStack() as stack:
-                tape = stack.enter_context(record_layers(self.model, self._param_names(), labels.shape[0])) \
-                    if layerwise else None
-                mb.outputs = stack.enter_context(record_outputs(self.model)) if reuse else None
-                outputs = model(**inputs)
-        finally:
-            if hook is not None:
-                hook.remove()
+        with contextlib.ExitStack() as stack:
+            if self._strategy() == "last_layer" and (self._fused or self.args.meta_update == "delayed"):
+                _, head = find_output_layer(self.model, self.num_labels)
+                hook = head.register_forward_hook(lambda mod, inp, out: box.__setitem__("h", inp[0]))
+                stack.callback(hook.remove)
+            tape = stack.enter_context(record_layers(self.model, self._param_names(), labels.shape[0])) \
+                if layerwise else None
+            mb.outputs = stack.enter_context(record_outputs(self.model)) if reuse else None
+            outputs = model(**inputs)
         logits = extract_logits(outputs)
         L = per_example_loss(logits, labels, self.args.label_smoothing_factor)
         self._last_losses = L.detach()
@@ -639,15 +637,18 @@ class MetaLRTrainer(Trainer):
             self._apply_weight_decay()
             w = mb.weights = self.rates.effective(mb.indices, mb.labels)
             if layerwise and self._layerwise == "verified":
-                # The real gradient Σ e_i ∇L_i / N from the recorded layers (no second backward): a loss whose
-                # gradient is exactly that and whose value is the weighted loss, for the Trainer's backward.
-                G = tape.weighted_grads(w / self._window_normalizer)
-                params = self._trainable_params()
-                S = sum((params[n] * g.to(params[n].dtype)).sum() for n, g in G.items())
-                loss = ((S - S.detach()) + (w.to(L.dtype) * L.detach()).sum() / self._window_normalizer) * ga
+                loss = self._loss_from_tape(tape, w, L) * ga
                 return (loss, outputs) if return_outputs else loss
         loss = (w.to(L.dtype) * L).sum() / self._window_normalizer * ga
         return (loss, outputs) if return_outputs else loss
+
+    def _loss_from_tape(self, tape: LayerTape, w: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+        """A loss whose gradient is the real step's ``Σ e_i ∇L_i / N``, assembled from the recorded layers (no
+        second backward through the model), and whose value is the weighted loss (what the Trainer logs)."""
+        G = tape.weighted_grads(w / self._window_normalizer)
+        params = self._trainable_params()
+        S = sum((params[n] * g.to(params[n].dtype)).sum() for n, g in G.items())
+        return (S - S.detach()) + (w.to(L.dtype) * L.detach()).sum() / self._window_normalizer
 
     def _trainable_params(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
