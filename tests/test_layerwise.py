@@ -324,3 +324,47 @@ def test_meta_gradients_from_a_tape_equal_forward_mode_and_the_check_reports_a_w
     torch.testing.assert_close(bad.example_grad, ref.example_grad, rtol=1e-4, atol=1e-6)  # the reference is kept
     with pytest.raises(ValueError, match="layer tape gives the dots of meta_strategy='jvp'"):
         run(tape, strategy="finite_difference")
+
+
+def _arch(name: str, vocab: int):
+    from transformers import (
+        AlbertConfig,
+        AlbertForSequenceClassification,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
+
+    torch.manual_seed(0)
+    if name == "distilbert":  # learned positions looked up once ([1, S]) and broadcast over the batch
+        return DistilBertForSequenceClassification(DistilBertConfig(
+            vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=32,
+            num_labels=2, pad_token_id=0))
+    if name == "roberta":  # position ids computed per example from the padding
+        return RobertaForSequenceClassification(RobertaConfig(
+            vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=40, num_labels=2, pad_token_id=0))
+    # ALBERT: one set of layer weights called once per layer (several recorded calls per parameter)
+    return AlbertForSequenceClassification(AlbertConfig(
+        vocab_size=vocab, embedding_size=16, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=32, num_labels=2, pad_token_id=0))
+
+
+@pytest.mark.parametrize("name", ["distilbert", "roberta", "albert"])
+def test_other_encoders_take_the_per_layer_products_and_train_like_forward_mode(tmp_path, name):
+    tok, train, meta = text_data_splits()
+
+    def run(layerwise):
+        args = MetaLRConfig(output_dir=str(tmp_path / str(layerwise)), per_device_train_batch_size=8,
+                            layerwise_dots=layerwise, **{**COMMON, "max_steps": 3})
+        t = MetaLRTrainer(model=_arch(name, len(tok)), args=args, train_dataset=train, meta_dataset=meta,
+                          data_collator=DataCollatorWithPadding(tok))
+        t.train()
+        return t
+
+    a, b = run(True), run(False)
+    assert a._layerwise == "verified"
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
+    torch.testing.assert_close(a.rates.instance, b.rates.instance, rtol=1e-4, atol=1e-6)
