@@ -9,7 +9,7 @@ Strategies for the dots ``T·∇L_i`` (see :mod:`hf_ddlr.meta.lookahead` for T):
 - ``"jvp"``: forward-mode AD (``torch.autograd.forward_ad``) of the per-example losses along T. Exact.
   When the caller recorded the real forward's layers (:class:`~hf_ddlr.meta.layerwise.LayerTape`, models
   made of Linear / Embedding / LayerNorm), the same dots come from per-layer products instead (one matmul
-  per linear layer where forward mode needs three).
+  per linear layer where forward mode needs two, or three without :mod:`~hf_ddlr.meta.primal_reuse`).
 - ``"finite_difference"``: ``(L_i(θ+εT) − L_i(θ))/ε``. Matches jvp to ~1e-5 in fp32; not for half precision.
 - ``"exact"``: θ' built as a differentiable function of the weights and a double backward (the way
   Learning-to-Reweight / Meta-Weight-Net compute it); the reference the others are tested against.
@@ -354,7 +354,8 @@ def meta_gradients(
 
 
 def _compare_dots(dots: torch.Tensor, ref: torch.Tensor, min_cos: float) -> str | None:
-    """Why ``dots`` do not match the forward-mode ``ref`` (cosine below ``min_cos``), or None."""
+    """Why ``dots`` do not match the forward-mode ``ref`` (cosine below ``min_cos``, or norms that differ by
+    more than ``100·(1 − min_cos)`` relative), or None."""
     d, r = dots.double().flatten(), ref.double().flatten()
     if not (torch.isfinite(d).all() and torch.isfinite(r).all()):
         return None  # a non-finite step is skipped by the caller either way
