@@ -184,6 +184,12 @@ def test_trainer_with_layerwise_products_trains_like_forward_mode(tmp_path, monk
     assert la == pytest.approx(lb, rel=1e-4)  # the logged loss is the weighted loss, not the surrogate's
 
 
+def _mlp_trainer(model: nn.Module, out, **kw) -> MetaLRTrainer:
+    """A trainer on the tiny tabular splits (32 train / 16 meta rows, batch 8) for MLP-like models."""
+    args = MetaLRConfig(output_dir=str(out), per_device_train_batch_size=8, **{**COMMON, **kw})
+    return MetaLRTrainer(model=model, args=args, train_dataset=make_split(32, seed=3), meta_dataset=make_split(16, seed=4))
+
+
 class _TiedHead(nn.Module):
     """Linear layers only, but the head's weight is also used outside its module (as tied weights are)."""
 
@@ -205,10 +211,7 @@ def test_trainer_falls_back_to_forward_mode(tmp_path, monkeypatch, kind):
 
     def run(layerwise, out):
         torch.manual_seed(0)
-        model = _TiedHead() if kind == "tied" else TinyMLP(bn=True)
-        args = MetaLRConfig(output_dir=str(out), per_device_train_batch_size=8, layerwise_dots=layerwise, **COMMON)
-        t = MetaLRTrainer(model=model, args=args, train_dataset=make_split(32, seed=3),
-                          meta_dataset=make_split(16, seed=4))
+        t = _mlp_trainer(_TiedHead() if kind == "tied" else TinyMLP(bn=True), out, layerwise_dots=layerwise)
         t.train()
         return t
 
@@ -238,9 +241,7 @@ def test_dots_check_catches_examples_coupled_outside_batchnorm(tmp_path, monkeyp
             return SequenceClassifierOutput(logits=self.net.l2(h - h.mean(0, keepdim=True)))
 
     torch.manual_seed(0)
-    args = MetaLRConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, **COMMON)
-    t = MetaLRTrainer(model=Coupled(), args=args, train_dataset=make_split(32, seed=3),
-                      meta_dataset=make_split(16, seed=4))
+    t = _mlp_trainer(Coupled(), tmp_path)
     with pytest.warns(UserWarning, match="per-layer dots vs forward mode"):
         t.train()
     assert t._layerwise == "off"

@@ -20,6 +20,14 @@ from hf_ddlr.meta import frozen_batchnorm, meta_gradients, replay_rng
 from hf_ddlr.meta.primal_reuse import record_outputs
 
 
+def _prepared():
+    """The engine tests' BN + dropout CNN set-up, in train mode, taking its input as a keyword."""
+    model, params, specs, window, meta = _setup()
+    _fwd_kw(model)
+    model.train()
+    return model, params, specs, window, meta
+
+
 def _recorded(model, mb):
     """The 'real forward' of ``mb`` (same seed, batch-statistics BN) with its layer outputs recorded."""
     with replay_rng(mb.seed), frozen_batchnorm(model), record_outputs(model) as rec:
@@ -28,9 +36,7 @@ def _recorded(model, mb):
 
 
 def test_reused_primals_give_the_same_dots_and_are_really_used():
-    model, params, specs, window, meta = _setup()
-    _fwd_kw(model)
-    model.train()
+    model, params, specs, window, meta = _prepared()
     T = {n: torch.randn_like(p) for n, p in params.items()}
     mb = window[0]
     ref = engine.jvp_dots(model, params, copy.deepcopy(mb), T)
@@ -49,9 +55,7 @@ def test_reused_primals_give_the_same_dots_and_are_really_used():
 
 
 def test_a_pass_that_is_not_the_recorded_forward_computes_normally():
-    model, params, specs, window, meta = _setup()
-    _fwd_kw(model)
-    model.train()
+    model, params, specs, window, meta = _prepared()
     T = {n: torch.randn_like(p) for n, p in params.items()}
     other = copy.copy(window[0])
     other.inputs = {"x": other.inputs["x"][:8]}
@@ -63,9 +67,7 @@ def test_a_pass_that_is_not_the_recorded_forward_computes_normally():
 
 
 def test_meta_gradients_with_reused_primals_match_exact():
-    model, params, specs, window, meta = _setup()
-    _fwd_kw(model)
-    model.train()
+    model, params, specs, window, meta = _prepared()
     ref = meta_gradients(model, params, copy.deepcopy(window), meta, specs, weight_decay=5e-4, normalizer=16,
                          strategy="exact")
     w = copy.deepcopy(window)
@@ -160,9 +162,7 @@ def test_outputs_overwritten_in_place_are_not_reused():
 
 
 def test_reused_primals_under_bf16_autocast():
-    model, params, specs, window, meta = _setup()
-    _fwd_kw(model)
-    model.train()
+    model, params, specs, window, meta = _prepared()
     T = {n: torch.randn_like(p) * 1e-2 for n, p in params.items()}
     mb = window[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -175,9 +175,7 @@ def test_reused_primals_under_bf16_autocast():
 
 def test_reuse_skips_layers_without_tangent_work():
     """A frozen layer (no weight tangent) and the first layer (no input tangent) still get the right tangent."""
-    model, params, specs, window, meta = _setup()
-    _fwd_kw(model)
-    model.train()
+    model, params, specs, window, meta = _prepared()
     model.c1.weight.requires_grad_(False)
     model.c1.bias.requires_grad_(False)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}

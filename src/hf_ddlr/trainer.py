@@ -436,7 +436,7 @@ class MetaLRTrainer(Trainer):
         args: MetaLRConfig = self.args
         model = self.model
         model.train()
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        params = self._trainable_params()
         self._tag_decay_groups(self.optimizer)
         decay_ids = {id(q) for g in self.optimizer.param_groups if g.get("hf_ddlr_decay") for q in g["params"]}
         decay = {n for n, p in params.items() if id(p) in decay_ids}
@@ -573,10 +573,7 @@ class MetaLRTrainer(Trainer):
     _last_losses: torch.Tensor | None = None
 
     def _delayed_meta_step(self) -> None:
-        scale = 1.0
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is not None:
-            scale = float(scaler.get_scale())
+        scale = self._loss_scale()
         # The engine only reads these, so fp32 gradients at scale 1 are passed as they are: a copy would
         # cost a full gradient's worth of memory at the step's peak.
         def real_grad(p: torch.Tensor) -> torch.Tensor:
@@ -587,7 +584,7 @@ class MetaLRTrainer(Trainer):
                 return g
             return g.float() / scale
 
-        grads = {n: real_grad(p) for n, p in self.model.named_parameters() if p.requires_grad}
+        grads = {n: real_grad(p) for n, p in self._trainable_params().items()}
         if not self.args.keep_history:
             self.rates.reset()
         self._run_meta_step(grads=grads)
@@ -729,7 +726,7 @@ class MetaLRTrainer(Trainer):
         """(1/N) Σ e_i ∇L_i from the real forward's graph (kept for the real backward), averaged over ranks."""
         if self._strategy() == "last_layer":
             return None  # the closed form needs only the head's input, captured during the forward
-        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        params = self._trainable_params()
         scale = self._loss_scale()
         total = (w.to(L.dtype) * L).sum() * (scale / self._window_normalizer)
         gs = torch.autograd.grad(total, list(params.values()), retain_graph=True, allow_unused=True)

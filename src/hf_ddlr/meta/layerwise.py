@@ -94,14 +94,13 @@ class LayerTape:
             return None
         x = args[0]
         B = self.batch
-        if isinstance(module, nn.Embedding) and B and B > 1 and x.dim() >= 1 and x.shape[0] == 1:
+        broadcast = isinstance(module, nn.Embedding) and B > 1 and x.dim() >= 1 and x.shape[0] == 1
+        if broadcast:
             # Position embeddings are looked up once ([1, S]) and broadcast over the batch; an explicit
             # expand (a view, the same values downstream) gives every example its own output gradient.
             x, out = x.expand(B, *x.shape[1:]), out.expand(B, *out.shape[1:])
-            self.calls.append(_Call(module, x, out, (x._version, out._version)))
-            return out
         self.calls.append(_Call(module, x, out, (x._version, out._version)))
-        return None
+        return out if broadcast else None
 
     def backward(self, losses: torch.Tensor, scale: float = 1.0, retain_graph: bool = False) -> None:
         """Gradients of ``Σ_i L_i`` at every recorded layer output (one reverse pass that skips weight
