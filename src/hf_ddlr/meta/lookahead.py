@@ -5,11 +5,23 @@ With effective example weights ``e`` and per-example losses ``L_i`` the train gr
 
     θ'_p = θ_p − λ_p · ρ_p ⊙ (g_p + [coupled] wd·θ_p) − λ_p · [decoupled] wd·θ_p − (terms free of e, wd)
 
-with an elementwise factor ρ_p that does not depend on ``e`` (1 for SGD, the bias-corrected Adam
-preconditioner with the second moment held constant). Hence, for any meta loss with gradient
-``g_meta`` at θ', ``∂L_meta/∂e_i = −(1/N) · T·∇L_i`` with the *tangent* ``T_p = λ_p ρ_p ⊙ g_meta_p``, and
-``∂L_meta/∂wd = −Σ_decay λ_p (ρ_p if coupled else 1) g_meta_p·θ_p``. The strategies only differ in how they
-evaluate the dots ``T·∇L_i``.
+with an elementwise factor ρ_p that is held independent of ``e``:
+
+- plain SGD: ``ρ = 1``;
+- momentum μ with dampening τ (PyTorch's SGD; its first step sets the buffer to the gradient, undamped):
+  ``ρ = 1 − τ`` once a buffer exists, 1 on the first step; Nesterov: ``ρ = 1 + μ(1 − τ)`` (``1 + μ`` on
+  the first step);
+- Adam / AdamW at step ``t`` (1 on the first step, from empty state):
+  ``ρ = (1 − β1)/(1 − β1^t) · P`` with ``P = 1/(sqrt(v'/(1 − β2^t)) + eps)`` and the *updated* second
+  moment ``v' = β2·v + (1 − β2)·(g + [coupled] wd·θ)²`` (AMSGrad: ``max(v_max, v')``).
+
+θ' itself is the real optimizer's next iterate, ``v'`` included. For Adam ``v'`` depends on ``e`` too; the
+derivatives hold it constant (``P`` is a constant of this step, as in the real update's preconditioning),
+so for Adam they are those of a step with a frozen second moment, for SGD they are exact. Hence, for any
+meta loss with gradient ``g_meta`` at θ', ``∂L_meta/∂e_i = −(1/N) · T·∇L_i`` with the *tangent*
+``T_p = λ_p ρ_p ⊙ g_meta_p``, and ``∂L_meta/∂wd = −Σ_decay λ_p (ρ_p if coupled else 1) g_meta_p·θ_p``. The
+strategies only differ in how they evaluate the dots ``T·∇L_i``. Because ``P`` needs ``g``,
+:func:`lookahead` records it on the specs and :func:`tangent` / :func:`weight_decay_grad` read it there.
 """
 
 from __future__ import annotations
@@ -41,16 +53,31 @@ class ParamSpec:
     beta2: float = 0.999
     eps: float = 1e-8
     decoupled: bool = False  # AdamW-style decay (not passed through the preconditioner)
+    amsgrad: bool = False
+    # the optimizer's tensors for this parameter (read, never written); Adam: exp_avg / exp_avg_sq /
+    # max_exp_avg_sq are None and step is 0 before the first step
     state: dict = field(default_factory=dict)
+    # Adam: P = 1/(sqrt(v̂')+eps) of the last lookahead() (v' held constant in the derivatives)
+    preconditioner: torch.Tensor | None = field(default=None, repr=False)
 
 
-def _adam_like(opt: torch.optim.Optimizer) -> tuple[bool, bool]:
-    """(is Adam family, decoupled decay) for the torch optimizers we understand."""
-    if isinstance(opt, torch.optim.AdamW):
-        return True, True
-    if isinstance(opt, torch.optim.Adam):
-        return True, bool(getattr(opt, "defaults", {}).get("decoupled_weight_decay", False))
-    return False, False
+def _adam_like(opt: torch.optim.Optimizer) -> bool:
+    """Whether ``opt`` is torch's Adam or AdamW (AdamW subclasses Adam in recent torch)."""
+    return isinstance(opt, (torch.optim.Adam, torch.optim.AdamW))
+
+
+def _decoupled(opt: torch.optim.Optimizer, group: dict) -> bool:
+    """AdamW-style decay for this group: AdamW, or Adam with ``decoupled_weight_decay=True``."""
+    return isinstance(opt, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+
+
+def _unmodelled(opt: torch.optim.Optimizer) -> str | None:
+    """Why the optimizer-aware lookahead cannot follow ``opt`` (None when it can)."""
+    if not (_adam_like(opt) or isinstance(opt, torch.optim.SGD)):
+        return f"does not know {type(opt).__name__}"
+    if any(g.get("maximize", False) for g in opt.param_groups):
+        return f"does not model {type(opt).__name__}(maximize=True)"
+    return None
 
 
 def param_specs(
@@ -63,8 +90,9 @@ def param_specs(
     """Describe the coming step of ``optimizer`` for each named parameter.
 
     ``mode="sgd"`` is the paper's lookahead (plain SGD at the current learning rate, whatever the real
-    optimizer is); ``"optimizer"`` follows the real optimizer (momentum SGD, Adam, AdamW). An optimizer
-    this module does not know falls back to the plain-SGD lookahead with a warning.
+    optimizer is); ``"optimizer"`` follows the real optimizer (SGD with momentum / dampening / Nesterov,
+    Adam, AdamW, AMSGrad), from its first step on. An optimizer or option this module does not model
+    (another class, ``maximize=True``) falls back to the plain-SGD lookahead with a warning.
     """
     decay = set(decay_names)
     group_of: dict[int, dict] = {}
@@ -72,15 +100,14 @@ def param_specs(
         for g in optimizer.param_groups:
             for p in g["params"]:
                 group_of[id(p)] = g
-    is_adam, decoupled = _adam_like(optimizer) if optimizer is not None else (False, False)
-    is_sgd = isinstance(optimizer, torch.optim.SGD)
-    if mode == "optimizer" and optimizer is not None and not (is_adam or is_sgd):
+    if mode == "optimizer" and optimizer is not None and (why := _unmodelled(optimizer)) is not None:
         warnings.warn(
-            f"Optimizer-aware lookahead does not know {type(optimizer).__name__}; using the plain-SGD "
-            "lookahead of the paper (set lookahead='sgd' to silence this).",
+            f"Optimizer-aware lookahead {why}; using the plain-SGD lookahead of the paper (set "
+            "lookahead='sgd' to silence this).",
             stacklevel=2,
         )
         mode = "sgd"
+    is_adam = optimizer is not None and _adam_like(optimizer)
     specs: dict[str, ParamSpec] = {}
     for name, p in named_params.items():
         g = group_of.get(id(p))
@@ -90,39 +117,57 @@ def param_specs(
         spec = ParamSpec(lr=lr, decay=name in decay)
         if mode == "optimizer" and g is not None:
             st = optimizer.state.get(p, {})
-            if is_sgd:
+            if is_adam:
+                spec.kind = "adam"
+                spec.beta1, spec.beta2 = (float(b) for b in g["betas"])
+                spec.eps = float(g["eps"])
+                spec.decoupled = _decoupled(optimizer, g)
+                spec.amsgrad = bool(g.get("amsgrad", False))
+                spec.state = {
+                    "exp_avg": st.get("exp_avg"),
+                    "exp_avg_sq": st.get("exp_avg_sq"),
+                    "max_exp_avg_sq": st.get("max_exp_avg_sq"),
+                    "step": float(st["step"]) if "step" in st else 0.0,
+                }
+            else:
                 spec.momentum = float(g.get("momentum", 0.0))
                 spec.dampening = float(g.get("dampening", 0.0))
                 spec.nesterov = bool(g.get("nesterov", False))
                 if st.get("momentum_buffer") is not None:
                     spec.state = {"momentum_buffer": st["momentum_buffer"]}
-            elif is_adam and "exp_avg_sq" in st:  # before the first step Adam has no state: plain SGD form
-                spec.kind = "adam"
-                spec.beta1, spec.beta2 = (float(b) for b in g["betas"])
-                spec.eps = float(g["eps"])
-                spec.decoupled = decoupled
-                spec.state = {"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"], "step": float(st["step"])}
         specs[name] = spec
     return specs
 
 
-def _adam_factors(spec: ParamSpec) -> tuple[float, torch.Tensor]:
-    """(c_t, P): bias-corrected first-moment factor and the preconditioner with v held at its last value."""
-    t_prev = spec.state["step"]
-    t = t_prev + 1.0
-    c_t = (1.0 - spec.beta1) / (1.0 - spec.beta1**t)
-    v_hat = spec.state["exp_avg_sq"] / (1.0 - spec.beta2**t_prev)
-    return c_t, 1.0 / (v_hat.sqrt() + spec.eps)
+def _adam_preconditioner(spec: ParamSpec, gt: torch.Tensor) -> torch.Tensor:
+    """P = 1/(sqrt(v̂')+eps) for the gradient ``gt`` the Adam step sees (coupled decay included).
+
+    v' = β2·v + (1−β2)·gt² is the second moment the real step writes (AMSGrad: its running maximum),
+    bias-corrected at the coming step t; computed from ``gt`` detached, i.e. held constant in derivatives.
+    """
+    gd = gt.detach()
+    v_old, st = spec.state.get("exp_avg_sq"), spec.state
+    v = (1.0 - spec.beta2) * gd * gd
+    if v_old is not None:
+        v = spec.beta2 * v_old.to(gd.dtype) + v
+    if spec.amsgrad and st.get("max_exp_avg_sq") is not None:
+        v = torch.maximum(st["max_exp_avg_sq"].to(gd.dtype), v)
+    t = st["step"] + 1.0
+    return 1.0 / (v.sqrt() / math.sqrt(1.0 - spec.beta2**t) + spec.eps)
 
 
 def precondition(spec: ParamSpec, x: torch.Tensor) -> torch.Tensor:
     """ρ ⊙ x: how a change of the gradient moves the next iterate (before the −λ factor)."""
     if spec.kind == "adam":
-        c_t, P = _adam_factors(spec)
-        return c_t * P.to(x.dtype) * x
-    if spec.nesterov:
-        return (1.0 + spec.momentum) * x
-    if spec.momentum and "momentum_buffer" in spec.state:
+        if spec.preconditioner is None:
+            raise RuntimeError("An Adam ParamSpec has no preconditioner yet: call lookahead() with it first.")
+        t = spec.state["step"] + 1.0
+        c_t = (1.0 - spec.beta1) / (1.0 - spec.beta1**t)
+        return c_t * spec.preconditioner.to(x.dtype) * x
+    has_buf = "momentum_buffer" in spec.state  # PyTorch's first momentum step: buffer = d, undamped
+    if spec.momentum and spec.nesterov:
+        return (1.0 + spec.momentum * ((1.0 - spec.dampening) if has_buf else 1.0)) * x
+    if spec.momentum and has_buf:
         return (1.0 - spec.dampening) * x
     return x
 
@@ -135,20 +180,23 @@ def lookahead(
 ) -> dict[str, torch.Tensor]:
     """θ': the parameters after one step of the described optimizer on ``grads`` with ``weight_decay``.
 
-    Differentiable in ``grads`` and ``weight_decay`` when they carry a graph (the exact strategy); the
-    optimizer state is read, never written.
+    This is the real optimizer's next iterate (PyTorch's SGD / Adam / AdamW update, Adam's new second
+    moment included). Differentiable in ``grads`` and ``weight_decay`` when they carry a graph (the exact
+    strategy), with Adam's second moment held constant. The optimizer state is read, never written; for
+    Adam the preconditioner of this step is recorded on ``specs`` (see :func:`tangent`).
     """
     out: dict[str, torch.Tensor] = {}
     for name, p in params.items():
         s, g = specs[name], grads[name]
         wd = weight_decay if s.decay else 0.0
         if s.kind == "adam":
-            coupled = 0.0 if s.decoupled else wd
-            gt = g + coupled * p if s.decay and not s.decoupled else g
-            m = s.beta1 * s.state["exp_avg"] + (1.0 - s.beta1) * gt
+            gt = g + wd * p if s.decay and not s.decoupled else g
+            m = (1.0 - s.beta1) * gt
+            if s.state.get("exp_avg") is not None:
+                m = s.beta1 * s.state["exp_avg"].to(gt.dtype) + m
             t = s.state["step"] + 1.0
-            _, P = _adam_factors(s)
-            step = (m / (1.0 - s.beta1**t)) * P.to(p.dtype)
+            s.preconditioner = _adam_preconditioner(s, gt)
+            step = (m / (1.0 - s.beta1**t)) * s.preconditioner.to(p.dtype)
             base = p * (1.0 - s.lr * wd) if (s.decay and s.decoupled) else p
             out[name] = base - s.lr * step
             continue
@@ -165,7 +213,10 @@ def lookahead(
 
 
 def tangent(g_meta: Mapping[str, torch.Tensor], specs: Mapping[str, ParamSpec]) -> dict[str, torch.Tensor]:
-    """T = λ ρ ⊙ g_meta: the direction whose dot with ∇L_i gives −N ∂L_meta/∂e_i."""
+    """T = λ ρ ⊙ g_meta: the direction whose dot with ∇L_i gives −N ∂L_meta/∂e_i.
+
+    Adam specs must have been through :func:`lookahead` (ρ uses the preconditioner of that step).
+    """
     return {n: specs[n].lr * precondition(specs[n], g) for n, g in g_meta.items()}
 
 

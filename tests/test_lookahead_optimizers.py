@@ -1,0 +1,280 @@
+"""The optimizer-aware lookahead against the real torch optimizers, and the rate table's chain rule.
+
+Everything is checked against an independent computation rather than against another path through the
+same :func:`~hf_ddlr.meta.lookahead.lookahead`:
+
+- θ' must equal the iterate that a real ``torch.optim`` step on the weighted loss ``(1/N) Σ e_i L_i``
+  produces (SGD with momentum / dampening / Nesterov, Adam with coupled L2, AdamW, AMSGrad; with and
+  without weight decay; on the first step from empty state and after warm steps), in float64.
+- ``∂L_meta(θ')/∂e_i`` and ``∂L_meta/∂wd`` from every engine strategy must equal central finite
+  differences taken through the real optimizer step. For SGD this is the exact derivative. For Adam the
+  library documents that the derivative holds the step's new second moment ``v'`` constant, so the brute
+  force does the same to the real step: before each perturbed step the state's ``exp_avg_sq`` is set so
+  that torch's own update lands on the unperturbed ``v'`` (everything else is torch's arithmetic).
+- ``lr_level="both"`` with non-unit instance and class rates: the table step equals ``meta_lr`` times the
+  autograd gradient of ``Σ_i e_i·g_i`` through ``e_i = w_inst[idx_i]·w_class[y_i]`` (duplicate rows too).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hf_ddlr.meta import MetaBatch, MicroBatch, RateTable, lookahead, meta_gradients, param_specs
+
+N, D, C = 8, 5, 3
+# exactly representable in float32 too (the exact strategy holds e in float32): no rounding of e anywhere
+E = torch.tensor([0.5, 1.25, 0.75, 2.0, 1.5, 0.375, 1.0, 0.625], dtype=torch.float64)
+
+
+class MLP(nn.Module):
+    """Two linear layers and a LayerNorm; the biases and the LayerNorm are in a no-decay group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.ln, self.fc2 = nn.Linear(D, 7), nn.LayerNorm(7), nn.Linear(7, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.ln(self.fc1(x))))
+
+
+DECAY = ("fc1.weight", "fc2.weight")
+
+# name -> (factory(param groups) -> optimizer, learning rates of the (decay, no-decay) groups, weight decay)
+OPTIMIZERS: dict[str, tuple[Callable[[list[dict]], torch.optim.Optimizer], tuple[float, float], float]] = {
+    "sgd": (lambda g: torch.optim.SGD(g), (0.1, 0.05), 5e-3),
+    "sgd_momentum": (lambda g: torch.optim.SGD(g, momentum=0.9), (0.1, 0.05), 5e-3),
+    "sgd_dampening": (lambda g: torch.optim.SGD(g, momentum=0.9, dampening=0.3), (0.1, 0.05), 5e-3),
+    "sgd_nesterov": (lambda g: torch.optim.SGD(g, momentum=0.9, nesterov=True), (0.1, 0.05), 5e-3),
+    "adam": (lambda g: torch.optim.Adam(g, betas=(0.8, 0.95)), (1e-2, 3e-3), 1e-2),
+    "adam_amsgrad": (lambda g: torch.optim.Adam(g, betas=(0.8, 0.95), amsgrad=True), (1e-2, 3e-3), 1e-2),
+    "adamw": (lambda g: torch.optim.AdamW(g, betas=(0.8, 0.95)), (1e-2, 3e-3), 1e-1),
+    "adamw_amsgrad": (lambda g: torch.optim.AdamW(g, betas=(0.8, 0.95), amsgrad=True), (1e-2, 3e-3), 1e-1),
+}
+
+
+def _data(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(N, D, generator=g, dtype=torch.float64),
+        "y": torch.randint(0, C, (N,), generator=g),
+        "xm": torch.randn(12, D, generator=g, dtype=torch.float64),
+        "ym": torch.randint(0, C, (12,), generator=g),
+    }
+
+
+def _build(name: str, with_wd: bool, warm_steps: int, seed: int = 0):
+    """A float64 MLP and its optimizer after ``warm_steps`` real steps on other weighted batches."""
+    factory, (lr_d, lr_n), wd = OPTIMIZERS[name]
+    wd = wd if with_wd else 0.0
+    torch.manual_seed(seed)
+    model = MLP().double()
+    named = dict(model.named_parameters())
+    groups = [
+        {"params": [named[n] for n in DECAY], "lr": lr_d, "weight_decay": wd},
+        {"params": [p for n, p in named.items() if n not in DECAY], "lr": lr_n, "weight_decay": 0.0},
+    ]
+    opt = factory(groups)
+    g = torch.Generator().manual_seed(seed + 100)
+    for _ in range(warm_steps):
+        x, y = torch.randn(N, D, generator=g, dtype=torch.float64), torch.randint(0, C, (N,), generator=g)
+        w = torch.rand(N, generator=g, dtype=torch.float64) + 0.5
+        opt.zero_grad()
+        ((w * F.cross_entropy(model(x), y, reduction="none")).sum() / N).backward()
+        opt.step()
+    return model, opt, wd
+
+
+def _weighted_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    return (e * F.cross_entropy(model(x), y, reduction="none")).sum() / N
+
+
+def _real_step(model: nn.Module, opt: torch.optim.Optimizer, data, e: torch.Tensor, wd: float | None = None,
+               freeze_v: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """A copy of the model after one real ``opt.step()`` on the weighted loss (the originals are untouched).
+
+    ``wd`` overrides the decay group's weight decay. ``freeze_v`` (Adam): the second moment the step must
+    end with, by parameter name; the copy's ``exp_avg_sq`` is set beforehand so that torch's own
+    ``v ← β2·v + (1−β2)·g²`` (g with coupled decay) lands on it.
+    """
+    m, o = copy.deepcopy((model, opt))
+    if wd is not None:
+        o.param_groups[0]["weight_decay"] = wd
+    o.zero_grad()
+    _weighted_loss(m, data["x"], data["y"], e).backward()
+    if freeze_v is not None:
+        for group in o.param_groups:
+            b2, coupled = group["betas"][1], not group.get("decoupled_weight_decay", isinstance(o, torch.optim.AdamW))
+            for p in group["params"]:
+                name = next(n for n, q in m.named_parameters() if q is p)
+                gt = p.grad + group["weight_decay"] * p.detach() if coupled else p.grad
+                st = o.state[p]
+                if not st:  # the first step: the state torch would create, with our second moment
+                    st["step"] = torch.tensor(0.0, dtype=torch.float64)
+                    st["exp_avg"] = torch.zeros_like(p)
+                    if group["amsgrad"]:
+                        st["max_exp_avg_sq"] = torch.zeros_like(p)
+                st["exp_avg_sq"] = (freeze_v[name] - (1 - b2) * gt * gt) / b2
+                if group["amsgrad"]:
+                    st["max_exp_avg_sq"] = freeze_v[name].clone()
+    o.step()
+    return m
+
+
+def _meta_loss(model: nn.Module, data) -> float:
+    with torch.no_grad():
+        return float(F.cross_entropy(model(data["xm"]), data["ym"]))
+
+
+CASES = [(name, wd, k) for name in OPTIMIZERS for wd in (False, True) for k in (0, 3)]
+
+
+@pytest.mark.parametrize("name,with_wd,warm_steps", CASES)
+def test_lookahead_is_the_real_optimizers_next_iterate(name, with_wd, warm_steps):
+    """θ' from param_specs(mode='optimizer') + lookahead() == a real opt.step() on the weighted loss."""
+    model, opt, wd = _build(name, with_wd, warm_steps)
+    data = _data()
+    params = dict(model.named_parameters())
+    grads = dict(zip(params, torch.autograd.grad(_weighted_loss(model, data["x"], data["y"], E), list(params.values()))))
+    specs = param_specs(opt, params, DECAY, mode="optimizer")
+    theta = lookahead({n: p.detach() for n, p in params.items()}, grads, specs, wd)
+    real = dict(_real_step(model, opt, data, E).named_parameters())
+    for n in params:
+        assert not torch.equal(theta[n], params[n])  # it moved
+        torch.testing.assert_close(theta[n], real[n].detach(), rtol=1e-12, atol=1e-14, msg=lambda m, n=n: f"{n}: {m}")
+    # and nothing was written: the optimizer state and the parameters are as before
+    assert all(torch.equal(params[n], p) for n, p in model.named_parameters())
+
+
+def _frozen_second_moment(model, opt, data) -> dict[str, torch.Tensor] | None:
+    """Adam: the v' (AMSGrad: max(v_max, v')) of the real unperturbed step, by parameter name."""
+    if not isinstance(opt, torch.optim.Adam):
+        return None
+    m, o = copy.deepcopy((model, opt))
+    o.zero_grad()
+    _weighted_loss(m, data["x"], data["y"], E).backward()
+    o.step()
+    key = "max_exp_avg_sq" if o.param_groups[0]["amsgrad"] else "exp_avg_sq"
+    return {n: o.state[p][key].clone() for n, p in m.named_parameters()}
+
+
+def _brute_force(model, opt, data, wd: float, h: float = 1e-5) -> tuple[torch.Tensor, float]:
+    """Central differences of L_meta(θ'(e, wd)) in every e_i and in wd, through the real optimizer step."""
+    frozen = _frozen_second_moment(model, opt, data)
+    de = torch.empty(N, dtype=torch.float64)
+    for i in range(N):
+        up, down = E.clone(), E.clone()
+        up[i] += h
+        down[i] -= h
+        de[i] = (_meta_loss(_real_step(model, opt, data, up, freeze_v=frozen), data)
+                 - _meta_loss(_real_step(model, opt, data, down, freeze_v=frozen), data)) / (2 * h)
+    dwd = (_meta_loss(_real_step(model, opt, data, E, wd=wd + h, freeze_v=frozen), data)
+           - _meta_loss(_real_step(model, opt, data, E, wd=wd - h, freeze_v=frozen), data)) / (2 * h)
+    return de, dwd
+
+
+@pytest.mark.parametrize("strategy", ["jvp", "exact", "finite_difference"])
+@pytest.mark.parametrize("name,with_wd,warm_steps", [c for c in CASES if c[1] or c[2] == 0])
+def test_meta_gradient_matches_finite_differences_through_the_real_step(strategy, name, with_wd, warm_steps):
+    """∂L_meta/∂e_i and ∂L_meta/∂wd from the engine == brute force through torch's optimizer (float64).
+
+    Exact for SGD; for Adam the brute force freezes the new second moment as the library documents.
+    """
+    model, opt, wd = _build(name, with_wd, warm_steps)
+    data = _data()
+    params = dict(model.named_parameters())
+    specs = param_specs(opt, params, DECAY, mode="optimizer")
+    window = [MicroBatch({"x": data["x"]}, data["y"], E.clone(), seed=0)]
+    res = meta_gradients(model, params, window, MetaBatch({"x": data["xm"]}, data["ym"], seed=1), specs,
+                         weight_decay=wd, normalizer=N, strategy=strategy)
+    de, dwd = _brute_force(model, opt, data, wd)
+    assert de.abs().max() > 0 and dwd != 0
+    # the engine hands back float32; finite_difference is itself a one-sided difference
+    tol = 5e-5 if strategy == "finite_difference" else 1e-5  # seen: 8e-6 and 1.5e-6
+    scale = float(de.abs().max())
+    torch.testing.assert_close(res.example_grad.double(), de, rtol=tol, atol=tol * scale)
+    assert res.weight_decay_grad == pytest.approx(dwd, rel=tol, abs=1e-9 * scale)
+    assert res.meta_loss == pytest.approx(_meta_loss(_real_step(model, opt, data, E), data), rel=1e-6)
+
+
+def test_adam_derivative_is_the_frozen_second_moment_one():
+    """The frozen-v' brute force is not vacuous: letting v' follow e gives a different derivative, and the
+    engine matches the frozen one (the documented approximation), not the full one."""
+    model, opt, wd = _build("adamw", True, 3)
+    data = _data()
+    params = dict(model.named_parameters())
+    specs = param_specs(opt, params, DECAY, mode="optimizer")
+    window = [MicroBatch({"x": data["x"]}, data["y"], E.clone(), seed=0)]
+    res = meta_gradients(model, params, window, MetaBatch({"x": data["xm"]}, data["ym"], seed=1), specs,
+                         weight_decay=wd, normalizer=N, strategy="exact")
+    h = 1e-5
+    full = torch.empty(N, dtype=torch.float64)
+    for i in range(N):
+        up, down = E.clone(), E.clone()
+        up[i] += h
+        down[i] -= h
+        full[i] = (_meta_loss(_real_step(model, opt, data, up), data)
+                   - _meta_loss(_real_step(model, opt, data, down), data)) / (2 * h)
+    frozen, _ = _brute_force(model, opt, data, wd)
+    assert float((full - frozen).abs().max()) > 0.05 * float(frozen.abs().max())  # seen: 0.46, cosine 0.88
+    torch.testing.assert_close(res.example_grad.double(), frozen, rtol=1e-5, atol=1e-5 * float(frozen.abs().max()))
+
+
+@pytest.mark.parametrize("opt", [
+    lambda p: torch.optim.SGD(p, lr=0.1, maximize=True),
+    lambda p: torch.optim.Adam(p, maximize=True),
+    lambda p: torch.optim.RMSprop(p),
+])
+def test_unmodelled_optimizer_falls_back_to_sgd_with_a_warning(opt):
+    model = MLP()
+    params = dict(model.named_parameters())
+    with pytest.warns(UserWarning, match="plain-SGD lookahead"):
+        specs = param_specs(opt(model.parameters()), params, DECAY, mode="optimizer")
+    assert all(s.kind == "sgd" and s.momentum == 0.0 for s in specs.values())
+
+
+def test_adam_tangent_needs_the_lookahead_first():
+    from hf_ddlr.meta import tangent
+
+    model = MLP()
+    params = dict(model.named_parameters())
+    specs = param_specs(torch.optim.Adam(model.parameters()), params, DECAY, mode="optimizer")
+    with pytest.raises(RuntimeError, match="call lookahead"):
+        tangent({n: torch.ones_like(p) for n, p in params.items()}, specs)
+
+
+# ---------------------------------------------------------------------------------------------- rate table
+@pytest.mark.parametrize("level", ["instance", "class", "both"])
+def test_rate_update_is_the_chain_rule_through_e_with_non_unit_rates(level):
+    """Raw scaling: every rate moves by −meta_lr · ∂(Σ_i e_i g_i)/∂w with e_i = w_inst[idx_i]·w_class[y_i],
+    computed by autograd on leaf tables (duplicate rows in the batch accumulate, as a table lookup does)."""
+    num_ex, num_cls, meta_lr = 7, 4, 0.05
+    t = RateTable(num_ex, num_cls, level, meta_lr=meta_lr, scaling="raw")
+    inst0 = torch.tensor([1.5, 0.5, 2.0, 0.75, 1.25, 3.0, 0.25])
+    cls0 = torch.tensor([0.5, 2.5, 1.5, 0.8])
+    if t.instance is not None:
+        t.instance.copy_(inst0)
+    if t.per_class is not None:
+        t.per_class.copy_(cls0)
+    idx = torch.tensor([0, 2, 5, 2, 3, 6])  # row 2 twice; rows 1 and 4 absent
+    y = torch.tensor([1, 0, 2, 3, 1, 2])
+    g = torch.tensor([0.3, -0.7, 1.1, 0.4, -0.2, 0.9])
+    w_inst = inst0.clone().requires_grad_(level != "class")
+    w_cls = cls0.clone().requires_grad_(level != "instance")
+    e = (w_inst[idx] if level != "class" else 1.0) * (w_cls[y] if level != "instance" else 1.0)
+    torch.testing.assert_close(t.effective(idx, y), e.detach())
+    leaves = [w for w in (w_inst, w_cls) if w.requires_grad]
+    grads = dict(zip([id(w) for w in leaves], torch.autograd.grad((e * g).sum(), leaves)))
+    upd = t.update(idx if level != "class" else None, y, g)
+    assert upd.applied
+    if level != "class":
+        torch.testing.assert_close(t.instance, inst0 - meta_lr * grads[id(w_inst)])
+        assert t.instance[1] == inst0[1] and t.instance[4] == inst0[4]
+    if level != "instance":
+        torch.testing.assert_close(upd.class_grad, grads[id(w_cls)])
+        torch.testing.assert_close(t.per_class, cls0 - meta_lr * grads[id(w_cls)])
