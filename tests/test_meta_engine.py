@@ -67,7 +67,9 @@ def test_strategy_matches_exact_double_backward(opt, strategy):
                          strategy=strategy)
     assert ref.example_grad.abs().max() > 0
     c = cos(got.example_grad, ref.example_grad)
-    assert c >= 0.9999, c
+    # a one-sided difference in fp32 is limited by rounding (cosine 0.99984 to 0.99996 here, depending on the
+    # thread count's summation order); tests/test_lookahead_optimizers.py checks it tightly in float64
+    assert c >= (0.999 if strategy == "finite_difference" else 0.9999), c
     assert got.weight_decay_grad == pytest.approx(ref.weight_decay_grad, rel=1e-3, abs=1e-12)
     assert got.meta_loss == pytest.approx(ref.meta_loss, rel=1e-5)
 
