@@ -1,14 +1,18 @@
-"""`MetaLRConfig`: `TrainingArguments` plus every option of the meta step, each documented for the CLI."""
+"""The meta step's options: :class:`MetaLROptions` (the options alone), :class:`MetaLRConfig`
+(``TrainingArguments`` plus those options, each documented for the CLI) and :func:`resolve_meta_options`,
+which reads the options from any ``TrainingArguments`` (a user's subclass, TRL's configs): the value of an
+attribute that exists, MetaLRConfig's default otherwise."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from transformers import TrainingArguments
 
 from .meta.engine import STRATEGIES
 
-__all__ = ["MetaLRConfig"]
+__all__ = ["MetaLRConfig", "MetaLROptions", "check_meta_options", "resolve_meta_options"]
 
 LEVELS = ("instance", "class", "both")
 UPDATES = ("same_step", "delayed")
@@ -17,11 +21,13 @@ SCALINGS = ("normalized", "raw")
 
 
 @dataclass
-class MetaLRConfig(TrainingArguments):
-    """Training arguments of :class:`~hf_ddlr.MetaLRTrainer`.
+class MetaLROptions:
+    """The options of the data-dependent learning rates (Saxena, Vyas & DeCoste), without ``TrainingArguments``.
 
-    Everything of :class:`transformers.TrainingArguments` plus the options of the data-dependent learning
-    rates (Saxena, Vyas & DeCoste). With ``HfArgumentParser`` every field below is a command-line flag.
+    :class:`MetaLRConfig` is ``TrainingArguments`` plus these fields. They are a separate dataclass so that
+    the trainer can read them from an args object of another class (``MetaLRTrainer.meta_args``), and so
+    that a project with its own ``TrainingArguments`` subclass can add them as CLI flags by mixing them in:
+    ``@dataclass class MyConfig(MetaLROptions, SFTConfig): ...`` (``MetaLROptions`` first).
     """
 
     lr_level: str = field(
@@ -155,6 +161,15 @@ class MetaLRConfig(TrainingArguments):
             "(no meta set needed). The train set must match the trajectory's size and fingerprint."
         },
     )
+    check_fingerprint: bool = field(
+        default=True,
+        metadata={
+            "help": "With replay_trajectory: refuse a train set whose datasets fingerprint differs from the one "
+            "the trajectory was learned on. False replays anyway when you know the rows are the same (e.g. "
+            "the data was rebuilt by other code); a different size is always refused."
+        },
+    )
+
     resize_rates_on_resume: bool = field(
         default=False,
         metadata={
@@ -164,41 +179,79 @@ class MetaLRConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        checks = [
-            ("lr_level", self.lr_level, LEVELS),
-            ("meta_strategy", self.meta_strategy, STRATEGIES),
-            ("meta_update", self.meta_update, UPDATES),
-            ("lookahead", self.lookahead, LOOKAHEADS),
-            ("meta_lr_scaling", self.meta_lr_scaling, SCALINGS),
-        ]
-        for name, value, allowed in checks:
-            if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, allowed))}.")
-        for name in ("meta_lr", "weight_decay_meta_lr", "fd_epsilon"):
-            v = getattr(self, name)
-            if not v >= 0:
-                raise ValueError(f"{name} must be >= 0, got {v}. It is a step size; use 0 to freeze the values.")
-        if self.meta_interval < 1:
-            raise ValueError(f"meta_interval must be a positive integer, got {self.meta_interval}.")
-        if self.meta_batch_size is not None and self.meta_batch_size < 1:
-            raise ValueError(f"meta_batch_size must be positive, got {self.meta_batch_size}.")
-        if self.max_rate is not None and self.max_rate <= 0:
-            raise ValueError(f"max_rate must be > 0 (or None for no bound), got {self.max_rate}.")
-        if (self.learn_weight_decay and self.weight_decay <= 0 and self.meta_lr_scaling == "normalized"
-                and self.replay_trajectory is None):
-            raise ValueError(
-                "learn_weight_decay=True needs a starting value: set weight_decay > 0 (e.g. 5e-4). The normalized "
-                "weight-decay update is multiplicative and cannot leave 0."
-            )
-        if not self.keep_history and self.meta_update == "delayed" and self.lr_level in ("instance", "both"):
-            raise ValueError(
-                "keep_history=False with meta_update='delayed' at the instance level would train without rates: "
-                "the delayed update only applies from an example's next visit, and without history the table "
-                "is reset before it. Use meta_update='same_step' for the no-history ablation (or lr_level='class')."
-            )
-        if self.meta_update == "delayed" and self.meta_strategy == "exact":
-            raise ValueError(
-                "meta_strategy='exact' rebuilds the whole lookahead graph, so it only runs with "
-                "meta_update='same_step'. Use meta_strategy='jvp' or 'finite_difference' with 'delayed'."
-            )
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:  # TrainingArguments' own set-up first (MetaLRConfig, or a user's mix-in)
+            parent()
+        check_meta_options(self, getattr(self, "weight_decay", None))
+
+
+def check_meta_options(opts: Any, weight_decay: float | None = None) -> None:
+    """Raise ``ValueError`` naming the option and the fix when the meta options ``opts`` are not valid.
+
+    ``opts`` is anything with :class:`MetaLROptions`' attributes (a ``MetaLRConfig``, a resolved
+    :class:`MetaLROptions`). ``weight_decay`` is the ``TrainingArguments`` value the learned weight decay starts
+    from; ``None`` skips the one check that needs it.
+    """
+    checks = [
+        ("lr_level", opts.lr_level, LEVELS),
+        ("meta_strategy", opts.meta_strategy, STRATEGIES),
+        ("meta_update", opts.meta_update, UPDATES),
+        ("lookahead", opts.lookahead, LOOKAHEADS),
+        ("meta_lr_scaling", opts.meta_lr_scaling, SCALINGS),
+    ]
+    for name, value, allowed in checks:
+        if value not in allowed:
+            raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, allowed))}.")
+    for name in ("meta_lr", "weight_decay_meta_lr", "fd_epsilon"):
+        v = getattr(opts, name)
+        if not v >= 0:
+            raise ValueError(f"{name} must be >= 0, got {v}. It is a step size; use 0 to freeze the values.")
+    if opts.meta_interval < 1:
+        raise ValueError(f"meta_interval must be a positive integer, got {opts.meta_interval}.")
+    if opts.meta_batch_size is not None and opts.meta_batch_size < 1:
+        raise ValueError(f"meta_batch_size must be positive, got {opts.meta_batch_size}.")
+    if opts.max_rate is not None and opts.max_rate <= 0:
+        raise ValueError(f"max_rate must be > 0 (or None for no bound), got {opts.max_rate}.")
+    if (weight_decay is not None and opts.learn_weight_decay and weight_decay <= 0
+            and opts.meta_lr_scaling == "normalized" and opts.replay_trajectory is None):
+        raise ValueError(
+            "learn_weight_decay=True needs a starting value: set weight_decay > 0 (e.g. 5e-4). The normalized "
+            "weight-decay update is multiplicative and cannot leave 0."
+        )
+    if not opts.keep_history and opts.meta_update == "delayed" and opts.lr_level in ("instance", "both"):
+        raise ValueError(
+            "keep_history=False with meta_update='delayed' at the instance level would train without rates: "
+            "the delayed update only applies from an example's next visit, and without history the table "
+            "is reset before it. Use meta_update='same_step' for the no-history ablation (or lr_level='class')."
+        )
+    if opts.meta_update == "delayed" and opts.meta_strategy == "exact":
+        raise ValueError(
+            "meta_strategy='exact' rebuilds the whole lookahead graph, so it only runs with "
+            "meta_update='same_step'. Use meta_strategy='jvp' or 'finite_difference' with 'delayed'."
+        )
+
+
+@dataclass
+class MetaLRConfig(MetaLROptions, TrainingArguments):
+    """Training arguments of :class:`~hf_ddlr.MetaLRTrainer`.
+
+    Everything of :class:`transformers.TrainingArguments` plus the options of :class:`MetaLROptions` (the
+    data-dependent learning rates), in that order. With ``HfArgumentParser`` every field is a command-line
+    flag. ``MetaLRTrainer`` also accepts any other ``TrainingArguments``; options it lacks take the defaults.
+    """
+
+
+META_OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in fields(MetaLROptions))
+
+
+def resolve_meta_options(args: TrainingArguments | None) -> MetaLROptions:
+    """The meta options of ``args``: for every :class:`MetaLROptions` field, ``args``' attribute of that name
+    when it has one, the default otherwise; validated like ``MetaLRConfig``.
+
+    A new object, so that the trainer can adjust it (a replayed trajectory that learned the weight decay
+    turns ``learn_weight_decay`` on) without touching the user's args, which are saved with checkpoints.
+    """
+    given = {name: getattr(args, name) for name in META_OPTION_NAMES if args is not None and hasattr(args, name)}
+    opts = MetaLROptions(**given)
+    check_meta_options(opts, getattr(args, "weight_decay", None))
+    return opts

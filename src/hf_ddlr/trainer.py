@@ -14,7 +14,6 @@ import os
 import shutil
 import warnings
 from collections.abc import Mapping
-from dataclasses import fields
 from typing import Any
 
 import numpy as np
@@ -24,7 +23,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
-from .config import MetaLRConfig
+from .config import MetaLROptions, resolve_meta_options
 from .meta import (
     MetaBatch,
     MetaGradients,
@@ -49,16 +48,53 @@ __all__ = ["MetaLRTrainer", "META_STATE_NAME"]
 META_STATE_NAME = "meta_state.safetensors"
 _LABEL_KEYS = ("labels", "label")
 
-
-def _as_meta_config(args: TrainingArguments | None) -> MetaLRConfig:
-    if args is None:
-        return MetaLRConfig(output_dir="trainer_output")
-    if isinstance(args, MetaLRConfig):
-        return args
-    if isinstance(args, TrainingArguments):
-        values = {f.name: getattr(args, f.name) for f in fields(args) if f.init}
-        return MetaLRConfig(**values)
-    raise TypeError(f"args must be a MetaLRConfig or TrainingArguments, got {type(args).__name__}.")
+# What this module overrides, calls or reads of transformers.Trainer, in one place so that
+# tests/test_transformers_contract.py can check it against the installed transformers (a private member can
+# change in any release). Each entry is (member, how, parameter names):
+#   "override"  - MetaLRTrainer overrides it and the Trainer calls it: the Trainer's parameters (without self)
+#                 must be exactly these, in this order (our override takes and forwards them);
+#   "call"      - MetaLRTrainer calls it (or reads these keyword arguments in a pass-through override): these
+#                 names must be parameters of it, in this order;
+#   "attribute" - MetaLRTrainer reads it: a class attribute, or one the Trainer sets (`self.<name> = ...`).
+# Changing a use in this module means changing its entry here.
+_TRAINER_MEMBERS_USED: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("__init__", "call", ("model", "args", "data_collator", "train_dataset", "eval_dataset", "processing_class")),
+    ("train", "override", ("resume_from_checkpoint", "trial", "ignore_keys_for_eval")),
+    ("_set_signature_columns_if_needed", "override", ()),
+    ("prediction_step", "override", ("model", "inputs", "prediction_loss_only", "ignore_keys")),
+    ("create_optimizer", "override", ("model",)),
+    ("get_batch_samples", "override", ("epoch_iterator", "num_batches", "device")),
+    ("training_step", "override", ("model", "inputs", "num_items_in_batch")),
+    ("compute_loss", "override", ("model", "inputs", "return_outputs", "num_items_in_batch")),
+    ("log", "override", ("logs", "start_time")),
+    ("_save", "override", ("output_dir", "state_dict")),
+    ("_push_from_checkpoint", "override", ("checkpoint_folder",)),
+    ("_save_optimizer_and_scheduler", "override", ("output_dir",)),
+    ("_load_best_model", "override", ()),
+    ("_load_optimizer_and_scheduler", "override", ("checkpoint",)),
+    ("create_model_card", "call", ("model_name", "dataset")),
+    ("push_to_hub", "call", ()),
+    ("_remove_unused_columns", "call", ("dataset", "description")),
+    ("_get_collator_with_removed_columns", "call", ("data_collator", "description")),
+    ("_prepare_inputs", "call", ("inputs",)),
+    ("get_decay_parameter_names", "call", ("model",)),
+    ("get_train_dataloader", "call", ()),
+    ("add_callback", "call", ("callback",)),
+    ("is_world_process_zero", "call", ()),
+    ("_signature_columns", "attribute", ()),
+    ("_train_batch_size", "attribute", ()),
+    ("current_gradient_accumulation_steps", "attribute", ()),
+    ("loss_is_scaled_for_ga", "attribute", ()),
+    ("is_deepspeed_enabled", "attribute", ()),
+    ("is_fsdp_enabled", "attribute", ()),
+    ("is_fsdp_xla_enabled", "attribute", ()),
+    ("hub_model_id", "attribute", ()),
+    ("accelerator", "attribute", ()),
+    ("optimizer", "attribute", ()),
+    ("state", "attribute", ()),
+)
+# Attributes of the Trainer's `accelerate.Accelerator` read here (fp16 loss scale, sharded/split set-ups).
+_ACCELERATOR_MEMBERS_USED: tuple[str, ...] = ("scaler", "parallelism_config")
 
 
 class _IndexedDataset(Dataset):
@@ -102,12 +138,68 @@ def _has_labels(dataset: Any) -> bool:
     return isinstance(item, Mapping) and any(k in item for k in _LABEL_KEYS)
 
 
+def _first_item(dataset: Any) -> Mapping | None:
+    """Row 0 as the data loader sees it (after a ``set_transform``), or None when it cannot be read cheaply."""
+    try:
+        item = dataset[0]
+    except Exception:  # noqa: BLE001 - empty or unindexable: the first batch will tell
+        return None
+    return item if isinstance(item, Mapping) else None
+
+
+def _label_type_problem(value: Any) -> str | None:
+    """Why ``value`` (one example's label) is not an integer class id, or None when it is one."""
+    if isinstance(value, (str, bytes)) or (isinstance(value, (list, tuple)) and value and isinstance(value[0], str)):
+        return "strings"
+    if isinstance(value, torch.Tensor):
+        dtype = value.dtype
+        ok = not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+        return None if ok else f"{dtype} values"
+    if isinstance(value, (np.ndarray, np.generic)):
+        if value.dtype.kind in "US":
+            return "strings"
+        return None if value.dtype.kind in "iu" else f"{value.dtype} values"
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        return f"{type(value).__name__} values"
+    return None
+
+
+def _check_label_type(name: str, dataset: Any) -> None:
+    """Refuse, at construction, labels that are not integer class ids (they would fail inside the loss)."""
+    item = _first_item(dataset)
+    key = next((k for k in _LABEL_KEYS if item is not None and k in item), None)
+    if key is None:
+        return
+    problem = _label_type_problem(item[key])
+    if problem is None:
+        return
+    var = f"{name}_dataset"
+    if name == "meta":
+        fix = (f"Map them with the train set's label mapping: {var} = {var}.cast_column({key!r}, "
+               f"train_dataset.features[{key!r}]) when the train set's label is a ClassLabel, or "
+               f"{var}.map(lambda r: {{{key!r}: label2id[r[{key!r}]]}}) with the label2id used for the train set "
+               f"(model.config.label2id).")
+    else:
+        fix = (f"Map them to integer ids, e.g. {var} = {var}.class_encode_column({key!r}) (a ClassLabel), and use "
+               f"the same mapping for the meta set and model.config.label2id.")
+    raise ValueError(
+        f"The {name} dataset's {key!r} column holds {problem} (row 0: {item[key]!r}): per-example learning rates "
+        f"need integer class ids 0..num_labels-1. {fix}"
+    )
+
+
 class MetaLRTrainer(Trainer):
     """A :class:`transformers.Trainer` that learns per-example / per-class learning-rate multipliers and the
     weight decay by a one-step-lookahead meta-gradient on ``meta_dataset`` (Saxena, Vyas & DeCoste).
 
-    Without ``meta_dataset`` (and without ``args.replay_trajectory``) it is exactly ``Trainer``.
+    Without ``meta_dataset`` (and without ``replay_trajectory``) it is exactly ``Trainer``.
     The learned values are in :attr:`rates` (``.instance``, ``.per_class``, ``.weight_decay``).
+
+    ``args`` may be a :class:`~hf_ddlr.MetaLRConfig` or any other ``TrainingArguments`` (a subclass with its
+    own fields, TRL's configs): it stays :attr:`args` as given (its class, fields and ``to_dict()`` are saved
+    with checkpoints), and the meta options are read from it at construction into :attr:`meta_args` (a
+    :class:`~hf_ddlr.config.MetaLROptions`: ``args``' attribute of each option's name where it has one,
+    MetaLRConfig's default otherwise).
     """
 
     def __init__(
@@ -122,25 +214,33 @@ class MetaLRTrainer(Trainer):
         num_labels: int | None = None,
         **kwargs: Any,
     ) -> None:
-        args = _as_meta_config(args)
+        if args is not None and not isinstance(args, TrainingArguments):
+            raise TypeError(
+                f"args must be a TrainingArguments (MetaLRConfig, or any subclass such as TRL's configs), got "
+                f"{type(args).__name__}."
+            )
+        # The user's args object stays self.args, untouched (its class, extra fields and to_dict() are what
+        # checkpoints save); the meta options are read once, here, into self.meta_args.
+        self.meta_args: MetaLROptions = resolve_meta_options(args)
+        meta = self.meta_args
         self.meta_dataset = meta_dataset
         self.replay: LRTrajectory | None = None
-        if args.replay_trajectory is not None:
+        if meta.replay_trajectory is not None:
             if meta_dataset is not None:
                 raise ValueError(
                     "Pass either meta_dataset (learn the rates) or replay_trajectory (replay learned rates), not both."
                 )
             self.replay = (
-                args.replay_trajectory
-                if isinstance(args.replay_trajectory, LRTrajectory)
-                else LRTrajectory.from_pretrained(args.replay_trajectory)
+                meta.replay_trajectory
+                if isinstance(meta.replay_trajectory, LRTrajectory)
+                else LRTrajectory.from_pretrained(meta.replay_trajectory)
             )
             if train_dataset is not None:
-                self.replay.check_dataset(train_dataset)
-            if self.replay.config.get("learn_weight_decay") and not args.learn_weight_decay:
+                self.replay.check_dataset(train_dataset, check_fingerprint=meta.check_fingerprint)
+            if self.replay.config.get("learn_weight_decay") and not meta.learn_weight_decay:
                 # the trajectory carries the learned weight decay: replay it too (it is part of the schedule)
                 logger.info("replay_trajectory learned the weight decay: replaying it (learn_weight_decay=True).")
-                args.learn_weight_decay = True
+                meta.learn_weight_decay = True
         self._meta_active = meta_dataset is not None or self.replay is not None
         self.rates: RateTable | None = None
         self.lr_trajectory: LRTrajectory | None = None
@@ -162,8 +262,11 @@ class MetaLRTrainer(Trainer):
                 )
             if meta_dataset is not None and not _has_labels(meta_dataset):
                 raise ValueError("The meta dataset has no 'labels'/'label' column; add the labels of its examples.")
+            _check_label_type("train", train_dataset)
+            if meta_dataset is not None:
+                _check_label_type("meta", meta_dataset)
             self._source_train_dataset = train_dataset
-            train_dataset = self._with_index(train_dataset, args.index_column)
+            train_dataset = self._with_index(train_dataset, meta.index_column)
         super().__init__(
             model=model,
             args=args,
@@ -176,6 +279,7 @@ class MetaLRTrainer(Trainer):
         if self._meta_active:
             if meta_dataset is not None:
                 self._check_supported_parallelism()
+                self._check_meta_inputs()
             self._init_meta(num_labels)
             self.add_callback(_TrajectoryRecorder(self))
 
@@ -215,6 +319,27 @@ class MetaLRTrainer(Trainer):
                 "DataParallel (or set CUDA_VISIBLE_DEVICES to one GPU)."
             )
 
+    def _check_meta_inputs(self) -> None:
+        """Refuse, at construction, a meta set without the model inputs the train set gives (e.g. raw text that
+        was never tokenised): its first meta batch would fail deep inside the model. The inputs are the train
+        set's row-0 keys that are arguments of the model's forward (what the Trainer's column removal keeps),
+        without the labels and the index column."""
+        train, meta = _first_item(self._source_train_dataset), _first_item(self.meta_dataset)
+        if train is None or meta is None:
+            return
+        self._set_signature_columns_if_needed()
+        skip = {*_LABEL_KEYS, "label_ids", self.meta_args.index_column}
+        needed = (set(train) & set(self._signature_columns)) - skip
+        missing = sorted(needed - set(meta))
+        if missing:
+            raise ValueError(
+                f"The meta dataset has no {', '.join(map(repr, missing))} column{'s' if len(missing) > 1 else ''}: "
+                f"the train set gives {sorted(needed)} to {type(self.model).__name__}.forward, the meta set only "
+                f"{sorted(meta)}, so its first meta step would fail inside the model. Preprocess the meta set with "
+                f"the same function as the train set, e.g. meta_dataset = meta_dataset.map(tokenize, batched=True) "
+                f"with the tokenizer call used for the train set (or the same set_transform)."
+            )
+
     @staticmethod
     def _with_index(dataset: Any, column: str) -> Any:
         """``dataset`` with ``column`` holding each row's position (the key of its instance rate)."""
@@ -252,7 +377,7 @@ class MetaLRTrainer(Trainer):
         raise ValueError("Cannot tell the number of classes: pass num_labels=... to MetaLRTrainer.")
 
     def _init_meta(self, num_labels: int | None) -> None:
-        args: MetaLRConfig = self.args
+        args, meta = self.args, self.meta_args
         self.num_labels = self._infer_num_labels(num_labels)
         for name, ds in (("meta", self.meta_dataset), ("train", self.train_dataset)):
             if ds is None:
@@ -267,13 +392,13 @@ class MetaLRTrainer(Trainer):
         self.rates = RateTable(
             len(self.train_dataset),
             self.num_labels,
-            args.lr_level,
+            meta.lr_level,
             weight_decay=args.weight_decay,
-            learn_weight_decay=args.learn_weight_decay,
-            meta_lr=args.meta_lr,
-            meta_wd_lr=args.weight_decay_meta_lr,
-            scaling=args.meta_lr_scaling,
-            max_rate=args.max_rate,
+            learn_weight_decay=meta.learn_weight_decay,
+            meta_lr=meta.meta_lr,
+            meta_wd_lr=meta.weight_decay_meta_lr,
+            scaling=meta.meta_lr_scaling,
+            max_rate=meta.max_rate,
             device=args.device,
         )
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-window mean; the Trainer divides by GA
@@ -297,12 +422,13 @@ class MetaLRTrainer(Trainer):
             self.lr_trajectory.label_names = [str(c) for c in range(self.num_labels)]
 
     def _meta_settings(self) -> dict[str, Any]:
-        a: MetaLRConfig = self.args
-        keys = ("lr_level", "meta_lr", "meta_lr_scaling", "learn_weight_decay", "weight_decay_meta_lr",
-                "keep_history", "meta_strategy", "meta_update", "meta_interval", "meta_batch_size", "lookahead",
-                "meta_dropout", "max_rate", "learning_rate", "weight_decay", "optim", "lr_scheduler_type",
-                "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps", "seed")
-        out = {k: getattr(a, k) for k in keys}
+        meta_keys = ("lr_level", "meta_lr", "meta_lr_scaling", "learn_weight_decay", "weight_decay_meta_lr",
+                     "keep_history", "meta_strategy", "meta_update", "meta_interval", "meta_batch_size", "lookahead",
+                     "meta_dropout", "max_rate")
+        train_keys = ("learning_rate", "weight_decay", "optim", "lr_scheduler_type", "per_device_train_batch_size",
+                      "gradient_accumulation_steps", "num_train_epochs", "max_steps", "seed")
+        out = {k: getattr(self.meta_args, k) for k in meta_keys}
+        out.update({k: getattr(self.args, k) for k in train_keys})
         out["optim"] = str(out["optim"].value if hasattr(out["optim"], "value") else out["optim"])
         out["lr_scheduler_type"] = str(getattr(out["lr_scheduler_type"], "value", out["lr_scheduler_type"]))
         out["mode"] = "replay" if self.replay is not None else "learn"
@@ -310,32 +436,21 @@ class MetaLRTrainer(Trainer):
         return out
 
     # ------------------------------------------------------------------ columns
-    def _with_index_signature(self, fn, *a, description=None):
-        self._set_signature_columns_if_needed()
-        saved = self._signature_columns
-        self._signature_columns = saved + [self.args.index_column]
-        try:
-            return fn(*a, description=description)
-        finally:
-            self._signature_columns = saved
-
-    def _remove_unused_columns(self, dataset, description=None):
-        if self._meta_active and description == "Training":
-            return self._with_index_signature(super()._remove_unused_columns, dataset, description=description)
-        return super()._remove_unused_columns(dataset, description)
-
-    def _get_collator_with_removed_columns(self, data_collator, description=None):
-        if self._meta_active and description == "Training":
-            return self._with_index_signature(
-                super()._get_collator_with_removed_columns, data_collator, description=description
-            )
-        return super()._get_collator_with_removed_columns(data_collator, description)
+    def _set_signature_columns_if_needed(self) -> None:
+        """The Trainer's columns to keep (the model's forward arguments and the label names), plus the index
+        column when the rates are learned or replayed: training batches must carry it to key each example's
+        rate. The Trainer keeps one list for every dataset, so evaluation and meta batches keep the column too
+        (when their set has it); :meth:`prediction_step` and the meta step drop it before the model sees it."""
+        super()._set_signature_columns_if_needed()
+        col = self.meta_args.index_column
+        if self._meta_active and col not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, col]
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """The Trainer's, without the index column (``hf_ddlr.data`` splits carry it, and with
-        ``remove_unused_columns=False`` — needed by ``set_transform`` pipelines — it would reach the model)."""
-        if self._meta_active and self.args.index_column in inputs:
-            inputs = {k: v for k, v in inputs.items() if k != self.args.index_column}
+        """The Trainer's, without the index column (kept by the column removal, see
+        :meth:`_set_signature_columns_if_needed`; ``hf_ddlr.data`` splits carry it on every split)."""
+        if self._meta_active and self.meta_args.index_column in inputs:
+            inputs = {k: v for k, v in inputs.items() if k != self.meta_args.index_column}
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     # ------------------------------------------------------------------ optimizer
@@ -359,7 +474,7 @@ class MetaLRTrainer(Trainer):
         return getattr(self.optimizer, "optimizer", self.optimizer)
 
     def _apply_weight_decay(self) -> None:
-        if not self.args.learn_weight_decay:
+        if not self.meta_args.learn_weight_decay:
             return
         self._tag_decay_groups(self.optimizer)
         for g in self.optimizer.param_groups:
@@ -388,18 +503,18 @@ class MetaLRTrainer(Trainer):
         ds = self._meta_data
         # default: the micro-batches of one optimizer step (_train_batch_size follows auto_find_batch_size)
         per_device = getattr(self, "_train_batch_size", None) or self.args.per_device_train_batch_size
-        m = self.args.meta_batch_size or per_device * self.args.gradient_accumulation_steps
+        m = self.meta_args.meta_batch_size or per_device * self.args.gradient_accumulation_steps
         g = torch.Generator().manual_seed(self._seed(kind=1))
         idx = torch.randperm(len(ds), generator=g)[:m] if m <= len(ds) else torch.randint(len(ds), (m,), generator=g)
         batch = self._prepare_inputs(self._meta_collate([ds[int(i)] for i in idx]))
-        batch.pop(self.args.index_column, None)
+        batch.pop(self.meta_args.index_column, None)
         labels = batch.pop("labels", None)
         if labels is None:
             labels = batch.pop("label")
-        return MetaBatch(batch, labels, seed=self._seed(kind=2), dropout=self.args.meta_dropout)
+        return MetaBatch(batch, labels, seed=self._seed(kind=2), dropout=self.meta_args.meta_dropout)
 
     def _to_microbatch(self, raw: Mapping[str, Any], k: int) -> MicroBatch:
-        col = self.args.index_column
+        col = self.meta_args.index_column
         if col not in raw:
             raise KeyError(
                 f"The training batch has no '{col}' column. If the train set uses set_transform, return "
@@ -414,10 +529,10 @@ class MetaLRTrainer(Trainer):
         return MicroBatch(batch, labels, weights, seed=self._seed(kind=0, k=k), indices=idx)
 
     def _meta_step_due(self) -> bool:
-        return self.replay is None and self.state.global_step % self.args.meta_interval == 0
+        return self.replay is None and self.state.global_step % self.meta_args.meta_interval == 0
 
     def _strategy(self) -> str:
-        s = self.args.meta_strategy
+        s = self.meta_args.meta_strategy
         if s == "finite_difference" and (self.args.bf16 or self.args.fp16):
             if "fd" not in self._warned:
                 warnings.warn(
@@ -433,26 +548,26 @@ class MetaLRTrainer(Trainer):
         self, grads: dict[str, torch.Tensor] | None = None, layer_tape: LayerTape | None = None,
         check_layer_tape: float | None = None,
     ) -> MetaGradients:
-        args: MetaLRConfig = self.args
+        args, meta = self.args, self.meta_args
         model = self.model
         model.train()
         params = self._trainable_params()
         self._tag_decay_groups(self.optimizer)
         decay_ids = {id(q) for g in self.optimizer.param_groups if g.get("hf_ddlr_decay") for q in g["params"]}
         decay = {n for n, p in params.items() if id(p) in decay_ids}
-        specs = param_specs(self._raw_optimizer(), params, decay, mode=args.lookahead)
+        specs = param_specs(self._raw_optimizer(), params, decay, mode=meta.lookahead)
         res = meta_gradients(
             model,
             params,
             self._window,
             self._meta_batch(),
             specs,
-            weight_decay=self.rates.weight_decay if args.learn_weight_decay else args.weight_decay,
+            weight_decay=self.rates.weight_decay if meta.learn_weight_decay else args.weight_decay,
             normalizer=self._window_normalizer,
             strategy=self._strategy(),
             grads=grads,
             label_smoothing=args.label_smoothing_factor,
-            fd_eps=args.fd_epsilon,
+            fd_eps=meta.fd_epsilon,
             loss_scale=self._loss_scale(),
             num_labels=self.num_labels,
             layer_tape=layer_tape,
@@ -510,7 +625,7 @@ class MetaLRTrainer(Trainer):
             if not t.has_class_rates:
                 raise ValueError("The replayed trajectory has no class rates; set lr_level to what it recorded.")
             self.rates.per_class.copy_(t.class_rates_at(epoch=end).to(self.rates.per_class.device))
-        if self.args.learn_weight_decay and t.num_steps:
+        if self.meta_args.learn_weight_decay and t.num_steps:
             if delayed and gs == 0:  # before the first record: the original run's starting value
                 self.rates.weight_decay = float(t.config.get("weight_decay", self.args.weight_decay))
             else:
@@ -534,12 +649,12 @@ class MetaLRTrainer(Trainer):
         self._step_lr = float(self.optimizer.param_groups[0]["lr"])
         if self.replay is not None:
             self._set_replayed_rates()
-        if not self.args.keep_history and self._meta_step_due() and self.args.meta_update == "same_step":
+        if not self.meta_args.keep_history and self._meta_step_due() and self.meta_args.meta_update == "same_step":
             self.rates.reset()
         self._window = [self._to_microbatch(b, k) for k, b in enumerate(batch_samples)]
         self._window_pos = 0
         self._window_normalizer = float(sum(mb.labels.shape[0] for mb in self._window))
-        same_step = self.args.meta_update == "same_step" and self._meta_step_due()
+        same_step = self.meta_args.meta_update == "same_step" and self._meta_step_due()
         # One micro-batch per step: the meta step reuses the real forward (see compute_loss), one forward less.
         self._fused = same_step and len(self._window) == 1 and self._strategy() != "exact"
         if same_step and not self._fused:
@@ -557,7 +672,7 @@ class MetaLRTrainer(Trainer):
         self._window_pos += 1
         mb = self._window[k]
         inputs = dict(inputs)
-        inputs.pop(self.args.index_column, None)
+        inputs.pop(self.meta_args.index_column, None)
         self._current_weights = mb.weights.detach()
         try:
             with replay_rng(mb.seed):
@@ -566,7 +681,7 @@ class MetaLRTrainer(Trainer):
             self._current_weights = None
         if self._last_losses is not None:
             mb.losses = self._last_losses
-        if self.args.meta_update == "delayed" and k == len(self._window) - 1 and self._meta_step_due():
+        if self.meta_args.meta_update == "delayed" and k == len(self._window) - 1 and self._meta_step_due():
             self._delayed_meta_step()
         return loss
 
@@ -585,7 +700,7 @@ class MetaLRTrainer(Trainer):
             return g.float() / scale
 
         grads = {n: real_grad(p) for n, p in self._trainable_params().items()}
-        if not self.args.keep_history:
+        if not self.meta_args.keep_history:
             self.rates.reset()
         self._run_meta_step(grads=grads)
 
@@ -604,14 +719,14 @@ class MetaLRTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)
         labels = inputs.pop("labels")
-        inputs.pop(self.args.index_column, None)
+        inputs.pop(self.meta_args.index_column, None)
         mb = self._window[self._window_pos - 1]
         box: dict[str, torch.Tensor] = {}
         layerwise = self._layerwise_applies()
         # forward mode at this step: its pass can take the layers' primal values from this forward
         reuse = self._fused and not layerwise and self._strategy() == "jvp"
         with contextlib.ExitStack() as stack:
-            if self._strategy() == "last_layer" and (self._fused or self.args.meta_update == "delayed"):
+            if self._strategy() == "last_layer" and (self._fused or self.meta_args.meta_update == "delayed"):
                 _, head = find_output_layer(self.model, self.num_labels)
                 hook = head.register_forward_hook(lambda mod, inp, out: box.__setitem__("h", inp[0]))
                 stack.callback(hook.remove)
@@ -655,8 +770,8 @@ class MetaLRTrainer(Trainer):
 
     def _layerwise_applies(self) -> bool:
         """Whether this step's meta step takes its dots from the recorded layers (see ``layerwise_dots``)."""
-        args: MetaLRConfig = self.args
-        if not (self._fused and args.layerwise_dots and self._strategy() == "jvp") or self._layerwise == "off":
+        args = self.args
+        if not (self._fused and self.meta_args.layerwise_dots and self._strategy() == "jvp") or self._layerwise == "off":
             return False
         if self._layerwise == "unchecked":
             reason = unsupported_reason(self.model)
@@ -778,9 +893,11 @@ class MetaLRTrainer(Trainer):
         if self._meta_active and self.is_world_process_zero():
             from .hub import write_artifacts
 
+            dataset = kwargs.get("dataset")  # Trainer.create_model_card's name(s) of the training data
             write_artifacts(
                 self.lr_trajectory, self.args.output_dir, repo_id=self._repo_id(),
-                model_name=kwargs.get("model_name"), dataset_name=kwargs.get("dataset_name"),
+                model_name=kwargs.get("model_name"),
+                dataset_name=dataset if dataset is None or isinstance(dataset, str) else ", ".join(dataset),
             )
 
     def _repo_id(self) -> str:
@@ -837,7 +954,7 @@ class MetaLRTrainer(Trainer):
             )
             return
         self.rates.load_state_dict(
-            safetensors.torch.load_file(path), allow_resize=self.args.resize_rates_on_resume
+            safetensors.torch.load_file(path), allow_resize=self.meta_args.resize_rates_on_resume
         )
         self._apply_weight_decay()
         if os.path.isfile(os.path.join(checkpoint, TRAJECTORY_TENSORS_NAME)):
@@ -896,7 +1013,7 @@ class _TrajectoryRecorder(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         tr = self.trainer
-        wd = tr.rates.weight_decay if args.learn_weight_decay else args.weight_decay
+        wd = tr.rates.weight_decay if tr.meta_args.learn_weight_decay else args.weight_decay
         tr.lr_trajectory.record_step(state.global_step, state.epoch or 0.0, tr._step_lr, wd, tr._step_meta_loss)
         self._snapshot(state, instance=False)
 

@@ -844,7 +844,8 @@ class LRTrajectory:
                 f"dataset fingerprint mismatch: the trajectory was learned on fingerprint {f_mine!r} but the "
                 f"dataset to replay on has fingerprint {f_theirs!r} (same size {n_theirs}: a different variant, "
                 f"noise seed, order or preprocessing). Build the train set exactly as in the original run, or "
-                f"pass check_fingerprint=False if you know the rows are the same."
+                f"set check_fingerprint=False if you know the rows are the same (MetaLRConfig(check_fingerprint=False), "
+                f"--check_fingerprint false, or LRTrajectory.check_dataset(..., check_fingerprint=False))."
             )
 
     def check_dataset(self, dataset: Any, split: str | None = None, *, check_fingerprint: bool = True) -> None:
