@@ -92,6 +92,10 @@ _TRAINER_MEMBERS_USED: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("accelerator", "attribute", ()),
     ("optimizer", "attribute", ()),
     ("state", "attribute", ()),
+    ("args", "attribute", ()),
+    ("model", "attribute", ()),
+    ("train_dataset", "attribute", ()),
+    ("data_collator", "attribute", ()),
 )
 # Attributes of the Trainer's `accelerate.Accelerator` read here (fp16 loss scale, sharded/split set-ups).
 _ACCELERATOR_MEMBERS_USED: tuple[str, ...] = ("scaler", "parallelism_config")
