@@ -20,10 +20,15 @@ Use::
     with HubServer(tmp_path / "hub") as hub:
         hub.commit_files("dataset", "uoft-cs/cifar100", {"README.md": b"...", "data/train.parquet": path})
         env = hub.client_env(tmp_path / "hf_home")   # HF_ENDPOINT etc. for a subprocess
+
+or, to try the Hub flow (push_to_hub, from_pretrained, hf-ddlr show) offline from a shell::
+
+    python tests/hub_server.py --root /tmp/hub        # serves until Ctrl-C; prints the variables to export
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import json
@@ -473,13 +478,13 @@ class _Handler(BaseHTTPRequestHandler):
 class HubServer:
     """A threaded Hub stand-in on ``127.0.0.1:<free port>`` serving repos stored under ``root``."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, port: int = 0):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.store = RepoStore(self.root)
         self.requests: list[tuple[str, str]] = []
         handler = type("Handler", (_Handler,), {"store": self.store, "requests_seen": self.requests})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), handler)
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -533,3 +538,32 @@ class HubServer:
             no_proxy="127.0.0.1,localhost",
         )
         return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve ``--root`` on 127.0.0.1 until Ctrl-C (or SIGTERM), after printing the client settings."""
+    import signal
+
+    parser = argparse.ArgumentParser(
+        description="A Hugging Face Hub stand-in on 127.0.0.1 for trying the Hub flow offline (tests/hub_server.py)."
+    )
+    parser.add_argument("--root", default="hub_root", help="folder holding the repos (created; kept afterwards)")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
+    args = parser.parse_args(argv)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, also when started in the background (which
+        signal.signal(sig, signal.default_int_handler)  # ignores SIGINT), and kill stop it cleanly
+    with HubServer(args.root, port=args.port) as hub:
+        print(f"Hub stand-in serving {hub.root.resolve()} at {hub.endpoint} (Ctrl-C stops it). In another shell:")
+        print(f"  export HF_ENDPOINT={hub.endpoint} HF_TOKEN=hf_test_token  # any token is accepted")
+        print("  export HF_HOME=$(mktemp -d)  # caches apart from the real Hub's")
+        print("  unset HF_HUB_OFFLINE HF_DATASETS_OFFLINE TRANSFORMERS_OFFLINE", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
