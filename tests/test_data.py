@@ -70,6 +70,69 @@ def test_uniform_noise_can_keep_the_true_label():
     assert np.mean(flipped != labels) == 0.5
 
 
+def test_pair_noise_flips_to_the_next_class_exactly():
+    labels = np.repeat(np.arange(10), 100)
+    noisy = D.apply_label_noise(labels, 0.3, num_classes=10, mode="pair", seed=0)
+    wrong = noisy != labels
+    assert wrong.sum() == 300
+    np.testing.assert_array_equal(noisy[wrong], (labels[wrong] + 1) % 10)  # 9 -> 0 wraps around
+    assert (noisy[wrong & (labels == 9)] == 0).all() and (wrong & (labels == 9)).any()
+    # seeded: the same rows as flip noise at the same seed and rate, only the new label differs
+    flipped = D.apply_label_noise(labels, 0.3, num_classes=10, mode="flip", seed=0)
+    np.testing.assert_array_equal(flipped != labels, wrong)
+    np.testing.assert_array_equal(
+        D.apply_label_noise(labels, 0.3, num_classes=10, mode="pair", seed=0), noisy
+    )
+    assert not np.array_equal(D.apply_label_noise(labels, 0.3, num_classes=10, mode="pair", seed=1), noisy)
+
+
+@pytest.mark.parametrize("mode", ["flip", "pair"])
+def test_class_dependent_noise_exact_count_per_class(mode):
+    counts = [40, 60, 80, 100, 120, 37, 50, 70, 90, 11]  # unequal classes, counts that need rounding
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(counts)])
+    rates = [0.1] * 5 + [0.5] * 5
+    noisy = D.apply_label_noise(labels, rates, num_classes=10, mode=mode, seed=3)
+    for c, (n, r) in enumerate(zip(counts, rates)):
+        assert (noisy[labels == c] != c).sum() == int(round(r * n)), c
+    wrong = noisy != labels
+    if mode == "pair":
+        np.testing.assert_array_equal(noisy[wrong], (labels[wrong] + 1) % 10)
+    assert noisy.min() >= 0 and noisy.max() < 10
+    np.testing.assert_array_equal(
+        D.apply_label_noise(labels, rates, num_classes=10, mode=mode, seed=3), noisy
+    )
+    assert not np.array_equal(D.apply_label_noise(labels, rates, num_classes=10, mode=mode, seed=4), noisy)
+    # a class at rate 0 is untouched; numpy arrays are accepted as rates
+    zero_first = D.apply_label_noise(labels, np.array([0.0] + [0.5] * 9), num_classes=10, mode=mode, seed=3)
+    assert (zero_first[labels == 0] == 0).all()
+
+
+def test_class_dependent_noise_through_make_variant(synthetic_cifar100):
+    rates = [0.0] * 50 + [0.6] * 50
+    out = D.make_variant(
+        synthetic_cifar100, "noisy", noise_rate=rates, noise_mode="flip", meta_size=100, seed=2
+    )
+    train = out["train"]
+    clean, is_noisy = arr(train, "clean_label"), arr(train, "is_noisy")
+    for c in range(100):
+        assert is_noisy[clean == c].sum() == int(round(rates[c] * (clean == c).sum()))
+    assert not arr(out["meta"], "is_noisy").any()
+
+
+@pytest.mark.parametrize(
+    "rate, match",
+    [
+        ([0.1, 0.2], "one rate per class: got 2 rates for 4 classes"),
+        ([0.1, 1.0, 0.1, 0.1], r"must be in \[0, 1\)"),
+        ([[0.1, 0.1], [0.1, 0.1]], "1-D per-class sequence"),
+        ([], "1-D per-class sequence"),
+    ],
+)
+def test_bad_per_class_noise_rate(rate, match):
+    with pytest.raises(ValueError, match=match):
+        D.apply_label_noise(np.zeros(10, dtype=np.int64), rate, num_classes=4, mode="flip")
+
+
 def test_meta_split_is_clean_balanced_and_disjoint(synthetic_cifar100):
     out = D.make_variant(synthetic_cifar100, "noisy", noise_rate=0.5, meta_size=300, seed=2)
     meta, train = out["meta"], out["train"]
@@ -195,8 +258,8 @@ def test_superclass_needs_coarse_label(synthetic_cifar100):
 def test_other_bad_arguments(synthetic_cifar100):
     with pytest.raises(ValueError, match="unknown variant 'nosy'"):
         D.make_variant(synthetic_cifar100, "nosy")
-    with pytest.raises(ValueError, match="unknown noise_mode 'pair'"):
-        D.make_variant(synthetic_cifar100, "noisy", noise_rate=0.2, noise_mode="pair", meta_size=100)
+    with pytest.raises(ValueError, match="unknown noise_mode 'pairs'.*'uniform', 'flip', 'pair'"):
+        D.make_variant(synthetic_cifar100, "noisy", noise_rate=0.2, noise_mode="pairs", meta_size=100)
     with pytest.raises(ValueError, match="use variant='noisy'"):
         D.make_variant(synthetic_cifar100, "clean", noise_rate=0.2, meta_size=100)
     with pytest.raises(ValueError, match="needs superclass="):
@@ -220,7 +283,10 @@ def test_embedded_mnist(mnist):
     assert mnist["train"].features == D.embedded_features()
     # named, so a trajectory learned on it records which data it was (dataset_signature)
     assert (mnist["train"].info.dataset_name, mnist["train"].split, mnist["test"].split) == (
-        "embedded-mnist", "train", "test")
+        "embedded-mnist",
+        "train",
+        "test",
+    )
     noisy = D.make_variant(mnist, "noisy", noise_rate=0.4, meta_size=100)
     assert (noisy["train"].info.dataset_name, str(noisy["train"].split)) == ("embedded-mnist", "train")
     assert (np.bincount(arr(mnist["train"], "fine_label")) == 400).all()

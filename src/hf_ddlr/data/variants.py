@@ -23,12 +23,13 @@ Output splits all share one schema, the one the trainer and models consume:
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 
 import datasets
 import numpy as np
 
 VARIANTS: tuple[str, ...] = ("clean", "noisy", "superclass")
-NOISE_MODES: tuple[str, ...] = ("uniform", "flip")
+NOISE_MODES: tuple[str, ...] = ("uniform", "flip", "pair")
 OUTPUT_COLUMNS: tuple[str, ...] = (
     "img",
     "label",
@@ -136,37 +137,81 @@ def resolve_superclass(coarse: datasets.ClassLabel, superclass: str | int) -> in
 
 
 def apply_label_noise(
-    labels: np.ndarray, noise_rate: float, num_classes: int, *, mode: str = "uniform", seed: int = 0
+    labels: np.ndarray,
+    noise_rate: float | Sequence[float],
+    num_classes: int,
+    *,
+    mode: str = "uniform",
+    seed: int = 0,
 ) -> np.ndarray:
-    """Return a copy of ``labels`` with ``round(noise_rate * len(labels))`` rows relabelled.
+    """Return a copy of ``labels`` with an exact, seeded number of rows relabelled.
 
-    Exactly that many rows (chosen uniformly without replacement, seeded) are relabelled, so the
-    corruption level does not fluctuate with the seed:
+    ``noise_rate`` is either one rate for the whole array or, for *class-dependent* noise, a sequence of
+    ``num_classes`` rates indexed by the true class:
 
-    * ``mode="uniform"`` — the new label is drawn uniformly from *all* classes and may equal the
-      true one (Meta-Weight-Net's "uniform noise"; the realised wrong-label rate is
-      ``noise_rate * (1 - 1/num_classes)``);
-    * ``mode="flip"`` — the new label is drawn uniformly from the *other* classes, so exactly
-      ``noise_rate`` of the labels are wrong.
+    * a float ``r`` — exactly ``round(r * len(labels))`` rows, chosen uniformly without replacement
+      over the whole array, are relabelled (class counts of the corrupted rows then vary with the seed);
+    * a per-class sequence ``[r_0, ..., r_{K-1}]`` — exactly ``round(r_c * n_c)`` of the ``n_c`` rows of
+      true class ``c`` are relabelled, for every class (e.g. ``[0.1] * 5 + [0.5] * 5``: classes 0-4 at
+      10 %, 5-9 at 50 %). Real annotators confuse some classes far more often than others; this is
+      the asymmetric setting where a single global noise estimate is wrong for every class.
+
+    Fixing the count (rather than flipping each row with probability ``r``) keeps the corruption level
+    from fluctuating with the seed. ``mode`` decides the new label of a chosen row with true label ``c``:
+
+    * ``"uniform"`` — drawn uniformly from *all* classes, so it may equal ``c`` (Meta-Weight-Net's
+      "uniform noise"; the realised wrong-label rate is ``r * (1 - 1/num_classes)``);
+    * ``"flip"`` — drawn uniformly from the *other* classes, so exactly the chosen rows are wrong;
+    * ``"pair"`` — ``(c + 1) % num_classes`` (pair / asymmetric flip noise, Han et al. 2018's "pair
+      flipping"): every wrong label of a class is the same neighbour class, a structured corruption
+      that a model can fit consistently and that uniform-noise detectors handle worst.
+
+    The chosen rows depend only on ``seed`` and the rates, not on ``mode``.
     """
-    _check_noise(noise_rate, mode)
+    _check_noise(noise_rate, mode, num_classes)
     if num_classes < 2:
         raise ValueError(f"label noise needs at least 2 classes, got num_classes={num_classes}.")
     rng = np.random.default_rng([seed, 1])
     labels = np.asarray(labels, dtype=np.int64)
     out = labels.copy()
-    n_noisy = int(round(noise_rate * len(labels)))
-    rows = rng.choice(len(labels), size=n_noisy, replace=False)
-    if mode == "uniform":
-        out[rows] = rng.integers(0, num_classes, size=n_noisy)
+    if np.ndim(noise_rate) == 0:
+        rows = rng.choice(len(labels), size=int(round(float(noise_rate) * len(labels))), replace=False)
     else:
-        out[rows] = (labels[rows] + rng.integers(1, num_classes, size=n_noisy)) % num_classes
+        rows = np.concatenate(
+            [
+                rng.choice(members, size=int(round(float(r) * len(members))), replace=False)
+                for r, members in ((r, np.flatnonzero(labels == c)) for c, r in enumerate(noise_rate))
+            ]
+        ).astype(np.int64)
+    if mode == "uniform":
+        out[rows] = rng.integers(0, num_classes, size=len(rows))
+    elif mode == "pair":
+        out[rows] = (labels[rows] + 1) % num_classes
+    else:
+        out[rows] = (labels[rows] + rng.integers(1, num_classes, size=len(rows))) % num_classes
     return out
 
 
-def _check_noise(noise_rate: float, mode: str) -> None:
-    if not (isinstance(noise_rate, numbers.Real) and 0.0 <= float(noise_rate) < 1.0):
-        raise ValueError(f"noise_rate must be in [0, 1), got {noise_rate!r}; e.g. 0.4 for 40% label noise.")
+def _has_noise(noise_rate: float | Sequence[float]) -> bool:
+    """Whether any rate (scalar or per-class) is positive."""
+    return bool(np.any(np.asarray(noise_rate, dtype=float) > 0))
+
+
+def _check_noise(noise_rate: float | Sequence[float], mode: str, num_classes: int | None = None) -> None:
+    """Validate a scalar or per-class noise rate (each in [0, 1)) and the noise mode."""
+    rates = [noise_rate] if np.ndim(noise_rate) == 0 else list(np.asarray(noise_rate).ravel())
+    if np.ndim(noise_rate) > 1 or not rates:
+        raise ValueError(f"noise_rate must be a float or a 1-D per-class sequence, got {noise_rate!r}.")
+    for r in rates:
+        if isinstance(r, (bool, np.bool_)) or not (isinstance(r, numbers.Real) and 0.0 <= float(r) < 1.0):
+            raise ValueError(
+                f"noise_rate must be in [0, 1), got {noise_rate!r}; e.g. 0.4 for 40% label noise, or one "
+                "rate per class for class-dependent noise."
+            )
+    if np.ndim(noise_rate) == 1 and num_classes is not None and len(rates) != num_classes:
+        raise ValueError(
+            f"a per-class noise_rate needs one rate per class: got {len(rates)} rates for {num_classes} classes."
+        )
     if mode not in NOISE_MODES:
         raise ValueError(f"unknown noise_mode {mode!r}; choose one of {NOISE_MODES}.")
 
@@ -175,7 +220,7 @@ def make_variant(
     dataset_dict: datasets.DatasetDict,
     variant: str = "clean",
     *,
-    noise_rate: float = 0.0,
+    noise_rate: float | Sequence[float] = 0.0,
     noise_mode: str = "uniform",
     superclass: str | int | None = None,
     meta_size: int = 1000,
@@ -188,8 +233,9 @@ def make_variant(
     * ``"clean"`` — a class-balanced meta split of ``meta_size`` clean images (``meta_size /
       num_classes`` per class) is held out of train; test is unchanged. The paper keeps 1,000.
     * ``"noisy"`` — as "clean", then label noise at ``noise_rate`` on the remaining train rows (see
-      :func:`apply_label_noise` for ``noise_mode`` "uniform" vs "flip"). Meta and test stay clean;
-      ``clean_label`` and ``is_noisy`` record the corruption.
+      :func:`apply_label_noise` for ``noise_mode`` "uniform" / "flip" / "pair" and for a per-class
+      ``noise_rate`` sequence, i.e. class-dependent noise). Meta and test stay clean; ``clean_label``
+      and ``is_noisy`` record the corruption.
     * ``"superclass"`` — personalization: the meta split is ``meta_size`` images held out of train,
       balanced over the fine classes of the coarse class ``superclass`` (name or id), and the test
       split is restricted to that coarse class. Train keeps all classes. ``noise_rate`` may be
@@ -203,7 +249,7 @@ def make_variant(
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}.")
     _check_noise(noise_rate, noise_mode)
-    if variant == "clean" and noise_rate > 0:
+    if variant == "clean" and _has_noise(noise_rate):
         raise ValueError(
             f"variant='clean' takes no label noise (got noise_rate={noise_rate}); use variant='noisy'."
         )
@@ -240,7 +286,7 @@ def make_variant(
     clean = train_fine[train_rows]
     noisy = (
         apply_label_noise(clean, noise_rate, fine.num_classes, mode=noise_mode, seed=seed)
-        if noise_rate
+        if _has_noise(noise_rate)
         else clean
     )
 
