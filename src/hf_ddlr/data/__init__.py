@@ -1,5 +1,7 @@
 """Data: CIFAR-100 variants (clean / noisy / superclass / k-fold), embedded offline datasets, transforms.
 
+Also a real offline text dataset: the VADER sentiment lexicon (:mod:`hf_ddlr.data.lexicon`).
+
 See :mod:`hf_ddlr.data.variants` for the column layout of the returned splits.
 """
 
@@ -21,6 +23,7 @@ from hf_ddlr.data.embedded import (
     embedded_features,
     load_embedded,
 )
+from hf_ddlr.data.lexicon import SENTIMENT_NAMES, load_vader_lexicon, make_lexicon_variant, vader_lexicon_path
 from hf_ddlr.data.transforms import (
     compute_mean_std,
     image_to_tensor,
@@ -53,6 +56,7 @@ __all__ = [
     "EMBEDDED_DATASETS",
     "NOISE_MODES",
     "OUTPUT_COLUMNS",
+    "SENTIMENT_NAMES",
     "VARIANTS",
     "apply_label_noise",
     "cifar100_features",
@@ -62,11 +66,14 @@ __all__ = [
     "kfold_splits",
     "load_cifar100",
     "load_embedded",
+    "load_vader_lexicon",
+    "make_lexicon_variant",
     "make_kfold",
     "make_transform",
     "make_variant",
     "random_crop",
     "random_hflip",
     "resolve_superclass",
+    "vader_lexicon_path",
     "with_transforms",
 ]
