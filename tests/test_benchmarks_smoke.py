@@ -1,15 +1,20 @@
 """The benchmark scripts import, parse their flags and turn measurements into tables and PASS/FAIL lines.
 
-The benchmarks themselves take minutes (see benchmarks/); the slow test runs a one-round BERT step-cost pass.
+The benchmarks themselves take minutes (see benchmarks/); the slow test runs a one-round BERT step-cost pass, and
+the robustness matrix runs two cells at --quick (tiny data, one epoch) in a subprocess.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 
 import pytest
+
+from hf_ddlr import MetaLRConfig
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
@@ -131,3 +136,62 @@ def test_step_cost_measures_forward_mode_beside_the_default_on_bert_only(tmp_pat
     for cfg, expected in (("jvp", True), ("jvp/forward_mode", False)):
         tr = sc.make_trainer(task, cfg, 1, str(tmp_path / cfg.replace("/", "_")))
         assert tr.args.layerwise_dots is expected and tr.args.meta_strategy == "jvp"
+
+
+def test_robustness_matrix_covers_every_axis_and_lists_times(capsys):
+    rb = _load("robustness")
+    cells = rb.CELLS
+    assert 14 <= len(cells) <= 18 and len({c.name for c in cells}) == len(cells)
+    for axis, values in (("data", {"mnist", "digits", "vader"}), ("model", {"cnn", "resnet", "minilm"}),
+                         ("recipe", set(rb.RECIPES)), ("noise", set(rb.NOISES))):
+        assert {getattr(c, axis) for c in cells} == values, axis
+    assert {c.data for c in cells if c.model == "resnet"} == {"mnist"}
+    assert [c.name for c in rb.select_cells(["mnist-cnn-sgdm-*", "vader-minilm-ft-flip30"])] == [
+        "mnist-cnn-sgdm-flip35", "mnist-cnn-sgdm-flip40", "mnist-cnn-sgdm-uniform20", "mnist-cnn-sgdm-pair30",
+        "mnist-cnn-sgdm-classdep", "vader-minilm-ft-flip30"]
+    assert rb.main(["--list", "--seeds", "0", "1", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "mnist-cnn-sgd-flip35" in out and f"{len(cells)} cells, estimated" in out
+    total_min = float(out.split("estimated ")[1].split(" min")[0])
+    assert 45 <= total_min <= 100  # the default matrix is meant to run in about 60-90 min on 2 CPU cores
+    # MetaLR runs are keyed by the MetaLRConfig defaults, so changing a default reruns them (and only them)
+    cell = cells[0]
+    assert rb.fingerprint(cell, "metalr", False) != rb.fingerprint(cell, "plain", False)
+    assert rb.fingerprint(cell, "plain", False) != rb.fingerprint(cell, "plain", True)
+    assert rb.metalr_defaults()["meta_lr"] == MetaLRConfig.__dataclass_fields__["meta_lr"].default
+
+
+def test_robustness_quick_writes_results_and_resumes(tmp_path):
+    """One image cell and the MiniLM / VADER cell at --quick: tables, JSON and heat map hold sane metrics, and a
+    second run with the same JSON retrains nothing."""
+    cells = ["digits-cnn-sgd-flip35", "vader-minilm-ft-flip30"]
+    cmd = [sys.executable, os.path.join(BENCH, "robustness.py"), "--quick", "--cells", *cells, "--seeds", "0",
+           "--output_dir", str(tmp_path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
+    blob = json.loads((tmp_path / "robustness.json").read_text())
+    runs = blob["runs"]
+    assert sorted((r["cell"], r["method"]) for r in runs) == sorted(
+        (c, m) for c in cells for m in ("plain", "metalr", "oracle"))
+    for r in runs:
+        assert r["quick"] is True and r["seed"] == 0 and r["steps"] > 0 and r["train_s"] > 0
+        assert 0.0 <= r["test_accuracy"] <= 1.0
+        if r["method"] == "metalr":
+            assert 0.0 <= r["rate_auroc"] <= 1.0 and r["rate_clean"] >= 0 and r["rate_noisy"] >= 0
+        if r["method"] == "plain":
+            assert 0.0 <= r["loss_auroc"] <= 1.0 and r["loss_noisy"] > 0
+        if r["method"] == "oracle":
+            assert r["n_train"] < next(x["n_train"] for x in runs if x["cell"] == r["cell"] and x["method"] == "plain")
+    assert blob["metalr_defaults"]["meta_lr"] == MetaLRConfig.__dataclass_fields__["meta_lr"].default
+    summ = blob["summary"]
+    assert summ["paired_runs"] == 2 and 0.0 <= summ["frac_metalr_ge_plain"] <= 1.0
+    assert -1.0 <= summ["mean_acc_gain_noisy_cells"] <= 1.0 and 0.0 <= summ["min_rate_auroc"]["auroc"] <= 1.0
+    md = (tmp_path / "robustness.md").read_text()
+    assert all(f"| {c} |" in md for c in cells) and "**Summary**" in md and "min rate AUROC" in md
+    png = (tmp_path / "robustness_auroc.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert second.stdout.count("done, skipped") == 2 and ": acc " not in second.stdout
+    assert json.loads((tmp_path / "robustness.json").read_text())["runs"] == runs

