@@ -127,6 +127,17 @@ class MetaLROptions:
             "choices": list(LOOKAHEADS),
         },
     )
+    meta_grad_average: float = field(
+        default=0.0,
+        metadata={
+            "help": "Compare every example's gradient with an exponential moving average (this factor) of the "
+            "meta-loss gradient over recent meta steps instead of this step's value alone. The per-step value "
+            "is noisy in ways unrelated to any example (the meta batch is a small sample; at a real learning "
+            "rate the lookahead overshoots along the sharpest directions, with a sign that alternates from step "
+            "to step); the average keeps the persistent direction. Costs one parameter-sized fp32 buffer. 0: "
+            "the paper's per-step meta-gradient.",
+        },
+    )
     meta_dropout: bool = field(
         default=False,
         metadata={
@@ -206,6 +217,11 @@ def check_meta_options(opts: Any, weight_decay: float | None = None) -> None:
         v = getattr(opts, name)
         if not v >= 0:
             raise ValueError(f"{name} must be >= 0, got {v}. It is a step size; use 0 to freeze the values.")
+    if not 0.0 <= opts.meta_grad_average < 1.0:
+        raise ValueError(
+            f"meta_grad_average must be in [0, 1), got {opts.meta_grad_average}: it is the factor of a moving "
+            "average (0 turns it off)."
+        )
     if opts.meta_interval < 1:
         raise ValueError(f"meta_interval must be a positive integer, got {opts.meta_interval}.")
     if opts.meta_batch_size is not None and opts.meta_batch_size < 1:

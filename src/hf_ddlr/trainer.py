@@ -35,6 +35,7 @@ from .meta import (
     per_example_loss,
     replay_rng,
 )
+from .meta.averaging import MetaGradientAverage
 from .meta.distributed import all_gather_varlen, all_ranks_true, all_reduce_mean_
 from .meta.layerwise import LayerTape, LayerwiseUnsupported, record_layers, unsupported_reason
 from .meta.passes import extract_logits
@@ -46,6 +47,7 @@ logger = logging.get_logger(__name__)
 __all__ = ["MetaLRTrainer", "META_STATE_NAME"]
 
 META_STATE_NAME = "meta_state.safetensors"
+META_GRAD_AVERAGE_NAME = "meta_grad_average.safetensors"
 _LABEL_KEYS = ("labels", "label")
 
 # What this module overrides, calls or reads of transformers.Trainer, in one place so that
@@ -405,6 +407,7 @@ class MetaLRTrainer(Trainer):
             max_rate=meta.max_rate,
             device=args.device,
         )
+        self._meta_grad_average = MetaGradientAverage(meta.meta_grad_average) if meta.meta_grad_average else None
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-window mean; the Trainer divides by GA
         self._window: list[MicroBatch] = []
         self._window_pos = 0
@@ -576,6 +579,9 @@ class MetaLRTrainer(Trainer):
             num_labels=self.num_labels,
             layer_tape=layer_tape,
             check_layer_tape=check_layer_tape,
+            # the optimizer-aware lookahead clips like the real step; the paper's plain-SGD one does not
+            max_grad_norm=args.max_grad_norm if meta.lookahead == "optimizer" else None,
+            average=self._meta_grad_average,
         )
         if not all_ranks_true(res.finite, self.args.device):  # every rank skips together (no hanging gather)
             self._meta_log["skipped"] += 1
@@ -932,6 +938,10 @@ class MetaLRTrainer(Trainer):
                 {k: v.contiguous() for k, v in self.rates.state_dict().items()},
                 os.path.join(output_dir, META_STATE_NAME),
             )
+            if self._meta_grad_average is not None:
+                safetensors.torch.save_file(
+                    self._meta_grad_average.state_dict(), os.path.join(output_dir, META_GRAD_AVERAGE_NAME)
+                )
 
     def _load_best_model(self) -> None:
         """``load_best_model_at_end``: the rates and the trajectory go back to the best checkpoint too, so that
@@ -961,6 +971,16 @@ class MetaLRTrainer(Trainer):
             safetensors.torch.load_file(path), allow_resize=self.meta_args.resize_rates_on_resume
         )
         self._apply_weight_decay()
+        avg_path = os.path.join(checkpoint, META_GRAD_AVERAGE_NAME)
+        if self._meta_grad_average is not None:
+            if os.path.isfile(avg_path):
+                self._meta_grad_average.load_state_dict(safetensors.torch.load_file(avg_path), self.args.device)
+            else:
+                warnings.warn(
+                    f"{avg_path} is missing (a checkpoint written without meta_grad_average): the running average "
+                    "of the meta gradient starts again from this step. Training is not an exact continuation.",
+                    stacklevel=2,
+                )
         if os.path.isfile(os.path.join(checkpoint, TRAJECTORY_TENSORS_NAME)):
             loaded = LRTrajectory.from_pretrained(checkpoint)
             loaded.truncate(self.state.global_step, drop_partial_epoch=True)

@@ -28,9 +28,10 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
+from .averaging import MetaGradientAverage
 from .distributed import all_reduce_mean_, world_size
 from .layerwise import LayerTape
-from .lookahead import ParamSpec, lookahead, tangent, weight_decay_grad
+from .lookahead import ParamSpec, clip_coefficient, lookahead, tangent, weight_decay_grad
 from .passes import (
     forward_ad_safe_attention,
     frozen_batchnorm,
@@ -205,6 +206,7 @@ def _last_layer(
     model: nn.Module, params: Mapping[str, torch.Tensor], window: Sequence[MicroBatch], meta: MetaBatch,
     specs: Mapping[str, ParamSpec], weight_decay: float, normalizer: float, smoothing: float,
     grads: Mapping[str, torch.Tensor] | None, num_labels: int | None = None,
+    average: MetaGradientAverage | None = None,
 ) -> MetaGradients:
     head_name, head = find_output_layer(model, num_labels)
     hp = {n: p for n, p in params.items() if n in (f"{head_name}.weight", f"{head_name}.bias")}
@@ -248,6 +250,8 @@ def _last_layer(
         gm = dict(zip([wn] + ([bn] if bn else []), torch.autograd.grad(Lm, [W2] + ([b2] if bn else []))))
         lm = Lm.detach().reshape(1)
         all_reduce_mean_([lm, *gm.values()])
+        if average is not None:
+            gm = average.update(gm)
         T = tangent(gm, specs)
         dots = torch.cat([((d @ T[wn].float()) * h).sum(1) + (d @ T[bn].float() if bn else 0.0)
                           for h, d in feats])
@@ -260,6 +264,7 @@ def _last_layer(
 def _exact(
     model: nn.Module, params: Mapping[str, torch.Tensor], window: Sequence[MicroBatch], meta: MetaBatch,
     specs: Mapping[str, ParamSpec], weight_decay: float, normalizer: float, smoothing: float,
+    max_grad_norm: float | None = None, average: MetaGradientAverage | None = None,
 ) -> MetaGradients:
     if world_size() > 1:
         raise NotImplementedError(
@@ -275,10 +280,18 @@ def _exact(
                 gi = _grads((e.to(L.dtype) * L).sum() / normalizer, params, create_graph=True)
             mb.losses = L.detach()
             g = gi if g is None else {n: g[n] + gi[n] for n in g}
-        theta = lookahead(params, g, specs, wd)
+        c = clip_coefficient(g, max_grad_norm)  # a constant of the step, as in the other strategies
+        theta = lookahead(params, {n: v * c for n, v in g.items()} if c != 1.0 else g, specs, wd)
         with replay_rng(meta.seed), frozen_batchnorm(model), meta_loss_mode(model, meta.dropout):
             Lm = per_example_loss(functional_logits(model, theta, meta.inputs), meta.labels, smoothing).mean()
-        out = torch.autograd.grad(Lm, [*e_leaves, wd], allow_unused=True)
+        if average is None:
+            out = torch.autograd.grad(Lm, [*e_leaves, wd], allow_unused=True)
+        else:  # the chain rule through θ' with the averaged meta gradient in place of this step's
+            names = list(theta)
+            gm = dict(zip(names, torch.autograd.grad(Lm, [theta[n] for n in names], retain_graph=True)))
+            direction = average.update(gm)
+            surrogate = sum((direction[n].detach() * theta[n]).sum() for n in names)
+            out = torch.autograd.grad(surrogate, [*e_leaves, wd], allow_unused=True)
     eg = torch.cat([o if o is not None else torch.zeros_like(e) for o, e in zip(out[:-1], e_leaves)])
     wd_g = float(out[-1]) if out[-1] is not None else 0.0
     return MetaGradients(eg.detach(), wd_g, float(Lm.detach()), (-eg * normalizer).detach())
@@ -301,6 +314,8 @@ def meta_gradients(
     num_labels: int | None = None,
     layer_tape: LayerTape | None = None,
     check_layer_tape: float | None = None,
+    max_grad_norm: float | None = None,
+    average: MetaGradientAverage | None = None,
 ) -> MetaGradients:
     """∂L_meta/∂e_i for every example of ``window`` and ∂L_meta/∂wd after the lookahead of ``specs``.
 
@@ -326,15 +341,23 @@ def meta_gradients(
     if strategy == "exact":
         if grads is not None:
             raise ValueError("meta_strategy='exact' recomputes the lookahead graph; it cannot take precomputed grads.")
-        return _exact(model, params, window, meta, specs, weight_decay, normalizer, label_smoothing)
+        return _exact(model, params, window, meta, specs, weight_decay, normalizer, label_smoothing,
+                      max_grad_norm, average)
     if strategy == "last_layer":
         return _last_layer(model, params, window, meta, specs, weight_decay, normalizer, label_smoothing, grads,
-                           num_labels)
+                           num_labels, average)
     if grads is None:
         grads = lookahead_gradient(model, params, window, normalizer, label_smoothing, loss_scale)
+    c = clip_coefficient(grads, max_grad_norm)
+    if c != 1.0:
+        grads = {n: g * c for n, g in grads.items()}
     theta = lookahead({n: p.detach() for n, p in params.items()}, grads, specs, weight_decay)
     meta_loss, g_meta = meta_loss_gradient(model, theta, meta, label_smoothing, loss_scale)
+    if average is not None:
+        g_meta = average.update(g_meta)
     T = tangent(g_meta, specs)
+    if c != 1.0:
+        T = {n: t * c for n, t in T.items()}
     mismatch = None
     if strategy == "jvp" and layer_tape is not None:
         if len(window) != 1:

@@ -22,6 +22,11 @@ meta loss with gradient ``g_meta`` at θ', ``∂L_meta/∂e_i = −(1/N) · T·�
 ``T_p = λ_p ρ_p ⊙ g_meta_p``, and ``∂L_meta/∂wd = −Σ_decay λ_p (ρ_p if coupled else 1) g_meta_p·θ_p``. The
 strategies only differ in how they evaluate the dots ``T·∇L_i``. Because ``P`` needs ``g``,
 :func:`lookahead` records it on the specs and :func:`tangent` / :func:`weight_decay_grad` read it there.
+
+Gradient clipping by global norm (the Trainer's ``max_grad_norm``) happens before the optimizer: the real
+step takes ``c·g`` with ``c = min(1, max_norm/(‖g‖ + 1e-6))``. The optimizer-aware lookahead does the same
+(:func:`clip_coefficient`), with ``c`` held constant in the derivatives (so ``T`` gains the factor ``c``);
+weight decay added inside the optimizer is not clipped, as in the real step.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["ParamSpec", "param_specs", "lookahead", "tangent", "weight_decay_grad"]
+__all__ = ["ParamSpec", "clip_coefficient", "param_specs", "lookahead", "tangent", "weight_decay_grad"]
 
 LookaheadMode = Literal["optimizer", "sgd"]
 
@@ -235,3 +240,17 @@ def weight_decay_grad(
     if not math.isfinite(total):
         return float("nan")
     return total
+
+
+def clip_coefficient(grads: Mapping[str, torch.Tensor], max_norm: float | None) -> float:
+    """The factor ``torch.nn.utils.clip_grad_norm_`` would scale ``grads`` by: ``min(1, max_norm/(‖g‖+1e-6))``
+    (1 when ``max_norm`` is None or not positive; NaN when the norm is not finite)."""
+    if not max_norm or max_norm <= 0:
+        return 1.0
+    norm = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads.values()])
+    )
+    norm = float(norm)  # one host sync per meta step: the factor scales the lookahead
+    if not math.isfinite(norm):
+        return float("nan")
+    return min(1.0, max_norm / (norm + 1e-6))

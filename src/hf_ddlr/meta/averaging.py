@@ -1,0 +1,58 @@
+"""A running average of the meta-loss gradient, the direction every example's gradient is compared with.
+
+One meta step sees one meta batch at one lookahead point θ'. Its gradient ``g_meta(θ')`` carries two kinds
+of step-to-step noise that have nothing to do with any training example: the sampling noise of the meta
+batch, and — with a real learning rate — the overshoot of the lookahead along the sharpest directions of
+the meta loss, whose sign alternates from step to step (training runs near the edge of stability). An
+exponential average over recent meta steps keeps the persistent part, which is what tells clean from
+harmful examples, at the cost of one parameter-sized buffer. ``beta = 0`` is the paper's per-step value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+__all__ = ["MetaGradientAverage"]
+
+
+class MetaGradientAverage:
+    """Exponential moving average ``m ← β·m + (1 − β)·g_meta`` per parameter tensor, started at the first value.
+
+    Every rank feeds it the same (all-reduced) meta gradient, so every rank holds the same average.
+    """
+
+    def __init__(self, beta: float) -> None:
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"The meta-gradient average needs 0 <= beta < 1, got {beta}.")
+        self.beta = float(beta)
+        self.average: dict[str, torch.Tensor] = {}
+        self.num_updates = 0
+
+    def update(self, g_meta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fold in this step's meta gradient and return the average to use (fp32, detached).
+
+        A non-finite gradient (an fp16 overflow) is returned as it is and not folded in: its step is skipped.
+        """
+        if not all(bool(torch.isfinite(g).all()) for g in g_meta.values()):
+            return dict(g_meta)
+        if self.beta == 0.0:
+            return {n: g.detach() for n, g in g_meta.items()}
+        if not self.average or set(self.average) != set(g_meta):
+            self.average = {n: g.detach().float().clone() for n, g in g_meta.items()}
+        else:
+            for n, g in g_meta.items():
+                self.average[n].mul_(self.beta).add_(g.detach().float(), alpha=1.0 - self.beta)
+        self.num_updates += 1
+        return {n: m.to(g_meta[n].dtype) for n, m in self.average.items()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The average's tensors (prefixed ``avg.``) and its step count: a resumed run continues exactly."""
+        sd = {f"avg.{n}": m.detach().cpu().contiguous() for n, m in self.average.items()}
+        sd["num_updates"] = torch.tensor(self.num_updates, dtype=torch.int64)
+        return sd
+
+    def load_state_dict(self, sd: Mapping[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
+        self.average = {k[4:]: v.to(device, torch.float32).clone() for k, v in sd.items() if k.startswith("avg.")}
+        self.num_updates = int(sd["num_updates"]) if "num_updates" in sd else 0
