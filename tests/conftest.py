@@ -11,6 +11,16 @@ from hf_ddlr.data import CIFAR100_FINE_TO_COARSE, cifar100_features
 
 
 @pytest.fixture
+def offline_off(monkeypatch):
+    """Let in-process huggingface_hub calls reach 127.0.0.1 even under `make test`'s HF_HUB_OFFLINE=1."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    return constants
+
+
+@pytest.fixture
 def hub_server(tmp_path):
     """A Hub stand-in on 127.0.0.1 (see tests/hub_server.py); point HF_ENDPOINT at ``hub_server.endpoint``."""
     with HubServer(tmp_path / "hub_server_root") as server:

@@ -166,16 +166,6 @@ def test_push_and_pull_through_the_hub(hub_server, tmp_path):
     assert 'LRTrajectory.from_pretrained("hubtest/traj")' in traj_card.text
 
 
-@pytest.fixture
-def offline_off(monkeypatch):
-    """Let in-process huggingface_hub calls reach 127.0.0.1 even under `make test`'s HF_HUB_OFFLINE=1."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    return constants
-
-
 class _Always500(http.server.BaseHTTPRequestHandler):
     def _fail(self):
         body = b'{"error": "internal error"}'

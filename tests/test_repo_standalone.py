@@ -84,7 +84,7 @@ def test_the_link_check_catches_links_out_of_the_repository():
     assert link_problems(readme, ok) == []
 
 
-def test_hub_server_serves_from_the_command_line(tmp_path):
+def test_hub_server_serves_from_the_command_line(tmp_path, offline_off):
     """`python tests/hub_server.py --root DIR` (the README's offline Hub): prints the endpoint to export,
     serves the Hub API (a repo created, a file uploaded and downloaded with huggingface_hub) and stops on
     Ctrl-C."""
