@@ -119,23 +119,27 @@ class MetaLROptions:
         },
     )
     lookahead: str = field(
-        default="sgd",
+        default="optimizer",
         metadata={
-            "help": "'sgd' (default): the paper's plain-SGD lookahead at the current learning rate. 'optimizer': "
-            "the lookahead is the real optimizer's next iterate (momentum SGD; Adam/AdamW with the second moment "
-            "held constant, so the meta-gradient is preconditioned like the real update).",
+            "help": "'optimizer' (default): the lookahead is the real optimizer's next iterate — the gradient "
+            "clipped to max_grad_norm as the Trainer does, then momentum SGD, or Adam/AdamW with this step's "
+            "second moment held constant in the derivatives, so the meta-gradient is preconditioned like the "
+            "real update. 'sgd': the paper's plain-SGD lookahead at the current learning rate (no clipping, no "
+            "momentum); with the Trainer's default clipping its step is often many times the real one and the "
+            "meta-gradient then mostly measures that overshoot (docs/robustness.md).",
             "choices": list(LOOKAHEADS),
         },
     )
     meta_grad_average: float = field(
-        default=0.0,
+        default=0.97,
         metadata={
             "help": "Compare every example's gradient with an exponential moving average (this factor) of the "
             "meta-loss gradient over recent meta steps instead of this step's value alone. The per-step value "
             "is noisy in ways unrelated to any example (the meta batch is a small sample; at a real learning "
             "rate the lookahead overshoots along the sharpest directions, with a sign that alternates from step "
             "to step); the average keeps the persistent direction. Costs one parameter-sized fp32 buffer. 0: "
-            "the paper's per-step meta-gradient.",
+            "the paper's per-step meta-gradient. The default 0.97 averages over ~30 meta steps "
+            "(docs/robustness.md).",
         },
     )
     meta_dropout: bool = field(
