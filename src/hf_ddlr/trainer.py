@@ -975,7 +975,8 @@ class MetaLRTrainer(Trainer):
         if self._meta_grad_average is not None:
             if os.path.isfile(avg_path):
                 self._meta_grad_average.load_state_dict(safetensors.torch.load_file(avg_path), self.args.device)
-            else:
+            else:  # empty, as the warning says (a second train() would otherwise carry its first run's average)
+                self._meta_grad_average = MetaGradientAverage(self.meta_args.meta_grad_average)
                 warnings.warn(
                     f"{avg_path} is missing (a checkpoint written without meta_grad_average): the running average "
                     "of the meta gradient starts again from this step. Training is not an exact continuation.",
