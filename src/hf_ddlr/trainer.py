@@ -582,6 +582,7 @@ class MetaLRTrainer(Trainer):
             # the optimizer-aware lookahead clips like the real step; the paper's plain-SGD one does not
             max_grad_norm=args.max_grad_norm if meta.lookahead == "optimizer" else None,
             average=self._meta_grad_average,
+            weight_decay_grad_needed=meta.learn_weight_decay,
         )
         if not all_ranks_true(res.finite, self.args.device):  # every rank skips together (no hanging gather)
             self._meta_log["skipped"] += 1

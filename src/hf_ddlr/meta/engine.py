@@ -316,6 +316,7 @@ def meta_gradients(
     check_layer_tape: float | None = None,
     max_grad_norm: float | None = None,
     average: MetaGradientAverage | None = None,
+    weight_decay_grad_needed: bool = True,
 ) -> MetaGradients:
     """∂L_meta/∂e_i for every example of ``window`` and ∂L_meta/∂wd after the lookahead of ``specs``.
 
@@ -372,7 +373,7 @@ def meta_gradients(
         dots = torch.cat([jvp_dots(model, params, mb, T, label_smoothing, loss_scale) for mb in window])
     else:
         dots = torch.cat([fd_dots(model, params, mb, T, fd_eps, label_smoothing) for mb in window])
-    wd_g = weight_decay_grad(g_meta, params, specs)
+    wd_g = weight_decay_grad(g_meta, params, specs) if weight_decay_grad_needed else 0.0
     return MetaGradients(-dots / (normalizer * world_size()), wd_g, meta_loss, dots, mismatch)
 
 
