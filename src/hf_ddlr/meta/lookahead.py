@@ -182,8 +182,11 @@ def lookahead(
     grads: Mapping[str, torch.Tensor],
     specs: Mapping[str, ParamSpec],
     weight_decay: float | torch.Tensor,
+    grad_scale: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """θ': the parameters after one step of the described optimizer on ``grads`` with ``weight_decay``.
+    """θ': the parameters after one step of the described optimizer on ``grad_scale·grads`` with
+    ``weight_decay`` (``grad_scale``: the clipping factor of :func:`clip_coefficient`, applied tensor by
+    tensor so that no scaled copy of the whole gradient is held).
 
     This is the real optimizer's next iterate (PyTorch's SGD / Adam / AdamW update, Adam's new second
     moment included). Differentiable in ``grads`` and ``weight_decay`` when they carry a graph (the exact
@@ -193,6 +196,8 @@ def lookahead(
     out: dict[str, torch.Tensor] = {}
     for name, p in params.items():
         s, g = specs[name], grads[name]
+        if grad_scale != 1.0:
+            g = g * grad_scale
         wd = weight_decay if s.decay else 0.0
         if s.kind == "adam":
             gt = g + wd * p if s.decay and not s.decoupled else g
