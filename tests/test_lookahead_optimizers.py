@@ -163,19 +163,23 @@ def _frozen_second_moment(model, opt, data) -> dict[str, torch.Tensor] | None:
     return {n: o.state[p][key].clone() for n, p in m.named_parameters()}
 
 
-def _brute_force(model, opt, data, wd: float, h: float = 1e-5) -> tuple[torch.Tensor, float]:
-    """Central differences of L_meta(θ'(e, wd)) in every e_i and in wd, through the real optimizer step."""
-    frozen = _frozen_second_moment(model, opt, data)
+def central_differences(step, data, wd: float, h: float = 1e-5) -> tuple[torch.Tensor, float]:
+    """Central differences of L_meta(step(e, wd)) in every e_i (at E) and in wd, where ``step(e, wd)`` returns
+    the model after a real optimizer step (``wd=None``: the optimizer's own weight decay)."""
     de = torch.empty(N, dtype=torch.float64)
     for i in range(N):
         up, down = E.clone(), E.clone()
         up[i] += h
         down[i] -= h
-        de[i] = (_meta_loss(_real_step(model, opt, data, up, freeze_v=frozen), data)
-                 - _meta_loss(_real_step(model, opt, data, down, freeze_v=frozen), data)) / (2 * h)
-    dwd = (_meta_loss(_real_step(model, opt, data, E, wd=wd + h, freeze_v=frozen), data)
-           - _meta_loss(_real_step(model, opt, data, E, wd=wd - h, freeze_v=frozen), data)) / (2 * h)
+        de[i] = (_meta_loss(step(up, None), data) - _meta_loss(step(down, None), data)) / (2 * h)
+    dwd = (_meta_loss(step(E, wd + h), data) - _meta_loss(step(E, wd - h), data)) / (2 * h)
     return de, dwd
+
+
+def _brute_force(model, opt, data, wd: float, h: float = 1e-5) -> tuple[torch.Tensor, float]:
+    """Central differences of L_meta(θ'(e, wd)) in every e_i and in wd, through the real optimizer step."""
+    frozen = _frozen_second_moment(model, opt, data)
+    return central_differences(lambda e, w: _real_step(model, opt, data, e, wd=w, freeze_v=frozen), data, wd, h)
 
 
 @pytest.mark.parametrize("strategy", ["jvp", "exact", "finite_difference"])

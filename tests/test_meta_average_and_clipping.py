@@ -21,7 +21,16 @@ import shutil
 
 import pytest
 import torch
-from test_lookahead_optimizers import DECAY, E, N, _build, _data, _meta_loss, _weighted_loss
+from test_lookahead_optimizers import (
+    DECAY,
+    E,
+    N,
+    _build,
+    _data,
+    _meta_loss,
+    _weighted_loss,
+    central_differences,
+)
 from test_meta_engine import _fwd_kw, _setup, cos
 from tiny import TinyMLP, make_split
 from transformers import TrainerCallback
@@ -151,16 +160,7 @@ def test_clipped_meta_gradient_matches_finite_differences_through_the_real_clipp
     by the unperturbed clip factor (held constant, as documented); the decay inside SGD is not clipped."""
     model, opt, wd, data, params, max_norm, c = _clip_setup(name, warm_steps)
     res = _engine(model, opt, wd, data, params, strategy, max_norm)
-    h = 1e-5
-    de = torch.empty(N, dtype=torch.float64)
-    for i in range(N):
-        up, down = E.clone(), E.clone()
-        up[i] += h
-        down[i] -= h
-        de[i] = (_meta_loss(_real_clipped_step(model, opt, data, up, c=c), data)
-                 - _meta_loss(_real_clipped_step(model, opt, data, down, c=c), data)) / (2 * h)
-    dwd = (_meta_loss(_real_clipped_step(model, opt, data, E, c=c, wd=wd + h), data)
-           - _meta_loss(_real_clipped_step(model, opt, data, E, c=c, wd=wd - h), data)) / (2 * h)
+    de, dwd = central_differences(lambda e, w: _real_clipped_step(model, opt, data, e, c=c, wd=w), data, wd)
     assert de.abs().max() > 0 and dwd != 0
     tol = 5e-5 if strategy == "finite_difference" else 1e-5
     scale = float(de.abs().max())
