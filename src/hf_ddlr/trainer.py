@@ -431,9 +431,10 @@ class MetaLRTrainer(Trainer):
     def _meta_settings(self) -> dict[str, Any]:
         meta_keys = ("lr_level", "meta_lr", "meta_lr_scaling", "learn_weight_decay", "weight_decay_meta_lr",
                      "keep_history", "meta_strategy", "meta_update", "meta_interval", "meta_batch_size", "lookahead",
-                     "meta_dropout", "max_rate")
-        train_keys = ("learning_rate", "weight_decay", "optim", "lr_scheduler_type", "per_device_train_batch_size",
-                      "gradient_accumulation_steps", "num_train_epochs", "max_steps", "seed")
+                     "meta_grad_average", "meta_dropout", "max_rate")
+        train_keys = ("learning_rate", "weight_decay", "max_grad_norm", "optim", "lr_scheduler_type",
+                      "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
+                      "seed")
         out = {k: getattr(self.meta_args, k) for k in meta_keys}
         out.update({k: getattr(self.args, k) for k in train_keys})
         out["optim"] = str(out["optim"].value if hasattr(out["optim"], "value") else out["optim"])

@@ -31,7 +31,9 @@ class MetaGradientAverage:
         self.num_updates = 0
 
     def update(self, g_meta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Fold in this step's meta gradient and return the average to use (fp32, detached).
+        """Fold in this step's meta gradient and return the average to use (detached, in ``g_meta``'s dtypes).
+
+        The returned tensors may be the average's own buffers: read them, never modify them in place.
 
         A non-finite gradient (an fp16 overflow) is returned as it is and not folded in: its step is skipped.
         """
