@@ -21,6 +21,7 @@ import shutil
 
 import pytest
 import torch
+from ddp_worker import _StopAt, state_of
 from test_lookahead_optimizers import (
     DECAY,
     E,
@@ -394,15 +395,6 @@ def test_strategies_agree_with_the_average(opt, clip):
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint
-class _StopAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-
-
 def _avg_run(out_dir: str, stop_at: int | None = None, resume: bool = False) -> MetaLRTrainer:
     """tests/ddp_worker.py's run with the running average, the optimizer lookahead and clipping on."""
     torch.manual_seed(0)
@@ -422,10 +414,7 @@ def _avg_run(out_dir: str, stop_at: int | None = None, resume: bool = False) -> 
 
 
 def _state(t: MetaLRTrainer) -> dict[str, torch.Tensor]:
-    out = {f"param.{n}": p.detach().clone() for n, p in t.model.named_parameters()}
-    out["rates.instance"] = t.rates.instance.clone()
-    out["rates.per_class"] = t.rates.per_class.clone()
-    out["rates.weight_decay"] = torch.tensor(t.rates.weight_decay, dtype=torch.float64)
+    out = state_of(t)  # parameters, rates, weight decay, trajectory
     out.update({f"avg.{n}": v.clone() for n, v in t._meta_grad_average.average.items()})
     return out
 
