@@ -289,3 +289,21 @@ def test_last_layer_is_exact_when_only_the_head_trains(tmp_path, update, ga):
     got, ref = one_step("last_layer"), one_step("jvp")
     assert ref.abs().max() > 0 and got.shape == ref.shape == (8 * ga,)
     assert float(F.cosine_similarity(got.double(), ref.double(), dim=0)) > 0.9999
+
+
+def test_meta_set_smaller_than_the_meta_batch_is_used_whole(tmp_path):
+    """A meta set of 10 examples with a meta batch of 32: every meta step uses each meta example once, exactly as
+    meta_batch_size=10 (a permutation of the whole set) does — not 32 draws with replacement."""
+
+    def rates(meta_batch_size: int) -> torch.Tensor:
+        train, meta = make_split(24, seed=1), make_split(10, seed=2)
+        torch.manual_seed(0)
+        args = _args(tmp_path / str(meta_batch_size), per_device_train_batch_size=8, max_steps=3, learning_rate=0.5,
+                     optim="sgd", lr_scheduler_type="constant", meta_batch_size=meta_batch_size)
+        trainer = MetaLRTrainer(model=TinyMLP(), args=args, train_dataset=train, meta_dataset=meta)
+        trainer.train()
+        return trainer.rates.instance
+
+    whole = rates(10)
+    assert (whole != 1).any()
+    torch.testing.assert_close(rates(32), whole, rtol=1e-5, atol=1e-6)

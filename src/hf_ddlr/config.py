@@ -115,7 +115,8 @@ class MetaLROptions:
         default=None,
         metadata={
             "help": "Meta-set examples per meta step and device. Default: the examples per optimizer step and "
-            "device (per_device_train_batch_size x gradient_accumulation_steps)."
+            "device (per_device_train_batch_size x gradient_accumulation_steps). A meta set smaller than this is "
+            "used whole at every meta step."
         },
     )
     lookahead: str = field(

@@ -513,7 +513,8 @@ class MetaLRTrainer(Trainer):
         per_device = getattr(self, "_train_batch_size", None) or self.args.per_device_train_batch_size
         m = self.meta_args.meta_batch_size or per_device * self.args.gradient_accumulation_steps
         g = torch.Generator().manual_seed(self._seed(kind=1))
-        idx = torch.randperm(len(ds), generator=g)[:m] if m <= len(ds) else torch.randint(len(ds), (m,), generator=g)
+        # a meta set smaller than the meta batch is used whole (drawing with replacement would only add noise)
+        idx = torch.randperm(len(ds), generator=g)[:m] if m <= len(ds) else torch.arange(len(ds))
         batch = self._prepare_inputs(self._meta_collate([ds[int(i)] for i in idx]))
         batch.pop(self.meta_args.index_column, None)
         labels = batch.pop("labels", None)
