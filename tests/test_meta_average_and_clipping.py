@@ -33,6 +33,7 @@ from test_lookahead_optimizers import (
     central_differences,
 )
 from test_meta_engine import _fwd_kw, _setup, cos
+from test_trainer_features import _assert_states
 from tiny import TinyMLP, make_split
 from transformers import TrainerCallback
 
@@ -429,10 +430,7 @@ def test_resume_with_the_average_is_bit_exact_and_needs_its_file(tmp_path):
     assert {META_STATE_NAME, META_GRAD_AVERAGE_NAME} <= set(os.listdir(ckpt))
     resumed = _avg_run(out, resume=True)
     assert resumed.state.global_step == 6 and resumed._meta_grad_average.num_updates == 6
-    a, b = _state(resumed), _state(straight)
-    assert set(a) == set(b)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    _assert_states(_state(resumed), _state(straight), exact=True)
     logs = lambda t: [h for h in t.state.log_history if "loss" in h]  # noqa: E731
     assert logs(resumed) == logs(straight)
 
