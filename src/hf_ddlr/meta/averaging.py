@@ -37,7 +37,7 @@ class MetaGradientAverage:
 
         A non-finite gradient (an fp16 overflow) is returned as it is and not folded in: its step is skipped.
         """
-        if not all(bool(torch.isfinite(g).all()) for g in g_meta.values()):
+        if not bool(torch.stack([torch.isfinite(g).all() for g in g_meta.values()]).all()):  # one host sync
             return dict(g_meta)
         if self.beta == 0.0:
             return {n: g.detach() for n, g in g_meta.items()}
