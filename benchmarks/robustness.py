@@ -12,6 +12,11 @@ clean meta split, which rows are corrupted, the initialisation and the data orde
     python benchmarks/robustness.py                           # all cells, seeds 0 1 2 (resumes from the JSON)
     python benchmarks/robustness.py --cells 'mnist-cnn-*' --seeds 0 1 2 3 4
     python benchmarks/robustness.py --quick --cells mnist-cnn-sgd-flip35 --seeds 0   # smoke run (tiny data)
+    python benchmarks/robustness.py --metalr_args meta_grad_average=0.9 --output_dir outputs/robustness_b09
+
+``--metalr_args key=value ...`` measures a variant of the defaults (the same options for every cell) into its
+own ``--output_dir``; the plain and oracle runs are taken from benchmarks/results/robustness.json where they
+are current, so a variant costs only its MetaLR runs.
 
 Writes robustness.md (table + summary), robustness.json (every run; a rerun skips the runs already there,
 unless --force or the cell / MetaLR defaults changed) and robustness_auroc.png to --output_dir
@@ -115,14 +120,38 @@ CELLS: list[Cell] = [
 CELL_BY_NAME = {c.name: c for c in CELLS}
 
 
+OVERRIDES: dict = {}  # --metalr_args: MetaLR options that differ from the defaults in this process (set by main)
+
+
 def metalr_defaults() -> dict:
-    """MetaLRConfig's own fields (not TrainingArguments') at their defaults, read from the dataclass now."""
+    """MetaLRConfig's own fields (not TrainingArguments') at their defaults, read from the dataclass now, with
+    the ``--metalr_args`` overrides of this process applied."""
     base = {f.name for f in dataclasses.fields(TrainingArguments)}
     out = {}
     for f in dataclasses.fields(MetaLRConfig):
         if f.name not in base:
             value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             out[f.name] = value if isinstance(value, (int, float, str, bool, type(None))) else repr(value)
+    return {**out, **OVERRIDES}
+
+
+def parse_metalr_args(pairs: list[str]) -> dict:
+    """``["meta_grad_average=0.9", "lr_level=both"]`` -> typed MetaLR options (typed like their defaults)."""
+    defaults, out = metalr_defaults(), {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or key not in defaults:
+            raise SystemExit(f"--metalr_args takes MetaLR option=value pairs; {pair!r} is not one "
+                             f"(options: {', '.join(sorted(defaults))}).")
+        d = defaults[key]
+        if isinstance(d, bool):
+            out[key] = text.lower() in ("1", "true", "yes")
+        elif text.lower() == "none":
+            out[key] = None
+        elif isinstance(d, (int, float)) or d is None:
+            out[key] = int(text) if isinstance(d, int) and text.lstrip("-").isdigit() else float(text)
+        else:
+            out[key] = text
     return out
 
 
@@ -265,8 +294,8 @@ def run_cell(cell: Cell | str, seed: int, method: str, quick: bool = False, data
         kw = training_args(cell, seed, tmp, quick)
         collate = transformers.DataCollatorWithPadding(_tokenizer()) if cell.model == "minilm" else None
         if method == "metalr":
-            trainer = MetaLRTrainer(model=model, args=MetaLRConfig(**kw), data_collator=collate, train_dataset=train,
-                                    meta_dataset=ds["meta"])
+            trainer = MetaLRTrainer(model=model, args=MetaLRConfig(**kw, **OVERRIDES), data_collator=collate,
+                                    train_dataset=train, meta_dataset=ds["meta"])
         else:
             trainer = Trainer(model=model, args=TrainingArguments(**kw), data_collator=collate,
                               train_dataset=train.remove_columns("sample_index"))
@@ -354,7 +383,9 @@ def summary(stats: dict[str, dict]) -> dict:
 
 def render(stats: dict[str, dict], summ: dict, command: str) -> str:
     """The Markdown report: settings, one row per cell, the summary block."""
-    lines = [f"`{command}` — MetaLRConfig defaults (never tuned per cell): "
+    what = ("MetaLRConfig options (a VARIANT of the defaults: " + ", ".join(f"{k}={v}" for k, v in OVERRIDES.items())
+            + ")" if OVERRIDES else "MetaLRConfig defaults (never tuned per cell)")
+    lines = [f"`{command}` — {what}: "
              + ", ".join(f"{k}={v}" for k, v in metalr_defaults().items()), "",
              "(the table holds every run in robustness.json whose cell and defaults are current)", "",
              "| cell | noisy | seeds | plain acc | MetaLR acc | oracle acc | rate AUROC | loss AUROC (plain) | "
@@ -428,7 +459,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="print the cells with estimated times and exit")
     p.add_argument("--output_dir", default=None, help="default benchmarks/results (--quick: a temporary folder)")
     p.add_argument("--force", action="store_true", help="rerun runs already in the JSON")
+    p.add_argument("--metalr_args", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="MetaLR options other than the defaults, for every cell (needs --output_dir)")
     a = p.parse_args(argv)
+    OVERRIDES.clear()
+    OVERRIDES.update(parse_metalr_args(a.metalr_args))
+    if OVERRIDES and not a.output_dir and not a.quick:
+        raise SystemExit("--metalr_args measures a variant of the defaults: give it its own --output_dir so that "
+                         "benchmarks/results/robustness.* keep showing the defaults.")
     cells = select_cells(a.cells)
     if a.list:
         print_list(cells, a.seeds)
@@ -443,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, "robustness.json")
     runs, t0 = load_runs(json_path), time.time()
+    if OVERRIDES:  # a variant reuses the current plain / oracle runs of the defaults' matrix
+        have = {_key(r) for r in runs}
+        runs += [r for r in load_runs(os.path.join(HERE, "results", "robustness.json"))
+                 if r["method"] != "metalr" and _key(r) not in have]
     done = {_key(r): r["fingerprint"] for r in runs}
     for cell in cells:
         for seed in a.seeds:
