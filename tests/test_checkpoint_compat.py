@@ -40,8 +40,13 @@ class _GrabLoaded(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         r = self.trainer.rates
-        self.seen.update(instance=r.instance.clone(), per_class=r.per_class.clone(), weight_decay=r.weight_decay,
-                         wd_sq_avg=r.wd_sq_avg, num_updates=r.num_updates)
+        self.seen.update(
+            instance=r.instance.clone(),
+            per_class=r.per_class.clone(),
+            weight_decay=r.weight_decay,
+            wd_sq_avg=r.wd_sq_avg,
+            num_updates=r.num_updates,
+        )
 
 
 def _resume(tmp_path: Path, name: str, meta_state: dict[str, torch.Tensor] | None = None):
@@ -61,11 +66,19 @@ def _resume(tmp_path: Path, name: str, meta_state: dict[str, torch.Tensor] | Non
 
 def test_v0_checkpoint_resumes_exactly(tmp_path):
     saved = safetensors.torch.load_file(os.path.join(FX.FIXTURE, META_STATE_NAME))
-    assert set(saved) == {"instance", "per_class", "weight_decay", "wd_sq_avg", "num_updates"}  # the v0 format
+    assert set(saved) == {
+        "instance",
+        "per_class",
+        "weight_decay",
+        "wd_sq_avg",
+        "num_updates",
+    }  # the v0 format
     assert float(saved["wd_sq_avg"]) > 0 and int(saved["num_updates"]) == FX.STOP_AT
 
     resumed, loaded = _resume(tmp_path, "resume")
-    assert torch.equal(loaded["instance"], saved["instance"]) and torch.equal(loaded["per_class"], saved["per_class"])
+    assert torch.equal(loaded["instance"], saved["instance"]) and torch.equal(
+        loaded["per_class"], saved["per_class"]
+    )
     assert loaded["weight_decay"] == float(saved["weight_decay"]) != 0.01  # learned, not the initial value
     assert loaded["wd_sq_avg"] == float(saved["wd_sq_avg"])
     assert loaded["num_updates"] == int(saved["num_updates"])
@@ -81,7 +94,10 @@ def test_v0_checkpoint_resumes_exactly(tmp_path):
 
     # negative control: a loader that dropped the weight decay's running RMS and update count (restarting the
     # bias correction) would not continue the run exactly, so the equalities above would catch it
-    forgetful = {**saved, "wd_sq_avg": torch.tensor(0.0, dtype=torch.float64),
-                 "num_updates": torch.tensor(0, dtype=torch.int64)}
+    forgetful = {
+        **saved,
+        "wd_sq_avg": torch.tensor(0.0, dtype=torch.float64),
+        "num_updates": torch.tensor(0, dtype=torch.int64),
+    }
     broken, _ = _resume(tmp_path, "forgetful", forgetful)
     assert broken.rates.weight_decay != straight.rates.weight_decay
