@@ -38,18 +38,19 @@ def test_raw_update_clamps_at_zero_and_respects_max_rate():
 def test_non_finite_gradient_leaves_everything_untouched():
     t = RateTable(3, 2, "both", learn_weight_decay=True, weight_decay=1e-3)
     before = {k: v.clone() for k, v in t.state_dict().items()}
-    upd = t.update(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([float("nan"), 1.0]), 0.5)
-    assert not upd.applied
+    assert not t.update(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([float("nan"), 1.0]), 0.5)
     for k, v in t.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert not t.update(torch.tensor([0]), torch.tensor([0]), torch.tensor([1.0]), math.inf).applied
+    assert not t.update(torch.tensor([0]), torch.tensor([0]), torch.tensor([1.0]), math.inf)
 
 
 def test_weight_decay_normalized_is_multiplicative_and_bounded():
     t = RateTable(2, 2, "instance", learn_weight_decay=True, weight_decay=1e-3, meta_wd_lr=0.01)
     for _ in range(5):
         t.update(torch.tensor([0]), torch.tensor([0]), torch.tensor([1.0]), weight_decay_grad=1e-7)
-    assert 1e-3 * math.exp(-0.05 - 1e-9) <= t.weight_decay < 1e-3  # positive gradient: decreases, by <= 1 %/step
+    assert (
+        1e-3 * math.exp(-0.05 - 1e-9) <= t.weight_decay < 1e-3
+    )  # positive gradient: decreases, by <= 1 %/step
 
 
 def test_state_round_trip_and_resize():
@@ -71,3 +72,22 @@ def test_reset_is_the_no_history_ablation():
     t.update(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([1.0, -1.0]))
     t.reset()
     assert t.instance.tolist() == [1.0, 1.0, 1.0] and t.per_class.tolist() == [1.0, 1.0]
+
+
+def test_loads_the_v0_state_dict_and_refuses_a_newer_one():
+    """v0 (written before the table had an optimizer) is today's dict without ``format_version``: it restores
+    the weight decay's running RMS and update count, so the next update is the one the writer would make."""
+    t = RateTable(5, 2, "both", learn_weight_decay=True, weight_decay=1e-3)
+    for k in range(3):
+        t.update(torch.tensor([0, 3]), torch.tensor([0, 1]), torch.tensor([0.5, -0.5 * k]), 0.1 * (k + 1))
+    v0 = t.state_dict()
+    assert int(v0.pop("format_version")) == 1
+    u = RateTable(5, 2, "both", learn_weight_decay=True, weight_decay=1e-3)
+    u.load_state_dict(v0)
+    assert u.wd_sq_avg == t.wd_sq_avg > 0 and u.num_updates == t.num_updates == 3
+    for table in (t, u):
+        table.update(torch.tensor([1, 3]), torch.tensor([1, 1]), torch.tensor([0.25, 0.5]), 0.05)
+    for k, v in t.state_dict().items():
+        assert torch.equal(u.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="format version 2"):
+        u.load_state_dict({**t.state_dict(), "format_version": torch.tensor(2)})

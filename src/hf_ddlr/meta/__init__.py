@@ -3,7 +3,7 @@
 from .engine import STRATEGIES, MetaBatch, MetaGradients, MicroBatch, find_output_layer, meta_gradients
 from .lookahead import ParamSpec, lookahead, param_specs, tangent, weight_decay_grad
 from .passes import frozen_batchnorm, per_example_loss, replay_rng
-from .rates import RateTable, RateUpdate
+from .rates import RateSGD, RateTable
 
 __all__ = [
     "STRATEGIES",
@@ -11,8 +11,8 @@ __all__ = [
     "MetaGradients",
     "MicroBatch",
     "ParamSpec",
+    "RateSGD",
     "RateTable",
-    "RateUpdate",
     "find_output_layer",
     "frozen_batchnorm",
     "lookahead",

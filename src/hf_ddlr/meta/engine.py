@@ -335,13 +335,8 @@ def meta_gradients(
     (a cosine, e.g. 0.9999) also runs the forward-mode pass and, when the two disagree, uses the forward-mode
     dots and says why in :attr:`MetaGradients.layerwise_mismatch`.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"Unknown meta_strategy {strategy!r}; choose one of {STRATEGIES}.")
-    if layer_tape is not None and strategy != "jvp":
-        raise ValueError(f"A layer tape gives the dots of meta_strategy='jvp', not {strategy!r}.")
+    _check_arguments(strategy, layer_tape, grads)
     if strategy == "exact":
-        if grads is not None:
-            raise ValueError("meta_strategy='exact' recomputes the lookahead graph; it cannot take precomputed grads.")
         return _exact(model, params, window, meta, specs, weight_decay, normalizer, label_smoothing,
                       max_grad_norm, average)
     if strategy == "last_layer":
@@ -349,30 +344,62 @@ def meta_gradients(
                            num_labels, average)
     if grads is None:
         grads = lookahead_gradient(model, params, window, normalizer, label_smoothing, loss_scale)
+    meta_loss, g_meta, T = _meta_tangent(model, params, grads, meta, specs, weight_decay, label_smoothing,
+                                         loss_scale, max_grad_norm, average)
+    dots, mismatch = _dots(model, params, window, T, strategy, label_smoothing, loss_scale, fd_eps, layer_tape,
+                           check_layer_tape)
+    wd_g = weight_decay_grad(g_meta, params, specs) if weight_decay_grad_needed else 0.0
+    return MetaGradients(-dots / (normalizer * world_size()), wd_g, meta_loss, dots, mismatch)
+
+
+def _check_arguments(strategy: str, layer_tape: LayerTape | None, grads: Mapping | None) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown meta_strategy {strategy!r}; choose one of {STRATEGIES}.")
+    if layer_tape is not None and strategy != "jvp":
+        raise ValueError(f"A layer tape gives the dots of meta_strategy='jvp', not {strategy!r}.")
+    if strategy == "exact" and grads is not None:
+        raise ValueError("meta_strategy='exact' recomputes the lookahead graph; it cannot take precomputed grads.")
+
+
+def _meta_tangent(
+    model: nn.Module, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], meta: MetaBatch,
+    specs: Mapping[str, ParamSpec], weight_decay: float, smoothing: float, loss_scale: float,
+    max_grad_norm: float | None, average: MetaGradientAverage | None,
+) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The meta loss at the lookahead point θ' of the real gradient ``grads``, its gradient (the running
+    average's direction when there is one), and the tangent T of the dots. The step's clipping coefficient
+    is a constant of the step: θ' uses the clipped gradient and T carries the coefficient."""
     c = clip_coefficient(grads, max_grad_norm)
     theta = lookahead({n: p.detach() for n, p in params.items()}, grads, specs, weight_decay, grad_scale=c)
-    meta_loss, g_meta = meta_loss_gradient(model, theta, meta, label_smoothing, loss_scale)
+    meta_loss, g_meta = meta_loss_gradient(model, theta, meta, smoothing, loss_scale)
     if average is not None:
         g_meta = average.update(g_meta)
     T = tangent(g_meta, specs)
     if c != 1.0:
         T = {n: t * c for n, t in T.items()}
-    mismatch = None
-    if strategy == "jvp" and layer_tape is not None:
-        if len(window) != 1:
-            raise ValueError("A layer tape records one micro-batch; the window has several.")
-        dots = layer_tape.dots(T)
-        if check_layer_tape is not None:
-            ref = jvp_dots(model, params, window[0], T, label_smoothing, loss_scale)
-            mismatch = _compare_dots(dots, ref, check_layer_tape)
-            if mismatch is not None:
-                dots = ref
-    elif strategy == "jvp":
-        dots = torch.cat([jvp_dots(model, params, mb, T, label_smoothing, loss_scale) for mb in window])
-    else:
-        dots = torch.cat([fd_dots(model, params, mb, T, fd_eps, label_smoothing) for mb in window])
-    wd_g = weight_decay_grad(g_meta, params, specs) if weight_decay_grad_needed else 0.0
-    return MetaGradients(-dots / (normalizer * world_size()), wd_g, meta_loss, dots, mismatch)
+    return meta_loss, g_meta, T
+
+
+def _dots(
+    model: nn.Module, params: Mapping[str, torch.Tensor], window: Sequence[MicroBatch],
+    T: Mapping[str, torch.Tensor], strategy: Strategy, smoothing: float, loss_scale: float, fd_eps: float,
+    layer_tape: LayerTape | None, check_layer_tape: float | None,
+) -> tuple[torch.Tensor, str | None]:
+    """T·∇L_i of every example of the window (micro-batches concatenated) by ``"jvp"`` (from the layer tape
+    when there is one) or ``"finite_difference"``, and why a checked layer tape disagreed with forward mode
+    (None when it did not; the forward-mode dots are returned then)."""
+    if strategy == "finite_difference":
+        return torch.cat([fd_dots(model, params, mb, T, fd_eps, smoothing) for mb in window]), None
+    if layer_tape is None:
+        return torch.cat([jvp_dots(model, params, mb, T, smoothing, loss_scale) for mb in window]), None
+    if len(window) != 1:
+        raise ValueError("A layer tape records one micro-batch; the window has several.")
+    dots = layer_tape.dots(T)
+    if check_layer_tape is None:
+        return dots, None
+    ref = jvp_dots(model, params, window[0], T, smoothing, loss_scale)
+    mismatch = _compare_dots(dots, ref, check_layer_tape)
+    return (dots if mismatch is None else ref), mismatch
 
 
 def _compare_dots(dots: torch.Tensor, ref: torch.Tensor, min_cos: float) -> str | None:

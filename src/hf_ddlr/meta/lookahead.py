@@ -86,11 +86,10 @@ def _unmodelled(opt: torch.optim.Optimizer) -> str | None:
 
 
 def param_specs(
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: torch.optim.Optimizer,
     named_params: Mapping[str, torch.Tensor],
     decay_names: Iterable[str],
     mode: LookaheadMode = "optimizer",
-    default_lr: float | None = None,
 ) -> dict[str, ParamSpec]:
     """Describe the coming step of ``optimizer`` for each named parameter.
 
@@ -100,27 +99,22 @@ def param_specs(
     (another class, ``maximize=True``) falls back to the plain-SGD lookahead with a warning.
     """
     decay = set(decay_names)
-    group_of: dict[int, dict] = {}
-    if optimizer is not None:
-        for g in optimizer.param_groups:
-            for p in g["params"]:
-                group_of[id(p)] = g
-    if mode == "optimizer" and optimizer is not None and (why := _unmodelled(optimizer)) is not None:
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    if mode == "optimizer" and (why := _unmodelled(optimizer)) is not None:
         warnings.warn(
             f"Optimizer-aware lookahead {why}; using the plain-SGD lookahead of the paper (set "
             "lookahead='sgd' to silence this).",
             stacklevel=2,
         )
         mode = "sgd"
-    is_adam = optimizer is not None and _adam_like(optimizer)
+    is_adam = _adam_like(optimizer)
     specs: dict[str, ParamSpec] = {}
     for name, p in named_params.items():
         g = group_of.get(id(p))
-        if g is None and default_lr is None:
+        if g is None:
             raise ValueError(f"Parameter {name!r} is not in any optimizer param group; cannot build a lookahead.")
-        lr = float(g["lr"]) if g is not None else float(default_lr)
-        spec = ParamSpec(lr=lr, decay=name in decay)
-        if mode == "optimizer" and g is not None:
+        spec = ParamSpec(lr=float(g["lr"]), decay=name in decay)
+        if mode == "optimizer":
             st = optimizer.state.get(p, {})
             if is_adam:
                 spec.kind = "adam"

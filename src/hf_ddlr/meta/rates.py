@@ -1,32 +1,117 @@
 """The learned values: per-instance and per-class learning-rate multipliers and the weight decay.
 
-A small table with its own sparse SGD (only rows seen in the batch move) and one place that clamps,
-in the spirit of Data Parameters. An example's *effective* multiplier is
+Tensor tables with their own small optimizer (:class:`RateSGD`, a sparse SGD: only rows seen in the batch
+move) that also clamps, in the spirit of Data Parameters. An example's *effective* multiplier is
 ``e_i = w_inst[idx_i] · w_class[y_i]`` (a level that is off counts as 1).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import torch
 
-__all__ = ["RateTable", "RateUpdate"]
+__all__ = ["RateSGD", "RateTable"]
 
 Level = Literal["instance", "class", "both"]
 Scaling = Literal["normalized", "raw"]
 
+# of RateTable.state_dict; v0 (before the table had an optimizer) is the same dict without "format_version"
+FORMAT_VERSION = 1
+WD_BETA = 0.99  # decay of the running mean of the squared weight-decay meta-gradient ("normalized")
 
-@dataclass
-class RateUpdate:
-    """What one meta update did (for logging and tests)."""
 
-    instance_grad: torch.Tensor | None  # per example of the (global) batch, aligned with ``indices``
-    class_grad: torch.Tensor | None  # per class
-    weight_decay_grad: float | None
-    applied: bool
+class RateSGD(torch.optim.Optimizer):
+    """The meta optimizer of a :class:`RateTable`: sparse SGD on the rate tables, and the weight decay's update.
+
+    A rate table's gradient is a sparse COO tensor with one (uncoalesced) entry per lookup of the batch, the
+    gradient ``nn.Embedding(sparse=True)`` gives: only the rows looked up move, duplicates accumulate. A step
+    is ``w ← clamp(w − lr·g / s, 0, max_rate)`` on those rows, with ``s = 1`` for ``scaling="raw"`` (the
+    paper's update) and, for ``"normalized"``, by the table's group ``norm``: ``"rows"`` divides by the mean
+    |g| of the rows that move (instance rates: ``lr`` is the typical change of a rate per visit),
+    ``"lookups"`` by the total |gradient| of the lookups (class rates: a class moves by ``lr`` times its
+    share, so the table as a whole moves by at most ``lr`` per step). A step whose ``s`` is not finite or
+    ≤ 0 is skipped.
+
+    The weight decay (a float64 scalar, group ``norm="weight_decay"``) moves by ``wd ← max(0, wd − lr·g)``
+    ("raw") or multiplicatively, ``wd ← wd · exp(−lr · clip(g / rms(g), ±3))``, with the bias-corrected
+    running RMS of its gradients (state ``square_avg``). Its state ``step`` counts every step of this optimizer
+    (the table's meta updates, which the bias correction counts), with or without a weight-decay gradient.
+    The arithmetic of the weight decay is Python floats (doubles), as it always was.
+    """
+
+    def __init__(
+        self,
+        instance: torch.Tensor | None,
+        per_class: torch.Tensor | None,
+        weight_decay: torch.Tensor,
+        *,
+        lr: float,
+        weight_decay_lr: float,
+        scaling: Scaling = "normalized",
+        max_rate: float | None = None,
+    ) -> None:
+        if scaling not in ("normalized", "raw"):
+            raise ValueError(f"meta_lr_scaling must be 'normalized' or 'raw', got {scaling!r}.")
+        tables = (("instance", instance, "rows"), ("per_class", per_class, "lookups"))
+        groups = [dict(params=[t], name=name, norm=norm, lr=lr) for name, t, norm in tables if t is not None]
+        groups.append(
+            dict(params=[weight_decay], name="weight_decay", norm="weight_decay", lr=weight_decay_lr)
+        )
+        super().__init__(groups, dict(scaling=scaling, max_rate=max_rate))
+        self.state[weight_decay].update(
+            step=torch.tensor(0, dtype=torch.int64), square_avg=torch.tensor(0.0, dtype=torch.float64)
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            (p,) = group["params"]
+            if group["norm"] == "weight_decay":
+                self._weight_decay_step(p, group)
+            elif p.grad is not None:
+                self._table_step(p, group)
+        return loss
+
+    @staticmethod
+    def _table_step(table: torch.Tensor, group: dict) -> None:
+        keys, values = table.grad._indices()[0], table.grad._values()
+        rows = torch.unique(keys)
+        g = torch.zeros_like(table).index_add_(0, keys, values)[rows]
+        if group["scaling"] == "raw":
+            step = group["lr"] * g
+        else:
+            scale = g.abs().mean() if group["norm"] == "rows" else values.abs().sum()
+            if not torch.isfinite(scale) or scale <= 0:
+                return
+            step = group["lr"] * g / scale
+        table[rows] = (table[rows] - step).clamp_(min=0.0, max=group["max_rate"])
+
+    def _weight_decay_step(self, wd: torch.Tensor, group: dict) -> None:
+        state = self.state[wd]
+        state["step"] += 1
+        if wd.grad is None:
+            return
+        g, value = float(wd.grad), float(wd)
+        if group["scaling"] == "raw":
+            wd.fill_(max(0.0, value - group["lr"] * g))
+            return
+        square_avg = WD_BETA * float(state["square_avg"]) + (1 - WD_BETA) * g * g
+        state["square_avg"].fill_(square_avg)
+        rms = math.sqrt(square_avg / (1 - WD_BETA ** int(state["step"])))
+        if rms > 0:
+            wd.fill_(value * math.exp(-group["lr"] * max(-3.0, min(3.0, g / rms))))
+
+
+def _lookup_grad(table: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``Σ_i values_i · table[keys_i]``: one sparse entry per lookup (not coalesced)."""
+    return torch.sparse_coo_tensor(keys[None], values, table.shape, check_invariants=False)
 
 
 class RateTable:
@@ -39,6 +124,7 @@ class RateTable:
     share of the batch's total absolute meta-gradient (a class is visited every step, so the class table
     as a whole moves by at most ``meta_lr`` per step); the weight decay moves multiplicatively,
     ``wd ← wd · exp(−meta_wd_lr · g / rms(g))`` with a running RMS of its meta-gradient.
+    The updates are :class:`RateSGD`'s (``self.optimizer``).
     """
 
     def __init__(
@@ -65,20 +151,53 @@ class RateTable:
         self.initial_weight_decay = float(weight_decay)
         self.instance = torch.ones(num_examples, device=device) if level in ("instance", "both") else None
         self.per_class = torch.ones(num_classes, device=device) if level in ("class", "both") else None
-        self.weight_decay = float(weight_decay)
-        self.wd_sq_avg = 0.0  # running mean of the squared weight-decay meta-gradient ("normalized")
-        self.num_updates = 0
+        # a float64 scalar on the CPU (read as a float; the weight decay's arithmetic is in doubles)
+        self._weight_decay = torch.tensor(float(weight_decay), dtype=torch.float64)
+        self.optimizer = RateSGD(
+            self.instance,
+            self.per_class,
+            self._weight_decay,
+            lr=self.meta_lr,
+            weight_decay_lr=self.meta_wd_lr,
+            scaling=scaling,
+            max_rate=max_rate,
+        )
 
     # ------------------------------------------------------------------ reading
-    def effective(self, indices: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
-        """e_i for a batch (on the labels' device)."""
-        e = torch.ones(labels.shape[0], device=labels.device)
+    @property
+    def weight_decay(self) -> float:
+        return float(self._weight_decay)
+
+    @weight_decay.setter
+    def weight_decay(self, value: float) -> None:
+        self._weight_decay.fill_(float(value))
+
+    @property
+    def wd_sq_avg(self) -> float:
+        """Running mean of the squared weight-decay meta-gradient ("normalized")."""
+        return float(self.optimizer.state[self._weight_decay]["square_avg"])
+
+    @property
+    def num_updates(self) -> int:
+        """Meta updates applied so far."""
+        return int(self.optimizer.state[self._weight_decay]["step"])
+
+    def _lookups(self, indices: torch.Tensor | None, labels: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """(table, keys on its device) of every level that is on: e_i is the product of ``table[keys_i]``."""
+        out = []
         if self.instance is not None:
             if indices is None:
                 raise ValueError("Per-instance rates need the dataset index of every training example.")
-            e = e * self.instance[indices.to(self.instance.device)].to(labels.device)
+            out.append((self.instance, indices.to(self.instance.device)))
         if self.per_class is not None:
-            e = e * self.per_class[labels.to(self.per_class.device)].to(labels.device)
+            out.append((self.per_class, labels.to(self.per_class.device)))
+        return out
+
+    def effective(self, indices: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+        """e_i for a batch (on the labels' device)."""
+        e = torch.ones(labels.shape[0], device=labels.device)
+        for table, keys in self._lookups(indices, labels):
+            e = e * table[keys].to(labels.device)
         return e
 
     def reset(self) -> None:
@@ -89,83 +208,49 @@ class RateTable:
             self.per_class.fill_(1.0)
 
     # ------------------------------------------------------------------ updating
-    def _scaled(self, grad: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor | None:
-        if self.scaling == "raw":
-            return self.meta_lr * grad
-        scale = grad.abs().mean() if scale is None else scale
-        if not torch.isfinite(scale) or scale <= 0:
-            return None
-        return self.meta_lr * grad / scale
-
-    def _clamp(self, t: torch.Tensor) -> torch.Tensor:
-        return t.clamp_(min=0.0, max=self.max_rate) if self.max_rate is not None else t.clamp_(min=0.0)
-
     def update(
         self,
         indices: torch.Tensor | None,
         labels: torch.Tensor,
         example_grad: torch.Tensor,
         weight_decay_grad: float | None = None,
-    ) -> RateUpdate:
-        """Apply ``∂L_meta/∂e_i`` of a (global) batch to the table by the chain rule through e_i.
+    ) -> bool:
+        """Apply ``∂L_meta/∂e_i`` of a (global) batch to the table by the chain rule through e_i; True if applied.
 
-        Returns without touching anything if any gradient is not finite.
+        Returns False without touching anything if any gradient is not finite. The gradients stay in the
+        tables' ``.grad`` until the next update (a rate table's is sparse: one entry per lookup).
         """
         example_grad = example_grad.detach().float()
         finite = bool(torch.isfinite(example_grad).all()) and (
             weight_decay_grad is None or math.isfinite(weight_decay_grad)
         )
         if not finite:
-            return RateUpdate(None, None, None, applied=False)
-        inst_grad = class_grad = None
-        if self.instance is not None:
-            idx = indices.to(self.instance.device)
-            factor = self.per_class[labels.to(self.per_class.device)] if self.per_class is not None else 1.0
-            g_rows = example_grad.to(self.instance.device) * factor
-            # duplicates in a batch (rare) accumulate, as the gradient of a table lookup does
-            grad_table = torch.zeros_like(self.instance).index_add_(0, idx, g_rows)
-            rows = torch.unique(idx)
-            inst_grad = g_rows
-        if self.per_class is not None:
-            lab = labels.to(self.per_class.device)
-            factor = self.instance[indices.to(self.instance.device)] if self.instance is not None else 1.0
-            contrib = example_grad.to(self.per_class.device) * factor
-            class_grad = torch.zeros_like(self.per_class).index_add_(0, lab, contrib)
-            present = torch.unique(lab)
-            # normalized: a class moves by meta_lr times its share of the batch's total |meta-gradient|, so
-            # the class table as a whole moves at most meta_lr per step (not meta_lr per class and step)
-            class_scale = contrib.abs().sum()
-        # apply both levels from the same (pre-update) values
-        if self.instance is not None:
-            step = self._scaled(grad_table[rows])
-            if step is not None:
-                self.instance[rows] = self._clamp(self.instance[rows] - step)
-        if self.per_class is not None:
-            step = self._scaled(class_grad[present], class_scale)
-            if step is not None:
-                self.per_class[present] = self._clamp(self.per_class[present] - step)
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        lookups = self._lookups(indices, labels)
+        # ∂e_i/∂table[keys_i] is the product of the other levels' rates (taken before any of them moves)
+        for table, keys in lookups:
+            g = example_grad.to(table.device)
+            for other, other_keys in lookups:
+                if other is not table:
+                    g = g * other[other_keys]
+            table.grad = _lookup_grad(table, keys, g)
         if self.learn_weight_decay and weight_decay_grad is not None:
-            self._update_weight_decay(weight_decay_grad)
-        self.num_updates += 1
-        return RateUpdate(inst_grad, class_grad, weight_decay_grad, applied=True)
-
-    def _update_weight_decay(self, g: float) -> None:
-        if self.scaling == "raw":
-            self.weight_decay = max(0.0, self.weight_decay - self.meta_wd_lr * g)
-            return
-        beta = 0.99
-        self.wd_sq_avg = beta * self.wd_sq_avg + (1 - beta) * g * g
-        rms = math.sqrt(self.wd_sq_avg / (1 - beta ** (self.num_updates + 1)))
-        if rms > 0:
-            self.weight_decay = self.weight_decay * math.exp(-self.meta_wd_lr * max(-3.0, min(3.0, g / rms)))
+            self._weight_decay.grad = torch.tensor(weight_decay_grad, dtype=torch.float64)
+        self.optimizer.step()
+        return True
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors that make a resumed run continue exactly."""
+        """Tensors that make a resumed run continue exactly: the tables, the weight decay, its optimizer state
+        (``wd_sq_avg``: the running mean of its squared meta-gradient; ``num_updates``: the step count of
+        the bias correction) and ``format_version``."""
+        wd_state = self.optimizer.state[self._weight_decay]
         sd = {
-            "weight_decay": torch.tensor(self.weight_decay, dtype=torch.float64),
-            "wd_sq_avg": torch.tensor(self.wd_sq_avg, dtype=torch.float64),
-            "num_updates": torch.tensor(self.num_updates, dtype=torch.int64),
+            "format_version": torch.tensor(FORMAT_VERSION, dtype=torch.int64),
+            "weight_decay": self._weight_decay.detach().clone(),
+            "wd_sq_avg": wd_state["square_avg"].detach().clone(),
+            "num_updates": wd_state["step"].detach().clone(),
         }
         if self.instance is not None:
             sd["instance"] = self.instance.detach().cpu().clone()
@@ -173,33 +258,45 @@ class RateTable:
             sd["per_class"] = self.per_class.detach().cpu().clone()
         return sd
 
-    def load_state_dict(self, sd: dict[str, torch.Tensor], *, allow_resize: bool = False) -> None:
-        """Restore :meth:`state_dict`. A table of another size is an error unless ``allow_resize``, which
-        keeps the overlapping rows (the first ``min(old, new)`` indices) and leaves the rest at 1."""
+    def load_state_dict(self, sd: Mapping[str, torch.Tensor], *, allow_resize: bool = False) -> None:
+        """Restore :meth:`state_dict`, of this format or v0 (checkpoints written before the table had an
+        optimizer: the same entries, without ``format_version``). A table of another size is an error
+        unless ``allow_resize``, which keeps the overlapping rows (the first ``min(old, new)`` indices) and
+        leaves the rest at 1."""
+        version = int(sd["format_version"]) if "format_version" in sd else 0
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"The checkpoint's rate table has format version {version}; this hf_ddlr reads versions 0 to "
+                f"{FORMAT_VERSION}. Resume with the hf_ddlr that wrote it."
+            )
         for name in ("instance", "per_class"):
-            mine = getattr(self, name)
-            if (mine is None) != (name not in sd):
-                raise ValueError(
-                    f"Checkpoint rate table {name!r} is {'missing' if mine is not None else 'present'} but "
-                    f"lr_level={self.level!r} {'needs' if mine is not None else 'does not use'} it. Resume "
-                    "with the lr_level the checkpoint was trained with."
-                )
-            if mine is None:
-                continue
-            src = sd[name].to(mine.device, mine.dtype)
-            if src.shape != mine.shape:
-                if not allow_resize:
-                    what = "train set" if name == "instance" else "label set"
-                    raise ValueError(
-                        f"The checkpoint's {name} rate table has {src.numel()} entries but this {what} has "
-                        f"{mine.numel()}. Resume on the same data, or set resize_rates_on_resume=True to keep "
-                        "the overlapping rows."
-                    )
-                n = min(src.numel(), mine.numel())
-                mine.fill_(1.0)
-                mine[:n] = src[:n]
-            else:
-                mine.copy_(src)
-        self.weight_decay = float(sd["weight_decay"])
-        self.wd_sq_avg = float(sd["wd_sq_avg"])
-        self.num_updates = int(sd["num_updates"])
+            self._load_table(name, sd, allow_resize)
+        self._weight_decay.fill_(float(sd["weight_decay"]))
+        wd_state = self.optimizer.state[self._weight_decay]
+        wd_state["square_avg"] = sd["wd_sq_avg"].detach().to(torch.float64, copy=True).cpu()
+        wd_state["step"] = sd["num_updates"].detach().to(torch.int64, copy=True).cpu()
+
+    def _load_table(self, name: str, sd: Mapping[str, torch.Tensor], allow_resize: bool) -> None:
+        mine = getattr(self, name)
+        if (mine is None) != (name not in sd):
+            raise ValueError(
+                f"Checkpoint rate table {name!r} is {'missing' if mine is not None else 'present'} but "
+                f"lr_level={self.level!r} {'needs' if mine is not None else 'does not use'} it. Resume "
+                "with the lr_level the checkpoint was trained with."
+            )
+        if mine is None:
+            return
+        src = sd[name].to(mine.device, mine.dtype)
+        if src.shape == mine.shape:
+            mine.copy_(src)
+            return
+        if not allow_resize:
+            what = "train set" if name == "instance" else "label set"
+            raise ValueError(
+                f"The checkpoint's {name} rate table has {src.numel()} entries but this {what} has "
+                f"{mine.numel()}. Resume on the same data, or set resize_rates_on_resume=True to keep "
+                "the overlapping rows."
+            )
+        n = min(src.numel(), mine.numel())
+        mine.fill_(1.0)
+        mine[:n] = src[:n]
