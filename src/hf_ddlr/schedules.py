@@ -128,19 +128,19 @@ class Schedule:
         for a meta step that reuses this forward, what it records: the classification head's input (``head``,
         into ``mb.features``), the layers (``layers``: a LayerTape), the conv / linear outputs (``primals``,
         into ``mb.outputs``)."""
-        model_ref = self.trainer.model
+        unwrapped = self.trainer.model  # ``model`` may be the DDP wrapper; hooks go on the model itself
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         inputs.pop(self.meta.index_column, None)
         box: dict[str, torch.Tensor] = {}
         with contextlib.ExitStack() as stack:
             if head:
-                _, layer = find_output_layer(model_ref, self.trainer.num_labels)
+                _, layer = find_output_layer(unwrapped, self.trainer.num_labels)
                 hook = layer.register_forward_hook(lambda mod, inp, out: box.__setitem__("h", inp[0]))
                 stack.callback(hook.remove)
-            names = {id(p): n for n, p in trainable_params(model_ref).items()} if layers else None
-            tape = stack.enter_context(record_layers(model_ref, names, labels.shape[0])) if layers else None
-            mb.outputs = stack.enter_context(record_outputs(model_ref)) if primals else None
+            names = {id(p): n for n, p in trainable_params(unwrapped).items()} if layers else None
+            tape = stack.enter_context(record_layers(unwrapped, names, labels.shape[0])) if layers else None
+            mb.outputs = stack.enter_context(record_outputs(unwrapped)) if primals else None
             outputs = model(**inputs)
         logits = extract_logits(outputs)
         L = per_example_loss(logits, labels, self.trainer.args.label_smoothing_factor)
