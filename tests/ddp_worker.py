@@ -37,10 +37,13 @@ MAX_STEPS = 6  # 4 steps per epoch at a global batch of 8: crosses an epoch boun
 class _Recording(MetaLRTrainer):
     """Records the dataset rows of every optimizer step's window on this rank."""
 
-    def _begin_window(self, batch_samples):
-        super()._begin_window(batch_samples)
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batch_samples:
+            return batch_samples, num_items
         self.seen_rows = getattr(self, "seen_rows", [])
         self.seen_rows.append(torch.cat([mb.indices for mb in self._window]).tolist())
+        return batch_samples, num_items
 
 
 class _StopAt(TrainerCallback):

@@ -15,7 +15,8 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 import hf_ddlr.meta.engine as engine
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
 from hf_ddlr.meta import MicroBatch, per_example_loss, replay_rng
-from hf_ddlr.meta.layerwise import LayerwiseUnsupported, record_layers, unsupported_reason
+from hf_ddlr.meta.layerwise import LayerwiseCheck, LayerwiseUnsupported, record_layers, unsupported_reason
+from hf_ddlr.schedules import SameStepFused
 
 
 def _bert(dropout: float = 0.1) -> BertForSequenceClassification:
@@ -264,7 +265,7 @@ def test_an_overflowing_first_step_postpones_the_check(tmp_path, monkeypatch, wh
     calls = _count_jvp(monkeypatch)
     first = []
     if where == "lookahead gradient":
-        orig = MetaLRTrainer._fused_lookahead_grad
+        orig = SameStepFused._lookahead_grad
 
         def patched(self, w, L):
             g = orig(self, w, L)
@@ -273,7 +274,7 @@ def test_an_overflowing_first_step_postpones_the_check(tmp_path, monkeypatch, wh
                 g = {n: v + float("inf") for n, v in g.items()}
             return g
 
-        monkeypatch.setattr(MetaLRTrainer, "_fused_lookahead_grad", patched)
+        monkeypatch.setattr(SameStepFused, "_lookahead_grad", patched)
     else:
         orig = engine.meta_loss_gradient
 
@@ -287,8 +288,9 @@ def test_an_overflowing_first_step_postpones_the_check(tmp_path, monkeypatch, wh
         monkeypatch.setattr(engine, "meta_loss_gradient", patched)
     states = []
     t = _text_trainer(tmp_path, layerwise=True)
-    orig_step = t._layerwise_meta_step
-    monkeypatch.setattr(t, "_layerwise_meta_step", lambda *a: (orig_step(*a), states.append(t._layerwise))[0])
+    orig_step = LayerwiseCheck.meta_step
+    monkeypatch.setattr(LayerwiseCheck, "meta_step",
+                        lambda self, *a, **k: (orig_step(self, *a, **k), states.append(t._layerwise))[0])
     t.train()
     assert states[:2] == ["unchecked", "verified"] and t._layerwise == "verified"
     skipped = sum(h.get("meta_skipped_steps", 0) for h in t.state.log_history)

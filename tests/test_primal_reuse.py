@@ -14,7 +14,7 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 import hf_ddlr.meta.engine as engine
-import hf_ddlr.trainer as trainer_mod
+import hf_ddlr.schedules as schedules
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
 from hf_ddlr.meta import frozen_batchnorm, meta_gradients, replay_rng
 from hf_ddlr.meta.primal_reuse import record_outputs
@@ -115,7 +115,7 @@ def test_trainer_reuses_the_real_forward_and_trains_as_without(tmp_path, monkeyp
     assert seen == [["Conv1d", "Linear"]] * 4 and a._layerwise == "off"
     assert all(mb.outputs is None for mb in a._window)  # released after the meta step
     seen.clear()
-    monkeypatch.setattr(trainer_mod, "record_outputs", lambda model: _NoRecording())
+    monkeypatch.setattr(schedules, "record_outputs", lambda model: _NoRecording())
     b = run(tmp_path / "b")
     assert seen == [None] * 4
     for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):

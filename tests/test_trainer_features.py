@@ -17,7 +17,7 @@ from tiny_text import text_data_splits, tiny_bert
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback
 
 import hf_ddlr.meta.engine as engine
-import hf_ddlr.trainer as trainer_mod
+import hf_ddlr.schedules as schedules
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
 from hf_ddlr.trainer import META_STATE_NAME
 from hf_ddlr.trajectory import LRTrajectory
@@ -213,7 +213,7 @@ def test_bf16_meta_gradients_match_fp32(tmp_path):
 
 def _scaled_run(tmp_path, scaler, steps=4):
     seen = []
-    orig = trainer_mod.meta_gradients
+    orig = schedules.meta_gradients
 
     def spy(*a, **k):
         seen.append(k["loss_scale"])
@@ -240,11 +240,11 @@ def _scaled_run(tmp_path, scaler, steps=4):
     )
     if scaler is not None:  # what fp16 on a GPU gives (accelerate ignores fp16 on CPU); set before prepare()
         t.accelerator.scaler = scaler
-    trainer_mod.meta_gradients = spy
+    schedules.meta_gradients = spy
     try:
         t.train()
     finally:
-        trainer_mod.meta_gradients = orig
+        schedules.meta_gradients = orig
     t.seen_loss_scales = seen
     return t
 

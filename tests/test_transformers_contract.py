@@ -5,7 +5,8 @@ MetaLRTrainer overrides, calls and reads members of the Trainer, several of them
 ...), which a transformers release may rename or change without notice. They are listed, with the parameters
 used, in ``hf_ddlr.trainer._TRAINER_MEMBERS_USED``; these tests fail with the member, the expected and the
 installed signature and what to do, before a training run could fail in an obscure way. A second test keeps
-the list complete: a new use of a Trainer member in trainer.py without an entry fails too.
+the list complete: a new use of a Trainer member in trainer.py, or in a module of the package it is built from
+(hf_ddlr.schedules, ...: they reach the Trainer as ``trainer`` / ``self.trainer``), without an entry fails too.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import hf_ddlr.trainer as trainer_mod
 from hf_ddlr import MetaLRTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINER_SOURCE = Path(trainer_mod.__file__).read_text(encoding="utf-8")
 KINDS = {"override", "call", "attribute"}
 
 
@@ -117,20 +117,56 @@ def test_accelerator_members_exist(tmp_path):
         )
 
 
-def _members_used_in_trainer_module() -> set[str]:
-    """Every Trainer member trainer.py touches (super().x, self.x, getattr(self, "x")): the names used there
-    that the Trainer defines or sets, whether MetaLRTrainer overrides them or not."""
-    used = set(re.findall(r"super\(\)\.(\w+)", TRAINER_SOURCE))
-    used |= set(re.findall(r"(?<![\w.])self\.(\w+)", TRAINER_SOURCE))
-    used |= set(re.findall(r"getattr\(self,\s*\"(\w+)\"", TRAINER_SOURCE))
+def _implementation_sources() -> dict[str, str]:
+    """trainer.py and the modules of the package it imports, directly or through one another (relative
+    imports ``from .x import``; hf_ddlr.meta is a package of pure torch and never sees the Trainer)."""
+    package = Path(trainer_mod.__file__).parent
+    todo, sources = [Path(trainer_mod.__file__)], {}
+    while todo:
+        path = todo.pop()
+        if path.name in sources:
+            continue
+        sources[path.name] = path.read_text(encoding="utf-8")
+        for name in re.findall(r"^\s*from \.(\w+) import", sources[path.name], re.M):
+            if (package / f"{name}.py").is_file():
+                todo.append(package / f"{name}.py")
+    return sources
+
+
+def _members_used_in(source: str, is_trainer_module: bool) -> set[str]:
+    """The Trainer members ``source`` touches: through ``trainer`` / ``self.trainer`` (trainer.x,
+    getattr(trainer, "x")) and, in trainer.py, as MetaLRTrainer itself (super().x, self.x, getattr(self, "x")):
+    the names used there that the Trainer defines or sets, whether MetaLRTrainer overrides them or not."""
+    used = set(re.findall(r"(?<![\w.])(?:self\.)?trainer\.(\w+)", source))
+    used |= set(re.findall(r"getattr\((?:self\.)?trainer,\s*\"(\w+)\"", source))
+    if is_trainer_module:
+        used |= set(re.findall(r"super\(\)\.(\w+)", source))
+        used |= set(re.findall(r"(?<![\w.])self\.(\w+)", source))
+        used |= set(re.findall(r"getattr\(self,\s*\"(\w+)\"", source))
     return {n for n in used if _trainer_sets(n)}
+
+
+def _members_used_in_trainer_module() -> dict[str, set[str]]:
+    """For trainer.py and every module it is built from: the Trainer members it uses."""
+    return {name: _members_used_in(src, name == "trainer.py") for name, src in _implementation_sources().items()}
+
+
+def test_the_scan_covers_the_modules_trainer_is_built_from():
+    """The modules the schedules and checkpoints live in are scanned, and a use through ``self.trainer`` or
+    ``getattr(trainer, ...)`` there counts (negative control for the completeness test below)."""
+    assert {"trainer.py", "schedules.py", "_batches.py", "_checkpoint.py"} <= set(_implementation_sources())
+    assert _members_used_in("x = self.trainer.is_world_process_zero()", False) == {"is_world_process_zero"}
+    assert _members_used_in('getattr(trainer, "_train_batch_size", None)', False) == {"_train_batch_size"}
+    assert _members_used_in("self.optimizer", False) == set()  # another object's own attribute
+    assert _members_used_in("self.optimizer", True) == {"optimizer"}
 
 
 def test_every_trainer_member_used_is_in_the_table():
     listed = {name for name, _, _ in trainer_mod._TRAINER_MEMBERS_USED}
-    unlisted = sorted(_members_used_in_trainer_module() - listed)
+    unlisted = {name: sorted(used - listed) for name, used in _members_used_in_trainer_module().items()}
+    unlisted = {name: members for name, members in unlisted.items() if members}
     assert not unlisted, (
-        f"src/hf_ddlr/trainer.py uses Trainer members that _TRAINER_MEMBERS_USED does not list: {unlisted}. "
+        f"src/hf_ddlr uses Trainer members that _TRAINER_MEMBERS_USED does not list: {unlisted}. "
         "Add an entry (member, 'override' | 'call' | 'attribute', parameter names) so that this contract test "
         "checks them against every transformers version."
     )

@@ -20,6 +20,14 @@ LOOKAHEADS = ("optimizer", "sgd")
 SCALINGS = ("normalized", "raw")
 
 
+def _option(default: Any, help_text: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A field of :class:`MetaLROptions` with the help text (and the choices) of its command-line flag."""
+    metadata: dict[str, Any] = {"help": help_text}
+    if choices is not None:
+        metadata["choices"] = list(choices)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class MetaLROptions:
     """The options of the data-dependent learning rates (Saxena, Vyas & DeCoste), without ``TrainingArguments``.
@@ -28,170 +36,146 @@ class MetaLROptions:
     the trainer can read them from an args object of another class (``MetaLRTrainer.meta_args``), and so
     that a project with its own ``TrainingArguments`` subclass can add them as CLI flags by mixing them in:
     ``@dataclass class MyConfig(MetaLROptions, SFTConfig): ...`` (``MetaLROptions`` first).
+
+    The fields are grouped by purpose: what is learned; how the rates move; how the meta-gradient is
+    computed; when the meta step runs; the data it reads; replay and resume.
     """
 
-    lr_level: str = field(
-        default="instance",
-        metadata={
-            "help": "Which learning-rate multipliers to learn: 'instance' (one per training example), 'class' "
-            "(one per label) or 'both' (their product).",
-            "choices": list(LEVELS),
-        },
+    # ---- What is learned
+    lr_level: str = _option(
+        "instance",
+        "Which learning-rate multipliers to learn: 'instance' (one per training example), 'class' "
+        "(one per label) or 'both' (their product).",
+        choices=LEVELS,
     )
-    meta_lr: float = field(
-        default=0.1,
-        metadata={
-            "help": "Step size of the rate update. With meta_lr_scaling='normalized' (default) it is the typical "
-            "change of an instance rate per visit (0.03-0.3 all work) and the largest total change of the class "
-            "rates per step; with 'raw' it multiplies the raw meta-gradient as in the paper and needs tuning "
-            "per model and learning rate."
-        },
+    learn_weight_decay: bool = _option(
+        False,
+        "Learn the weight-decay coefficient by the same meta-gradient (paper §2.3), starting from "
+        "`weight_decay`. The learned value is what the optimizer applies to its decay parameter groups.",
     )
-    meta_lr_scaling: str = field(
-        default="normalized",
-        metadata={
-            "help": "'normalized': divide each level's meta-gradient by its mean absolute value over the batch, "
-            "so meta_lr does not depend on the learning rate, batch size or gradient scale. 'raw': the paper's "
-            "plain SGD on the meta-gradient.",
-            "choices": list(SCALINGS),
-        },
-    )
-    learn_weight_decay: bool = field(
-        default=False,
-        metadata={
-            "help": "Learn the weight-decay coefficient by the same meta-gradient (paper §2.3), starting from "
-            "`weight_decay`. The learned value is what the optimizer applies to its decay parameter groups."
-        },
-    )
-    weight_decay_meta_lr: float = field(
-        default=0.01,
-        metadata={
-            "help": "Step size of the weight-decay update: the largest relative change per step with "
-            "'normalized' scaling (wd moves multiplicatively), the raw SGD step with 'raw' scaling."
-        },
-    )
-    keep_history: bool = field(
-        default=True,
-        metadata={
-            "help": "Keep the learned rates across steps and epochs (the paper's method). False resets them to 1 "
-            "before every meta step: the paper's no-history ablation, close to Learning to Reweight."
-        },
-    )
-    meta_strategy: str = field(
-        default="jvp",
-        metadata={
-            "help": "How the per-example meta-gradients are computed: 'jvp' (forward-mode AD, exact), "
-            "'finite_difference' (exact to ~1e-5 in fp32, cheaper; falls back to jvp under bf16/fp16), "
-            "'exact' (double backward, the Learning-to-Reweight way; the reference) or 'last_layer' "
-            "(closed form on the final linear layer; a cheap proxy).",
-            "choices": list(STRATEGIES),
-        },
-    )
-    layerwise_dots: bool = field(
-        default=True,
-        metadata={
-            "help": "With meta_strategy='jvp', meta_update='same_step' and one micro-batch per step, take the "
-            "dot products and both weighted gradients from the real forward's layer inputs and output "
-            "gradients (one matmul per linear layer) instead of a forward-mode pass and a second backward: the "
-            "same numbers at a lower cost. Applies to models whose trainable parameters all sit in "
-            "nn.Linear / nn.Embedding / nn.LayerNorm layers without BatchNorm (transformers); it is checked "
-            "against forward mode on the first meta step and falls back to forward mode with a warning when "
-            "it does not match. False: always forward mode."
-        },
-    )
-    meta_update: str = field(
-        default="same_step",
-        metadata={
-            "help": "'same_step': the real step uses the freshly updated rates (paper). 'delayed': the real step "
-            "uses the current rates and the meta-gradient is rebuilt from its gradient; the new rates apply "
-            "from the example's next visit (no second backward).",
-            "choices": list(UPDATES),
-        },
-    )
-    meta_interval: int = field(
-        default=1, metadata={"help": "Run a meta step every k optimizer steps; rates are held in between."}
-    )
-    meta_batch_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Meta-set examples per meta step and device. Default: the examples per optimizer step and "
-            "device (per_device_train_batch_size x gradient_accumulation_steps). A meta set smaller than this is "
-            "used whole at every meta step."
-        },
-    )
-    lookahead: str = field(
-        default="optimizer",
-        metadata={
-            "help": "'optimizer' (default): the lookahead is the real optimizer's next iterate — the gradient "
-            "clipped to max_grad_norm as the Trainer does, then momentum SGD, or Adam/AdamW with this step's "
-            "second moment held constant in the derivatives, so the meta-gradient is preconditioned like the "
-            "real update. 'sgd': the paper's plain-SGD lookahead at the current learning rate (no clipping, no "
-            "momentum); with the Trainer's default clipping its step is often many times the real one and the "
-            "meta-gradient then mostly measures that overshoot (docs/robustness.md).",
-            "choices": list(LOOKAHEADS),
-        },
-    )
-    meta_grad_average: float = field(
-        default=0.97,
-        metadata={
-            "help": "Compare every example's gradient with an exponential moving average (this factor) of the "
-            "meta-loss gradient over recent meta steps instead of this step's value alone. The per-step value "
-            "is noisy in ways unrelated to any example (the meta batch is a small sample; at a real learning "
-            "rate the lookahead overshoots along the sharpest directions, with a sign that alternates from step "
-            "to step); the average keeps the persistent direction. Costs one parameter-sized fp32 buffer. 0: "
-            "the paper's per-step meta-gradient. The default 0.97 averages over ~30 meta steps "
-            "(docs/robustness.md).",
-        },
-    )
-    meta_dropout: bool = field(
-        default=False,
-        metadata={
-            "help": "Evaluate the meta loss with dropout active. Default False: the meta loss is a held-out "
-            "validation loss and is computed like one (dropout and other train-only randomness off; BatchNorm "
-            "still uses batch statistics like the real step), which gives a less noisy meta-gradient and skips "
-            "the dropout masks' cost. The training-batch passes always replay the real step's dropout."
-        },
-    )
-    max_rate: float | None = field(
-        default=None, metadata={"help": "Optional upper bound for every rate (rates are always clamped at 0)."}
-    )
-    index_column: str = field(
-        default="sample_index",
-        metadata={
-            "help": "Column holding each training example's row index (added when missing). Kept for training "
-            "batches only and never passed to the model."
-        },
-    )
-    fd_epsilon: float = field(
-        default=3e-6,
-        metadata={
-            "help": "Relative step of meta_strategy='finite_difference': eps = fd_epsilon * |theta| / |T|. "
-            "Measured on a CIFAR ResNet-18 (ReLU kinks make truncation error dominate): cosine with the exact "
-            "meta-gradient 0.99998 at 3e-6, 0.99993 at 1e-5, 0.9998 at 3e-5; rounding dominates below 1e-6."
-        },
-    )
-    replay_trajectory: str | None = field(
-        default=None,
-        metadata={
-            "help": "Hub repo id or local folder of a learned LR trajectory to replay instead of learning rates "
-            "(no meta set needed). The train set must match the trajectory's size and fingerprint."
-        },
-    )
-    check_fingerprint: bool = field(
-        default=True,
-        metadata={
-            "help": "With replay_trajectory: refuse a train set whose datasets fingerprint differs from the one "
-            "the trajectory was learned on. False replays anyway when you know the rows are the same (e.g. "
-            "the data was rebuilt by other code); a different size is always refused."
-        },
+    max_rate: float | None = _option(
+        None,
+        "Optional upper bound for every rate (rates are always clamped at 0).",
     )
 
-    resize_rates_on_resume: bool = field(
-        default=False,
-        metadata={
-            "help": "When resuming onto a train set of another size, keep the overlapping rows of the instance "
-            "table instead of failing."
-        },
+    # ---- How the rates move: the step sizes and scaling of their update
+    meta_lr: float = _option(
+        0.1,
+        "Step size of the rate update. With meta_lr_scaling='normalized' (default) it is the typical "
+        "change of an instance rate per visit (0.03-0.3 all work) and the largest total change of the class "
+        "rates per step; with 'raw' it multiplies the raw meta-gradient as in the paper and needs tuning "
+        "per model and learning rate.",
+    )
+    meta_lr_scaling: str = _option(
+        "normalized",
+        "'normalized': divide each level's meta-gradient by its mean absolute value over the batch, "
+        "so meta_lr does not depend on the learning rate, batch size or gradient scale. 'raw': the paper's "
+        "plain SGD on the meta-gradient.",
+        choices=SCALINGS,
+    )
+    weight_decay_meta_lr: float = _option(
+        0.01,
+        "Step size of the weight-decay update: the largest relative change per step with "
+        "'normalized' scaling (wd moves multiplicatively), the raw SGD step with 'raw' scaling.",
+    )
+
+    # ---- How the meta-gradient is computed
+    meta_strategy: str = _option(
+        "jvp",
+        "How the per-example meta-gradients are computed: 'jvp' (forward-mode AD, exact), "
+        "'finite_difference' (exact to ~1e-5 in fp32, cheaper; falls back to jvp under bf16/fp16), "
+        "'exact' (double backward, the Learning-to-Reweight way; the reference) or 'last_layer' "
+        "(closed form on the final linear layer; a cheap proxy).",
+        choices=STRATEGIES,
+    )
+    layerwise_dots: bool = _option(
+        True,
+        "With meta_strategy='jvp', meta_update='same_step' and one micro-batch per step, take the "
+        "dot products and both weighted gradients from the real forward's layer inputs and output "
+        "gradients (one matmul per linear layer) instead of a forward-mode pass and a second backward: the "
+        "same numbers at a lower cost. Applies to models whose trainable parameters all sit in "
+        "nn.Linear / nn.Embedding / nn.LayerNorm layers without BatchNorm (transformers); it is checked "
+        "against forward mode on the first meta step and falls back to forward mode with a warning when "
+        "it does not match. False: always forward mode.",
+    )
+    lookahead: str = _option(
+        "optimizer",
+        "'optimizer' (default): the lookahead is the real optimizer's next iterate — the gradient "
+        "clipped to max_grad_norm as the Trainer does, then momentum SGD, or Adam/AdamW with this step's "
+        "second moment held constant in the derivatives, so the meta-gradient is preconditioned like the "
+        "real update. 'sgd': the paper's plain-SGD lookahead at the current learning rate (no clipping, no "
+        "momentum); with the Trainer's default clipping its step is often many times the real one and the "
+        "meta-gradient then mostly measures that overshoot (docs/robustness.md).",
+        choices=LOOKAHEADS,
+    )
+    meta_grad_average: float = _option(
+        0.97,
+        "Compare every example's gradient with an exponential moving average (this factor) of the "
+        "meta-loss gradient over recent meta steps instead of this step's value alone. The per-step value "
+        "is noisy in ways unrelated to any example (the meta batch is a small sample; at a real learning "
+        "rate the lookahead overshoots along the sharpest directions, with a sign that alternates from step "
+        "to step); the average keeps the persistent direction. Costs one parameter-sized fp32 buffer. 0: "
+        "the paper's per-step meta-gradient. The default 0.97 averages over ~30 meta steps "
+        "(docs/robustness.md).",
+    )
+    meta_dropout: bool = _option(
+        False,
+        "Evaluate the meta loss with dropout active. Default False: the meta loss is a held-out "
+        "validation loss and is computed like one (dropout and other train-only randomness off; BatchNorm "
+        "still uses batch statistics like the real step), which gives a less noisy meta-gradient and skips "
+        "the dropout masks' cost. The training-batch passes always replay the real step's dropout.",
+    )
+    fd_epsilon: float = _option(
+        3e-6,
+        "Relative step of meta_strategy='finite_difference': eps = fd_epsilon * |theta| / |T|. "
+        "Measured on a CIFAR ResNet-18 (ReLU kinks make truncation error dominate): cosine with the exact "
+        "meta-gradient 0.99998 at 3e-6, 0.99993 at 1e-5, 0.9998 at 3e-5; rounding dominates below 1e-6.",
+    )
+
+    # ---- When the meta step runs and what it starts from
+    meta_update: str = _option(
+        "same_step",
+        "'same_step': the real step uses the freshly updated rates (paper). 'delayed': the real step "
+        "uses the current rates and the meta-gradient is rebuilt from its gradient; the new rates apply "
+        "from the example's next visit (no second backward).",
+        choices=UPDATES,
+    )
+    meta_interval: int = _option(1, "Run a meta step every k optimizer steps; rates are held in between.")
+    keep_history: bool = _option(
+        True,
+        "Keep the learned rates across steps and epochs (the paper's method). False resets them to 1 "
+        "before every meta step: the paper's no-history ablation, close to Learning to Reweight.",
+    )
+
+    # ---- Data: the meta batch and the index column
+    meta_batch_size: int | None = _option(
+        None,
+        "Meta-set examples per meta step and device. Default: the examples per optimizer step and "
+        "device (per_device_train_batch_size x gradient_accumulation_steps). A meta set smaller than this is "
+        "used whole at every meta step.",
+    )
+    index_column: str = _option(
+        "sample_index",
+        "Column holding each training example's row index (added when missing). Kept for training "
+        "batches only and never passed to the model.",
+    )
+
+    # ---- Replay and resume
+    replay_trajectory: str | None = _option(
+        None,
+        "Hub repo id or local folder of a learned LR trajectory to replay instead of learning rates "
+        "(no meta set needed). The train set must match the trajectory's size and fingerprint.",
+    )
+    check_fingerprint: bool = _option(
+        True,
+        "With replay_trajectory: refuse a train set whose datasets fingerprint differs from the one "
+        "the trajectory was learned on. False replays anyway when you know the rows are the same (e.g. "
+        "the data was rebuilt by other code); a different size is always refused.",
+    )
+    resize_rates_on_resume: bool = _option(
+        False,
+        "When resuming onto a train set of another size, keep the overlapping rows of the instance "
+        "table instead of failing.",
     )
 
     def __post_init__(self) -> None:

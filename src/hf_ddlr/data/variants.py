@@ -246,40 +246,16 @@ def make_variant(
     docstring (``img``, ``label``, ``coarse_label``, ``clean_label``, ``is_noisy``, ``sample_index``,
     ``source_index``).
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}.")
-    _check_noise(noise_rate, noise_mode)
-    if variant == "clean" and _has_noise(noise_rate):
-        raise ValueError(
-            f"variant='clean' takes no label noise (got noise_rate={noise_rate}); use variant='noisy'."
-        )
-    if variant != "superclass" and superclass is not None:
-        raise ValueError(
-            f"superclass={superclass!r} is only used by variant='superclass' (got variant={variant!r})."
-        )
+    _check_variant(variant, noise_rate, noise_mode, superclass)
     fine = _check_input(dataset_dict)
     train, test = _flat(dataset_dict["train"]), _flat(dataset_dict["test"])
     train_fine = np.asarray(train["fine_label"], dtype=np.int64)
     test_fine = np.asarray(test["fine_label"], dtype=np.int64)
 
-    test_rows = np.arange(len(test))
     if variant == "superclass":
-        if superclass is None:
-            raise ValueError("variant='superclass' needs superclass=<coarse class name or id>.")
-        if "coarse_label" not in train.column_names or "coarse_label" not in test.column_names:
-            raise ValueError(
-                "variant='superclass' needs a 'coarse_label' ClassLabel column in train and test; this dataset "
-                f"has {train.column_names}. Add one (see hf_ddlr.data.load_embedded for a grouping) or use 'clean'."
-            )
-        coarse = _class_label(train, "coarse_label", "the train split")
-        target = resolve_superclass(coarse, superclass)
-        train_coarse = np.asarray(train["coarse_label"], dtype=np.int64)
-        meta_classes = np.unique(train_fine[train_coarse == target])
-        test_rows = np.flatnonzero(np.asarray(test["coarse_label"], dtype=np.int64) == target)
-        if len(meta_classes) == 0 or len(test_rows) == 0:
-            raise ValueError(f"superclass {coarse.names[target]!r} has no examples in train or test.")
+        meta_classes, test_rows = _superclass_rows(train, test, train_fine, superclass)
     else:
-        meta_classes = np.arange(fine.num_classes)
+        meta_classes, test_rows = np.arange(fine.num_classes), np.arange(len(test))
 
     meta_rows = _balanced_holdout(train_fine, meta_classes, meta_size, seed, fine)
     train_rows = np.setdiff1d(np.arange(len(train)), meta_rows)
@@ -295,6 +271,44 @@ def make_variant(
         meta=_build_split(train, meta_rows, train_fine[meta_rows], train_fine[meta_rows], meta_rows, fine),
         test=_build_split(test, test_rows, test_fine[test_rows], test_fine[test_rows], test_rows, fine),
     )
+
+
+def _check_variant(
+    variant: str, noise_rate: float | Sequence[float], noise_mode: str, superclass: str | int | None
+) -> None:
+    """Refuse a variant that does not exist or options it does not take."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}.")
+    _check_noise(noise_rate, noise_mode)
+    if variant == "clean" and _has_noise(noise_rate):
+        raise ValueError(
+            f"variant='clean' takes no label noise (got noise_rate={noise_rate}); use variant='noisy'."
+        )
+    if variant != "superclass" and superclass is not None:
+        raise ValueError(
+            f"superclass={superclass!r} is only used by variant='superclass' (got variant={variant!r})."
+        )
+
+
+def _superclass_rows(
+    train: datasets.Dataset, test: datasets.Dataset, train_fine: np.ndarray, superclass: str | int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The "superclass" variant's fine classes of the meta split and its test rows (those of the coarse class)."""
+    if superclass is None:
+        raise ValueError("variant='superclass' needs superclass=<coarse class name or id>.")
+    if "coarse_label" not in train.column_names or "coarse_label" not in test.column_names:
+        raise ValueError(
+            "variant='superclass' needs a 'coarse_label' ClassLabel column in train and test; this dataset "
+            f"has {train.column_names}. Add one (see hf_ddlr.data.load_embedded for a grouping) or use 'clean'."
+        )
+    coarse = _class_label(train, "coarse_label", "the train split")
+    target = resolve_superclass(coarse, superclass)
+    train_coarse = np.asarray(train["coarse_label"], dtype=np.int64)
+    meta_classes = np.unique(train_fine[train_coarse == target])
+    test_rows = np.flatnonzero(np.asarray(test["coarse_label"], dtype=np.int64) == target)
+    if len(meta_classes) == 0 or len(test_rows) == 0:
+        raise ValueError(f"superclass {coarse.names[target]!r} has no examples in train or test.")
+    return meta_classes, test_rows
 
 
 def _balanced_holdout(

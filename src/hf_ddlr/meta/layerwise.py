@@ -19,15 +19,23 @@ against forward mode on its first step (:func:`unsupported_reason` lists what is
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerTape", "LayerwiseUnsupported", "record_layers", "unsupported_reason"]
+from .distributed import all_ranks_true, all_reduce_mean_
+
+__all__ = ["LayerTape", "LayerwiseCheck", "LayerwiseUnsupported", "compare_grads", "record_layers",
+           "unsupported_reason"]
+
+logger = logging.getLogger(__name__)
 
 _LAYERS = (nn.Linear, nn.Embedding, nn.LayerNorm)
 
@@ -226,3 +234,97 @@ def record_layers(model: nn.Module, names: Mapping[int, str], batch: int) -> Ite
     finally:
         for h in handles:
             h.remove()
+
+
+def compare_grads(got: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor], tol: float) -> str | None:
+    """Why ``got`` differs from ``ref`` beyond ``tol`` (relative, per tensor, with a floor for ~zero tensors)."""
+    floor = 1e-3 * max(float(r.float().norm()) for r in ref.values())
+    for n, r in ref.items():
+        err = float((got[n].float() - r.float()).norm())
+        if not err <= tol * (float(r.float().norm()) + floor):
+            return f"the per-layer gradient of '{n}' differs from autograd's by {err:.3g} (norm {float(r.norm()):.3g})"
+    return None
+
+
+class LayerwiseCheck:
+    """Whether a training run's meta steps take their dots and weighted gradients from a :class:`LayerTape`:
+    a state machine, one per run, the same on every process.
+
+    - ``"unchecked"``: until a step has been checked. The first step a tape can serve (one micro-batch,
+      forward-mode strategy) runs both the tape and the references (autograd's lookahead gradient, forward
+      mode's dots) and compares them; a step whose values overflow (as early fp16 steps do) does not count.
+    - ``"verified"``: the check passed on every process; later steps use the tape alone.
+    - ``"off"``: the model is not supported (seen statically, a forward that cannot be decomposed, or a failed
+      check on any process): forward mode for the rest of the run.
+    """
+
+    def __init__(self) -> None:
+        self.state = "unchecked"
+
+    def applies(self, model: nn.Module, gradient_checkpointing: bool) -> bool:
+        """Whether this step's meta step should record a tape (the static check runs until a step is checked)."""
+        if self.state == "off":
+            return False
+        if self.state == "unchecked":
+            reason = unsupported_reason(model)
+            checkpointing = gradient_checkpointing or any(
+                getattr(m, "gradient_checkpointing", False) is True for m in model.modules()
+            )
+            if reason is None and checkpointing:
+                reason = "gradient checkpointing recomputes the layers during the backward"
+            if reason is not None:
+                self._turn_off(reason, warn=False)
+                return False
+        return True
+
+    def _turn_off(self, reason: str, warn: bool) -> None:
+        self.state = "off"
+        msg = f"meta_strategy='jvp' uses forward mode for this model: {reason}."
+        if warn:
+            warnings.warn(msg + " (layerwise_dots=False skips this check.)", stacklevel=4)
+        else:
+            logger.info(msg)
+
+    def meta_step(
+        self, tape: LayerTape, losses: torch.Tensor, coef: torch.Tensor, params: Mapping[str, nn.Parameter], *,
+        loss_scale: float, half: bool, device: Any, reference: Callable[[], Mapping[str, torch.Tensor]],
+        run: Callable[[dict[str, torch.Tensor], float | None], Any],
+    ) -> bool:
+        """The meta step from the recorded layers; False when they cannot serve (nothing was done then, and the
+        real forward's graph is intact). ``coef``: the weights of the lookahead gradient ``Σ coef_i ∇L_i``;
+        ``reference()``: that gradient by autograd (for the check); ``run(grads, check)``: the meta step with
+        the tape's lookahead gradient, checking its dots against forward mode at cosine ``check`` (None: no
+        check); it returns the :class:`~hf_ddlr.meta.MetaGradients`."""
+        check = self.state == "unchecked"
+        problem = None
+        try:
+            tape.backward(losses, loss_scale, retain_graph=check)
+        except LayerwiseUnsupported as e:
+            problem = str(e)
+        if check and not all_ranks_true(problem is None, device):  # every rank takes the same path
+            self._turn_off(problem or "the recorded forward could not be decomposed on another process", warn=True)
+            return False
+        grads = None
+        if problem is None:
+            got = tape.weighted_grads(coef)
+            grads = {n: got[n] if n in got else torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+            all_reduce_mean_(list(grads.values()))
+            if check:
+                ref = reference()
+                if not all(bool(torch.isfinite(r).all()) for r in ref.values()):
+                    return False  # an fp16 overflow (the same on every rank): this step has no check; next one
+                problem = compare_grads(grads, ref, 2e-2 if half else 1e-3)
+        if check and not all_ranks_true(problem is None, device):
+            self._turn_off(problem or "the check failed on another process", warn=True)
+            return False
+        if problem is not None:  # a later step that cannot be decomposed (e.g. an unusual batch)
+            self._turn_off(problem, warn=True)
+            return False
+        res = run(grads, (0.999 if half else 0.9999) if check else None)
+        if check and all_ranks_true(res.finite, device):  # (non-finite: skipped; checked next step)
+            if all_ranks_true(res.layerwise_mismatch is None, device):
+                self.state = "verified"
+                logger.info("meta_strategy='jvp': per-layer products match forward mode; using them.")
+            else:
+                self._turn_off(res.layerwise_mismatch or "the check failed on another process", warn=True)
+        return True

@@ -7,6 +7,8 @@ construction time with a message naming the field.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
@@ -23,8 +25,20 @@ def _check_common(num_channels: int, dropout_rate: float) -> None:
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}.")
 
 
+class _ListFields:
+    """Stores the list-valued fields named in ``_list_fields`` (tuples by default) as lists, the type a config
+    has after a JSON round trip, so that saved and reloaded configs compare equal."""
+
+    _list_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self, **kwargs):
+        for name in self._list_fields:
+            setattr(self, name, list(getattr(self, name)))
+        super().__post_init__(**kwargs)
+
+
 @strict
-class CifarResNetConfig(PreTrainedConfig):
+class CifarResNetConfig(_ListFields, PreTrainedConfig):
     """CIFAR ResNet (He et al. 2016, the variant with a 3x3 stem and no max-pool, as in the paper, section 3.2).
 
     Defaults give ResNet-18: ``depths=[2, 2, 2, 2]`` basic blocks at widths ``base_width * (1, 2, 4, 8)``
@@ -38,9 +52,7 @@ class CifarResNetConfig(PreTrainedConfig):
     depths: list[int] | tuple[int, ...] = (2, 2, 2, 2)
     dropout_rate: float = 0.0
 
-    def __post_init__(self, **kwargs):
-        self.depths = list(self.depths)
-        super().__post_init__(**kwargs)
+    _list_fields = ("depths",)
 
     def validate_architecture(self):
         """Reject non-positive widths/depths and dropout outside [0, 1)."""
@@ -53,7 +65,7 @@ class CifarResNetConfig(PreTrainedConfig):
 
 
 @strict
-class CifarVGGConfig(PreTrainedConfig):
+class CifarVGGConfig(_ListFields, PreTrainedConfig):
     """CIFAR VGG (Simonyan & Zisserman 2015) with batch norm; defaults give VGG-16-BN.
 
     ``stage_channels[i]`` is the width of the ``stage_depths[i]`` 3x3 convs of stage ``i``; every
@@ -70,10 +82,7 @@ class CifarVGGConfig(PreTrainedConfig):
     batch_norm: bool = True
     dropout_rate: float = 0.0
 
-    def __post_init__(self, **kwargs):
-        self.stage_channels = list(self.stage_channels)
-        self.stage_depths = list(self.stage_depths)
-        super().__post_init__(**kwargs)
+    _list_fields = ("stage_channels", "stage_depths")
 
     def validate_architecture(self):
         """Stages need matching channel/depth lists of positive integers."""
@@ -113,7 +122,7 @@ class WideResNetConfig(PreTrainedConfig):
 
 
 @strict
-class SmallCNNConfig(PreTrainedConfig):
+class SmallCNNConfig(_ListFields, PreTrainedConfig):
     """A small CNN for the offline demo (28x28 MNIST, 8x8 digits): [conv3x3-BN-ReLU-maxpool2] x len(channels) + linear.
 
     ``image_size`` is the (square) input size the flattening classifier is sized for; each stage
@@ -127,9 +136,7 @@ class SmallCNNConfig(PreTrainedConfig):
     channels: list[int] | tuple[int, ...] = (32, 64)
     dropout_rate: float = 0.0
 
-    def __post_init__(self, **kwargs):
-        self.channels = list(self.channels)
-        super().__post_init__(**kwargs)
+    _list_fields = ("channels",)
 
     def validate_architecture(self):
         """The input must survive ``len(channels)`` halvings."""

@@ -1,0 +1,88 @@
+"""The meta step's batches, built from what the Trainer gives: the micro-batches of a training window
+(:class:`~hf_ddlr.meta.MicroBatch`, keyed to their rows' rates) and the meta batch of a meta step
+(:class:`~hf_ddlr.meta.MetaBatch`, drawn from the meta set prepared the way the Trainer prepares its train set).
+
+The Trainer is reached as ``trainer`` / ``self.trainer`` so that tests/test_transformers_contract.py sees the
+uses of its members.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .meta import MetaBatch, MicroBatch
+
+if TYPE_CHECKING:
+    from .trainer import MetaLRTrainer
+
+__all__ = ["MetaSetSampler", "step_seed", "to_microbatch"]
+
+
+def step_seed(trainer: MetaLRTrainer, kind: int, k: int = 0) -> int:
+    """A seed for this optimizer step, process and use (``kind`` 0: micro-batch ``k``'s dropout replay,
+    1: drawing the meta batch, 2: the meta batch's passes)."""
+    return (
+        trainer.args.seed * 1_000_003
+        + trainer.state.global_step * 7_919
+        + k * 104_729
+        + kind * 86_028_121
+        + trainer.args.process_index * 15_485_863
+    ) % (2**62)
+
+
+def to_microbatch(trainer: MetaLRTrainer, raw: Mapping[str, Any], k: int) -> MicroBatch:
+    """Micro-batch ``k`` of the window, on the device, without its index column and labels among the model's
+    inputs. Its ``weights`` are left unset: the schedule sets them for the whole window (``Schedule._refresh``)."""
+    col = trainer.meta_args.index_column
+    if col not in raw:
+        raise KeyError(
+            f"The training batch has no '{col}' column. If the train set uses set_transform, return "
+            f"'{col}' from the transform (it is added to the dataset automatically)."
+        )
+    batch = trainer._prepare_inputs(dict(raw))
+    idx = batch.pop(col)
+    labels = batch.pop("labels", None)
+    if labels is None:
+        raise KeyError("The training batch has no 'labels'; per-example learning rates need labels.")
+    return MicroBatch(batch, labels, None, seed=step_seed(trainer, kind=0, k=k), indices=idx)
+
+
+class MetaSetSampler:
+    """The meta set, prepared on first use as the Trainer prepares its train set (columns the model does not
+    take removed, or dropped at collation for a torch dataset), and one meta batch per meta step."""
+
+    def __init__(self, trainer: MetaLRTrainer, dataset: Any) -> None:
+        self.trainer, self.dataset = trainer, dataset
+        self._prepared: tuple[Any, Any] | None = None  # (dataset, collate function)
+
+    def _prepare(self) -> tuple[Any, Any]:
+        if self._prepared is None:
+            ds, collate = self.dataset, self.trainer.data_collator
+            if hasattr(ds, "column_names"):
+                if self.trainer.args.remove_unused_columns:
+                    ds = self.trainer._remove_unused_columns(ds, description="Meta")
+            else:  # a torch dataset: drop the keys the model does not take at collation, as the Trainer does
+                collate = self.trainer._get_collator_with_removed_columns(self.trainer.data_collator, description="Meta")
+            self._prepared = ds, collate
+        return self._prepared
+
+    def sample(self) -> MetaBatch:
+        """This step's meta batch: ``meta_batch_size`` examples drawn without replacement (the whole set when it
+        is smaller), collated and on the device."""
+        trainer, meta = self.trainer, self.trainer.meta_args
+        ds, collate = self._prepare()
+        # default: the micro-batches of one optimizer step (_train_batch_size follows auto_find_batch_size)
+        per_device = getattr(trainer, "_train_batch_size", None) or trainer.args.per_device_train_batch_size
+        m = meta.meta_batch_size or per_device * trainer.args.gradient_accumulation_steps
+        g = torch.Generator().manual_seed(step_seed(trainer, kind=1))
+        # a meta set smaller than the meta batch is used whole (drawing with replacement would only add noise)
+        idx = torch.randperm(len(ds), generator=g)[:m] if m <= len(ds) else torch.arange(len(ds))
+        batch = trainer._prepare_inputs(collate([ds[int(i)] for i in idx]))
+        batch.pop(meta.index_column, None)
+        labels = batch.pop("labels", None)
+        if labels is None:
+            labels = batch.pop("label")
+        return MetaBatch(batch, labels, seed=step_seed(trainer, kind=2), dropout=meta.meta_dropout)

@@ -1,0 +1,101 @@
+"""The meta state in checkpoints: the rate table and the meta-gradient average saved next to the optimizer,
+loaded back on resume (with the trajectory, cut at the resumed step) and with the best model.
+
+The Trainer is reached as ``trainer`` so that tests/test_transformers_contract.py sees the uses of its members.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import TYPE_CHECKING
+
+import safetensors.torch
+from transformers.utils import logging
+
+from ._recording import meta_settings
+from .meta.averaging import MetaGradientAverage
+from .trajectory import TRAJECTORY_TENSORS_NAME, LRTrajectory
+
+if TYPE_CHECKING:
+    from .trainer import MetaLRTrainer
+
+logger = logging.get_logger("hf_ddlr.trainer")
+
+__all__ = ["META_GRAD_AVERAGE_NAME", "META_STATE_NAME", "load_best_meta_state", "load_meta_state",
+           "save_meta_state"]
+
+META_STATE_NAME = "meta_state.safetensors"
+META_GRAD_AVERAGE_NAME = "meta_grad_average.safetensors"
+
+
+def save_meta_state(trainer: MetaLRTrainer, output_dir: str) -> None:
+    """Write the rates (and the running average of the meta gradient) into checkpoint ``output_dir``."""
+    safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in trainer.rates.state_dict().items()},
+        os.path.join(output_dir, META_STATE_NAME),
+    )
+    if trainer._meta_grad_average is not None:
+        safetensors.torch.save_file(
+            trainer._meta_grad_average.state_dict(), os.path.join(output_dir, META_GRAD_AVERAGE_NAME)
+        )
+
+
+def load_best_meta_state(trainer: MetaLRTrainer) -> None:
+    """``load_best_model_at_end``: the rates and the trajectory go back to the best checkpoint too, so that
+    ``trainer.rates``, ``save_model`` and ``push_to_hub`` describe the model that is kept."""
+    best = trainer.state.best_model_checkpoint
+    if not best or not os.path.isfile(os.path.join(best, META_STATE_NAME)):
+        return
+    trainer.rates.load_state_dict(safetensors.torch.load_file(os.path.join(best, META_STATE_NAME)))
+    if os.path.isfile(os.path.join(best, TRAJECTORY_TENSORS_NAME)):
+        trainer.lr_trajectory = LRTrajectory.from_pretrained(best)
+    logger.info(f"Loaded the rates and LR trajectory of the best checkpoint {best} with its model.")
+
+
+def load_meta_state(trainer: MetaLRTrainer, checkpoint: str) -> None:
+    """Resume: the rates, the meta-gradient average and the trajectory of ``checkpoint`` (each missing file
+    is warned about: the run is then not an exact continuation)."""
+    path = os.path.join(checkpoint, META_STATE_NAME)
+    if not os.path.isfile(path):
+        warnings.warn(
+            f"{path} is missing: the learned rates restart from 1 (the checkpoint was not written by "
+            "MetaLRTrainer, or with save_only_model=True). Training is not an exact continuation.",
+            stacklevel=3,
+        )
+        return
+    trainer.rates.load_state_dict(
+        safetensors.torch.load_file(path), allow_resize=trainer.meta_args.resize_rates_on_resume
+    )
+    # (the optimizer gets the loaded weight decay with the first window's rates, before its first step)
+    avg_path = os.path.join(checkpoint, META_GRAD_AVERAGE_NAME)
+    if trainer._meta_grad_average is not None:
+        if os.path.isfile(avg_path):
+            trainer._meta_grad_average.load_state_dict(safetensors.torch.load_file(avg_path), trainer.args.device)
+        else:  # empty, as the warning says (a second train() would otherwise carry its first run's average)
+            trainer._meta_grad_average = MetaGradientAverage(trainer.meta_args.meta_grad_average)
+            warnings.warn(
+                f"{avg_path} is missing (a checkpoint written without meta_grad_average): the running average "
+                "of the meta gradient starts again from this step. Training is not an exact continuation.",
+                stacklevel=3,
+            )
+    if os.path.isfile(os.path.join(checkpoint, TRAJECTORY_TENSORS_NAME)):
+        _resume_trajectory(trainer, checkpoint)
+
+
+def _resume_trajectory(trainer: MetaLRTrainer, checkpoint: str) -> None:
+    loaded = LRTrajectory.from_pretrained(checkpoint)
+    loaded.truncate(trainer.state.global_step, drop_partial_epoch=True)
+    # the trajectory now describes this run (its schedule may be longer than the checkpointed one's)
+    loaded.config = {**loaded.config, **meta_settings(trainer)}
+    n_old, n_new = loaded.dataset.get("num_examples"), trainer.lr_trajectory.dataset.get("num_examples")
+    if n_old != n_new:  # only reachable with resize_rates_on_resume=True (the rate table raised otherwise)
+        warnings.warn(
+            f"Resuming onto a train set of {n_new} examples from a checkpoint trained on {n_old}: the "
+            "trajectory keeps its per-step history and class rates but drops the old instance-rate "
+            "snapshots and now describes the new train set.",
+            stacklevel=4,
+        )
+        loaded.dataset, loaded.noise_mask = trainer.lr_trajectory.dataset, trainer.lr_trajectory.noise_mask
+        loaded._instance = []
+    trainer.lr_trajectory = loaded

@@ -1,0 +1,123 @@
+"""What :class:`~hf_ddlr.MetaLRTrainer` records of the meta step: the values that go to the Trainer's logs
+(:class:`MetaLog`) and the learned LR trajectory (:class:`TrajectoryRecorder`, with the settings it stores).
+
+The Trainer is reached as ``trainer`` / ``self.trainer`` so that tests/test_transformers_contract.py sees the
+uses of its members.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from transformers import TrainerCallback
+from transformers.utils import logging
+
+from .meta import RateTable
+from .trajectory import LRTrajectory
+
+if TYPE_CHECKING:
+    from .trainer import MetaLRTrainer
+
+logger = logging.get_logger("hf_ddlr.trainer")
+
+__all__ = ["MetaLog", "TrajectoryRecorder", "meta_settings", "new_trajectory"]
+
+_META_KEYS = ("lr_level", "meta_lr", "meta_lr_scaling", "learn_weight_decay", "weight_decay_meta_lr", "keep_history",
+              "meta_strategy", "meta_update", "meta_interval", "meta_batch_size", "lookahead", "meta_grad_average",
+              "meta_dropout", "max_rate")
+_TRAIN_KEYS = ("learning_rate", "weight_decay", "max_grad_norm", "optim", "lr_scheduler_type",
+               "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps", "seed")
+
+
+class MetaLog:
+    """The meta step's values: of the current optimizer step (its learning rate and meta loss, for the
+    trajectory) and summed since the last log line (mean meta loss, skipped steps, for ``log_history``)."""
+
+    def __init__(self, learning_rate: float) -> None:
+        self.step_lr = float(learning_rate)
+        self.step_meta_loss: float | None = None
+        self._meta_loss_sum, self._meta_steps, self._skipped = 0.0, 0, 0
+
+    def begin_step(self, lr: float) -> None:
+        self.step_lr, self.step_meta_loss = lr, None
+
+    def record(self, meta_loss: float) -> None:
+        """A meta step that updated the rates."""
+        self.step_meta_loss = meta_loss
+        self._meta_loss_sum += meta_loss
+        self._meta_steps += 1
+
+    def record_skipped(self, step: int, meta_loss: float) -> None:
+        """A meta step whose meta loss or gradient was not finite (the rates were left unchanged)."""
+        self._skipped += 1
+        logger.warning(
+            f"Step {step}: the meta loss or its gradient is not finite "
+            f"(meta loss {meta_loss}); the rates are left unchanged for this step."
+        )
+
+    def metrics(self, rates: RateTable) -> dict[str, float]:
+        """Scalar summaries since the last call (the sums start again) and of the current rates."""
+        m: dict[str, float] = {}
+        if self._meta_steps:
+            m["meta_loss"] = round(self._meta_loss_sum / self._meta_steps, 6)
+        if self._skipped:
+            m["meta_skipped_steps"] = self._skipped
+        self._meta_loss_sum, self._meta_steps, self._skipped = 0.0, 0, 0
+        for name, t in (("rate", rates.instance), ("class_rate", rates.per_class)):
+            if t is not None:
+                m[f"{name}_mean"] = float(t.mean())
+                m[f"{name}_min"] = float(t.min())
+                m[f"{name}_max"] = float(t.max())
+                m[f"{name}_zero_frac"] = float((t <= 1e-6).float().mean())
+        m["meta_weight_decay"] = float(rates.weight_decay)
+        return m
+
+
+def meta_settings(trainer: MetaLRTrainer) -> dict[str, Any]:
+    """The run's settings stored with its trajectory (meta options, the training arguments that shape it)."""
+    out = {k: getattr(trainer.meta_args, k) for k in _META_KEYS}
+    out.update({k: getattr(trainer.args, k) for k in _TRAIN_KEYS})
+    out["optim"] = str(out["optim"].value if hasattr(out["optim"], "value") else out["optim"])
+    out["lr_scheduler_type"] = str(getattr(out["lr_scheduler_type"], "value", out["lr_scheduler_type"]))
+    out["mode"] = "replay" if trainer.replay is not None else "learn"
+    out["meta_set_size"] = len(trainer.meta_dataset) if trainer.meta_dataset is not None else None
+    return out
+
+
+def new_trajectory(trainer: MetaLRTrainer, train_dataset: Any) -> LRTrajectory:
+    """An empty trajectory for a run on ``train_dataset`` (the set as given, without the index column)."""
+    traj = LRTrajectory.for_dataset(
+        train_dataset, config=meta_settings(trainer),
+        model_name=getattr(getattr(trainer.model, "config", None), "_name_or_path", None) or None,
+    )
+    if traj.label_names is None and trainer.rates.per_class is not None:
+        traj.label_names = [str(c) for c in range(trainer.num_labels)]
+    return traj
+
+
+class TrajectoryRecorder(TrainerCallback):
+    """Feeds :attr:`MetaLRTrainer.lr_trajectory`: per-step LR / weight decay / meta loss and class rates,
+    instance rates at the start and at every epoch end."""
+
+    def __init__(self, trainer: MetaLRTrainer) -> None:
+        self.trainer = trainer
+
+    def _snapshot(self, state, instance: bool) -> None:
+        t, rates = self.trainer.lr_trajectory, self.trainer.rates
+        if rates.per_class is not None:
+            t.record_class_rates(state.global_step, state.epoch or 0.0, rates.per_class)
+        if instance and rates.instance is not None:
+            t.record_instance_rates(state.global_step, state.epoch or 0.0, rates.instance)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer.lr_trajectory.num_steps == 0 and state.global_step == 0:
+            self._snapshot(state, instance=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer, log = self.trainer, self.trainer._meta_log
+        wd = trainer.rates.weight_decay if trainer.meta_args.learn_weight_decay else args.weight_decay
+        trainer.lr_trajectory.record_step(state.global_step, state.epoch or 0.0, log.step_lr, wd, log.step_meta_loss)
+        self._snapshot(state, instance=False)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._snapshot(state, instance=True)

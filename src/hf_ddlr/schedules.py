@@ -1,0 +1,332 @@
+"""How one optimizer step of :class:`~hf_ddlr.MetaLRTrainer` runs: one class per schedule of the meta step.
+
+The Trainer drives a step through three hooks; each hands it to the schedule resolved when ``train()``
+starts (:func:`schedule_for`):
+
+- ``get_batch_samples`` → :meth:`Schedule.begin_window`: the step's micro-batches are known; their example
+  weights ``e_i`` are set (and the optimizer's weight decay);
+- ``training_step`` → :meth:`Schedule.loss` (from ``compute_loss``): a micro-batch's forward and weighted loss
+  ``Σ e_i L_i / N_window``, which the Trainer's backward differentiates;
+- ``training_step``, after that backward → :meth:`Schedule.after_backward`.
+
+The schedules differ in where the meta step (:meth:`MetaStepSchedule._meta_step`) runs:
+
+- :class:`SameStepFused` (``meta_update="same_step"``, one micro-batch per step: the default): inside the
+  micro-batch's loss, between its real forward and its backward, reusing that forward;
+- :class:`SameStepWindow` (``"same_step"`` with several micro-batches per step, or ``meta_strategy="exact"``):
+  when the window begins, on functional passes of its own;
+- :class:`Delayed` (``meta_update="delayed"``): after the window's last backward, from the real gradient; the
+  new rates apply from the next step;
+- :class:`Replay` (``replay_trajectory``): none; the rates are the recorded ones.
+
+The Trainer is reached as ``self.trainer`` so that tests/test_transformers_contract.py sees the uses of its
+members.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._batches import to_microbatch
+from .meta import MetaGradients, MicroBatch, find_output_layer, meta_gradients, per_example_loss
+from .meta.distributed import all_gather_varlen, all_ranks_true, all_reduce_mean_
+from .meta.layerwise import LayerTape, record_layers
+from .meta.passes import extract_logits
+from .meta.primal_reuse import record_outputs
+
+if TYPE_CHECKING:
+    from .trainer import MetaLRTrainer
+
+__all__ = ["Delayed", "MetaStepSchedule", "Replay", "SameStepFused", "SameStepWindow", "Schedule", "schedule_for"]
+
+
+def schedule_for(trainer: MetaLRTrainer) -> Schedule:
+    """The schedule of this run (resolved once, when ``train()`` starts)."""
+    meta = trainer.meta_args
+    if trainer.replay is not None:
+        return Replay(trainer)
+    if meta.meta_update == "delayed":
+        return Delayed(trainer)
+    if meta.meta_strategy == "exact":  # the exact strategy rebuilds the lookahead graph: it cannot reuse a forward
+        return SameStepWindow(trainer)
+    return SameStepFused(trainer)
+
+
+def trainable_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+class Schedule:
+    """What every schedule shares: the window of the current optimizer step, its weights and the micro-batches'
+    forwards. Subclasses say where the meta step runs."""
+
+    def __init__(self, trainer: MetaLRTrainer) -> None:
+        self.trainer = trainer
+        self.meta = trainer.meta_args
+        self.window: list[MicroBatch] = []
+        self.current: MicroBatch | None = None  # the micro-batch whose training_step is running
+        self.normalizer = 1.0  # N_window: the examples of the window on this process
+        self.due = False  # whether this step runs a meta step
+        self._next = 0
+
+    # ---------------------------------------------------------------- the hooks
+    def begin_window(self, batches: list[Mapping[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, inputs: Mapping[str, Any], mb: MicroBatch) -> tuple[torch.Tensor, Any]:
+        """The weighted loss of ``mb`` at the weights set for the window, and the model's outputs."""
+        outputs, L, _ = self._forward(model, inputs, mb)
+        return self._weighted(mb.weights.detach(), L), outputs
+
+    def after_backward(self, mb: MicroBatch) -> None:
+        """Called when the backward of ``mb``'s real step is done."""
+
+    def next_micro_batch(self) -> MicroBatch:
+        if self._next >= len(self.window):
+            raise RuntimeError("training_step was called outside the Trainer's loop; use trainer.train().")
+        self._next += 1
+        return self.window[self._next - 1]
+
+    @contextlib.contextmanager
+    def running(self, mb: MicroBatch) -> Iterator[None]:
+        """``mb``'s training_step (its ``compute_loss`` is then the weighted loss of :meth:`loss`)."""
+        self.current = mb
+        try:
+            yield
+        finally:
+            self.current = None
+
+    # ---------------------------------------------------------------- shared steps
+    def _meta_step_due(self) -> bool:
+        return self.trainer.state.global_step % self.meta.meta_interval == 0
+
+    def _open(self, batches: list[Mapping[str, Any]]) -> None:
+        """The window of this step: its micro-batches, with their weights at the current rates."""
+        self.trainer._meta_log.begin_step(lr=float(self.trainer.optimizer.param_groups[0]["lr"]))
+        self.window = [to_microbatch(self.trainer, b, k) for k, b in enumerate(batches)]
+        self._next = 0
+        self.normalizer = float(sum(mb.labels.shape[0] for mb in self.window))
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """The current rates into the real step: the window's weights ``e_i`` and the optimizer's weight decay
+        (the one place where either is set)."""
+        for mb in self.window:
+            mb.weights = self.trainer.rates.effective(mb.indices, mb.labels)
+        self.trainer._apply_weight_decay()
+
+    def _forward(
+        self, model: torch.nn.Module, inputs: Mapping[str, Any], mb: MicroBatch, *, head: bool = False,
+        layers: bool = False, primals: bool = False,
+    ) -> tuple[Any, torch.Tensor, LayerTape | None]:
+        """The real forward of ``mb``: the outputs, the per-example losses ``L_i`` (kept in ``mb.losses``) and,
+        for a meta step that reuses this forward, what it records: the classification head's input (``head``,
+        into ``mb.features``), the layers (``layers``: a LayerTape), the conv / linear outputs (``primals``,
+        into ``mb.outputs``)."""
+        unwrapped = self.trainer.model  # ``model`` may be the DDP wrapper; hooks go on the model itself
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        inputs.pop(self.meta.index_column, None)
+        box: dict[str, torch.Tensor] = {}
+        with contextlib.ExitStack() as stack:
+            if head:
+                _, layer = find_output_layer(unwrapped, self.trainer.num_labels)
+                hook = layer.register_forward_hook(lambda mod, inp, out: box.__setitem__("h", inp[0]))
+                stack.callback(hook.remove)
+            names = {id(p): n for n, p in trainable_params(unwrapped).items()} if layers else None
+            tape = stack.enter_context(record_layers(unwrapped, names, labels.shape[0])) if layers else None
+            mb.outputs = stack.enter_context(record_outputs(unwrapped)) if primals else None
+            outputs = model(**inputs)
+        logits = extract_logits(outputs)
+        L = per_example_loss(logits, labels, self.trainer.args.label_smoothing_factor)
+        mb.losses = L.detach()
+        if "h" in box:
+            mb.features = (box["h"].detach(), logits.detach())
+        return outputs, L, tape
+
+    def _weighted(self, w: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+        """``Σ e_i L_i / N_window``: this micro-batch's share of the window's weighted mean loss."""
+        return (w.to(L.dtype) * L).sum() / self.normalizer
+
+
+class Replay(Schedule):
+    """``replay_trajectory``: every step applies the rates (and weight decay) a learned run recorded for it."""
+
+    def begin_window(self, batches: list[Mapping[str, Any]]) -> None:
+        self.trainer._set_replayed_rates()
+        self._open(batches)
+
+
+class MetaStepSchedule(Schedule):
+    """A schedule that learns the rates: the meta step and what it needs."""
+
+    def __init__(self, trainer: MetaLRTrainer) -> None:
+        super().__init__(trainer)
+        self.strategy = self.meta.meta_strategy
+        if self.strategy == "finite_difference" and (trainer.args.bf16 or trainer.args.fp16):
+            warnings.warn(
+                "meta_strategy='finite_difference' is unreliable in half precision (the perturbation drowns "
+                "in rounding); using 'jvp' instead.",
+                stacklevel=3,
+            )
+            self.strategy = "jvp"
+
+    def _forget_history(self) -> None:
+        """``keep_history=False`` (the no-history ablation): the meta step starts from rates 1."""
+        if not self.meta.keep_history:
+            self.trainer.rates.reset()
+
+    def _loss_scale(self) -> float:
+        """The fp16 GradScaler's current scale (1 otherwise): the meta passes run on scaled losses too."""
+        scaler = getattr(self.trainer.accelerator, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+    def _meta_step(
+        self, grads: dict[str, torch.Tensor] | None = None, tape: LayerTape | None = None, check: float | None = None,
+    ) -> MetaGradients:
+        """∂L_meta/∂e_i for the window (:func:`~hf_ddlr.meta.meta_gradients`; ``grads``: the lookahead gradient
+        when already known, ``tape``/``check``: see there), then the rates' update, the same on every process.
+        A non-finite result is skipped on every process."""
+        trainer, args, meta = self.trainer, self.trainer.args, self.meta
+        model = trainer.model
+        model.train()
+        params = trainable_params(model)
+        specs = trainer._lookahead_specs(params)
+        res = meta_gradients(
+            model, params, self.window, trainer._meta_set.sample(), specs,
+            weight_decay=trainer.rates.weight_decay if meta.learn_weight_decay else args.weight_decay,
+            normalizer=self.normalizer, strategy=self.strategy, grads=grads,
+            label_smoothing=args.label_smoothing_factor, fd_eps=meta.fd_epsilon, loss_scale=self._loss_scale(),
+            num_labels=trainer.num_labels, layer_tape=tape, check_layer_tape=check,
+            # the optimizer-aware lookahead clips like the real step; the paper's plain-SGD one does not
+            max_grad_norm=args.max_grad_norm if meta.lookahead == "optimizer" else None,
+            average=trainer._meta_grad_average, weight_decay_grad_needed=meta.learn_weight_decay,
+        )
+        if not all_ranks_true(res.finite, args.device):  # every rank skips together (no hanging gather)
+            trainer._meta_log.record_skipped(trainer.state.global_step, res.meta_loss)
+            return res
+        idx = all_gather_varlen(torch.cat([mb.indices for mb in self.window]))
+        labels = all_gather_varlen(torch.cat([mb.labels for mb in self.window]))
+        grad = all_gather_varlen(res.example_grad.to(labels.device))
+        trainer.rates.update(idx, labels, grad, res.weight_decay_grad)
+        trainer._meta_log.record(res.meta_loss)
+        trainer.last_meta_gradients = res
+        return res
+
+
+class SameStepWindow(MetaStepSchedule):
+    """``meta_update="same_step"`` with several micro-batches per step (or ``meta_strategy="exact"``): the meta
+    step runs when the window begins, on functional passes over all its micro-batches; every micro-batch's
+    real step then uses the updated rates."""
+
+    def begin_window(self, batches: list[Mapping[str, Any]]) -> None:
+        self.due = self._meta_step_due()
+        if self.due:
+            self._forget_history()
+        self._open(batches)  # the weights at the current rates: the lookahead step's
+        if self.due and not self._fused():
+            self._meta_step()
+            self._refresh()  # the real step uses the updated rates
+
+    def _fused(self) -> bool:
+        """Whether this step's meta step runs inside the loss of its micro-batch (see SameStepFused)."""
+        return False
+
+
+class SameStepFused(SameStepWindow):
+    """``meta_update="same_step"`` with one micro-batch per step (the default; also the last, shorter window of
+    an epoch under gradient accumulation): the meta step runs inside the micro-batch's loss, between its real
+    forward and its backward. The lookahead gradient is ``autograd.grad`` on the real forward's retained
+    graph, and the backward then uses the freshly updated weights: one forward fewer than a meta step on its
+    own. The forward-mode pass takes its conv / linear primal values from this forward; on models the
+    per-layer products serve (``layerwise_dots``, :class:`~hf_ddlr.meta.layerwise.LayerwiseCheck`), they
+    replace the forward-mode pass and the second backward altogether. A window of several micro-batches
+    runs as in :class:`SameStepWindow`."""
+
+    def _fused(self) -> bool:
+        return self.due and len(self.window) == 1
+
+    def loss(self, model: torch.nn.Module, inputs: Mapping[str, Any], mb: MicroBatch) -> tuple[torch.Tensor, Any]:
+        if not self._fused():
+            return super().loss(model, inputs, mb)
+        trainer, check = self.trainer, self.trainer._layerwise_check
+        w = mb.weights.detach()
+        layers = (self.meta.layerwise_dots and self.strategy == "jvp"
+                  and check.applies(trainer.model, trainer.args.gradient_checkpointing))
+        outputs, L, tape = self._forward(model, inputs, mb, head=self.strategy == "last_layer", layers=layers,
+                                         primals=not layers and self.strategy == "jvp")
+        from_tape = tape is not None and check.meta_step(
+            tape, L, w / self.normalizer, trainable_params(trainer.model), loss_scale=self._loss_scale(),
+            half=bool(trainer.args.bf16 or trainer.args.fp16), device=trainer.args.device,
+            reference=lambda: self._lookahead_grad(w, L),
+            run=lambda grads, cos: self._meta_step(grads=grads, tape=tape, check=cos),
+        )
+        if not from_tape:
+            self._meta_step(grads=self._lookahead_grad(w, L))
+        mb.outputs = None  # the recorded primal values are released with the meta step
+        self._refresh()
+        w = mb.weights
+        if from_tape and check.state == "verified":
+            return self._loss_from_tape(tape, w, L), outputs
+        return self._weighted(w, L), outputs
+
+    def _lookahead_grad(self, w: torch.Tensor, L: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """(1/N) Σ e_i ∇L_i from the real forward's graph (kept for the real backward), averaged over ranks."""
+        if self.strategy == "last_layer":
+            return None  # the closed form needs only the head's input, captured during the forward
+        params = trainable_params(self.trainer.model)
+        scale = self._loss_scale()
+        total = (w.to(L.dtype) * L).sum() * (scale / self.normalizer)
+        gs = torch.autograd.grad(total, list(params.values()), retain_graph=True, allow_unused=True)
+        grads = {n: (g / scale if g is not None else torch.zeros_like(p)) for (n, p), g in zip(params.items(), gs)}
+        all_reduce_mean_(list(grads.values()))
+        return grads
+
+    def _loss_from_tape(self, tape: LayerTape, w: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+        """A loss whose gradient is the real step's ``Σ e_i ∇L_i / N``, assembled from the recorded layers (no
+        second backward through the model), and whose value is the weighted loss (what the Trainer logs)."""
+        G = tape.weighted_grads(w / self.normalizer)
+        params = trainable_params(self.trainer.model)
+        S = sum((params[n] * g.to(params[n].dtype)).sum() for n, g in G.items())
+        return (S - S.detach()) + (w.to(L.dtype) * L.detach()).sum() / self.normalizer
+
+
+class Delayed(MetaStepSchedule):
+    """``meta_update="delayed"``: the real step uses the current rates; after the window's last backward the
+    meta step reuses the real gradient (no lookahead backward of its own), and its rates apply from the next
+    step (an example's next visit)."""
+
+    def begin_window(self, batches: list[Mapping[str, Any]]) -> None:
+        self.due = self._meta_step_due()
+        self._open(batches)
+
+    def loss(self, model: torch.nn.Module, inputs: Mapping[str, Any], mb: MicroBatch) -> tuple[torch.Tensor, Any]:
+        outputs, L, _ = self._forward(model, inputs, mb, head=self.strategy == "last_layer")
+        return self._weighted(mb.weights.detach(), L), outputs
+
+    def after_backward(self, mb: MicroBatch) -> None:
+        if not (self.due and mb is self.window[-1]):
+            return
+        grads = self._real_gradient()
+        self._forget_history()
+        self._meta_step(grads=grads)
+
+    def _real_gradient(self) -> dict[str, torch.Tensor]:
+        """The window's accumulated ``.grad``, unscaled. The meta step only reads it, so fp32 gradients at scale 1
+        are passed as they are: a copy would cost a full gradient's worth of memory at the step's peak."""
+        scale = self._loss_scale()
+
+        def real_grad(p: torch.Tensor) -> torch.Tensor:
+            if p.grad is None:
+                return torch.zeros_like(p)
+            g = p.grad.detach()
+            if scale == 1.0 and g.dtype == torch.float32:
+                return g
+            return g.float() / scale
+
+        return {n: real_grad(p) for n, p in trainable_params(self.trainer.model).items()}
