@@ -452,3 +452,37 @@ def test_resume_with_the_average_is_bit_exact_and_needs_its_file(tmp_path):
     a, b = _state(straight), _state(broken)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------------------------------------- span in epochs
+def _span_run(tmp_path, name: str, **kw) -> MetaLRTrainer:
+    torch.manual_seed(0)
+    args = MetaLRConfig(output_dir=str(tmp_path / name), **COMMON, optim="sgd", learning_rate=0.3,
+                        per_device_train_batch_size=8, num_train_epochs=2, save_strategy="no", lr_level="both", **kw)
+    t = MetaLRTrainer(model=TinyMLP(hidden=12), args=args, train_dataset=make_split(64, seed=11),
+                      meta_dataset=make_split(8, seed=12))
+    t.train()
+    return t
+
+
+@pytest.mark.parametrize(
+    ("extra", "beta"),
+    [({}, 0.75),  # 64 examples / batch 8 = 8 meta steps per epoch; half an epoch = 4 steps
+     ({"gradient_accumulation_steps": 2}, 0.5),  # 4 optimizer steps per epoch
+     ({"meta_interval": 2}, 0.5)],  # 4 meta steps per epoch
+)
+def test_a_span_in_epochs_is_the_factor_that_averages_over_that_many_meta_steps(tmp_path, extra, beta):
+    spanned = _span_run(tmp_path, "span", meta_grad_average_epochs=0.5, **extra)
+    assert spanned._meta_grad_average.beta == pytest.approx(beta)
+    # the same run with the factor given directly (independent of the span arithmetic) ends identically
+    direct = _span_run(tmp_path, "direct", meta_grad_average=beta, **extra)
+    a, b = state_of(spanned), state_of(direct)
+    assert a.keys() == b.keys()
+    for k in a:  # bit-equal (NaN marks the steps without a meta step under meta_interval)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, equal_nan=True, msg=k)
+    assert not torch.equal(spanned.rates.instance, _span_run(tmp_path, "default", **extra).rates.instance)
+
+
+def test_config_rejects_a_non_positive_span(tmp_path):
+    with pytest.raises(ValueError, match="meta_grad_average_epochs must be > 0"):
+        MetaLRConfig(output_dir=str(tmp_path), **COMMON, meta_grad_average_epochs=0.0)

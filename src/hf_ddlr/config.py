@@ -118,6 +118,14 @@ class MetaLROptions:
         "the paper's per-step meta-gradient. The default 0.97 averages over ~30 meta steps "
         "(docs/robustness.md).",
     )
+    meta_grad_average_epochs: float | None = _option(
+        None,
+        "Set the average's span in epochs instead of a fixed factor: the factor becomes "
+        "1 - meta_interval / (this x optimizer steps per epoch), so the average covers the same share of the "
+        "data whatever the train-set and batch sizes (0.5: half an epoch, which on 60 steps per epoch is the "
+        "default 0.97 and on a 21-step epoch 0.9). Overrides meta_grad_average when set. Off by default; "
+        "docs/robustness.md has the measurement.",
+    )
     meta_dropout: bool = _option(
         False,
         "Evaluate the meta loss with dropout active. Default False: the meta loss is a held-out "
@@ -210,6 +218,10 @@ def check_meta_options(opts: Any, weight_decay: float | None = None) -> None:
         raise ValueError(
             f"meta_grad_average must be in [0, 1), got {opts.meta_grad_average}: it is the factor of a moving "
             "average (0 turns it off)."
+        )
+    if opts.meta_grad_average_epochs is not None and not opts.meta_grad_average_epochs > 0:
+        raise ValueError(
+            f"meta_grad_average_epochs must be > 0 (a span in epochs) or None, got {opts.meta_grad_average_epochs}."
         )
     if opts.meta_interval < 1:
         raise ValueError(f"meta_interval must be a positive integer, got {opts.meta_interval}.")

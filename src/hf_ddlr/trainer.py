@@ -212,6 +212,9 @@ class MetaLRTrainer(Trainer):
             self._init_meta(self.num_labels)
         self._has_trained = True
         self._schedule = schedule_for(self) if self._meta_active else None
+        if self._meta_active and self.meta_args.meta_grad_average_epochs:
+            meta_steps = self.meta_args.meta_grad_average_epochs * self._steps_per_epoch() / self.meta_args.meta_interval
+            self._meta_grad_average.beta = max(0.0, 1.0 - 1.0 / meta_steps)
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     @property
@@ -286,7 +289,8 @@ class MetaLRTrainer(Trainer):
             max_rate=meta.max_rate,
             device=args.device,
         )
-        self._meta_grad_average = MetaGradientAverage(meta.meta_grad_average) if meta.meta_grad_average else None
+        beta = 0.5 if meta.meta_grad_average_epochs else meta.meta_grad_average  # a span in epochs: set by train()
+        self._meta_grad_average = MetaGradientAverage(beta) if beta else None
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-window mean; the Trainer divides by GA
         self._meta_set = MetaSetSampler(self, self.meta_dataset)
         self._meta_log = MetaLog(args.learning_rate)
