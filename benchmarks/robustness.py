@@ -15,8 +15,8 @@ clean meta split, which rows are corrupted, the initialisation and the data orde
     python benchmarks/robustness.py --metalr_args meta_grad_average=0.9 --output_dir outputs/robustness_b09
 
 ``--metalr_args key=value ...`` measures a variant of the defaults (the same options for every cell) into its
-own ``--output_dir``; the plain and oracle runs are taken from benchmarks/results/robustness.json where they
-are current, so a variant costs only its MetaLR runs.
+own ``--output_dir``. With any --output_dir other than benchmarks/results the plain and oracle runs are taken
+from benchmarks/results/robustness.json where they are current, so a variant costs only its MetaLR runs.
 
 Writes robustness.md (table + summary), robustness.json (every run; a rerun skips the runs already there,
 unless --force or the cell / MetaLR defaults changed) and robustness_auroc.png to --output_dir
@@ -268,13 +268,17 @@ def _loss_metrics(trainer: Trainer, train, noisy: np.ndarray) -> dict:
             "loss_noisy": float(loss[noisy].mean()) if noisy.any() else float("nan")}
 
 
-def _rate_metrics(trainer: MetaLRTrainer, noisy: np.ndarray) -> dict:
-    """AUROC / means of the learned instance rates (NaN if the defaults ever stop learning instance rates)."""
+def _rate_metrics(trainer: MetaLRTrainer, noisy: np.ndarray, labels: np.ndarray) -> dict:
+    """AUROC / means of the learned instance rates (NaN if the defaults ever stop learning instance rates), and
+    the AUROC within each training label averaged over labels: rates also move whole labels up or down toward
+    the meta set's class balance, which the pooled AUROC counts against them."""
     if trainer.rates.instance is None:
         return {"rate_auroc": float("nan"), "rate_clean": float("nan"), "rate_noisy": float("nan")}
     r = trainer.rates.instance.detach().cpu().double().numpy()
+    within = [_auroc(~noisy[labels == c], r[labels == c]) for c in np.unique(labels)]
     return {"rate_auroc": _auroc(~noisy, r), "rate_clean": float(r[~noisy].mean()),
-            "rate_noisy": float(r[noisy].mean()) if noisy.any() else float("nan")}
+            "rate_noisy": float(r[noisy].mean()) if noisy.any() else float("nan"),
+            "rate_auroc_within_label": float(np.nanmean(within)) if not np.isnan(within).all() else float("nan")}
 
 
 def run_cell(cell: Cell | str, seed: int, method: str, quick: bool = False, data=None) -> dict:
@@ -308,7 +312,7 @@ def run_cell(cell: Cell | str, seed: int, method: str, quick: bool = False, data
         logits, y = _predict(trainer, ds["test"])
         out["test_accuracy"] = float((logits.argmax(1) == y).mean())
         if method == "metalr":
-            out.update(_rate_metrics(trainer, noisy))
+            out.update(_rate_metrics(trainer, noisy, np.asarray(train["label"])))
         elif method == "plain":
             out.update(_loss_metrics(trainer, ds["train"], noisy))
     out["wall_s"] = time.time() - t0
@@ -388,8 +392,9 @@ def render(stats: dict[str, dict], summ: dict, command: str) -> str:
     lines = [f"`{command}` — {what}: "
              + ", ".join(f"{k}={v}" for k, v in metalr_defaults().items()), "",
              "(the table holds every run in robustness.json whose cell and defaults are current)", "",
-             "| cell | noisy | seeds | plain acc | MetaLR acc | oracle acc | rate AUROC | loss AUROC (plain) | "
-             "mean rate clean / noisy | train time plain / MetaLR / oracle (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| cell | noisy | seeds | plain acc | MetaLR acc | oracle acc | rate AUROC | rate AUROC within label | "
+             "loss AUROC (plain) | mean rate clean / noisy | train time plain / MetaLR / oracle (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, by in stats.items():
         t = " / ".join(f"{_mean(by[m], 'train_s'):.0f}" if by[m] else "–" for m in METHODS)
         rates = f"{_mean(by['metalr'], 'rate_clean'):.2f} / {_mean(by['metalr'], 'rate_noisy'):.2f}" if by["metalr"] else "–"
@@ -397,7 +402,7 @@ def render(stats: dict[str, dict], summ: dict, command: str) -> str:
         noisy = f"{np.mean([r['n_noisy'] / r['n_train'] for r in full]):.0%}" if full else "–"
         acc = " | ".join(_ms(by[m], "test_accuracy") for m in ("plain", "metalr", "oracle"))
         lines.append(f"| {name} | {noisy} | {len(by['metalr'])} | {acc} | {_ms(by['metalr'], 'rate_auroc')} | "
-                     f"{_ms(by['plain'], 'loss_auroc')} | {rates} | {t} |")
+                     f"{_ms(by['metalr'], 'rate_auroc_within_label')} | {_ms(by['plain'], 'loss_auroc')} | {rates} | {t} |")
     f, g, lo = summ["frac_metalr_ge_plain"], summ["mean_acc_gain_noisy_cells"], summ["min_rate_auroc"]
     lines += ["", "**Summary**", "",
               f"- MetaLR test accuracy ≥ plain in {'–' if f is None else f'{f:.0%}'} of {summ['paired_runs']} paired runs",
@@ -481,9 +486,10 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, "robustness.json")
     runs, t0 = load_runs(json_path), time.time()
-    if OVERRIDES:  # a variant reuses the current plain / oracle runs of the defaults' matrix
+    main_dir = os.path.join(HERE, "results")
+    if not a.quick and os.path.abspath(out_dir) != os.path.abspath(main_dir):  # reuse the matrix's plain / oracle
         have = {_key(r) for r in runs}
-        runs += [r for r in load_runs(os.path.join(HERE, "results", "robustness.json"))
+        runs += [r for r in load_runs(os.path.join(main_dir, "robustness.json"))
                  if r["method"] != "metalr" and _key(r) not in have]
     done = {_key(r): r["fingerprint"] for r in runs}
     for cell in cells:
