@@ -63,6 +63,16 @@ def _snapshot_table(store: str, doc: str) -> property:
                     else torch.zeros(0, 0), doc=doc)
 
 
+def _count_records(store: str, doc: str) -> property:
+    """A read-only ``int``: how many records ``store`` holds."""
+    return property(lambda self: len(getattr(self, store)), doc=doc)
+
+
+def _any_records(store: str, doc: str) -> property:
+    """A read-only ``bool``: whether ``store`` holds any record."""
+    return property(lambda self: bool(getattr(self, store)), doc=doc)
+
+
 def _snapshots(tensors: Mapping[str, torch.Tensor], prefix: str) -> list[tuple[int, float, torch.Tensor]]:
     """The ``(step, epoch, rates)`` records of stored ``{prefix}_steps/_epochs/_rates`` tensors."""
     steps, epochs = tensors[f"{prefix}_steps"].tolist(), tensors[f"{prefix}_epochs"].tolist()
@@ -279,25 +289,11 @@ class LRTrajectory:
     instance_steps = _snapshot_column("_instance", 0, torch.int64, "Optimizer step of each instance snapshot.")
     instance_epochs = _snapshot_column("_instance", 1, torch.float64, "Epoch of each instance-rate snapshot.")
 
-    @property
-    def has_class_rates(self) -> bool:
-        return bool(self._class)
-
-    @property
-    def has_instance_rates(self) -> bool:
-        return bool(self._instance)
-
-    @property
-    def num_steps(self) -> int:
-        return len(self._steps)
-
-    @property
-    def num_class_snapshots(self) -> int:
-        return len(self._class)
-
-    @property
-    def num_instance_snapshots(self) -> int:
-        return len(self._instance)
+    has_class_rates = _any_records("_class", "Whether class-rate snapshots were recorded (``lr_level`` class/both).")
+    has_instance_rates = _any_records("_instance", "Whether instance-rate snapshots were recorded (instance/both).")
+    num_steps = _count_records("_steps", "How many optimizer steps were recorded.")
+    num_class_snapshots = _count_records("_class", "How many class-rate snapshots were recorded.")
+    num_instance_snapshots = _count_records("_instance", "How many instance-rate snapshots were recorded.")
 
     @property
     def final_class_rates(self) -> torch.Tensor | None:
