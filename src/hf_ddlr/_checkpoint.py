@@ -73,7 +73,7 @@ def load_meta_state(trainer: MetaLRTrainer, checkpoint: str) -> None:
         if os.path.isfile(avg_path):
             trainer._meta_grad_average.load_state_dict(safetensors.torch.load_file(avg_path), trainer.args.device)
         else:  # empty, as the warning says (a second train() would otherwise carry its first run's average)
-            trainer._meta_grad_average = MetaGradientAverage(trainer.meta_args.meta_grad_average)
+            trainer._meta_grad_average = MetaGradientAverage(trainer._meta_grad_average.beta)
             warnings.warn(
                 f"{avg_path} is missing (a checkpoint written without meta_grad_average): the running average "
                 "of the meta gradient starts again from this step. Training is not an exact continuation.",
@@ -84,18 +84,7 @@ def load_meta_state(trainer: MetaLRTrainer, checkpoint: str) -> None:
 
 
 def _resume_trajectory(trainer: MetaLRTrainer, checkpoint: str) -> None:
-    loaded = LRTrajectory.from_pretrained(checkpoint)
-    loaded.truncate(trainer.state.global_step, drop_partial_epoch=True)
-    # the trajectory now describes this run (its schedule may be longer than the checkpointed one's)
-    loaded.config = {**loaded.config, **meta_settings(trainer)}
-    n_old, n_new = loaded.dataset.get("num_examples"), trainer.lr_trajectory.dataset.get("num_examples")
-    if n_old != n_new:  # only reachable with resize_rates_on_resume=True (the rate table raised otherwise)
-        warnings.warn(
-            f"Resuming onto a train set of {n_new} examples from a checkpoint trained on {n_old}: the "
-            "trajectory keeps its per-step history and class rates but drops the old instance-rate "
-            "snapshots and now describes the new train set.",
-            stacklevel=4,
-        )
-        loaded.dataset, loaded.noise_mask = trainer.lr_trajectory.dataset, trainer.lr_trajectory.noise_mask
-        loaded._instance = []
-    trainer.lr_trajectory = loaded
+    """The trajectory now describes this run (its schedule may be longer than the checkpointed one's)."""
+    trainer.lr_trajectory = trainer.lr_trajectory.resume_from(
+        checkpoint, trainer.state.global_step, config=meta_settings(trainer)
+    )

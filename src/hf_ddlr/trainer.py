@@ -34,7 +34,7 @@ from .meta import MicroBatch, RateTable, param_specs, replay_rng
 from .meta.averaging import MetaGradientAverage
 from .meta.layerwise import LayerwiseCheck
 from .schedules import Schedule, schedule_for
-from .trajectory import TRAJECTORY_CONFIG_NAME, TRAJECTORY_TENSORS_NAME, LRTrajectory
+from .trajectory import TRAJECTORY_CONFIG_NAME, TRAJECTORY_TENSORS_NAME, LRTrajectory, TrajectoryReplayer
 
 logger = logging.get_logger(__name__)
 
@@ -169,23 +169,16 @@ class MetaLRTrainer(Trainer):
         self.meta_args: MetaLROptions = resolve_meta_options(args)
         meta = self.meta_args
         self.meta_dataset = meta_dataset
-        self.replay: LRTrajectory | None = None
+        self.replay: TrajectoryReplayer | None = None
         if meta.replay_trajectory is not None:
             if meta_dataset is not None:
                 raise ValueError(
                     "Pass either meta_dataset (learn the rates) or replay_trajectory (replay learned rates), not both."
                 )
-            self.replay = (
-                meta.replay_trajectory
-                if isinstance(meta.replay_trajectory, LRTrajectory)
-                else LRTrajectory.from_pretrained(meta.replay_trajectory)
+            self.replay = TrajectoryReplayer(
+                meta.replay_trajectory, train_dataset, check_fingerprint=meta.check_fingerprint
             )
-            if train_dataset is not None:
-                self.replay.check_dataset(train_dataset, check_fingerprint=meta.check_fingerprint)
-            if self.replay.config.get("learn_weight_decay") and not meta.learn_weight_decay:
-                # the trajectory carries the learned weight decay: replay it too (it is part of the schedule)
-                logger.info("replay_trajectory learned the weight decay: replaying it (learn_weight_decay=True).")
-                meta.learn_weight_decay = True
+            meta.learn_weight_decay = self.replay.replays_weight_decay(meta.learn_weight_decay)
         self._meta_active = meta_dataset is not None or self.replay is not None
         self.rates: RateTable | None = None
         self.lr_trajectory: LRTrajectory | None = None
@@ -355,34 +348,11 @@ class MetaLRTrainer(Trainer):
         return batch_samples, num_items
 
     def _set_replayed_rates(self) -> None:
-        """Rates of the replayed trajectory for the coming step, looked up by epoch so that a trajectory
-        learned on a k-fold subset (fewer steps per epoch) replays on the full train set.
-
-        Instance rates: a same-step run applied, during epoch e, the value its table holds at the end of
-        epoch e (each example is visited once per epoch); a delayed run applied the value from the start
-        of the epoch. Class rates and weight decay: the values recorded for this step (interpolated when
-        the replay has more steps per epoch than the original run).
-        """
-        t, spe, gs = self.replay, self._steps_per_epoch(), self.state.global_step
-        delayed = t.config.get("meta_update") == "delayed"
-        mid = (gs + 0.5) / spe  # strictly inside the current epoch
-        # The original run recorded, at the end of step s, the values after that step's meta update: a
-        # same-step run had applied them in step s itself, a delayed one applies them from step s + 1 on.
-        end = self._epoch_after(gs if delayed else gs + 1)
-        mode = "previous" if delayed else "next"
-        if self.rates.instance is not None:
-            if not t.has_instance_rates:
-                raise ValueError("The replayed trajectory has no instance rates; set lr_level to what it recorded.")
-            self.rates.instance.copy_(t.instance_rates_at(mid, mode=mode).to(self.rates.instance.device))
-        if self.rates.per_class is not None:
-            if not t.has_class_rates:
-                raise ValueError("The replayed trajectory has no class rates; set lr_level to what it recorded.")
-            self.rates.per_class.copy_(t.class_rates_at(epoch=end).to(self.rates.per_class.device))
-        if self.meta_args.learn_weight_decay and t.num_steps:
-            if delayed and gs == 0:  # before the first record: the original run's starting value
-                self.rates.weight_decay = float(t.config.get("weight_decay", self.args.weight_decay))
-            else:
-                self.rates.weight_decay = t.weight_decay_at(epoch=end)
+        """Rates of the replayed trajectory for the coming step (see :meth:`TrajectoryReplayer.set_rates`)."""
+        self.replay.set_rates(
+            self.rates, self.state.global_step, self._steps_per_epoch(), self._epoch_after,
+            weight_decay=self.meta_args.learn_weight_decay, default_weight_decay=self.args.weight_decay,
+        )
 
     def _steps_per_epoch(self) -> int:
         if self._spe is None:

@@ -1,0 +1,74 @@
+"""Uploads to the Hub that fail helpfully: the local folder stays complete and the error says how to retry.
+
+Shared by the trainer's ``push_to_hub`` and :meth:`hf_ddlr.trajectory.LRTrajectory.push_to_hub`; it knows
+nothing about trajectories.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class HubUploadError(RuntimeError):
+    """An upload to the Hub failed; the local folder is complete and the message says how to retry."""
+
+    def __init__(self, message: str, *, folder_path: str, repo_id: str) -> None:
+        super().__init__(message)
+        self.folder_path = folder_path
+        self.repo_id = repo_id
+
+
+def retry_command(folder_path: str, repo_id: str, revision: str | None = None) -> str:
+    """The shell command that re-uploads ``folder_path`` to ``repo_id``."""
+    cmd = f"hf upload {shlex.quote(repo_id)} {shlex.quote(str(folder_path))} ."
+    return cmd + (f" --revision {shlex.quote(revision)}" if revision else "")
+
+
+def upload_folder_with_retry_message(
+    folder_path: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload learned LR trajectory",
+    ignore_patterns: list[str] | None = None,
+    retry_hint: str | None = None,
+) -> Any:
+    """Create ``repo_id`` if needed and upload ``folder_path`` to it; return the ``CommitInfo``.
+
+    The folder is only read, so a failure (HTTP error, connection refused, offline mode) leaves it
+    complete; the failure is logged and raised as :class:`HubUploadError`, whose message names the
+    folder, the repo, the cause and the command to retry (``retry_hint`` adds an alternative, e.g.
+    ``trainer.push_to_hub()``). Uses ``HF_ENDPOINT``/token settings like any ``huggingface_hub`` call.
+    """
+    from huggingface_hub import HfApi
+
+    folder = str(folder_path)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot upload {folder} to {repo_id}: the folder does not exist")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            revision=revision,
+            commit_message=commit_message,
+            ignore_patterns=ignore_patterns,
+        )
+    except Exception as err:  # any failure: the folder is untouched, so say how to resume
+        hint = f"`{retry_command(folder, repo_id, revision)}`" + (f" or {retry_hint}" if retry_hint else "")
+        message = (
+            f"Upload of {folder} to {repo_id} failed: {type(err).__name__}: {err}. "
+            f"The folder is complete locally; retry with {hint}."
+        )
+        logger.error(message)
+        raise HubUploadError(message, folder_path=folder, repo_id=repo_id) from err
