@@ -1,12 +1,12 @@
 """Where the time of one `MetaLRTrainer` optimizer step goes: wall-clock timers around the engine phases.
 
-Runs ``trainer.train()`` for a few steps of one configuration (the tasks of ``step_cost.py``) with timers
+Runs ``trainer.train()`` for a few steps of one configuration (the tasks of ``step_cost.py``, from ``_tasks.py``) with timers
 wrapped around every phase of the meta step and of the real step, and prints milliseconds per step and the
 same in units of a plain Trainer step (measured just before, same process). ``--ops NAME`` adds a torch.profiler
 table of the top operators of one call of NAME.
 
     .venv/bin/python benchmarks/profile_meta_step.py --model resnet --width 32 --config jvp
-    .venv/bin/python benchmarks/profile_meta_step.py --model bert --config jvp --ops jvp_dots
+    .venv/bin/python benchmarks/profile_meta_step.py --model bert --config jvp --ops meta_loss_gradient
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_cost import make_task, make_trainer  # noqa: E402
+from _tasks import Task, make_task, make_trainer  # noqa: E402
 
 import hf_ddlr.meta.engine as engine  # noqa: E402
 import hf_ddlr.meta.layerwise as layerwise  # noqa: E402
@@ -133,24 +133,33 @@ def main(argv=None):
         if v > 0:
             print(f"| {k} | {v * 1e3:.1f} | {v / plain:.2f} |")
     if a.ops:
-        from torch.profiler import ProfilerActivity, profile
+        print_ops(task, a.config, a.ops, a.ops_rows, os.path.join(tmp, "o"))
 
-        owner = engine if hasattr(engine, a.ops) else trainer_mod.MetaLRTrainer
-        orig = getattr(owner, a.ops)
-        prof = profile(activities=[ProfilerActivity.CPU])
-        calls = {"n": 0}
 
-        def profiled(*x, **k):  # the second call (the first one is cold)
-            calls["n"] += 1
-            if calls["n"] != 2:
-                return orig(*x, **k)
-            with prof:
-                return orig(*x, **k)
+def print_ops(task: Task, config: str, name: str, rows: int, out_dir: str) -> None:
+    """torch.profiler table of the second call (the first one is cold) of the engine / trainer function
+    ``name`` in a 3-step run of ``config``."""
+    from torch.profiler import ProfilerActivity, profile
 
-        setattr(owner, a.ops, profiled)
-        make_trainer(task, a.config, 3, os.path.join(tmp, "o")).train()
-        print(f"\ntorch.profiler, one call of {a.ops} ({a.config}):")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.ops_rows))
+    owner = engine if hasattr(engine, name) else trainer_mod.MetaLRTrainer
+    orig = getattr(owner, name)
+    prof = profile(activities=[ProfilerActivity.CPU])
+    calls = {"n": 0}
+
+    def profiled(*x, **k):
+        calls["n"] += 1
+        if calls["n"] != 2:
+            return orig(*x, **k)
+        with prof:
+            return orig(*x, **k)
+
+    setattr(owner, name, profiled)
+    make_trainer(task, config, 3, out_dir).train()
+    if calls["n"] < 2:  # e.g. jvp_dots on a model that takes the per-layer products
+        print(f"\n{name} was called {calls['n']} time(s) in 3 steps of {config}: nothing to profile")
+        return
+    print(f"\ntorch.profiler, one call of {name} ({config}):")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
 def task_batch(model):
