@@ -1,7 +1,8 @@
 """The benchmark tasks shared by ``step_cost.py``, ``profile_meta_step.py`` and ``gpu_check.py``.
 
-* :func:`make_task` — a CIFAR ResNet-18 (batch 64, 100 classes, random 32x32 inputs) or a small BERT classifier
-  (hidden 128, 2 layers, seq 64, batch 32), with in-memory train (20 % flipped labels) and clean meta sets;
+* :func:`make_task` — a CIFAR ResNet-18 (batch 64, 100 classes, random 32x32 inputs) or a small BERT
+  classifier (hidden 128, 2 layers, seq 64, batch 32), with in-memory train (20 % flipped labels) and clean
+  meta sets;
 * :func:`make_trainer` — a plain ``Trainer`` or a ``MetaLRTrainer`` in one of :data:`CONFIGS` on a task, with
   the benchmarks' recipe (SGD momentum 0.9, weight decay 5e-4, constant LR, CPU, no logging);
 * :func:`tiny_bert` — the locally built BERT classifier both BERT benchmarks use (nothing is downloaded).
@@ -106,7 +107,7 @@ def _resnet_data(g: torch.Generator, n_train: int) -> dict[str, tuple[torch.Tens
 
 
 def _bert_data(g: torch.Generator, n_train: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Random token ids labelled by a token-count rule; 20 % of the train labels flipped, the meta set clean."""
+    """Random token ids labelled by a token-count rule; 20 % of train labels flipped, the meta set clean."""
     V, S = 1000, 64
 
     def tokens(n: int, noisy: float) -> tuple[torch.Tensor, torch.Tensor]:

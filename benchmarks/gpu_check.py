@@ -70,7 +70,7 @@ class _Timer(TrainerCallback):
 
 
 def _config(precision: str, a: argparse.Namespace, out_dir: str) -> MetaLRConfig:
-    """One precision's run: SGD, both rate levels and the learned weight decay, so every meta-gradient is used."""
+    """One precision's run: SGD, both rate levels and the learned weight decay (every meta-gradient used)."""
     return MetaLRConfig(
         output_dir=out_dir,
         report_to=[],

@@ -1,9 +1,9 @@
 """Where the time of one `MetaLRTrainer` optimizer step goes: wall-clock timers around the engine phases.
 
-Runs ``trainer.train()`` for a few steps of one configuration (the tasks of ``step_cost.py``, from ``_tasks.py``) with timers
-wrapped around every phase of the meta step and of the real step, and prints milliseconds per step and the
-same in units of a plain Trainer step (measured just before, same process). ``--ops NAME`` adds a torch.profiler
-table of the top operators of one call of NAME.
+Runs ``trainer.train()`` for a few steps of one configuration (the tasks of ``step_cost.py``, from
+``_tasks.py``) with timers wrapped around every phase of the meta step and of the real step, and prints
+milliseconds per step and the same in units of a plain Trainer step (measured just before, same process).
+``--ops NAME`` adds a torch.profiler table of the top operators of one call of NAME.
 
     .venv/bin/python benchmarks/profile_meta_step.py --model resnet --width 32 --config jvp
     .venv/bin/python benchmarks/profile_meta_step.py --model bert --config jvp --ops meta_loss_gradient

@@ -310,7 +310,8 @@ def render(result: dict) -> str:
         f"### {result['model_description']}",
         "",
         f"{result['environment']}; time: median of {result['rounds']} interleaved rounds after "
-        f"{result['warmup']} warm-up rounds (×plain, ×exact: median of the per-round ratios); memory: per-step working set in its own process; agreement: one step "
+        f"{result['warmup']} warm-up rounds (×plain, ×exact: median of the per-round ratios); memory: "
+        "per-step working set in its own process; agreement: one step "
         f"from the same state after {result['acc_warm_steps']} plain steps, rates U[0.5, 1.5].",
         "",
         "| configuration | ms/step | time ×plain | (ratio of medians) | time ×exact | working mem MB (×plain) | "
@@ -387,7 +388,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_argument
     sub("mode", nargs="?", default="bench", choices=["bench", "merge", "_mem"])
     sub("--model", default="all", choices=["all", "resnet", "bert"])
-    sub("--width", type=int, default=64, help="ResNet base width (64 = standard ResNet-18; 32 runs ~3x faster)")
+    sub("--width", type=int, default=64, help="ResNet base width (64 = ResNet-18; 32 runs ~3x faster)")
     sub("--rounds", type=int, default=None, help="timed rounds (default: 8 for ResNet, 30 for BERT)")
     sub("--resnet-rounds", type=int, default=8)
     sub("--bert-rounds", type=int, default=30)
@@ -395,11 +396,11 @@ def _parser() -> argparse.ArgumentParser:
     sub("--acc-warm", type=int, default=10, help="plain steps before the agreement step")
     sub("--mem-steps", type=int, default=4, help="steps per memory subprocess (the first is warm-up)")
     sub("--no-mem", action="store_true")
-    sub("--mem-only", action="store_true", help="only the memory subprocesses; writes step_cost_<model>.mem.json")
-    sub("--patch", default=None, help="python file run first (monkeypatches hf_ddlr; for A/B tests of changes)")
+    sub("--mem-only", action="store_true", help="only the memory subprocesses (-> step_cost_<model>.mem.json)")
+    sub("--patch", default=None, help="python file run first (monkeypatches hf_ddlr; A/B tests of changes)")
     sub("--configs", default=None, help="with --mem-only: comma-separated subset of the configurations")
     sub("--reuse-mem", action="store_true", help="take memory from step_cost_<model>.mem.json when it exists")
-    sub("--quick", action="store_true", help="width 32, 4 ResNet / 12 BERT rounds, 1 warm-up round, 3 memory steps")
+    sub("--quick", action="store_true", help="width 32, 4 ResNet / 12 BERT rounds, 1 warm-up, 3 memory steps")
     sub("--threads", type=int, default=2)
     sub(
         "--clock",
