@@ -17,17 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import warnings
 
 import datasets
 import torch
-from transformers import BertConfig, BertForSequenceClassification, PrinterCallback, TrainerCallback
+from transformers import PrinterCallback, TrainerCallback
 from transformers.utils import logging as hf_logging
 
-import hf_ddlr.trainer as trainer_mod
-from hf_ddlr import MetaLRConfig, MetaLRTrainer
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _tasks import tiny_bert  # noqa: E402
+
+import hf_ddlr.schedules as schedules  # noqa: E402
+from hf_ddlr import MetaLRConfig, MetaLRTrainer  # noqa: E402
 
 
 def make_data(n: int, seq: int, vocab: int, seed: int) -> datasets.Dataset:
@@ -39,22 +43,6 @@ def make_data(n: int, seq: int, vocab: int, seed: int) -> datasets.Dataset:
     return datasets.Dataset.from_dict(
         {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "label": labels.tolist()}
     )
-
-
-def make_model(vocab: int, seq: int) -> BertForSequenceClassification:
-    cfg = BertConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=seq,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    torch.manual_seed(0)
-    return BertForSequenceClassification(cfg)
 
 
 class _Timer(TrainerCallback):
@@ -81,16 +69,9 @@ class _Timer(TrainerCallback):
         self.opt_skipped += int(bool(self.trainer.accelerator.optimizer_step_was_skipped))
 
 
-def run_one(precision: str, a: argparse.Namespace, train, meta, out_dir: str) -> dict:
-    results = []
-    orig = trainer_mod.meta_gradients
-
-    def spy(*args, **kw):  # every meta step's result, finite or not, and the loss scale it ran under
-        r = orig(*args, **kw)
-        results.append((r, kw.get("loss_scale", 1.0)))
-        return r
-
-    args = MetaLRConfig(
+def _config(precision: str, a: argparse.Namespace, out_dir: str) -> MetaLRConfig:
+    """One precision's run: SGD, both rate levels and the learned weight decay (every meta-gradient used)."""
+    return MetaLRConfig(
         output_dir=out_dir,
         report_to=[],
         save_strategy="no",
@@ -110,17 +91,28 @@ def run_one(precision: str, a: argparse.Namespace, train, meta, out_dir: str) ->
         learn_weight_decay=True,
         meta_lr=0.1,
     )
+
+
+def run_one(precision: str, a: argparse.Namespace, train, meta, out_dir: str) -> dict:
+    results = []
+    orig = schedules.meta_gradients
+
+    def spy(*args, **kw):  # every meta step's result, finite or not, and the loss scale it ran under
+        r = orig(*args, **kw)
+        results.append((r, kw.get("loss_scale", 1.0)))
+        return r
+
+    args = _config(precision, a, out_dir)
     timer = _Timer()
-    t = MetaLRTrainer(
-        model=make_model(a.vocab, a.seq), args=args, train_dataset=train, meta_dataset=meta, callbacks=[timer]
-    )
+    model = tiny_bert(a.vocab, a.seq, hidden=64, heads=4, ffn=128, dropout=False)
+    t = MetaLRTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta, callbacks=[timer])
     timer.trainer = t
     t.remove_callback(PrinterCallback)
-    trainer_mod.meta_gradients = spy
+    schedules.meta_gradients = spy
     try:
         t.train()
     finally:
-        trainer_mod.meta_gradients = orig
+        schedules.meta_gradients = orig
     finite = [r.finite for r, _ in results]
     times = timer.times[1:] or timer.times  # the first step carries warm-up
     return {
@@ -166,6 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     train = make_data(a.batch * 8, a.seq, a.vocab, seed=1)
     meta = make_data(a.batch * 2, a.seq, a.vocab, seed=2)
 
+    rows = [run_one(prec, a, train, meta, f"{a.out}/{prec}") for prec in _precisions(cuda)]
+    ok = _report(rows, a.min_cos)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    print("OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+def _precisions(cuda: bool) -> list[str]:
+    """fp32 and whichever of bf16 / fp16 this machine runs (saying why a precision is skipped)."""
     precisions = ["fp32"]
     if cuda and not torch.cuda.is_bf16_supported():
         print("bf16: SKIPPED, this GPU does not support bfloat16.")
@@ -175,8 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         precisions.append("fp16")
     else:
         print("fp16: SKIPPED, fp16 with a GradScaler needs a GPU (accelerate ignores fp16=True on CPU).")
+    return precisions
 
-    rows = [run_one(prec, a, train, meta, f"{a.out}/{prec}") for prec in precisions]
+
+def _report(rows: list[dict], min_cos: float) -> bool:
+    """Print one line per precision (adding its cosine vs fp32 to its row); True when every check holds."""
     ref = rows[0]["first_grad"]
     ok = True
     header = (
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         r["cos_vs_fp32"] = cos
         good = r["meta_finite_steps"] > 0 and r["rates_moved"]
         if r["precision"] != "fp32":
-            good = good and math.isfinite(cos) and cos >= a.min_cos
+            good = good and math.isfinite(cos) and cos >= min_cos
         ok = ok and good
         lo, hi = r["rate_min_max"]
         print(
@@ -204,11 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if r["grad_scaler"]:
             print(f"  fp16 loss scales used by the meta step: {r['loss_scales']}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    print("OK" if ok else "FAILED")
-    return 0 if ok else 1
+    return ok
 
 
 if __name__ == "__main__":

@@ -29,6 +29,30 @@ from hf_ddlr.demo import NoisyDigitsSetup, prepare_noisy_digits, run_noisy_exper
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _runs(a: argparse.Namespace, base: float) -> list[dict]:
+    """Per seed: the plain Trainer, then MetaLR at every ``base * factor``; one row per MetaLR run."""
+    rows = []
+    for seed in a.seeds:
+        setup = NoisyDigitsSetup(seed=seed, epochs=a.epochs)
+        data = prepare_noisy_digits(setup)
+        plain = run_noisy_experiment(setup, "plain", f"/tmp/hf_ddlr_robust/plain_{seed}", data)
+        print(f"seed {seed} plain: acc {plain['test_accuracy']:.4f}", flush=True)
+        for f in a.factors:
+            setup.meta = {"meta_lr": base * f, "meta_lr_scaling": a.scaling}
+            r = run_noisy_experiment(setup, "metalr", f"/tmp/hf_ddlr_robust/m_{a.scaling}_{seed}_{f:.3f}", data)
+            rates_ok = all(math.isfinite(v) for v in (r["rate_clean"], r["rate_noisy"]))
+            row = {
+                "seed": seed, "factor": f, "meta_lr": base * f, "scaling": a.scaling, "plain_acc": plain["test_accuracy"],
+                "metalr_acc": r["test_accuracy"], "auroc": r["auroc"], "rate_clean": r["rate_clean"],
+                "rate_noisy": r["rate_noisy"], "diverged": not rates_ok or r["test_accuracy"] < 0.5,
+            }
+            row["pass"] = (not row["diverged"]) and row["metalr_acc"] > row["plain_acc"]
+            rows.append(row)
+            print(f"seed {seed} meta_lr {base * f:.4f}: acc {r['test_accuracy']:.4f} auroc {r['auroc']:.3f} "
+                  f"{'PASS' if row['pass'] else 'FAIL'}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -48,25 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         base = a.meta_lrs[0]
     else:
         base = default
-    rows, t0 = [], time.time()
-    for seed in a.seeds:
-        setup = NoisyDigitsSetup(seed=seed, epochs=a.epochs)
-        data = prepare_noisy_digits(setup)
-        plain = run_noisy_experiment(setup, "plain", f"/tmp/hf_ddlr_robust/plain_{seed}", data)
-        print(f"seed {seed} plain: acc {plain['test_accuracy']:.4f}", flush=True)
-        for f in a.factors:
-            setup.meta = {"meta_lr": base * f, "meta_lr_scaling": a.scaling}
-            r = run_noisy_experiment(setup, "metalr", f"/tmp/hf_ddlr_robust/m_{a.scaling}_{seed}_{f:.3f}", data)
-            rates_ok = all(math.isfinite(v) for v in (r["rate_clean"], r["rate_noisy"]))
-            row = {
-                "seed": seed, "factor": f, "meta_lr": base * f, "scaling": a.scaling, "plain_acc": plain["test_accuracy"],
-                "metalr_acc": r["test_accuracy"], "auroc": r["auroc"], "rate_clean": r["rate_clean"],
-                "rate_noisy": r["rate_noisy"], "diverged": not rates_ok or r["test_accuracy"] < 0.5,
-            }
-            row["pass"] = (not row["diverged"]) and row["metalr_acc"] > row["plain_acc"]
-            rows.append(row)
-            print(f"seed {seed} meta_lr {base * f:.4f}: acc {r['test_accuracy']:.4f} auroc {r['auroc']:.3f} "
-                  f"{'PASS' if row['pass'] else 'FAIL'}", flush=True)
+    t0 = time.time()
+    rows = _runs(a, base)
     command = f"python benchmarks/meta_lr_robustness.py --seeds {' '.join(map(str, a.seeds))}"
     if a.meta_lrs is not None:
         command += f" --scaling {a.scaling} --meta_lrs {' '.join(f'{v:g}' for v in a.meta_lrs)}"

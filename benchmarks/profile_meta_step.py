@@ -1,12 +1,12 @@
 """Where the time of one `MetaLRTrainer` optimizer step goes: wall-clock timers around the engine phases.
 
-Runs ``trainer.train()`` for a few steps of one configuration (the tasks of ``step_cost.py``) with timers
-wrapped around every phase of the meta step and of the real step, and prints milliseconds per step and the
-same in units of a plain Trainer step (measured just before, same process). ``--ops NAME`` adds a torch.profiler
-table of the top operators of one call of NAME.
+Runs ``trainer.train()`` for a few steps of one configuration (the tasks of ``step_cost.py``, from
+``_tasks.py``) with timers wrapped around every phase of the meta step and of the real step, and prints
+milliseconds per step and the same in units of a plain Trainer step (measured just before, same process).
+``--ops NAME`` adds a torch.profiler table of the top operators of one call of NAME.
 
     .venv/bin/python benchmarks/profile_meta_step.py --model resnet --width 32 --config jvp
-    .venv/bin/python benchmarks/profile_meta_step.py --model bert --config jvp --ops jvp_dots
+    .venv/bin/python benchmarks/profile_meta_step.py --model bert --config jvp --ops meta_loss_gradient
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_cost import make_task, make_trainer  # noqa: E402
+from _tasks import Task, make_task, make_trainer  # noqa: E402
 
+import hf_ddlr._batches as batches_mod  # noqa: E402
 import hf_ddlr.meta.engine as engine  # noqa: E402
 import hf_ddlr.meta.layerwise as layerwise  # noqa: E402
+import hf_ddlr.schedules as schedules  # noqa: E402
 import hf_ddlr.trainer as trainer_mod  # noqa: E402
 
 CLOCK = time.perf_counter
@@ -59,16 +61,20 @@ def install() -> None:
     engine.weight_decay_grad = timed("engine.weight_decay_grad", engine.weight_decay_grad)
     for name in ("backward", "dots", "weighted_grads"):  # per-layer products (jvp on transformers)
         setattr(layerwise.LayerTape, name, timed(f"LayerTape.{name}", getattr(layerwise.LayerTape, name)))
-    T = trainer_mod.MetaLRTrainer
-    names = ("_run_meta_step", "_meta_batch", "_to_microbatch", "get_batch_samples", "_delayed_meta_step",
-             "_layerwise_meta_step")
-    for name in names + ("_fused_lookahead_grad", "compute_loss"):
-        if hasattr(T, name):  # the trainer's internals change; time what exists
-            setattr(T, name, timed(f"trainer.{name}", getattr(T, name)))
-    trainer_mod.meta_gradients = timed("engine.meta_gradients (total)", trainer_mod.meta_gradients)
+    internals = [  # (owner, name): the schedules' and trainer's pieces of one step; time what exists
+        (schedules.MetaStepSchedule, "_meta_step"), (batches_mod.MetaSetSampler, "sample"),
+        (batches_mod, "to_microbatch"), (schedules, "to_microbatch"), (trainer_mod.MetaLRTrainer, "get_batch_samples"),
+        (schedules.Delayed, "after_backward"), (layerwise.LayerwiseCheck, "meta_step"),
+        (schedules.SameStepFused, "_lookahead_grad"), (trainer_mod.MetaLRTrainer, "compute_loss"),
+    ]
+    for owner, name in internals:
+        if hasattr(owner, name):
+            label = getattr(owner, "__name__", str(owner)).rsplit(".", 1)[-1]
+            setattr(owner, name, timed(f"{label}.{name}", getattr(owner, name)))
+    schedules.meta_gradients = timed("engine.meta_gradients (total)", schedules.meta_gradients)
     trainer_mod.param_specs = timed("trainer: param_specs", trainer_mod.param_specs)
     Trainer.training_step = timed("Trainer.training_step (all of the real step)", Trainer.training_step)
-    trainer_mod.all_gather_varlen = timed("trainer: gather + rate update", trainer_mod.all_gather_varlen)
+    schedules.all_gather_varlen = timed("schedules: gather + rate update", schedules.all_gather_varlen)
 
 
 class StepClock(TrainerCallback):
@@ -97,7 +103,7 @@ def main(argv=None):
         "--ops",
         default=None,
         help="torch.profiler table of one call of this engine/trainer function "
-        "(e.g. jvp_dots, meta_loss_gradient, _run_meta_step, compute_loss)",
+        "(e.g. jvp_dots, meta_loss_gradient, _meta_step, compute_loss)",
     )
     p.add_argument("--ops-rows", type=int, default=20)
     a = p.parse_args(argv)
@@ -133,24 +139,34 @@ def main(argv=None):
         if v > 0:
             print(f"| {k} | {v * 1e3:.1f} | {v / plain:.2f} |")
     if a.ops:
-        from torch.profiler import ProfilerActivity, profile
+        print_ops(task, a.config, a.ops, a.ops_rows, os.path.join(tmp, "o"))
 
-        owner = engine if hasattr(engine, a.ops) else trainer_mod.MetaLRTrainer
-        orig = getattr(owner, a.ops)
-        prof = profile(activities=[ProfilerActivity.CPU])
-        calls = {"n": 0}
 
-        def profiled(*x, **k):  # the second call (the first one is cold)
-            calls["n"] += 1
-            if calls["n"] != 2:
-                return orig(*x, **k)
-            with prof:
-                return orig(*x, **k)
+def print_ops(task: Task, config: str, name: str, rows: int, out_dir: str) -> None:
+    """torch.profiler table of the second call (the first one is cold) of the engine / trainer function
+    ``name`` in a 3-step run of ``config``."""
+    from torch.profiler import ProfilerActivity, profile
 
-        setattr(owner, a.ops, profiled)
-        make_trainer(task, a.config, 3, os.path.join(tmp, "o")).train()
-        print(f"\ntorch.profiler, one call of {a.ops} ({a.config}):")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.ops_rows))
+    owner = next((o for o in (engine, schedules.MetaStepSchedule, trainer_mod.MetaLRTrainer) if hasattr(o, name)),
+                 trainer_mod.MetaLRTrainer)
+    orig = getattr(owner, name)
+    prof = profile(activities=[ProfilerActivity.CPU])
+    calls = {"n": 0}
+
+    def profiled(*x, **k):
+        calls["n"] += 1
+        if calls["n"] != 2:
+            return orig(*x, **k)
+        with prof:
+            return orig(*x, **k)
+
+    setattr(owner, name, profiled)
+    make_trainer(task, config, 3, out_dir).train()
+    if calls["n"] < 2:  # e.g. jvp_dots on a model that takes the per-layer products
+        print(f"\n{name} was called {calls['n']} time(s) in 3 steps of {config}: nothing to profile")
+        return
+    print(f"\ntorch.profiler, one call of {name} ({config}):")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
 def task_batch(model):

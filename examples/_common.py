@@ -8,6 +8,7 @@
 * :func:`build_image_model` — ResNet-18 / VGG-16-BN / WRN-28-10 / the small CNN by name.
 * :func:`trainer_class` — adds a step ("multi-step") learning-rate schedule to ``Trainer`` / ``MetaLRTrainer``,
   given as fractions of the run (the published schedules are all of this form).
+* :func:`plan_image_run` — model, sizes, LR steps and methods an image example's options ask for.
 * :func:`run_one` — train one method, evaluate every epoch, collect best / final accuracy, rates and plots.
 """
 
@@ -115,6 +116,21 @@ def common_presets(script: Any, name: str, **extra: Any) -> dict[str, Any]:
     return out
 
 
+def sgd_image_presets(script: Any, name: str, cifar_epochs: int, **extra: Any) -> dict[str, Any]:
+    """The SGD recipe of the CIFAR-100 ResNet / VGG examples: momentum 0.9, weight decay 5e-4; on CIFAR-100
+    batch 128 at LR 0.1 for ``cifar_epochs`` epochs, on the embedded digits the offline demo's batch 64 at LR
+    0.05 with a 1-epoch warm-up for 8 epochs; one epoch under ``--quick``. ``extra``: the script's MetaLR
+    defaults."""
+    if script.dataset == "embedded":
+        p = dict(per_device_train_batch_size=64, learning_rate=0.05, warmup_steps=0.125, num_train_epochs=8)
+    else:
+        p = dict(per_device_train_batch_size=128, learning_rate=0.1, num_train_epochs=cifar_epochs)
+    p.update(optim="sgd", optim_args="momentum=0.9", weight_decay=5e-4, **extra)
+    if script.quick:
+        p.update(num_train_epochs=1)
+    return common_presets(script, name, **p)
+
+
 def run_config(config: MetaLRConfig, script: Any, method: str, overrides: dict[str, Any]) -> MetaLRConfig:
     """The config of one method's run: its own output sub-folder (and Hub repo), plus method defaults
     (``overrides``) for the fields the user did not set on the command line."""
@@ -128,6 +144,54 @@ def run_config(config: MetaLRConfig, script: Any, method: str, overrides: dict[s
 
 def parse_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def chosen_methods(value: str, known: Sequence[str]) -> list[str]:
+    """The comma-separated ``--methods`` as a list; exits with the known names on an unknown one."""
+    methods = parse_list(value)
+    unknown = set(methods) - set(known)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(known)}.")
+    return methods
+
+
+@dataclasses.dataclass
+class ImageRun:
+    """What an image example decides from its options before it loads any data."""
+
+    model_name: str
+    meta_size: int
+    n_train: int | None  # subsample sizes (None: the whole split)
+    n_test: int | None
+    decay: tuple[float, ...]  # step-decay fractions of the run (see step_decay)
+    methods: list[str]
+
+
+def plan_image_run(
+    script: Any,
+    *,
+    paper_model: str,
+    meta_size: tuple[int, int],
+    quick_meta_size: tuple[int, int],
+    methods: Sequence[str],
+    default_decay: Sequence[float] = (),
+) -> ImageRun:
+    """Model, sizes, LR steps and methods of an image example's run.
+
+    ``meta_size`` / ``quick_meta_size`` are the (embedded, cifar100) defaults of the meta set and its cap
+    under ``--quick`` (which also takes 400 train / 200 test examples unless given); the model defaults to
+    ``paper_model`` on CIFAR-100 and the small CNN on the embedded digits; ``--lr_decay_at`` (when the
+    script has it and it is given) replaces ``default_decay``.
+    """
+    pick = 0 if script.dataset == "embedded" else 1
+    meta = script.meta_size or meta_size[pick]
+    n_train, n_test = script.max_train_samples, script.max_test_samples
+    if script.quick:
+        n_train, n_test, meta = n_train or 400, n_test or 200, min(meta, quick_meta_size[pick])
+    given = getattr(script, "lr_decay_at", None)
+    decay = step_decay(script, default_decay if given is None else [float(v) for v in parse_list(given)])
+    model_name = script.model or ("small_cnn" if pick == 0 else paper_model)
+    return ImageRun(model_name, meta, n_train, n_test, decay, chosen_methods(script.methods, methods))
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -373,21 +437,7 @@ def run_one(
         "train_size": len(train),
     }
     if isinstance(trainer, MetaLRTrainer) and trainer.rates is not None:
-        r = trainer.rates
-        if args.learn_weight_decay:
-            out["learned_weight_decay"] = float(r.weight_decay)
-        if r.per_class is not None:
-            out["class_rates"] = [round(float(v), 4) for v in r.per_class.cpu()]
-        if r.instance is not None:
-            inst = r.instance.detach().cpu().numpy()
-            out["instance_rate_mean"] = float(inst.mean())
-            if noise_mask is not None and 0 < noise_mask.mean() < 1 and args.keep_history:
-                # (without history the table only holds the last step's values: no separation to report)
-                from sklearn.metrics import roc_auc_score
-
-                out["auroc_clean_vs_noisy"] = float(roc_auc_score(~noise_mask, inst))
-                out["rate_clean"] = float(inst[~noise_mask].mean())
-                out["rate_noisy"] = float(inst[noise_mask].mean())
+        out.update(rate_summary(trainer.rates, args, noise_mask))
         if trainer.lr_trajectory is not None:
             out["trajectory_summary"] = trainer.lr_trajectory.summary()
             if args.should_save:
@@ -398,6 +448,27 @@ def run_one(
     if args.push_to_hub:
         trainer.push_to_hub()
     out["trainer"] = trainer
+    return out
+
+
+def rate_summary(rates, args: MetaLRConfig, noise_mask: np.ndarray | None) -> dict[str, Any]:
+    """The learned weight decay, class rates and instance-rate mean of a MetaLR run's ``rates``; with a noise
+    mask (and history), how well the instance rates separate clean from noisy examples."""
+    out: dict[str, Any] = {}
+    if args.learn_weight_decay:
+        out["learned_weight_decay"] = float(rates.weight_decay)
+    if rates.per_class is not None:
+        out["class_rates"] = [round(float(v), 4) for v in rates.per_class.cpu()]
+    if rates.instance is not None:
+        inst = rates.instance.detach().cpu().numpy()
+        out["instance_rate_mean"] = float(inst.mean())
+        if noise_mask is not None and 0 < noise_mask.mean() < 1 and args.keep_history:
+            # (without history the table only holds the last step's values: no separation to report)
+            from sklearn.metrics import roc_auc_score
+
+            out["auroc_clean_vs_noisy"] = float(roc_auc_score(~noise_mask, inst))
+            out["rate_clean"] = float(inst[~noise_mask].mean())
+            out["rate_noisy"] = float(inst[noise_mask].mean())
     return out
 
 

@@ -72,8 +72,9 @@ def _model(name: str, num_labels: int, channels: int, size: int, seed: int):
     )
 
 
-def main() -> dict:
-    script, args = HfArgumentParser((ScriptArguments, MetaLRConfig)).parse_args_into_dataclasses()
+def _load(script: ScriptArguments, args: MetaLRConfig) -> tuple[datasets.DatasetDict, list]:
+    """The raw splits (labels as ``label``, with ``sample_index``) and the k folds; --quick cuts the data down
+    and shortens the run."""
     if script.dataset == "embedded":
         raw = load_embedded("mnist")
     elif script.dataset == "cifar100":
@@ -88,6 +89,32 @@ def main() -> dict:
         k: v.rename_column("fine_label", "label").add_column("sample_index", list(range(len(v))))
         for k, v in raw.items()
     })
+    return raw, folds
+
+
+def _fold_trajectories(folds: list, args: MetaLRConfig, make_model, to_tensor, is_main: bool):
+    """One learned trajectory per fold, and the fold's train rows as indices into the full train set."""
+    trajectories, indices = [], []
+    for i, fold in enumerate(folds):
+        if is_main:
+            print(f"[kfold] fold {i + 1}/{len(folds)}: {len(fold['train'])} train, {len(fold['meta'])} meta",
+                  flush=True)
+        # dataclasses.replace, not to_dict(): to_dict() masks hub_token as "<HUB_TOKEN>"
+        fold_args = dataclasses.replace(args, output_dir=os.path.join(args.output_dir, f"fold_{i}"),
+                                        push_to_hub=False, save_strategy="no", report_to=[])
+        trainer = MetaLRTrainer(
+            model=make_model(), args=fold_args,
+            train_dataset=_materialize(fold["train"], to_tensor), meta_dataset=_materialize(fold["meta"], to_tensor),
+        )
+        trainer.train()
+        trajectories.append(trainer.lr_trajectory)
+        indices.append(torch.as_tensor(fold["train"]["source_index"]))
+    return trajectories, indices
+
+
+def main() -> dict:
+    script, args = HfArgumentParser((ScriptArguments, MetaLRConfig)).parse_args_into_dataclasses()
+    raw, folds = _load(script, args)
     mean, std = (CIFAR100_MEAN, CIFAR100_STD) if script.dataset == "cifar100" else compute_mean_std(raw["train"])
     to_tensor = make_transform(augment=False, mean=mean, std=std)
     full_train, test = _materialize(raw["train"], to_tensor), _materialize(raw["test"], to_tensor)
@@ -98,21 +125,11 @@ def main() -> dict:
     out_dir = args.output_dir
     is_main = PartialState().is_main_process  # every rank runs this script under accelerate launch
 
+    def make_model():
+        return _model(model_name, num_labels, channels, size, args.seed)
+
     # 1. learn one trajectory per fold
-    trajectories, indices = [], []
-    for i, fold in enumerate(folds):
-        if is_main:
-            print(f"[kfold] fold {i + 1}/{script.k}: {len(fold['train'])} train, {len(fold['meta'])} meta", flush=True)
-        # dataclasses.replace, not to_dict(): to_dict() masks hub_token as "<HUB_TOKEN>"
-        fold_args = dataclasses.replace(args, output_dir=os.path.join(out_dir, f"fold_{i}"), push_to_hub=False,
-                                        save_strategy="no", report_to=[])
-        trainer = MetaLRTrainer(
-            model=_model(model_name, num_labels, channels, size, args.seed), args=fold_args,
-            train_dataset=_materialize(fold["train"], to_tensor), meta_dataset=_materialize(fold["meta"], to_tensor),
-        )
-        trainer.train()
-        trajectories.append(trainer.lr_trajectory)
-        indices.append(torch.as_tensor(fold["train"]["source_index"]))
+    trajectories, indices = _fold_trajectories(folds, args, make_model, to_tensor, is_main)
 
     # 2. average them, indexed by the full train set
     averaged = LRTrajectory.average(trajectories, instance_indices=indices, dataset=dataset_signature(full_train))
@@ -127,12 +144,11 @@ def main() -> dict:
 
     replay_args = dataclasses.replace(args, output_dir=os.path.join(out_dir, "replay"), report_to=[],
                                       replay_trajectory=averaged)
-    replay = MetaLRTrainer(model=_model(model_name, num_labels, channels, size, args.seed), args=replay_args,
-                           train_dataset=full_train)
+    replay = MetaLRTrainer(model=make_model(), args=replay_args, train_dataset=full_train)
     replay.train()
     replay.save_model()  # model + the replayed trajectory
     plain_kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-    plain = Trainer(model=_model(model_name, num_labels, channels, size, args.seed),
+    plain = Trainer(model=make_model(),
                     args=TrainingArguments(**{**plain_kw, "output_dir": os.path.join(out_dir, "plain"),
                                               "push_to_hub": False, "report_to": []}),
                     train_dataset=full_train.remove_columns("sample_index"))

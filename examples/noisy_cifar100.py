@@ -48,22 +48,7 @@ from dataclasses import dataclass, field
 from transformers import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (  # noqa: E402
-    ImageExampleOptions,
-    build_image_model,
-    common_presets,
-    fmt,
-    image_data,
-    parse_args,
-    parse_list,
-    run_config,
-    run_one,
-    say,
-    step_decay,
-    strip,
-    trainer_class,
-    write_outputs,
-)
+import _common as common  # noqa: E402
 
 from hf_ddlr import MetaLRTrainer  # noqa: E402
 
@@ -80,7 +65,7 @@ SETTINGS = {  # (training length, LR decay points as fractions of the run)
 
 
 @dataclass
-class NoisyOptions(ImageExampleOptions):
+class NoisyOptions(common.ImageExampleOptions):
     methods: str = field(default="plain,metalr", metadata={"help": f"Comma-separated subset of {list(METHODS)}."})
     noise_rate: float = field(default=0.4, metadata={"help": "Fraction of training labels replaced (0.2/0.4/0.6)."})
     noise_mode: str = field(default="uniform", metadata={"choices": ["uniform", "flip"], "help": "See apply_label_noise."})
@@ -104,63 +89,52 @@ def presets(s: NoisyOptions) -> dict:
                  weight_decay=5e-4, lr_scheduler_type="constant", **length)
     if s.quick:
         p.update(num_train_epochs=1, max_steps=-1)
-    return common_presets(s, "noisy_cifar100", **p)
+    return common.common_presets(s, "noisy_cifar100", **p)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    s, config = parse_args(NoisyOptions, presets, argv)
+    s, config = common.parse_args(NoisyOptions, presets, argv)
     embedded = s.dataset == "embedded"
-    model_name = s.model or ("small_cnn" if embedded else "wrn28_10")
-    meta_size = s.meta_size or (100 if embedded else 1000)
-    n_train, n_test = s.max_train_samples, s.max_test_samples
-    if s.quick:
-        n_train, n_test = n_train or 400, n_test or 200
-        meta_size = min(meta_size, 50 if embedded else 100)  # CIFAR: class-balanced, one image per class
-    if s.lr_decay_at is not None:
-        decay = tuple(float(v) for v in parse_list(s.lr_decay_at))
-    else:
-        decay = () if embedded else SETTINGS[s.setting][1]
-    decay = step_decay(s, decay)
-    methods = parse_list(s.methods)
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}.")
-
-    data = image_data(s.dataset, "noisy", noise_rate=s.noise_rate, noise_mode=s.noise_mode, meta_size=meta_size,
-                      seed=config.seed, max_train=n_train, max_test=n_test)
+    # quick: CIFAR's meta set stays class-balanced, one image per class
+    plan = common.plan_image_run(s, paper_model="wrn28_10", meta_size=(100, 1000), quick_meta_size=(50, 100),
+                                 methods=list(METHODS),
+                                 default_decay=() if embedded else SETTINGS[s.setting][1])
+    model_name, meta_size, decay = plan.model_name, plan.meta_size, plan.decay
+    data = common.image_data(s.dataset, "noisy", noise_rate=s.noise_rate, noise_mode=s.noise_mode,
+                             meta_size=meta_size, seed=config.seed,
+                             max_train=plan.n_train, max_test=plan.n_test)
     noisy = data.noise_mask
-    say(f"[noisy] {s.dataset}: {len(data.raw['train'])} train ({noisy.mean():.1%} wrong labels), "
-          f"{len(data.raw['meta'])} clean meta, {len(data.raw['test'])} test; model {model_name}")
+    common.say(f"[noisy] {s.dataset}: {len(data.raw['train'])} train ({noisy.mean():.1%} wrong labels), "
+               f"{len(data.raw['meta'])} clean meta, {len(data.raw['test'])} test; model {model_name}")
     runs = []
-    for method in methods:
+    for method in plan.methods:
         base, forced = METHODS[method]
-        args = dataclasses.replace(run_config(config, s, method, {}), **forced)
+        args = dataclasses.replace(common.run_config(config, s, method, {}), **forced)
         meta = base is MetaLRTrainer
-        say(f"[noisy] training {method} ...")
-        run = run_one(
-            method, trainer_class(base, decay, s.lr_decay_factor), build_image_model(model_name, data, config.seed,
-                                                                                       s.dropout_rate),
-            args, data.view("train", index=meta), data.view("test"), meta=data.view("meta") if meta else None,
-            noise_mask=noisy,
-        )
-        say(f"[noisy]   best {run['best_accuracy']:.4f}  final {run['final_accuracy']:.4f}")
+        common.say(f"[noisy] training {method} ...")
+        model = common.build_image_model(model_name, data, config.seed, s.dropout_rate)
+        cls = common.trainer_class(base, decay, s.lr_decay_factor)
+        run = common.run_one(method, cls, model, args, data.view("train", index=meta), data.view("test"),
+                             meta=data.view("meta") if meta else None, noise_mask=noisy)
+        common.say(f"[noisy]   best {run['best_accuracy']:.4f}  final {run['final_accuracy']:.4f}")
         runs.append(run)
 
     rows = ["| method | best test acc | final test acc | rate AUROC clean>noisy | mean rate clean / noisy | "
             "learned wd | train time (s) |", "|---|---|---|---|---|---|---|"]
     for r in runs:
         sep = (f"{r['rate_clean']:.2f} / {r['rate_noisy']:.2f}" if "rate_clean" in r else "–")
-        wd = fmt(r.get("learned_weight_decay"), 6) if "learned_weight_decay" in r else "fixed"
+        wd = common.fmt(r.get("learned_weight_decay"), 6) if "learned_weight_decay" in r else "fixed"
+        auroc = common.fmt(r.get("auroc_clean_vs_noisy"), 3)
         rows.append(f"| {r['method']} | {r['best_accuracy']:.4f} | {r['final_accuracy']:.4f} | "
-                    f"{fmt(r.get('auroc_clean_vs_noisy'), 3)} | {sep} | {wd} | {r['train_time_s']:.0f} |")
+                    f"{auroc} | {sep} | {wd} | {r['train_time_s']:.0f} |")
     table = "\n".join(rows)
     payload = {
         "experiment": "noisy_cifar100", "dataset": s.dataset, "model": model_name, "noise_rate": s.noise_rate,
         "noise_mode": s.noise_mode, "wrong_label_fraction": float(noisy.mean()), "meta_size": meta_size,
         "setting": s.setting if not embedded else "embedded", "lr_decay_at": list(decay),
-        "runs": [strip(r) for r in runs],
+        "runs": [common.strip(r) for r in runs],
     }
-    write_outputs(config.output_dir, "noisy_cifar100", payload, table, runs)
+    common.write_outputs(config.output_dir, "noisy_cifar100", payload, table, runs)
     return payload
 
 

@@ -43,22 +43,7 @@ import torch
 from transformers import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (  # noqa: E402
-    ImageExampleOptions,
-    build_image_model,
-    common_presets,
-    image_views,
-    load_raw,
-    parse_args,
-    parse_list,
-    run_config,
-    run_one,
-    say,
-    step_decay,
-    strip,
-    trainer_class,
-    write_outputs,
-)
+import _common as common  # noqa: E402
 
 from hf_ddlr import MetaLRTrainer  # noqa: E402
 from hf_ddlr.data import make_variant  # noqa: E402
@@ -86,7 +71,7 @@ class ClassWeightedTrainer(Trainer):
 
 
 @dataclass
-class PersonalOptions(ImageExampleOptions):
+class PersonalOptions(common.ImageExampleOptions):
     superclass: str | None = field(default=None, metadata={
         "help": "Coarse class name (default vehicles_1 on CIFAR-100, curvy on the embedded digits)."})
     methods: str = field(default=",".join(METHODS), metadata={"help": f"Comma-separated subset of {list(METHODS)}."})
@@ -100,85 +85,40 @@ class PersonalOptions(ImageExampleOptions):
 
 
 def presets(s: PersonalOptions) -> dict:
-    if s.dataset == "embedded":
-        p = dict(per_device_train_batch_size=64, learning_rate=0.05, warmup_steps=0.125, num_train_epochs=8)
-    else:
-        p = dict(per_device_train_batch_size=128, learning_rate=0.1, num_train_epochs=60)
-    p.update(optim="sgd", optim_args="momentum=0.9", weight_decay=5e-4, lr_level="class")
-    if s.quick:
-        p.update(num_train_epochs=1)
-    return common_presets(s, "personalize_superclass", **p)
+    return common.sgd_image_presets(s, "personalize_superclass", cifar_epochs=60, lr_level="class")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    s, config = parse_args(PersonalOptions, presets, argv)
+    s, config = common.parse_args(PersonalOptions, presets, argv)
     embedded = s.dataset == "embedded"
-    model_name = s.model or ("small_cnn" if embedded else "resnet18")
     superclass = s.superclass or ("curvy" if embedded else "vehicles_1")
-    meta_size = s.meta_size or (90 if embedded else 250)
-    n_train, n_test = s.max_train_samples, s.max_test_samples
-    if s.quick:
-        # balanced over the superclass's fine classes: 10 per digit / 2 per CIFAR-100 class
-        n_train, n_test, meta_size = n_train or 400, n_test or 200, min(meta_size, 30 if embedded else 10)
-    decay = step_decay(s, [float(v) for v in parse_list(s.lr_decay_at)])
-    methods = parse_list(s.methods)
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}.")
-
-    raw_all = load_raw(s.dataset, n_train, n_test, config.seed)
-    raw = make_variant(raw_all, "superclass", superclass=superclass, meta_size=meta_size, seed=config.seed)
+    # quick: balanced over the superclass's fine classes, 10 per digit / 2 per CIFAR-100 class
+    plan = common.plan_image_run(s, paper_model="resnet18", meta_size=(90, 250), quick_meta_size=(30, 10),
+                                 methods=METHODS)
+    raw_all = common.load_raw(s.dataset, plan.n_train, plan.n_test, config.seed)
+    raw = make_variant(raw_all, "superclass", superclass=superclass, meta_size=plan.meta_size,
+                       seed=config.seed)
     # the whole test set too (all classes), to see what personalization costs on the other classes
     raw["test_all"] = make_variant(raw_all, "clean", meta_size=raw_all["train"].features["fine_label"].num_classes,
                                    seed=config.seed)["test"]
-    data = image_views(raw, s.dataset)
+    data = common.image_views(raw, s.dataset)
     targets = sorted(set(data.raw["meta"]["label"]))
     names = [data.label_names[c] for c in targets]
-    say(f"[personal] {s.dataset}: superclass {superclass!r} = {names}; {len(data.raw['train'])} train (all "
-          f"classes), {len(data.raw['meta'])} personal images, {len(data.raw['test'])} test images of the "
-          f"superclass; model {model_name}")
-    train, test = data.view("train"), data.view("test")
+    common.say(f"[personal] {s.dataset}: superclass {superclass!r} = {names}; {len(data.raw['train'])} "
+               f"train (all classes), {len(data.raw['meta'])} personal images, {len(data.raw['test'])} test "
+               f"images of the superclass; model {plan.model_name}")
+    views = {"train": data.view("train"), "test": data.view("test")}
 
-    def new_model():
-        return build_image_model(model_name, data, config.seed)
-
-    runs, full_run = [], None
-    order = sorted(methods, key=lambda m: METHODS.index(m) if m != "transfer" else len(METHODS))  # full first
+    runs, done = [], {}
+    # full before transfer, which fine-tunes it
+    order = sorted(plan.methods, key=lambda m: METHODS.index(m) if m != "transfer" else len(METHODS))
     for method in order:
-        say(f"[personal] training {method} ...")
-        args = run_config(config, s, method, {})
-        if method in ("full", "biased"):
-            kw = {}
-            cls = Trainer
-            if method == "biased":
-                w = torch.ones(data.num_labels)
-                w[targets] = s.bias_weight or (data.num_labels - len(targets)) / len(targets)
-                kw["class_weights"] = w
-                cls = ClassWeightedTrainer
-            run = run_one(method, trainer_class(cls, decay, s.lr_decay_factor), new_model(), args, train, test, **kw)
-            if method == "biased":
-                run["class_weights"] = w.tolist()
-            if method == "full":
-                full_run = run
-        elif method == "metalr":
-            args = dataclasses.replace(args, lr_level="class")
-            run = run_one(method, trainer_class(MetaLRTrainer, decay, s.lr_decay_factor), new_model(), args,
-                          data.view("train", index=True), test, meta=data.view("meta"))
-        else:  # transfer: pretrain = the full run (trained now if it was not asked for), fine-tune on the meta set
-            if full_run is None:
-                full_run = run_one("full", trainer_class(Trainer, decay, s.lr_decay_factor), new_model(),
-                                   run_config(config, s, "full", {}), train, test)
-            pre = full_run["trainer"].model
-            ft = dataclasses.replace(args, num_train_epochs=s.finetune_epochs, max_steps=-1, warmup_steps=0,
-                                     learning_rate=args.learning_rate * s.finetune_lr_scale,
-                                     lr_scheduler_type="constant", logging_steps=5)
-            run = run_one(method, Trainer, pre, ft, data.view("meta"), test)
-            run["pretrain_time_s"] = full_run["train_time_s"]
-            run["pretrain_final_accuracy"] = full_run["final_accuracy"]
+        common.say(f"[personal] training {method} ...")
+        run = _train(method, s, config, plan, data, views, targets, done)
         all_classes = run["trainer"].evaluate(data.view("test_all"), metric_key_prefix="all")
         run["all_classes_accuracy"] = float(all_classes["all_accuracy"])
-        say(f"[personal]   superclass: best {run['best_accuracy']:.4f}  final {run['final_accuracy']:.4f}; "
-              f"all classes {run['all_classes_accuracy']:.4f}")
+        common.say(f"[personal]   superclass: best {run['best_accuracy']:.4f}  "
+                   f"final {run['final_accuracy']:.4f}; all classes {run['all_classes_accuracy']:.4f}")
         runs.append(run)
 
     runs.sort(key=lambda r: METHODS.index(r["method"]))
@@ -190,11 +130,46 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(f"| {r['method']} | {r['final_accuracy']:.4f} | {r['best_accuracy']:.4f} | "
                     f"{r['all_classes_accuracy']:.4f} | {t:.0f} | {note} |")
     table = "\n".join(rows)
-    payload = {"experiment": "personalize_superclass", "dataset": s.dataset, "model": model_name,
+    payload = {"experiment": "personalize_superclass", "dataset": s.dataset, "model": plan.model_name,
                "superclass": superclass, "superclass_classes": names, "meta_size": len(data.raw["meta"]),
-               "runs": [strip(r) for r in runs]}
-    write_outputs(config.output_dir, "personalize_superclass", payload, table, runs)
+               "runs": [common.strip(r) for r in runs]}
+    common.write_outputs(config.output_dir, "personalize_superclass", payload, table, runs)
     return payload
+
+
+def _train(method: str, s: PersonalOptions, config, plan: common.ImageRun, data: common.ImageData,
+           views: dict, targets: list[int], done: dict) -> dict:
+    """Train one method. ``done["full"]`` keeps the full run: transfer fine-tunes it (training it first
+    when it was not asked for)."""
+    train, test = views["train"], views["test"]
+
+    def fit(name: str, cls: type, args, train_set, **kw) -> dict:
+        model = common.build_image_model(plan.model_name, data, config.seed)
+        return common.run_one(name, common.trainer_class(cls, plan.decay, s.lr_decay_factor), model, args,
+                              train_set, test, **kw)
+
+    args = common.run_config(config, s, method, {})
+    if method == "full":
+        done["full"] = run = fit(method, Trainer, args, train)
+    elif method == "biased":
+        w = torch.ones(data.num_labels)
+        w[targets] = s.bias_weight or (data.num_labels - len(targets)) / len(targets)
+        run = fit(method, ClassWeightedTrainer, args, train, class_weights=w)
+        run["class_weights"] = w.tolist()
+    elif method == "metalr":
+        args = dataclasses.replace(args, lr_level="class")
+        run = fit(method, MetaLRTrainer, args, data.view("train", index=True), meta=data.view("meta"))
+    else:  # transfer: the full run (trained now if it was not asked for), fine-tuned on the meta set
+        if "full" not in done:
+            done["full"] = fit("full", Trainer, common.run_config(config, s, "full", {}), train)
+        full_run = done["full"]
+        ft = dataclasses.replace(args, num_train_epochs=s.finetune_epochs, max_steps=-1, warmup_steps=0,
+                                 learning_rate=args.learning_rate * s.finetune_lr_scale,
+                                 lr_scheduler_type="constant", logging_steps=5)
+        run = common.run_one(method, Trainer, full_run["trainer"].model, ft, data.view("meta"), test)
+        run["pretrain_time_s"] = full_run["train_time_s"]
+        run["pretrain_final_accuracy"] = full_run["final_accuracy"]
+    return run
 
 
 def _note(r: dict, s: PersonalOptions, targets: list[int], n_meta: int, num_labels: int) -> str:

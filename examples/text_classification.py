@@ -34,17 +34,7 @@ import numpy as np
 from transformers import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (  # noqa: E402
-    common_presets,
-    fmt,
-    parse_args,
-    parse_list,
-    run_config,
-    run_one,
-    say,
-    strip,
-    write_outputs,
-)
+import _common as common  # noqa: E402
 
 from hf_ddlr import MetaLRTrainer  # noqa: E402
 
@@ -137,7 +127,7 @@ def presets(s: TextOptions) -> dict:
                  weight_decay=0.01, lr_scheduler_type="linear")
     if s.quick:
         p.update(num_train_epochs=1)
-    return common_presets(s, "text_classification", per_device_eval_batch_size=256, **p)
+    return common.common_presets(s, "text_classification", per_device_eval_batch_size=256, **p)
 
 
 def load_text_data(s: TextOptions, seed: int):
@@ -194,7 +184,7 @@ def load_text_data(s: TextOptions, seed: int):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    s, config = parse_args(TextOptions, presets, argv)
+    s, config = common.parse_args(TextOptions, presets, argv)
     raw, tokenizer, make_model = load_text_data(s, config.seed)
     noise_mask = np.asarray(raw["train"]["is_noisy"], dtype=bool)
     max_len = min(s.max_length, tokenizer.model_max_length)
@@ -208,20 +198,20 @@ def main(argv: list[str] | None = None) -> dict:
         return ds.select_columns([c for c in keep + (["sample_index"] if index else []) if c in ds.column_names]
                                  + (["is_noisy"] if split == "train" else []))
 
-    say(f"[text] {s.dataset}: {len(raw['train'])} train ({noise_mask.mean():.0%} wrong labels), "
-          f"{len(raw['meta'])} clean meta, {len(raw['test'])} test")
+    common.say(f"[text] {s.dataset}: {len(raw['train'])} train ({noise_mask.mean():.0%} wrong labels), "
+               f"{len(raw['meta'])} clean meta, {len(raw['test'])} test")
     runs = []
-    for method in parse_list(s.methods):
+    for method in common.parse_list(s.methods):
         if method not in METHODS:
             raise SystemExit(f"unknown method {method!r}; choose from {list(METHODS)}.")
         # the tokenised splits carry only model columns (+ index, is_noisy): let the Trainer drop the rest
-        args = dataclasses.replace(run_config(config, s, method, {}), remove_unused_columns=True)
+        args = dataclasses.replace(common.run_config(config, s, method, {}), remove_unused_columns=True)
         meta = method == "metalr"
-        say(f"[text] training {method} ...")
-        run = run_one(method, MetaLRTrainer if meta else Trainer, make_model(), args, view("train", index=meta),
-                      view("test"), meta=view("meta") if meta else None, noise_mask=noise_mask,
-                      processing_class=tokenizer)
-        say(f"[text]   best {run['best_accuracy']:.4f}  final {run['final_accuracy']:.4f}")
+        common.say(f"[text] training {method} ...")
+        run = common.run_one(method, MetaLRTrainer if meta else Trainer, make_model(), args,
+                             view("train", index=meta), view("test"), meta=view("meta") if meta else None,
+                             noise_mask=noise_mask, processing_class=tokenizer)
+        common.say(f"[text]   best {run['best_accuracy']:.4f}  final {run['final_accuracy']:.4f}")
         runs.append(run)
 
     rows = ["| method | best test acc | final test acc | rate AUROC clean>noisy | mean rate clean / noisy | "
@@ -229,12 +219,12 @@ def main(argv: list[str] | None = None) -> dict:
     for r in runs:
         sep = f"{r['rate_clean']:.2f} / {r['rate_noisy']:.2f}" if "rate_clean" in r else "–"
         rows.append(f"| {r['method']} | {r['best_accuracy']:.4f} | {r['final_accuracy']:.4f} | "
-                    f"{fmt(r.get('auroc_clean_vs_noisy'), 3)} | {sep} | {r['train_time_s']:.0f} |")
+                    f"{common.fmt(r.get('auroc_clean_vs_noisy'), 3)} | {sep} | {r['train_time_s']:.0f} |")
     table = "\n".join(rows)
     payload = {"experiment": "text_classification", "dataset": s.dataset,
                "model": "tiny BERT (local)" if s.dataset == "embedded" else s.model_name_or_path,
-               "noise_rate": s.noise_rate, "runs": [strip(r) for r in runs]}
-    write_outputs(config.output_dir, "text_classification", payload, table, runs)
+               "noise_rate": s.noise_rate, "runs": [common.strip(r) for r in runs]}
+    common.write_outputs(config.output_dir, "text_classification", payload, table, runs)
     return payload
 
 

@@ -49,24 +49,7 @@ import torch
 from transformers import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (  # noqa: E402
-    ImageExampleOptions,
-    build_image_model,
-    common_presets,
-    fmt,
-    image_views,
-    load_raw,
-    load_variant,
-    parse_args,
-    parse_list,
-    run_config,
-    run_one,
-    say,
-    step_decay,
-    strip,
-    trainer_class,
-    write_outputs,
-)
+import _common as common  # noqa: E402
 
 from hf_ddlr import MetaLRTrainer  # noqa: E402
 
@@ -82,7 +65,7 @@ METHOD_SPECS = {
 
 
 @dataclass
-class TrainOptions(ImageExampleOptions):
+class TrainOptions(common.ImageExampleOptions):
     methods: str = field(default="metalr", metadata={"help": f"Comma-separated subset of {list(METHODS)}."})
     protocol: str = field(default="holdout", metadata={"choices": ["holdout", "kfold"],
                                                        "help": "holdout meta set, or the paper's k-fold + replay."})
@@ -93,14 +76,7 @@ class TrainOptions(ImageExampleOptions):
 
 
 def presets(s: TrainOptions) -> dict:
-    if s.dataset == "embedded":
-        p = dict(per_device_train_batch_size=64, learning_rate=0.05, warmup_steps=0.125, num_train_epochs=8)
-    else:
-        p = dict(per_device_train_batch_size=128, learning_rate=0.1, num_train_epochs=200)
-    p.update(optim="sgd", optim_args="momentum=0.9", weight_decay=5e-4, learn_weight_decay=True)
-    if s.quick:
-        p.update(num_train_epochs=1)
-    return common_presets(s, "train_cifar100", **p)
+    return common.sgd_image_presets(s, "train_cifar100", cifar_epochs=200, learn_weight_decay=True)
 
 
 def _full_train(fold):
@@ -119,68 +95,68 @@ def _make_trainer_kwargs(method: str, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    s, config = parse_args(TrainOptions, presets, argv)
-    embedded = s.dataset == "embedded"
-    model_name = s.model or ("small_cnn" if embedded else "resnet18")
-    meta_size = s.meta_size or (100 if embedded else 1000)
-    n_train, n_test = s.max_train_samples, s.max_test_samples
-    if s.quick:
-        # class-balanced meta split: 5 per digit / 1 per CIFAR-100 class
-        n_train, n_test, meta_size = n_train or 400, n_test or 200, min(meta_size, 50 if embedded else 100)
-    decay = step_decay(s, [float(v) for v in parse_list(s.lr_decay_at)])
-    methods = parse_list(s.methods)
-    unknown = set(methods) - set(METHOD_SPECS)
-    if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}.")
-
+    s, config = common.parse_args(TrainOptions, presets, argv)
+    # quick: a class-balanced meta split of 5 per digit / 1 per CIFAR-100 class
+    plan = common.plan_image_run(s, paper_model="resnet18", meta_size=(100, 1000), quick_meta_size=(50, 100),
+                                 methods=METHODS)
+    model_name, decay = plan.model_name, plan.decay
     if s.protocol == "holdout":
-        data = image_views(load_variant(s.dataset, "clean", meta_size=meta_size, seed=config.seed,
-                                        max_train=n_train, max_test=n_test), s.dataset)
+        raw = common.load_variant(s.dataset, "clean", meta_size=plan.meta_size, seed=config.seed,
+                                  max_train=plan.n_train, max_test=plan.n_test)
+        data = common.image_views(raw, s.dataset)
         folds, stats = None, None
     else:
         from hf_ddlr.data import compute_mean_std, kfold_splits
 
-        folds = kfold_splits(load_raw(s.dataset, n_train, n_test, config.seed), s.k, seed=config.seed)
+        raw = common.load_raw(s.dataset, plan.n_train, plan.n_test, config.seed)
+        folds = kfold_splits(raw, s.k, seed=config.seed)
         full = _full_train(folds[0])
-        stats = None if not embedded else compute_mean_std(full["train"])
-        data = image_views(full, s.dataset, stats=stats)
-    say(f"[cifar100] {s.dataset}: {len(data.raw['train'])} train, "
-          f"{len(data.raw['meta']) if folds is None else f'{s.k} folds as'} meta, {len(data.raw['test'])} test; "
-          f"model {model_name}; protocol {s.protocol}")
+        stats = None if s.dataset != "embedded" else compute_mean_std(full["train"])
+        data = common.image_views(full, s.dataset, stats=stats)
+    n_meta = len(data.raw["meta"]) if folds is None else f"{s.k} folds as"
+    common.say(f"[cifar100] {s.dataset}: {len(data.raw['train'])} train, {n_meta} meta, "
+               f"{len(data.raw['test'])} test; model {model_name}; protocol {s.protocol}")
 
     runs = []
-    for method in methods:
+    for method in plan.methods:
         base, defaults, forced = METHOD_SPECS[method]
-        args = dataclasses.replace(run_config(config, s, method, defaults), **forced)
-        cls = trainer_class(base, decay, s.lr_decay_factor)
-        model = build_image_model(model_name, data, config.seed)
-        say(f"[cifar100] training {method} ...")
+        args = dataclasses.replace(common.run_config(config, s, method, defaults), **forced)
+        cls = common.trainer_class(base, decay, s.lr_decay_factor)
+        model = common.build_image_model(model_name, data, config.seed)
+        common.say(f"[cifar100] training {method} ...")
         if base is MetaLRTrainer and folds is not None:
             run = _kfold_run(method, cls, model_name, data, folds, args, s, stats)
         elif base is MetaLRTrainer:
-            run = run_one(method, cls, model, args, data.view("train", index=True), data.view("test"),
-                          meta=data.view("meta"))
+            run = common.run_one(method, cls, model, args, data.view("train", index=True), data.view("test"),
+                                 meta=data.view("meta"))
         else:
-            run = run_one(method, cls, model, args, data.view("train"), data.view("test"),
-                          **_make_trainer_kwargs(method, args))
-        say(f"[cifar100]   best {run['best_accuracy']:.4f}  final {run['final_accuracy']:.4f}")
+            run = common.run_one(method, cls, model, args, data.view("train"), data.view("test"),
+                                 **_make_trainer_kwargs(method, args))
+        common.say(f"[cifar100]   best {run['best_accuracy']:.4f}  final {run['final_accuracy']:.4f}")
         runs.append(run)
 
+    payload = {"experiment": "train_cifar100", "dataset": s.dataset, "model": model_name, "protocol": s.protocol,
+               "lr_decay_at": list(decay), "lr_decay_factor": s.lr_decay_factor,
+               "runs": [common.strip(r) for r in runs]}
+    common.write_outputs(config.output_dir, "train_cifar100", payload, _table(runs), runs)
+    return payload
+
+
+def _table(runs: list[dict]) -> str:
+    """The Markdown results table, one row per method."""
     rows = ["| method | optimizer | lr | best test acc | final test acc | learned wd | rates (mean) | time (s) |",
             "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         a = r["trainer"].args
         opt = "Adam" if r["method"] == "adam" else str(getattr(a.optim, "value", a.optim))
-        rates = (fmt(r.get("instance_rate_mean"), 3) if "instance_rate_mean" in r
-                 else fmt(sum(r["class_rates"]) / len(r["class_rates"]), 3) if "class_rates" in r else "–")
-        wd = fmt(r.get("learned_weight_decay"), 6) if "learned_weight_decay" in r else f"{a.weight_decay:g} (fixed)"
+        rates = (common.fmt(r.get("instance_rate_mean"), 3) if "instance_rate_mean" in r
+                 else common.fmt(sum(r["class_rates"]) / len(r["class_rates"]), 3) if "class_rates" in r
+                 else "–")
+        wd = (common.fmt(r.get("learned_weight_decay"), 6) if "learned_weight_decay" in r
+              else f"{a.weight_decay:g} (fixed)")
         rows.append(f"| {r['method']} | {opt} | {a.learning_rate:g} | {r['best_accuracy']:.4f} | "
                     f"{r['final_accuracy']:.4f} | {wd} | {rates} | {r['train_time_s']:.0f} |")
-    table = "\n".join(rows)
-    payload = {"experiment": "train_cifar100", "dataset": s.dataset, "model": model_name, "protocol": s.protocol,
-               "lr_decay_at": list(decay), "lr_decay_factor": s.lr_decay_factor, "runs": [strip(r) for r in runs]}
-    write_outputs(config.output_dir, "train_cifar100", payload, table, runs)
-    return payload
+    return "\n".join(rows)
 
 
 def _kfold_run(method, cls, model_name, data, folds, args, s, stats):
@@ -189,20 +165,22 @@ def _kfold_run(method, cls, model_name, data, folds, args, s, stats):
 
     trajs, indices = [], []
     for i, fold in enumerate(folds):
-        fd = image_views(fold, s.dataset, stats=stats)
+        fd = common.image_views(fold, s.dataset, stats=stats)
         fargs = dataclasses.replace(args, output_dir=os.path.join(args.output_dir, f"fold{i}"), push_to_hub=False)
-        say(f"[cifar100]   fold {i + 1}/{len(folds)}: learning the trajectory")
-        r = run_one(f"{method}_fold{i}", cls, build_image_model(model_name, fd, args.seed), fargs,
-                    fd.view("train", index=True), fd.view("test"), meta=fd.view("meta"))
+        common.say(f"[cifar100]   fold {i + 1}/{len(folds)}: learning the trajectory")
+        model = common.build_image_model(model_name, fd, args.seed)
+        r = common.run_one(f"{method}_fold{i}", cls, model, fargs, fd.view("train", index=True),
+                           fd.view("test"), meta=fd.view("meta"))
         trajs.append(r["trainer"].lr_trajectory)
         indices.append(torch.as_tensor(fold["train"]["source_index"]))
     train = data.view("train", index=True)
     avg = LRTrajectory.average(trajs, instance_indices=indices, dataset=dataset_signature(train))
     path = os.path.join(args.output_dir, "averaged_trajectory")
     avg.save_pretrained(path)
-    say(f"[cifar100]   replaying the average of {len(trajs)} trajectories on the full train set")
+    common.say(f"[cifar100]   replaying the average of {len(trajs)} trajectories on the full train set")
     rargs = dataclasses.replace(args, replay_trajectory=path)
-    run = run_one(method, cls, build_image_model(model_name, data, args.seed), rargs, train, data.view("test"))
+    model = common.build_image_model(model_name, data, args.seed)
+    run = common.run_one(method, cls, model, rargs, train, data.view("test"))
     run["protocol"] = f"kfold({len(folds)}) + replay"
     return run
 

@@ -34,20 +34,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-NOISY_METHODS = ["plain", "metalr", "metalr_class", "metalr_nohistory"]
-NOISY_LABELS = {
-    "plain": "Trainer (plain SGD)",
-    "metalr": "MetaLR instance (history)",
-    "metalr_class": "MetaLR class",
-    "metalr_nohistory": "MetaLR instance, no history (ablation)",
-}
-PERSONAL_METHODS = ["biased", "full", "transfer", "metalr"]
-PERSONAL_LABELS = {
-    "biased": "biased (fixed superclass weight)",
-    "full": "full (plain, all classes)",
-    "transfer": "transfer (full + fine-tune on personal set)",
-    "metalr": "MetaLR class level",
-}
+# method -> row label of its table, in table order
+NOISY_LABELS = {"plain": "Trainer (plain SGD)", "metalr": "MetaLR instance (history)",
+                "metalr_class": "MetaLR class", "metalr_nohistory": "MetaLR instance, no history (ablation)"}
+PERSONAL_LABELS = {"biased": "biased (fixed superclass weight)", "full": "full (plain, all classes)",
+                   "transfer": "transfer (full + fine-tune on personal set)", "metalr": "MetaLR class level"}
+NOISY_METHODS, PERSONAL_METHODS = list(NOISY_LABELS), list(PERSONAL_LABELS)
 
 
 def ms(values, digits: int = 4) -> str:
@@ -137,7 +129,7 @@ def cached(kind: str, seed: int, a: argparse.Namespace, work: Path, *, honour_fo
     return unit if (unit.get("epochs"), unit.get("quick")) == (a.epochs, a.quick) else None
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default=str(ROOT / "results"), help="where RESULTS.md and results.json go")
@@ -149,45 +141,33 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--force", action="store_true", help="retrain even the seeds cached under <out>/runs")
     p.add_argument("--units", nargs="*", default=None, help=argparse.SUPPRESS)  # worker mode: kind:seed ...
     p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from datasets.utils.logging import disable_progress_bar
+    return p
 
-    disable_progress_bar()
-    from hf_ddlr import MetaLRConfig  # (after the offline switches above)
-    if a.threads:
-        import torch
 
-        torch.set_num_threads(a.threads)
-    out, work = Path(a.out), Path(a.work)
-    out.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
-    if a.units is not None:  # a worker started by --jobs
-        for u in a.units:
-            kind, seed = u.split(":")
-            run_unit(kind, int(seed), a, work)
-        return {}
-
-    t_start = time.time()
+def run_missing(a: argparse.Namespace, out: Path, work: Path) -> None:
+    """Train every (table, seed) not cached yet: in this process, or spread over ``--jobs`` workers."""
     todo = [(k, s) for k in ("noisy", "personal") for s in a.seeds if cached(k, s, a, work) is None]
-    if todo and a.jobs > 1:
-        # longest-first onto the least loaded worker
-        loads: list[list] = [[0.0, []] for _ in range(min(a.jobs, len(todo)))]
-        for k, s in sorted(todo, key=lambda u: -UNIT_COST[u[0]]):
-            w = min(loads, key=lambda x: x[0])
-            w[0] += UNIT_COST[k]
-            w[1].append(f"{k}:{s}")
-        base = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--work", str(work),
-                "--epochs", str(a.epochs),
-                "--threads", "1"] + (["--quick"] if a.quick else []) + (["--force"] if a.force else [])
-        procs = [subprocess.Popen(base + ["--units", *units]) for _, units in loads]
-        codes = [pr.wait() for pr in procs]
-        if any(codes):
-            raise SystemExit(f"a worker failed (exit codes {codes}); see {work}/log_*.txt")
-    else:
+    if not (todo and a.jobs > 1):
         for k, s in todo:
             run_unit(k, s, a, work)
+        return
+    # longest-first onto the least loaded worker
+    loads: list[list] = [[0.0, []] for _ in range(min(a.jobs, len(todo)))]
+    for k, s in sorted(todo, key=lambda u: -UNIT_COST[u[0]]):
+        w = min(loads, key=lambda x: x[0])
+        w[0] += UNIT_COST[k]
+        w[1].append(f"{k}:{s}")
+    base = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--work", str(work),
+            "--epochs", str(a.epochs),
+            "--threads", "1"] + (["--quick"] if a.quick else []) + (["--force"] if a.force else [])
+    procs = [subprocess.Popen(base + ["--units", *units]) for _, units in loads]
+    codes = [pr.wait() for pr in procs]
+    if any(codes):
+        raise SystemExit(f"a worker failed (exit codes {codes}); see {work}/log_*.txt")
+
+
+def collect(a: argparse.Namespace, work: Path) -> tuple[dict[str, list[dict]], dict[str, list[dict]], float]:
+    """The cached runs of both tables by method (seeds in order) and the compute time summed over them."""
     # everything was just (re)computed: read it back even under --force
     units = {(k, s): cached(k, s, a, work, honour_force=False) for k in ("noisy", "personal") for s in a.seeds}
     noisy: dict[str, list[dict]] = {}
@@ -195,8 +175,12 @@ def main(argv: list[str] | None = None) -> dict:
     for (k, _), unit in sorted(units.items(), key=lambda kv: kv[0]):
         for r in unit["runs"]:
             (noisy if k == "noisy" else personal).setdefault(r["method"], []).append(r)
-    total = time.time() - t_start
-    compute = sum(u["elapsed_s"] for u in units.values())
+    return noisy, personal, sum(u["elapsed_s"] for u in units.values())
+
+
+def markdown(a: argparse.Namespace, noisy: dict, personal: dict, compute: float) -> str:
+    """RESULTS.md: the set-up, both tables and the paired-seed comparisons."""
+    from hf_ddlr import MetaLRConfig  # (after the offline switches of main)
 
     seeds = ", ".join(map(str, a.seeds))
     md = [
@@ -249,7 +233,34 @@ def main(argv: list[str] | None = None) -> dict:
         rates = np.asarray([r["class_rates"] for r in personal["metalr"]])
         md += ["Final learned class rates (mean over seeds), digits 0-9: "
                + ", ".join(f"{d}: {v:.2f}" for d, v in enumerate(rates.mean(0))) + ".", ""]
-    text = "\n".join(md)
+    return "\n".join(md)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = _parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    out, work = Path(a.out), Path(a.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    if a.units is not None:  # a worker started by --jobs
+        for u in a.units:
+            kind, seed = u.split(":")
+            run_unit(kind, int(seed), a, work)
+        return {}
+
+    t_start = time.time()
+    run_missing(a, out, work)
+    noisy, personal, compute = collect(a, work)
+    total = time.time() - t_start
+    text = markdown(a, noisy, personal, compute)
     (out / "RESULTS.md").write_text(text)
     payload = {"seeds": a.seeds, "epochs": a.epochs, "run_time_s": round(compute, 1),
                "noisy": noisy, "personalization": personal}

@@ -1,4 +1,4 @@
-"""The benchmark scripts import, parse their flags and turn measurements into tables and PASS/FAIL lines.
+"""The benchmark scripts import, parse their flags and turn measurements into tables.
 
 The benchmarks themselves take minutes (see benchmarks/); the slow test runs a one-round BERT step-cost pass, and
 the robustness matrix runs two cells at --quick (tiny data, one epoch) in a subprocess.
@@ -54,34 +54,27 @@ def _rows(jvp_time: float, cos: float) -> dict:
     return rows
 
 
-def test_step_cost_targets_pass_and_fail():
-    sc = _load("step_cost")
-    good = {t["target"]: t["result"] for t in sc.evaluate_targets(_rows(3.2, 1.0))}
-    assert good["default (jvp, same_step) time <= 3.4x plain"] == "PASS"
-    assert good["jvp agrees with exact: cosine >= 0.9999"] == "PASS"
-    assert "fastest exact delayed mode (finite_difference/delayed) time <= 2.6x plain" in good
-    bad = {t["target"]: t["result"] for t in sc.evaluate_targets(_rows(4.0, 0.99))}
-    assert bad["default (jvp, same_step) time <= 3.4x plain"] == "FAIL"
-    assert bad["default (jvp, same_step) >= 1.3x faster than exact"] == "FAIL"
-    assert bad["jvp/delayed agrees with exact: cosine >= 0.9999"] == "FAIL"
-
-
-def test_step_cost_render_has_every_configuration():
+def test_step_cost_reports_measured_ratios_without_verdicts():
+    """The benchmark prints what it measured, every configuration a row; the targets these ratios are read
+    against live in the README, so no PASS / FAIL (or target) line is printed."""
     sc = _load("step_cost")
     rows = _rows(3.2, 1.0)
-    res = dict(
-        model_description="m",
-        environment="e",
-        rounds=1,
-        warmup=0,
-        acc_warm_steps=0,
-        rows=rows,
-        targets=sc.evaluate_targets(rows),
-    )
+    res = dict(model_description="m", environment="e", rounds=1, warmup=0, acc_warm_steps=0, rows=rows)
     md = sc.render(res)
     for name in rows:
         assert f"| {name} |" in md
-    assert "PASS" in md
+    assert "| jvp | 320 | – | 3.20 | – | 200 (×2.00) | 500 | 1.0000000 | 1.0000 | 1.0e-07 |" in md
+    assert "PASS" not in md and "FAIL" not in md and "target" not in md
+
+
+def test_step_cost_paired_ratios_are_medians_of_per_round_ratios():
+    sc = _load("step_cost")
+    rows = {"plain": {"times_s": [1.0, 2.0, 1.0]}, "exact": {"times_s": [4.0, 4.0, 4.0]},
+            "jvp": {"times_s": [3.0, 3.0, 1.5]}}
+    sc.add_paired(rows)
+    assert rows["jvp"]["time_x_plain_paired"] == 1.5  # ratios 3, 1.5, 1.5 (the ratio of medians would be 3)
+    assert rows["jvp"]["time_x_exact_paired"] == 0.75
+    assert rows["plain"]["time_x_plain_paired"] == 1.0
 
 
 def test_strategy_accuracy_render():
@@ -129,7 +122,7 @@ def test_step_cost_bert_one_round(tmp_path):
 def test_step_cost_measures_forward_mode_beside_the_default_on_bert_only(tmp_path):
     """On the BERT the default takes the per-layer products; 'jvp/forward_mode' is the same configuration with
     layerwise_dots=False (on the ResNet, a BatchNorm model, both would be forward mode: not measured twice)."""
-    sc = _load("step_cost")
+    sc = _load("_tasks")
     assert "jvp/forward_mode" in sc.configs_for("bert") and "jvp/forward_mode" not in sc.configs_for("resnet")
     assert sc.OPTIONS["jvp/forward_mode"] == {"layerwise_dots": False}
     task = sc.make_task("bert", 32, n_train=64)

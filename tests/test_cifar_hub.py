@@ -78,15 +78,9 @@ def test_load_cifar100_from_hub_protocol_server(cifar_repo, synthetic_cifar100, 
     report = json.loads(proc.stdout)
     assert {k: v["rows"] for k, v in report.items()} == {"train": 1000, "meta": 200, "test": 200}
     for split in report.values():
-        assert split["columns"] == [
-            "img",
-            "label",
-            "coarse_label",
-            "clean_label",
-            "is_noisy",
-            "sample_index",
-            "source_index",
-        ]
+        # the documented schema, written out here (not read from hf_ddlr.data.variants, which it checks)
+        assert split["columns"] == ["img", "label", "coarse_label", "clean_label", "is_noisy", "sample_index",
+                                    "source_index"]
         assert split["label_names"] == CIFAR100_FINE_NAMES
         assert split["coarse_names"] == CIFAR100_COARSE_NAMES
         assert split["shape"] == [32, 32, 3]

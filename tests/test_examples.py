@@ -142,25 +142,23 @@ def test_flags_override_presets():
         import noisy_cifar100
     finally:
         sys.path.remove(str(EXAMPLES))
-    s, cfg = noisy_cifar100.parse_args(noisy_cifar100.NoisyOptions, noisy_cifar100.presets,
-                                       ["--dataset", "embedded", "--keep_history", "false", "--meta_lr", "0.3"])
+    common, opts, presets = noisy_cifar100.common, noisy_cifar100.NoisyOptions, noisy_cifar100.presets
+    s, cfg = common.parse_args(opts, presets,
+                               ["--dataset", "embedded", "--keep_history", "false", "--meta_lr", "0.3"])
     assert (cfg.learning_rate, cfg.per_device_train_batch_size, cfg.num_train_epochs) == (0.05, 64, 8)
     assert cfg.keep_history is False and cfg.meta_lr == 0.3
-    s, cfg = noisy_cifar100.parse_args(noisy_cifar100.NoisyOptions, noisy_cifar100.presets,
-                                       ["--learning_rate", "0.02", "--setting", "A"])
+    s, cfg = common.parse_args(opts, presets, ["--learning_rate", "0.02", "--setting", "A"])
     assert s.dataset == "cifar100" and cfg.learning_rate == 0.02 and cfg.max_steps == 60_000
     assert cfg.per_device_train_batch_size == 100 and cfg.weight_decay == 5e-4
     with pytest.raises(SystemExit):
-        noisy_cifar100.parse_args(noisy_cifar100.NoisyOptions, noisy_cifar100.presets, ["--lr_level", "bogus"])
+        common.parse_args(opts, presets, ["--lr_level", "bogus"])
     # the user's length replaces setting A's 60k steps (max_steps would silently win over num_train_epochs)
-    s, cfg = noisy_cifar100.parse_args(noisy_cifar100.NoisyOptions, noisy_cifar100.presets,
-                                       ["--setting", "A", "--num_train_epochs", "5"])
+    s, cfg = common.parse_args(opts, presets, ["--setting", "A", "--num_train_epochs", "5"])
     assert (cfg.max_steps, cfg.num_train_epochs) == (-1, 5)
     # an explicit scheduler replaces the script's step decay instead of being ignored
-    assert noisy_cifar100.step_decay(s, (0.5, 0.8)) == (0.5, 0.8)
-    s, _ = noisy_cifar100.parse_args(noisy_cifar100.NoisyOptions, noisy_cifar100.presets,
-                                     ["--lr_scheduler_type", "cosine"])
-    assert noisy_cifar100.step_decay(s, (0.5, 0.8)) == ()
+    assert common.step_decay(s, (0.5, 0.8)) == (0.5, 0.8)
+    s, _ = common.parse_args(opts, presets, ["--lr_scheduler_type", "cosine"])
+    assert common.step_decay(s, (0.5, 0.8)) == ()
 
 
 def test_quick_subsample_keeps_every_cifar100_class(synthetic_cifar100):

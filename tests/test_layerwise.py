@@ -191,17 +191,25 @@ def _mlp_trainer(model: nn.Module, out, **kw) -> MetaLRTrainer:
     return MetaLRTrainer(model=model, args=args, train_dataset=make_split(32, seed=3), meta_dataset=make_split(16, seed=4))
 
 
-class _TiedHead(nn.Module):
-    """Linear layers only, but the head's weight is also used outside its module (as tied weights are)."""
+class _HiddenThenHead(nn.Module):
+    """TinyMLP (hidden 16) whose hidden features reach the logits through ``head`` (subclasses change how)."""
 
     def __init__(self):
         super().__init__()
         self.net = TinyMLP(hidden=16)
 
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward(self, x, labels=None):
-        h = F.relu(self.net.l1(x))
-        logits = self.net.l2(h) + 0.5 * F.linear(h, self.net.l2.weight)
-        return SequenceClassifierOutput(logits=logits)
+        return SequenceClassifierOutput(logits=self.head(F.relu(self.net.l1(x))))
+
+
+class _TiedHead(_HiddenThenHead):
+    """Linear layers only, but the head's weight is also used outside its module (as tied weights are)."""
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net.l2(h) + 0.5 * F.linear(h, self.net.l2.weight)
 
 
 @pytest.mark.parametrize("kind", ["tied", "batchnorm"])
@@ -232,14 +240,9 @@ def test_dots_check_catches_examples_coupled_outside_batchnorm(tmp_path, monkeyp
     """Examples mixed by something other than BatchNorm (here: a batch mean subtracted from the features)
     give correct summed gradients but wrong per-example dots: the check on the first step catches it."""
 
-    class Coupled(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = TinyMLP(hidden=16)
-
-        def forward(self, x, labels=None):
-            h = F.relu(self.net.l1(x))
-            return SequenceClassifierOutput(logits=self.net.l2(h - h.mean(0, keepdim=True)))
+    class Coupled(_HiddenThenHead):
+        def head(self, h: torch.Tensor) -> torch.Tensor:
+            return self.net.l2(h - h.mean(0, keepdim=True))
 
     torch.manual_seed(0)
     t = _mlp_trainer(Coupled(), tmp_path)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import shutil
 
 import pytest
 import torch
@@ -33,7 +32,7 @@ from test_lookahead_optimizers import (
     central_differences,
 )
 from test_meta_engine import _fwd_kw, _setup, cos
-from test_trainer_features import _assert_states
+from test_trainer_features import _assert_states, _only_checkpoint_without
 from tiny import TinyMLP, make_split
 from transformers import TrainerCallback
 
@@ -435,10 +434,7 @@ def test_resume_with_the_average_is_bit_exact_and_needs_its_file(tmp_path):
     assert logs(resumed) == logs(straight)
 
     # negative control: without the average's file the resume warns and is not an exact continuation
-    os.remove(os.path.join(ckpt, META_GRAD_AVERAGE_NAME))
-    for d in os.listdir(out):
-        if d != "checkpoint-3":
-            shutil.rmtree(os.path.join(out, d))
+    _only_checkpoint_without(out, "checkpoint-3", META_GRAD_AVERAGE_NAME)
     with pytest.warns(UserWarning, match="meta_grad_average.safetensors is missing"):
         broken = _avg_run(out, resume=True)
     assert broken._meta_grad_average.num_updates == 3

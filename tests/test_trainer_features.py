@@ -7,6 +7,7 @@ import contextlib
 import copy
 import os
 import shutil
+from unittest import mock
 
 import pytest
 import safetensors.torch
@@ -185,11 +186,8 @@ def _one_step(tmp_path, model, bf16: bool, **kw) -> MetaLRTrainer:
         finally:
             h.remove()
 
-    engine.meta_loss_gradient = spy
-    try:
+    with mock.patch.object(engine, "meta_loss_gradient", spy):
         t.train()
-    finally:
-        engine.meta_loss_gradient = orig
     t.meta_pass_dtypes = dtypes
     return t
 
@@ -211,6 +209,17 @@ def test_bf16_meta_gradients_match_fp32(tmp_path):
     assert g16.weight_decay_grad == pytest.approx(g32.weight_decay_grad, rel=0.05)
 
 
+def _tiny_sgd_trainer(tmp_path, n_train: int, **kw) -> MetaLRTrainer:
+    """MetaLR with SGD, batch 8, on TinyMLP (hidden 12, seed 0); ``n_train`` train rows (seed 11), 8 meta."""
+    torch.manual_seed(0)
+    return MetaLRTrainer(
+        model=TinyMLP(hidden=12),
+        args=_args(tmp_path, optim="sgd", per_device_train_batch_size=8, **kw),
+        train_dataset=make_split(n_train, seed=11),
+        meta_dataset=make_split(8, seed=12),
+    )
+
+
 def _scaled_run(tmp_path, scaler, steps=4):
     seen = []
     orig = schedules.meta_gradients
@@ -219,32 +228,15 @@ def _scaled_run(tmp_path, scaler, steps=4):
         seen.append(k["loss_scale"])
         return orig(*a, **k)
 
-    torch.manual_seed(0)
-    t = MetaLRTrainer(
-        model=TinyMLP(hidden=12),
-        args=_args(
-            tmp_path,
-            optim="sgd",
-            learning_rate=0.3,
-            lr_scheduler_type="constant",
-            max_steps=steps,
-            per_device_train_batch_size=8,
-            logging_steps=1,
-            lr_level="both",
-            weight_decay=0.01,
-            learn_weight_decay=True,
-            max_grad_norm=0.0,
-        ),  # (clipping unscales only under native fp16 AMP)
-        train_dataset=make_split(32, seed=11),
-        meta_dataset=make_split(8, seed=12),
+    t = _tiny_sgd_trainer(
+        tmp_path, 32, learning_rate=0.3, lr_scheduler_type="constant", max_steps=steps, logging_steps=1,
+        lr_level="both", weight_decay=0.01, learn_weight_decay=True,
+        max_grad_norm=0.0,  # (clipping unscales only under native fp16 AMP)
     )
     if scaler is not None:  # what fp16 on a GPU gives (accelerate ignores fp16 on CPU); set before prepare()
         t.accelerator.scaler = scaler
-    schedules.meta_gradients = spy
-    try:
+    with mock.patch.object(schedules, "meta_gradients", spy):
         t.train()
-    finally:
-        schedules.meta_gradients = orig
     t.seen_loss_scales = seen
     return t
 
@@ -277,6 +269,15 @@ def test_overflowing_meta_step_is_skipped_without_touching_rates(tmp_path):
 
 
 # ---------------------------------------------------------------- checkpoints and exact resume
+def _only_checkpoint_without(out: str, checkpoint: str, name: str) -> None:
+    """Delete file ``name`` from ``out/checkpoint`` and everything else under ``out``, so that a resume starts
+    from that checkpoint as if the file had never been written."""
+    os.remove(os.path.join(out, checkpoint, name))
+    for d in os.listdir(out):
+        if d != checkpoint:
+            shutil.rmtree(os.path.join(out, d))
+
+
 def test_resume_is_bit_exact_and_needs_the_meta_state(tmp_path):
     straight = run(str(tmp_path / "straight"), per_device_batch=8)
     out = str(tmp_path / "resume")
@@ -292,31 +293,14 @@ def test_resume_is_bit_exact_and_needs_the_meta_state(tmp_path):
     assert logs(resumed) == logs(straight)
 
     # negative control: the same resume without the meta state is not an exact continuation
-    os.remove(os.path.join(ckpt, META_STATE_NAME))
-    for d in os.listdir(out):
-        if d != "checkpoint-3":
-            shutil.rmtree(os.path.join(out, d))
+    _only_checkpoint_without(out, "checkpoint-3", META_STATE_NAME)
     with pytest.warns(UserWarning, match="meta_state.safetensors is missing"):
         broken = run(out, per_device_batch=8, resume=True, save_steps=3)
     assert not torch.allclose(broken.rates.instance, straight.rates.instance)
 
 
 def _size_run(tmp_path, n: int, resume: bool, **kw):
-    torch.manual_seed(0)
-    t = MetaLRTrainer(
-        model=TinyMLP(hidden=12),
-        args=_args(
-            tmp_path,
-            optim="sgd",
-            per_device_train_batch_size=8,
-            max_steps=4,
-            save_strategy="steps",
-            save_steps=2,
-            **kw,
-        ),
-        train_dataset=make_split(n, seed=11),
-        meta_dataset=make_split(8, seed=12),
-    )
+    t = _tiny_sgd_trainer(tmp_path, n, max_steps=4, save_strategy="steps", save_steps=2, **kw)
     seen = {}
 
     class Grab(TrainerCallback):

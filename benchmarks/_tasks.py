@@ -1,0 +1,198 @@
+"""The benchmark tasks shared by ``step_cost.py``, ``profile_meta_step.py`` and ``gpu_check.py``.
+
+* :func:`make_task` — a CIFAR ResNet-18 (batch 64, 100 classes, random 32x32 inputs) or a small BERT
+  classifier (hidden 128, 2 layers, seq 64, batch 32), with in-memory train (20 % flipped labels) and clean
+  meta sets;
+* :func:`make_trainer` — a plain ``Trainer`` or a ``MetaLRTrainer`` in one of :data:`CONFIGS` on a task, with
+  the benchmarks' recipe (SGD momentum 0.9, weight decay 5e-4, constant LR, CPU, no logging);
+* :func:`tiny_bert` — the locally built BERT classifier both BERT benchmarks use (nothing is downloaded).
+
+Every model factory seeds torch before building, so every call gives the same initial weights.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
+# (name, strategy, update); "plain" is transformers.Trainer
+CONFIGS: list[tuple[str, str | None, str | None]] = [
+    ("plain", None, None),
+    ("exact", "exact", "same_step"),
+    ("jvp", "jvp", "same_step"),
+    ("finite_difference", "finite_difference", "same_step"),
+    ("last_layer", "last_layer", "same_step"),
+    ("jvp/delayed", "jvp", "delayed"),
+    ("finite_difference/delayed", "finite_difference", "delayed"),
+    ("last_layer/delayed", "last_layer", "delayed"),
+    ("jvp/forward_mode", "jvp", "same_step"),  # the default with layerwise_dots=False (BERT only, see below)
+]
+# MetaLRConfig options of a configuration beyond strategy and update
+OPTIONS: dict[str, dict] = {"jvp/forward_mode": {"layerwise_dots": False}}
+
+
+def configs_for(model: str) -> list[str]:
+    """The configurations measured for ``model``. On the ResNet (BatchNorm) the default already runs in
+    forward mode, so 'jvp/forward_mode' would only repeat the 'jvp' row."""
+    return [c[0] for c in CONFIGS if not (model == "resnet" and c[0] == "jvp/forward_mode")]
+
+
+class DictDataset(torch.utils.data.Dataset):
+    """In-memory map-style dataset of dict items (cheap __getitem__, so data loading stays negligible)."""
+
+    def __init__(self, **cols: torch.Tensor) -> None:
+        self.cols = cols
+        self.n = len(next(iter(cols.values())))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.cols.items()}
+
+
+@dataclass
+class Task:
+    """A benchmark task: model factory, train / meta data and the recipe's batch size and learning rate."""
+
+    name: str
+    batch_size: int
+    learning_rate: float
+    make_model: Callable[[], torch.nn.Module]  # a fresh model, same init every call
+    train: DictDataset
+    meta: DictDataset
+    describe: str
+
+
+def tiny_bert(
+    vocab: int, seq: int, *, hidden: int, heads: int, ffn: int, dropout: bool = True
+) -> torch.nn.Module:
+    """A 2-layer ``BertForSequenceClassification`` with 2 labels, built locally from seed 0."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    no_dropout = {} if dropout else dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        intermediate_size=ffn,
+        max_position_embeddings=seq,
+        num_labels=2,
+        **no_dropout,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+def _resnet_data(g: torch.Generator, n_train: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Class prototypes + noise; 20 % of the train labels flipped, the meta set clean."""
+    C = 100
+    protos = torch.randn(C, 3, 32, 32, generator=g)
+
+    def images(n: int, noisy: float) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, C, (n,), generator=g)
+        x = 0.5 * protos[y] + torch.randn(n, 3, 32, 32, generator=g)
+        if noisy:
+            flip = torch.rand(n, generator=g) < noisy
+            y = torch.where(flip, torch.randint(0, C, (n,), generator=g), y)
+        return x, y
+
+    return {"train": images(n_train, 0.2), "meta": images(1000, 0.0)}
+
+
+def _bert_data(g: torch.Generator, n_train: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Random token ids labelled by a token-count rule; 20 % of train labels flipped, the meta set clean."""
+    V, S = 1000, 64
+
+    def tokens(n: int, noisy: float) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.randint(1, V, (n, S), generator=g)
+        y = ((ids < V // 2).sum(1) > S // 2).long()
+        if noisy:
+            flip = torch.rand(n, generator=g) < noisy
+            y = torch.where(flip, 1 - y, y)
+        return ids, y
+
+    return {"train": tokens(n_train, 0.2), "meta": tokens(1000, 0.0)}
+
+
+def _resnet_model(width: int) -> torch.nn.Module:
+    from hf_ddlr.models import CifarResNetConfig, CifarResNetForImageClassification
+
+    torch.manual_seed(0)
+    return CifarResNetForImageClassification(CifarResNetConfig(base_width=width, num_labels=100))
+
+
+def make_task(name: str, width: int, n_train: int) -> Task:
+    """The ``"resnet"`` (base width ``width``) or ``"bert"`` task with ``n_train`` training examples."""
+    g = torch.Generator().manual_seed(1234)
+    if name == "resnet":
+        key, batch, lr, data = "pixel_values", 64, 0.1, _resnet_data(g, n_train)
+        make_model = functools.partial(_resnet_model, width)
+        describe = (
+            f"CIFAR ResNet-18 (base_width {width}, 100 classes), batch 64, random 32x32 inputs "
+            "(class prototypes + noise, 20% flipped labels)"
+        )
+    elif name == "bert":
+        key, batch, lr, data = "input_ids", 32, 0.02, _bert_data(g, n_train)
+        make_model = functools.partial(tiny_bert, 1000, 64, hidden=128, heads=2, ffn=512)
+        describe = (
+            "BertForSequenceClassification (vocab 1000, hidden 128, 2 layers, 2 heads, ffn 512, dropout 0.1, "
+            "sdpa attention), seq 64, batch 32, 2 labels"
+        )
+    else:
+        raise ValueError(name)
+    train, meta = (DictDataset(**{key: data[s][0], "labels": data[s][1]}) for s in ("train", "meta"))
+    return Task(name, batch, lr, make_model, train, meta, describe)
+
+
+def make_trainer(
+    task: Task,
+    cfg: str,
+    max_steps: int,
+    out_dir: str,
+    model: torch.nn.Module | None = None,
+    callbacks: Iterable[TrainerCallback] = (),
+):
+    """A plain ``Trainer`` (cfg 'plain') or a ``MetaLRTrainer`` configured as ``cfg``, without the printer
+    callback (no end-of-train metrics print)."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_ddlr import MetaLRConfig, MetaLRTrainer
+
+    _, strategy, update = next(c for c in CONFIGS if c[0] == cfg)
+    common = dict(
+        output_dir=out_dir,
+        per_device_train_batch_size=task.batch_size,
+        max_steps=max_steps,
+        learning_rate=task.learning_rate,
+        optim="sgd",
+        optim_args="momentum=0.9",
+        weight_decay=5e-4,
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+        data_seed=0,
+    )
+    model = task.make_model() if model is None else model
+    if strategy is None:
+        tr = Trainer(
+            model=model, args=TrainingArguments(**common), train_dataset=task.train, callbacks=list(callbacks)
+        )
+    else:
+        args = MetaLRConfig(**common, meta_strategy=strategy, meta_update=update, **OPTIONS.get(cfg, {}))
+        tr = MetaLRTrainer(model=model, args=args, train_dataset=task.train, meta_dataset=task.meta)
+        for cb in callbacks:  # after the trainer's own trajectory recorder
+            tr.add_callback(cb)
+    tr.remove_callback(PrinterCallback)
+    return tr
