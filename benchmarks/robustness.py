@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import transformers
 from sklearn.metrics import roc_auc_score
-from transformers import PrinterCallback, Trainer, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
 from hf_ddlr.demo import NoisyDigitsSetup, prepare_noisy_digits
@@ -281,6 +281,31 @@ def _rate_metrics(trainer: MetaLRTrainer, noisy: np.ndarray, labels: np.ndarray)
             "rate_auroc_within_label": float(np.nanmean(within)) if not np.isnan(within).all() else float("nan")}
 
 
+class _Visits(TrainerCallback):
+    """Every visit's meta-gradient ``∂L_meta/∂e_i`` (its sign is the direction the rate moves): (epoch, rows,
+    values) per meta step, to tell whether a weak ranking comes from weak per-visit signals or their sum."""
+
+    def __init__(self, trainer: MetaLRTrainer) -> None:
+        self.trainer, self.rows = trainer, []
+
+    def on_step_end(self, args, state, control, **kw):
+        res = getattr(self.trainer, "last_meta_gradients", None)
+        if res is not None and res.finite:
+            idx = torch.cat([mb.indices for mb in self.trainer._window]).cpu().numpy()
+            self.rows.append((state.epoch, idx, res.example_grad.detach().cpu().double().numpy()))
+        self.trainer.last_meta_gradients = None
+
+    def auroc_per_epoch(self, noisy: np.ndarray) -> list[float]:
+        """AUROC (clean > noisy) of −∂L_meta/∂e_i over the visits of each epoch."""
+        out = []
+        for e in range(math.ceil(max((ep for ep, _, _ in self.rows), default=0))):
+            sel = [(i, g) for ep, i, g in self.rows if e < ep <= e + 1]
+            if sel:
+                idx, g = np.concatenate([i for i, _ in sel]), np.concatenate([g for _, g in sel])
+                out.append(_auroc(~noisy[idx], -g))
+        return out
+
+
 def run_cell(cell: Cell | str, seed: int, method: str, quick: bool = False, data=None) -> dict:
     """Train one method ("plain", "metalr" or "oracle") on one cell and seed; return its metrics.
 
@@ -304,6 +329,9 @@ def run_cell(cell: Cell | str, seed: int, method: str, quick: bool = False, data
             trainer = Trainer(model=model, args=TrainingArguments(**kw), data_collator=collate,
                               train_dataset=train.remove_columns("sample_index"))
         trainer.remove_callback(PrinterCallback)
+        visits = _Visits(trainer) if method == "metalr" else None
+        if visits is not None:
+            trainer.add_callback(visits)
         t_train = time.time()
         trainer.train()
         out = {"cell": cell.name, "seed": seed, "method": method, "quick": quick,
@@ -313,6 +341,7 @@ def run_cell(cell: Cell | str, seed: int, method: str, quick: bool = False, data
         out["test_accuracy"] = float((logits.argmax(1) == y).mean())
         if method == "metalr":
             out.update(_rate_metrics(trainer, noisy, np.asarray(train["label"])))
+            out["per_visit_auroc"] = visits.auroc_per_epoch(noisy)
         elif method == "plain":
             out.update(_loss_metrics(trainer, ds["train"], noisy))
     out["wall_s"] = time.time() - t0
