@@ -260,12 +260,15 @@ def _auroc(clean: np.ndarray, score: np.ndarray) -> float:
 
 
 def _loss_metrics(trainer: Trainer, train, noisy: np.ndarray) -> dict:
-    """Per-example cross-entropy of the trained model with the (noisy) training labels: AUROC of -loss."""
+    """Per-example cross-entropy of the trained model with the (noisy) training labels: AUROC of -loss, pooled
+    and within each training label (averaged over labels)."""
     logits, y = _predict(trainer, train)
     m = logits.max(1, keepdims=True)
     loss = (m[:, 0] + np.log(np.exp(logits - m).sum(1))) - logits[np.arange(len(y)), y]
+    within = [_auroc(~noisy[y == c], -loss[y == c]) for c in np.unique(y)]
     return {"loss_auroc": _auroc(~noisy, -loss), "loss_clean": float(loss[~noisy].mean()),
-            "loss_noisy": float(loss[noisy].mean()) if noisy.any() else float("nan")}
+            "loss_noisy": float(loss[noisy].mean()) if noisy.any() else float("nan"),
+            "loss_auroc_within_label": float(np.nanmean(within)) if not np.isnan(within).all() else float("nan")}
 
 
 def _rate_metrics(trainer: MetaLRTrainer, noisy: np.ndarray, labels: np.ndarray) -> dict:
