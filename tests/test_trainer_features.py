@@ -299,6 +299,23 @@ def test_resume_is_bit_exact_and_needs_the_meta_state(tmp_path):
     assert not torch.allclose(broken.rates.instance, straight.rates.instance)
 
 
+def test_a_second_train_call_resuming_without_meta_state_restarts_the_rates(tmp_path):
+    """train() then train(resume_from_checkpoint=...) on the same trainer: what the checkpoint does not hold
+    (here the rates) starts fresh, as the warning says — it equals a new trainer resumed from it."""
+    out = str(tmp_path / "run")
+    t = _tiny_sgd_trainer(tmp_path / "run", 32, max_steps=6, save_strategy="steps", save_steps=3, lr_level="both")
+    t.train()
+    assert not torch.equal(t.rates.instance, torch.ones_like(t.rates.instance))
+    _only_checkpoint_without(out, "checkpoint-3", META_STATE_NAME)
+    ckpt = os.path.join(out, "checkpoint-3")
+    with pytest.warns(UserWarning, match="meta_state.safetensors is missing"):
+        t.train(resume_from_checkpoint=ckpt)
+    fresh = _tiny_sgd_trainer(tmp_path / "fresh", 32, max_steps=6, save_strategy="no", lr_level="both")
+    with pytest.warns(UserWarning, match="meta_state.safetensors is missing"):
+        fresh.train(resume_from_checkpoint=ckpt)
+    _assert_states(state_of(t), state_of(fresh), exact=True)
+
+
 def _size_run(tmp_path, n: int, resume: bool, **kw):
     t = _tiny_sgd_trainer(tmp_path, n, max_steps=4, save_strategy="steps", save_steps=2, **kw)
     seen = {}

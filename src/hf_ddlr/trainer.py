@@ -198,10 +198,10 @@ class MetaLRTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
               ignore_keys_for_eval: list[str] | None = None, **kwargs: Any):
-        """``Trainer.train``. A second call without ``resume_from_checkpoint`` is a new run (as in
-        ``hyperparameter_search``): it starts again from rates 1 and an empty trajectory. The schedule of the
+        """``Trainer.train``. A second call is a new run (as in ``hyperparameter_search``): it starts again
+        from rates 1 and an empty trajectory, or, with ``resume_from_checkpoint``, from what the checkpoint holds. The schedule of the
         meta step (:func:`hf_ddlr.schedules.schedule_for`) is resolved here, once per call."""
-        if self._meta_active and getattr(self, "_has_trained", False) and not resume_from_checkpoint:
+        if self._meta_active and getattr(self, "_has_trained", False):  # a resume then loads the checkpoint's state
             self._init_meta(self.num_labels)
         self._has_trained = True
         self._schedule = schedule_for(self) if self._meta_active else None
