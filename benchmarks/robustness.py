@@ -191,7 +191,8 @@ def _text_data(cell: Cell, seed: int):
     """VADER words, tokenized without padding (the collator pads per batch: most words are 3-6 tokens)."""
     from hf_ddlr.data import load_vader_lexicon, make_lexicon_variant
 
-    raw = make_lexicon_variant(load_vader_lexicon(0.5), train_size=DATA["vader"]["n_train"], meta_per_class=10,
+    raw = make_lexicon_variant(load_vader_lexicon(0.5), train_size=DATA["vader"]["n_train"],
+                               meta_per_class=DATA["vader"]["meta_size"] // 2,
                                test_size=1000, seed=seed, **NOISES[cell.noise])
     noisy = np.asarray(raw["train"]["is_noisy"], dtype=bool)
     tok = _tokenizer()
@@ -496,12 +497,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="print the cells with estimated times and exit")
     p.add_argument("--output_dir", default=None, help="default benchmarks/results (--quick: a temporary folder)")
     p.add_argument("--force", action="store_true", help="rerun runs already in the JSON")
+    p.add_argument("--meta_size", type=int, default=None,
+                   help="clean meta examples per data set instead of the cells' (needs --output_dir; part of the "
+                        "cells' fingerprint, so plain and oracle rerun too: the train split can change)")
     p.add_argument("--metalr_args", nargs="+", default=[], metavar="KEY=VALUE",
                    help="MetaLR options other than the defaults, for every cell (needs --output_dir)")
     a = p.parse_args(argv)
     OVERRIDES.clear()
     OVERRIDES.update(parse_metalr_args(a.metalr_args))
-    if OVERRIDES and not a.output_dir and not a.quick:
+    if a.meta_size is not None:
+        for d in DATA.values():
+            d["meta_size"] = a.meta_size
+    if (OVERRIDES or a.meta_size is not None) and not a.output_dir and not a.quick:
         raise SystemExit("--metalr_args measures a variant of the defaults: give it its own --output_dir so that "
                          "benchmarks/results/robustness.* keep showing the defaults.")
     cells = select_cells(a.cells)
