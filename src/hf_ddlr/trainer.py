@@ -107,9 +107,11 @@ class MetaLRTrainer(Trainer):
 
     Args:
         model (`PreTrainedModel` or `torch.nn.Module`, *optional*):
-            The classifier to train, as for ``Trainer``. Its forward gets the training batch's inputs without
+            The model to train, as for ``Trainer``. Its forward gets the training batch's inputs without
             the labels and the index column; its outputs must hold the logits (``.logits``, a dict's
-            ``"logits"`` or the first element of a tuple).
+            ``"logits"`` or the first element of a tuple). Its task (single- or multi-label classification,
+            regression, token classification, causal or sequence-to-sequence LM) is read from its class and
+            config and picks the per-example loss (:mod:`hf_ddlr._tasks`).
         args (`TrainingArguments`, *optional*):
             A :class:`~hf_ddlr.MetaLRConfig`, or any other ``TrainingArguments`` (a subclass with its own fields,
             TRL's configs). It stays :attr:`args` as given (its class, fields and ``to_dict()`` are saved with
@@ -119,7 +121,8 @@ class MetaLRTrainer(Trainer):
         data_collator (`DataCollator`, *optional*):
             As for ``Trainer``; it also collates the meta batches.
         train_dataset (`datasets.Dataset` or `torch.utils.data.Dataset`, *optional*):
-            The training set: map-style, with an integer ``labels``/``label`` column. Needed when learning or
+            The training set: map-style, with a ``labels``/``label`` column (integer class ids for single-label
+            classification; a collator may make token labels). Needed when learning or
             replaying rates. The index column (``meta_args.index_column``) is added when missing: instance rates
             are keyed by row.
         eval_dataset (`datasets.Dataset`, `torch.utils.data.Dataset` or a dict of them, *optional*):
