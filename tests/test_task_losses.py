@@ -167,26 +167,30 @@ def _meta_trainer(task: str, out, model=None, **kw) -> MetaLRTrainer:
                          data_collator=_collator(task))
 
 
-@pytest.mark.parametrize("task, ga", [(t, 1) for t in TASKS] + [("causal_lm", 2)])
-def test_trainer_learns_rates_and_equals_the_plain_trainer_when_they_stay_at_one(task, ga, tmp_path):
+SMOOTH = dict(label_smoothing_factor=0.1)
+
+
+@pytest.mark.parametrize("task, kw", [(t, {}) for t in TASKS] + [("causal_lm", dict(gradient_accumulation_steps=2)),
+                                                                 ("causal_lm", SMOOTH), ("token_classification", SMOOTH)])
+def test_trainer_learns_rates_and_equals_the_plain_trainer_when_they_stay_at_one(task, kw, tmp_path):
     """A short run moves the rates with finite losses; with meta_lr=0 (rates stay 1) the weights and the logged
     losses are the plain Trainer's (up to the summation order of the loss). With gradient accumulation the
     token mean is over the window's target tokens, as the Trainer's ``num_items_in_batch`` makes it for a model
     whose loss takes it (Llama's). (A model that accepts ``**kwargs`` but averages each micro-batch on its own,
     as BERT's and T5's heads do, gets the sum of the micro-batch means from the plain Trainer at GA > 1;
-    MetaLRTrainer uses the window mean for every task, as it always did for single-label classification.)"""
-    t = _meta_trainer(task, tmp_path / "learn", gradient_accumulation_steps=ga)
+    MetaLRTrainer uses the window mean for every task, as it always did for single-label classification.)
+    Label smoothing is the Trainer's ``LabelSmoother``'s."""
+    t = _meta_trainer(task, tmp_path / "learn", **kw)
     t.train()
     assert not torch.equal(t.rates.instance, torch.ones(24))
     losses = [h["loss"] for h in t.state.log_history if "loss" in h]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
 
     plain, meta = _model(task), _model(task)
-    plain_args = TrainingArguments(output_dir=str(tmp_path / "plain"), gradient_accumulation_steps=ga,
-                                   **{**COMMON, "max_steps": 3})
+    plain_args = TrainingArguments(output_dir=str(tmp_path / "plain"), **{**COMMON, "max_steps": 3, **kw})
     ref = Trainer(model=plain, args=plain_args, train_dataset=_data(task, 24, seed=1), data_collator=_collator(task))
     ref.train()
-    zero = _meta_trainer(task, tmp_path / "zero", model=meta, meta_lr=0.0, gradient_accumulation_steps=ga)
+    zero = _meta_trainer(task, tmp_path / "zero", model=meta, meta_lr=0.0, **kw)
     zero.train()
     assert torch.equal(zero.rates.instance, torch.ones(24))
     ref_losses = [h["loss"] for h in ref.state.log_history if "loss" in h]
