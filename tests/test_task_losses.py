@@ -257,3 +257,12 @@ def test_losses_check_their_shapes():
         task_loss("token_classification")(torch.randn(3, 4), torch.zeros(3, dtype=torch.long))
     assert torch.equal(task_loss("causal_lm")(torch.zeros(2, 3, 5), torch.full((2, 3), -100)), torch.zeros(2))
     assert float(F.mse_loss(torch.ones(2), torch.zeros(2))) == 1.0
+
+
+@pytest.mark.parametrize("kw", [dict(meta_strategy="exact"), dict(meta_strategy="finite_difference"),
+                                dict(meta_update="delayed", gradient_accumulation_steps=2)])
+def test_other_strategies_and_schedules_train_token_tasks(kw, tmp_path):
+    t = _meta_trainer("seq2seq_lm", tmp_path, **kw)
+    t.train()
+    assert not torch.equal(t.rates.instance, torch.ones(24)) and torch.isfinite(t.rates.instance).all()
+    assert all(math.isfinite(h["meta_loss"]) for h in t.state.log_history if "meta_loss" in h)
