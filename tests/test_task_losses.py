@@ -8,7 +8,12 @@ of token means would differ from the models' token mean)."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import pytest
@@ -36,6 +41,7 @@ from hf_ddlr import MetaLRConfig, MetaLRTrainer
 from hf_ddlr._tasks import decoder_inputs, resolve_task
 from hf_ddlr.meta import MetaBatch, MicroBatch, param_specs, task_loss
 
+HERE = Path(__file__).parent
 VOCAB = len(WORDS) + 4
 TASKS = ["multi_label_classification", "regression", "token_classification", "causal_lm", "seq2seq_lm"]
 COMMON = dict(report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, optim="sgd",
@@ -266,3 +272,19 @@ def test_other_strategies_and_schedules_train_token_tasks(kw, tmp_path):
     t.train()
     assert not torch.equal(t.rates.instance, torch.ones(24)) and torch.isfinite(t.rates.instance).all()
     assert all(math.isfinite(h["meta_loss"]) for h in t.state.log_history if "meta_loss" in h)
+
+
+def test_token_mean_under_ddp_is_over_every_process_tokens(tmp_path):
+    """Two CPU processes whose batches hold different numbers of target tokens: at rates 1 MetaLRTrainer trains
+    as the plain Trainer does under DDP (its loss divides by the tokens of every process, as the Trainer's
+    ``average_tokens_across_devices`` does), not by each process's own token count."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", str(HERE / "ddp_task_worker.py"),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert res["world_size"] == 2 and res["moved"] > 1e-3
+        assert res["diff"] < 1e-6, res
