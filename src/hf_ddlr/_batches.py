@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ._tasks import decoder_inputs
 from .meta import MetaBatch, MicroBatch
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ def to_microbatch(trainer: MetaLRTrainer, raw: Mapping[str, Any], k: int) -> Mic
     labels = batch.pop("labels", None)
     if labels is None:
         raise KeyError("The training batch has no 'labels'; per-example learning rates need labels.")
+    batch = decoder_inputs(trainer.model, batch, labels, trainer._task)
     return MicroBatch(batch, labels, None, seed=step_seed(trainer, kind=0, k=k), indices=idx)
 
 
@@ -85,4 +87,5 @@ class MetaSetSampler:
         labels = batch.pop("labels", None)
         if labels is None:
             labels = batch.pop("label")
+        batch = decoder_inputs(trainer.model, batch, labels, trainer._task)
         return MetaBatch(batch, labels, seed=step_seed(trainer, kind=2), dropout=meta.meta_dropout)

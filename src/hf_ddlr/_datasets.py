@@ -115,9 +115,11 @@ def _check_label_type(name: str, dataset: Any) -> None:
     )
 
 
-def check_datasets(train_dataset: Any, meta_dataset: Any) -> None:
+def check_datasets(train_dataset: Any, meta_dataset: Any, class_labels: bool = True) -> None:
     """Refuse, at construction, sets the rates cannot be learned or replayed on: no train set, streaming
-    (iterable) sets, sets without labels, labels that are not integer class ids."""
+    (iterable) sets and, for a task with class labels (``class_labels``), sets without labels and labels that
+    are not integer class ids. Other tasks' labels (multi-hot, float targets, token labels that a collator may
+    make) are checked by the loss on the first batch."""
     if train_dataset is None:
         raise ValueError("MetaLRTrainer with a meta_dataset or replay_trajectory needs a train_dataset.")
     for name, ds in (("train_dataset", train_dataset), ("meta_dataset", meta_dataset)):
@@ -128,6 +130,8 @@ def check_datasets(train_dataset: Any, meta_dataset: Any) -> None:
                 f"{type(ds).__name__} (streaming/iterable) does not offer. Materialize it first, e.g. "
                 f"datasets.Dataset.from_generator(...) or load_dataset(..., streaming=False)."
             )
+    if not class_labels:
+        return
     if not _has_labels(train_dataset):
         raise ValueError(
             "The train dataset has no 'labels'/'label' column: per-example learning rates need the "

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._batches import to_microbatch
-from .meta import MetaGradients, MicroBatch, find_output_layer, meta_gradients, per_example_loss
+from ._tasks import decoder_inputs
+from .meta import MetaGradients, MicroBatch, find_output_layer, meta_gradients
 from .meta.distributed import all_gather_varlen, all_ranks_true, all_reduce_mean_
 from .meta.layerwise import LayerTape, record_layers
 from .meta.passes import extract_logits
@@ -110,8 +111,20 @@ class Schedule:
         self.trainer._meta_log.begin_step(lr=float(self.trainer.optimizer.param_groups[0]["lr"]))
         self.window = [to_microbatch(self.trainer, b, k) for k, b in enumerate(batches)]
         self._next = 0
-        self.normalizer = float(sum(mb.labels.shape[0] for mb in self.window))
+        self.normalizer = self._window_normalizer()
         self._refresh()
+
+    def _window_normalizer(self) -> float:
+        """What the window's weighted loss is divided by on this process: its number of examples, or, for a
+        token-level task, of target tokens, averaged over processes (at least 1) so that the real gradient is
+        ``Σ e_i ∇ℓ_i / (the target tokens of every process)`` as the Trainer's ``num_items_in_batch`` makes it."""
+        task = self.trainer._task
+        if not task.token_level:
+            return float(sum(mb.labels.shape[0] for mb in self.window))
+        n = torch.tensor([task.num_targets([mb.labels for mb in self.window])], dtype=torch.float64,
+                         device=self.window[0].labels.device)
+        all_reduce_mean_([n])
+        return max(float(n), 1.0)
 
     def _refresh(self) -> None:
         """The current rates into the real step: the window's weights ``e_i`` and the optimizer's weight decay
@@ -129,9 +142,11 @@ class Schedule:
         into ``mb.features``), the layers (``layers``: a LayerTape), the conv / linear outputs (``primals``,
         into ``mb.outputs``)."""
         unwrapped = self.trainer.model  # ``model`` may be the DDP wrapper; hooks go on the model itself
+        task = self.trainer._task
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         inputs.pop(self.meta.index_column, None)
+        inputs = decoder_inputs(unwrapped, inputs, labels, task)
         box: dict[str, torch.Tensor] = {}
         with contextlib.ExitStack() as stack:
             if head:
@@ -143,7 +158,7 @@ class Schedule:
             mb.outputs = stack.enter_context(record_outputs(unwrapped)) if primals else None
             outputs = model(**inputs)
         logits = extract_logits(outputs)
-        L = per_example_loss(logits, labels, self.trainer.args.label_smoothing_factor)
+        L = task(logits, labels, self.trainer.args.label_smoothing_factor)
         mb.losses = L.detach()
         if "h" in box:
             mb.features = (box["h"].detach(), logits.detach())
@@ -206,17 +221,25 @@ class MetaStepSchedule(Schedule):
             # the optimizer-aware lookahead clips like the real step; the paper's plain-SGD one does not
             max_grad_norm=args.max_grad_norm if meta.lookahead == "optimizer" else None,
             average=trainer._meta_grad_average, weight_decay_grad_needed=meta.learn_weight_decay,
+            task=trainer._task,
         )
         if not all_ranks_true(res.finite, args.device):  # every rank skips together (no hanging gather)
             trainer._meta_log.record_skipped(trainer.state.global_step, res.meta_loss)
             return res
         idx = all_gather_varlen(torch.cat([mb.indices for mb in self.window]))
-        labels = all_gather_varlen(torch.cat([mb.labels for mb in self.window]))
+        labels = all_gather_varlen(torch.cat([self._class_keys(mb) for mb in self.window]))
         grad = all_gather_varlen(res.example_grad.to(labels.device))
         trainer.rates.update(idx, labels, grad, res.weight_decay_grad)
         trainer._meta_log.record(res.meta_loss)
         trainer.last_meta_gradients = res
         return res
+
+    def _class_keys(self, mb: MicroBatch) -> torch.Tensor:
+        """The keys of ``mb``'s class rates: its labels for a task with class labels; a placeholder per example
+        otherwise (token or multi-hot labels key no class rate; class-level rates are refused for them)."""
+        if self.trainer._task.class_labels:
+            return mb.labels
+        return torch.zeros(mb.labels.shape[0], dtype=torch.long, device=mb.labels.device)
 
 
 class SameStepWindow(MetaStepSchedule):

@@ -29,6 +29,7 @@ from ._datasets import (
     with_index,
 )
 from ._recording import MetaLog, TrajectoryRecorder, new_trajectory
+from ._tasks import check_task_options, resolve_task
 from .config import MetaLROptions, resolve_meta_options
 from .meta import MicroBatch, RateTable, param_specs, replay_rng
 from .meta.averaging import MetaGradientAverage
@@ -106,9 +107,11 @@ class MetaLRTrainer(Trainer):
 
     Args:
         model (`PreTrainedModel` or `torch.nn.Module`, *optional*):
-            The classifier to train, as for ``Trainer``. Its forward gets the training batch's inputs without
+            The model to train, as for ``Trainer``. Its forward gets the training batch's inputs without
             the labels and the index column; its outputs must hold the logits (``.logits``, a dict's
-            ``"logits"`` or the first element of a tuple).
+            ``"logits"`` or the first element of a tuple). Its task (single- or multi-label classification,
+            regression, token classification, causal or sequence-to-sequence LM) is read from its class and
+            config and picks the per-example loss (:mod:`hf_ddlr._tasks`).
         args (`TrainingArguments`, *optional*):
             A :class:`~hf_ddlr.MetaLRConfig`, or any other ``TrainingArguments`` (a subclass with its own fields,
             TRL's configs). It stays :attr:`args` as given (its class, fields and ``to_dict()`` are saved with
@@ -118,7 +121,8 @@ class MetaLRTrainer(Trainer):
         data_collator (`DataCollator`, *optional*):
             As for ``Trainer``; it also collates the meta batches.
         train_dataset (`datasets.Dataset` or `torch.utils.data.Dataset`, *optional*):
-            The training set: map-style, with an integer ``labels``/``label`` column. Needed when learning or
+            The training set: map-style, with a ``labels``/``label`` column (integer class ids for single-label
+            classification; a collator may make token labels). Needed when learning or
             replaying rates. The index column (``meta_args.index_column``) is added when missing: instance rates
             are keyed by row.
         eval_dataset (`datasets.Dataset`, `torch.utils.data.Dataset` or a dict of them, *optional*):
@@ -184,7 +188,9 @@ class MetaLRTrainer(Trainer):
         self.lr_trajectory: LRTrajectory | None = None
         self._schedule: Schedule | None = None  # resolved when train() starts
         if self._meta_active:
-            check_datasets(train_dataset, meta_dataset)
+            # the task's loss is what is weighted; chosen again from the final model in _init_meta (model_init)
+            self._task = resolve_task(model, train_dataset)
+            check_datasets(train_dataset, meta_dataset, class_labels=self._task.class_labels)
             self._source_train_dataset = train_dataset
             train_dataset = with_index(train_dataset, meta.index_column)
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
@@ -260,6 +266,8 @@ class MetaLRTrainer(Trainer):
         cfg = getattr(self.model, "config", None)
         if cfg is not None and getattr(cfg, "num_labels", None):
             return int(cfg.num_labels)
+        if not self._task.class_labels:
+            return 1  # no class-rate table (class-level rates need class labels)
         labels = label_values(self.train_dataset)
         if labels is not None:
             return int(labels.max()) + 1
@@ -268,8 +276,11 @@ class MetaLRTrainer(Trainer):
     def _init_meta(self, num_labels: int | None) -> None:
         """The state of a run: rates at 1, an empty trajectory, a fresh meta-gradient average and log."""
         args, meta = self.args, self.meta_args
+        self._task = resolve_task(self.model, self._source_train_dataset)
+        check_task_options(self._task, meta.lr_level, meta.meta_strategy, args.label_smoothing_factor)
         self.num_labels = self._infer_num_labels(num_labels)
-        check_label_range((("meta", self.meta_dataset), ("train", self.train_dataset)), self.num_labels)
+        if self._task.class_labels:
+            check_label_range((("meta", self.meta_dataset), ("train", self.train_dataset)), self.num_labels)
         self.rates = RateTable(
             len(self.train_dataset),
             self.num_labels,

@@ -32,6 +32,7 @@ from .averaging import MetaGradientAverage
 from .distributed import all_reduce_mean_, world_size
 from .layerwise import LayerTape
 from .lookahead import ParamSpec, clip_coefficient, lookahead, tangent, weight_decay_grad
+from .losses import SINGLE_LABEL, TaskLoss
 from .passes import (
     forward_ad_safe_attention,
     frozen_batchnorm,
@@ -96,13 +97,16 @@ def _grads(out: torch.Tensor, params: Mapping[str, torch.Tensor], **kw) -> dict[
     return {n: (g if g is not None else torch.zeros_like(params[n])) for n, g in zip(names, gs)}
 
 
-def _losses(model: nn.Module, params: Mapping[str, torch.Tensor], mb, smoothing: float) -> torch.Tensor:
-    return per_example_loss(functional_logits(model, params, mb.inputs), mb.labels, smoothing)
+def _losses(
+    model: nn.Module, params: Mapping[str, torch.Tensor], mb, smoothing: float, task: TaskLoss = SINGLE_LABEL,
+) -> torch.Tensor:
+    """The per-example losses ``ℓ_i`` of ``mb`` (or a meta batch) at ``params``, by the task's loss."""
+    return task(functional_logits(model, params, mb.inputs), mb.labels, smoothing)
 
 
 def lookahead_gradient(
     model: nn.Module, params: Mapping[str, torch.Tensor], window: Sequence[MicroBatch], normalizer: float,
-    smoothing: float = 0.0, loss_scale: float = 1.0,
+    smoothing: float = 0.0, loss_scale: float = 1.0, task: TaskLoss = SINGLE_LABEL,
 ) -> dict[str, torch.Tensor]:
     """(1/normalizer) Σ e_i ∇L_i over the window, averaged over ranks: the gradient the real step will use.
 
@@ -112,7 +116,7 @@ def lookahead_gradient(
     total: dict[str, torch.Tensor] | None = None
     for mb in window:
         with replay_rng(mb.seed), frozen_batchnorm(model):
-            L = _losses(model, params, mb, smoothing)
+            L = _losses(model, params, mb, smoothing, task)
             g = _grads((mb.weights.to(L.dtype) * L).sum() * (loss_scale / normalizer), params)
             if loss_scale != 1.0:
                 g = {n: v / loss_scale for n, v in g.items()}
@@ -124,13 +128,14 @@ def lookahead_gradient(
 
 def meta_loss_gradient(
     model: nn.Module, theta: Mapping[str, torch.Tensor], meta: MetaBatch, smoothing: float = 0.0,
-    loss_scale: float = 1.0,
+    loss_scale: float = 1.0, task: TaskLoss = SINGLE_LABEL,
 ) -> tuple[float, dict[str, torch.Tensor]]:
-    """Mean meta loss and its gradient at θ (batch-statistics BN, nothing written), averaged over ranks.
-    The backward runs on ``loss_scale × L_meta`` and the gradient is unscaled (fp16 underflow)."""
+    """Mean meta loss (the task's batch loss: over examples, or over target tokens) and its gradient at θ
+    (batch-statistics BN, nothing written), averaged over ranks. The backward runs on ``loss_scale × L_meta``
+    and the gradient is unscaled (fp16 underflow)."""
     leaf = {n: v.detach().requires_grad_(True) for n, v in theta.items()}
     with replay_rng(meta.seed), frozen_batchnorm(model), meta_loss_mode(model, meta.dropout):
-        Lm = per_example_loss(functional_logits(model, leaf, meta.inputs), meta.labels, smoothing).mean()
+        Lm = task.mean(_losses(model, leaf, meta, smoothing, task), meta.labels)
         g = _grads(Lm * loss_scale, leaf)
         if loss_scale != 1.0:
             g = {n: v / loss_scale for n, v in g.items()}
@@ -141,7 +146,7 @@ def meta_loss_gradient(
 
 def jvp_dots(
     model: nn.Module, params: Mapping[str, torch.Tensor], mb: MicroBatch, T: Mapping[str, torch.Tensor],
-    smoothing: float = 0.0, loss_scale: float = 1.0,
+    smoothing: float = 0.0, loss_scale: float = 1.0, task: TaskLoss = SINGLE_LABEL,
 ) -> torch.Tensor:
     """T·∇L_i for every example of ``mb`` in one forward-mode pass, replaying the real forward's dropout.
     The tangent is pushed forward as ``loss_scale × T`` (fp16 underflow) and the dots are unscaled. With
@@ -151,7 +156,7 @@ def jvp_dots(
     with replay_rng(mb.seed), frozen_batchnorm(model), forward_ad_safe_attention(), torch.no_grad(), reuse:
         with fwAD.dual_level():
             dual = {n: fwAD.make_dual(p.detach(), (T[n] * loss_scale).to(p.dtype)) for n, p in params.items()}
-            L = _losses(model, dual, mb, smoothing)
+            L = _losses(model, dual, mb, smoothing, task)
             primal, tang = fwAD.unpack_dual(L)
     if mb.losses is None:
         mb.losses = primal.detach()
@@ -160,7 +165,7 @@ def jvp_dots(
 
 def fd_dots(
     model: nn.Module, params: Mapping[str, torch.Tensor], mb: MicroBatch, T: Mapping[str, torch.Tensor],
-    eps_rel: float = 3e-6, smoothing: float = 0.0,
+    eps_rel: float = 3e-6, smoothing: float = 0.0, task: TaskLoss = SINGLE_LABEL,
 ) -> torch.Tensor:
     """One-sided finite difference ``(L_i(θ+εT) − L_i(θ))/ε`` with ε relative to ‖θ‖/‖T‖."""
     with torch.no_grad():
@@ -171,9 +176,9 @@ def fd_dots(
         eps = eps_rel * max(pn, 1e-12) / tn
         with replay_rng(mb.seed), frozen_batchnorm(model):
             if mb.losses is None:
-                mb.losses = _losses(model, params, mb, smoothing).detach()
+                mb.losses = _losses(model, params, mb, smoothing, task).detach()
         with replay_rng(mb.seed), frozen_batchnorm(model):
-            Lp = _losses(model, {n: p + eps * T[n].to(p.dtype) for n, p in params.items()}, mb, smoothing)
+            Lp = _losses(model, {n: p + eps * T[n].to(p.dtype) for n, p in params.items()}, mb, smoothing, task)
         return ((Lp.double() - mb.losses.double()) / eps).float()
 
 
@@ -264,7 +269,7 @@ def _last_layer(
 def _exact(
     model: nn.Module, params: Mapping[str, torch.Tensor], window: Sequence[MicroBatch], meta: MetaBatch,
     specs: Mapping[str, ParamSpec], weight_decay: float, normalizer: float, smoothing: float,
-    max_grad_norm: float | None = None, average: MetaGradientAverage | None = None,
+    max_grad_norm: float | None = None, average: MetaGradientAverage | None = None, task: TaskLoss = SINGLE_LABEL,
 ) -> MetaGradients:
     if world_size() > 1:
         raise NotImplementedError(
@@ -276,14 +281,14 @@ def _exact(
     with forward_ad_safe_attention():
         for mb, e in zip(window, e_leaves):
             with replay_rng(mb.seed), frozen_batchnorm(model):
-                L = _losses(model, params, mb, smoothing)
+                L = _losses(model, params, mb, smoothing, task)
                 gi = _grads((e.to(L.dtype) * L).sum() / normalizer, params, create_graph=True)
             mb.losses = L.detach()
             g = gi if g is None else {n: g[n] + gi[n] for n in g}
         c = clip_coefficient(g, max_grad_norm)  # a constant of the step, as in the other strategies
         theta = lookahead(params, g, specs, wd, grad_scale=c)
         with replay_rng(meta.seed), frozen_batchnorm(model), meta_loss_mode(model, meta.dropout):
-            Lm = per_example_loss(functional_logits(model, theta, meta.inputs), meta.labels, smoothing).mean()
+            Lm = task.mean(_losses(model, theta, meta, smoothing, task), meta.labels)
         if average is None:
             out = torch.autograd.grad(Lm, [*e_leaves, wd], allow_unused=True)
         else:  # the chain rule through θ' with the averaged meta gradient in place of this step's
@@ -317,12 +322,15 @@ def meta_gradients(
     max_grad_norm: float | None = None,
     average: MetaGradientAverage | None = None,
     weight_decay_grad_needed: bool = True,
+    task: TaskLoss = SINGLE_LABEL,
 ) -> MetaGradients:
     """∂L_meta/∂e_i for every example of ``window`` and ∂L_meta/∂wd after the lookahead of ``specs``.
 
     ``params`` are the model's trainable parameters at θ (the point of the real step); ``normalizer`` is
     the number of examples the real loss is averaged over on this rank (the real gradient is
-    ``Σ e_i ∇L_i / normalizer`` averaged over ranks). ``grads`` may carry that real gradient when it is
+    ``Σ e_i ∇L_i / normalizer`` averaged over ranks); for a token-level ``task``
+    (:class:`~hf_ddlr.meta.losses.TaskLoss`: ``L_i`` is then the sum of example i's token losses) the number
+    of target tokens instead. ``grads`` may carry that real gradient when it is
     already known (the delayed update reuses the real step's ``.grad``); otherwise it is computed.
     ``loss_scale`` is the fp16 GradScaler's current scale (1 otherwise): the reverse passes run on scaled
     losses and the forward-mode pass on a scaled tangent, and every result is unscaled, so the returned
@@ -335,26 +343,31 @@ def meta_gradients(
     (a cosine, e.g. 0.9999) also runs the forward-mode pass and, when the two disagree, uses the forward-mode
     dots and says why in :attr:`MetaGradients.layerwise_mismatch`.
     """
-    _check_arguments(strategy, layer_tape, grads)
+    _check_arguments(strategy, layer_tape, grads, task)
     if strategy == "exact":
         return _exact(model, params, window, meta, specs, weight_decay, normalizer, label_smoothing,
-                      max_grad_norm, average)
+                      max_grad_norm, average, task)
     if strategy == "last_layer":
         return _last_layer(model, params, window, meta, specs, weight_decay, normalizer, label_smoothing, grads,
                            num_labels, average)
     if grads is None:
-        grads = lookahead_gradient(model, params, window, normalizer, label_smoothing, loss_scale)
+        grads = lookahead_gradient(model, params, window, normalizer, label_smoothing, loss_scale, task)
     meta_loss, g_meta, T = _meta_tangent(model, params, grads, meta, specs, weight_decay, label_smoothing,
-                                         loss_scale, max_grad_norm, average)
+                                         loss_scale, max_grad_norm, average, task)
     dots, mismatch = _dots(model, params, window, T, strategy, label_smoothing, loss_scale, fd_eps, layer_tape,
-                           check_layer_tape)
+                           check_layer_tape, task)
     wd_g = weight_decay_grad(g_meta, params, specs) if weight_decay_grad_needed else 0.0
     return MetaGradients(-dots / (normalizer * world_size()), wd_g, meta_loss, dots, mismatch)
 
 
-def _check_arguments(strategy: str, layer_tape: LayerTape | None, grads: Mapping | None) -> None:
+def _check_arguments(strategy: str, layer_tape: LayerTape | None, grads: Mapping | None, task: TaskLoss) -> None:
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown meta_strategy {strategy!r}; choose one of {STRATEGIES}.")
+    if strategy == "last_layer" and task is not SINGLE_LABEL:
+        raise ValueError(
+            f"meta_strategy='last_layer' is the closed form of single-label cross-entropy; the task is "
+            f"{task.task}. Use meta_strategy='jvp'."
+        )
     if layer_tape is not None and strategy != "jvp":
         raise ValueError(f"A layer tape gives the dots of meta_strategy='jvp', not {strategy!r}.")
     if strategy == "exact" and grads is not None:
@@ -364,14 +377,14 @@ def _check_arguments(strategy: str, layer_tape: LayerTape | None, grads: Mapping
 def _meta_tangent(
     model: nn.Module, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], meta: MetaBatch,
     specs: Mapping[str, ParamSpec], weight_decay: float, smoothing: float, loss_scale: float,
-    max_grad_norm: float | None, average: MetaGradientAverage | None,
+    max_grad_norm: float | None, average: MetaGradientAverage | None, task: TaskLoss = SINGLE_LABEL,
 ) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The meta loss at the lookahead point θ' of the real gradient ``grads``, its gradient (the running
     average's direction when there is one), and the tangent T of the dots. The step's clipping coefficient
     is a constant of the step: θ' uses the clipped gradient and T carries the coefficient."""
     c = clip_coefficient(grads, max_grad_norm)
     theta = lookahead({n: p.detach() for n, p in params.items()}, grads, specs, weight_decay, grad_scale=c)
-    meta_loss, g_meta = meta_loss_gradient(model, theta, meta, smoothing, loss_scale)
+    meta_loss, g_meta = meta_loss_gradient(model, theta, meta, smoothing, loss_scale, task)
     if average is not None:
         g_meta = average.update(g_meta)
     T = tangent(g_meta, specs)
@@ -383,21 +396,21 @@ def _meta_tangent(
 def _dots(
     model: nn.Module, params: Mapping[str, torch.Tensor], window: Sequence[MicroBatch],
     T: Mapping[str, torch.Tensor], strategy: Strategy, smoothing: float, loss_scale: float, fd_eps: float,
-    layer_tape: LayerTape | None, check_layer_tape: float | None,
+    layer_tape: LayerTape | None, check_layer_tape: float | None, task: TaskLoss = SINGLE_LABEL,
 ) -> tuple[torch.Tensor, str | None]:
     """T·∇L_i of every example of the window (micro-batches concatenated) by ``"jvp"`` (from the layer tape
     when there is one) or ``"finite_difference"``, and why a checked layer tape disagreed with forward mode
     (None when it did not; the forward-mode dots are returned then)."""
     if strategy == "finite_difference":
-        return torch.cat([fd_dots(model, params, mb, T, fd_eps, smoothing) for mb in window]), None
+        return torch.cat([fd_dots(model, params, mb, T, fd_eps, smoothing, task) for mb in window]), None
     if layer_tape is None:
-        return torch.cat([jvp_dots(model, params, mb, T, smoothing, loss_scale) for mb in window]), None
+        return torch.cat([jvp_dots(model, params, mb, T, smoothing, loss_scale, task) for mb in window]), None
     if len(window) != 1:
         raise ValueError("A layer tape records one micro-batch; the window has several.")
     dots = layer_tape.dots(T)
     if check_layer_tape is None:
         return dots, None
-    ref = jvp_dots(model, params, window[0], T, smoothing, loss_scale)
+    ref = jvp_dots(model, params, window[0], T, smoothing, loss_scale, task)
     mismatch = _compare_dots(dots, ref, check_layer_tape)
     return (dots if mismatch is None else ref), mismatch
 

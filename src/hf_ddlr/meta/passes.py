@@ -121,8 +121,10 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing
     """Cross-entropy of every example, computed in fp32 (or fp64) even when the logits are half precision."""
     if logits.dim() != 2:
         raise ValueError(
-            f"Expected logits of shape (batch, num_labels), got {tuple(logits.shape)}. Per-example learning "
-            "rates are defined for single-label classification."
+            f"Expected logits of shape (batch, num_labels), got {tuple(logits.shape)}: the task was taken to be "
+            "single-label classification (from the model's class and config). Supported tasks: single-label, "
+            "multi-label (config.problem_type='multi_label_classification'), regression (num_labels=1), token "
+            "classification, causal LM and sequence-to-sequence LM (from the model's *For... class)."
         )
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()

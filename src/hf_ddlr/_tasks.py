@@ -1,0 +1,127 @@
+"""Which loss :class:`~hf_ddlr.MetaLRTrainer` weights: the task of the model, chosen once at construction.
+
+The task (:data:`hf_ddlr.meta.losses.TASKS`) is read from what the model's own loss is chosen by in
+transformers: the model class's head (``*ForCausalLM``, ``*ForTokenClassification``, an encoder-decoder
+``*ForConditionalGeneration`` / ``*ForSeq2SeqLM``, ``*ForMaskedLM``) and, for a sequence-level head,
+``config.problem_type``, or, when it is unset, ``num_labels`` and the labels' dtype as the
+``*ForSequenceClassification`` models infer it (one output: regression; integer labels: single-label
+classification; float labels: multi-label classification). A model without a config (a plain
+``nn.Module``) is a single-label classifier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from transformers.utils import logging
+
+from ._datasets import LABEL_KEYS, first_item
+from .meta.losses import SINGLE_LABEL, TASKS, TaskLoss, task_loss
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["check_task_options", "decoder_inputs", "resolve_task"]
+
+# model heads whose outputs none of the supported losses fit
+_UNSUPPORTED_HEADS = ("ForQuestionAnswering", "ForCTC", "ForObjectDetection", "Segmentation", "ForDepthEstimation",
+                      "ForMaskedImageModeling", "ForPreTraining", "ForZeroShot", "ForImageTextRetrieval")
+
+
+def _head_task(model: torch.nn.Module) -> str | None:
+    """The token-level task of a transformers head class, None for a sequence-level (or unknown) one."""
+    name = type(model).__name__
+    cfg = getattr(model, "config", None)
+    if any(h in name for h in _UNSUPPORTED_HEADS):
+        raise ValueError(
+            f"MetaLRTrainer cannot weight the loss of {name}: its outputs fit none of the supported tasks "
+            f"({', '.join(TASKS)}; chosen from the model's class, config.problem_type and num_labels)."
+        )
+    if "ForTokenClassification" in name or "ForMaskedLM" in name:
+        return "token_classification"
+    if "ForCausalLM" in name:
+        return "causal_lm"
+    if "ForSeq2SeqLM" in name or ("ForConditionalGeneration" in name and getattr(cfg, "is_encoder_decoder", False)):
+        return "seq2seq_lm"
+    if "ForConditionalGeneration" in name:  # a decoder-only generator (e.g. a vision-language model)
+        return "causal_lm"
+    return None
+
+
+def _label_example(dataset: Any) -> torch.Tensor | None:
+    """Row 0's label as a tensor (None when the set has no readable label)."""
+    item = first_item(dataset) if dataset is not None else None
+    key = next((k for k in LABEL_KEYS if item is not None and k in item), None)
+    if key is None:
+        return None
+    try:
+        return torch.as_tensor(item[key])
+    except (TypeError, ValueError, RuntimeError):
+        return None  # e.g. strings: the label-type check says what is wrong
+
+
+def resolve_task(model: torch.nn.Module | None, train_dataset: Any) -> TaskLoss:
+    """The :class:`~hf_ddlr.meta.losses.TaskLoss` of ``model`` on ``train_dataset`` (see the module doc)."""
+    if model is None:
+        return SINGLE_LABEL
+    head = _head_task(model)
+    if head is not None:
+        return task_loss(head)
+    cfg = getattr(model, "config", None)
+    problem = getattr(cfg, "problem_type", None)
+    if problem is not None:
+        if problem not in TASKS:
+            raise ValueError(f"config.problem_type={problem!r} is not supported by MetaLRTrainer; supported tasks: "
+                             f"{', '.join(TASKS)}.")
+        return task_loss(problem)
+    if cfg is None or not getattr(cfg, "num_labels", None):
+        return SINGLE_LABEL
+    if cfg.num_labels == 1:
+        return task_loss("regression")
+    y = _label_example(train_dataset)
+    if y is not None and y.dtype.is_floating_point and y.dim() == 1 and y.numel() == cfg.num_labels:
+        return task_loss("multi_label_classification")
+    return SINGLE_LABEL
+
+
+def check_task_options(task: TaskLoss, lr_level: str, meta_strategy: str, label_smoothing: float) -> None:
+    """Refuse, at construction, the options a task does not support: class-level rates (one class per example),
+    the last-layer closed form (of single-label cross-entropy), label smoothing of a non-cross-entropy loss."""
+    if task is SINGLE_LABEL:
+        return
+    if lr_level in ("class", "both"):
+        raise ValueError(
+            f"lr_level={lr_level!r} learns a rate per class, which needs one class label per example; the "
+            f"model's task is {task.task}. Class-level rates support single_label_classification only: use "
+            f"lr_level='instance' for {task.task}."
+        )
+    if meta_strategy == "last_layer":
+        raise ValueError(
+            f"meta_strategy='last_layer' is the closed form of single-label cross-entropy; the model's task is "
+            f"{task.task}. Use meta_strategy='jvp' (or 'finite_difference' / 'exact')."
+        )
+    if label_smoothing and task.task in ("multi_label_classification", "regression"):
+        raise ValueError(
+            f"label_smoothing_factor={label_smoothing} smooths a cross-entropy over classes; the {task.task} loss "
+            f"has none. Set label_smoothing_factor=0."
+        )
+    logger.info(f"MetaLRTrainer: the per-example loss is the {task.task} loss.")
+
+
+def decoder_inputs(model: torch.nn.Module, inputs: Mapping[str, Any], labels: torch.Tensor,
+                   task: TaskLoss) -> dict[str, Any]:
+    """``inputs`` with the decoder inputs an encoder-decoder model would make from ``labels``: the model's forward
+    gets no labels here, so ``decoder_input_ids`` (the labels shifted right) are added when the batch has none."""
+    inputs = dict(inputs)
+    if task.task != "seq2seq_lm" or "decoder_input_ids" in inputs or "decoder_inputs_embeds" in inputs:
+        return inputs
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if prepare is None:
+        raise ValueError(
+            f"The batch has no decoder_input_ids and {type(model).__name__} has no "
+            f"prepare_decoder_input_ids_from_labels: add decoder_input_ids to the batch, e.g. with "
+            f"DataCollatorForSeq2Seq(tokenizer, model=model)."
+        )
+    inputs["decoder_input_ids"] = prepare(labels=labels)
+    return inputs

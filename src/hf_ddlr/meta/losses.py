@@ -1,0 +1,167 @@
+"""Per-example losses of every supported task, each equal to the loss the model's own head computes.
+
+A task's loss is given per example as a *sum* ``ℓ_i`` and a *count* ``n_i`` (the targets it covers), so that
+the batch loss a Hugging Face model computes is ``Σ_i ℓ_i / Σ_i n_i``:
+
+- example-level tasks (single-label classification, multi-label classification, regression): ``ℓ_i`` is the
+  example's loss (cross-entropy; binary cross-entropy with logits averaged over the labels; squared error
+  averaged over the outputs) and ``n_i = 1``: the batch loss is the mean over examples;
+- token-level tasks (token classification, causal LM, sequence-to-sequence LM): ``ℓ_i`` is the sum of the
+  example's token cross-entropies over its target tokens (labels other than -100; for a causal LM the
+  labels shifted by one, as the model's loss does) and ``n_i`` the number of those tokens: the batch loss is
+  the mean over all target tokens of the batch, the one the model (and the Trainer, with its
+  ``num_items_in_batch``) optimises.
+
+The weighted loss of a training window is then ``Σ_i e_i ℓ_i / Σ_window n_i``: at ``e = 1`` it is exactly the
+loss (and the gradient) the Trainer would use, and ``∂L_meta/∂e_i`` is the meta-gradient of that loss. An
+example's mean token loss is ``ℓ_i / n_i`` (:meth:`TaskLoss.per_example_mean`).
+
+Pure torch: the choice of the task from a model's class and config is made on the trainer side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .passes import per_example_loss
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TASKS",
+    "TaskLoss",
+    "causal_lm_loss",
+    "multi_label_loss",
+    "regression_loss",
+    "task_loss",
+    "token_loss",
+]
+
+IGNORE_INDEX = -100  # the label of a token that is not a target (padding, a masked prompt), as in transformers
+
+
+def _fp32(logits: torch.Tensor) -> torch.Tensor:
+    """The logits in fp32 (or fp64) even when they are half precision, as the model heads' losses upcast."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
+def _check_shape(task: str, ok: bool, logits: torch.Tensor, labels: torch.Tensor, expected: str) -> None:
+    if not ok:
+        raise ValueError(
+            f"The {task} loss expects {expected}; got logits {tuple(logits.shape)} and labels "
+            f"{tuple(labels.shape)}. {_SUPPORTED_NOTE}"
+        )
+
+
+def multi_label_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Binary cross-entropy with logits of every example, averaged over its labels (multi-hot float targets):
+    their mean over the batch is ``BCEWithLogitsLoss()(logits, labels)``."""
+    _check_shape("multi_label_classification", logits.shape == labels.shape and logits.dim() == 2, logits, labels,
+                 "logits and multi-hot labels of shape (batch, num_labels)")
+    z = _fp32(logits)
+    return F.binary_cross_entropy_with_logits(z, labels.to(z.dtype), reduction="none").mean(1)
+
+
+def regression_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Squared error of every example, averaged over its outputs: their mean over the batch is the models'
+    ``MSELoss()`` (on ``logits.squeeze()`` and ``labels.squeeze()`` when there is one output)."""
+    B = logits.shape[0]
+    _check_shape("regression", logits.numel() == labels.numel() and labels.shape[:1] == (B,), logits, labels,
+                 "one float target per output: logits (batch, num_labels) and labels (batch[, num_labels])")
+    z = _fp32(logits).reshape(B, -1)
+    return F.mse_loss(z, labels.reshape(B, -1).to(z.dtype), reduction="none").mean(1)
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """The sum of every example's token cross-entropies over its target tokens (labels ≠ -100): logits
+    (batch, tokens, classes), labels (batch, tokens). Label smoothing as the Trainer's ``LabelSmoother``."""
+    _check_shape("token-level", logits.dim() == 3 and logits.shape[:2] == labels.shape, logits, labels,
+                 "logits (batch, tokens, classes) and labels (batch, tokens)")
+    z = _fp32(logits)
+    per_token = F.cross_entropy(z.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none",
+                                label_smoothing=smoothing)
+    return per_token.sum(1)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """:func:`token_loss` of next-token prediction: the logits at position t score the label at t + 1, as
+    a ``*ForCausalLM`` model's loss shifts them (the last position predicts nothing)."""
+    return token_loss(logits[:, :-1], labels[:, 1:], smoothing)
+
+
+def _token_counts(labels: torch.Tensor) -> torch.Tensor:
+    return (labels != IGNORE_INDEX).sum(1)
+
+
+def _shifted_token_counts(labels: torch.Tensor) -> torch.Tensor:
+    return (labels[:, 1:] != IGNORE_INDEX).sum(1)
+
+
+@dataclass(frozen=True)
+class TaskLoss:
+    """A task's per-example loss: ``loss(logits, labels, smoothing)`` gives every example's ``ℓ_i`` and
+    ``counts(labels)`` its number of targets ``n_i`` (None: one per example, the batch loss is the mean of the
+    ``ℓ_i``). ``class_labels``: the labels are one class id per example (class-level rates apply)."""
+
+    task: str
+    loss: Callable[..., torch.Tensor]
+    counts: Callable[[torch.Tensor], torch.Tensor] | None = None
+    class_labels: bool = False
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+        return self.loss(logits, labels, smoothing)
+
+    @property
+    def token_level(self) -> bool:
+        """Whether the loss is averaged over target tokens rather than over examples."""
+        return self.counts is not None
+
+    def num_targets(self, labels: Sequence[torch.Tensor]) -> float:
+        """``Σ n_i`` over the label tensors of several batches (the examples, for an example-level task)."""
+        if self.counts is None:
+            return float(sum(y.shape[0] for y in labels))
+        return float(sum(int(self.counts(y).sum()) for y in labels))
+
+    def mean(self, losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The batch loss ``Σ ℓ_i / Σ n_i`` (what the model's own loss is on this batch). A batch without
+        any target token has loss 0."""
+        if self.counts is None:
+            return losses.mean()
+        return losses.sum() / self.counts(labels).sum().clamp(min=1)
+
+    def per_example_mean(self, losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Every example's mean loss over its targets, ``ℓ_i / n_i`` (0 for an example without targets)."""
+        if self.counts is None:
+            return losses
+        return losses / self.counts(labels).clamp(min=1).to(losses.dtype)
+
+
+SINGLE_LABEL = TaskLoss("single_label_classification", per_example_loss, class_labels=True)
+
+_TASKS: dict[str, TaskLoss] = {
+    t.task: t
+    for t in (
+        SINGLE_LABEL,
+        TaskLoss("multi_label_classification", multi_label_loss),
+        TaskLoss("regression", regression_loss),
+        TaskLoss("token_classification", token_loss, _token_counts),
+        TaskLoss("causal_lm", causal_lm_loss, _shifted_token_counts),
+        TaskLoss("seq2seq_lm", token_loss, _token_counts),
+    )
+}
+TASKS: tuple[str, ...] = tuple(_TASKS)
+
+_SUPPORTED_NOTE = (
+    "Supported tasks: " + ", ".join(TASKS) + " (chosen from the model's class, config.problem_type and "
+    "num_labels, and the labels)."
+)
+
+
+def task_loss(task: str) -> TaskLoss:
+    """The :class:`TaskLoss` of ``task`` (one of :data:`TASKS`)."""
+    if task not in _TASKS:
+        raise ValueError(f"Unknown task {task!r}. {_SUPPORTED_NOTE}")
+    return _TASKS[task]
