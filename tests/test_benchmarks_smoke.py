@@ -188,3 +188,20 @@ def test_robustness_quick_writes_results_and_resumes(tmp_path):
     assert second.returncode == 0, second.stderr[-4000:]
     assert second.stdout.count("done, skipped") == 2 and ": acc " not in second.stdout
     assert json.loads((tmp_path / "robustness.json").read_text())["runs"] == runs
+
+
+def test_wallclock_quick_writes_the_table_and_the_breakdown(tmp_path):
+    """benchmarks/wallclock.py --quick (one round, tiny data) on the ResNet: whole-run times of plain and MetaLR,
+    their ratio and the per-phase breakdown, in wallclock.json and wallclock.md."""
+    wc = _load("wallclock")
+    res = wc.main(["--quick", "--tasks", "resnet", "--output_dir", str(tmp_path)])
+    t = res["tasks"]["resnet"]
+    assert set(t["times_s"]) == {"plain", *wc.CONFIGS} and all(len(v) == 1 for v in t["times_s"].values())
+    assert all(r > 0 for r in t["ratio"].values())
+    for cfg, phases in t["phases_ms"].items():
+        assert set(phases) == {*wc.PHASES, "total"} and phases["total"] > 0 and phases["real step"] > 0
+        if cfg != "plain":
+            assert phases["meta loss"] > 0 and phases["dots"] > 0
+    md = (tmp_path / "wallclock.md").read_text()
+    assert "| resnet | defaults |" in md and "| meta batch |" in md and "shared 2-core CPU" in md
+    assert json.loads((tmp_path / "wallclock.json").read_text())["tasks"]["resnet"]["ratio"] == t["ratio"]

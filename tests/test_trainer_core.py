@@ -307,3 +307,31 @@ def test_meta_set_smaller_than_the_meta_batch_is_used_whole(tmp_path):
     whole = rates(10)
     assert (whole != 1).any()
     torch.testing.assert_close(rates(32), whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("meta_batch_size", [4, 32])
+def test_meta_rows_read_once_give_the_same_run_as_rows_read_every_step(tmp_path, monkeypatch, meta_batch_size):
+    """The meta set's rows (and, when every meta batch is the whole set, the collated batch) are read once; the
+    run is bit for bit the one that reads and collates them every step. A set with a transform (which may
+    draw new values on every read) is read every step."""
+    import hf_ddlr._batches as batches
+
+    def run(tag: str, meta) -> MetaLRTrainer:
+        torch.manual_seed(0)
+        args = _args(tmp_path / tag, per_device_train_batch_size=8, max_steps=3, learning_rate=0.5, optim="sgd",
+                     lr_scheduler_type="constant", meta_batch_size=meta_batch_size)
+        trainer = MetaLRTrainer(model=TinyMLP(), args=args, train_dataset=make_split(24, seed=1), meta_dataset=meta)
+        trainer.train()
+        return trainer
+
+    cached = run("cached", make_split(10, seed=2))
+    assert cached._meta_set._rows and (cached._meta_set._whole is not None) == (meta_batch_size > 10)
+    monkeypatch.setattr(batches, "MAX_CACHED_ROWS", -1)
+    fresh = run("fresh", make_split(10, seed=2))
+    assert fresh._meta_set._rows is None and fresh._meta_set._whole is None
+    assert torch.equal(cached.rates.instance, fresh.rates.instance)
+    monkeypatch.undo()
+    transformed = make_split(10, seed=2)
+    transformed.set_transform(lambda b: {"x": torch.tensor(b["x"]), "label": torch.tensor(b["label"])})
+    t = run("transform", transformed)
+    assert t._meta_set._rows is None and t._meta_set._whole is None

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import DataCollatorWithPadding, DefaultDataCollator, default_data_collator
 
 from ._tasks import decoder_inputs
 from .meta import MetaBatch, MicroBatch
@@ -52,13 +53,37 @@ def to_microbatch(trainer: MetaLRTrainer, raw: Mapping[str, Any], k: int) -> Mic
     return MicroBatch(batch, labels, None, seed=step_seed(trainer, kind=0, k=k), indices=idx)
 
 
+# A meta set up to this many rows keeps the rows it has read (meta sets are small by design): reading a row of a
+# ``datasets.Dataset`` costs far more than collating it, and a meta step reads a meta batch's worth of them.
+MAX_CACHED_ROWS = 16384
+
+
+def _reads_are_deterministic(ds: Any) -> bool:
+    """Whether reading a row of ``ds`` twice gives the same values: a ``datasets.Dataset`` without a
+    ``set_transform`` / ``with_transform`` (whose transform may draw random augmentations on every read)."""
+    fmt = getattr(ds, "format", None)
+    return hasattr(ds, "column_names") and isinstance(fmt, dict) and fmt.get("type") != "custom"
+
+
+def _is_deterministic_collator(collate: Any) -> bool:
+    """Whether ``collate`` gives the same batch for the same rows: the collators the Trainer uses by default."""
+    return collate is default_data_collator or isinstance(collate, (DataCollatorWithPadding, DefaultDataCollator))
+
+
 class MetaSetSampler:
     """The meta set, prepared on first use as the Trainer prepares its train set (columns the model does not
-    take removed, or dropped at collation for a torch dataset), and one meta batch per meta step."""
+    take removed, or dropped at collation for a torch dataset), and one meta batch per meta step.
+
+    What does not change from step to step is read once: the rows of a small ``datasets.Dataset`` without a
+    transform (kept as read), and, when every meta batch is the whole set in the same order (a meta set no
+    larger than the meta batch) and the collator is one of the Trainer's own, the collated batch on the device.
+    The batches are the same as when every step reads and collates its rows."""
 
     def __init__(self, trainer: MetaLRTrainer, dataset: Any) -> None:
         self.trainer, self.dataset = trainer, dataset
         self._prepared: tuple[Any, Any] | None = None  # (dataset, collate function)
+        self._rows: dict[int, Any] | None = None  # rows read so far (None: rows are read on every use)
+        self._whole: tuple[dict[str, Any], torch.Tensor] | None = None  # the whole set, collated and prepared
 
     def _prepare(self) -> tuple[Any, Any]:
         if self._prepared is None:
@@ -69,7 +94,28 @@ class MetaSetSampler:
             else:  # a torch dataset: drop the keys the model does not take at collation, as the Trainer does
                 collate = self.trainer._get_collator_with_removed_columns(self.trainer.data_collator, description="Meta")
             self._prepared = ds, collate
+            if _reads_are_deterministic(ds) and len(ds) <= MAX_CACHED_ROWS:
+                self._rows = {}
         return self._prepared
+
+    def _row(self, ds: Any, i: int) -> Any:
+        """Row ``i`` (a shallow copy of the kept one, so that a collator may rename its keys)."""
+        if self._rows is None:
+            return ds[i]
+        if i not in self._rows:
+            self._rows[i] = ds[i]
+        row = self._rows[i]
+        return dict(row) if isinstance(row, Mapping) else row
+
+    def _collated(self, idx: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
+        """The model inputs and labels of rows ``idx``, collated and on the device."""
+        ds, collate = self._prepare()
+        batch = self.trainer._prepare_inputs(collate([self._row(ds, int(i)) for i in idx]))
+        batch.pop(self.trainer.meta_args.index_column, None)
+        labels = batch.pop("labels", None)
+        if labels is None:
+            labels = batch.pop("label")
+        return decoder_inputs(self.trainer.model, batch, labels, self.trainer._task), labels
 
     def sample(self) -> MetaBatch:
         """This step's meta batch: ``meta_batch_size`` examples drawn without replacement (the whole set when it
@@ -79,13 +125,14 @@ class MetaSetSampler:
         # default: the micro-batches of one optimizer step (_train_batch_size follows auto_find_batch_size)
         per_device = getattr(trainer, "_train_batch_size", None) or trainer.args.per_device_train_batch_size
         m = meta.meta_batch_size or per_device * trainer.args.gradient_accumulation_steps
-        g = torch.Generator().manual_seed(step_seed(trainer, kind=1))
-        # a meta set smaller than the meta batch is used whole (drawing with replacement would only add noise)
-        idx = torch.randperm(len(ds), generator=g)[:m] if m <= len(ds) else torch.arange(len(ds))
-        batch = trainer._prepare_inputs(collate([ds[int(i)] for i in idx]))
-        batch.pop(meta.index_column, None)
-        labels = batch.pop("labels", None)
-        if labels is None:
-            labels = batch.pop("label")
-        batch = decoder_inputs(trainer.model, batch, labels, trainer._task)
+        if m <= len(ds):
+            g = torch.Generator().manual_seed(step_seed(trainer, kind=1))
+            batch, labels = self._collated(torch.randperm(len(ds), generator=g)[:m])
+        else:  # a meta set smaller than the meta batch is used whole (drawing with replacement would only add noise)
+            whole = self._whole
+            if whole is None:
+                whole = self._collated(torch.arange(len(ds)))
+                if self._rows is not None and _is_deterministic_collator(collate):
+                    self._whole = whole
+            batch, labels = dict(whole[0]), whole[1]
         return MetaBatch(batch, labels, seed=step_seed(trainer, kind=2), dropout=meta.meta_dropout)

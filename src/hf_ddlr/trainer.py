@@ -328,6 +328,10 @@ class MetaLRTrainer(Trainer):
         return opt
 
     def _tag_decay_groups(self, opt) -> None:
+        """Mark each param group of ``opt`` with whether the weight decay applies to it (``hf_ddlr_decay``); the
+        decay names are looked up only when a group is not marked yet (a group added since)."""
+        if all("hf_ddlr_decay" in g for g in opt.param_groups):
+            return
         decay = set(self.get_decay_parameter_names(self.model))
         ids = {id(p) for n, p in self.model.named_parameters() if n in decay}
         for g in opt.param_groups:

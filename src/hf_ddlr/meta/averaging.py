@@ -10,11 +10,19 @@ harmful examples, at the cost of one parameter-sized buffer. ``beta = 0`` is the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
 __all__ = ["MetaGradientAverage"]
+
+
+def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite, with one host synchronisation: from each tensor's
+    minimum and maximum (NaN propagates into both, ±inf is one of them), one pass over it and no tensor of
+    flags of its size (what ``isfinite(g).all()`` would write)."""
+    flags = [torch.isfinite(torch.stack(torch.aminmax(g.detach()))).all() for g in tensors if g.numel()]
+    return not flags or bool(torch.stack(flags).all())
 
 
 class MetaGradientAverage:
@@ -37,7 +45,7 @@ class MetaGradientAverage:
 
         A non-finite gradient (an fp16 overflow) is returned as it is and not folded in: its step is skipped.
         """
-        if not bool(torch.stack([torch.isfinite(g).all() for g in g_meta.values()]).all()):  # one host sync
+        if not _all_finite(g_meta.values()):
             return dict(g_meta)
         if self.beta == 0.0:
             return {n: g.detach() for n, g in g_meta.items()}

@@ -388,8 +388,8 @@ def _meta_tangent(
     if average is not None:
         g_meta = average.update(g_meta)
     T = tangent(g_meta, specs)
-    if c != 1.0:
-        T = {n: t * c for n, t in T.items()}
+    if c != 1.0:  # T's tensors are new ones (tangent): scaled in place
+        T = {n: t.mul_(c) for n, t in T.items()}
     return meta_loss, g_meta, T
 
 

@@ -143,32 +143,77 @@ def _adam_preconditioner(spec: ParamSpec, gt: torch.Tensor) -> torch.Tensor:
 
     v' = β2·v + (1−β2)·gt² is the second moment the real step writes (AMSGrad: its running maximum),
     bias-corrected at the coming step t; computed from ``gt`` detached, i.e. held constant in derivatives.
+    Every operation after the first writes into that first result (the same arithmetic as the expression
+    written out, without a parameter-sized allocation per operation).
     """
     gd = gt.detach()
     v_old, st = spec.state.get("exp_avg_sq"), spec.state
-    v = (1.0 - spec.beta2) * gd * gd
+    v = torch.mul(gd, 1.0 - spec.beta2).mul_(gd)
     if v_old is not None:
-        v = spec.beta2 * v_old.to(gd.dtype) + v
+        v.add_(v_old.to(gd.dtype) * spec.beta2)
     if spec.amsgrad and st.get("max_exp_avg_sq") is not None:
-        v = torch.maximum(st["max_exp_avg_sq"].to(gd.dtype), v)
+        torch.maximum(st["max_exp_avg_sq"].to(gd.dtype), v, out=v)
     t = st["step"] + 1.0
-    return 1.0 / (v.sqrt() / math.sqrt(1.0 - spec.beta2**t) + spec.eps)
+    # 1/x is torch's reciprocal(x) * 1 (Tensor.__rtruediv__); the product with 1 changes no value
+    return v.sqrt_().div_(math.sqrt(1.0 - spec.beta2**t)).add_(spec.eps).reciprocal_()
 
 
 def precondition(spec: ParamSpec, x: torch.Tensor) -> torch.Tensor:
-    """ρ ⊙ x: how a change of the gradient moves the next iterate (before the −λ factor)."""
+    """ρ ⊙ x: how a change of the gradient moves the next iterate (before the −λ factor). A new tensor, or
+    ``x`` itself where ρ = 1."""
     if spec.kind == "adam":
         if spec.preconditioner is None:
             raise RuntimeError("An Adam ParamSpec has no preconditioner yet: call lookahead() with it first.")
         t = spec.state["step"] + 1.0
         c_t = (1.0 - spec.beta1) / (1.0 - spec.beta1**t)
-        return c_t * spec.preconditioner.to(x.dtype) * x
+        return _into(spec.preconditioner.to(x.dtype) * c_t, torch.mul, x)
     has_buf = "momentum_buffer" in spec.state  # PyTorch's first momentum step: buffer = d, undamped
     if spec.momentum and spec.nesterov:
         return (1.0 + spec.momentum * ((1.0 - spec.dampening) if has_buf else 1.0)) * x
     if spec.momentum and has_buf:
         return (1.0 - spec.dampening) * x
     return x
+
+
+def _needs_graph(*xs: object) -> bool:
+    """Whether any of ``xs`` carries an autograd graph (the exact strategy differentiates through θ')."""
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in xs)
+
+
+def _into(a: torch.Tensor, op, b: torch.Tensor | float) -> torch.Tensor:
+    """``op(a, b)``, written into ``a`` (a scratch tensor of the caller) unless autograd needs ``a`` unchanged."""
+    return op(a, b, out=a) if not _needs_graph(a, b) else op(a, b)
+
+
+def _adam_next(s: ParamSpec, p: torch.Tensor, g: torch.Tensor, wd: float | torch.Tensor) -> torch.Tensor:
+    """θ'_p of torch's Adam / AdamW step; records the step's preconditioner on ``s``."""
+    gt = _into(wd * p, torch.add, g) if s.decay and not s.decoupled else g
+    s.preconditioner = _adam_preconditioner(s, gt)
+    m = (1.0 - s.beta1) * gt
+    if s.state.get("exp_avg") is not None:
+        m = _into(s.beta1 * s.state["exp_avg"].to(gt.dtype), torch.add, m)
+    t = s.state["step"] + 1.0
+    step = _into(_into(m, torch.div, 1.0 - s.beta1**t), torch.mul, s.preconditioner.to(p.dtype))
+    base = p * (1.0 - s.lr * wd) if (s.decay and s.decoupled) else p
+    return _sub_from(base, _into(step, torch.mul, s.lr))
+
+
+def _sub_from(base: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``base − step``, written into ``step`` (a scratch tensor) unless autograd needs it."""
+    return torch.sub(base, step, out=step) if not _needs_graph(base, step) else base - step
+
+
+def _sgd_next(s: ParamSpec, p: torch.Tensor, g: torch.Tensor, wd: float | torch.Tensor) -> torch.Tensor:
+    """θ'_p of torch's SGD step (momentum, dampening, Nesterov)."""
+    d = _into(wd * p, torch.add, g) if s.decay else g
+    buf = s.state.get("momentum_buffer")
+    if s.momentum and buf is not None:
+        d_new = _into(s.momentum * buf, torch.add, (1.0 - s.dampening) * d)
+    else:
+        d_new = d
+    if s.nesterov and s.momentum:
+        d_new = d + s.momentum * d_new
+    return _sub_from(p, s.lr * d_new)
 
 
 def lookahead(
@@ -185,7 +230,8 @@ def lookahead(
     This is the real optimizer's next iterate (PyTorch's SGD / Adam / AdamW update, Adam's new second
     moment included). Differentiable in ``grads`` and ``weight_decay`` when they carry a graph (the exact
     strategy), with Adam's second moment held constant. The optimizer state is read, never written; for
-    Adam the preconditioner of this step is recorded on ``specs`` (see :func:`tangent`).
+    Adam the preconditioner of this step is recorded on ``specs`` (see :func:`tangent`). Without a graph the
+    intermediate results are written in place (the same operations in the same order: the same values).
     """
     out: dict[str, torch.Tensor] = {}
     for name, p in params.items():
@@ -193,52 +239,42 @@ def lookahead(
         if grad_scale != 1.0:
             g = g * grad_scale
         wd = weight_decay if s.decay else 0.0
-        if s.kind == "adam":
-            gt = g + wd * p if s.decay and not s.decoupled else g
-            m = (1.0 - s.beta1) * gt
-            if s.state.get("exp_avg") is not None:
-                m = s.beta1 * s.state["exp_avg"].to(gt.dtype) + m
-            t = s.state["step"] + 1.0
-            s.preconditioner = _adam_preconditioner(s, gt)
-            step = (m / (1.0 - s.beta1**t)) * s.preconditioner.to(p.dtype)
-            base = p * (1.0 - s.lr * wd) if (s.decay and s.decoupled) else p
-            out[name] = base - s.lr * step
-            continue
-        d = g + wd * p if s.decay else g
-        buf = s.state.get("momentum_buffer")
-        if s.momentum and buf is not None:
-            d_new = s.momentum * buf + (1.0 - s.dampening) * d
-        else:
-            d_new = d
-        if s.nesterov and s.momentum:
-            d_new = d + s.momentum * d_new
-        out[name] = p - s.lr * d_new
+        out[name] = (_adam_next if s.kind == "adam" else _sgd_next)(s, p, g, wd)
     return out
 
 
 def tangent(g_meta: Mapping[str, torch.Tensor], specs: Mapping[str, ParamSpec]) -> dict[str, torch.Tensor]:
-    """T = λ ρ ⊙ g_meta: the direction whose dot with ∇L_i gives −N ∂L_meta/∂e_i.
+    """T = λ ρ ⊙ g_meta: the direction whose dot with ∇L_i gives −N ∂L_meta/∂e_i (new tensors).
 
     Adam specs must have been through :func:`lookahead` (ρ uses the preconditioner of that step).
     """
-    return {n: specs[n].lr * precondition(specs[n], g) for n, g in g_meta.items()}
+    out: dict[str, torch.Tensor] = {}
+    for n, g in g_meta.items():
+        v = precondition(specs[n], g)
+        out[n] = specs[n].lr * v if v is g else _into(v, torch.mul, specs[n].lr)
+    return out
 
 
 def weight_decay_grad(
     g_meta: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor], specs: Mapping[str, ParamSpec]
 ) -> float:
-    """∂L_meta/∂wd = −Σ over decayed tensors of λ (ρ if the decay is coupled) g_meta·θ (paper §2.3)."""
-    total = 0.0
+    """∂L_meta/∂wd = −Σ over decayed tensors of λ (ρ if the decay is coupled) g_meta·θ (paper §2.3).
+
+    The sum runs on the tensors' device in float64 (each tensor's dot in float64, added in order: the values
+    of adding Python floats) and is read once, at the end: one host synchronisation per meta step."""
+    total: torch.Tensor | None = None
     for n, g in g_meta.items():
         s = specs[n]
         if not s.decay:
             continue
         coupled = not (s.kind == "adam" and s.decoupled)
         v = precondition(s, g) if coupled else g
-        total += -s.lr * float((v.double() * params[n].detach().double()).sum())
-    if not math.isfinite(total):
+        term = (v.double() * params[n].detach().double()).sum() * -s.lr
+        total = (torch.zeros((), dtype=torch.float64, device=term.device) if total is None else total) + term
+    value = float(total) if total is not None else 0.0
+    if not math.isfinite(value):
         return float("nan")
-    return total
+    return value
 
 
 def clip_coefficient(grads: Mapping[str, torch.Tensor], max_norm: float | None) -> float:
