@@ -547,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[robustness] {cell.name} seed {seed} {method}: acc {r['test_accuracy']:.4f}{extra} "
                       f"({r['train_s']:.0f} s train, {time.time() - t0:.0f} s total)", flush=True)
     stats = cell_stats(runs, a.quick)
+    if not a.quick and os.path.abspath(out_dir) != os.path.abspath(main_dir):  # a variant: only its own cells
+        stats = {name: by for name, by in stats.items() if by["metalr"]}
     summ = summary(stats)
     command = "python benchmarks/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
     md = render(stats, summ, command.strip())
