@@ -36,7 +36,8 @@ def step_seed(trainer: MetaLRTrainer, kind: int, k: int = 0) -> int:
 
 def to_microbatch(trainer: MetaLRTrainer, raw: Mapping[str, Any], k: int) -> MicroBatch:
     """Micro-batch ``k`` of the window, on the device, without its index column and labels among the model's
-    inputs. Its ``weights`` are left unset: the schedule sets them for the whole window (``Schedule._refresh``)."""
+    inputs, with its examples' group ids (looked up by index) when the rates are per group. Its ``weights`` are
+    left unset: the schedule sets them for the whole window (``Schedule._refresh``)."""
     col = trainer.meta_args.index_column
     if col not in raw:
         raise KeyError(
@@ -49,7 +50,8 @@ def to_microbatch(trainer: MetaLRTrainer, raw: Mapping[str, Any], k: int) -> Mic
     if labels is None:
         raise KeyError("The training batch has no 'labels'; per-example learning rates need labels.")
     batch = decoder_inputs(trainer.model, batch, labels, trainer._task)
-    return MicroBatch(batch, labels, None, seed=step_seed(trainer, kind=0, k=k), indices=idx)
+    groups = trainer._groups.ids(idx) if trainer._groups is not None else None
+    return MicroBatch(batch, labels, None, seed=step_seed(trainer, kind=0, k=k), indices=idx, groups=groups)
 
 
 class MetaSetSampler:

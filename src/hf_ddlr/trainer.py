@@ -28,6 +28,7 @@ from ._datasets import (
     label_values,
     with_index,
 )
+from ._groups import Groups, read_groups
 from ._recording import MetaLog, TrajectoryRecorder, new_trajectory
 from ._tasks import check_task_options, resolve_task
 from .config import MetaLROptions, resolve_meta_options
@@ -102,7 +103,7 @@ class MetaLRTrainer(Trainer):
     weight decay by a one-step-lookahead meta-gradient on ``meta_dataset`` (Saxena, Vyas & DeCoste).
 
     Without ``meta_dataset`` (and without ``replay_trajectory``) it is exactly ``Trainer``. The learned values
-    are in :attr:`rates` (``.instance``, ``.per_class``, ``.weight_decay``), their history in
+    are in :attr:`rates` (``.instance``, ``.per_class`` or ``.per_group``, ``.weight_decay``), their history in
     :attr:`lr_trajectory` (saved with every checkpoint and the final model, and pushed to the Hub with it).
 
     Args:
@@ -185,6 +186,7 @@ class MetaLRTrainer(Trainer):
             meta.learn_weight_decay = self.replay.replays_weight_decay(meta.learn_weight_decay)
         self._meta_active = meta_dataset is not None or self.replay is not None
         self.rates: RateTable | None = None
+        self._groups: Groups | None = None  # the train set's groups (group-level rates), read at construction
         self.lr_trajectory: LRTrajectory | None = None
         self._schedule: Schedule | None = None  # resolved when train() starts
         if self._meta_active:
@@ -199,6 +201,8 @@ class MetaLRTrainer(Trainer):
             if meta_dataset is not None:
                 self._check_supported_parallelism()
                 self._check_meta_inputs()
+            if meta.group_column:
+                self._groups = read_groups(self.train_dataset, meta.group_column, meta.index_column).to(self.args.device)
             self._init_meta(num_labels)
             self.add_callback(TrajectoryRecorder(self))
 
@@ -277,7 +281,8 @@ class MetaLRTrainer(Trainer):
         """The state of a run: rates at 1, an empty trajectory, a fresh meta-gradient average and log."""
         args, meta = self.args, self.meta_args
         self._task = resolve_task(self.model, self._source_train_dataset)
-        check_task_options(self._task, meta.lr_level, meta.meta_strategy, args.label_smoothing_factor)
+        check_task_options(self._task, meta.lr_level, meta.meta_strategy, args.label_smoothing_factor,
+                           meta.group_column)
         self.num_labels = self._infer_num_labels(num_labels)
         if self._task.class_labels:
             check_label_range((("meta", self.meta_dataset), ("train", self.train_dataset)), self.num_labels)
@@ -285,6 +290,7 @@ class MetaLRTrainer(Trainer):
             len(self.train_dataset),
             self.num_labels,
             meta.lr_level,
+            num_groups=len(self._groups) if self._groups is not None else None,
             weight_decay=args.weight_decay,
             learn_weight_decay=meta.learn_weight_decay,
             meta_lr=meta.meta_lr,
