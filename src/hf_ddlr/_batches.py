@@ -46,6 +46,8 @@ def to_microbatch(trainer: MetaLRTrainer, raw: Mapping[str, Any], k: int) -> Mic
         )
     batch = trainer._prepare_inputs(dict(raw))
     idx = batch.pop(col)
+    for other in trainer._rate_columns[1:]:  # the group column, when the batch carries it
+        batch.pop(other, None)
     labels = batch.pop("labels", None)
     if labels is None:
         raise KeyError("The training batch has no 'labels'; per-example learning rates need labels.")
@@ -85,7 +87,8 @@ class MetaSetSampler:
         # a meta set smaller than the meta batch is used whole (drawing with replacement would only add noise)
         idx = torch.randperm(len(ds), generator=g)[:m] if m <= len(ds) else torch.arange(len(ds))
         batch = trainer._prepare_inputs(collate([ds[int(i)] for i in idx]))
-        batch.pop(meta.index_column, None)
+        for col in trainer._rate_columns:
+            batch.pop(col, None)
         labels = batch.pop("labels", None)
         if labels is None:
             labels = batch.pop("label")

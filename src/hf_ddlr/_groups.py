@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["MAX_GROUPS", "Groups", "read_groups"]
+__all__ = ["MAX_GROUPS", "Groups", "check_same_groups", "read_groups"]
 
 MAX_GROUPS = 1000  # more distinct values is most likely an id / text column chosen by mistake
 
@@ -104,3 +104,15 @@ def read_groups(dataset: Any, column: str, index_column: str) -> Groups:
     ]
     sizes = torch.bincount(ids, minlength=len(distinct)).tolist()
     return Groups(column, names, sizes, row_ids)
+
+
+def check_same_groups(recorded: Mapping[str, Any] | None, groups: Groups) -> None:
+    """Refuse to replay group rates learned on other groups: ``recorded`` is a trajectory's ``groups`` metadata
+    (None when it learned none), ``groups`` this train set's."""
+    names = list((recorded or {}).get("names") or [])
+    if names != groups.names:
+        raise ValueError(
+            f"The replayed trajectory's group rates are keyed by the groups {names or 'of no group column'}, this "
+            f"train set's {groups.column!r} column has the groups {groups.names}. Replay on a train set with the "
+            f"same groups (the sorted distinct values of the group column), or with the lr_level it recorded."
+        )

@@ -145,7 +145,8 @@ class Schedule:
         task = self.trainer._task
         inputs = dict(inputs)
         labels = inputs.pop("labels")
-        inputs.pop(self.meta.index_column, None)
+        for col in self.trainer._rate_columns:
+            inputs.pop(col, None)
         inputs = decoder_inputs(unwrapped, inputs, labels, task)
         box: dict[str, torch.Tensor] = {}
         with contextlib.ExitStack() as stack:

@@ -521,6 +521,12 @@ class LRTrajectory:
         """
         return self._queries().class_rates_at(step, epoch, mode)
 
+    def group_rates_at(
+        self, step: int | None = None, *, epoch: float | None = None, mode: str = "linear"
+    ) -> torch.Tensor:
+        """Per-group rates ``[G]`` at optimizer ``step`` (or ``epoch``), by the rules of :meth:`class_rates_at`."""
+        return self._queries().class_rates_at(step, epoch, mode, kind="group")
+
     def weight_decay_at(self, step: int | None = None, *, epoch: float | None = None) -> float:
         """Learned weight decay used at optimizer ``step`` (exact at a recorded step, linear in between,
         first/last value outside the recorded range); or at ``epoch``."""
