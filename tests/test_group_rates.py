@@ -12,8 +12,9 @@ import datasets
 import pytest
 import safetensors.torch
 import torch
+from ddp_worker import _StopAt  # stops after a step, as an interrupted run would
 from tiny import TinyMLP, make_split
-from transformers import DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers import DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM
 
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
 from hf_ddlr._groups import MAX_GROUPS
@@ -45,16 +46,6 @@ def _trainer(path, train, meta=None, model=None, eval_dataset=None, **kw) -> Met
     return MetaLRTrainer(model=model or TinyMLP(), args=_args(path, **kw), train_dataset=train,
                          meta_dataset=meta if meta is not None else make_split(16, seed=2), eval_dataset=eval_dataset)
 
-
-class _StopAt(TrainerCallback):
-    """Stop training after optimizer step ``step`` (a checkpoint is saved there), as an interrupted run would."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 # ---------------------------------------------------------------- (1) a corrupted source gets the lowest rate
