@@ -37,7 +37,8 @@ def step_seed(trainer: MetaLRTrainer, kind: int, k: int = 0) -> int:
 
 def to_microbatch(trainer: MetaLRTrainer, raw: Mapping[str, Any], k: int) -> MicroBatch:
     """Micro-batch ``k`` of the window, on the device, without its index column and labels among the model's
-    inputs. Its ``weights`` are left unset: the schedule sets them for the whole window (``Schedule._refresh``)."""
+    inputs, with its examples' group ids (looked up by index) when the rates are per group. Its ``weights`` are
+    left unset: the schedule sets them for the whole window (``Schedule._refresh``)."""
     col = trainer.meta_args.index_column
     if col not in raw:
         raise KeyError(
@@ -46,11 +47,14 @@ def to_microbatch(trainer: MetaLRTrainer, raw: Mapping[str, Any], k: int) -> Mic
         )
     batch = trainer._prepare_inputs(dict(raw))
     idx = batch.pop(col)
+    for other in trainer._rate_columns[1:]:  # the group column, when the batch carries it
+        batch.pop(other, None)
     labels = batch.pop("labels", None)
     if labels is None:
         raise KeyError("The training batch has no 'labels'; per-example learning rates need labels.")
     batch = decoder_inputs(trainer.model, batch, labels, trainer._task)
-    return MicroBatch(batch, labels, None, seed=step_seed(trainer, kind=0, k=k), indices=idx)
+    groups = trainer._groups.ids(idx) if trainer._groups is not None else None
+    return MicroBatch(batch, labels, None, seed=step_seed(trainer, kind=0, k=k), indices=idx, groups=groups)
 
 
 # A meta set up to this many rows keeps the rows it has read (meta sets are small by design): reading a row of a
@@ -111,7 +115,8 @@ class MetaSetSampler:
         """The model inputs and labels of rows ``idx``, collated and on the device."""
         ds, collate = self._prepare()
         batch = self.trainer._prepare_inputs(collate([self._row(ds, int(i)) for i in idx]))
-        batch.pop(self.trainer.meta_args.index_column, None)
+        for col in self.trainer._rate_columns:  # the index column, and the group column when there is one
+            batch.pop(col, None)
         labels = batch.pop("labels", None)
         if labels is None:
             labels = batch.pop("label")

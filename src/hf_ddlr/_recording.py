@@ -25,6 +25,7 @@ __all__ = ["MetaLog", "TrajectoryRecorder", "meta_settings", "new_trajectory"]
 _META_KEYS = ("lr_level", "meta_lr", "meta_lr_scaling", "learn_weight_decay", "weight_decay_meta_lr", "keep_history",
               "meta_strategy", "meta_update", "meta_interval", "meta_batch_size", "lookahead", "meta_grad_average",
               "meta_grad_average_epochs", "meta_dropout", "max_rate")
+MAX_LOGGED_GROUPS = 8  # group rates logged one by one (group_rate/<name>) up to this many groups
 _TRAIN_KEYS = ("learning_rate", "weight_decay", "max_grad_norm", "optim", "lr_scheduler_type",
                "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps", "seed")
 
@@ -33,8 +34,9 @@ class MetaLog:
     """The meta step's values: of the current optimizer step (its learning rate and meta loss, for the
     trajectory) and summed since the last log line (mean meta loss, skipped steps, for ``log_history``)."""
 
-    def __init__(self, learning_rate: float) -> None:
+    def __init__(self, learning_rate: float, group_names: list[str] | None = None) -> None:
         self.step_lr = float(learning_rate)
+        self.group_names = group_names
         self.step_meta_loss: float | None = None
         self._meta_loss_sum, self._meta_steps, self._skipped = 0.0, 0, 0
 
@@ -56,19 +58,23 @@ class MetaLog:
         )
 
     def metrics(self, rates: RateTable) -> dict[str, float]:
-        """Scalar summaries since the last call (the sums start again) and of the current rates."""
+        """Scalar summaries since the last call (the sums start again) and of the current rates: mean / min / max /
+        zero fraction of each table, and, with at most :data:`MAX_LOGGED_GROUPS` groups, every group's rate as
+        ``group_rate/<name>`` (the data-mixture weights)."""
         m: dict[str, float] = {}
         if self._meta_steps:
             m["meta_loss"] = round(self._meta_loss_sum / self._meta_steps, 6)
         if self._skipped:
             m["meta_skipped_steps"] = self._skipped
         self._meta_loss_sum, self._meta_steps, self._skipped = 0.0, 0, 0
-        for name, t in (("rate", rates.instance), ("class_rate", rates.per_class)):
+        for name, t in (("rate", rates.instance), ("class_rate", rates.per_class), ("group_rate", rates.per_group)):
             if t is not None:
                 m[f"{name}_mean"] = float(t.mean())
                 m[f"{name}_min"] = float(t.min())
                 m[f"{name}_max"] = float(t.max())
                 m[f"{name}_zero_frac"] = float((t <= 1e-6).float().mean())
+        if rates.per_group is not None and self.group_names and len(self.group_names) <= MAX_LOGGED_GROUPS:
+            m.update({f"group_rate/{n}": float(v) for n, v in zip(self.group_names, rates.per_group.tolist())})
         m["meta_weight_decay"] = float(rates.weight_decay)
         return m
 
@@ -81,6 +87,8 @@ def meta_settings(trainer: MetaLRTrainer) -> dict[str, Any]:
     out["lr_scheduler_type"] = str(getattr(out["lr_scheduler_type"], "value", out["lr_scheduler_type"]))
     out["mode"] = "replay" if trainer.replay is not None else "learn"
     out["meta_set_size"] = len(trainer.meta_dataset) if trainer.meta_dataset is not None else None
+    if trainer.meta_args.group_column:  # only then: the settings of every other run stay as they were
+        out["group_column"] = trainer.meta_args.group_column
     return out
 
 
@@ -92,11 +100,14 @@ def new_trajectory(trainer: MetaLRTrainer, train_dataset: Any) -> LRTrajectory:
     )
     if traj.label_names is None and trainer.rates.per_class is not None:
         traj.label_names = [str(c) for c in range(trainer.num_labels)]
+    groups = trainer._groups
+    if groups is not None:
+        traj.groups = {"column": groups.column, "names": list(groups.names), "sizes": list(groups.sizes)}
     return traj
 
 
 class TrajectoryRecorder(TrainerCallback):
-    """Feeds :attr:`MetaLRTrainer.lr_trajectory`: per-step LR / weight decay / meta loss and class rates,
+    """Feeds :attr:`MetaLRTrainer.lr_trajectory`: per-step LR / weight decay / meta loss and class (or group) rates,
     instance rates at the start and at every epoch end."""
 
     def __init__(self, trainer: MetaLRTrainer) -> None:
@@ -106,6 +117,8 @@ class TrajectoryRecorder(TrainerCallback):
         t, rates = self.trainer.lr_trajectory, self.trainer.rates
         if rates.per_class is not None:
             t.record_class_rates(state.global_step, state.epoch or 0.0, rates.per_class)
+        if rates.per_group is not None:
+            t.record_group_rates(state.global_step, state.epoch or 0.0, rates.per_group)
         if instance and rates.instance is not None:
             t.record_instance_rates(state.global_step, state.epoch or 0.0, rates.instance)
 

@@ -85,16 +85,19 @@ def resolve_task(model: torch.nn.Module | None, train_dataset: Any) -> TaskLoss:
     return SINGLE_LABEL
 
 
-def check_task_options(task: TaskLoss, lr_level: str, meta_strategy: str, label_smoothing: float) -> None:
-    """Refuse, at construction, the options a task does not support: class-level rates (one class per example),
-    the last-layer closed form (of single-label cross-entropy), label smoothing of a non-cross-entropy loss."""
+def check_task_options(task: TaskLoss, lr_level: str, meta_strategy: str, label_smoothing: float,
+                       group_column: str | None = None) -> None:
+    """Refuse, at construction, the options a task does not support: class-level rates (one class per example;
+    group rates, keyed by ``group_column``, suit every task), the last-layer closed form (of single-label
+    cross-entropy), label smoothing of a non-cross-entropy loss."""
     if task is SINGLE_LABEL:
         return
-    if lr_level in ("class", "both"):
+    if lr_level == "class" or (lr_level == "both" and not group_column):
         raise ValueError(
             f"lr_level={lr_level!r} learns a rate per class, which needs one class label per example; the "
             f"model's task is {task.task}. Class-level rates support single_label_classification only: use "
-            f"lr_level='instance' for {task.task}."
+            f"lr_level='instance' for {task.task}, or group rates (lr_level='group' or 'both' with "
+            f"group_column='<column>'), which suit every task."
         )
     if meta_strategy == "last_layer":
         raise ValueError(

@@ -14,7 +14,7 @@ from .meta.engine import STRATEGIES
 
 __all__ = ["MetaLRConfig", "MetaLROptions", "check_meta_options", "resolve_meta_options"]
 
-LEVELS = ("instance", "class", "both")
+LEVELS = ("instance", "class", "group", "both")
 UPDATES = ("same_step", "delayed")
 LOOKAHEADS = ("optimizer", "sgd")
 SCALINGS = ("normalized", "raw")
@@ -45,8 +45,16 @@ class MetaLROptions:
     lr_level: str = _option(
         "instance",
         "Which learning-rate multipliers to learn: 'instance' (one per training example), 'class' "
-        "(one per label) or 'both' (their product).",
+        "(one per label), 'group' (one per value of group_column: the data-mixture weights) or 'both' (the "
+        "product of the instance rate and the class rate, or the group rate when group_column is set).",
         choices=LEVELS,
+    )
+    group_column: str | None = _option(
+        None,
+        "Train-set column whose values group the examples for lr_level='group' (or 'both': instance x group): "
+        "any categorical column (ints or strings: data source, domain, task, language), at most 1000 distinct "
+        "values. Every group gets one learned rate, keyed by the sorted distinct values; the meta set needs no "
+        "such column. Works for every task (class rates need single-label classification).",
     )
     learn_weight_decay: bool = _option(
         False,
@@ -223,6 +231,7 @@ def check_meta_options(opts: Any, weight_decay: float | None = None) -> None:
         raise ValueError(
             f"meta_grad_average_epochs must be > 0 (a span in epochs) or None, got {opts.meta_grad_average_epochs}."
         )
+    _check_group_options(opts.lr_level, opts.group_column)
     if opts.meta_interval < 1:
         raise ValueError(f"meta_interval must be a positive integer, got {opts.meta_interval}.")
     if opts.meta_batch_size is not None and opts.meta_batch_size < 1:
@@ -245,6 +254,20 @@ def check_meta_options(opts: Any, weight_decay: float | None = None) -> None:
         raise ValueError(
             "meta_strategy='exact' rebuilds the whole lookahead graph, so it only runs with "
             "meta_update='same_step'. Use meta_strategy='jvp' or 'finite_difference' with 'delayed'."
+        )
+
+
+def _check_group_options(lr_level: str, group_column: str | None) -> None:
+    """lr_level='group' needs a group_column; a group_column needs a level with a group table."""
+    if lr_level == "group" and not group_column:
+        raise ValueError(
+            "lr_level='group' learns one rate per group of examples and needs group_column: set "
+            "group_column='<column>' to a categorical train-set column (data source, domain, task, language)."
+        )
+    if group_column and lr_level not in ("group", "both"):
+        raise ValueError(
+            f"group_column={group_column!r} is only used by lr_level='group' (one rate per group) or 'both' "
+            f"(instance x group), not lr_level={lr_level!r}: set lr_level='group' or 'both', or drop group_column."
         )
 
 

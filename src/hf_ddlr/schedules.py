@@ -130,7 +130,7 @@ class Schedule:
         """The current rates into the real step: the window's weights ``e_i`` and the optimizer's weight decay
         (the one place where either is set)."""
         for mb in self.window:
-            mb.weights = self.trainer.rates.effective(mb.indices, mb.labels)
+            mb.weights = self.trainer.rates.effective(mb.indices, mb.labels if mb.groups is None else mb.groups)
         self.trainer._apply_weight_decay()
 
     def _forward(
@@ -145,7 +145,8 @@ class Schedule:
         task = self.trainer._task
         inputs = dict(inputs)
         labels = inputs.pop("labels")
-        inputs.pop(self.meta.index_column, None)
+        for col in self.trainer._rate_columns:
+            inputs.pop(col, None)
         inputs = decoder_inputs(unwrapped, inputs, labels, task)
         box: dict[str, torch.Tensor] = {}
         with contextlib.ExitStack() as stack:
@@ -227,16 +228,19 @@ class MetaStepSchedule(Schedule):
             trainer._meta_log.record_skipped(trainer.state.global_step, res.meta_loss)
             return res
         idx = all_gather_varlen(torch.cat([mb.indices for mb in self.window]))
-        labels = all_gather_varlen(torch.cat([self._class_keys(mb) for mb in self.window]))
+        labels = all_gather_varlen(torch.cat([self._table_keys(mb) for mb in self.window]))
         grad = all_gather_varlen(res.example_grad.to(labels.device))
         trainer.rates.update(idx, labels, grad, res.weight_decay_grad)
         trainer._meta_log.record(res.meta_loss)
         trainer.last_meta_gradients = res
         return res
 
-    def _class_keys(self, mb: MicroBatch) -> torch.Tensor:
-        """The keys of ``mb``'s class rates: its labels for a task with class labels; a placeholder per example
-        otherwise (token or multi-hot labels key no class rate; class-level rates are refused for them)."""
+    def _table_keys(self, mb: MicroBatch) -> torch.Tensor:
+        """The keys of ``mb``'s class or group rates: its group ids with group rates, else its labels for a task
+        with class labels; a placeholder per example otherwise (token or multi-hot labels key no class rate;
+        class-level rates are refused for them)."""
+        if mb.groups is not None:
+            return mb.groups
         if self.trainer._task.class_labels:
             return mb.labels
         return torch.zeros(mb.labels.shape[0], dtype=torch.long, device=mb.labels.device)

@@ -21,6 +21,7 @@ from transformers.utils import logging
 from ._batches import MetaSetSampler
 from ._checkpoint import META_STATE_NAME, load_best_meta_state, load_meta_state, save_meta_state
 from ._datasets import (
+    LABEL_KEYS,
     check_datasets,
     check_label_range,
     check_meta_inputs,
@@ -28,6 +29,7 @@ from ._datasets import (
     label_values,
     with_index,
 )
+from ._groups import Groups, check_same_groups, read_groups
 from ._recording import MetaLog, TrajectoryRecorder, new_trajectory
 from ._tasks import check_task_options, resolve_task
 from .config import MetaLROptions, resolve_meta_options
@@ -102,7 +104,7 @@ class MetaLRTrainer(Trainer):
     weight decay by a one-step-lookahead meta-gradient on ``meta_dataset`` (Saxena, Vyas & DeCoste).
 
     Without ``meta_dataset`` (and without ``replay_trajectory``) it is exactly ``Trainer``. The learned values
-    are in :attr:`rates` (``.instance``, ``.per_class``, ``.weight_decay``), their history in
+    are in :attr:`rates` (``.instance``, ``.per_class`` or ``.per_group``, ``.weight_decay``), their history in
     :attr:`lr_trajectory` (saved with every checkpoint and the final model, and pushed to the Hub with it).
 
     Args:
@@ -185,6 +187,7 @@ class MetaLRTrainer(Trainer):
             meta.learn_weight_decay = self.replay.replays_weight_decay(meta.learn_weight_decay)
         self._meta_active = meta_dataset is not None or self.replay is not None
         self.rates: RateTable | None = None
+        self._groups: Groups | None = None  # the train set's groups (group-level rates), read at construction
         self.lr_trajectory: LRTrajectory | None = None
         self._schedule: Schedule | None = None  # resolved when train() starts
         if self._meta_active:
@@ -199,6 +202,7 @@ class MetaLRTrainer(Trainer):
             if meta_dataset is not None:
                 self._check_supported_parallelism()
                 self._check_meta_inputs()
+            self._groups = self._read_groups()
             self._init_meta(num_labels)
             self.add_callback(TrajectoryRecorder(self))
 
@@ -260,6 +264,17 @@ class MetaLRTrainer(Trainer):
         check_meta_inputs(first_item(self._source_train_dataset), first_item(self.meta_dataset),
                           self._signature_columns, self.meta_args.index_column, type(self.model).__name__)
 
+    def _read_groups(self) -> Groups | None:
+        """The train set's groups by ``group_column`` (group-level rates; None without it). A replayed trajectory
+        must have learned its group rates on the same groups (they are keyed by the sorted distinct values)."""
+        meta = self.meta_args
+        if not meta.group_column:
+            return None
+        groups = read_groups(self.train_dataset, meta.group_column, meta.index_column)
+        if self.replay is not None:
+            check_same_groups(self.replay.trajectory.groups, groups)
+        return groups.to(self.args.device)
+
     def _infer_num_labels(self, num_labels: int | None) -> int:
         if num_labels is not None:
             return int(num_labels)
@@ -277,7 +292,8 @@ class MetaLRTrainer(Trainer):
         """The state of a run: rates at 1, an empty trajectory, a fresh meta-gradient average and log."""
         args, meta = self.args, self.meta_args
         self._task = resolve_task(self.model, self._source_train_dataset)
-        check_task_options(self._task, meta.lr_level, meta.meta_strategy, args.label_smoothing_factor)
+        check_task_options(self._task, meta.lr_level, meta.meta_strategy, args.label_smoothing_factor,
+                           meta.group_column)
         self.num_labels = self._infer_num_labels(num_labels)
         if self._task.class_labels:
             check_label_range((("meta", self.meta_dataset), ("train", self.train_dataset)), self.num_labels)
@@ -285,6 +301,7 @@ class MetaLRTrainer(Trainer):
             len(self.train_dataset),
             self.num_labels,
             meta.lr_level,
+            num_groups=len(self._groups) if self._groups is not None else None,
             weight_decay=args.weight_decay,
             learn_weight_decay=meta.learn_weight_decay,
             meta_lr=meta.meta_lr,
@@ -297,7 +314,7 @@ class MetaLRTrainer(Trainer):
         self._meta_grad_average = MetaGradientAverage(beta) if beta else None
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-window mean; the Trainer divides by GA
         self._meta_set = MetaSetSampler(self, self.meta_dataset)
-        self._meta_log = MetaLog(args.learning_rate)
+        self._meta_log = MetaLog(args.learning_rate, self._groups.names if self._groups is not None else None)
         self._layerwise_check = LayerwiseCheck()
         self._spe: int | None = None  # optimizer steps per epoch, computed on first use
         self.lr_trajectory = new_trajectory(self, self._source_train_dataset)
@@ -313,11 +330,24 @@ class MetaLRTrainer(Trainer):
         if self._meta_active and col not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, col]
 
+    @property
+    def _rate_columns(self) -> tuple[str, ...]:
+        """The batch columns that key the rates and never reach the model: the index column, and the group column
+        when a batch can carry it (``remove_unused_columns=False``) unless it is a label or a forward argument of
+        the model (the model takes those anyway). The group ids themselves are looked up from the index."""
+        meta = self.meta_args
+        col = meta.group_column
+        if not col or col in LABEL_KEYS:
+            return (meta.index_column,)
+        self._set_signature_columns_if_needed()
+        return (meta.index_column,) if col in self._signature_columns else (meta.index_column, col)
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """The Trainer's, without the index column (kept by the column removal, see
-        :meth:`_set_signature_columns_if_needed`; ``hf_ddlr.data`` splits carry it on every split)."""
-        if self._meta_active and self.meta_args.index_column in inputs:
-            inputs = {k: v for k, v in inputs.items() if k != self.meta_args.index_column}
+        :meth:`_set_signature_columns_if_needed`; ``hf_ddlr.data`` splits carry it on every split) and the other
+        :attr:`_rate_columns`."""
+        if self._meta_active and any(c in inputs for c in self._rate_columns):
+            inputs = {k: v for k, v in inputs.items() if k not in self._rate_columns}
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     # ------------------------------------------------------------------ optimizer
@@ -387,7 +417,8 @@ class MetaLRTrainer(Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
         mb = self._schedule.next_micro_batch()
         inputs = dict(inputs)
-        inputs.pop(self.meta_args.index_column, None)
+        for col in self._rate_columns:
+            inputs.pop(col, None)
         with self._schedule.running(mb), replay_rng(mb.seed):
             loss = super().training_step(model, inputs, num_items_in_batch)
         self._schedule.after_backward(mb)

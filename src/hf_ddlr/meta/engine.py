@@ -59,6 +59,7 @@ class MicroBatch:
     seed: int  # RNG seed under which the real forward of this micro-batch runs (dropout replay)
     losses: torch.Tensor | None = None  # L_i(θ) if already known (finite differences reuse them)
     indices: torch.Tensor | None = None  # dataset row of every example (for the rate table)
+    groups: torch.Tensor | None = None  # group id of every example (group-level rates: keys of the group table)
     # (head input h, logits) of the real forward, when it already ran: the last-layer strategy reuses them
     features: tuple[torch.Tensor, torch.Tensor] | None = None
     # conv / linear outputs of the real forward, when it already ran: the jvp pass reuses them as its primal

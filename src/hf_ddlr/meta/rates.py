@@ -1,8 +1,11 @@
-"""The learned values: per-instance and per-class learning-rate multipliers and the weight decay.
+"""The learned values: per-instance and per-class (or per-group) learning-rate multipliers and the weight decay.
 
 Tensor tables with their own small optimizer (:class:`RateSGD`, a sparse SGD: only rows seen in the batch
 move) that also clamps, in the spirit of Data Parameters. An example's *effective* multiplier is
-``e_i = w_inst[idx_i] · w_class[y_i]`` (a level that is off counts as 1).
+``e_i = w_inst[idx_i] · w_key[k_i]`` (a level that is off counts as 1), where the keyed table is either the
+per-class table (``k_i`` = the label ``y_i``) or the per-group table (``k_i`` = the id of the example's group:
+its data source, domain, task, language, ...). A class table is a group table grouped by label; the two are
+kept apart only so that each is named (and checkpointed) as what it is.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from typing import Literal
 
 import torch
 
-__all__ = ["RateSGD", "RateTable"]
+__all__ = ["LEVELS", "RateSGD", "RateTable"]
 
-Level = Literal["instance", "class", "both"]
+Level = Literal["instance", "class", "group", "both"]
+LEVELS: tuple[str, ...] = ("instance", "class", "group", "both")
 Scaling = Literal["normalized", "raw"]
 
 # of RateTable.state_dict; v0 (before the table had an optimizer) is the same dict without "format_version"
@@ -32,7 +36,7 @@ class RateSGD(torch.optim.Optimizer):
     paper's update) and, for ``"normalized"``, by the table's group ``norm``: ``"rows"`` divides by the mean
     |g| of the rows that move (instance rates: ``lr`` is the typical change of a rate per visit),
     ``"lookups"`` by the total |gradient| of the lookups (class rates: a class moves by ``lr`` times its
-    share, so the table as a whole moves by at most ``lr`` per step). A step whose ``s`` is not finite or
+    share, so the table as a whole moves by at most ``lr`` per step; group rates alike). A step whose ``s`` is not finite or
     ≤ 0 is skipped.
 
     The weight decay (a float64 scalar, group ``norm="weight_decay"``) moves by ``wd ← max(0, wd − lr·g)``
@@ -48,6 +52,7 @@ class RateSGD(torch.optim.Optimizer):
         per_class: torch.Tensor | None,
         weight_decay: torch.Tensor,
         *,
+        per_group: torch.Tensor | None = None,
         lr: float,
         weight_decay_lr: float,
         scaling: Scaling = "normalized",
@@ -55,7 +60,8 @@ class RateSGD(torch.optim.Optimizer):
     ) -> None:
         if scaling not in ("normalized", "raw"):
             raise ValueError(f"meta_lr_scaling must be 'normalized' or 'raw', got {scaling!r}.")
-        tables = (("instance", instance, "rows"), ("per_class", per_class, "lookups"))
+        tables = (("instance", instance, "rows"), ("per_class", per_class, "lookups"),
+                  ("per_group", per_group, "lookups"))
         groups = [dict(params=[t], name=name, norm=norm, lr=lr) for name, t, norm in tables if t is not None]
         groups.append(
             dict(params=[weight_decay], name="weight_decay", norm="weight_decay", lr=weight_decay_lr)
@@ -115,13 +121,19 @@ def _lookup_grad(table: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) 
 
 
 class RateTable:
-    """Per-instance / per-class rate multipliers and the (optionally learned) weight decay.
+    """Per-instance / per-class (or per-group) rate multipliers and the (optionally learned) weight decay.
+
+    ``level``: ``"instance"``, ``"class"``, ``"group"`` (one rate per group of ``num_groups``: a data
+    source, domain, task or language; the rates are the run's data-mixture weights) or ``"both"`` (instance
+    × class, or instance × group when ``num_groups`` is given). The keyed table is :attr:`per_class` or
+    :attr:`per_group` (the other is None); :attr:`keyed` is whichever is on. Every method that takes
+    ``labels`` reads them as that table's keys: class ids, or group ids with a group table.
 
     ``meta_lr_scaling="raw"`` is the paper's update ``w ← max(0, w − meta_lr · ∂L_meta/∂w)``.
     ``"normalized"`` (the default) makes the step scale-free, whatever the learning rate, batch size or
     gradient scale: an instance rate's gradient is divided by the batch's mean absolute value, so
-    ``meta_lr`` is the typical change of a rate per visit; a class rate moves by ``meta_lr`` times its
-    share of the batch's total absolute meta-gradient (a class is visited every step, so the class table
+    ``meta_lr`` is the typical change of a rate per visit; a class (or group) rate moves by ``meta_lr`` times
+    its share of the batch's total absolute meta-gradient (a class is visited every step, so the class table
     as a whole moves by at most ``meta_lr`` per step); the weight decay moves multiplicatively,
     ``wd ← wd · exp(−meta_wd_lr · g / rms(g))`` with a running RMS of its meta-gradient.
     The updates are :class:`RateSGD`'s (``self.optimizer``).
@@ -133,6 +145,7 @@ class RateTable:
         num_classes: int,
         level: Level = "instance",
         *,
+        num_groups: int | None = None,
         weight_decay: float = 0.0,
         learn_weight_decay: bool = False,
         meta_lr: float = 0.1,
@@ -141,27 +154,34 @@ class RateTable:
         max_rate: float | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
-        if level not in ("instance", "class", "both"):
-            raise ValueError(f"lr_level must be 'instance', 'class' or 'both', got {level!r}.")
+        _check_level(level, num_groups)
         self.level = level
         self.meta_lr, self.meta_wd_lr = float(meta_lr), float(meta_wd_lr)
         self.scaling = scaling
         self.max_rate = max_rate
         self.learn_weight_decay = learn_weight_decay
         self.initial_weight_decay = float(weight_decay)
+        keyed = level in ("class", "group", "both")
         self.instance = torch.ones(num_examples, device=device) if level in ("instance", "both") else None
-        self.per_class = torch.ones(num_classes, device=device) if level in ("class", "both") else None
+        self.per_class = torch.ones(num_classes, device=device) if keyed and num_groups is None else None
+        self.per_group = torch.ones(num_groups, device=device) if keyed and num_groups is not None else None
         # a float64 scalar on the CPU (read as a float; the weight decay's arithmetic is in doubles)
         self._weight_decay = torch.tensor(float(weight_decay), dtype=torch.float64)
         self.optimizer = RateSGD(
             self.instance,
             self.per_class,
             self._weight_decay,
+            per_group=self.per_group,
             lr=self.meta_lr,
             weight_decay_lr=self.meta_wd_lr,
             scaling=scaling,
             max_rate=max_rate,
         )
+
+    @property
+    def keyed(self) -> torch.Tensor | None:
+        """The table keyed per example by a class or group id (:attr:`per_class` or :attr:`per_group`)."""
+        return self.per_class if self.per_class is not None else self.per_group
 
     # ------------------------------------------------------------------ reading
     @property
@@ -183,18 +203,19 @@ class RateTable:
         return int(self.optimizer.state[self._weight_decay]["step"])
 
     def _lookups(self, indices: torch.Tensor | None, labels: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-        """(table, keys on its device) of every level that is on: e_i is the product of ``table[keys_i]``."""
+        """(table, keys on its device) of every level that is on: e_i is the product of ``table[keys_i]``
+        (``labels``: the keys of the class or group table)."""
         out = []
         if self.instance is not None:
             if indices is None:
                 raise ValueError("Per-instance rates need the dataset index of every training example.")
             out.append((self.instance, indices.to(self.instance.device)))
-        if self.per_class is not None:
-            out.append((self.per_class, labels.to(self.per_class.device)))
+        if self.keyed is not None:
+            out.append((self.keyed, labels.to(self.keyed.device)))
         return out
 
     def effective(self, indices: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
-        """e_i for a batch (on the labels' device)."""
+        """e_i for a batch (on the labels' device; ``labels``: class ids, or group ids with a group table)."""
         e = torch.ones(labels.shape[0], device=labels.device)
         for table, keys in self._lookups(indices, labels):
             e = e * table[keys].to(labels.device)
@@ -204,8 +225,8 @@ class RateTable:
         """Back to 1 (the no-history ablation calls this before every meta step)."""
         if self.instance is not None:
             self.instance.fill_(1.0)
-        if self.per_class is not None:
-            self.per_class.fill_(1.0)
+        if self.keyed is not None:
+            self.keyed.fill_(1.0)
 
     # ------------------------------------------------------------------ updating
     def update(
@@ -242,7 +263,9 @@ class RateTable:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors that make a resumed run continue exactly: the tables, the weight decay, its optimizer state
+        """Tensors that make a resumed run continue exactly: the tables (``instance``, ``per_class`` or
+        ``per_group``: a group table has its own key, so that a class checkpoint is never loaded as group rates
+        or the reverse), the weight decay, its optimizer state
         (``wd_sq_avg``: the running mean of its squared meta-gradient; ``num_updates``: the step count of
         the bias correction) and ``format_version``."""
         wd_state = self.optimizer.state[self._weight_decay]
@@ -256,6 +279,8 @@ class RateTable:
             sd["instance"] = self.instance.detach().cpu().clone()
         if self.per_class is not None:
             sd["per_class"] = self.per_class.detach().cpu().clone()
+        if self.per_group is not None:
+            sd["per_group"] = self.per_group.detach().cpu().clone()
         return sd
 
     def load_state_dict(self, sd: Mapping[str, torch.Tensor], *, allow_resize: bool = False) -> None:
@@ -269,7 +294,7 @@ class RateTable:
                 f"The checkpoint's rate table has format version {version}; this hf_ddlr reads versions 0 to "
                 f"{FORMAT_VERSION}. Resume with the hf_ddlr that wrote it."
             )
-        for name in ("instance", "per_class"):
+        for name in ("instance", "per_class", "per_group"):
             self._load_table(name, sd, allow_resize)
         self._weight_decay.fill_(float(sd["weight_decay"]))
         wd_state = self.optimizer.state[self._weight_decay]
@@ -282,7 +307,7 @@ class RateTable:
             raise ValueError(
                 f"Checkpoint rate table {name!r} is {'missing' if mine is not None else 'present'} but "
                 f"lr_level={self.level!r} {'needs' if mine is not None else 'does not use'} it. Resume "
-                "with the lr_level the checkpoint was trained with."
+                "with the lr_level (and group_column) the checkpoint was trained with."
             )
         if mine is None:
             return
@@ -291,7 +316,7 @@ class RateTable:
             mine.copy_(src)
             return
         if not allow_resize:
-            what = "train set" if name == "instance" else "label set"
+            what = {"instance": "train set", "per_class": "label set", "per_group": "group column"}[name]
             raise ValueError(
                 f"The checkpoint's {name} rate table has {src.numel()} entries but this {what} has "
                 f"{mine.numel()}. Resume on the same data, or set resize_rates_on_resume=True to keep "
@@ -300,3 +325,15 @@ class RateTable:
         n = min(src.numel(), mine.numel())
         mine.fill_(1.0)
         mine[:n] = src[:n]
+
+
+def _check_level(level: str, num_groups: int | None) -> None:
+    """Refuse a level that is not one of :data:`LEVELS`, and a number of groups that the level does not use."""
+    if level not in LEVELS:
+        raise ValueError(f"lr_level must be one of {', '.join(map(repr, LEVELS))}, got {level!r}.")
+    if level == "group" and num_groups is None:
+        raise ValueError("lr_level='group' needs num_groups (the number of distinct values of the group column).")
+    if num_groups is not None and level not in ("group", "both"):
+        raise ValueError(f"num_groups is given but lr_level={level!r} has no group table; use 'group' or 'both'.")
+    if num_groups is not None and num_groups < 1:
+        raise ValueError(f"num_groups must be >= 1, got {num_groups}.")

@@ -31,6 +31,7 @@ README_NAME = "README.md"
 
 PLOT_TITLES = {
     "class": "Per-class learning-rate multipliers over epochs",
+    "group": "Per-group learning-rate multipliers (data-mixture weights) over epochs",
     "instance": "Per-instance learning-rate multipliers over epochs",
     "weight_decay": "Learned weight decay and model learning rate over steps",
     "meta_loss": "Meta loss over steps",
@@ -96,6 +97,10 @@ def _template_vars(
         levels.append("per-example learning-rate multipliers")
     if trajectory.has_class_rates:
         levels.append("per-class learning-rate multipliers")
+    if trajectory.has_group_rates:
+        column = (trajectory.groups or {}).get("column")
+        levels.append("per-group learning-rate multipliers (data-mixture weights" + (f" by `{column}`)" if column
+                                                                                     else ")"))
     lr_level = cfg.get("lr_level") or (
         "both" if len(levels) == 2 else ("class" if trajectory.has_class_rates else "instance")
     )

@@ -80,11 +80,13 @@ class SnapshotLookup:
         table = self._cached("instance_rates", lambda: t.instance_rates)
         return interp_rows(xs, table, float(epoch), mode, "instance").float()
 
-    def class_rates_at(self, step: int | None = None, epoch: float | None = None, mode: str = "linear") -> torch.Tensor:
-        """Per-class rates ``[C]`` at optimizer ``step`` or at ``epoch``, float32."""
-        xs, x = self._step_or_epoch(step, epoch, "class_")
-        table = self._cached("class_rates", lambda: self._trajectory.class_rates)
-        return interp_rows(xs, table, x, mode, "class").float()
+    def class_rates_at(self, step: int | None = None, epoch: float | None = None, mode: str = "linear",
+                       kind: str = "class") -> torch.Tensor:
+        """Per-class rates ``[C]`` (``kind="group"``: per-group rates ``[G]``) at optimizer ``step`` or at
+        ``epoch``, float32."""
+        xs, x = self._step_or_epoch(step, epoch, f"{kind}_")
+        table = self._cached(f"{kind}_rates", lambda: getattr(self._trajectory, f"{kind}_rates"))
+        return interp_rows(xs, table, x, mode, kind).float()
 
     def scalar_at(self, field: str, step: int | None, epoch: float | None, what: str) -> float:
         """The per-step value ``field`` (``"weight_decay"`` or ``"learning_rate"``) at ``step`` or ``epoch``,

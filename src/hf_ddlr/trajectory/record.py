@@ -98,8 +98,11 @@ class LRTrajectory:
         noise_mask: torch.Tensor | Sequence[bool] | None = None,
         config: dict[str, Any] | None = None,
         model_name: str | None = None,
+        groups: Mapping[str, Any] | None = None,
     ) -> None:
         self.dataset: dict[str, Any] = dict(dataset or {})
+        # group-level rates: {"column": the group column, "names": [G] names in id order, "sizes": [G] examples}
+        self.groups: dict[str, Any] | None = dict(groups) if groups is not None else None
         self.label_names: list[str] | None = list(label_names) if label_names is not None else None
         self.noise_mask: torch.Tensor | None = (
             torch.as_tensor(noise_mask).to(torch.bool).cpu().clone() if noise_mask is not None else None
@@ -114,6 +117,7 @@ class LRTrajectory:
         self._wd: list[float] = []
         self._meta_loss: list[float] = []
         self._class: list[tuple[int, float, torch.Tensor]] = []
+        self._group: list[tuple[int, float, torch.Tensor]] = []
         self._instance: list[tuple[int, float, torch.Tensor]] = []
         # cached lookups for the replay queries (every optimizer step); dropped whenever a record changes
         self._lookup: SnapshotLookup | None = None
@@ -157,6 +161,7 @@ class LRTrajectory:
             noise_mask=tensors.get("noise_mask"),
             config=metadata.get("config"),
             model_name=metadata.get("model_name"),
+            groups=metadata.get("groups"),
         )
         traj.instance_coverage = tensors.get("instance_coverage")
         if "steps" in tensors:
@@ -167,6 +172,8 @@ class LRTrajectory:
             traj._meta_loss = tensors["meta_loss"].tolist()
         if "class_rates" in tensors:
             traj._class = _snapshots(tensors, "class")
+        if "group_rates" in tensors:
+            traj._group = _snapshots(tensors, "group")
         if "instance_rates" in tensors:
             traj._instance = _snapshots(tensors, "instance")
         return traj
@@ -224,6 +231,11 @@ class LRTrajectory:
         size = len(self.label_names) if self.label_names else None
         self._record_rates(self._class, step, epoch, rates, "class rates", size)
 
+    def record_group_rates(self, step: int, epoch: float, rates: torch.Tensor) -> None:
+        """Record the per-group rates ``[G]`` (like class rates: every step, plus step 0 for the initial values)."""
+        size = len(self.groups["names"]) if self.groups else None
+        self._record_rates(self._group, step, epoch, rates, "group rates", size)
+
     def record_instance_rates(self, step: int, epoch: float, rates: torch.Tensor) -> None:
         """Record the per-instance rates ``[N]`` (at step 0 = initial values, then at every epoch end)."""
         size = self.dataset.get("num_examples") if self.dataset else None
@@ -242,6 +254,7 @@ class LRTrajectory:
             lst = getattr(self, name)
             setattr(self, name, [lst[i] for i in keep])
         self._class = [r for r in self._class if r[0] <= max_step]
+        self._group = [r for r in self._group if r[0] <= max_step]
         self._instance = [
             r for r in self._instance
             if r[0] < max_step or (r[0] == max_step and not (drop_partial_epoch and abs(r[1] - round(r[1])) > 1e-6))
@@ -283,6 +296,11 @@ class LRTrajectory:
     )
     class_steps = _snapshot_column("_class", 0, torch.int64, "Optimizer step of each class-rate snapshot.")
     class_epochs = _snapshot_column("_class", 1, torch.float64, "Epoch of each class-rate snapshot.")
+    group_rates = _snapshot_table(
+        "_group", "``[S_g, G]`` per-group rates (the data-mixture weights), one row per snapshot (``[0, 0]`` when none)."
+    )
+    group_steps = _snapshot_column("_group", 0, torch.int64, "Optimizer step of each group-rate snapshot.")
+    group_epochs = _snapshot_column("_group", 1, torch.float64, "Epoch of each group-rate snapshot.")
     instance_rates = _snapshot_table(
         "_instance", "``[E, N]`` per-instance rates, one row per snapshot (step 0, then each epoch end)."
     )
@@ -290,15 +308,22 @@ class LRTrajectory:
     instance_epochs = _snapshot_column("_instance", 1, torch.float64, "Epoch of each instance-rate snapshot.")
 
     has_class_rates = _any_records("_class", "Whether class-rate snapshots were recorded (``lr_level`` class/both).")
+    has_group_rates = _any_records("_group", "Whether group-rate snapshots were recorded (``group_column``).")
     has_instance_rates = _any_records("_instance", "Whether instance-rate snapshots were recorded (instance/both).")
     num_steps = _count_records("_steps", "How many optimizer steps were recorded.")
     num_class_snapshots = _count_records("_class", "How many class-rate snapshots were recorded.")
     num_instance_snapshots = _count_records("_instance", "How many instance-rate snapshots were recorded.")
+    num_group_snapshots = _count_records("_group", "How many group-rate snapshots were recorded.")
 
     @property
     def final_class_rates(self) -> torch.Tensor | None:
         """The last class-rate snapshot ``[C]`` (None when none was recorded)."""
         return self._class[-1][2] if self._class else None
+
+    @property
+    def final_group_rates(self) -> torch.Tensor | None:
+        """The last group-rate snapshot ``[G]`` (None when none was recorded)."""
+        return self._group[-1][2] if self._group else None
 
     @property
     def final_instance_rates(self) -> torch.Tensor | None:
@@ -310,6 +335,11 @@ class LRTrajectory:
         if self.label_names and c < len(self.label_names):
             return self.label_names[c]
         return str(c)
+
+    def group_name(self, g: int) -> str:
+        """The name of group ``g`` (the group column's value; its number when the groups have no names)."""
+        names = (self.groups or {}).get("names") or []
+        return str(names[g]) if g < len(names) else str(g)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor that is stored in ``lr_trajectory.safetensors`` (absent parts are left out)."""
@@ -324,6 +354,8 @@ class LRTrajectory:
             )
         if self._class:
             out.update(class_rates=self.class_rates, class_steps=self.class_steps, class_epochs=self.class_epochs)
+        if self._group:
+            out.update(group_rates=self.group_rates, group_steps=self.group_steps, group_epochs=self.group_epochs)
         if self._instance:
             out.update(
                 instance_rates=self.instance_rates,
@@ -337,8 +369,9 @@ class LRTrajectory:
         return out
 
     def metadata(self) -> dict[str, Any]:
-        """The JSON side of the trajectory (schema version, dataset, labels, meta config, tensor shapes)."""
-        return {
+        """The JSON side of the trajectory (schema version, dataset, labels, meta config, tensor shapes; the
+        groups of group-level rates when there are any)."""
+        out = {
             "format": FORMAT_NAME,
             "schema_version": SCHEMA_VERSION,
             "model_name": self.model_name,
@@ -347,6 +380,9 @@ class LRTrajectory:
             "config": self.config,
             "tensors": {k: list(v.shape) for k, v in self.tensors().items()},
         }
+        if self.groups is not None:  # only then: the metadata of every other trajectory stays as it was
+            out["groups"] = self.groups
+        return out
 
     # ------------------------------------------------------------------ equality
     def equals(self, other: object) -> bool:
@@ -484,6 +520,12 @@ class LRTrajectory:
         first / after the last recorded step the first / last snapshot is used.
         """
         return self._queries().class_rates_at(step, epoch, mode)
+
+    def group_rates_at(
+        self, step: int | None = None, *, epoch: float | None = None, mode: str = "linear"
+    ) -> torch.Tensor:
+        """Per-group rates ``[G]`` at optimizer ``step`` (or ``epoch``), by the rules of :meth:`class_rates_at`."""
+        return self._queries().class_rates_at(step, epoch, mode, kind="group")
 
     def weight_decay_at(self, step: int | None = None, *, epoch: float | None = None) -> float:
         """Learned weight decay used at optimizer ``step`` (exact at a recorded step, linear in between,

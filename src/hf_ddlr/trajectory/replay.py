@@ -65,7 +65,7 @@ class TrajectoryReplayer:
         replays on the full train set; ``epoch_after(s)`` is ``state.epoch`` after optimizer step ``s`` in
         this run. Instance rates: a same-step run applied, during epoch e, the value its table holds at the
         end of epoch e (each example is visited once per epoch); a delayed run applied the value from the
-        start of the epoch. Class rates and weight decay (when ``weight_decay``): the values recorded for
+        start of the epoch. Class (or group) rates and weight decay (when ``weight_decay``): the values recorded for
         this step (interpolated when the replay has more steps per epoch than the original run); before
         the first record a delayed run used its starting weight decay (``default_weight_decay`` when the
         trajectory does not name it).
@@ -85,6 +85,11 @@ class TrajectoryReplayer:
             if not t.has_class_rates:
                 raise ValueError("The replayed trajectory has no class rates; set lr_level to what it recorded.")
             rates.per_class.copy_(t.class_rates_at(epoch=end).to(rates.per_class.device))
+        if rates.per_group is not None:
+            if not t.has_group_rates:
+                raise ValueError("The replayed trajectory has no group rates; set lr_level and group_column to what "
+                                 "it recorded.")
+            rates.per_group.copy_(t.group_rates_at(epoch=end).to(rates.per_group.device))
         if weight_decay and t.num_steps:
             if delayed and step == 0:  # before the first record: the original run's starting value
                 rates.weight_decay = float(t.config.get("weight_decay", default_weight_decay))

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from .record import LRTrajectory
 
 NEAR_ZERO = 0.05
-PLOT_KINDS = ("class", "instance", "weight_decay", "meta_loss")
+PLOT_KINDS = ("class", "group", "instance", "weight_decay", "meta_loss")
+MAX_GROUP_ROWS = 20  # groups listed one by one in the Markdown summary (else the 10 lowest and 10 highest rates)
 PLOT_FILE_TEMPLATE = "lr_trajectory_{kind}.png"
 
 _SUMMARY_LABELS = {
@@ -35,6 +36,9 @@ _SUMMARY_LABELS = {
     "class_rate_min": "final class rate: min",
     "class_rate_max": "final class rate: max",
     "class_rate_near_zero_fraction": f"fraction of classes with rate < {NEAR_ZERO}",
+    "group_rate_mean": "final group rate: mean",
+    "group_rate_min": "final group rate: min",
+    "group_rate_max": "final group rate: max",
     "instance_rate_mean": "final instance rate: mean",
     "instance_rate_std": "final instance rate: std",
     "instance_rate_min": "final instance rate: min",
@@ -67,6 +71,7 @@ def summary(trajectory: LRTrajectory) -> dict[str, Any]:
         s["num_meta_steps"] = len(losses)
         s["final_meta_loss"] = losses[-1] if losses else None
     s.update(_class_summary(t))
+    s.update(_group_summary(t))
     s.update(_instance_summary(t))
     return s
 
@@ -84,6 +89,39 @@ def _class_summary(t: LRTrajectory) -> dict[str, Any]:
         "lowest_classes": [[t.class_name(c), float(rates[c])] for c in order[:5]],
         "highest_classes": [[t.class_name(c), float(rates[c])] for c in reversed(order[-5:])],
     }
+
+
+def _group_summary(t: LRTrajectory) -> dict[str, Any]:
+    """The final group rates and the data mixture they make: a group's share of the weighted examples,
+    ``n_g · r_g / Σ_h n_h · r_h`` (``n_g``: its training examples), next to its share of the examples."""
+    rates = t.final_group_rates
+    if rates is None:
+        return {}
+    sizes = torch.tensor((t.groups or {}).get("sizes") or [1] * rates.numel(), dtype=torch.float64)
+    mass = sizes * rates.double()
+    mixture = mass / mass.sum() if float(mass.sum()) > 0 else torch.zeros_like(mass)
+    share = sizes / sizes.sum()
+    return {
+        "group_rate_mean": float(rates.mean()),
+        "group_rate_min": float(rates.min()),
+        "group_rate_max": float(rates.max()),
+        "groups": [[t.group_name(g), int(sizes[g]), float(rates[g]), float(share[g]), float(mixture[g])]
+                   for g in range(rates.numel())],
+    }
+
+
+def _group_table(trajectory: LRTrajectory, groups: list[list[Any]]) -> str:
+    """The Markdown table of the final group rates and mixture weights (the 10 lowest and 10 highest rates
+    when there are more than :data:`MAX_GROUP_ROWS` groups)."""
+    rows = groups
+    if len(rows) > MAX_GROUP_ROWS:
+        by_rate = sorted(rows, key=lambda r: r[2])
+        rows = by_rate[:10] + by_rate[-10:]
+    column = (trajectory.groups or {}).get("column")
+    title = f"**Learned group rates (data-mixture weights) by `{column}`:**" if column else "**Learned group rates:**"
+    lines = [f"\n{title}\n", "| group | examples | rate | share of examples | mixture weight |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {n} | {rate:.4g} | {share:.3g} | {mix:.3g} |" for name, n, rate, share, mix in rows]
+    return "\n".join(lines)
 
 
 def _instance_summary(t: LRTrajectory) -> dict[str, Any]:
@@ -127,6 +165,8 @@ def summary_markdown(trajectory: LRTrajectory) -> str:
         if key in s:
             items = ", ".join(f"{name} ({rate:.3g})" for name, rate in s[key])
             lines.append(f"\n**{title} final class rates:** {items}")
+    if "groups" in s:
+        lines.append(_group_table(trajectory, s["groups"]))
     return "\n".join(lines) + "\n"
 
 
@@ -136,6 +176,8 @@ def available_plots(trajectory: LRTrajectory) -> list[str]:
     kinds = []
     if t.num_class_snapshots:
         kinds.append("class")
+    if t.num_group_snapshots:
+        kinds.append("group")
     if t.num_instance_snapshots:
         kinds.append("instance")
     if t.num_steps:
@@ -183,23 +225,36 @@ def save_plots(trajectory: LRTrajectory, directory: str | os.PathLike, kind: str
     return paths
 
 
-def _plot_class(t: LRTrajectory, ax: Any) -> None:
-    x = t.class_epochs.numpy()
-    table = t.class_rates.numpy()
+def _plot_keyed(ax: Any, x: np.ndarray, table: np.ndarray, name_of: Any, what: str, title: str) -> None:
+    """Rates of a keyed table (classes or groups) over epochs: one labelled line per key when there are at most
+    10, else all in grey with the 3 lowest and 3 highest final rates labelled; the mean in bold."""
     C = table.shape[1]
-    if C <= 10:  # few classes: one labelled line each
+    if C <= 10:
         for c in range(C):
-            ax.plot(x, table[:, c], linewidth=1.2, alpha=0.8, label=t.class_name(c))
-    else:  # many: all in grey, the 3 lowest and 3 highest final rates labelled
+            ax.plot(x, table[:, c], linewidth=1.2, alpha=0.8, label=name_of(c))
+    else:
         ax.plot(x, table, color="tab:gray", linewidth=0.5, alpha=0.35)
         order = np.argsort(table[-1], kind="stable")
         for c in [*order[:3], *order[::-1][:3]]:
-            ax.plot(x, table[:, c], linewidth=1.2, label=t.class_name(int(c)))
-    ax.plot(x, table.mean(1), color="black", linewidth=2.5, label="mean over classes")
+            ax.plot(x, table[:, c], linewidth=1.2, label=name_of(int(c)))
+    ax.plot(x, table.mean(1), color="black", linewidth=2.5, label=f"mean over {what}es" if what == "class"
+            else f"mean over {what}s")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("class learning-rate multiplier")
-    ax.set_title(f"Per-class rates ({C} classes)" + ("" if C <= 10 else "; lowest and highest 3 labelled"))
+    ax.set_ylabel(f"{what} learning-rate multiplier")
+    ax.set_title(title + ("" if C <= 10 else "; lowest and highest 3 labelled"))
     ax.legend(loc="best", fontsize="small", ncol=2 if C > 5 else 1)
+
+
+def _plot_class(t: LRTrajectory, ax: Any) -> None:
+    table = t.class_rates.numpy()
+    _plot_keyed(ax, t.class_epochs.numpy(), table, t.class_name, "class", f"Per-class rates ({table.shape[1]} classes)")
+
+
+def _plot_group(t: LRTrajectory, ax: Any) -> None:
+    table = t.group_rates.numpy()
+    column = (t.groups or {}).get("column")
+    title = f"Group rates (data-mixture weights) by {column}" if column else f"Group rates ({table.shape[1]} groups)"
+    _plot_keyed(ax, t.group_epochs.numpy(), table, t.group_name, "group", title)
 
 
 def _plot_instance(t: LRTrajectory, ax: Any) -> None:
@@ -258,5 +313,5 @@ def _plot_meta_loss(t: LRTrajectory, ax: Any) -> None:
     ax.legend(loc="best")
 
 
-_PLOTTERS = {"class": _plot_class, "instance": _plot_instance, "weight_decay": _plot_weight_decay,
+_PLOTTERS = {"class": _plot_class, "group": _plot_group, "instance": _plot_instance, "weight_decay": _plot_weight_decay,
              "meta_loss": _plot_meta_loss}
