@@ -165,8 +165,9 @@ def test_meta_lr_zero_is_plain_sft_trainer(tmp_path):
     want = [h["loss"] for h in ref.state.log_history if "loss" in h]
     assert len(got) == len(want) == 6
     assert got == pytest.approx(want, rel=1e-5)
-    acc = [h["mean_token_accuracy"] for h in t.state.log_history if "loss" in h]
-    assert acc == pytest.approx([h["mean_token_accuracy"] for h in ref.state.log_history if "loss" in h])
+    for key in ("mean_token_accuracy", "entropy", "num_tokens"):  # SFTTrainer's metrics, from the logits here
+        got = [h[key] for h in t.state.log_history if "loss" in h]
+        assert got == pytest.approx([h[key] for h in ref.state.log_history if "loss" in h], rel=1e-5), key
 
 
 # ---------------------------------------------------------------- (4) packing refused
@@ -176,6 +177,16 @@ def test_packing_and_padding_free_are_refused(tmp_path, kw, name):
     with pytest.raises(ValueError, match=rf"{name} is not supported with per-example learning rates.*Set "
                                          rf"{name.split('=')[0]}=False"):
         _trainer(tmp_path, max_steps=1, **kw)
+
+
+def test_a_preparation_that_merges_rows_is_caught_after_it(tmp_path, monkeypatch):
+    """Second line of defence, for a preparation step that merges rows without the packing flag: the prepared
+    train set must keep the index of one source row per row."""
+    import hf_ddlr.trl
+
+    monkeypatch.setattr(hf_ddlr.trl, "_refuse_with_rates", lambda model, args: None)
+    with pytest.raises(ValueError, match=r"did not keep one row per example with its 'sample_index' index"):
+        _trainer(tmp_path, max_steps=1, packing=True)
 
 
 def test_packing_is_sft_trainer_without_a_meta_set(tmp_path):
@@ -201,3 +212,66 @@ def test_every_source_row_is_seen_once_per_epoch(tmp_path):
         ids = tok.apply_chat_template(source[row["sample_index"]]["prompt"] + source[row["sample_index"]]["completion"],
                                       tokenize=True, return_dict=True)["input_ids"]
         assert row["input_ids"] == ids
+
+
+def test_rows_dropped_by_truncation_keep_rate_one(tmp_path):
+    """SFTTrainer drops the rows that truncation to max_length leaves without a target token: the rate table
+    still has a rate per row as given, the dropped rows are never visited and keep rate 1 (with a warning)."""
+    from transformers.testing_utils import CaptureLogger
+
+    import hf_ddlr.trl
+
+    with CaptureLogger(hf_ddlr.trl.logger) as log:
+        t = _trainer(tmp_path, max_steps=4, max_length=8)  # a prompt of 5+ letters leaves no completion token
+    kept = set(t.train_dataset.with_format(None)["sample_index"])
+    assert 0 < len(kept) < 32 and t.rates.instance.shape == (32,)
+    assert f"dropped {32 - len(kept)} of the 32 training examples" in log.out
+    seen = _SeenIndices(t)
+    t.add_callback(seen)
+    t.train()
+    visited = {i for e in seen.epochs for i in e}
+    assert visited <= kept
+    dropped = sorted(set(range(32)) - kept)
+    assert torch.equal(t.rates.instance[dropped], torch.ones(len(dropped)))
+    assert not torch.equal(t.rates.instance[sorted(visited)], torch.ones(len(visited)))
+
+
+# ---------------------------------------------------------------- args, import, TRL's members
+def test_a_metalrconfig_becomes_a_metasftconfig_with_its_meta_options(tmp_path):
+    from hf_ddlr import MetaLRConfig
+
+    args = MetaLRConfig(output_dir=str(tmp_path), meta_lr=0.25, lr_level="instance", max_steps=1, report_to=[],
+                        use_cpu=True, save_strategy="no")
+    t = MetaSFTTrainer(model=tiny_llama(), args=args, train_dataset=reverse_task(16, seed=1),
+                       meta_dataset=reverse_task(4, seed=2), processing_class=char_tokenizer())
+    assert type(t.args) is MetaSFTConfig and t.args.meta_lr == 0.25 and t.meta_args.meta_lr == 0.25
+    assert t.args.max_steps == 1 and t.args.output_dir == str(tmp_path)
+
+
+def test_a_model_name_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(TypeError, match=r"model object, not its name 'org/model'.*from_pretrained\('org/model'\)"):
+        MetaSFTTrainer(model="org/model", args=_args(tmp_path), train_dataset=reverse_task(4, seed=1),
+                       meta_dataset=reverse_task(4, seed=2))
+
+
+def test_without_trl_the_import_error_says_pip_install_trl():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['trl'] = None\nimport hf_ddlr\nassert hf_ddlr.MetaLRTrainer\n"
+            "try:\n    hf_ddlr.MetaSFTTrainer\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "pip install trl" in out
+
+
+def test_the_sft_trainer_members_used_exist(tmp_path):
+    """hf_ddlr.trl calls SFTTrainer._prepare_dataset and reads attributes SFTTrainer sets: checked against the
+    installed TRL (private members can change in any release)."""
+    import inspect
+
+    params = list(inspect.signature(trl.SFTTrainer._prepare_dataset).parameters)[1:]
+    assert params == ["dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name"], params
+    t = _trainer(tmp_path, max_steps=1)
+    for name in ("_skip_prepare_dataset", "_formatting_func", "_metrics", "_total_train_tokens", "_tp_size",
+                 "aux_loss_enabled"):
+        assert hasattr(t, name), f"trl {trl.__version__}: SFTTrainer no longer sets {name}"

@@ -206,7 +206,7 @@ class MetaSFTTrainer(MetaLRTrainer, SFTTrainer):
         mask = labels != -100
         logp = torch.log_softmax(logits, dim=-1)
         entropy = -(logp.exp() * logp).sum(-1)
-        correct = (logits.argmax(-1) == labels) & mask
+        correct = logits.argmax(-1) == labels  # never at a -100 label
         gather = self.accelerator.gather_for_metrics
         num_valid = gather(mask.sum()).sum()
         metrics = self._metrics["train"]
