@@ -103,6 +103,8 @@ def test_meta_sft_trainer_trains_and_rates_move(tmp_path):
     # SFTTrainer's training metrics are still logged (computed from the weighted step's logits)
     logged = t.state.log_history[0]
     assert 0 <= logged["mean_token_accuracy"] <= 1 and logged["entropy"] > 0 and logged["num_tokens"] > 0
+    ev = t.evaluate(reverse_task(8, seed=3))  # SFTTrainer's evaluation: raw rows prepared, its loss and metrics
+    assert ev["eval_loss"] > 0 and 0 <= ev["eval_mean_token_accuracy"] <= 1
 
 
 def test_meta_set_is_prepared_like_the_train_set(tmp_path):

@@ -119,13 +119,14 @@ class MetaSFTTrainer(MetaLRTrainer, SFTTrainer):
             ``SFTConfig`` (meta options at their defaults), or another ``TrainingArguments`` (converted to a
             ``MetaSFTConfig``, keeping its meta options). ``packing`` / ``padding_free`` must be False when
             learning or replaying rates.
-        train_dataset, eval_dataset: as for ``SFTTrainer`` (language-modeling, prompt-completion or
-            conversational; raw or tokenised). The rates are indexed by the rows of ``train_dataset`` as given.
-        meta_dataset (`datasets.Dataset`, *optional*): the clean held-out set, in the same format as the train
-            set; it is prepared by ``SFTTrainer``'s preparation with the train set's options (same chat template,
-            same completion-only masking). Without it (and without ``replay_trajectory``) this is ``SFTTrainer``.
-        **kwargs: passed on to ``MetaLRTrainer`` (``num_labels``) and ``SFTTrainer`` (``peft_config``,
-            ``formatting_func``, ``callbacks``, ...).
+        **kwargs: everything else, by keyword (MetaLRTrainer's and SFTTrainer's positional orders differ):
+            ``train_dataset``, ``eval_dataset``, ``data_collator``, ``processing_class`` as for ``SFTTrainer``
+            (language-modeling, prompt-completion or conversational rows; raw or tokenised), the rates indexed
+            by the rows of ``train_dataset`` as given; ``meta_dataset``, the clean held-out set in the train
+            set's format, prepared by ``SFTTrainer``'s preparation with the train set's options (same chat
+            template, same completion-only masking; without it and without ``replay_trajectory`` this is
+            ``SFTTrainer``); MetaLRTrainer's ``num_labels``; SFTTrainer's ``peft_config``, ``formatting_func``,
+            ``callbacks``, ...
 
     Example:
 
@@ -140,23 +141,12 @@ class MetaSFTTrainer(MetaLRTrainer, SFTTrainer):
     ```
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        args: TrainingArguments | None = None,
-        data_collator: Any = None,
-        train_dataset: Any = None,
-        eval_dataset: Any = None,
-        meta_dataset: Any = None,
-        processing_class: Any = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, args: TrainingArguments | None = None, **kwargs: Any) -> None:
+        # the rest by keyword: MetaLRTrainer's and SFTTrainer's positional orders differ after train_dataset
         args = _as_sft_config(args)
-        if meta_dataset is not None or resolve_meta_options(args).replay_trajectory is not None:
+        if kwargs.get("meta_dataset") is not None or resolve_meta_options(args).replay_trajectory is not None:
             _refuse_with_rates(model, args)
-        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, meta_dataset=meta_dataset, processing_class=processing_class,
-                         **kwargs)
+        super().__init__(model=model, args=args, **kwargs)
         if self._meta_active:
             self.data_collator = _IndexCollator(self.data_collator, self.meta_args.index_column)
             self._check_prepared_index()
