@@ -2,7 +2,12 @@
 
 Learn a learning-rate multiplier per training example and/or per class, and the weight decay, by a
 one-step-lookahead meta-gradient on a small clean held-out set (Saxena, Vyas & DeCoste).
+
+``MetaSFTTrainer`` / ``MetaSFTConfig`` (TRL's ``SFTTrainer`` with the rates, :mod:`hf_ddlr.trl`) are loaded on
+first use, so that hf_ddlr does not require TRL.
 """
+
+from typing import Any
 
 from .config import MetaLRConfig, MetaLROptions
 from .trainer import MetaLRTrainer
@@ -10,4 +15,17 @@ from .trajectory import LRTrajectory
 
 __version__ = "0.1.0"
 
+# MetaSFTConfig / MetaSFTTrainer are not listed: `from hf_ddlr import *` must work without TRL.
 __all__ = ["LRTrajectory", "MetaLRConfig", "MetaLROptions", "MetaLRTrainer", "__version__"]
+
+_TRL_NAMES = ("MetaSFTConfig", "MetaSFTTrainer")
+
+
+def __getattr__(name: str) -> Any:
+    """The TRL integration's names, imported when first asked for (ImportError naming ``pip install trl``
+    without TRL)."""
+    if name in _TRL_NAMES:
+        from . import trl
+
+        return getattr(trl, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -200,6 +200,7 @@ class MetaLRTrainer(Trainer):
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         if self._meta_active:
             if meta_dataset is not None:
+                self.meta_dataset = self._prepare_meta_dataset(meta_dataset)
                 self._check_supported_parallelism()
                 self._check_meta_inputs()
             self._groups = self._read_groups()
@@ -257,6 +258,12 @@ class MetaLRTrainer(Trainer):
                 "DataParallel (or set CUDA_VISIBLE_DEVICES to one GPU)."
             )
 
+    def _prepare_meta_dataset(self, meta_dataset: Any) -> Any:
+        """The meta set as the meta step reads it, prepared once the Trainer is built. Here: as given (it must be
+        preprocessed like the train set). A subclass whose Trainer prepares the train set itself (TRL's
+        ``SFTTrainer``: chat template, tokenisation, completion-only labels) prepares the meta set the same way."""
+        return meta_dataset
+
     def _check_meta_inputs(self) -> None:
         """Refuse, at construction, a meta set without the model inputs the train set gives: the train set's
         row-0 keys that are arguments of the model's forward (what the Trainer's column removal keeps)."""
@@ -298,7 +305,7 @@ class MetaLRTrainer(Trainer):
         if self._task.class_labels:
             check_label_range((("meta", self.meta_dataset), ("train", self.train_dataset)), self.num_labels)
         self.rates = RateTable(
-            len(self.train_dataset),
+            len(self._source_train_dataset),  # the rows as given (a subclass's preparation may drop some)
             self.num_labels,
             meta.lr_level,
             num_groups=len(self._groups) if self._groups is not None else None,

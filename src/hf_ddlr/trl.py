@@ -1,0 +1,206 @@
+"""TRL: :class:`MetaSFTTrainer`, ``trl.SFTTrainer`` with per-example learning rates, and :class:`MetaSFTConfig`.
+
+``MetaSFTTrainer(MetaLRTrainer, SFTTrainer)``: the meta step and the weighted loss are
+:class:`~hf_ddlr.MetaLRTrainer`'s, the data preparation is ``SFTTrainer``'s. The method resolution order is
+MetaSFTTrainer → MetaLRTrainer → SFTTrainer → transformers.Trainer, so every hook MetaLRTrainer overrides
+(``training_step``, ``compute_loss``, ``log``, ``prediction_step``, ...) runs first and hands on to SFTTrainer's
+through ``super()``:
+
+- data: ``SFTTrainer.__init__`` prepares the train set (conversational → chat template, tokenisation,
+  ``completion_only_loss`` / ``assistant_only_loss`` labels with -100 on the other tokens, truncation to
+  ``max_length``). The index column that keys each example's rate is added to the train set as given, before
+  that preparation, and its ``map``/``filter``/``shuffle`` calls carry it; TRL's collator keeps only the columns
+  it knows, so the collator is wrapped to carry it into the batch. The meta set is prepared by the same
+  ``SFTTrainer._prepare_dataset`` (same template, masking and truncation; never packed).
+- loss: while training with rates, ``compute_loss`` is MetaLRTrainer's weighted per-example causal-LM loss
+  (``Σ e_i ℓ_i / Σ target tokens``, prompt tokens masked to -100 count for nothing), computed from the model's
+  full logits; ``SFTTrainer``'s fused LM head is not used for that loss. SFT's training metrics
+  (``entropy``, ``mean_token_accuracy``, ``num_tokens``) are computed from the same logits, so they are logged as
+  by ``SFTTrainer``. Evaluation, and a run without a meta set, are ``SFTTrainer``'s own.
+- refused with rates: ``packing`` and ``padding_free`` (a row, or a batch row, would hold several examples),
+  ``loss_type='dft'`` (the weighted loss is the NLL), a model given by name (load it first).
+
+Import it as ``from hf_ddlr import MetaSFTTrainer`` (loaded on first use, so hf_ddlr does not require TRL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import TrainingArguments
+from transformers.utils import logging
+
+try:
+    from trl import SFTConfig, SFTTrainer
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError("hf_ddlr.MetaSFTTrainer needs TRL: pip install trl") from err
+
+from .config import MetaLROptions, resolve_meta_options
+from .meta.passes import extract_logits
+from .trainer import MetaLRTrainer
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["MetaSFTConfig", "MetaSFTTrainer"]
+
+
+@dataclass
+class MetaSFTConfig(MetaLROptions, SFTConfig):
+    """``trl.SFTConfig`` plus the meta options of :class:`~hf_ddlr.config.MetaLROptions` as fields (and, with
+    ``HfArgumentParser``, as command-line flags). ``packing`` and ``padding_free`` must stay False when rates
+    are learned or replayed."""
+
+
+class _IndexCollator:
+    """A collator that carries the index column past ``collator``: TRL's collators build ``input_ids``,
+    ``labels`` and ``attention_mask`` and drop every other column, among them the one keying each example's rate."""
+
+    def __init__(self, collator: Any, column: str) -> None:
+        self.collator, self.column = collator, column
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        if not features or self.column not in features[0]:  # the meta and eval sets have no index
+            return self.collator(features)
+        index = torch.as_tensor([int(f[self.column]) for f in features], dtype=torch.long)
+        batch = dict(self.collator([{k: v for k, v in f.items() if k != self.column} for f in features]))
+        batch[self.column] = index
+        return batch
+
+
+def _as_sft_config(args: TrainingArguments | None) -> TrainingArguments | None:
+    """``args`` as an ``SFTConfig``: SFTTrainer rebuilds any other ``TrainingArguments`` as a plain ``SFTConfig``
+    from its ``to_dict()``, which fails on, or loses, the meta options of a ``MetaLRConfig``; a
+    :class:`MetaSFTConfig` keeps them."""
+    if args is None or isinstance(args, SFTConfig):
+        return args
+    known = {f.name for f in fields(MetaSFTConfig) if f.init}
+    given = {k: v for k, v in args.to_dict().items() if k in known}
+    given["hub_token"] = args.hub_token  # to_dict hides it
+    return MetaSFTConfig(**given)
+
+
+def _refuse_with_rates(model: Any, args: TrainingArguments | None) -> None:
+    """Refuse, before any preparation, what breaks the one-row-one-example keying of the rates or their loss."""
+    if isinstance(model, str):
+        raise TypeError(
+            f"MetaSFTTrainer needs the model object, not its name {model!r}: the per-example loss is chosen from "
+            f"the model's class before SFTTrainer would load it. Load it first, e.g. "
+            f"model = AutoModelForCausalLM.from_pretrained({model!r})."
+        )
+    if getattr(args, "packing", False):
+        raise ValueError(
+            "packing=True is not supported with per-example learning rates: packing concatenates several training "
+            "examples into one row, so a row is no longer one example and its rate (keyed by the example's row) "
+            "cannot weight it. Set packing=False in the SFTConfig / MetaSFTConfig (batches are then padded)."
+        )
+    if getattr(args, "padding_free", False):
+        raise ValueError(
+            "padding_free=True is not supported with per-example learning rates: it concatenates the examples of "
+            "a batch into one sequence, so the loss cannot be split by example. Set padding_free=False."
+        )
+    if getattr(args, "loss_type", "nll") != "nll":
+        raise ValueError(
+            f"loss_type={args.loss_type!r} is not supported with per-example learning rates: the rates weight each "
+            "example's negative log-likelihood. Set loss_type='nll'."
+        )
+
+
+class MetaSFTTrainer(MetaLRTrainer, SFTTrainer):
+    """``trl.SFTTrainer`` that learns a learning-rate multiplier per training example (and optionally the weight
+    decay) by :class:`~hf_ddlr.MetaLRTrainer`'s meta step on ``meta_dataset``.
+
+    Args:
+        model (`PreTrainedModel`): a causal LM object (not a name: load it first).
+        args (`SFTConfig`, *optional*): a :class:`MetaSFTConfig` (the meta options as fields), a plain
+            ``SFTConfig`` (meta options at their defaults), or another ``TrainingArguments`` (converted to a
+            ``MetaSFTConfig``, keeping its meta options). ``packing`` / ``padding_free`` must be False when
+            learning or replaying rates.
+        **kwargs: everything else, by keyword (MetaLRTrainer's and SFTTrainer's positional orders differ):
+            ``train_dataset``, ``eval_dataset``, ``data_collator``, ``processing_class`` as for ``SFTTrainer``
+            (language-modeling, prompt-completion or conversational rows; raw or tokenised), the rates indexed
+            by the rows of ``train_dataset`` as given; ``meta_dataset``, the clean held-out set in the train
+            set's format, prepared by ``SFTTrainer``'s preparation with the train set's options (same chat
+            template, same completion-only masking; without it and without ``replay_trajectory`` this is
+            ``SFTTrainer``); MetaLRTrainer's ``num_labels``; SFTTrainer's ``peft_config``, ``formatting_func``,
+            ``callbacks``, ...
+
+    Example:
+
+    ```python
+    from hf_ddlr import MetaSFTConfig, MetaSFTTrainer
+
+    args = MetaSFTConfig(output_dir="out", meta_lr=0.1, max_length=512)
+    trainer = MetaSFTTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta,
+                             processing_class=tokenizer)
+    trainer.train()
+    trainer.rates.instance  # one multiplier per row of `train`
+    ```
+    """
+
+    def __init__(self, model: torch.nn.Module, args: TrainingArguments | None = None, **kwargs: Any) -> None:
+        # the rest by keyword: MetaLRTrainer's and SFTTrainer's positional orders differ after train_dataset
+        args = _as_sft_config(args)
+        if kwargs.get("meta_dataset") is not None or resolve_meta_options(args).replay_trajectory is not None:
+            _refuse_with_rates(model, args)
+        super().__init__(model=model, args=args, **kwargs)
+        if self._meta_active:
+            self.data_collator = _IndexCollator(self.data_collator, self.meta_args.index_column)
+            self._check_prepared_index()
+            if self.aux_loss_enabled:
+                logger.warning("MetaSFTTrainer: the weighted loss has no MoE router auxiliary loss; set "
+                               "router_aux_loss_coef=0 to silence this.")
+
+    def _prepare_meta_dataset(self, meta_dataset: Any) -> Any:
+        """The meta set prepared as ``SFTTrainer`` prepared the train set (chat template, tokenisation, labels with
+        the same completion-/assistant-only masking, truncation), never packed."""
+        if self._skip_prepare_dataset:
+            return meta_dataset
+        return self._prepare_dataset(meta_dataset, self.processing_class, self.args, False, self._formatting_func,
+                                     "meta")
+
+    def _check_prepared_index(self) -> None:
+        """The index column survived SFTTrainer's preparation: each prepared row is one row of the train set as
+        given, at most once. Rows the preparation dropped (fully masked after truncation) keep rate 1."""
+        col, n = self.meta_args.index_column, len(self._source_train_dataset)
+        names = getattr(self.train_dataset, "column_names", None) or []
+        idx = np.asarray(self.train_dataset.with_format(None)[col], dtype=np.int64) if col in names else None
+        if idx is None or len(np.unique(idx)) != len(idx) or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
+            raise ValueError(
+                f"SFTTrainer's preparation of the train set did not keep one row per example with its {col!r} "
+                f"index (rows 0..{n - 1}), which keys each example's learning rate. Pass the dataset unpacked "
+                f"(packing=False) and without a with_transform, or set index_column to a name the data does not use."
+            )
+        if len(idx) < n:
+            logger.warning(
+                f"MetaSFTTrainer: SFTTrainer's preparation dropped {n - len(idx)} of the {n} training examples (no "
+                f"target token left after truncation to max_length={self.args.max_length}); their rates stay at 1."
+            )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """While training with rates: MetaLRTrainer's weighted per-example loss, plus SFTTrainer's training
+        metrics from the same logits. Otherwise (evaluation, no meta set): SFTTrainer's loss."""
+        if self._schedule is None or self._schedule.current is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = super().compute_loss(model, {**inputs, "use_cache": False}, True, num_items_in_batch)
+        self._record_sft_metrics(extract_logits(outputs), inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _record_sft_metrics(self, logits: torch.Tensor, inputs: Mapping[str, Any]) -> None:
+        """``entropy``, ``mean_token_accuracy`` (over the target tokens) and ``num_tokens`` as SFTTrainer logs them."""
+        logits, labels = logits[:, :-1].float(), inputs["labels"][:, 1:]
+        mask = labels != -100
+        logp = torch.log_softmax(logits, dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        correct = logits.argmax(-1) == labels  # never at a -100 label
+        gather = self.accelerator.gather_for_metrics
+        num_valid = gather(mask.sum()).sum()
+        metrics = self._metrics["train"]
+        metrics["entropy"].append((gather(entropy[mask].sum()).sum() / num_valid).item() if num_valid > 0 else 0.0)
+        metrics["mean_token_accuracy"].append((gather(correct.sum()).sum() / num_valid).item() if num_valid > 0 else 0.0)
+        self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
