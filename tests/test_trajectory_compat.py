@@ -77,7 +77,7 @@ def test_trajectory_saved_by_the_single_module_code_loads_and_resaves_unchanged(
 
 
 class _Rates(SimpleNamespace):
-    """The part of a RateTable the replayer sets: ``instance``, ``per_class``, ``weight_decay``."""
+    """The part of a RateTable the replayer sets: ``instance``, ``per_class``, ``per_group``, ``weight_decay``."""
 
 
 @pytest.mark.parametrize("meta_update", ["same_step", "delayed"])
@@ -91,14 +91,14 @@ def test_replayer_sets_the_values_the_original_run_used(tmp_path, meta_update):
     spe = 4
     delayed = meta_update == "delayed"
     for step in range(0, 12):
-        rates = _Rates(instance=torch.zeros(N), per_class=torch.zeros(3), weight_decay=-1.0)
+        rates = _Rates(instance=torch.zeros(N), per_class=torch.zeros(3), per_group=None, weight_decay=-1.0)
         replayer.set_rates(rates, step, spe, lambda s: s / spe, weight_decay=True, default_weight_decay=0.0)
         end = (step if delayed else step + 1) / spe
         mid = (step + 0.5) / spe
         assert torch.equal(rates.instance, traj.instance_rates_at(mid, mode="previous" if delayed else "next"))
         assert torch.equal(rates.per_class, traj.class_rates_at(epoch=end))
         assert rates.weight_decay == (5e-4 if delayed and step == 0 else traj.weight_decay_at(epoch=end))
-    no_wd = _Rates(instance=None, per_class=None, weight_decay=-1.0)
+    no_wd = _Rates(instance=None, per_class=None, per_group=None, weight_decay=-1.0)
     replayer.set_rates(no_wd, 3, spe, lambda s: s / spe, weight_decay=False, default_weight_decay=0.0)
     assert no_wd.weight_decay == -1.0  # not replayed when the run does not set the weight decay
 
@@ -112,5 +112,5 @@ def test_replayer_refuses_another_train_set_and_a_missing_rate_level():
     replayer = TrajectoryReplayer(traj)
     assert replayer.replays_weight_decay(False) is False  # the toy run's config does not learn it
     with pytest.raises(ValueError, match="no class rates; set lr_level"):
-        replayer.set_rates(_Rates(instance=None, per_class=torch.ones(3), weight_decay=0.0), 0, 4, lambda s: s / 4,
+        replayer.set_rates(_Rates(instance=None, per_class=torch.ones(3), per_group=None, weight_decay=0.0), 0, 4, lambda s: s / 4,
                            weight_decay=False, default_weight_decay=0.0)
