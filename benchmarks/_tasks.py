@@ -1,8 +1,9 @@
 """The benchmark tasks shared by ``step_cost.py``, ``profile_meta_step.py`` and ``gpu_check.py``.
 
 * :func:`make_task` — a CIFAR ResNet-18 (batch 64, 100 classes, random 32x32 inputs) or a small BERT
-  classifier (hidden 128, 2 layers, seq 64, batch 32), with in-memory train (20 % flipped labels) and clean
-  meta sets;
+  classifier (hidden 128, 2 layers, seq 64, batch 32; ``"bert_lora"``: the same BERT wrapped in a ``peft`` LoRA
+  r=8 on query/value, only the adapters and the classifier head trained), with in-memory train (20 % flipped
+  labels) and clean meta sets;
 * :func:`make_trainer` — a plain ``Trainer`` or a ``MetaLRTrainer`` in one of :data:`CONFIGS` on a task, with
   the benchmarks' recipe (SGD momentum 0.9, weight decay 5e-4, constant LR, CPU, no logging);
 * :func:`tiny_bert` — the locally built BERT classifier both BERT benchmarks use (nothing is downloaded).
@@ -36,9 +37,15 @@ CONFIGS: list[tuple[str, str | None, str | None]] = [
 OPTIONS: dict[str, dict] = {"jvp/forward_mode": {"layerwise_dots": False}}
 
 
+# the LoRA task measures the default against plain LoRA training, with exact and forward mode for reference
+LORA_CONFIGS = ["plain", "exact", "jvp", "jvp/delayed", "jvp/forward_mode"]
+
+
 def configs_for(model: str) -> list[str]:
     """The configurations measured for ``model``. On the ResNet (BatchNorm) the default already runs in
     forward mode, so 'jvp/forward_mode' would only repeat the 'jvp' row."""
+    if model == "bert_lora":
+        return list(LORA_CONFIGS)
     return [c[0] for c in CONFIGS if not (model == "resnet" and c[0] == "jvp/forward_mode")]
 
 
@@ -128,8 +135,20 @@ def _resnet_model(width: int) -> torch.nn.Module:
     return CifarResNetForImageClassification(CifarResNetConfig(base_width=width, num_labels=100))
 
 
+def lora_bert(r: int = 8) -> torch.nn.Module:
+    """The benchmark's BERT (:func:`tiny_bert`) in a ``peft`` LoRA of rank ``r`` on query and value (alpha 2r,
+    no LoRA dropout); the classifier head is trained in full (peft's ``modules_to_save`` for SEQ_CLS)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_bert(1000, 64, hidden=128, heads=2, ffn=512)
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["query", "value"], task_type="SEQ_CLS")
+    return get_peft_model(base, cfg)
+
+
 def make_task(name: str, width: int, n_train: int) -> Task:
-    """The ``"resnet"`` (base width ``width``) or ``"bert"`` task with ``n_train`` training examples."""
+    """The ``"resnet"`` (base width ``width``), ``"bert"`` or ``"bert_lora"`` task with ``n_train`` training
+    examples."""
     g = torch.Generator().manual_seed(1234)
     if name == "resnet":
         key, batch, lr, data = "pixel_values", 64, 0.1, _resnet_data(g, n_train)
@@ -144,6 +163,14 @@ def make_task(name: str, width: int, n_train: int) -> Task:
         describe = (
             "BertForSequenceClassification (vocab 1000, hidden 128, 2 layers, 2 heads, ffn 512, dropout 0.1, "
             "sdpa attention), seq 64, batch 32, 2 labels"
+        )
+    elif name == "bert_lora":
+        key, batch, lr, data = "input_ids", 32, 0.02, _bert_data(g, n_train)
+        make_model = lora_bert
+        describe = (
+            "LoRA r=8 (query, value; classifier head trained) on the BertForSequenceClassification of 'bert' "
+            "(vocab 1000, hidden 128, 2 layers, ffn 512, dropout 0.1), seq 64, batch 32; plain = LoRA training "
+            "with transformers.Trainer"
         )
     else:
         raise ValueError(name)

@@ -33,6 +33,7 @@ is a benchmark, not a test: the exit code is 0 unless something crashed. The tas
     .venv/bin/python benchmarks/step_cost.py                 # both models, ResNet width 64 (~10 min, 2 cores)
     .venv/bin/python benchmarks/step_cost.py --quick         # width 32, fewer rounds (~3 min)
     .venv/bin/python benchmarks/step_cost.py --model resnet --width 32 --rounds 8
+    .venv/bin/python benchmarks/step_cost.py --model bert_lora   # the BERT under LoRA r=8 vs plain LoRA training
 
 On a machine shared with other jobs: ``--clock cpu --threads 1`` (process CPU time, robust to load), memory
 separately (``--mem-only``, load-independent; then ``merge`` folds it into a ``--no-mem`` timing run). To A/B
@@ -325,7 +326,7 @@ def render(result: dict) -> str:
 def run_model(model: str, a: argparse.Namespace) -> dict:
     log = print
     configs = configs_for(model)
-    rounds = a.rounds if a.rounds is not None else (a.bert_rounds if model == "bert" else a.resnet_rounds)
+    rounds = a.rounds if a.rounds is not None else (a.bert_rounds if model.startswith("bert") else a.resnet_rounds)
     width = a.width
     t_start = time.time()
     task = make_task(model, width, n_train=(a.warmup + rounds + 2) * (64 if model == "resnet" else 32))
@@ -379,7 +380,7 @@ def run_model(model: str, a: argparse.Namespace) -> dict:
 
 
 def _base_path(a: argparse.Namespace, model: str, width: int) -> str:
-    suffix = "" if model == "bert" or width == 64 else f"_w{width}"
+    suffix = "" if model.startswith("bert") or width == 64 else f"_w{width}"
     return os.path.join(a.out, f"step_cost_{model}{suffix}")
 
 
@@ -387,7 +388,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_argument
     sub("mode", nargs="?", default="bench", choices=["bench", "merge", "_mem"])
-    sub("--model", default="all", choices=["all", "resnet", "bert"])
+    sub("--model", default="all", choices=["all", "resnet", "bert", "bert_lora"],
+        help="'all': resnet and bert; bert_lora: the BERT under peft LoRA r=8 (plain = plain LoRA training)")
     sub("--width", type=int, default=64, help="ResNet base width (64 = ResNet-18; 32 runs ~3x faster)")
     sub("--rounds", type=int, default=None, help="timed rounds (default: 8 for ResNet, 30 for BERT)")
     sub("--resnet-rounds", type=int, default=8)

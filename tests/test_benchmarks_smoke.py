@@ -131,6 +131,22 @@ def test_step_cost_measures_forward_mode_beside_the_default_on_bert_only(tmp_pat
         assert tr.args.layerwise_dots is expected and tr.args.meta_strategy == "jvp"
 
 
+def test_step_cost_lora_task_trains_only_the_adapters_on_the_per_layer_path(tmp_path):
+    """'bert_lora' is the benchmark's BERT under peft LoRA r=8 (query, value): plain LoRA training against the
+    default, exact and forward mode; only adapters and the classifier head train, and the default takes the
+    per-layer products."""
+    pytest.importorskip("peft")
+    sc = _load("_tasks")
+    assert sc.configs_for("bert_lora") == ["plain", "exact", "jvp", "jvp/delayed", "jvp/forward_mode"]
+    task = sc.make_task("bert_lora", 32, n_train=32)
+    tr = sc.make_trainer(task, "jvp", 1, str(tmp_path))
+    trainable = [n for n, p in tr.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "modules_to_save" in n for n in trainable)
+    assert any(".query.lora_A" in n for n in trainable) and any(".value.lora_B" in n for n in trainable)
+    tr.train()
+    assert tr._layerwise == "verified"
+
+
 def test_robustness_matrix_covers_every_axis_and_lists_times(capsys):
     rb = _load("robustness")
     cells = rb.CELLS

@@ -1,0 +1,136 @@
+"""PEFT / LoRA (issue 16, part 4): a ``peft`` LoRA model trains with MetaLRTrainer; only the adapter parameters
+(and ``modules_to_save``, e.g. a classifier head) enter the lookahead, the tangent and the dots; the per-layer
+products serve LoRA's layers (its ``lora_A`` / ``lora_B`` are plain ``nn.Linear``) and give the meta-gradients of
+the exact double backward; at meta_lr=0 a LoRA run is the plain Trainer's LoRA run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_task_losses import COMMON, _collator, _data, _model
+from tiny_text import text_data_splits, tiny_bert
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+import hf_ddlr.schedules as schedules
+from hf_ddlr import MetaLRConfig, MetaLRTrainer
+
+peft = pytest.importorskip("peft")
+
+ADAPTED = {  # case -> (LoRA target modules, peft task type)
+    "bert_cls": (["query", "value"], "SEQ_CLS"),
+    "bert_regression": (["query", "value"], "SEQ_CLS"),
+    "llama_lm": (["q_proj", "v_proj"], "CAUSAL_LM"),
+}
+
+
+def _lora(case: str, random_b: bool = False) -> torch.nn.Module:
+    """The case's tiny model wrapped in LoRA r=4. ``random_b``: lora_B starts random instead of zero, so that
+    lora_A has a gradient on the first step too (peft's ``init_lora_weights=False``)."""
+    if case == "bert_cls":
+        base = tiny_bert()
+    else:
+        base = _model("regression" if case == "bert_regression" else "causal_lm")
+    targets, task_type = ADAPTED[case]
+    torch.manual_seed(1)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type=task_type,
+                          init_lora_weights=not random_b)
+    return peft.get_peft_model(base, cfg)
+
+
+def _trainer(case: str, out, model: torch.nn.Module | None = None, **kw) -> MetaLRTrainer:
+    model = _lora(case) if model is None else model
+    args = MetaLRConfig(output_dir=str(out), **{**COMMON, "max_steps": 3, **kw})
+    if case == "bert_cls":
+        tok, train, meta = text_data_splits()
+        return MetaLRTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta,
+                             data_collator=DataCollatorWithPadding(tok), processing_class=tok)
+    task = "regression" if case == "bert_regression" else "causal_lm"
+    return MetaLRTrainer(model=model, args=args, train_dataset=_data(task, 24, seed=1),
+                         meta_dataset=_data(task, 8, seed=2), data_collator=_collator(task))
+
+
+def _adapter_names(model: torch.nn.Module) -> set[str]:
+    """The parameters LoRA trains: the adapters' and those of ``modules_to_save``."""
+    return {n for n, _ in model.named_parameters() if "lora_" in n or "modules_to_save" in n}
+
+
+def _spy_meta_gradients(monkeypatch) -> list[tuple[set[str], set[str], set[str] | None]]:
+    """Records, per meta step, the names of the parameters, of the lookahead specs and of a given lookahead
+    gradient that :func:`hf_ddlr.schedules.meta_gradients` receives."""
+    seen = []
+    orig = schedules.meta_gradients
+
+    def spy(model, params, window, meta, specs, **kw):
+        grads = kw.get("grads")
+        seen.append((set(params), set(specs), None if grads is None else set(grads)))
+        return orig(model, params, window, meta, specs, **kw)
+
+    monkeypatch.setattr(schedules, "meta_gradients", spy)
+    return seen
+
+
+@pytest.mark.parametrize("case", list(ADAPTED))
+def test_lora_models_train_and_only_adapters_enter_the_meta_step(case, tmp_path, monkeypatch):
+    """The rates move with finite losses on the per-layer path; every meta step sees exactly the adapter (and
+    modules_to_save) parameters, none of the frozen base weights."""
+    seen = _spy_meta_gradients(monkeypatch)
+    t = _trainer(case, tmp_path)
+    adapters = _adapter_names(t.model)
+    trainable = {n for n, p in t.model.named_parameters() if p.requires_grad}
+    assert trainable == adapters and any("lora_B" in n for n in adapters)
+    assert ("modules_to_save" in " ".join(adapters)) == case.startswith("bert")  # the classifier head
+    t.train()
+    assert t._layerwise == "verified"  # LoRA's layers are nn.Linear: the per-layer products serve them
+    assert not torch.equal(t.rates.instance, torch.ones_like(t.rates.instance))
+    losses = [h["loss"] for h in t.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert len(seen) == 3
+    for params, specs, grads in seen:
+        assert params == adapters and specs == adapters
+        assert grads is None or grads == adapters
+
+
+@pytest.mark.parametrize("case", ["bert_cls", "llama_lm"])
+def test_lora_meta_gradients_equal_the_exact_double_backward(case, tmp_path, monkeypatch):
+    """The per-layer products (checked on step 1, used alone on steps 2-3) give the meta-gradients of
+    meta_strategy='exact' at every step; lora_B starts random so that every adapter layer contributes."""
+    runs = {}
+    for strategy in ("jvp", "exact"):
+        grads = []
+        orig = schedules.meta_gradients
+
+        def spy(*a, _orig=orig, _grads=grads, **kw):
+            res = _orig(*a, **kw)
+            _grads.append(res.example_grad.double())
+            return res
+
+        monkeypatch.setattr(schedules, "meta_gradients", spy)
+        t = _trainer(case, tmp_path / strategy, model=_lora(case, random_b=True), meta_strategy=strategy)
+        t.train()
+        monkeypatch.setattr(schedules, "meta_gradients", orig)
+        runs[strategy] = (t, grads)
+    assert runs["jvp"][0]._layerwise == "verified"
+    assert runs["exact"][0]._layerwise == "unchecked"  # exact never records a tape
+    for step, (a, b) in enumerate(zip(runs["jvp"][1], runs["exact"][1], strict=True)):
+        cos = float(a @ b) / float(a.norm() * b.norm())
+        assert cos >= 0.9999, (step, cos)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()), msg=f"step {step}")
+
+
+@pytest.mark.parametrize("case", ["bert_regression", "llama_lm"])
+def test_lora_at_meta_lr_zero_equals_the_plain_trainers_lora_run(case, tmp_path):
+    """Rates that stay 1: the adapters (and every frozen weight) end where the plain Trainer's LoRA run ends."""
+    task = "regression" if case == "bert_regression" else "causal_lm"
+    plain, meta = _lora(case), _lora(case)
+    args = TrainingArguments(output_dir=str(tmp_path / "plain"), **{**COMMON, "max_steps": 3})
+    Trainer(model=plain, args=args, train_dataset=_data(task, 24, seed=1), data_collator=_collator(task)).train()
+    zero = _trainer(case, tmp_path / "zero", model=meta, meta_lr=0.0)
+    zero.train()
+    assert torch.equal(zero.rates.instance, torch.ones(24))
+    moved = 0
+    for (n, a), (_, b) in zip(plain.state_dict().items(), meta.state_dict().items(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)
+        moved += "lora_" in n and not torch.equal(a, _lora(case).state_dict()[n])
+    assert moved > 0  # the adapters did train
