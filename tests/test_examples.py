@@ -122,6 +122,29 @@ def test_text_classification(tmp_path):
     assert 0.0 <= runs["metalr"]["auroc_clean_vs_noisy"] <= 1.0
 
 
+def test_sft_noisy_data(tmp_path):
+    """The SFT example: a tiny Llama on noisy addition answers from three sources, plain vs instance x source."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, str(EXAMPLES / "sft_noisy_data.py"), "--quick", "--output_dir", str(tmp_path),
+           "--disable_tqdm", "true"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert (tmp_path / "sft_noisy_data_results.md").is_file()
+    payload = json.loads((tmp_path / "sft_noisy_data_results.json").read_text())
+    runs = {r["method"]: r for r in payload["runs"]}
+    assert list(runs) == ["plain", "metalr"]
+    wrong = payload["observed_wrong_fraction"]
+    assert 0.2 < wrong["all"] < 0.45 and wrong["scraped"] > 0.6 and wrong["textbook"] < 0.25
+    for r in runs.values():
+        assert 0.0 <= r["heldout_exact_match"] <= 1.0 and r["heldout_loss"] > 0
+    m = runs["metalr"]
+    assert sorted(m["source_rates"]) == ["qa_site", "scraped", "textbook"]
+    assert all(v >= 0 for v in m["source_rates"].values())
+    assert 0.0 <= m["instance_rate_auroc"] <= 1.0 and 0.0 <= m["effective_rate_auroc"] <= 1.0
+    assert "source_rates" not in runs["plain"]
+    assert (tmp_path / "metalr" / "lr_trajectory.json").is_file()
+
+
 def test_push_to_hub_uploads_model_trajectory_and_card(hub_server, tmp_path):
     """``--push_to_hub`` (the Trainer's flag) through the loopback Hub: one repo per method, with the trajectory."""
     env = hub_server.client_env(tmp_path / "hf_home")
