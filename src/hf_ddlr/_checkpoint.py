@@ -14,7 +14,6 @@ import safetensors.torch
 from transformers.utils import logging
 
 from ._recording import meta_settings
-from .meta.averaging import MetaGradientAverage
 from .trajectory import TRAJECTORY_TENSORS_NAME, LRTrajectory
 
 if TYPE_CHECKING:
@@ -72,8 +71,7 @@ def load_meta_state(trainer: MetaLRTrainer, checkpoint: str) -> None:
     if trainer._meta_grad_average is not None:
         if os.path.isfile(avg_path):
             trainer._meta_grad_average.load_state_dict(safetensors.torch.load_file(avg_path), trainer.args.device)
-        else:  # empty, as the warning says (a second train() would otherwise carry its first run's average)
-            trainer._meta_grad_average = MetaGradientAverage(trainer._meta_grad_average.beta)
+        else:  # it stays as train() made it: empty
             warnings.warn(
                 f"{avg_path} is missing (a checkpoint written without meta_grad_average): the running average "
                 "of the meta gradient starts again from this step. Training is not an exact continuation.",

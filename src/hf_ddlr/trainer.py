@@ -209,17 +209,27 @@ class MetaLRTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
               ignore_keys_for_eval: list[str] | None = None, **kwargs: Any):
-        """``Trainer.train``. A second call is a new run (as in ``hyperparameter_search``): it starts again
-        from rates 1 and an empty trajectory, or, with ``resume_from_checkpoint``, from what the checkpoint holds. The schedule of the
-        meta step (:func:`hf_ddlr.schedules.schedule_for`) is resolved here, once per call."""
+        """``Trainer.train``. A second call is a new run (as in ``hyperparameter_search``): it starts again from
+        rates 1 and an empty trajectory, or, with ``resume_from_checkpoint``, from what the checkpoint holds. The
+        schedule of the meta step (:func:`hf_ddlr.schedules.schedule_for`) and the meta-gradient average are
+        made here, once per call."""
         if self._meta_active and getattr(self, "_has_trained", False):  # a resume then loads the checkpoint's state
             self._init_meta(self.num_labels)
         self._has_trained = True
         self._schedule = schedule_for(self) if self._meta_active else None
-        if self._meta_active and self.meta_args.meta_grad_average_epochs:
-            meta_steps = self.meta_args.meta_grad_average_epochs * self._steps_per_epoch() / self.meta_args.meta_interval
-            self._meta_grad_average.beta = max(0.0, 1.0 - 1.0 / meta_steps)
+        if self._meta_active:
+            self._meta_grad_average = self._fresh_average()
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    def _fresh_average(self) -> MetaGradientAverage | None:
+        """An empty running average of the meta gradient for this run (None when off). A span in epochs
+        (``meta_grad_average_epochs``) sets its factor from the optimizer steps per epoch, known once the
+        train dataloader is: ``1 − meta_interval / (span × steps per epoch)``."""
+        meta = self.meta_args
+        if meta.meta_grad_average_epochs:
+            meta_steps = meta.meta_grad_average_epochs * self._steps_per_epoch() / meta.meta_interval
+            return MetaGradientAverage(max(0.0, 1.0 - 1.0 / meta_steps))
+        return MetaGradientAverage(meta.meta_grad_average) if meta.meta_grad_average else None
 
     @property
     def _window(self) -> list[MicroBatch]:
@@ -296,7 +306,7 @@ class MetaLRTrainer(Trainer):
         raise ValueError("Cannot tell the number of classes: pass num_labels=... to MetaLRTrainer.")
 
     def _init_meta(self, num_labels: int | None) -> None:
-        """The state of a run: rates at 1, an empty trajectory, a fresh meta-gradient average and log."""
+        """The state of a run: rates at 1, an empty trajectory and log (the meta-gradient average: train())."""
         args, meta = self.args, self.meta_args
         self._task = resolve_task(self.model, self._source_train_dataset)
         check_task_options(self._task, meta.lr_level, meta.meta_strategy, args.label_smoothing_factor,
@@ -317,8 +327,7 @@ class MetaLRTrainer(Trainer):
             max_rate=meta.max_rate,
             device=args.device,
         )
-        beta = 0.5 if meta.meta_grad_average_epochs else meta.meta_grad_average  # a span in epochs: set by train()
-        self._meta_grad_average = MetaGradientAverage(beta) if beta else None
+        self._meta_grad_average: MetaGradientAverage | None = None  # made empty when train() starts
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-window mean; the Trainer divides by GA
         self._meta_set = MetaSetSampler(self, self.meta_dataset)
         self._meta_log = MetaLog(args.learning_rate, self._groups.names if self._groups is not None else None)
