@@ -25,8 +25,9 @@ import os
 
 import numpy as np
 import torch
+from robustness import VisitRecorder  # the per-visit recorder of the robustness matrix (this folder)
 from sklearn.metrics import roc_auc_score
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
 from hf_ddlr.demo import NoisyDigitsSetup, _model, prepare_noisy_digits
@@ -86,18 +87,6 @@ def one_step_dots(ds, noisy: np.ndarray, n: int = 1500) -> list[dict]:
     return rows
 
 
-class _Visits(TrainerCallback):
-    def __init__(self, trainer: MetaLRTrainer) -> None:
-        self.trainer, self.rows = trainer, []
-
-    def on_step_end(self, args, state, control, **kw):
-        res = getattr(self.trainer, "last_meta_gradients", None)
-        if res is not None:
-            idx = torch.cat([mb.indices for mb in self.trainer._window]).cpu().numpy()
-            self.rows.append((state.epoch, idx, res.example_grad.cpu().numpy()))
-            self.trainer.last_meta_gradients = None
-
-
 def during_training(ds, noisy: np.ndarray) -> dict[str, dict]:
     """Measurement B: per-epoch AUROC of the per-visit meta-gradient, and of the final rates."""
     out = {}
@@ -105,14 +94,10 @@ def during_training(ds, noisy: np.ndarray) -> dict[str, dict]:
         torch.manual_seed(0)
         tr = MetaLRTrainer(model=_model(SETUP, 10, 28), args=MetaLRConfig(**_args("/tmp/hf_ddlr_signal/b", 4), **opts),
                            train_dataset=ds["train"], meta_dataset=ds["meta"])
-        rec = _Visits(tr)
+        rec = VisitRecorder(tr)
         tr.add_callback(rec)
         tr.train()
-        per_epoch = []
-        for e in range(4):
-            sel = [(i, g) for ep, i, g in rec.rows if e < ep <= e + 1]
-            idx, g = np.concatenate([i for i, _ in sel]), np.concatenate([g for _, g in sel])
-            per_epoch.append(float(roc_auc_score(~noisy[idx], -g)))
+        per_epoch = rec.auroc_per_epoch(noisy)
         r = tr.rates.instance.cpu().numpy()
         out[name] = {"per_visit_auroc": per_epoch, "rate_auroc": float(roc_auc_score(~noisy, r)),
                      "rate_clean": float(r[~noisy].mean()), "rate_noisy": float(r[noisy].mean())}

@@ -260,16 +260,21 @@ def _auroc(clean: np.ndarray, score: np.ndarray) -> float:
     return float(roc_auc_score(clean, score)) if 0 < clean.sum() < len(clean) else float("nan")
 
 
+def _auroc_within_labels(clean: np.ndarray, score: np.ndarray, labels: np.ndarray) -> float:
+    """The AUROC (clean > noisy) within each label, averaged over the labels where it is defined."""
+    within = [_auroc(clean[labels == c], score[labels == c]) for c in np.unique(labels)]
+    return float(np.nanmean(within)) if not np.isnan(within).all() else float("nan")
+
+
 def _loss_metrics(trainer: Trainer, train, noisy: np.ndarray) -> dict:
     """Per-example cross-entropy of the trained model with the (noisy) training labels: AUROC of -loss, pooled
     and within each training label (averaged over labels)."""
     logits, y = _predict(trainer, train)
     m = logits.max(1, keepdims=True)
     loss = (m[:, 0] + np.log(np.exp(logits - m).sum(1))) - logits[np.arange(len(y)), y]
-    within = [_auroc(~noisy[y == c], -loss[y == c]) for c in np.unique(y)]
     return {"loss_auroc": _auroc(~noisy, -loss), "loss_clean": float(loss[~noisy].mean()),
             "loss_noisy": float(loss[noisy].mean()) if noisy.any() else float("nan"),
-            "loss_auroc_within_label": float(np.nanmean(within)) if not np.isnan(within).all() else float("nan")}
+            "loss_auroc_within_label": _auroc_within_labels(~noisy, -loss, y)}
 
 
 def _rate_metrics(trainer: MetaLRTrainer, noisy: np.ndarray, labels: np.ndarray) -> dict:
@@ -279,13 +284,12 @@ def _rate_metrics(trainer: MetaLRTrainer, noisy: np.ndarray, labels: np.ndarray)
     if trainer.rates.instance is None:
         return {"rate_auroc": float("nan"), "rate_clean": float("nan"), "rate_noisy": float("nan")}
     r = trainer.rates.instance.detach().cpu().double().numpy()
-    within = [_auroc(~noisy[labels == c], r[labels == c]) for c in np.unique(labels)]
     return {"rate_auroc": _auroc(~noisy, r), "rate_clean": float(r[~noisy].mean()),
             "rate_noisy": float(r[noisy].mean()) if noisy.any() else float("nan"),
-            "rate_auroc_within_label": float(np.nanmean(within)) if not np.isnan(within).all() else float("nan")}
+            "rate_auroc_within_label": _auroc_within_labels(~noisy, r, labels)}
 
 
-class _Visits(TrainerCallback):
+class VisitRecorder(TrainerCallback):
     """Every visit's meta-gradient ``∂L_meta/∂e_i`` (its sign is the direction the rate moves): (epoch, rows,
     values) per meta step, to tell whether a weak ranking comes from weak per-visit signals or their sum."""
 
@@ -333,7 +337,7 @@ def run_cell(cell: Cell | str, seed: int, method: str, quick: bool = False, data
             trainer = Trainer(model=model, args=TrainingArguments(**kw), data_collator=collate,
                               train_dataset=train.remove_columns("sample_index"))
         trainer.remove_callback(PrinterCallback)
-        visits = _Visits(trainer) if method == "metalr" else None
+        visits = VisitRecorder(trainer) if method == "metalr" else None
         if visits is not None:
             trainer.add_callback(visits)
         t_train = time.time()
@@ -526,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     json_path = os.path.join(out_dir, "robustness.json")
     runs, t0 = load_runs(json_path), time.time()
     main_dir = os.path.join(HERE, "results")
-    if not a.quick and os.path.abspath(out_dir) != os.path.abspath(main_dir):  # reuse the matrix's plain / oracle
+    variant = not a.quick and os.path.abspath(out_dir) != os.path.abspath(main_dir)
+    if variant:  # reuse the matrix's plain / oracle runs
         have = {_key(r) for r in runs}
         runs += [r for r in load_runs(os.path.join(main_dir, "robustness.json"))
                  if r["method"] != "metalr" and _key(r) not in have]
@@ -547,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[robustness] {cell.name} seed {seed} {method}: acc {r['test_accuracy']:.4f}{extra} "
                       f"({r['train_s']:.0f} s train, {time.time() - t0:.0f} s total)", flush=True)
     stats = cell_stats(runs, a.quick)
-    if not a.quick and os.path.abspath(out_dir) != os.path.abspath(main_dir):  # a variant: only its own cells
+    if variant:  # only the cells it ran
         stats = {name: by for name, by in stats.items() if by["metalr"]}
     summ = summary(stats)
     command = "python benchmarks/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
