@@ -56,6 +56,17 @@ def is_main_process() -> bool:
     return PartialState().is_main_process
 
 
+def end_distributed() -> None:
+    """Wait for every rank, then tear the process group down: a gloo group left to the interpreter's exit can
+    abort the process ("terminate called without an active exception") after the work is done."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.use_distributed:
+        state.wait_for_everyone()
+    state.destroy_process_group()
+
+
 def say(*args: Any) -> None:
     """``print`` on the main process only (every rank runs the script under ``accelerate launch``)."""
     if is_main_process():

@@ -168,3 +168,5 @@ def main() -> dict:
 
 if __name__ == "__main__":
     main()
+    PartialState().wait_for_everyone()
+    PartialState().destroy_process_group()  # a gloo group left to interpreter exit can abort it

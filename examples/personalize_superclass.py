@@ -189,3 +189,4 @@ def _note(r: dict, s: PersonalOptions, targets: list[int], n_meta: int, num_labe
 
 if __name__ == "__main__":
     main()
+    common.end_distributed()

@@ -275,3 +275,4 @@ def write_outputs(output_dir: str, payload: dict, table: str) -> None:
 
 if __name__ == "__main__":
     main()
+    common.end_distributed()

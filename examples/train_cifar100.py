@@ -187,3 +187,4 @@ def _kfold_run(method, cls, model_name, data, folds, args, s, stats):
 
 if __name__ == "__main__":
     main()
+    common.end_distributed()

@@ -9,6 +9,7 @@ import os
 import sys
 
 import test_task_losses as tasks
+from ddp_worker import end_process_group
 from transformers import Trainer, TrainingArguments
 
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
@@ -33,3 +34,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    end_process_group()

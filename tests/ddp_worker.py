@@ -34,6 +34,14 @@ N_TRAIN, N_META = 32, 8
 MAX_STEPS = 6  # 4 steps per epoch at a global batch of 8: crosses an epoch boundary
 
 
+def end_process_group() -> None:
+    """Barrier, then destroy the process group: a gloo group left to the interpreter's exit can abort the
+    process ("terminate called without an active exception", SIGABRT) after the work is done."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 class _Recording(MetaLRTrainer):
     """Records the dataset rows of every optimizer step's window on this rank."""
 
@@ -146,3 +154,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process_group()
