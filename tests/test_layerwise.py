@@ -70,6 +70,99 @@ def test_products_equal_autograd_per_example_and_forward_mode_on_bert():
     torch.testing.assert_close(dots, fwd, rtol=1e-4, atol=1e-5 * float(fwd.abs().max()))
 
 
+class _RMSNet(nn.Module):
+    """Embedding → torch's nn.RMSNorm (default eps) → mean over positions → Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.norm, self.head = nn.Embedding(50, 16), nn.RMSNorm(16), nn.Linear(16, 3)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.norm(self.emb(input_ids)) * attention_mask.unsqueeze(-1)
+        return SequenceClassifierOutput(logits=self.head(h.sum(1) / attention_mask.sum(1, keepdim=True)))
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=32,
+                                      resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.0)).train()
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                         pad_token_id=0, rms_norm_eps=1e-5))
+    with torch.no_grad():  # RMSNorm weights away from 1, so that a gradient taken as Σ g (no x̂) is wrong
+        for m in model.modules():
+            if type(m).__name__ == "LlamaRMSNorm":
+                m.weight.uniform_(0.5, 1.5)
+    return model.train()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "torch_rmsnorm"])
+def test_products_equal_autograd_per_example_on_decoder_layers(kind):
+    """A Llama-style decoder (LlamaRMSNorm, grouped-query attention, rotary positions, a completion-only masked
+    token loss), GPT-2 (Conv1D layers, tied input/output embedding, dropout) and torch's nn.RMSNorm: the tape
+    records every trainable layer, Σ c_i ∇L_i and one example's own gradient equal autograd's, and T·∇L_i
+    equals forward mode."""
+    from hf_ddlr.meta import task_loss
+
+    inputs, labels = _batch()
+    lm = kind in ("llama", "gpt2")
+    task = task_loss("causal_lm") if lm else task_loss("single_label_classification")
+    if lm:
+        model = _llama() if kind == "llama" else _gpt2()
+        labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+        labels[:, :2] = -100  # a prompt: not a target
+    else:
+        model = _RMSNet()
+    assert unsupported_reason(model) is None
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with replay_rng(5), record_layers(model, {id(p): n for n, p in params.items()}, 6) as tape:
+        L = task(model(**inputs).logits, labels)
+    c = torch.rand(6) + 0.1
+    ref = torch.autograd.grad((c * L).sum(), list(params.values()), retain_graph=True)
+    one = torch.autograd.grad(L[3], list(params.values()), retain_graph=True)
+    tape.backward(L)
+    got, got_one = tape.weighted_grads(c), tape.weighted_grads(torch.eye(6)[3])
+    assert set(got) == set(params)
+    big = max(float(r.norm()) for r in ref)
+    for n, r, r1 in zip(params, ref, one):
+        torch.testing.assert_close(got[n], r, rtol=1e-4, atol=1e-6 * big, msg=n)
+        torch.testing.assert_close(got_one[n], r1, rtol=1e-4, atol=1e-6 * big, msg=n)
+    T = {n: torch.randn_like(p) for n, p in params.items()}
+    if kind == "llama":
+        T["model.embed_tokens.weight"][0] = 0  # the padding row: the meta gradient is 0 there too
+    dots = tape.dots(T)
+    fwd = engine.jvp_dots(model, params, MicroBatch(inputs, labels, c, seed=5), T, task=task)
+    torch.testing.assert_close(dots, fwd, rtol=1e-4, atol=1e-5 * float(fwd.abs().max()))
+
+
+def test_rmsnorm_look_alikes_are_not_taken_for_rmsnorm():
+    """A module named *RMSNorm with a bias, or a 2-D weight, is not decomposed (named in the reason)."""
+
+    class BiasedRMSNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight, self.bias, self.eps = nn.Parameter(torch.ones(4)), nn.Parameter(torch.zeros(4)), 1e-6
+
+    class MatrixRMSNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight, self.variance_epsilon = nn.Parameter(torch.ones(2, 4)), 1e-6
+
+    for cls in (BiasedRMSNorm, MatrixRMSNorm):
+        assert f"'' ({cls.__name__}) holds trainable parameters" in unsupported_reason(cls())
+
+
 def test_products_follow_the_loss_scale():
     model = _bert(dropout=0.0)
     inputs, labels = _batch()
@@ -351,13 +444,18 @@ def _arch(name: str, vocab: int):
         return RobertaForSequenceClassification(RobertaConfig(
             vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=40, num_labels=2, pad_token_id=0))
+    if name == "gpt2":  # Conv1D layers; the score of the last non-padding token
+        from transformers import GPT2Config, GPT2ForSequenceClassification
+
+        return GPT2ForSequenceClassification(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2,
+                                                        n_positions=40, num_labels=2, pad_token_id=0))
     # ALBERT: one set of layer weights called once per layer (several recorded calls per parameter)
     return AlbertForSequenceClassification(AlbertConfig(
         vocab_size=vocab, embedding_size=16, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=32, num_labels=2, pad_token_id=0))
 
 
-@pytest.mark.parametrize("name", ["distilbert", "roberta", "albert"])
+@pytest.mark.parametrize("name", ["distilbert", "roberta", "albert", "gpt2"])
 def test_other_encoders_take_the_per_layer_products_and_train_like_forward_mode(tmp_path, name):
     tok, train, meta = text_data_splits()
 

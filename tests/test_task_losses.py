@@ -225,13 +225,11 @@ def test_multi_label_logs_the_trainers_binary_cross_entropy(tmp_path):
 
 def test_token_classification_keeps_the_per_layer_products(tmp_path):
     """The per-layer products are loss-agnostic: on BERT token classification they pass their check against
-    forward mode; on Llama (RMSNorm) the run falls back to forward mode."""
-    t = _meta_trainer("token_classification", tmp_path / "tok")
-    t.train()
-    assert t._layerwise == "verified"
-    t = _meta_trainer("causal_lm", tmp_path / "lm")
-    t.train()
-    assert t._layerwise == "off"
+    forward mode, on BERT token classification and on Llama (RMSNorm) causal LM."""
+    for task in ("token_classification", "causal_lm"):
+        t = _meta_trainer(task, tmp_path / task)
+        t.train()
+        assert t._layerwise == "verified", task
 
 
 @pytest.mark.parametrize("task", ["multi_label_classification", "token_classification", "causal_lm"])

@@ -102,7 +102,8 @@ class MetaLROptions:
         "dot products and both weighted gradients from the real forward's layer inputs and output "
         "gradients (one matmul per linear layer) instead of a forward-mode pass and a second backward: the "
         "same numbers at a lower cost. Applies to models whose trainable parameters all sit in "
-        "nn.Linear / nn.Embedding / nn.LayerNorm layers without BatchNorm (transformers); it is checked "
+        "nn.Linear / nn.Embedding / nn.LayerNorm / RMSNorm / GPT-2 Conv1D layers without BatchNorm "
+        "(transformers encoders and decoders); it is checked "
         "against forward mode on the first meta step and falls back to forward mode with a warning when "
         "it does not match. False: always forward mode.",
     )

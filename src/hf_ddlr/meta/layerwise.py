@@ -1,6 +1,8 @@
 """Per-example gradient algebra from one forward's layer inputs and output gradients ("ghost" products).
 
-For a model built only from ``nn.Linear``, ``nn.Embedding`` and ``nn.LayerNorm`` parameters, with no
+For a model built only from ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm`` and RMSNorm parameters (torch's
+``nn.RMSNorm`` and the Llama-family ``*RMSNorm`` modules of transformers) and GPT-2's ``Conv1D`` (a linear
+layer with a transposed weight), with no
 coupling between the examples of a batch (no BatchNorm in train mode), the gradient of example i's loss
 w.r.t. a layer's weight is ``Σ_t g_{i,t} ⊗ a_{i,t}`` (a: the layer's input, g: the gradient of the loss at
 its output, t: the positions of the example). So, from the tensors a and g of *one* real forward and *one*
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -40,6 +41,36 @@ logger = logging.getLogger(__name__)
 _LAYERS = (nn.Linear, nn.Embedding, nn.LayerNorm)
 
 
+def _rms_eps(m: nn.Module) -> float | None:
+    """The epsilon of an RMSNorm layer — ``w · x/√(mean(x²)+eps)`` over the last dimension, with one
+    trainable 1-D ``weight`` and no bias — or None when ``m`` is not one. Recognised: ``nn.RMSNorm`` and the
+    transformers ``*RMSNorm`` modules (Llama, Mistral, Qwen, ...: ``variance_epsilon``; Gemma's ``1 + w`` has
+    the same weight gradient). A look-alike with other math fails the first step's check against autograd
+    and the run falls back to forward mode."""
+    if isinstance(m, nn.RMSNorm):
+        if m.weight is None or len(m.normalized_shape) != 1:
+            return None
+        return float(m.eps) if m.eps is not None else torch.finfo(m.weight.dtype).eps  # torch's default
+    if not type(m).__name__.endswith("RMSNorm"):
+        return None
+    own = dict(_trainable(m))
+    eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
+    w = own.get("weight")
+    if set(own) != {"weight"} or w is None or w.dim() != 1 or not isinstance(eps, float | int):
+        return None
+    return float(eps)
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: ``x @ W + b`` with ``W`` of shape [in, out]."""
+    w = getattr(m, "weight", None)
+    return type(m).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2 and getattr(m, "nf", None) == w.shape[1]
+
+
+def _supported(m: nn.Module) -> bool:
+    return type(m) in _LAYERS or _is_conv1d(m) or _rms_eps(m) is not None
+
+
 class LayerwiseUnsupported(RuntimeError):
     """The recorded forward cannot be decomposed per example (raised at run time; callers fall back)."""
 
@@ -57,8 +88,9 @@ def unsupported_reason(model: nn.Module) -> str | None:
         own = _trainable(m)
         if not own:
             continue
-        if type(m) not in _LAYERS:
-            return f"'{name}' ({type(m).__name__}) holds trainable parameters and is not Linear/Embedding/LayerNorm"
+        if not _supported(m):
+            return (f"'{name}' ({type(m).__name__}) holds trainable parameters and is not "
+                    "Linear/Embedding/LayerNorm/RMSNorm/Conv1D")
         if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.scale_grad_by_freq or m.sparse):
             return f"'{name}' is an Embedding with max_norm / scale_grad_by_freq / sparse"
         covered.update(id(p) for _, p in own)
@@ -76,6 +108,13 @@ class _Call:
     versions: tuple[int, int]
     grad: torch.Tensor | None = None
     xhat: torch.Tensor | None = None
+
+
+def _normalized(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x̂ of a LayerNorm / RMSNorm layer: its output before the elementwise weight (and bias)."""
+    if isinstance(m, nn.LayerNorm):
+        return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _rms_eps(m))
 
 
 class LayerTape:
@@ -151,17 +190,19 @@ class LayerTape:
                 g = g / self.scale
             if isinstance(m, nn.Linear):
                 yield c, c.inp.detach().reshape(B, -1, m.in_features).float(), g.reshape(B, -1, m.out_features)
+            elif _is_conv1d(m):
+                n_in, n_out = m.weight.shape
+                yield c, c.inp.detach().reshape(B, -1, n_in).float(), g.reshape(B, -1, n_out)
             elif isinstance(m, nn.Embedding):
                 ids = c.inp.reshape(B, -1)
                 g = g.reshape(B, -1, m.embedding_dim)
                 if m.padding_idx is not None:
                     g = g * (ids != m.padding_idx).unsqueeze(-1)
                 yield c, ids, g
-            else:  # LayerNorm: a is the normalized input x̂ (computed once per tape)
-                n = math.prod(m.normalized_shape)
+            else:  # LayerNorm / RMSNorm: a is the normalized input x̂ (computed once per tape)
+                n = m.weight.numel()
                 if c.xhat is None:
-                    x = c.inp.detach().float()
-                    c.xhat = F.layer_norm(x, m.normalized_shape, None, None, m.eps).reshape(B, -1, n)
+                    c.xhat = _normalized(m, c.inp.detach().float()).reshape(B, -1, n)
                 yield c, c.xhat, g.reshape(B, -1, n)
 
     def _param(self, m: nn.Module, attr: str) -> str | None:
@@ -174,9 +215,10 @@ class LayerTape:
         for c, a, g in self._pieces():
             m = c.module
             w, b = self._param(m, "weight"), self._param(m, "bias")
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) or _is_conv1d(m):
                 if w is not None:
-                    out += ((a @ T[w].float().T) * g).sum((1, 2))
+                    Tw = T[w].float()
+                    out += ((a @ (Tw if _is_conv1d(m) else Tw.T)) * g).sum((1, 2))
                 if b is not None:
                     out += g.sum(1) @ T[b].float()
             elif isinstance(m, nn.Embedding):
@@ -202,17 +244,18 @@ class LayerTape:
             m = c.module
             w, b = self._param(m, "weight"), self._param(m, "bias")
             cg = g * coef[:, None, None]
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) or _is_conv1d(m):
                 if w is not None:
-                    add(w, cg.reshape(-1, m.out_features).T @ a.reshape(-1, m.in_features))
+                    a2, cg2 = a.reshape(-1, a.shape[-1]), cg.reshape(-1, cg.shape[-1])
+                    add(w, a2.T @ cg2 if _is_conv1d(m) else cg2.T @ a2)
                 add(b, cg.sum((0, 1)))
             elif isinstance(m, nn.Embedding):
                 if w is not None:
                     gw = torch.zeros(m.num_embeddings, m.embedding_dim, dtype=torch.float32, device=g.device)
                     add(w, gw.index_add_(0, a.reshape(-1), cg.reshape(-1, m.embedding_dim)))
             else:
-                add(w, (a * cg).sum((0, 1)).reshape(m.normalized_shape))
-                add(b, cg.sum((0, 1)).reshape(m.normalized_shape))
+                add(w, (a * cg).sum((0, 1)).reshape(m.weight.shape))
+                add(b, cg.sum((0, 1)).reshape(m.weight.shape))
         return grads
 
     def _device(self) -> torch.device:
@@ -221,13 +264,13 @@ class LayerTape:
 
 @contextlib.contextmanager
 def record_layers(model: nn.Module, names: Mapping[int, str], batch: int) -> Iterator[LayerTape]:
-    """Record every call of a Linear / Embedding / LayerNorm layer with trainable parameters in ``model``
+    """Record every call of a Linear / Embedding / LayerNorm / RMSNorm / Conv1D layer with trainable parameters in ``model``
     during a forward over ``batch`` examples."""
     tape = LayerTape(names, batch)
     handles = [
         m.register_forward_hook(tape._hook)
         for m in model.modules()
-        if type(m) in _LAYERS and _trainable(m)
+        if _trainable(m) and _supported(m)
     ]
     try:
         yield tape
