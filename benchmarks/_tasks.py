@@ -1,9 +1,10 @@
 """The benchmark tasks shared by ``step_cost.py``, ``profile_meta_step.py`` and ``gpu_check.py``.
 
-* :func:`make_task` — a CIFAR ResNet-18 (batch 64, 100 classes, random 32x32 inputs) or a small BERT
-  classifier (hidden 128, 2 layers, seq 64, batch 32; ``"bert_lora"``: the same BERT wrapped in a ``peft`` LoRA
-  r=8 on query/value, only the adapters and the classifier head trained), with in-memory train (20 % flipped
-  labels) and clean meta sets;
+* :func:`make_task` — a CIFAR ResNet-18 (batch 64, 100 classes, random 32x32 inputs), a 4-conv BatchNorm
+  CNN on the same images (``"cnn4"``), a small BERT classifier (hidden 128, 2 layers, seq 64, batch 32;
+  ``"bert_lora"``: the same BERT wrapped in a ``peft`` LoRA r=8 on query/value, only the adapters and the
+  classifier head trained) or a tiny Llama-style causal LM (``"llama"``: hidden 128, 2 layers, grouped-query
+  attention, seq 128, batch 16), with in-memory train (20 % corrupted) and clean meta sets;
 * :func:`make_trainer` — a plain ``Trainer`` or a ``MetaLRTrainer`` in one of :data:`CONFIGS` on a task, with
   the benchmarks' recipe (SGD momentum 0.9, weight decay 5e-4, constant LR, CPU, no logging);
 * :func:`tiny_bert` — the locally built BERT classifier both BERT benchmarks use (nothing is downloaded).
@@ -42,11 +43,17 @@ LORA_CONFIGS = ["plain", "exact", "jvp", "jvp/delayed", "jvp/forward_mode"]
 
 
 def configs_for(model: str) -> list[str]:
-    """The configurations measured for ``model``. On the ResNet (BatchNorm) the default already runs in
-    forward mode, so 'jvp/forward_mode' would only repeat the 'jvp' row."""
+    """The configurations measured for ``model``. On the BatchNorm nets the default already runs in forward
+    mode, so 'jvp/forward_mode' would only repeat the 'jvp' row; a causal LM has no single head input per
+    example, so no 'last_layer' rows."""
     if model == "bert_lora":
         return list(LORA_CONFIGS)
-    return [c[0] for c in CONFIGS if not (model == "resnet" and c[0] == "jvp/forward_mode")]
+    names = [c[0] for c in CONFIGS]
+    if model in ("resnet", "cnn4"):
+        return [c for c in names if c != "jvp/forward_mode"]
+    if model == "llama":
+        return [c for c in names if not c.startswith("last_layer")]
+    return names
 
 
 class DictDataset(torch.utils.data.Dataset):
@@ -128,6 +135,41 @@ def _bert_data(g: torch.Generator, n_train: int) -> dict[str, tuple[torch.Tensor
     return {"train": tokens(n_train, 0.2), "meta": tokens(1000, 0.0)}
 
 
+def _lm_data(g: torch.Generator, n_train: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Arithmetic token sequences (start a, step k: ``a + k·t`` mod the vocabulary), labels = the sequence
+    (the causal LM loss shifts them); 20 % of the train sequences are random tokens, the meta set is clean."""
+    V, S = 1000, 128
+
+    def sequences(n: int, noisy: float) -> tuple[torch.Tensor, torch.Tensor]:
+        a, k = torch.randint(0, V - 1, (n, 1), generator=g), torch.randint(1, 50, (n, 1), generator=g)
+        ids = (a + k * torch.arange(S)) % (V - 1) + 1
+        if noisy:
+            flip = torch.rand(n, generator=g) < noisy
+            ids = torch.where(flip[:, None], torch.randint(1, V, (n, S), generator=g), ids)
+        return ids, ids.clone()
+
+    return {"train": sequences(n_train, 0.2), "meta": sequences(256, 0.0)}
+
+
+def tiny_llama() -> torch.nn.Module:
+    """A 2-layer ``LlamaForCausalLM`` (vocab 1000, hidden 128, 4 heads / 2 key-value heads, MLP 344, RMSNorm,
+    rotary positions up to 128), built locally from seed 0."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+    return LlamaForCausalLM(cfg)
+
+
+def _cnn4_model() -> torch.nn.Module:
+    from hf_ddlr.models import SmallCNNConfig, SmallCNNForImageClassification
+
+    torch.manual_seed(0)
+    cfg = SmallCNNConfig(num_channels=3, image_size=32, channels=[32, 64, 128, 128], num_labels=100)
+    return SmallCNNForImageClassification(cfg)
+
+
 def _resnet_model(width: int) -> torch.nn.Module:
     from hf_ddlr.models import CifarResNetConfig, CifarResNetForImageClassification
 
@@ -147,8 +189,8 @@ def lora_bert(r: int = 8) -> torch.nn.Module:
 
 
 def make_task(name: str, width: int, n_train: int) -> Task:
-    """The ``"resnet"`` (base width ``width``), ``"bert"`` or ``"bert_lora"`` task with ``n_train`` training
-    examples."""
+    """The ``"resnet"`` (base width ``width``), ``"cnn4"``, ``"bert"``, ``"bert_lora"`` or ``"llama"`` task with
+    ``n_train`` training examples."""
     g = torch.Generator().manual_seed(1234)
     if name == "resnet":
         key, batch, lr, data = "pixel_values", 64, 0.1, _resnet_data(g, n_train)
@@ -156,6 +198,20 @@ def make_task(name: str, width: int, n_train: int) -> Task:
         describe = (
             f"CIFAR ResNet-18 (base_width {width}, 100 classes), batch 64, random 32x32 inputs "
             "(class prototypes + noise, 20% flipped labels)"
+        )
+    elif name == "cnn4":
+        key, batch, lr, data = "pixel_values", 64, 0.05, _resnet_data(g, n_train)
+        make_model = _cnn4_model
+        describe = (
+            "4-conv BatchNorm CNN ([conv3x3-BN-ReLU-maxpool] x 4: 32, 64, 128, 128 channels; linear; 100 classes), "
+            "batch 64, random 32x32 inputs (class prototypes + noise, 20% flipped labels)"
+        )
+    elif name == "llama":
+        key, batch, lr, data = "input_ids", 16, 0.05, _lm_data(g, n_train)
+        make_model = tiny_llama
+        describe = (
+            "LlamaForCausalLM (vocab 1000, hidden 128, 2 layers, 4 heads / 2 KV heads, MLP 344, RMSNorm, rotary), "
+            "seq 128, batch 16, causal LM loss (20% of train sequences random tokens)"
         )
     elif name == "bert":
         key, batch, lr, data = "input_ids", 32, 0.02, _bert_data(g, n_train)

@@ -1,7 +1,8 @@
 """Step cost of `MetaLRTrainer` against a plain `transformers.Trainer` step (time, memory, agreement).
 
 For a CIFAR ResNet-18 (batch 64, 100 classes, random 32x32 inputs) and a small BERT classifier (hidden 128,
-2 layers, seq 64, batch 32) it measures, for every meta strategy x update mode
+2 layers, seq 64, batch 32) — and on request a 4-conv BatchNorm CNN, the BERT under LoRA and a tiny Llama-style
+causal LM (the tasks of ``_tasks.py``) — it measures, for every meta strategy x update mode
 (jvp / finite_difference / exact / last_layer x same_step / delayed; exact only same_step; on the BERT also
 "jvp/forward_mode", the default with ``layerwise_dots=False``, to show what the per-layer products save):
 
@@ -34,6 +35,8 @@ is a benchmark, not a test: the exit code is 0 unless something crashed. The tas
     .venv/bin/python benchmarks/step_cost.py --quick         # width 32, fewer rounds (~3 min)
     .venv/bin/python benchmarks/step_cost.py --model resnet --width 32 --rounds 8
     .venv/bin/python benchmarks/step_cost.py --model bert_lora   # the BERT under LoRA r=8 vs plain LoRA training
+    .venv/bin/python benchmarks/step_cost.py --model llama       # a tiny Llama-style causal LM, seq 128
+    .venv/bin/python benchmarks/step_cost.py --model cnn4        # a 4-conv BatchNorm CNN, batch 64
 
 On a machine shared with other jobs: ``--clock cpu --threads 1`` (process CPU time, robust to load), memory
 separately (``--mem-only``, load-independent; then ``merge`` folds it into a ``--no-mem`` timing run). To A/B
@@ -326,10 +329,10 @@ def render(result: dict) -> str:
 def run_model(model: str, a: argparse.Namespace) -> dict:
     log = print
     configs = configs_for(model)
-    rounds = a.rounds if a.rounds is not None else (a.bert_rounds if model.startswith("bert") else a.resnet_rounds)
+    rounds = a.rounds if a.rounds is not None else (a.resnet_rounds if model == "resnet" else a.bert_rounds)
     width = a.width
     t_start = time.time()
-    task = make_task(model, width, n_train=(a.warmup + rounds + 2) * (64 if model == "resnet" else 32))
+    task = make_task(model, width, n_train=(a.warmup + rounds + 2) * 64)
     log(f"\n== {model}: {task.describe}")
     log(f"-- timing {len(configs)} configurations, {a.warmup} warm-up + {rounds} rounds")
     times = time_configs(task, configs, rounds, a.warmup, log=log)
@@ -380,7 +383,7 @@ def run_model(model: str, a: argparse.Namespace) -> dict:
 
 
 def _base_path(a: argparse.Namespace, model: str, width: int) -> str:
-    suffix = "" if model.startswith("bert") or width == 64 else f"_w{width}"
+    suffix = "" if model != "resnet" or width == 64 else f"_w{width}"
     return os.path.join(a.out, f"step_cost_{model}{suffix}")
 
 
@@ -388,10 +391,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_argument
     sub("mode", nargs="?", default="bench", choices=["bench", "merge", "_mem"])
-    sub("--model", default="all", choices=["all", "resnet", "bert", "bert_lora"],
-        help="'all': resnet and bert; bert_lora: the BERT under peft LoRA r=8 (plain = plain LoRA training)")
+    sub("--model", default="all", choices=["all", "resnet", "cnn4", "bert", "bert_lora", "llama"],
+        help="'all': resnet and bert; cnn4: a 4-conv BatchNorm CNN at batch 64; bert_lora: the BERT under peft "
+        "LoRA r=8 (plain = plain LoRA training); llama: a tiny Llama-style causal LM at seq 128")
     sub("--width", type=int, default=64, help="ResNet base width (64 = ResNet-18; 32 runs ~3x faster)")
-    sub("--rounds", type=int, default=None, help="timed rounds (default: 8 for ResNet, 30 for BERT)")
+    sub("--rounds", type=int, default=None, help="timed rounds (default: 8 for ResNet, 30 for the others)")
     sub("--resnet-rounds", type=int, default=8)
     sub("--bert-rounds", type=int, default=30)
     sub("--warmup", type=int, default=2)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from hf_ddlr import MetaLRConfig
 
@@ -145,6 +146,20 @@ def test_step_cost_lora_task_trains_only_the_adapters_on_the_per_layer_path(tmp_
     assert any(".query.lora_A" in n for n in trainable) and any(".value.lora_B" in n for n in trainable)
     tr.train()
     assert tr._layerwise == "verified"
+
+
+def test_step_cost_decoder_and_batchnorm_tasks(tmp_path):
+    """'llama' (a causal LM: no last-layer rows) takes the per-layer products through its RMSNorm layers;
+    'cnn4' (BatchNorm: forward mode already, no separate forward-mode row) has four conv stages."""
+    sc = _load("_tasks")
+    assert sc.configs_for("llama") == ["plain", "exact", "jvp", "finite_difference", "jvp/delayed",
+                                       "finite_difference/delayed", "jvp/forward_mode"]
+    assert "jvp/forward_mode" not in sc.configs_for("cnn4") and "last_layer" in sc.configs_for("cnn4")
+    tr = sc.make_trainer(sc.make_task("llama", 32, n_train=32), "jvp", 1, str(tmp_path / "llama"))
+    tr.train()
+    assert tr._layerwise == "verified"
+    cnn = sc.make_task("cnn4", 32, n_train=64).make_model()
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in cnn.modules()) == 4
 
 
 def test_robustness_matrix_covers_every_axis_and_lists_times(capsys):
