@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_ddlr.meta import MetaBatch, MicroBatch, RateTable, lookahead, meta_gradients, param_specs
+from hf_ddlr.meta import MetaBatch, MicroBatch, RateTable, lookahead, meta_gradients, param_specs, tangent
 
 N, D, C = 8, 5, 3
 # exactly representable in float32 too (the exact strategy holds e in float32): no rounding of e anywhere
@@ -282,3 +282,32 @@ def test_rate_update_is_the_chain_rule_through_e_with_non_unit_rates(level):
     if level != "instance":
         torch.testing.assert_close(t.per_class.grad.to_dense(), grads[id(w_cls)])  # the gradient it stepped on
         torch.testing.assert_close(t.per_class, cls0 - meta_lr * grads[id(w_cls)])
+
+
+@pytest.mark.parametrize("name,with_wd,warm_steps", [c for c in CASES if c[2] == 3])
+def test_row_restricted_lookahead_is_the_real_next_iterate_on_those_rows(name, with_wd, warm_steps):
+    """lookahead(rows=...) on a weight matrix: on the given rows, the real opt.step()'s next iterate (and bit for
+    bit the full lookahead's), with clipping; for Adam the tangent from its preconditioner is the full one on
+    those rows and zero elsewhere."""
+    model, opt, wd = _build(name, with_wd, warm_steps)
+    data = _data()
+    params = dict(model.named_parameters())
+    grads = dict(zip(params, torch.autograd.grad(_weighted_loss(model, data["x"], data["y"], E), list(params.values()))))
+    rows = torch.tensor([0, 2, 5])
+    detached = {n: p.detach() for n, p in params.items()}
+    full_specs, specs = (param_specs(opt, params, DECAY, mode="optimizer") for _ in range(2))
+    full = lookahead(detached, grads, full_specs, wd, grad_scale=0.7)
+    got = lookahead(detached, grads, specs, wd, grad_scale=0.7, rows={"fc1.weight": rows})
+    real = dict(_real_step(model, opt, data, E * 0.7).named_parameters())  # clipping by 0.7 = weights × 0.7
+    assert torch.equal(got["fc1.weight"][rows], full["fc1.weight"][rows])
+    torch.testing.assert_close(got["fc1.weight"][rows], real["fc1.weight"].detach()[rows], rtol=1e-12, atol=1e-14)
+    assert all(torch.equal(got[n], full[n]) for n in params if n != "fc1.weight")
+    g_meta = {n: torch.randn_like(p) for n, p in params.items()}
+    T_full, T = tangent(g_meta, full_specs), tangent(g_meta, specs)
+    assert torch.equal(T["fc1.weight"][rows], T_full["fc1.weight"][rows])
+    others = torch.tensor([1, 3, 4, 6])
+    if name.startswith("adam"):  # the preconditioner is known on the rows only
+        assert not T["fc1.weight"][others].any() and T_full["fc1.weight"][others].abs().min() > 0
+    else:  # SGD: no preconditioner, the tangent is the full one
+        assert torch.equal(T["fc1.weight"], T_full["fc1.weight"])
+    assert torch.equal(T["fc2.weight"], T_full["fc2.weight"])

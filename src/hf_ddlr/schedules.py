@@ -39,6 +39,7 @@ from .meta.distributed import all_gather_varlen, all_ranks_true, all_reduce_mean
 from .meta.layerwise import LayerTape, record_layers
 from .meta.passes import extract_logits
 from .meta.primal_reuse import record_outputs
+from .meta.rows import EmbeddingRows
 
 if TYPE_CHECKING:
     from .trainer import MetaLRTrainer
@@ -158,6 +159,8 @@ class Schedule:
             tape = stack.enter_context(record_layers(unwrapped, names, labels.shape[0])) if layers else None
             mb.outputs = stack.enter_context(record_outputs(unwrapped)) if primals else None
             outputs = model(**inputs)
+        if tape is not None:
+            tape.inputs = inputs
         logits = extract_logits(outputs)
         L = task(logits, labels, self.trainer.args.label_smoothing_factor)
         mb.losses = L.detach()
@@ -184,6 +187,7 @@ class MetaStepSchedule(Schedule):
     def __init__(self, trainer: MetaLRTrainer) -> None:
         super().__init__(trainer)
         self.strategy = self.meta.meta_strategy
+        self.embedding_rows = EmbeddingRows()  # large embedding tables' lookahead on the looked-up rows
         if self.strategy == "finite_difference" and (trainer.args.bf16 or trainer.args.fp16):
             warnings.warn(
                 "meta_strategy='finite_difference' is unreliable in half precision (the perturbation drowns "
@@ -222,7 +226,7 @@ class MetaStepSchedule(Schedule):
             # the optimizer-aware lookahead clips like the real step; the paper's plain-SGD one does not
             max_grad_norm=args.max_grad_norm if meta.lookahead == "optimizer" else None,
             average=trainer._meta_grad_average, weight_decay_grad_needed=meta.learn_weight_decay,
-            task=trainer._task,
+            task=trainer._task, embedding_rows=self.embedding_rows,
         )
         if not all_ranks_true(res.finite, args.device):  # every rank skips together (no hanging gather)
             trainer._meta_log.record_skipped(trainer.state.global_step, res.meta_loss)

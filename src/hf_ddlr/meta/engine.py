@@ -42,6 +42,7 @@ from .passes import (
     replay_rng,
 )
 from .primal_reuse import Recording, reuse_outputs
+from .rows import EmbeddingRows
 
 __all__ = ["MicroBatch", "MetaBatch", "MetaGradients", "meta_gradients", "STRATEGIES", "find_output_layer"]
 
@@ -324,6 +325,7 @@ def meta_gradients(
     average: MetaGradientAverage | None = None,
     weight_decay_grad_needed: bool = True,
     task: TaskLoss = SINGLE_LABEL,
+    embedding_rows: EmbeddingRows | None = None,
 ) -> MetaGradients:
     """∂L_meta/∂e_i for every example of ``window`` and ∂L_meta/∂wd after the lookahead of ``specs``.
 
@@ -342,7 +344,9 @@ def meta_gradients(
     ``layer_tape`` (``"jvp"`` on a one-micro-batch window): the recorded real forward of that micro-batch,
     after its backward; the dots are taken from it instead of a forward-mode pass. ``check_layer_tape``
     (a cosine, e.g. 0.9999) also runs the forward-mode pass and, when the two disagree, uses the forward-mode
-    dots and says why in :attr:`MetaGradients.layerwise_mismatch`.
+    dots and says why in :attr:`MetaGradients.layerwise_mismatch`. ``embedding_rows`` (with a layer tape, and
+    when the weight decay's meta-gradient is not needed): compute the lookahead of large embedding tables on
+    the looked-up rows only (:mod:`~hf_ddlr.meta.rows`).
     """
     _check_arguments(strategy, layer_tape, grads, task)
     if strategy == "exact":
@@ -353,8 +357,9 @@ def meta_gradients(
                            num_labels, average)
     if grads is None:
         grads = lookahead_gradient(model, params, window, normalizer, label_smoothing, loss_scale, task)
+    rows = None if weight_decay_grad_needed or layer_tape is None else embedding_rows
     meta_loss, g_meta, T = _meta_tangent(model, params, grads, meta, specs, weight_decay, label_smoothing,
-                                         loss_scale, max_grad_norm, average, task)
+                                         loss_scale, max_grad_norm, average, task, rows, layer_tape)
     dots, mismatch = _dots(model, params, window, T, strategy, label_smoothing, loss_scale, fd_eps, layer_tape,
                            check_layer_tape, task)
     wd_g = weight_decay_grad(g_meta, params, specs) if weight_decay_grad_needed else 0.0
@@ -379,13 +384,25 @@ def _meta_tangent(
     model: nn.Module, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], meta: MetaBatch,
     specs: Mapping[str, ParamSpec], weight_decay: float, smoothing: float, loss_scale: float,
     max_grad_norm: float | None, average: MetaGradientAverage | None, task: TaskLoss = SINGLE_LABEL,
+    embedding_rows: EmbeddingRows | None = None, tape: LayerTape | None = None,
 ) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The meta loss at the lookahead point θ' of the real gradient ``grads``, its gradient (the running
     average's direction when there is one), and the tangent T of the dots. The step's clipping coefficient
-    is a constant of the step: θ' uses the clipped gradient and T carries the coefficient."""
+    is a constant of the step: θ' uses the clipped gradient and T carries the coefficient. With
+    ``embedding_rows`` the tables it plans are computed on their looked-up rows (checked once against the
+    full lookahead)."""
     c = clip_coefficient(grads, max_grad_norm)
-    theta = lookahead({n: p.detach() for n, p in params.items()}, grads, specs, weight_decay, grad_scale=c)
+    detached = {n: p.detach() for n, p in params.items()}
+    rows = embedding_rows.plan(tape, meta.inputs, {n: p.shape for n, p in params.items()}) if embedding_rows else {}
+    theta = lookahead(detached, grads, specs, weight_decay, grad_scale=c, rows=rows)
     meta_loss, g_meta = meta_loss_gradient(model, theta, meta, smoothing, loss_scale, task)
+    if rows and embedding_rows.state == "unchecked":
+        theta = lookahead(detached, grads, specs, weight_decay, grad_scale=c)  # the full one, for comparison
+        ref_loss, ref_g = meta_loss_gradient(model, theta, meta, smoothing, loss_scale, task)
+        if math.isfinite(ref_loss):  # (an overflowing fp16 step is no check: the next one is)
+            same = ref_loss == meta_loss and all(torch.equal(ref_g[n], g_meta[n]) for n in ref_g)
+            embedding_rows.settle(same, next(iter(ref_g.values())).device)
+        meta_loss, g_meta = ref_loss, ref_g
     if average is not None:
         g_meta = average.update(g_meta)
     T = tangent(g_meta, specs)

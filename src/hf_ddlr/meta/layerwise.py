@@ -131,6 +131,7 @@ class LayerTape:
         self.problem: str | None = None  # why the forward cannot be decomposed (found while recording)
         self._done = False  # backward has run
         self.scale = 1.0  # the loss scale the recorded output gradients carry
+        self.inputs: Mapping[str, Any] | None = None  # the model inputs of the recorded forward (set by its caller)
 
     # ------------------------------------------------------------------ recording
     def _hook(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
@@ -257,6 +258,25 @@ class LayerTape:
                 add(w, (a * cg).sum((0, 1)).reshape(m.weight.shape))
                 add(b, cg.sum((0, 1)).reshape(m.weight.shape))
         return grads
+
+    def embedding_lookups(self, inputs: Mapping[str, Any]) -> dict[str, tuple[str, torch.Tensor]]:
+        """``{weight name: (input key, ids)}`` for every trainable embedding table that the recorded forward
+        read in exactly one place, an ``nn.Embedding`` call on one of the model inputs ``inputs`` (the word
+        embeddings; not a table tied to an output layer, nor positions built inside the model)."""
+        uses: dict[str, int] = {}
+        for c in self.calls:
+            for attr in ("weight", "bias"):
+                if (n := self._param(c.module, attr)) is not None:
+                    uses[n] = uses.get(n, 0) + 1
+        found: dict[str, tuple[str, torch.Tensor]] = {}
+        for c in self.calls:
+            w = self._param(c.module, "weight")
+            if not isinstance(c.module, nn.Embedding) or w is None or uses[w] != 1:
+                continue
+            key = next((k for k, v in inputs.items() if v is c.inp), None)
+            if key is not None:
+                found[w] = (key, c.inp)
+        return found
 
     def _device(self) -> torch.device:
         return self.calls[0].inp.device if self.calls else torch.device("cpu")

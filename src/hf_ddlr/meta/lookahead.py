@@ -31,6 +31,7 @@ weight decay added inside the optimizer is not clipped, as in the real step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Iterable, Mapping
@@ -64,6 +65,9 @@ class ParamSpec:
     state: dict = field(default_factory=dict)
     # Adam: P = 1/(sqrt(v̂')+eps) of the last lookahead() (v' held constant in the derivatives)
     preconditioner: torch.Tensor | None = field(default=None, repr=False)
+    # the rows (of dim 0) the last lookahead() computed, when it was restricted to rows: the preconditioner
+    # then holds those rows only, and precondition() is zero elsewhere
+    rows: torch.Tensor | None = field(default=None, repr=False)
 
 
 def _adam_like(opt: torch.optim.Optimizer) -> bool:
@@ -166,6 +170,9 @@ def precondition(spec: ParamSpec, x: torch.Tensor) -> torch.Tensor:
             raise RuntimeError("An Adam ParamSpec has no preconditioner yet: call lookahead() with it first.")
         t = spec.state["step"] + 1.0
         c_t = (1.0 - spec.beta1) / (1.0 - spec.beta1**t)
+        if spec.rows is not None:
+            rows = _into(spec.preconditioner.to(x.dtype) * c_t, torch.mul, x.index_select(0, spec.rows))
+            return torch.zeros_like(x).index_copy_(0, spec.rows, rows)
         return _into(spec.preconditioner.to(x.dtype) * c_t, torch.mul, x)
     has_buf = "momentum_buffer" in spec.state  # PyTorch's first momentum step: buffer = d, undamped
     if spec.momentum and spec.nesterov:
@@ -216,12 +223,28 @@ def _sgd_next(s: ParamSpec, p: torch.Tensor, g: torch.Tensor, wd: float | torch.
     return _sub_from(p, s.lr * d_new)
 
 
+def _rows_next(
+    s: ParamSpec, p: torch.Tensor, g: torch.Tensor, wd: float | torch.Tensor, rows: torch.Tensor, grad_scale: float
+) -> torch.Tensor:
+    """θ'_p on ``rows`` only (the same operations on the gathered rows: the same values there); the other rows
+    of the returned tensor are left uninitialised. Records the rows' preconditioner and the rows on ``s``."""
+    state = {k: v.index_select(0, rows) if isinstance(v, torch.Tensor) and v.dim() else v for k, v in s.state.items()}
+    sub = dataclasses.replace(s, state=state, preconditioner=None, rows=None)
+    g_rows = g.index_select(0, rows)
+    if grad_scale != 1.0:
+        g_rows = g_rows * grad_scale
+    theta = (_adam_next if s.kind == "adam" else _sgd_next)(sub, p.index_select(0, rows), g_rows, wd)
+    s.preconditioner, s.rows = sub.preconditioner, rows
+    return torch.empty_like(p).index_copy_(0, rows, theta)
+
+
 def lookahead(
     params: Mapping[str, torch.Tensor],
     grads: Mapping[str, torch.Tensor],
     specs: Mapping[str, ParamSpec],
     weight_decay: float | torch.Tensor,
     grad_scale: float = 1.0,
+    rows: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """θ': the parameters after one step of the described optimizer on ``grad_scale·grads`` with
     ``weight_decay`` (``grad_scale``: the clipping factor of :func:`clip_coefficient`, applied tensor by
@@ -232,13 +255,21 @@ def lookahead(
     strategy), with Adam's second moment held constant. The optimizer state is read, never written; for
     Adam the preconditioner of this step is recorded on ``specs`` (see :func:`tangent`). Without a graph the
     intermediate results are written in place (the same operations in the same order: the same values).
+
+    ``rows`` (without a graph): for the named tensors, compute θ' (and the preconditioner) on these rows only
+    — a large embedding table of which the meta forward reads a few rows and the dots a few others. The
+    other rows of those θ' tensors are unspecified: whoever passes ``rows`` guarantees that nothing reads them.
     """
     out: dict[str, torch.Tensor] = {}
     for name, p in params.items():
         s, g = specs[name], grads[name]
+        s.rows = None
+        wd = weight_decay if s.decay else 0.0
+        if rows and name in rows and not _needs_graph(p, g, wd):
+            out[name] = _rows_next(s, p, g, wd, rows[name], grad_scale)
+            continue
         if grad_scale != 1.0:
             g = g * grad_scale
-        wd = weight_decay if s.decay else 0.0
         out[name] = (_adam_next if s.kind == "adam" else _sgd_next)(s, p, g, wd)
     return out
 
