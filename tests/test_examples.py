@@ -122,11 +122,15 @@ def test_text_classification(tmp_path):
     assert 0.0 <= runs["metalr"]["auroc_clean_vs_noisy"] <= 1.0
 
 
-def test_sft_noisy_data(tmp_path):
-    """The SFT example: a tiny Llama on noisy addition answers from three sources, plain vs instance x source."""
+@pytest.mark.parametrize("lora", [False, True])
+def test_sft_noisy_data(tmp_path, lora):
+    """The SFT example: a tiny Llama on noisy addition answers from three sources, plain vs instance x source;
+    with ``--lora`` both methods train a peft LoRA adapter (and the embedding) only."""
+    if lora:
+        pytest.importorskip("peft")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, str(EXAMPLES / "sft_noisy_data.py"), "--quick", "--output_dir", str(tmp_path),
-           "--disable_tqdm", "true"]
+           "--disable_tqdm", "true", *(["--lora", "true", "--lora_r", "4"] if lora else [])]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert (tmp_path / "sft_noisy_data_results.md").is_file()
@@ -143,6 +147,10 @@ def test_sft_noisy_data(tmp_path):
     assert 0.0 <= m["instance_rate_auroc"] <= 1.0 and 0.0 <= m["effective_rate_auroc"] <= 1.0
     assert "source_rates" not in runs["plain"]
     assert (tmp_path / "metalr" / "lr_trajectory.json").is_file()
+    sizes = {r["trainable_parameters"] for r in runs.values()}
+    assert len(sizes) == 1 and all(r["lora"] is lora for r in runs.values())
+    full = 14 * 32 + 2 * (4 * 32 * 32 + 3 * 32 * 128 + 2 * 32) + 32  # embedding, 2 layers (attention, MLP, 2 norms), norm
+    assert (sizes.pop() < full / 2) if lora else (sizes.pop() == full)
 
 
 def test_push_to_hub_uploads_model_trajectory_and_card(hub_server, tmp_path):
