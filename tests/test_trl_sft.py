@@ -277,3 +277,26 @@ def test_the_sft_trainer_members_used_exist(tmp_path):
     for name in ("_skip_prepare_dataset", "_formatting_func", "_metrics", "_total_train_tokens", "_tp_size",
                  "aux_loss_enabled"):
         assert hasattr(t, name), f"trl {trl.__version__}: SFTTrainer no longer sets {name}"
+
+
+def test_peft_config_trains_only_the_lora_adapters_with_rates(tmp_path):
+    """SFTTrainer's ``peft_config``: the model becomes a peft LoRA model, only the adapters move (the frozen base
+    stays as it was), the rates are learned, and the meta step takes the per-layer products through them."""
+    peft = pytest.importorskip("peft")
+    model = tiny_llama()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                          task_type="CAUSAL_LM")
+    t = MetaSFTTrainer(model=model, args=_args(tmp_path, max_steps=4), train_dataset=reverse_task(32, seed=1),
+                       meta_dataset=reverse_task(8, seed=2), processing_class=char_tokenizer(), peft_config=cfg)
+    t.train()
+    assert isinstance(t.model, peft.PeftModel) and t._layerwise == "verified"
+    trained = {n for n, p in t.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    moved = {n for n, p in t.model.named_parameters() if "lora_B" in n and p.detach().abs().max() > 0}
+    assert moved  # lora_B starts at 0: it moved
+    base = t.model.get_base_model()
+    for n, p in base.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p.detach(), before[n.replace(".base_layer", "")]), n
+    assert not torch.equal(t.rates.instance, torch.ones(32)) and bool(torch.isfinite(t.rates.instance).all())
