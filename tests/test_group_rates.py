@@ -20,7 +20,7 @@ from hf_ddlr import MetaLRConfig, MetaLRTrainer
 from hf_ddlr._groups import MAX_GROUPS
 from hf_ddlr.meta import RateTable
 from hf_ddlr.trainer import META_STATE_NAME
-from hf_ddlr.trajectory import LRTrajectory
+from hf_ddlr.trajectory import LRTrajectory, dataset_signature
 from hf_ddlr.trajectory.card import write_artifacts
 
 COMMON = dict(report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, optim="sgd",
@@ -270,3 +270,34 @@ def test_replay_of_group_rates_needs_the_same_groups(tmp_path):
         MetaLRTrainer(model=TinyMLP(), args=_args(tmp_path / "other", lr_level="group", group_column="source",
                                                    replay_trajectory=str(tmp_path / "traj"), check_fingerprint=False),
                       train_dataset=other)
+
+
+def test_kfold_average_of_group_rates_replays_on_the_full_train_set(tmp_path):
+    """Two fold runs with group rates: the average holds the mean of their group-rate snapshots under the same
+    group names, and replays on the full train set; folds with other groups are refused."""
+    full = _sourced(48, seed=1, corrupt="web")
+    folds = [full.select(range(0, 24)), full.select(range(24, 48))]
+    trajs = []
+    for k, part in enumerate(folds):
+        t = _trainer(tmp_path / f"fold{k}", part, lr_level="group", group_column="source", num_train_epochs=2)
+        t.train()
+        trajs.append(t.lr_trajectory)
+    assert not torch.equal(trajs[0].final_group_rates, trajs[1].final_group_rates)
+    avg = LRTrajectory.average(trajs, dataset=dataset_signature(full))  # replayed on the full train set
+    assert avg.groups["names"] == SOURCES and avg.groups["column"] == "source"
+    assert torch.equal(avg.group_rates, (trajs[0].group_rates + trajs[1].group_rates) / 2)
+    assert torch.equal(avg.group_steps, trajs[0].group_steps)
+    avg.save_pretrained(tmp_path / "avg")
+    # the folds ran 2 epochs of 3 steps, the full set's 2 epochs are 12 steps: replayed by epoch, it ends on
+    # the folds' last (averaged) snapshot
+    args = _args(tmp_path / "replay", lr_level="group", group_column="source", num_train_epochs=2,
+                 replay_trajectory=str(tmp_path / "avg"))
+    torch.manual_seed(0)
+    replay = MetaLRTrainer(model=TinyMLP(), args=args, train_dataset=full)
+    replay.train()
+    assert torch.allclose(replay.rates.per_group.cpu(), avg.final_group_rates)
+    other = _trainer(tmp_path / "other", folds[0].remove_columns("source").add_column("source", ["a", "b"] * 12),
+                     lr_level="group", group_column="source", num_train_epochs=2)
+    other.train()
+    with pytest.raises(ValueError, match="cannot average group rates: trajectory 1 has the groups"):
+        LRTrajectory.average([trajs[0], other.lr_trajectory])

@@ -45,7 +45,10 @@ def average_records(
         if t.label_names != first.label_names:
             raise ValueError(f"trajectory {i} has label names {t.label_names}, trajectory 0 has {first.label_names}")
     tensors = _average_steps(trajs, epoch_atol)
-    tensors.update(_average_class_snapshots(trajs, epoch_atol))
+    tensors.update(_average_table_snapshots(trajs, epoch_atol, "class"))
+    if any(t.has_group_rates for t in trajs):
+        metadata["groups"] = _common_groups(trajs)  # (checked first: group g must be the same group everywhere)
+        tensors.update(_average_table_snapshots(trajs, epoch_atol, "group"))
     if any(t.has_instance_rates for t in trajs):
         tensors.update(_average_instance_snapshots(trajs, epoch_atol, instance_indices, metadata["dataset"]))
         if metadata["dataset"].get("num_examples") is None:
@@ -95,20 +98,39 @@ def _average_steps(trajs: list[LRTrajectory], epoch_atol: float) -> dict[str, to
     }
 
 
-def _average_class_snapshots(trajs: list[LRTrajectory], epoch_atol: float) -> dict[str, torch.Tensor]:
-    """Class snapshots: the i-th snapshots of every run averaged, at the first run's steps and epochs."""
-    if not any(t.has_class_rates for t in trajs):
+def _average_table_snapshots(trajs: list[LRTrajectory], epoch_atol: float, kind: str) -> dict[str, torch.Tensor]:
+    """Class (``kind="class"``) or group snapshots: the i-th snapshots of every run averaged, at the first
+    run's steps and epochs."""
+    has = [getattr(t, f"has_{kind}_rates") for t in trajs]
+    if not any(has):
         return {}
-    if not all(t.has_class_rates for t in trajs):
-        raise ValueError("some trajectories have class rates and some do not; average runs of one rate level")
-    m = _common_length([t.num_class_snapshots for t in trajs], "class snapshots")
-    _check_aligned("class snapshot step", [t.class_steps[:m].to(torch.float64) for t in trajs], 0.0)
-    _check_aligned("class snapshot epoch", [t.class_epochs[:m] for t in trajs], epoch_atol)
+    if not all(has):
+        raise ValueError(f"some trajectories have {kind} rates and some do not; average runs of one rate level")
+    m = _common_length([getattr(t, f"num_{kind}_snapshots") for t in trajs], f"{kind} snapshots")
+    _check_aligned(f"{kind} snapshot step", [getattr(t, f"{kind}_steps")[:m].to(torch.float64) for t in trajs], 0.0)
+    _check_aligned(f"{kind} snapshot epoch", [getattr(t, f"{kind}_epochs")[:m] for t in trajs], epoch_atol)
     return {
-        "class_rates": torch.stack([t.class_rates[:m] for t in trajs]).mean(0),
-        "class_steps": trajs[0].class_steps[:m],
-        "class_epochs": trajs[0].class_epochs[:m],
+        f"{kind}_rates": torch.stack([getattr(t, f"{kind}_rates")[:m] for t in trajs]).mean(0),
+        f"{kind}_steps": getattr(trajs[0], f"{kind}_steps")[:m],
+        f"{kind}_epochs": getattr(trajs[0], f"{kind}_epochs")[:m],
     }
+
+
+def _common_groups(trajs: list[LRTrajectory]) -> dict[str, Any]:
+    """The groups of the averaged group rates: every run's column and names must agree (group ``g`` is the same
+    group in every run). The per-group example counts are kept when the runs agree on them; fold runs train
+    on different parts, so they usually do not, and the counts of the full train set are unknown here."""
+    first = trajs[0].groups or {}
+    for i, t in enumerate(trajs[1:], start=1):
+        g = t.groups or {}
+        if (g.get("column"), g.get("names")) != (first.get("column"), first.get("names")):
+            raise ValueError(
+                f"cannot average group rates: trajectory {i} has the groups {g.get('names')} of column "
+                f"{g.get('column')!r}, trajectory 0 has {first.get('names')} of {first.get('column')!r}. Fold runs "
+                f"must see every group (and the same group column)."
+            )
+    sizes = first.get("sizes") if all((t.groups or {}).get("sizes") == first.get("sizes") for t in trajs) else None
+    return {"column": first.get("column"), "names": first.get("names"), "sizes": sizes}
 
 
 def _average_instance_snapshots(
