@@ -155,12 +155,21 @@ def parse_metalr_args(pairs: list[str]) -> dict:
     return out
 
 
+# MetaLR options added after runs were recorded, with the value at which a run is what it was before them (the
+# option is off): left out of the fingerprint at that value, so adding an option does not outdate stored runs.
+NEUTRAL_NEW_OPTIONS = {"meta_grad_average_epochs": None, "group_column": None}
+
+
+def _fingerprinted_defaults() -> dict:
+    return {k: v for k, v in metalr_defaults().items() if k not in NEUTRAL_NEW_OPTIONS or v != NEUTRAL_NEW_OPTIONS[k]}
+
+
 def fingerprint(cell: Cell, method: str, quick: bool) -> str:
     """Hash of everything a run depends on that this script defines (and MetaLR's defaults for MetaLR runs)."""
     spec = {"cell": asdict(cell), "recipe": asdict(RECIPES[cell.recipe]), "noise": NOISES[cell.noise],
             "data": DATA[cell.data], "resnet": RESNET if cell.model == "resnet" else None,
             "quick": QUICK if quick else False,
-            "defaults": metalr_defaults() if method == "metalr" else None}
+            "defaults": _fingerprinted_defaults() if method == "metalr" else None}
     return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -236,3 +236,17 @@ def test_wallclock_quick_writes_the_table_and_the_breakdown(tmp_path):
     md = (tmp_path / "wallclock.md").read_text()
     assert "| resnet | defaults |" in md and "| meta batch |" in md and "shared 2-core CPU" in md
     assert json.loads((tmp_path / "wallclock.json").read_text())["tasks"]["resnet"]["ratio"] == t["ratio"]
+
+
+def test_the_committed_robustness_runs_are_current():
+    """Every run behind the README's robustness table still matches the script and MetaLR's defaults (an option
+    added with a neutral default must not outdate them: NEUTRAL_NEW_OPTIONS), so rerunning the script reuses
+    them and regenerating the table keeps them."""
+    rb = _load("robustness")
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "robustness.json")
+    with open(path) as f:
+        runs = json.load(f)["runs"]
+    cells = {c.name: c for c in rb.CELLS}
+    stale = [(r["cell"], r["seed"], r["method"]) for r in runs
+             if r["fingerprint"] != rb.fingerprint(cells[r["cell"]], r["method"], r["quick"])]
+    assert not stale and sum(r["method"] == "metalr" for r in runs) == 42
