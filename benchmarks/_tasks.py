@@ -188,50 +188,36 @@ def lora_bert(r: int = 8) -> torch.nn.Module:
     return get_peft_model(base, cfg)
 
 
+_IMAGES = "random 32x32 inputs (class prototypes + noise, 20% flipped labels)"
+# name -> (input key, batch size, learning rate, data maker, model factory taking the width, description)
+_TASKS: dict[str, tuple] = {
+    "resnet": ("pixel_values", 64, 0.1, _resnet_data, lambda w: _resnet_model(w),
+               "CIFAR ResNet-18 (base_width {width}, 100 classes), batch 64, " + _IMAGES),
+    "cnn4": ("pixel_values", 64, 0.05, _resnet_data, lambda w: _cnn4_model(),
+             "4-conv BatchNorm CNN ([conv3x3-BN-ReLU-maxpool] x 4: 32, 64, 128, 128 channels; linear; 100 classes), "
+             "batch 64, " + _IMAGES),
+    "llama": ("input_ids", 16, 0.05, _lm_data, lambda w: tiny_llama(),
+              "LlamaForCausalLM (vocab 1000, hidden 128, 2 layers, 4 heads / 2 KV heads, MLP 344, RMSNorm, rotary), "
+              "seq 128, batch 16, causal LM loss (20% of train sequences random tokens)"),
+    "bert": ("input_ids", 32, 0.02, _bert_data, lambda w: tiny_bert(1000, 64, hidden=128, heads=2, ffn=512),
+             "BertForSequenceClassification (vocab 1000, hidden 128, 2 layers, 2 heads, ffn 512, dropout 0.1, "
+             "sdpa attention), seq 64, batch 32, 2 labels"),
+    "bert_lora": ("input_ids", 32, 0.02, _bert_data, lambda w: lora_bert(),
+                  "LoRA r=8 (query, value; classifier head trained) on the BertForSequenceClassification of 'bert' "
+                  "(vocab 1000, hidden 128, 2 layers, ffn 512, dropout 0.1), seq 64, batch 32; plain = LoRA training "
+                  "with transformers.Trainer"),
+}
+
+
 def make_task(name: str, width: int, n_train: int) -> Task:
     """The ``"resnet"`` (base width ``width``), ``"cnn4"``, ``"bert"``, ``"bert_lora"`` or ``"llama"`` task with
     ``n_train`` training examples."""
-    g = torch.Generator().manual_seed(1234)
-    if name == "resnet":
-        key, batch, lr, data = "pixel_values", 64, 0.1, _resnet_data(g, n_train)
-        make_model = functools.partial(_resnet_model, width)
-        describe = (
-            f"CIFAR ResNet-18 (base_width {width}, 100 classes), batch 64, random 32x32 inputs "
-            "(class prototypes + noise, 20% flipped labels)"
-        )
-    elif name == "cnn4":
-        key, batch, lr, data = "pixel_values", 64, 0.05, _resnet_data(g, n_train)
-        make_model = _cnn4_model
-        describe = (
-            "4-conv BatchNorm CNN ([conv3x3-BN-ReLU-maxpool] x 4: 32, 64, 128, 128 channels; linear; 100 classes), "
-            "batch 64, random 32x32 inputs (class prototypes + noise, 20% flipped labels)"
-        )
-    elif name == "llama":
-        key, batch, lr, data = "input_ids", 16, 0.05, _lm_data(g, n_train)
-        make_model = tiny_llama
-        describe = (
-            "LlamaForCausalLM (vocab 1000, hidden 128, 2 layers, 4 heads / 2 KV heads, MLP 344, RMSNorm, rotary), "
-            "seq 128, batch 16, causal LM loss (20% of train sequences random tokens)"
-        )
-    elif name == "bert":
-        key, batch, lr, data = "input_ids", 32, 0.02, _bert_data(g, n_train)
-        make_model = functools.partial(tiny_bert, 1000, 64, hidden=128, heads=2, ffn=512)
-        describe = (
-            "BertForSequenceClassification (vocab 1000, hidden 128, 2 layers, 2 heads, ffn 512, dropout 0.1, "
-            "sdpa attention), seq 64, batch 32, 2 labels"
-        )
-    elif name == "bert_lora":
-        key, batch, lr, data = "input_ids", 32, 0.02, _bert_data(g, n_train)
-        make_model = lora_bert
-        describe = (
-            "LoRA r=8 (query, value; classifier head trained) on the BertForSequenceClassification of 'bert' "
-            "(vocab 1000, hidden 128, 2 layers, ffn 512, dropout 0.1), seq 64, batch 32; plain = LoRA training "
-            "with transformers.Trainer"
-        )
-    else:
-        raise ValueError(name)
+    if name not in _TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(_TASKS)}")
+    key, batch, lr, make_data, factory, describe = _TASKS[name]
+    data = make_data(torch.Generator().manual_seed(1234), n_train)
     train, meta = (DictDataset(**{key: data[s][0], "labels": data[s][1]}) for s in ("train", "meta"))
-    return Task(name, batch, lr, make_model, train, meta, describe)
+    return Task(name, batch, lr, functools.partial(factory, width), train, meta, describe.format(width=width))
 
 
 def make_trainer(

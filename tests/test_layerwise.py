@@ -45,6 +45,22 @@ def _record(model, inputs, labels, seed=5):
     return params, tape, L
 
 
+def _products_match_autograd(params, tape, L, k: int):
+    """Runs the tape's backward; Σ c_i ∇L_i for random c, and example k's own gradient (one-hot c), equal
+    autograd's. Returns c and the tape's weighted gradients."""
+    c = torch.rand(L.shape[0]) + 0.1
+    ref = torch.autograd.grad((c * L).sum(), list(params.values()), retain_graph=True)
+    one = torch.autograd.grad(L[k], list(params.values()), retain_graph=True)
+    tape.backward(L)
+    got, got_one = tape.weighted_grads(c), tape.weighted_grads(torch.eye(L.shape[0])[k])
+    assert set(got) == set(params)
+    big = max(float(r.norm()) for r in ref)
+    for n, r, r1 in zip(params, ref, one):
+        torch.testing.assert_close(got[n], r, rtol=1e-4, atol=1e-6 * big, msg=n)
+        torch.testing.assert_close(got_one[n], r1, rtol=1e-4, atol=1e-6 * big, msg=n)
+    return c, got
+
+
 def test_products_equal_autograd_per_example_and_forward_mode_on_bert():
     """BERT with dropout, padding and broadcast position embeddings: Σ c_i ∇L_i equals autograd for arbitrary c,
     a one-hot c gives one example's own gradient (so nothing leaks between examples), and T·∇L_i equals the
@@ -52,16 +68,7 @@ def test_products_equal_autograd_per_example_and_forward_mode_on_bert():
     model = _bert()
     inputs, labels = _batch()
     params, tape, L = _record(model, inputs, labels)
-    c = torch.rand(6) + 0.1
-    ref = torch.autograd.grad((c * L).sum(), list(params.values()), retain_graph=True)
-    one = torch.autograd.grad(L[2], list(params.values()), retain_graph=True)
-    tape.backward(L)
-    got, got_one = tape.weighted_grads(c), tape.weighted_grads(torch.eye(6)[2])
-    assert set(got) == set(params)
-    big = max(float(r.norm()) for r in ref)
-    for n, r, r1 in zip(params, ref, one):
-        torch.testing.assert_close(got[n], r, rtol=1e-4, atol=1e-6 * big, msg=n)
-        torch.testing.assert_close(got_one[n], r1, rtol=1e-4, atol=1e-6 * big, msg=n)
+    c, got = _products_match_autograd(params, tape, L, k=2)
     assert float(got["bert.embeddings.word_embeddings.weight"][0].abs().max()) == 0.0  # padding row
     T = {n: torch.randn_like(p) for n, p in params.items()}
     T["bert.embeddings.word_embeddings.weight"][0] = 0  # as in any tangent: the meta gradient is 0 there too
@@ -128,16 +135,7 @@ def test_products_equal_autograd_per_example_on_decoder_layers(kind):
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     with replay_rng(5), record_layers(model, {id(p): n for n, p in params.items()}, 6) as tape:
         L = task(model(**inputs).logits, labels)
-    c = torch.rand(6) + 0.1
-    ref = torch.autograd.grad((c * L).sum(), list(params.values()), retain_graph=True)
-    one = torch.autograd.grad(L[3], list(params.values()), retain_graph=True)
-    tape.backward(L)
-    got, got_one = tape.weighted_grads(c), tape.weighted_grads(torch.eye(6)[3])
-    assert set(got) == set(params)
-    big = max(float(r.norm()) for r in ref)
-    for n, r, r1 in zip(params, ref, one):
-        torch.testing.assert_close(got[n], r, rtol=1e-4, atol=1e-6 * big, msg=n)
-        torch.testing.assert_close(got_one[n], r1, rtol=1e-4, atol=1e-6 * big, msg=n)
+    c, _ = _products_match_autograd(params, tape, L, k=3)
     T = {n: torch.randn_like(p) for n, p in params.items()}
     if kind == "llama":
         T["model.embed_tokens.weight"][0] = 0  # the padding row: the meta gradient is 0 there too
