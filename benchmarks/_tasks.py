@@ -4,7 +4,8 @@
   CNN on the same images (``"cnn4"``), a small BERT classifier (hidden 128, 2 layers, seq 64, batch 32;
   ``"bert_lora"``: the same BERT wrapped in a ``peft`` LoRA r=8 on query/value, only the adapters and the
   classifier head trained) or a tiny Llama-style causal LM (``"llama"``: hidden 128, 2 layers, grouped-query
-  attention, seq 128, batch 16), with in-memory train (20 % corrupted) and clean meta sets;
+  attention, seq 128, batch 16; ``"llama_lora"``: under a LoRA r=8 on every projection), with in-memory train
+  (20 % corrupted) and clean meta sets;
 * :func:`make_trainer` — a plain ``Trainer`` or a ``MetaLRTrainer`` in one of :data:`CONFIGS` on a task, with
   the benchmarks' recipe (SGD momentum 0.9, weight decay 5e-4, constant LR, CPU, no logging);
 * :func:`tiny_bert` — the locally built BERT classifier both BERT benchmarks use (nothing is downloaded).
@@ -46,7 +47,7 @@ def configs_for(model: str) -> list[str]:
     """The configurations measured for ``model``. On the BatchNorm nets the default already runs in forward
     mode, so 'jvp/forward_mode' would only repeat the 'jvp' row; a causal LM has no single head input per
     example, so no 'last_layer' rows."""
-    if model == "bert_lora":
+    if model in ("bert_lora", "llama_lora"):
         return list(LORA_CONFIGS)
     names = [c[0] for c in CONFIGS]
     if model in ("resnet", "cnn4"):
@@ -162,6 +163,18 @@ def tiny_llama() -> torch.nn.Module:
     return LlamaForCausalLM(cfg)
 
 
+def lora_llama(r: int = 8) -> torch.nn.Module:
+    """:func:`tiny_llama` in a ``peft`` LoRA of rank ``r`` on every attention and MLP projection (alpha 2r, no
+    LoRA dropout); only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama()
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, task_type="CAUSAL_LM",
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    return get_peft_model(base, cfg)
+
+
 def _cnn4_model() -> torch.nn.Module:
     from hf_ddlr.models import SmallCNNConfig, SmallCNNForImageClassification
 
@@ -199,6 +212,10 @@ _TASKS: dict[str, tuple] = {
     "llama": ("input_ids", 16, 0.05, _lm_data, lambda w: tiny_llama(),
               "LlamaForCausalLM (vocab 1000, hidden 128, 2 layers, 4 heads / 2 KV heads, MLP 344, RMSNorm, rotary), "
               "seq 128, batch 16, causal LM loss (20% of train sequences random tokens)"),
+    "llama_lora": ("input_ids", 16, 0.05, _lm_data, lambda w: lora_llama(),
+                   "LoRA r=8 (every attention and MLP projection) on the LlamaForCausalLM of 'llama' (vocab 1000, "
+                   "hidden 128, 2 layers, RMSNorm, rotary), seq 128, batch 16; plain = LoRA training with "
+                   "transformers.Trainer"),
     "bert": ("input_ids", 32, 0.02, _bert_data, lambda w: tiny_bert(1000, 64, hidden=128, heads=2, ffn=512),
              "BertForSequenceClassification (vocab 1000, hidden 128, 2 layers, 2 heads, ffn 512, dropout 0.1, "
              "sdpa attention), seq 64, batch 32, 2 labels"),
@@ -210,8 +227,8 @@ _TASKS: dict[str, tuple] = {
 
 
 def make_task(name: str, width: int, n_train: int) -> Task:
-    """The ``"resnet"`` (base width ``width``), ``"cnn4"``, ``"bert"``, ``"bert_lora"`` or ``"llama"`` task with
-    ``n_train`` training examples."""
+    """The ``"resnet"`` (base width ``width``), ``"cnn4"``, ``"bert"``, ``"bert_lora"``, ``"llama"`` or
+    ``"llama_lora"`` task with ``n_train`` training examples."""
     if name not in _TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(_TASKS)}")
     key, batch, lr, make_data, factory, describe = _TASKS[name]

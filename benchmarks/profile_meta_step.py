@@ -91,7 +91,7 @@ class StepClock(TrainerCallback):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="resnet", choices=["resnet", "cnn4", "bert", "bert_lora", "llama"])
+    p.add_argument("--model", default="resnet", choices=["resnet", "cnn4", "bert", "bert_lora", "llama", "llama_lora"])
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--config", default="jvp")
     p.add_argument("--steps", type=int, default=6)

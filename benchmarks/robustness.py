@@ -148,8 +148,9 @@ def parse_metalr_args(pairs: list[str]) -> dict:
             out[key] = text.lower() in ("1", "true", "yes")
         elif text.lower() == "none":
             out[key] = None
-        elif isinstance(d, (int, float)) or d is None:
-            out[key] = int(text) if isinstance(d, int) and text.lstrip("-").isdigit() else float(text)
+        elif isinstance(d, (int, float)) or d is None:  # an integer literal stays an int unless the default is a float
+            whole = text.lstrip("-").isdigit() and not isinstance(d, float)
+            out[key] = int(text) if whole else float(text)
         else:
             out[key] = text
     return out

@@ -36,6 +36,7 @@ is a benchmark, not a test: the exit code is 0 unless something crashed. The tas
     .venv/bin/python benchmarks/step_cost.py --model resnet --width 32 --rounds 8
     .venv/bin/python benchmarks/step_cost.py --model bert_lora   # the BERT under LoRA r=8 vs plain LoRA training
     .venv/bin/python benchmarks/step_cost.py --model llama       # a tiny Llama-style causal LM, seq 128
+    .venv/bin/python benchmarks/step_cost.py --model llama_lora  # the same under LoRA r=8 vs plain LoRA training
     .venv/bin/python benchmarks/step_cost.py --model cnn4        # a 4-conv BatchNorm CNN, batch 64
 
 On a machine shared with other jobs: ``--clock cpu --threads 1`` (process CPU time, robust to load), memory
@@ -391,9 +392,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_argument
     sub("mode", nargs="?", default="bench", choices=["bench", "merge", "_mem"])
-    sub("--model", default="all", choices=["all", "resnet", "cnn4", "bert", "bert_lora", "llama"],
+    sub("--model", default="all", choices=["all", "resnet", "cnn4", "bert", "bert_lora", "llama", "llama_lora"],
         help="'all': resnet and bert; cnn4: a 4-conv BatchNorm CNN at batch 64; bert_lora: the BERT under peft "
-        "LoRA r=8 (plain = plain LoRA training); llama: a tiny Llama-style causal LM at seq 128")
+        "LoRA r=8 (plain = plain LoRA training); llama: a tiny Llama-style causal LM at seq 128; llama_lora: it under "
+        "LoRA r=8")
     sub("--width", type=int, default=64, help="ResNet base width (64 = ResNet-18; 32 runs ~3x faster)")
     sub("--rounds", type=int, default=None, help="timed rounds (default: 8 for ResNet, 30 for the others)")
     sub("--resnet-rounds", type=int, default=8)

@@ -160,6 +160,11 @@ def test_step_cost_decoder_and_batchnorm_tasks(tmp_path):
     assert tr._layerwise == "verified"
     cnn = sc.make_task("cnn4", 32, n_train=64).make_model()
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in cnn.modules()) == 4
+    pytest.importorskip("peft")
+    assert sc.configs_for("llama_lora") == sc.LORA_CONFIGS
+    lora = sc.make_task("llama_lora", 32, n_train=32).make_model()
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 7 * 2 and all("lora_" in n for n in trainable)  # 2 layers x 7 projections x A, B
 
 
 def test_robustness_matrix_covers_every_axis_and_lists_times(capsys):
@@ -250,3 +255,15 @@ def test_the_committed_robustness_runs_are_current():
     stale = [(r["cell"], r["seed"], r["method"]) for r in runs
              if r["fingerprint"] != rb.fingerprint(cells[r["cell"]], r["method"], r["quick"])]
     assert not stale and sum(r["method"] == "metalr" for r in runs) == 42
+
+
+def test_robustness_metalr_args_keep_integers_integers():
+    """--metalr_args meta_batch_size=200 (an option whose default is None) gives the int 200, not 200.0, which
+    MetaLRConfig refuses; floats stay floats."""
+    rb = _load("robustness")
+    got = rb.parse_metalr_args(["meta_batch_size=200", "meta_lr=1", "meta_grad_average_epochs=0.5",
+                                "max_rate=none", "keep_history=false"])
+    assert got == {"meta_batch_size": 200, "meta_lr": 1.0, "meta_grad_average_epochs": 0.5, "max_rate": None,
+                   "keep_history": False}
+    assert type(got["meta_batch_size"]) is int and type(got["meta_lr"]) is float
+

@@ -252,6 +252,8 @@ def test_model_returning_a_tuple(tmp_path):
         (dict(meta_lr=-1.0), "meta_lr must be >= 0"),
         (dict(meta_strategy="fast"), "meta_strategy='fast' is not valid"),
         (dict(meta_interval=0), "meta_interval must be a positive integer"),
+        (dict(meta_batch_size=200.0), r"meta_batch_size must be a positive integer .* got 200\.0"),
+        (dict(meta_batch_size=0), "meta_batch_size must be a positive integer"),
         (dict(learn_weight_decay=True, weight_decay=0.0), "needs a starting value"),
         (dict(keep_history=False, meta_update="delayed"), "would train without rates"),
     ],

@@ -233,10 +233,11 @@ def check_meta_options(opts: Any, weight_decay: float | None = None) -> None:
             f"meta_grad_average_epochs must be > 0 (a span in epochs) or None, got {opts.meta_grad_average_epochs}."
         )
     _check_group_options(opts.lr_level, opts.group_column)
-    if opts.meta_interval < 1:
-        raise ValueError(f"meta_interval must be a positive integer, got {opts.meta_interval}.")
-    if opts.meta_batch_size is not None and opts.meta_batch_size < 1:
-        raise ValueError(f"meta_batch_size must be positive, got {opts.meta_batch_size}.")
+    if not _is_int(opts.meta_interval) or opts.meta_interval < 1:
+        raise ValueError(f"meta_interval must be a positive integer, got {opts.meta_interval!r}.")
+    if opts.meta_batch_size is not None and (not _is_int(opts.meta_batch_size) or opts.meta_batch_size < 1):
+        raise ValueError(f"meta_batch_size must be a positive integer (or None: the train batch size), got "
+                         f"{opts.meta_batch_size!r}.")
     if opts.max_rate is not None and opts.max_rate <= 0:
         raise ValueError(f"max_rate must be > 0 (or None for no bound), got {opts.max_rate}.")
     if (weight_decay is not None and opts.learn_weight_decay and weight_decay <= 0
@@ -283,6 +284,10 @@ class MetaLRConfig(MetaLROptions, TrainingArguments):
 
 
 META_OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in fields(MetaLROptions))
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def resolve_meta_options(args: TrainingArguments | None) -> MetaLROptions:
