@@ -28,6 +28,7 @@ from tiny import TinyMLP, make_split
 from tiny_text import text_data_splits, tiny_bert
 from transformers import DataCollatorWithPadding, TrainerCallback
 
+import hf_ddlr.meta.rows as rows_mod
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
 
 N_TRAIN, N_META = 32, 8
@@ -93,7 +94,7 @@ def run(
         learning_rate=0.3,
         lr_scheduler_type="constant",
         weight_decay=0.01,
-        learn_weight_decay=True,
+        learn_weight_decay=model != "bert",
         lr_level="both",
         meta_lr=0.2,
         per_device_train_batch_size=per_device_batch,
@@ -107,7 +108,15 @@ def run(
     trainer = _Recording(model=net, args=args, train_dataset=train, meta_dataset=meta, **extra)
     if stop_at is not None:
         trainer.add_callback(_StopAt(stop_at))
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    # BERT: the word-embedding lookahead on the looked-up rows too (every rank restricts to its own batch's
+    # rows; the thresholds are for real vocabularies; it needs the weight decay's meta-gradient off)
+    thresholds = rows_mod.MIN_TABLE_ROWS, rows_mod.MAX_ROW_FRACTION
+    if model == "bert":
+        rows_mod.MIN_TABLE_ROWS, rows_mod.MAX_ROW_FRACTION = 0, 1.0
+    try:
+        trainer.train(resume_from_checkpoint=True if resume else None)
+    finally:
+        rows_mod.MIN_TABLE_ROWS, rows_mod.MAX_ROW_FRACTION = thresholds
     return trainer
 
 
@@ -135,6 +144,7 @@ def dump(trainer: MetaLRTrainer, out: str, name: str) -> None:
         "seen_rows": trainer.seen_rows,
         "log_history": trainer.state.log_history,
         "layerwise": trainer._layerwise,
+        "embedding_rows": getattr(trainer._schedule, "embedding_rows", None) and trainer._schedule.embedding_rows.state,
     }
     with open(os.path.join(out, f"{name}_rank{rank}.json"), "w") as f:
         json.dump(info, f)
