@@ -107,7 +107,6 @@ class _Call:
     out: torch.Tensor
     versions: tuple[int, int]
     grad: torch.Tensor | None = None
-    xhat: torch.Tensor | None = None
 
 
 def _normalized(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -200,11 +199,10 @@ class LayerTape:
                 if m.padding_idx is not None:
                     g = g * (ids != m.padding_idx).unsqueeze(-1)
                 yield c, ids, g
-            else:  # LayerNorm / RMSNorm: a is the normalized input x̂ (computed once per tape)
+            else:  # LayerNorm / RMSNorm: a is the normalized input x̂, recomputed at each use (an elementwise
+                # pass: cheaper than holding an activation-sized copy per norm layer through the meta pass)
                 n = m.weight.numel()
-                if c.xhat is None:
-                    c.xhat = _normalized(m, c.inp.detach().float()).reshape(B, -1, n)
-                yield c, c.xhat, g.reshape(B, -1, n)
+                yield c, _normalized(m, c.inp.detach().float()).reshape(B, -1, n), g.reshape(B, -1, n)
 
     def _param(self, m: nn.Module, attr: str) -> str | None:
         p = getattr(m, attr, None)
