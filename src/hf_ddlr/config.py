@@ -105,7 +105,9 @@ class MetaLROptions:
         "nn.Linear / nn.Embedding / nn.LayerNorm / RMSNorm / GPT-2 Conv1D layers without BatchNorm "
         "(transformers encoders and decoders); it is checked "
         "against forward mode on the first meta step and falls back to forward mode with a warning when "
-        "it does not match. False: always forward mode.",
+        "it does not match. On this path the lookahead of a large word-embedding table is computed on the "
+        "rows the batch and the meta batch look up (the same values; checked once against the full "
+        "lookahead). False: always forward mode.",
     )
     lookahead: str = _option(
         "optimizer",
