@@ -204,7 +204,7 @@ def lora_bert(r: int = 8) -> torch.nn.Module:
 _IMAGES = "random 32x32 inputs (class prototypes + noise, 20% flipped labels)"
 # name -> (input key, batch size, learning rate, data maker, model factory taking the width, description)
 _TASKS: dict[str, tuple] = {
-    "resnet": ("pixel_values", 64, 0.1, _resnet_data, lambda w: _resnet_model(w),
+    "resnet": ("pixel_values", 64, 0.1, _resnet_data, _resnet_model,
                "CIFAR ResNet-18 (base_width {width}, 100 classes), batch 64, " + _IMAGES),
     "cnn4": ("pixel_values", 64, 0.05, _resnet_data, lambda w: _cnn4_model(),
              "4-conv BatchNorm CNN ([conv3x3-BN-ReLU-maxpool] x 4: 32, 64, 128, 128 channels; linear; 100 classes), "

@@ -144,7 +144,7 @@ def dump(trainer: MetaLRTrainer, out: str, name: str) -> None:
         "seen_rows": trainer.seen_rows,
         "log_history": trainer.state.log_history,
         "layerwise": trainer._layerwise,
-        "embedding_rows": getattr(trainer._schedule, "embedding_rows", None) and trainer._schedule.embedding_rows.state,
+        "embedding_rows": getattr(getattr(trainer._schedule, "embedding_rows", None), "state", None),
     }
     with open(os.path.join(out, f"{name}_rank{rank}.json"), "w") as f:
         json.dump(info, f)

@@ -257,10 +257,13 @@ class LayerTape:
                 add(b, cg.sum((0, 1)).reshape(m.weight.shape))
         return grads
 
-    def embedding_lookups(self, inputs: Mapping[str, Any]) -> dict[str, tuple[str, torch.Tensor]]:
+    def embedding_lookups(self) -> dict[str, tuple[str, torch.Tensor]]:
         """``{weight name: (input key, ids)}`` for every trainable embedding table that the recorded forward
-        read in exactly one place, an ``nn.Embedding`` call on one of the model inputs ``inputs`` (the word
-        embeddings; not a table tied to an output layer, nor positions built inside the model)."""
+        read in exactly one place, an ``nn.Embedding`` call on one of its model inputs :attr:`inputs` (the word
+        embeddings; not a table tied to an output layer, nor positions built inside the model). Empty when the
+        inputs were not recorded."""
+        if self.inputs is None:
+            return {}
         uses: dict[str, int] = {}
         for c in self.calls:
             for attr in ("weight", "bias"):
@@ -271,7 +274,7 @@ class LayerTape:
             w = self._param(c.module, "weight")
             if not isinstance(c.module, nn.Embedding) or w is None or uses[w] != 1:
                 continue
-            key = next((k for k, v in inputs.items() if v is c.inp), None)
+            key = next((k for k, v in self.inputs.items() if v is c.inp), None)
             if key is not None:
                 found[w] = (key, c.inp)
         return found

@@ -45,10 +45,10 @@ class EmbeddingRows:
              ) -> dict[str, torch.Tensor]:
         """``{weight name: rows}``: the training batch's and the meta batch's ids of every table that qualifies
         (empty when none does, or after a failed check)."""
-        if self.state == "off" or tape is None or tape.inputs is None:
+        if self.state == "off" or tape is None:
             return {}
         rows: dict[str, torch.Tensor] = {}
-        for name, (key, ids) in tape.embedding_lookups(tape.inputs).items():
+        for name, (key, ids) in tape.embedding_lookups().items():
             meta_ids = meta_inputs.get(key)
             n = shapes[name][0]
             if not isinstance(meta_ids, torch.Tensor) or n < MIN_TABLE_ROWS:
