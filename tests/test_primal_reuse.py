@@ -17,7 +17,7 @@ import hf_ddlr.meta.engine as engine
 import hf_ddlr.schedules as schedules
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
 from hf_ddlr.meta import frozen_batchnorm, meta_gradients, replay_rng
-from hf_ddlr.meta.primal_reuse import record_outputs
+from hf_ddlr.meta.primal_reuse import Recorded, record_outputs
 
 
 def _prepared():
@@ -41,14 +41,14 @@ def test_reused_primals_give_the_same_dots_and_are_really_used():
     mb = window[0]
     ref = engine.jvp_dots(model, params, copy.deepcopy(mb), T)
     rec = _recorded(model, mb)
-    assert {type(m).__name__ for m in rec} == {"Conv2d", "Linear"}
+    assert {type(m).__name__ for m in rec} == {"BatchNorm2d", "Conv2d", "Linear"}
     reused = copy.copy(mb)
     reused.outputs = rec
     got = engine.jvp_dots(model, params, reused, T)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
     # negative control: wrong recorded primals change the dots, so they are what the pass used
     wrong = copy.copy(mb)
-    wrong.outputs = {m: [(o * 1.5, 0) for o, _ in outs] for m, outs in rec.items()}
+    wrong.outputs = {m: [Recorded(o * 1.5, 0) for o, *_ in outs] for m, outs in rec.items()}
     assert cos(engine.jvp_dots(model, params, wrong, T), ref) < 0.999
     for m in rec:  # the layers are back to their own forward
         assert "forward" not in m.__dict__
@@ -112,7 +112,7 @@ def test_trainer_reuses_the_real_forward_and_trains_as_without(tmp_path, monkeyp
         return t
 
     a = run(tmp_path / "a")
-    assert seen == [["Conv1d", "Linear"]] * 4 and a._layerwise == "off"
+    assert seen == [["BatchNorm1d", "Conv1d", "Linear"]] * 4 and a._layerwise == "off"
     assert all(mb.outputs is None for mb in a._window)  # released after the meta step
     seen.clear()
     monkeypatch.setattr(schedules, "record_outputs", lambda model: _NoRecording())
@@ -155,7 +155,7 @@ def test_outputs_overwritten_in_place_are_not_reused():
     ref = engine.jvp_dots(model, params, copy.copy(mb), T)
     with record_outputs(model) as rec:
         model(x=x)
-    conv_out, version = rec[model.c][0]
+    conv_out, version, _ = rec[model.c][0]
     assert conv_out._version != version  # the recorded tensor now holds 2 × the conv's output
     mb.outputs = rec
     torch.testing.assert_close(engine.jvp_dots(model, params, mb, T), ref)

@@ -29,6 +29,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from .averaging import MetaGradientAverage
+from .batchnorm_tangent import batchnorm_tangents
 from .distributed import all_reduce_mean_, world_size
 from .layerwise import LayerTape
 from .lookahead import ParamSpec, clip_coefficient, lookahead, tangent, weight_decay_grad
@@ -155,7 +156,8 @@ def jvp_dots(
     ``mb.outputs`` (the real forward's layer outputs) the convolution / linear layers take their primal
     values from there instead of computing them again."""
     reuse = reuse_outputs(mb.outputs) if mb.outputs else contextlib.nullcontext()
-    with replay_rng(mb.seed), frozen_batchnorm(model), forward_ad_safe_attention(), torch.no_grad(), reuse:
+    bn = batchnorm_tangents(model, mb.outputs)
+    with replay_rng(mb.seed), frozen_batchnorm(model), forward_ad_safe_attention(), torch.no_grad(), reuse, bn:
         with fwAD.dual_level():
             dual = {n: fwAD.make_dual(p.detach(), (T[n] * loss_scale).to(p.dtype)) for n, p in params.items()}
             L = _losses(model, dual, mb, smoothing, task)

@@ -14,30 +14,59 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["record_outputs", "reuse_outputs"]
+from .batchnorm_tangent import BATCHNORM_LAYERS
+
+__all__ = ["Recorded", "Recording", "record_outputs", "reuse_outputs"]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_RECORDED = _LAYERS + BATCHNORM_LAYERS  # BatchNorm's recorded outputs serve batchnorm_tangents
 
-# per layer, in call order: (output, its version counter when recorded)
-Recording = dict[nn.Module, list[tuple[torch.Tensor, int]]]
+
+
+class Recorded(NamedTuple):
+    """One recorded call of a layer: its output, the output's version counter when recorded (an in-place change
+    since shows), and for BatchNorm the batch mean and inverse standard deviation its forward saved."""
+
+    output: torch.Tensor
+    version: int
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+# per layer, in call order
+Recording = dict[nn.Module, list[Recorded]]
+
+
+def _batchnorm_stats(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (mean, 1/std) a training-mode BatchNorm forward saved for its backward, when it ran on PyTorch's
+    native kernel (other backends: None, and the tangent pass computes them again)."""
+    fn = out.grad_fn
+    if type(fn).__name__ != "NativeBatchNormBackward0" or not getattr(fn, "_saved_training", False):
+        return None
+    mean, invstd = getattr(fn, "_saved_result1", None), getattr(fn, "_saved_result2", None)
+    if not (isinstance(mean, torch.Tensor) and isinstance(invstd, torch.Tensor)):
+        return None
+    return mean.detach(), invstd.detach()
 
 
 @contextlib.contextmanager
 def record_outputs(model: nn.Module) -> Iterator[Recording]:
-    """Keep the output of every call of a Conv1d/2d/3d or Linear layer of ``model`` (in call order)."""
+    """Keep the output of every call of a Conv1d/2d/3d, Linear or BatchNorm1d/2d/3d layer of ``model`` (in call
+    order)."""
     rec: Recording = {}
 
     def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
         if isinstance(out, torch.Tensor):
-            rec.setdefault(m, []).append((out.detach(), out._version))
+            stats = _batchnorm_stats(out) if type(m) in BATCHNORM_LAYERS else None
+            rec.setdefault(m, []).append(Recorded(out.detach(), out._version, stats))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if type(m) in _LAYERS]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if type(m) in _RECORDED]
     try:
         yield rec
     finally:
@@ -45,7 +74,7 @@ def record_outputs(model: nn.Module) -> Iterator[Recording]:
             h.remove()
 
 
-def _tangent_only(m: nn.Module, queue: list[tuple[torch.Tensor, int]], orig_forward):
+def _tangent_only(m: nn.Module, queue: list[Recorded], orig_forward):
     """A forward for layer ``m`` that takes its primal output from ``queue`` and computes the tangent only."""
     linear = isinstance(m, nn.Linear)
 
@@ -53,7 +82,7 @@ def _tangent_only(m: nn.Module, queue: list[tuple[torch.Tensor, int]], orig_forw
         x_p, x_t = fwAD.unpack_dual(x)
         if not queue:
             return orig_forward(x)  # more calls than recorded: compute them
-        out, version = queue.pop(0)
+        out, version, _ = queue.pop(0)
         batch_dims = (lambda t: t.shape[:-1]) if linear else (lambda t: t.shape[:1])
         if out._version != version or out.device != x_p.device or batch_dims(out) != batch_dims(x_p):
             # modified in place after it was recorded (e.g. an in-place ReLU right after the layer), or not the
@@ -65,7 +94,7 @@ def _tangent_only(m: nn.Module, queue: list[tuple[torch.Tensor, int]], orig_forw
         for a, b in ((x_t, w_p), (x_p, w_t)):
             if a is not None and b is not None:
                 t = apply(a, b)
-                tangent = t if tangent is None else tangent + t
+                tangent = t if tangent is None else tangent.add_(t)
         b_t = fwAD.unpack_dual(m.bias).tangent if m.bias is not None else None
         if b_t is not None:
             shape = [1] * out.dim()
@@ -94,6 +123,8 @@ def reuse_outputs(rec: Recording) -> Iterator[None]:
     saved: list[tuple[nn.Module, object]] = []
     try:
         for m, outs in rec.items():
+            if type(m) not in _LAYERS:
+                continue  # BatchNorm: batchnorm_tangents
             saved.append((m, m.__dict__.get("forward")))
             m.forward = _tangent_only(m, list(outs), m.forward)
         yield
