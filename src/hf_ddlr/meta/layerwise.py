@@ -215,9 +215,10 @@ class LayerTape:
             m = c.module
             w, b = self._param(m, "weight"), self._param(m, "bias")
             if isinstance(m, nn.Linear) or _is_conv1d(m):
-                if w is not None:
+                if w is not None:  # the elementwise product on the narrower side (an lm head's g is wide)
                     Tw = T[w].float()
-                    out += ((a @ (Tw if _is_conv1d(m) else Tw.T)) * g).sum((1, 2))
+                    Tw = Tw if _is_conv1d(m) else Tw.T  # as (in, out)
+                    out += ((a @ Tw) * g).sum((1, 2)) if a.shape[-1] >= g.shape[-1] else ((g @ Tw.T) * a).sum((1, 2))
                 if b is not None:
                     out += g.sum(1) @ T[b].float()
             elif isinstance(m, nn.Embedding):
@@ -239,22 +240,25 @@ class LayerTape:
                 grads[name] = grads[name] + value if name in grads else value
 
         coef = coef.float().to(self._device())
+        per_example = coef[:, None, None]
         for c, a, g in self._pieces():
             m = c.module
             w, b = self._param(m, "weight"), self._param(m, "bias")
-            cg = g * coef[:, None, None]
             if isinstance(m, nn.Linear) or _is_conv1d(m):
-                if w is not None:
-                    a2, cg2 = a.reshape(-1, a.shape[-1]), cg.reshape(-1, cg.shape[-1])
-                    add(w, a2.T @ cg2 if _is_conv1d(m) else cg2.T @ a2)
-                add(b, cg.sum((0, 1)))
+                if w is not None:  # the coefficients scale the narrower of input and output
+                    a, g_ = (a * per_example, g) if a.shape[-1] <= g.shape[-1] else (a, g * per_example)
+                    a2, g2 = a.reshape(-1, a.shape[-1]), g_.reshape(-1, g_.shape[-1])
+                    add(w, a2.T @ g2 if _is_conv1d(m) else g2.T @ a2)
+                if b is not None:
+                    add(b, coef @ g.sum(1))
             elif isinstance(m, nn.Embedding):
                 if w is not None:
                     gw = torch.zeros(m.num_embeddings, m.embedding_dim, dtype=torch.float32, device=g.device)
-                    add(w, gw.index_add_(0, a.reshape(-1), cg.reshape(-1, m.embedding_dim)))
+                    add(w, gw.index_add_(0, a.reshape(-1), (g * per_example).reshape(-1, m.embedding_dim)))
             else:
-                add(w, (a * cg).sum((0, 1)).reshape(m.weight.shape))
-                add(b, cg.sum((0, 1)).reshape(m.weight.shape))
+                add(w, (coef @ (a * g).sum(1)).reshape(m.weight.shape))
+                if b is not None:
+                    add(b, (coef @ g.sum(1)).reshape(m.weight.shape))
         return grads
 
     def embedding_lookups(self) -> dict[str, tuple[str, torch.Tensor]]:
