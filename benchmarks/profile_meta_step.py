@@ -102,7 +102,7 @@ def main(argv=None):
     p.add_argument(
         "--ops",
         default=None,
-        help="torch.profiler table of one call of this engine/trainer function "
+        help="torch.profiler table of one call of this engine / trainer / LayerTape function "
         "(e.g. jvp_dots, meta_loss_gradient, _meta_step, compute_loss)",
     )
     p.add_argument("--ops-rows", type=int, default=20)
@@ -147,7 +147,8 @@ def print_ops(task: Task, config: str, name: str, rows: int, out_dir: str) -> No
     ``name`` in a 3-step run of ``config``."""
     from torch.profiler import ProfilerActivity, profile
 
-    owner = next((o for o in (engine, schedules.MetaStepSchedule, trainer_mod.MetaLRTrainer) if hasattr(o, name)),
+    owners = (engine, schedules.MetaStepSchedule, layerwise.LayerTape, trainer_mod.MetaLRTrainer)
+    owner = next((o for o in owners if hasattr(o, name)),
                  trainer_mod.MetaLRTrainer)
     orig = getattr(owner, name)
     prof = profile(activities=[ProfilerActivity.CPU])
