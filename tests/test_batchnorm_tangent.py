@@ -87,7 +87,7 @@ def _recorded_forward(m, x):
     return rec
 
 
-def test_recorded_output_and_statistics_are_used_when_intact():
+def test_recorded_statistics_are_used_for_the_recorded_call_only():
     m = _bn(lambda: nn.BatchNorm2d(4))
     x = torch.randn(10, 4, 6, 5) * 3 + 1
     xt = torch.randn_like(x)
@@ -95,22 +95,27 @@ def test_recorded_output_and_statistics_are_used_when_intact():
     p_ref, t_ref = _jvp(m, x, xt, T, fast=False)
     rec = _recorded_forward(m, x.clone())
     (entry,) = rec[m]
-    assert entry.stats is not None  # PyTorch's native kernel saved (mean, 1/std) for its backward
+    # PyTorch's native kernel saved (mean, 1/std) for its backward; the output itself is not held
+    assert entry.stats is not None and entry.output is None and entry.input_shape == tuple(x.shape)
     p, t = _jvp(m, x, xt, T, fast=True, recorded=rec)
     torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(t, t_ref, rtol=1e-4, atol=1e-5)
-    # negative controls: wrong recorded statistics / output change the result, so they are what the pass used
+    # negative control: wrong recorded statistics change the result, so they are what the pass used
     mean, invstd = entry.stats
     _, t_bad = _jvp(m, x, xt, T, fast=True, recorded={m: [entry._replace(stats=(mean + 1, invstd))]})
     assert not torch.allclose(t_bad, t_ref, rtol=1e-3, atol=1e-3)
-    p_bad, _ = _jvp(m, x, xt, T, fast=True, recorded={m: [entry._replace(output=entry.output * 2)]})
-    torch.testing.assert_close(p_bad, p_ref * 2)
-    # a recorded output changed in place since (an in-place activation) is not used, nor are its statistics
-    stale = Recorded(entry.output.clone(), entry.version, (mean + 1, invstd))
-    stale.output.mul_(3)
-    p2, t2 = _jvp(m, x, xt, T, fast=True, recorded={m: [stale._replace(version=stale.output._version - 1)]})
+    # statistics recorded on another input shape (not the recorded call) are not used
+    other = entry._replace(stats=(mean + 1, invstd), input_shape=(5, 4, 6, 5))
+    p2, t2 = _jvp(m, x, xt, T, fast=True, recorded={m: [other]})
     torch.testing.assert_close(p2, p_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(t2, t_ref, rtol=1e-4, atol=1e-5)
+    # a record holding an intact output gives the primal; one changed in place since is not used
+    out = p_ref.clone() * 2
+    p3, _ = _jvp(m, x, xt, T, fast=True, recorded={m: [Recorded(out, out._version)]})
+    torch.testing.assert_close(p3, p_ref * 2)
+    out.mul_(3)
+    p4, _ = _jvp(m, x, xt, T, fast=True, recorded={m: [Recorded(out, out._version - 1)]})
+    torch.testing.assert_close(p4, p_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_cases_it_does_not_cover_are_left_to_pytorch(monkeypatch):

@@ -7,7 +7,7 @@ ResNet-18 more time than the tangent convolutions themselves. The input part of 
 symmetric per channel, ``γ·σ⁻¹·(I − 11ᵀ/n − x̂x̂ᵀ/n)``, so its product with the input tangent is exactly what
 BatchNorm's *backward* kernel computes for an output gradient equal to that tangent; the parameter part adds
 ``γ̇·x̂ + β̇``. :func:`batchnorm_tangents` makes every eligible BatchNorm layer compute its tangent that way
-during a forward-mode pass (the primal output taken from the real forward when it was recorded), and leaves
+during a forward-mode pass (the batch statistics taken from the real forward when it was recorded), and leaves
 every other case — running statistics, ``SyncBatchNorm``, half precision, autocast — to PyTorch.
 """
 
@@ -60,17 +60,22 @@ def _fast_forward(m: nn.Module, queue: list, orig_forward):
         shape = [1, -1] + [1] * (x_p.dim() - 2)
         out, stats = None, None
         if recorded is not None:
-            out, version, stats = recorded
-            if out._version != version or out.shape != x_p.shape or out.device != x_p.device:
-                out, stats = None, None  # changed in place since, or not the recorded call
-        if stats is not None and stats[0].shape == (x_p.shape[1],):
+            out, version, stats, in_shape = recorded
+            if out is not None and (out._version != version or out.shape != x_p.shape or out.device != x_p.device):
+                out = None  # changed in place since, or not the recorded call
+            if stats is not None and (in_shape != tuple(x_p.shape) or stats[0].device != x_p.device):
+                stats = None  # not the recorded call
+        if stats is not None:
             mean, invstd = stats  # the real forward's: x̂ in one pass
             xhat = torch.addcmul((-mean * invstd).view(shape), x_p, invstd.view(shape))
         else:
             xhat, mean, invstd = torch.ops.aten.native_batch_norm(x_p, None, None, None, None, True, 0.0, m.eps)
         if out is None:
-            out = xhat if w_p is None else xhat * w_p.view(shape)
-            out = out if b_p is None else out + b_p.view(shape)
+            if w_p is not None and b_p is not None:
+                out = torch.addcmul(b_p.view(shape), xhat, w_p.view(shape))
+            else:
+                out = xhat if w_p is None else xhat * w_p.view(shape)
+                out = out if b_p is None else out + b_p.view(shape)
         # the input part: BatchNorm's Jacobian is symmetric, so its backward kernel applies it to the tangent
         tangent = torch.ops.aten.native_batch_norm_backward(
             x_t, x_p, w_p, None, None, mean, invstd, True, m.eps, [True, False, False]
@@ -89,7 +94,7 @@ def batchnorm_tangents(model: nn.Module, recorded: dict | None = None) -> Iterat
     """During a forward-mode pass over ``model``, its BatchNorm layers that use batch statistics without
     updating running ones (see :func:`~hf_ddlr.meta.passes.frozen_batchnorm`) compute their tangent with the
     fused kernels; ``recorded`` (the real forward's :class:`~hf_ddlr.meta.primal_reuse.Recorded` calls, in call
-    order) spares them their primal output and batch statistics."""
+    order) spares them the batch statistics (and the primal output, where a record holds one)."""
     layers = [m for m in model.modules() if type(m) in BATCHNORM_LAYERS]
     saved: list[tuple[nn.Module, object]] = []
     try:

@@ -31,12 +31,15 @@ _RECORDED = _LAYERS + BATCHNORM_LAYERS  # BatchNorm's recorded outputs serve bat
 
 
 class Recorded(NamedTuple):
-    """One recorded call of a layer: its output, the output's version counter when recorded (an in-place change
-    since shows), and for BatchNorm the batch mean and inverse standard deviation its forward saved."""
+    """One recorded call of a layer: its output and the output's version counter when recorded (an in-place
+    change since shows); for BatchNorm only the batch mean and inverse standard deviation its forward saved
+    (``output`` None: holding BatchNorm's outputs would keep one more activation per layer alive through the
+    meta step, for one elementwise pass saved)."""
 
-    output: torch.Tensor
+    output: torch.Tensor | None
     version: int
     stats: tuple[torch.Tensor, torch.Tensor] | None = None
+    input_shape: tuple[int, ...] | None = None  # BatchNorm: the shape of the input the statistics are of
 
 
 # per layer, in call order
@@ -63,8 +66,10 @@ def record_outputs(model: nn.Module) -> Iterator[Recording]:
 
     def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
         if isinstance(out, torch.Tensor):
-            stats = _batchnorm_stats(out) if type(m) in BATCHNORM_LAYERS else None
-            rec.setdefault(m, []).append(Recorded(out.detach(), out._version, stats))
+            if type(m) in BATCHNORM_LAYERS:
+                rec.setdefault(m, []).append(Recorded(None, 0, _batchnorm_stats(out), tuple(args[0].shape)))
+            else:
+                rec.setdefault(m, []).append(Recorded(out.detach(), out._version))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if type(m) in _RECORDED]
     try:
@@ -82,7 +87,7 @@ def _tangent_only(m: nn.Module, queue: list[Recorded], orig_forward):
         x_p, x_t = fwAD.unpack_dual(x)
         if not queue:
             return orig_forward(x)  # more calls than recorded: compute them
-        out, version, _ = queue.pop(0)
+        out, version = queue.pop(0)[:2]
         batch_dims = (lambda t: t.shape[:-1]) if linear else (lambda t: t.shape[:1])
         if out._version != version or out.device != x_p.device or batch_dims(out) != batch_dims(x_p):
             # modified in place after it was recorded (e.g. an in-place ReLU right after the layer), or not the
