@@ -47,8 +47,9 @@ def _eligible(m: nn.Module, x_p: torch.Tensor, x_t: torch.Tensor | None, w_p: to
 
 
 def _fast_forward(m: nn.Module, queue: list, orig_forward):
-    """A forward for BatchNorm layer ``m`` whose tangent comes from the fused kernels; its primal output is
-    the next recorded output of ``queue`` when that one is intact and of the right shape."""
+    """A forward for BatchNorm layer ``m`` whose tangent comes from the fused kernels; its batch statistics
+    (and primal output, where a record holds one) come from the next record of ``queue`` when that record is
+    of this call (the same input shape; an output not changed in place since)."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         recorded = queue.pop(0) if queue else None  # consumed in call order, used or not
