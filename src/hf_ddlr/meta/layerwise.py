@@ -215,10 +215,10 @@ class LayerTape:
             m = c.module
             w, b = self._param(m, "weight"), self._param(m, "bias")
             if isinstance(m, nn.Linear) or _is_conv1d(m):
-                if w is not None:  # the elementwise product on the narrower side (an lm head's g is wide)
+                if w is not None:  # the elementwise product on the input side when the output is much wider
                     Tw = T[w].float()
                     Tw = Tw if _is_conv1d(m) else Tw.T  # as (in, out)
-                    out += ((a @ Tw) * g).sum((1, 2)) if a.shape[-1] >= g.shape[-1] else ((g @ Tw.T) * a).sum((1, 2))
+                    out += ((g @ Tw.T) * a).sum((1, 2)) if _wide_output(a, g) else ((a @ Tw) * g).sum((1, 2))
                 if b is not None:
                     out += g.sum(1) @ T[b].float()
             elif isinstance(m, nn.Embedding):
@@ -244,21 +244,26 @@ class LayerTape:
         for c, a, g in self._pieces():
             m = c.module
             w, b = self._param(m, "weight"), self._param(m, "bias")
-            if isinstance(m, nn.Linear) or _is_conv1d(m):
-                if w is not None:  # the coefficients scale the narrower of input and output
-                    a, g_ = (a * per_example, g) if a.shape[-1] <= g.shape[-1] else (a, g * per_example)
-                    a2, g2 = a.reshape(-1, a.shape[-1]), g_.reshape(-1, g_.shape[-1])
+            if (isinstance(m, nn.Linear) or _is_conv1d(m)) and _wide_output(a, g):
+                if w is not None:  # the coefficients scale the (narrow) input, not the wide output gradient
+                    a2, g2 = (a * per_example).reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
                     add(w, a2.T @ g2 if _is_conv1d(m) else g2.T @ a2)
                 if b is not None:
                     add(b, coef @ g.sum(1))
+                continue
+            cg = g * per_example
+            if isinstance(m, nn.Linear) or _is_conv1d(m):
+                if w is not None:
+                    a2, cg2 = a.reshape(-1, a.shape[-1]), cg.reshape(-1, cg.shape[-1])
+                    add(w, a2.T @ cg2 if _is_conv1d(m) else cg2.T @ a2)
+                add(b, cg.sum((0, 1)))
             elif isinstance(m, nn.Embedding):
                 if w is not None:
                     gw = torch.zeros(m.num_embeddings, m.embedding_dim, dtype=torch.float32, device=g.device)
-                    add(w, gw.index_add_(0, a.reshape(-1), (g * per_example).reshape(-1, m.embedding_dim)))
+                    add(w, gw.index_add_(0, a.reshape(-1), cg.reshape(-1, m.embedding_dim)))
             else:
-                add(w, (coef @ (a * g).sum(1)).reshape(m.weight.shape))
-                if b is not None:
-                    add(b, (coef @ g.sum(1)).reshape(m.weight.shape))
+                add(w, (a * cg).sum((0, 1)).reshape(m.weight.shape))
+                add(b, cg.sum((0, 1)).reshape(m.weight.shape))
         return grads
 
     def embedding_lookups(self) -> dict[str, tuple[str, torch.Tensor]]:
@@ -285,6 +290,16 @@ class LayerTape:
 
     def _device(self) -> torch.device:
         return self.calls[0].inp.device if self.calls else torch.device("cpu")
+
+
+WIDE_OUTPUT = 4  # output / input width from which the per-layer products work on the input side
+
+
+def _wide_output(a: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether a linear layer's output gradient ``g`` is much wider than its input ``a`` (an lm head: the
+    vocabulary against the hidden size), so per-example scaling and elementwise products are cheaper on the
+    input side. Other layers keep the output side (the arithmetic of earlier releases, bit for bit)."""
+    return g.shape[-1] >= WIDE_OUTPUT * a.shape[-1]
 
 
 @contextlib.contextmanager
