@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_ddlr.meta import MetaBatch, MicroBatch, meta_gradients, param_specs, per_example_loss
+from hf_ddlr.meta import MetaBatch, MicroBatch, meta_gradients, param_specs, per_example_loss, replay_rng
 
 
 class BNDropCNN(nn.Module):
@@ -208,3 +208,22 @@ def test_meta_loss_is_a_validation_loss_unless_meta_dropout():
     with_drop = [loss(MetaBatch(meta.inputs, meta.labels, seed=s, dropout=True)) for s in (1, 2)]
     assert with_drop[0] != with_drop[1] and with_drop[0] != no_drop[0]
     assert all(m.training for m in model.modules())  # every flag restored
+
+
+def test_replay_rng_draws_what_torch_manual_seed_draws_and_restores_the_outer_stream():
+    """Dropout masks replayed across the passes of a micro-batch are those of ``torch.manual_seed(seed)`` (the
+    real forward's), and the run's own random stream continues as if the block had not run."""
+    torch.manual_seed(123)
+    expected_outer = torch.rand(4)
+    torch.manual_seed(7)
+    expected_inner = torch.rand(6)
+    torch.manual_seed(123)
+    with replay_rng(7):
+        inner = torch.rand(6)
+        with replay_rng(7):
+            again = torch.rand(6)
+    outer = torch.rand(4)
+    assert torch.equal(inner, expected_inner) and torch.equal(again, expected_inner)
+    assert torch.equal(outer, expected_outer)
+    with replay_rng(8):
+        assert not torch.equal(torch.rand(6), expected_inner)

@@ -8,6 +8,7 @@ forward (batch-statistics BatchNorm, the same dropout masks) without leaving any
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -81,8 +82,24 @@ def replay_rng(seed: int) -> Iterator[None]:
     the same seed so that dropout draws identical masks; the outer stream is left untouched.
     """
     with torch.random.fork_rng(devices=_rng_devices()):
-        torch.manual_seed(seed)
+        if _cpu_only():
+            torch.default_generator.manual_seed(seed)  # what torch.manual_seed seeds on such a machine
+        else:
+            torch.manual_seed(seed)
         yield
+
+
+@functools.cache
+def _cpu_only() -> bool:
+    """No CUDA / MPS / XPU device: seeding the CPU generator is all ``torch.manual_seed`` does that matters,
+    without its lazily queued CUDA seeding (which formats a stack trace, ~1 ms, at every call)."""
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return not (
+        torch.cuda.is_available()
+        or (mps is not None and mps.is_available())
+        or (xpu is not None and xpu.is_available())
+    )
 
 
 @contextlib.contextmanager
