@@ -91,3 +91,34 @@ def test_loads_the_v0_state_dict_and_refuses_a_newer_one():
         assert torch.equal(u.state_dict()[k], v), k
     with pytest.raises(ValueError, match="format version 2"):
         u.load_state_dict({**t.state_dict(), "format_version": torch.tensor(2)})
+
+
+@pytest.mark.parametrize("keyed", ["class", "group"])
+def test_both_instance_rates_step_on_the_effective_rate_gradient_or_the_chain_rule(keyed):
+    """lr_level='both', raw steps: the instance rate moves by meta_lr·∂L/∂e_i ('effective', the default) or by
+    meta_lr·w_key·∂L/∂e_i ('chain_rule'); the keyed rate by meta_lr·Σ w_i·∂L/∂e_i either way. An example whose
+    class / group rate is 0 keeps learning its own rate only with 'effective'."""
+    kw = dict(num_groups=2) if keyed == "group" else {}
+
+    def table(mode):
+        t = RateTable(3, 2, "both", meta_lr=0.1, scaling="raw", instance_gradient=mode, **kw)
+        t.instance.copy_(torch.tensor([1.0, 0.5, 2.0]))
+        t.keyed.copy_(torch.tensor([0.0, 0.5]))  # key 0's rate already at 0
+        return t
+
+    g = torch.tensor([1.0, -2.0, 4.0])
+    keys = torch.tensor([0, 1, 1])
+    eff, chain = table("effective"), table("chain_rule")
+    assert RateTable(3, 2, "both", **kw).instance_gradient == "effective"  # the default
+    for t in (eff, chain):
+        t.update(torch.tensor([0, 1, 2]), keys, g)
+    torch.testing.assert_close(eff.instance, torch.tensor([1.0 - 0.1, 0.5 + 0.2, 2.0 - 0.4]))
+    torch.testing.assert_close(chain.instance, torch.tensor([1.0, 0.5 + 0.1, 2.0 - 0.2]))  # example 0 frozen
+    # the keyed rates: the chain rule through the instance rates in both modes (key 1: 0.5 - 0.1·(-1 + 8))
+    for t in (eff, chain):
+        torch.testing.assert_close(t.keyed, torch.tensor([0.0, 0.5 - 0.1 * 7.0]).clamp(min=0))
+
+
+def test_instance_gradient_must_be_known():
+    with pytest.raises(ValueError, match="instance_gradient"):
+        RateTable(3, 2, "both", instance_gradient="exact")

@@ -18,6 +18,7 @@ LEVELS = ("instance", "class", "group", "both")
 UPDATES = ("same_step", "delayed")
 LOOKAHEADS = ("optimizer", "sgd")
 SCALINGS = ("normalized", "raw")
+INSTANCE_GRADIENTS = ("effective", "chain_rule")
 
 
 def _option(default: Any, help_text: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -80,6 +81,17 @@ class MetaLROptions:
         "so meta_lr does not depend on the learning rate, batch size or gradient scale. 'raw': the paper's "
         "plain SGD on the meta-gradient.",
         choices=SCALINGS,
+    )
+    instance_rate_gradient: str = _option(
+        "effective",
+        "With lr_level='both' (an example's rate is its instance rate times its class or group rate): what "
+        "the instance rate steps on. 'effective': the meta-gradient of the example's whole rate, so an "
+        "example keeps learning its own rate when its class or group rate is near 0 (a descent direction for "
+        "the instance rate wherever that rate is > 0: the chain rule's gradient divided by it). 'chain_rule': "
+        "the exact gradient of the product, the class or group rate times that meta-gradient; an example of a "
+        "group whose rate reached 0 then gets no update. The class or group rates follow the chain rule either "
+        "way.",
+        choices=INSTANCE_GRADIENTS,
     )
     weight_decay_meta_lr: float = _option(
         0.01,
@@ -217,6 +229,7 @@ def check_meta_options(opts: Any, weight_decay: float | None = None) -> None:
         ("meta_update", opts.meta_update, UPDATES),
         ("lookahead", opts.lookahead, LOOKAHEADS),
         ("meta_lr_scaling", opts.meta_lr_scaling, SCALINGS),
+        ("instance_rate_gradient", opts.instance_rate_gradient, INSTANCE_GRADIENTS),
     ]
     for name, value, allowed in checks:
         if value not in allowed:

@@ -325,6 +325,7 @@ class MetaLRTrainer(Trainer):
             meta_wd_lr=meta.weight_decay_meta_lr,
             scaling=meta.meta_lr_scaling,
             max_rate=meta.max_rate,
+            instance_gradient=meta.instance_rate_gradient,
             device=args.device,
         )
         self._meta_grad_average: MetaGradientAverage | None = None  # made empty when train() starts

@@ -21,6 +21,7 @@ __all__ = ["LEVELS", "RateSGD", "RateTable"]
 Level = Literal["instance", "class", "group", "both"]
 LEVELS: tuple[str, ...] = ("instance", "class", "group", "both")
 Scaling = Literal["normalized", "raw"]
+InstanceGradient = Literal["effective", "chain_rule"]
 
 # of RateTable.state_dict; v0 (before the table had an optimizer) is the same dict without "format_version"
 FORMAT_VERSION = 1
@@ -137,6 +138,12 @@ class RateTable:
     as a whole moves by at most ``meta_lr`` per step); the weight decay moves multiplicatively,
     ``wd ← wd · exp(−meta_wd_lr · g / rms(g))`` with a running RMS of its meta-gradient.
     The updates are :class:`RateSGD`'s (``self.optimizer``).
+
+    With ``"both"`` the keyed rates follow the chain rule through ``e_i = w_i · w_key``; the instance rates step
+    on ``∂L_meta/∂e_i`` itself with ``instance_gradient="effective"`` (the default: the chain rule's gradient
+    divided by the keyed rate, a descent direction wherever it is > 0, so an example whose class or group
+    rate reached 0 still learns its own rate) or on the chain rule's ``w_key · ∂L_meta/∂e_i`` with
+    ``"chain_rule"``.
     """
 
     def __init__(
@@ -152,9 +159,15 @@ class RateTable:
         meta_wd_lr: float = 0.01,
         scaling: Scaling = "normalized",
         max_rate: float | None = None,
+        instance_gradient: InstanceGradient = "effective",
         device: torch.device | str = "cpu",
     ) -> None:
         _check_level(level, num_groups)
+        if instance_gradient not in ("effective", "chain_rule"):
+            raise ValueError(
+                f"instance_gradient must be 'effective' or 'chain_rule', got {instance_gradient!r}."
+            )
+        self.instance_gradient = instance_gradient
         self.level = level
         self.meta_lr, self.meta_wd_lr = float(meta_lr), float(meta_wd_lr)
         self.scaling = scaling
@@ -236,7 +249,7 @@ class RateTable:
         example_grad: torch.Tensor,
         weight_decay_grad: float | None = None,
     ) -> bool:
-        """Apply ``∂L_meta/∂e_i`` of a (global) batch to the table by the chain rule through e_i; True if applied.
+        """Apply ``∂L_meta/∂e_i`` of a (global) batch to the tables (see the class docstring); True if applied.
 
         Returns False without touching anything if any gradient is not finite. The gradients stay in the
         tables' ``.grad`` until the next update (a rate table's is sparse: one entry per lookup).
@@ -249,12 +262,14 @@ class RateTable:
             return False
         self.optimizer.zero_grad(set_to_none=True)
         lookups = self._lookups(indices, labels)
-        # ∂e_i/∂table[keys_i] is the product of the other levels' rates (taken before any of them moves)
+        # ∂e_i/∂table[keys_i] is the product of the other levels' rates (taken before any of them moves); the
+        # instance table of "both" steps on ∂L/∂e_i itself unless instance_gradient="chain_rule"
         for table, keys in lookups:
             g = example_grad.to(table.device)
-            for other, other_keys in lookups:
-                if other is not table:
-                    g = g * other[other_keys]
+            if not (table is self.instance and self.instance_gradient == "effective"):
+                for other, other_keys in lookups:
+                    if other is not table:
+                        g = g * other[other_keys]
             table.grad = _lookup_grad(table, keys, g)
         if self.learn_weight_decay and weight_decay_grad is not None:
             self._weight_decay.grad = torch.tensor(weight_decay_grad, dtype=torch.float64)
