@@ -73,6 +73,7 @@ def run(
     save_steps: int | None = None,
     max_steps: int = MAX_STEPS,
     model: str = "mlp",
+    instance_rate_gradient: str = "effective",
 ) -> _Recording:
     """``model="bert"``: the tiny BERT of tiny_text.py with padding (its forward takes **kwargs: the GA/DDP
     loss-scaling trap's precondition), 32 train / 16 meta sentences."""
@@ -96,6 +97,7 @@ def run(
         weight_decay=0.01,
         learn_weight_decay=model != "bert",
         lr_level="both",
+        instance_rate_gradient=instance_rate_gradient,
         meta_lr=0.2,
         per_device_train_batch_size=per_device_batch,
         gradient_accumulation_steps=ga,
