@@ -258,7 +258,7 @@ def test_rate_update_is_the_chain_rule_through_e_with_non_unit_rates(level):
     """Raw scaling: every rate moves by −meta_lr · ∂(Σ_i e_i g_i)/∂w with e_i = w_inst[idx_i]·w_class[y_i],
     computed by autograd on leaf tables (duplicate rows in the batch accumulate, as a table lookup does)."""
     num_ex, num_cls, meta_lr = 7, 4, 0.05
-    t = RateTable(num_ex, num_cls, level, meta_lr=meta_lr, scaling="raw")
+    t = RateTable(num_ex, num_cls, level, meta_lr=meta_lr, scaling="raw", instance_gradient="chain_rule")
     inst0 = torch.tensor([1.5, 0.5, 2.0, 0.75, 1.25, 3.0, 0.25])
     cls0 = torch.tensor([0.5, 2.5, 1.5, 0.8])
     if t.instance is not None:
@@ -311,3 +311,23 @@ def test_row_restricted_lookahead_is_the_real_next_iterate_on_those_rows(name, w
     else:  # SGD: no preconditioner, the tangent is the full one
         assert torch.equal(T["fc1.weight"], T_full["fc1.weight"])
     assert torch.equal(T["fc2.weight"], T_full["fc2.weight"])
+
+
+def test_both_instance_rates_step_on_the_effective_rate_gradient_by_default():
+    """lr_level='both', raw scaling, the default instance_rate_gradient='effective': the instance rates move by
+    −meta_lr · ∂(Σ_i e_i g_i)/∂e summed into their rows (autograd with the class factor held at 1); the class
+    rates by the chain rule as above."""
+    num_ex, num_cls, meta_lr = 7, 4, 0.05
+    t = RateTable(num_ex, num_cls, "both", meta_lr=meta_lr, scaling="raw")
+    inst0 = torch.tensor([1.5, 0.5, 2.0, 0.75, 1.25, 3.0, 0.25])
+    cls0 = torch.tensor([0.5, 2.5, 1.5, 0.8])
+    t.instance.copy_(inst0)
+    t.per_class.copy_(cls0)
+    idx, y = torch.tensor([0, 2, 5, 2, 3, 6]), torch.tensor([1, 0, 2, 3, 1, 2])
+    g = torch.tensor([0.3, -0.7, 1.1, 0.4, -0.2, 0.9])
+    w_inst, w_cls = inst0.clone().requires_grad_(True), cls0.clone().requires_grad_(True)
+    (g_inst,) = torch.autograd.grad((w_inst[idx] * g).sum(), [w_inst])
+    (g_cls,) = torch.autograd.grad((inst0[idx] * w_cls[y] * g).sum(), [w_cls])
+    assert t.update(idx, y, g)
+    torch.testing.assert_close(t.instance, inst0 - meta_lr * g_inst)
+    torch.testing.assert_close(t.per_class, cls0 - meta_lr * g_cls)
