@@ -1,5 +1,5 @@
 """BatchNorm's fused forward-mode tangent equals PyTorch's own forward-mode AD (and a float64 finite difference),
-uses the real forward's recorded output and statistics when they are intact, and leaves every case it does not
+uses the real forward's recorded statistics for the call they were recorded on, and leaves every case it does not
 cover (running statistics, half precision, autocast, SyncBatchNorm) to PyTorch."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from hf_ddlr.meta import frozen_batchnorm
 from hf_ddlr.meta.batchnorm_tangent import batchnorm_tangents
-from hf_ddlr.meta.primal_reuse import Recorded, record_outputs
+from hf_ddlr.meta.primal_reuse import record_outputs
 
 CASES = [  # (module, input shape)
     (lambda: nn.BatchNorm1d(5), (12, 5)),
@@ -109,13 +109,6 @@ def test_recorded_statistics_are_used_for_the_recorded_call_only():
     p2, t2 = _jvp(m, x, xt, T, fast=True, recorded={m: [other]})
     torch.testing.assert_close(p2, p_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(t2, t_ref, rtol=1e-4, atol=1e-5)
-    # a record holding an intact output gives the primal; one changed in place since is not used
-    out = p_ref.clone() * 2
-    p3, _ = _jvp(m, x, xt, T, fast=True, recorded={m: [Recorded(out, out._version)]})
-    torch.testing.assert_close(p3, p_ref * 2)
-    out.mul_(3)
-    p4, _ = _jvp(m, x, xt, T, fast=True, recorded={m: [Recorded(out, out._version - 1)]})
-    torch.testing.assert_close(p4, p_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_cases_it_does_not_cover_are_left_to_pytorch(monkeypatch):

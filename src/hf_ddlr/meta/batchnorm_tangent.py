@@ -14,11 +14,14 @@ every other case — running statistics, ``SyncBatchNorm``, half precision, auto
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
+
+from .passes import patched_forwards
 
 __all__ = ["BATCHNORM_LAYERS", "batchnorm_tangents"]
 
@@ -47,9 +50,8 @@ def _eligible(m: nn.Module, x_p: torch.Tensor, x_t: torch.Tensor | None, w_p: to
 
 
 def _fast_forward(m: nn.Module, queue: list, orig_forward):
-    """A forward for BatchNorm layer ``m`` whose tangent comes from the fused kernels; its batch statistics
-    (and primal output, where a record holds one) come from the next record of ``queue`` when that record is
-    of this call (the same input shape; an output not changed in place since)."""
+    """A forward for BatchNorm layer ``m`` whose tangent comes from the fused kernels; its batch statistics come
+    from the next record of ``queue`` when that record is of this call (the same input shape and device)."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         recorded = queue.pop(0) if queue else None  # consumed in call order, used or not
@@ -59,24 +61,19 @@ def _fast_forward(m: nn.Module, queue: list, orig_forward):
         if not _eligible(m, x_p, x_t, w_p):
             return orig_forward(x)
         shape = [1, -1] + [1] * (x_p.dim() - 2)
-        out, stats = None, None
-        if recorded is not None:
-            out, version, stats, in_shape = recorded
-            if out is not None and (out._version != version or out.shape != x_p.shape or out.device != x_p.device):
-                out = None  # changed in place since, or not the recorded call
-            if stats is not None and (in_shape != tuple(x_p.shape) or stats[0].device != x_p.device):
-                stats = None  # not the recorded call
+        stats = recorded.stats if recorded is not None else None
+        if stats is not None and (recorded.input_shape != tuple(x_p.shape) or stats[0].device != x_p.device):
+            stats = None  # not the recorded call
         if stats is not None:
             mean, invstd = stats  # the real forward's: x̂ in one pass
             xhat = torch.addcmul((-mean * invstd).view(shape), x_p, invstd.view(shape))
         else:
             xhat, mean, invstd = torch.ops.aten.native_batch_norm(x_p, None, None, None, None, True, 0.0, m.eps)
-        if out is None:
-            if w_p is not None and b_p is not None:
-                out = torch.addcmul(b_p.view(shape), xhat, w_p.view(shape))
-            else:
-                out = xhat if w_p is None else xhat * w_p.view(shape)
-                out = out if b_p is None else out + b_p.view(shape)
+        if w_p is not None and b_p is not None:
+            out = torch.addcmul(b_p.view(shape), xhat, w_p.view(shape))
+        else:
+            out = xhat if w_p is None else xhat * w_p.view(shape)
+            out = out if b_p is None else out + b_p.view(shape)
         # the input part: BatchNorm's Jacobian is symmetric, so its backward kernel applies it to the tangent
         tangent = torch.ops.aten.native_batch_norm_backward(
             x_t, x_p, w_p, None, None, mean, invstd, True, m.eps, [True, False, False]
@@ -95,17 +92,8 @@ def batchnorm_tangents(model: nn.Module, recorded: dict | None = None) -> Iterat
     """During a forward-mode pass over ``model``, its BatchNorm layers that use batch statistics without
     updating running ones (see :func:`~hf_ddlr.meta.passes.frozen_batchnorm`) compute their tangent with the
     fused kernels; ``recorded`` (the real forward's :class:`~hf_ddlr.meta.primal_reuse.Recorded` calls, in call
-    order) spares them the batch statistics (and the primal output, where a record holds one)."""
-    layers = [m for m in model.modules() if type(m) in BATCHNORM_LAYERS]
-    saved: list[tuple[nn.Module, object]] = []
-    try:
-        for m in layers:
-            saved.append((m, m.__dict__.get("forward")))
-            m.forward = _fast_forward(m, list((recorded or {}).get(m, [])), m.forward)
+    order) spares them the batch statistics."""
+    patches = [(m, functools.partial(_fast_forward, m, list((recorded or {}).get(m, []))))
+               for m in model.modules() if type(m) in BATCHNORM_LAYERS]
+    with patched_forwards(patches):
         yield
-    finally:
-        for m, old in saved:
-            if old is None:
-                del m.forward
-            else:
-                m.forward = old

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -100,6 +100,24 @@ def _cpu_only() -> bool:
         or (mps is not None and mps.is_available())
         or (xpu is not None and xpu.is_available())
     )
+
+
+@contextlib.contextmanager
+def patched_forwards(patches: Iterable[tuple[nn.Module, Callable[[Any], Any]]]) -> Iterator[None]:
+    """Make each ``(module, make)`` pair's module run ``make(its current forward)`` as its forward for the block,
+    then give every module its own forward back (an instance attribute it had, or the class's)."""
+    saved: list[tuple[nn.Module, object]] = []
+    try:
+        for m, make in patches:
+            saved.append((m, m.__dict__.get("forward")))
+            m.forward = make(m.forward)
+        yield
+    finally:
+        for m, old in saved:
+            if old is None:
+                del m.forward  # back to the class's forward
+            else:
+                m.forward = old
 
 
 @contextlib.contextmanager

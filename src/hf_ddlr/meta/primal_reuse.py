@@ -13,6 +13,7 @@ convolution in three saved.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -22,12 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batchnorm_tangent import BATCHNORM_LAYERS
+from .passes import patched_forwards
 
 __all__ = ["Recorded", "Recording", "record_outputs", "reuse_outputs"]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_RECORDED = _LAYERS + BATCHNORM_LAYERS  # BatchNorm's recorded outputs serve batchnorm_tangents
-
+_RECORDED = _LAYERS + BATCHNORM_LAYERS  # BatchNorm's recorded statistics serve batchnorm_tangents
 
 
 class Recorded(NamedTuple):
@@ -60,8 +61,8 @@ def _batchnorm_stats(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | N
 
 @contextlib.contextmanager
 def record_outputs(model: nn.Module) -> Iterator[Recording]:
-    """Keep the output of every call of a Conv1d/2d/3d, Linear or BatchNorm1d/2d/3d layer of ``model`` (in call
-    order)."""
+    """Keep the output of every call of a Conv1d/2d/3d or Linear layer of ``model``, and the batch statistics
+    (with the input's shape) of every call of a BatchNorm1d/2d/3d layer, in call order."""
     rec: Recording = {}
 
     def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
@@ -125,17 +126,8 @@ def reuse_outputs(rec: Recording) -> Iterator[None]:
     since (an in-place activation right after the layer), or whose batch dimensions differ from it (not the
     recorded forward), computes normally.
     """
-    saved: list[tuple[nn.Module, object]] = []
-    try:
-        for m, outs in rec.items():
-            if type(m) not in _LAYERS:
-                continue  # BatchNorm: batchnorm_tangents
-            saved.append((m, m.__dict__.get("forward")))
-            m.forward = _tangent_only(m, list(outs), m.forward)
+    patches = [  # BatchNorm's records serve batchnorm_tangents
+        (m, functools.partial(_tangent_only, m, list(outs))) for m, outs in rec.items() if type(m) in _LAYERS
+    ]
+    with patched_forwards(patches):
         yield
-    finally:
-        for m, old in saved:
-            if old is None:
-                del m.forward  # back to the class's forward
-            else:
-                m.forward = old

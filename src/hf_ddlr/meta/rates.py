@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -163,9 +163,9 @@ class RateTable:
         device: torch.device | str = "cpu",
     ) -> None:
         _check_level(level, num_groups)
-        if instance_gradient not in ("effective", "chain_rule"):
+        if instance_gradient not in get_args(InstanceGradient):
             raise ValueError(
-                f"instance_gradient must be 'effective' or 'chain_rule', got {instance_gradient!r}."
+                f"instance_gradient must be one of {get_args(InstanceGradient)}, got {instance_gradient!r}."
             )
         self.instance_gradient = instance_gradient
         self.level = level
