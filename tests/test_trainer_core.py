@@ -337,3 +337,34 @@ def test_meta_rows_read_once_give_the_same_run_as_rows_read_every_step(tmp_path,
     transformed.set_transform(lambda b: {"x": torch.tensor(b["x"]), "label": torch.tensor(b["label"])})
     t = run("transform", transformed)
     assert t._meta_set._rows is None and t._meta_set._whole is None
+
+
+@pytest.mark.parametrize("meta_interval", [1, 2])
+def test_meta_batches_take_the_meta_set_in_turn(tmp_path, monkeypatch, meta_interval):
+    """A meta set larger than the meta batch is taken in turn from a shuffled order: each meta batch has distinct
+    rows, every ceil(n / m) consecutive meta steps cover the whole set (the last batch of a pass wraps to its
+    start), each pass in a new order, and the rows are a function of the step (what a resumed run draws)."""
+    import hf_ddlr._batches as batches
+
+    drawn: list[list[int]] = []
+    collated = batches.MetaSetSampler._collated
+
+    def record(self, idx):
+        drawn.append([int(i) for i in idx])
+        return collated(self, idx)
+
+    monkeypatch.setattr(batches.MetaSetSampler, "_collated", record)
+    args = _args(tmp_path, per_device_train_batch_size=8, max_steps=9 * meta_interval, learning_rate=0.1, optim="sgd",
+                 lr_scheduler_type="constant", meta_batch_size=4, meta_interval=meta_interval)
+    trainer = MetaLRTrainer(model=TinyMLP(), args=args, train_dataset=make_split(24, seed=1),
+                            meta_dataset=make_split(10, seed=2))
+    trainer.train()
+    assert len(drawn) == 9
+    assert all(len(set(b)) == 4 for b in drawn)
+    passes = [sum(drawn[3 * p:3 * p + 3], []) for p in range(3)]  # ceil(10 / 4) = 3 meta steps per pass
+    assert all(set(p) == set(range(10)) for p in passes)
+    assert all(p[10:] == p[:2] for p in passes)  # the wrap: the pass's last batch ends with its first two rows
+    assert len({tuple(p[:10]) for p in passes}) == 3  # a new order every pass
+    for k, rows in enumerate(drawn):  # a function of the step alone
+        trainer.state.global_step = k * meta_interval
+        assert batches.cycled_indices(trainer, 10, 4).tolist() == rows

@@ -23,16 +23,29 @@ if TYPE_CHECKING:
 __all__ = ["MetaSetSampler", "step_seed", "to_microbatch"]
 
 
-def step_seed(trainer: MetaLRTrainer, kind: int, k: int = 0) -> int:
-    """A seed for this optimizer step, process and use (``kind`` 0: micro-batch ``k``'s dropout replay,
-    1: drawing the meta batch, 2: the meta batch's passes)."""
+def step_seed(trainer: MetaLRTrainer, kind: int, k: int = 0, step: int | None = None) -> int:
+    """A seed for this optimizer step (or ``step``), process and use (``kind`` 0: micro-batch ``k``'s dropout
+    replay, 1: the order of the meta set, 2: the meta batch's passes)."""
     return (
         trainer.args.seed * 1_000_003
-        + trainer.state.global_step * 7_919
+        + (trainer.state.global_step if step is None else step) * 7_919
         + k * 104_729
         + kind * 86_028_121
         + trainer.args.process_index * 15_485_863
     ) % (2**62)
+
+
+def cycled_indices(trainer: MetaLRTrainer, n: int, m: int) -> torch.Tensor:
+    """The rows of this meta step's meta batch: ``m`` of the meta set's ``n``, taken in turn from a shuffled
+    order of the whole set, so that every ``ceil(n / m)`` consecutive meta steps see every meta example (the
+    last batch of a pass wraps to the start of the same order), each pass in a new order. Independent draws
+    would leave some examples out of the running average of the meta gradient for many steps and count
+    others several times. A function of the step, the seed and the process, so a resumed run draws the same."""
+    per_pass, interval = -(-n // m), max(1, trainer.meta_args.meta_interval)
+    p, j = divmod(trainer.state.global_step // interval, per_pass)  # the pass, and this meta step's place in it
+    first = p * per_pass * interval  # the optimizer step of the pass's first meta step: its seed orders the pass
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(trainer, kind=1, step=first)))
+    return order[(j * m + torch.arange(m)) % n]
 
 
 def to_microbatch(trainer: MetaLRTrainer, raw: Mapping[str, Any], k: int) -> MicroBatch:
@@ -131,8 +144,7 @@ class MetaSetSampler:
         per_device = getattr(trainer, "_train_batch_size", None) or trainer.args.per_device_train_batch_size
         m = meta.meta_batch_size or per_device * trainer.args.gradient_accumulation_steps
         if m <= len(ds):
-            g = torch.Generator().manual_seed(step_seed(trainer, kind=1))
-            batch, labels = self._collated(torch.randperm(len(ds), generator=g)[:m])
+            batch, labels = self._collated(cycled_indices(trainer, len(ds), m))
         else:  # a meta set smaller than the meta batch is used whole (drawing with replacement would only add noise)
             whole = self._whole
             if whole is None:
