@@ -267,3 +267,23 @@ def test_robustness_metalr_args_keep_integers_integers():
                    "keep_history": False}
     assert type(got["meta_batch_size"]) is int and type(got["meta_lr"]) is float
 
+
+
+def test_layer_signal_quick_splits_the_products_into_groups_that_add_up(tmp_path):
+    """benchmarks/layer_signal.py --quick on the MiniLM cell: one group per encoder block plus the embeddings,
+    pooler and head, whose products add up to the meta-gradient the rates stepped on; AUROCs in range."""
+    ls = _load("layer_signal")
+    assert ls.group_of("bert.encoder.layer.3.attention.self.query.weight") == "layer03"
+    assert ls.group_of("bert.embeddings.word_embeddings.weight") == "embeddings"
+    assert ls.group_of("classifier.weight") == "classifier"
+    assert ls.group_of("model.layers.11.mlp.up_proj.weight") == "layer11"
+    assert ls.main(["--quick", "--seeds", "0", "--output_dir", str(tmp_path)]) == 0
+    (run,) = json.loads((tmp_path / "layer_signal.json").read_text())
+    assert run["parts_vs_whole_cosine"] > 0.9999
+    groups = run["groups"]
+    assert list(groups) == ["embeddings", *(f"layer{i:02d}" for i in range(6)), "pooler", "classifier", "all"]
+    for g in groups.values():
+        assert all(0.0 <= a <= 1.0 for a in g["per_visit_auroc"]) and 0.0 <= g["summed_auroc"] <= 1.0
+        assert g["share"] >= 0
+    assert groups["all"]["share"] == 1.0
+    assert "| **all (what the rates step on)** |" in (tmp_path / "layer_signal.md").read_text()
