@@ -183,7 +183,8 @@ class MetaLROptions:
         None,
         "Meta-set examples per meta step and device. Default: the examples per optimizer step and "
         "device (per_device_train_batch_size x gradient_accumulation_steps). A meta set smaller than this is "
-        "used whole at every meta step.",
+        "used whole at every meta step; a larger one is taken in turn, a new shuffled order each pass, so every "
+        "meta example counts equally in the meta-gradient average (docs/robustness.md).",
     )
     index_column: str = _option(
         "sample_index",
