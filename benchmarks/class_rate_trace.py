@@ -17,7 +17,7 @@ import robustness as R  # the robustness matrix's cells and runner (this folder)
 from hf_ddlr import MetaLRTrainer
 
 
-def trace(cell: str, seed: int, points: int = 9) -> dict:
+def trace(cell: str, seed: int, points: int = 9, quick: bool = False) -> dict:
     """Train ``cell`` / ``seed`` with MetaLR (the options in ``robustness.OVERRIDES``) and read its class rates."""
     trained: list[MetaLRTrainer] = []
     train = MetaLRTrainer.train
@@ -28,8 +28,8 @@ def trace(cell: str, seed: int, points: int = 9) -> dict:
 
     MetaLRTrainer.train = keep
     try:
-        data = R.load_data(R.CELL_BY_NAME[cell], seed)
-        res = R.run_cell(cell, seed, "metalr", data=data)
+        data = R.load_data(R.CELL_BY_NAME[cell], seed, quick)
+        res = R.run_cell(cell, seed, "metalr", quick=quick, data=data)
     finally:
         MetaLRTrainer.train = train
     t = trained[0]
@@ -48,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cell", default="vader-minilm-ft-flip30")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--metalr_args", nargs="*", default=["lr_level=both"], metavar="KEY=VALUE")
+    p.add_argument("--quick", action="store_true", help="tiny subsample, 1 epoch (smoke test)")
     a = p.parse_args(argv)
     R.OVERRIDES.update(R.parse_metalr_args(a.metalr_args))
     for s in a.seeds:
-        r = trace(a.cell, s)
+        r = trace(a.cell, s, quick=a.quick)
         auroc = "–" if r["auroc"] is None else f"{r['auroc']:.3f}"
         print(f"\n{a.cell} seed {s} ({' '.join(a.metalr_args)}): test accuracy {r['acc']:.3f}, rate AUROC {auroc}; "
               f"label shares train {np.round(r['train_share'], 3).tolist()}, meta {np.round(r['meta_share'], 3).tolist()}")

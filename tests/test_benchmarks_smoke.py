@@ -287,3 +287,24 @@ def test_layer_signal_quick_splits_the_products_into_groups_that_add_up(tmp_path
         assert g["share"] >= 0
     assert groups["all"]["share"] == 1.0
     assert "| **all (what the rates step on)** |" in (tmp_path / "layer_signal.md").read_text()
+
+
+def test_class_rate_trace_reads_the_class_rates_over_the_run(capsys):
+    """benchmarks/class_rate_trace.py --quick on a digits cell with lr_level='both': nine steps from 0 to the
+    last, ten classes, rates starting at 1 and moved by the end; a run without class rates is refused."""
+    crt = _load("class_rate_trace")
+    rb = sys.modules["robustness"]
+    saved = dict(rb.OVERRIDES)
+    try:
+        assert crt.main(["--cell", "digits-cnn-sgd-flip35", "--seeds", "0", "--quick"]) == 0
+        rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "step" not in line]
+        steps = [int(r.split("|")[1]) for r in rows]
+        rates = [[float(x) for x in r.split("|")[2:-1]] for r in rows]
+        assert steps[0] == 0 and steps == sorted(steps) and len(steps) >= 2 and all(len(x) == 10 for x in rates)
+        assert rates[0] == [1.0] * 10 and rates[-1] != rates[0]
+        rb.OVERRIDES.clear()
+        with pytest.raises(SystemExit, match="no class rates"):
+            crt.trace("digits-cnn-sgd-flip35", 0, quick=True)
+    finally:
+        rb.OVERRIDES.clear()
+        rb.OVERRIDES.update(saved)
