@@ -77,6 +77,7 @@ def test_v0_checkpoint_resumes_exactly(tmp_path, monkeypatch):
     _assert_states(state_of(resumed), state_of(straight), exact=False)  # params, rates, wd, trajectory tensors
     assert resumed.rates.num_updates == straight.rates.num_updates == MAX_STEPS
     assert resumed.rates.wd_sq_avg == pytest.approx(straight.rates.wd_sq_avg, rel=1e-6)
+    assert resumed.lr_trajectory.metadata() == straight.lr_trajectory.metadata()  # (its tensors: state_of above)
     logs = lambda t: [h for h in t.state.log_history if "loss" in h]  # noqa: E731
     assert len(logs(resumed)) == len(logs(straight)) == MAX_STEPS
     for a, b in zip(logs(resumed), logs(straight)):
