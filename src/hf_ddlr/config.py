@@ -11,14 +11,13 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .meta.engine import STRATEGIES
+from .meta.rates import INSTANCE_GRADIENTS, LEVELS
 
 __all__ = ["MetaLRConfig", "MetaLROptions", "check_meta_options", "resolve_meta_options"]
 
-LEVELS = ("instance", "class", "group", "both")
 UPDATES = ("same_step", "delayed")
 LOOKAHEADS = ("optimizer", "sgd")
 SCALINGS = ("normalized", "raw")
-INSTANCE_GRADIENTS = ("effective", "chain_rule")
 
 
 def _option(default: Any, help_text: str, choices: tuple[str, ...] | None = None) -> Any:

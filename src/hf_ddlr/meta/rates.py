@@ -16,12 +16,13 @@ from typing import Literal, get_args
 
 import torch
 
-__all__ = ["LEVELS", "RateSGD", "RateTable"]
+__all__ = ["INSTANCE_GRADIENTS", "LEVELS", "RateSGD", "RateTable"]
 
 Level = Literal["instance", "class", "group", "both"]
 LEVELS: tuple[str, ...] = ("instance", "class", "group", "both")
 Scaling = Literal["normalized", "raw"]
 InstanceGradient = Literal["effective", "chain_rule"]
+INSTANCE_GRADIENTS: tuple[str, ...] = get_args(InstanceGradient)
 
 # of RateTable.state_dict; v0 (before the table had an optimizer) is the same dict without "format_version"
 FORMAT_VERSION = 1
@@ -163,10 +164,8 @@ class RateTable:
         device: torch.device | str = "cpu",
     ) -> None:
         _check_level(level, num_groups)
-        if instance_gradient not in get_args(InstanceGradient):
-            raise ValueError(
-                f"instance_gradient must be one of {get_args(InstanceGradient)}, got {instance_gradient!r}."
-            )
+        if instance_gradient not in INSTANCE_GRADIENTS:
+            raise ValueError(f"instance_gradient must be one of {INSTANCE_GRADIENTS}, got {instance_gradient!r}.")
         self.instance_gradient = instance_gradient
         self.level = level
         self.meta_lr, self.meta_wd_lr = float(meta_lr), float(meta_wd_lr)
