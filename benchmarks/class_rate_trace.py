@@ -20,18 +20,8 @@ from hf_ddlr import MetaLRTrainer
 def trace(cell: str, seed: int, points: int = 9, quick: bool = False) -> dict:
     """Train ``cell`` / ``seed`` with MetaLR (the options in ``robustness.OVERRIDES``) and read its class rates."""
     trained: list[MetaLRTrainer] = []
-    train = MetaLRTrainer.train
-
-    def keep(self, *a, **kw):
-        trained.append(self)
-        return train(self, *a, **kw)
-
-    MetaLRTrainer.train = keep
-    try:
-        data = R.load_data(R.CELL_BY_NAME[cell], seed, quick)
-        res = R.run_cell(cell, seed, "metalr", quick=quick, data=data)
-    finally:
-        MetaLRTrainer.train = train
+    data = R.load_data(R.CELL_BY_NAME[cell], seed, quick)
+    res = R.run_cell(cell, seed, "metalr", quick=quick, data=data, after_train=trained.append)
     t = trained[0]
     if not t.lr_trajectory.has_class_rates:
         raise SystemExit("this run learned no class rates: pass --metalr_args lr_level=both (or class)")

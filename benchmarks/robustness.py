@@ -35,6 +35,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import datasets
@@ -326,10 +327,12 @@ class VisitRecorder(TrainerCallback):
         return out
 
 
-def run_cell(cell: Cell | str, seed: int, method: str, quick: bool = False, data=None) -> dict:
+def run_cell(cell: Cell | str, seed: int, method: str, quick: bool = False, data=None,
+             after_train: Callable[[Trainer], None] | None = None) -> dict:
     """Train one method ("plain", "metalr" or "oracle") on one cell and seed; return its metrics.
 
-    ``data`` (from :func:`load_data`) may be passed to share the splits between the methods of a seed.
+    ``data`` (from :func:`load_data`) may be passed to share the splits between the methods of a seed;
+    ``after_train`` is called with the trained trainer (to read more than the metrics, e.g. its trajectory).
     """
     cell = CELL_BY_NAME[cell] if isinstance(cell, str) else cell
     if method not in METHODS:
@@ -354,6 +357,8 @@ def run_cell(cell: Cell | str, seed: int, method: str, quick: bool = False, data
             trainer.add_callback(visits)
         t_train = time.time()
         trainer.train()
+        if after_train is not None:
+            after_train(trainer)
         out = {"cell": cell.name, "seed": seed, "method": method, "quick": quick,
                "fingerprint": fingerprint(cell, method, quick), "train_s": time.time() - t_train,
                "steps": trainer.state.global_step, "n_train": len(train), "n_noisy": int(noisy.sum())}
