@@ -161,7 +161,7 @@ def parse_metalr_args(pairs: list[str]) -> dict:
 # option is off, or acts only at a level the cells do not use: instance_rate_gradient changes lr_level="both"
 # runs only): left out of the fingerprint at that value, so adding an option does not outdate stored runs.
 NEUTRAL_NEW_OPTIONS = {"meta_grad_average_epochs": None, "group_column": None,
-                       "instance_rate_gradient": "effective"}
+                       "instance_rate_gradient": "effective", "center_instance_rates": False}
 
 
 def _fingerprinted_defaults() -> dict:

@@ -122,3 +122,19 @@ def test_both_instance_rates_step_on_the_effective_rate_gradient_or_the_chain_ru
 def test_instance_gradient_must_be_known():
     with pytest.raises(ValueError, match="instance_gradient"):
         RateTable(3, 2, "both", instance_gradient="exact")
+
+
+def test_centered_instance_steps_sum_to_zero_within_each_class_and_leave_the_class_rates():
+    """center_instance=True: the instance gradient minus its class's batch mean (class 0: 1, 3 -> mean 2;
+    class 1: -2 alone -> 0), normalized by the centred values' mean |.|; the class rates of 'both' step on the
+    uncentred gradient."""
+    g = torch.tensor([1.0, -2.0, 3.0])
+    labels = torch.tensor([0, 1, 0])
+    t = RateTable(3, 2, "instance", meta_lr=0.1, center_instance=True)
+    t.update(torch.tensor([0, 1, 2]), labels, g)
+    centred = torch.tensor([-1.0, 0.0, 1.0])
+    torch.testing.assert_close(t.instance, 1 - 0.1 * centred / centred.abs().mean())
+    both = RateTable(3, 2, "both", meta_lr=0.1, scaling="raw", center_instance=True)
+    both.update(torch.tensor([0, 1, 2]), labels, g)
+    torch.testing.assert_close(both.instance, 1 - 0.1 * centred)
+    torch.testing.assert_close(both.per_class, torch.tensor([1 - 0.1 * 4.0, 1 + 0.1 * 2.0]))

@@ -260,3 +260,8 @@ def test_check_fingerprint_is_an_option_of_the_config(tmp_path):
     (parsed,) = HfArgumentParser(MetaLRConfig).parse_args_into_dataclasses(
         ["--output_dir", "x", "--check_fingerprint", "false"])
     assert parsed.check_fingerprint is False
+
+
+def test_centred_instance_rates_need_instance_rates(tmp_path):
+    with pytest.raises(ValueError, match="center_instance_rates=True .* no instance rates"):
+        MetaLRConfig(output_dir=str(tmp_path), **COMMON, lr_level="class", center_instance_rates=True)

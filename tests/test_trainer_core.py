@@ -26,9 +26,12 @@ def _per_example_grads(model, x, y):
     return out
 
 
-@pytest.mark.parametrize("level", ["instance", "class", "both"])
-def test_one_sgd_step_matches_the_paper_equations(tmp_path, level):
-    """Eq. 3-7 and §2.3 of the paper, computed independently with per-example gradients."""
+@pytest.mark.parametrize("level, center", [("instance", False), ("class", False), ("both", False),
+                                           ("instance", True), ("both", True)])
+def test_one_sgd_step_matches_the_paper_equations(tmp_path, level, center):
+    """Eq. 3-7 and §2.3 of the paper, computed independently with per-example gradients. With
+    ``center_instance_rates`` an instance rate steps on its product minus the mean product of the batch's examples
+    of its class; the class rates are unchanged by it."""
     lam, meta_lr, wd, wd_lr = 0.5, 20.0, 0.01, 50.0
     train, meta = make_split(24, seed=1), make_split(10, seed=2)
     torch.manual_seed(0)
@@ -38,6 +41,7 @@ def test_one_sgd_step_matches_the_paper_equations(tmp_path, level):
         tmp_path, per_device_train_batch_size=24, max_steps=1, learning_rate=lam, optim="sgd",
         lr_scheduler_type="constant", weight_decay=wd, lr_level=level, meta_lr=meta_lr, meta_lr_scaling="raw",
         learn_weight_decay=True, weight_decay_meta_lr=wd_lr, meta_batch_size=10, lookahead="sgd", max_grad_norm=0.0,
+        center_instance_rates=center,
     )
     trainer = MetaLRTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta)
     trainer.train()
@@ -56,7 +60,12 @@ def test_one_sgd_step_matches_the_paper_equations(tmp_path, level):
     dots = torch.stack([sum((g[n] * g_meta[n]).sum() for n in theta) for g in grads])
     C = 3
     if level in ("instance", "both"):
-        expect_inst = (1 + meta_lr * (lam / N) * dots).clamp(min=0)
+        inst_dots = dots
+        if center:  # minus the mean over the batch's examples of the same label, class by class
+            inst_dots = dots.clone()
+            for c in y.unique():
+                inst_dots[y == c] -= dots[y == c].mean()
+        expect_inst = (1 + meta_lr * (lam / N) * inst_dots).clamp(min=0)
         torch.testing.assert_close(trainer.rates.instance, expect_inst, rtol=1e-4, atol=1e-5)
     else:
         assert trainer.rates.instance is None

@@ -86,12 +86,18 @@ def resolve_task(model: torch.nn.Module | None, train_dataset: Any) -> TaskLoss:
 
 
 def check_task_options(task: TaskLoss, lr_level: str, meta_strategy: str, label_smoothing: float,
-                       group_column: str | None = None) -> None:
+                       group_column: str | None = None, center_instance_rates: bool = False) -> None:
     """Refuse, at construction, the options a task does not support: class-level rates (one class per example;
-    group rates, keyed by ``group_column``, suit every task), the last-layer closed form (of single-label
-    cross-entropy), label smoothing of a non-cross-entropy loss."""
+    group rates, keyed by ``group_column``, suit every task), instance rates centred per class (the same), the
+    last-layer closed form (of single-label cross-entropy), label smoothing of a non-cross-entropy loss."""
     if task is SINGLE_LABEL:
         return
+    if center_instance_rates and not group_column:
+        raise ValueError(
+            f"center_instance_rates=True centres each instance rate's step within its class, which needs one class "
+            f"label per example; the model's task is {task.task}. Centre within groups instead (lr_level='both' "
+            f"with group_column='<column>'), or drop center_instance_rates."
+        )
     if lr_level == "class" or (lr_level == "both" and not group_column):
         raise ValueError(
             f"lr_level={lr_level!r} learns a rate per class, which needs one class label per example; the "

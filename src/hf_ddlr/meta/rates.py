@@ -117,6 +117,14 @@ class RateSGD(torch.optim.Optimizer):
             wd.fill_(value * math.exp(-group["lr"] * max(-3.0, min(3.0, g / rms))))
 
 
+def _centered_per_key(values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``values`` minus the mean of the values of the batch that share its key (its class or group)."""
+    num_keys = int(keys.max()) + 1
+    sums = values.new_zeros(num_keys).index_add_(0, keys, values)
+    counts = values.new_zeros(num_keys).index_add_(0, keys, torch.ones_like(values))
+    return values - (sums / counts.clamp(min=1))[keys]
+
+
 def _lookup_grad(table: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """The gradient of ``Σ_i values_i · table[keys_i]``: one sparse entry per lookup (not coalesced)."""
     return torch.sparse_coo_tensor(keys[None], values, table.shape, check_invariants=False)
@@ -145,6 +153,9 @@ class RateTable:
     divided by the keyed rate, a descent direction wherever it is > 0, so an example whose class or group
     rate reached 0 still learns its own rate) or on the chain rule's ``w_key · ∂L_meta/∂e_i`` with
     ``"chain_rule"``.
+
+    ``center_instance=True`` steps each instance rate on that gradient minus its mean over the batch's examples
+    of the same key (class or group), so the instance rates carry only preferences within a class or group.
     """
 
     def __init__(
@@ -161,12 +172,14 @@ class RateTable:
         scaling: Scaling = "normalized",
         max_rate: float | None = None,
         instance_gradient: InstanceGradient = "effective",
+        center_instance: bool = False,
         device: torch.device | str = "cpu",
     ) -> None:
         _check_level(level, num_groups)
         if instance_gradient not in INSTANCE_GRADIENTS:
             raise ValueError(f"instance_gradient must be one of {INSTANCE_GRADIENTS}, got {instance_gradient!r}.")
         self.instance_gradient = instance_gradient
+        self.center_instance = bool(center_instance)
         self.level = level
         self.meta_lr, self.meta_wd_lr = float(meta_lr), float(meta_wd_lr)
         self.scaling = scaling
@@ -269,6 +282,8 @@ class RateTable:
                 for other, other_keys in lookups:
                     if other is not table:
                         g = g * other[other_keys]
+            if table is self.instance and self.center_instance:
+                g = _centered_per_key(g, labels.to(g.device))
             table.grad = _lookup_grad(table, keys, g)
         if self.learn_weight_decay and weight_decay_grad is not None:
             self._weight_decay.grad = torch.tensor(weight_decay_grad, dtype=torch.float64)
