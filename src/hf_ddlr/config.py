@@ -11,7 +11,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .meta.engine import STRATEGIES
-from .meta.rates import INSTANCE_GRADIENTS, LEVELS
+from .meta.rates import INSTANCE_GRADIENTS, INSTANCE_LEVELS, LEVELS
 
 __all__ = ["MetaLRConfig", "MetaLROptions", "check_meta_options", "resolve_meta_options"]
 
@@ -258,7 +258,7 @@ def check_meta_options(opts: Any, weight_decay: float | None = None) -> None:
             f"meta_grad_average_epochs must be > 0 (a span in epochs) or None, got {opts.meta_grad_average_epochs}."
         )
     _check_group_options(opts.lr_level, opts.group_column)
-    if opts.center_instance_rates and opts.lr_level not in ("instance", "both"):
+    if opts.center_instance_rates and opts.lr_level not in INSTANCE_LEVELS:
         raise ValueError(
             f"center_instance_rates=True centres the instance rates' steps, but lr_level={opts.lr_level!r} has no "
             "instance rates: use lr_level='instance' or 'both', or drop center_instance_rates."
@@ -276,7 +276,7 @@ def check_meta_options(opts: Any, weight_decay: float | None = None) -> None:
             "learn_weight_decay=True needs a starting value: set weight_decay > 0 (e.g. 5e-4). The normalized "
             "weight-decay update is multiplicative and cannot leave 0."
         )
-    if not opts.keep_history and opts.meta_update == "delayed" and opts.lr_level in ("instance", "both"):
+    if not opts.keep_history and opts.meta_update == "delayed" and opts.lr_level in INSTANCE_LEVELS:
         raise ValueError(
             "keep_history=False with meta_update='delayed' at the instance level would train without rates: "
             "the delayed update only applies from an example's next visit, and without history the table "

@@ -16,10 +16,11 @@ from typing import Literal, get_args
 
 import torch
 
-__all__ = ["INSTANCE_GRADIENTS", "LEVELS", "RateSGD", "RateTable"]
+__all__ = ["INSTANCE_GRADIENTS", "INSTANCE_LEVELS", "LEVELS", "RateSGD", "RateTable"]
 
 Level = Literal["instance", "class", "group", "both"]
 LEVELS: tuple[str, ...] = ("instance", "class", "group", "both")
+INSTANCE_LEVELS: tuple[str, ...] = ("instance", "both")  # the levels with a per-instance table
 Scaling = Literal["normalized", "raw"]
 InstanceGradient = Literal["effective", "chain_rule"]
 INSTANCE_GRADIENTS: tuple[str, ...] = get_args(InstanceGradient)
@@ -187,7 +188,7 @@ class RateTable:
         self.learn_weight_decay = learn_weight_decay
         self.initial_weight_decay = float(weight_decay)
         keyed = level in ("class", "group", "both")
-        self.instance = torch.ones(num_examples, device=device) if level in ("instance", "both") else None
+        self.instance = torch.ones(num_examples, device=device) if level in INSTANCE_LEVELS else None
         self.per_class = torch.ones(num_classes, device=device) if keyed and num_groups is None else None
         self.per_group = torch.ones(num_groups, device=device) if keyed and num_groups is not None else None
         # a float64 scalar on the CPU (read as a float; the weight decay's arithmetic is in doubles)
