@@ -159,9 +159,11 @@ def parse_metalr_args(pairs: list[str]) -> dict:
 
 # MetaLR options added after runs were recorded, with the value at which a run is what it was before them (the
 # option is off, or acts only at a level the cells do not use: instance_rate_gradient changes lr_level="both"
-# runs only): left out of the fingerprint at that value, so adding an option does not outdate stored runs.
+# runs only, class_rate_direction runs with class or group rates): left out of the fingerprint at that value, so
+# adding an option does not outdate stored runs.
 NEUTRAL_NEW_OPTIONS = {"meta_grad_average_epochs": None, "group_column": None,
-                       "instance_rate_gradient": "effective", "center_instance_rates": False}
+                       "instance_rate_gradient": "effective", "center_instance_rates": False,
+                       "class_rate_direction": "per_step"}
 
 
 def _fingerprinted_defaults() -> dict:

@@ -74,6 +74,7 @@ def run(
     max_steps: int = MAX_STEPS,
     model: str = "mlp",
     instance_rate_gradient: str = "effective",
+    class_rate_direction: str = "per_step",
 ) -> _Recording:
     """``model="bert"``: the tiny BERT of tiny_text.py with padding (its forward takes **kwargs: the GA/DDP
     loss-scaling trap's precondition), 32 train / 16 meta sentences."""
@@ -98,6 +99,7 @@ def run(
         learn_weight_decay=model != "bert",
         lr_level="both",
         instance_rate_gradient=instance_rate_gradient,
+        class_rate_direction=class_rate_direction,
         meta_lr=0.2,
         per_device_train_batch_size=per_device_batch,
         gradient_accumulation_steps=ga,

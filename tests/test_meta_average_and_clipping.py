@@ -482,3 +482,53 @@ def test_a_span_in_epochs_is_the_factor_that_averages_over_that_many_meta_steps(
 def test_config_rejects_a_non_positive_span(tmp_path):
     with pytest.raises(ValueError, match="meta_grad_average_epochs must be > 0"):
         MetaLRConfig(output_dir=str(tmp_path), **COMMON, meta_grad_average_epochs=0.0)
+
+
+@pytest.mark.parametrize("strategy", ["exact", "jvp", "finite_difference", "last_layer"])
+def test_per_step_grad_is_the_gradient_without_the_average(strategy):
+    """per_step_too=True: besides the averaged example gradients (unchanged, the average folded in once per
+    step), the example gradients along the step's own meta gradient — what the engine returns with no
+    average at all. None when not asked for or when there is no average."""
+    model, params, specs, steps = _three_meta_steps("adamw")
+    tol = 3e-2 if strategy == "finite_difference" else 1e-4
+    avg_plain, avg_both = MetaGradientAverage(0.8), MetaGradientAverage(0.8)
+    for k, (w, m) in enumerate(steps):
+        kw = dict(weight_decay=5e-4, normalizer=16, strategy=strategy, max_grad_norm=0.05, num_labels=5)
+        plain = meta_gradients(model, params, copy.deepcopy(w), m, specs, average=avg_plain, **kw)
+        both = meta_gradients(model, params, copy.deepcopy(w), m, specs, average=avg_both, per_step_too=True, **kw)
+        none = meta_gradients(model, params, copy.deepcopy(w), m, specs, per_step_too=True, **kw)
+        assert plain.per_step_grad is None and none.per_step_grad is None
+        torch.testing.assert_close(both.example_grad, plain.example_grad, rtol=0, atol=0)
+        scale = float(none.example_grad.abs().max())
+        torch.testing.assert_close(both.per_step_grad, none.example_grad, rtol=tol, atol=tol * scale)
+        if k > 0:  # the average has history: the two directions differ
+            rel = float((both.per_step_grad - both.example_grad).norm() / both.example_grad.norm())
+            assert rel > 0.05, (strategy, k, rel)
+
+
+def _class_rate_run(tmp_path, name: str, **extra) -> MetaLRTrainer:
+    torch.manual_seed(0)
+    args = MetaLRConfig(
+        output_dir=str(tmp_path / name), **COMMON, save_strategy="no", optim="adamw_torch", learning_rate=0.05,
+        lr_scheduler_type="constant", weight_decay=0.0, lr_level="class", meta_lr=0.3, lookahead="optimizer",
+        max_grad_norm=1.0, per_device_train_batch_size=8, meta_batch_size=8, max_steps=6, **extra,
+    )
+    t = MetaLRTrainer(model=TinyMLP(hidden=12), args=args, train_dataset=make_split(32, seed=11),
+                      meta_dataset=make_split(16, seed=12))
+    t.train()
+    return t
+
+
+@pytest.mark.parametrize("layerwise", [True, False], ids=["per-layer", "forward-mode"])
+def test_class_rates_per_step_follow_the_per_step_meta_gradient(tmp_path, layerwise):
+    """class_rate_direction='per_step' with the average on gives class rates (and a model) equal to a run with
+    no average at all; 'average' does not."""
+    kw = dict(layerwise_dots=layerwise)
+    per_step = _class_rate_run(tmp_path, "ps", meta_grad_average=0.9, class_rate_direction="per_step", **kw)
+    no_avg = _class_rate_run(tmp_path, "none", meta_grad_average=0.0, **kw)
+    averaged = _class_rate_run(tmp_path, "avg", meta_grad_average=0.9, class_rate_direction="average", **kw)
+    assert float((no_avg.rates.per_class - 1).abs().max()) > 0.1  # the class rates moved
+    torch.testing.assert_close(per_step.rates.per_class, no_avg.rates.per_class, rtol=1e-5, atol=1e-6)
+    for (n, p), q in zip(per_step.model.named_parameters(), no_avg.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    assert float((averaged.rates.per_class - no_avg.rates.per_class).abs().max()) > 1e-3

@@ -138,3 +138,24 @@ def test_centered_instance_steps_sum_to_zero_within_each_class_and_leave_the_cla
     both.update(torch.tensor([0, 1, 2]), labels, g)
     torch.testing.assert_close(both.instance, 1 - 0.1 * centred)
     torch.testing.assert_close(both.per_class, torch.tensor([1 - 0.1 * 4.0, 1 + 0.1 * 2.0]))
+
+
+@pytest.mark.parametrize("level", ["class", "both"])
+def test_keyed_rates_step_on_keyed_grad_and_instance_rates_on_example_grad(level):
+    """update(..., keyed_grad=k): the class rates take the chain rule of k (times the instance rates), the
+    instance rates of 'both' keep stepping on the example gradient; a non-finite k skips the whole update."""
+    g = torch.tensor([1.0, -2.0, 4.0])
+    k = torch.tensor([-3.0, 1.0, 0.5])
+    labels = torch.tensor([0, 1, 1])
+    t = RateTable(3, 2, level, meta_lr=0.1, scaling="raw")
+    if t.instance is not None:
+        t.instance.copy_(torch.tensor([1.0, 0.5, 2.0]))
+    t.update(torch.tensor([0, 1, 2]), labels, g, keyed_grad=k)
+    w = torch.tensor([1.0, 0.5, 2.0]) if level == "both" else torch.ones(3)
+    torch.testing.assert_close(t.per_class, torch.tensor([1 + 0.1 * 3.0, 1 - 0.1 * (0.5 * 1.0 + 2.0 * 0.5)]))
+    if level == "both":  # 'effective': meta_lr · g, not k
+        torch.testing.assert_close(t.instance, w - 0.1 * g)
+    before = {n: v.clone() for n, v in t.state_dict().items()}
+    assert not t.update(torch.tensor([0, 1, 2]), labels, g, keyed_grad=torch.tensor([0.0, float("nan"), 0.0]))
+    for n, v in t.state_dict().items():
+        assert torch.equal(v, before[n]), n

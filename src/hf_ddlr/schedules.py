@@ -227,6 +227,7 @@ class MetaStepSchedule(Schedule):
             max_grad_norm=args.max_grad_norm if meta.lookahead == "optimizer" else None,
             average=trainer._meta_grad_average, weight_decay_grad_needed=meta.learn_weight_decay,
             task=trainer._task, embedding_rows=self.embedding_rows,
+            per_step_too=meta.class_rate_direction == "per_step" and trainer.rates.keyed is not None,
         )
         if not all_ranks_true(res.finite, args.device):  # every rank skips together (no hanging gather)
             trainer._meta_log.record_skipped(trainer.state.global_step, res.meta_loss)
@@ -234,7 +235,8 @@ class MetaStepSchedule(Schedule):
         idx = all_gather_varlen(torch.cat([mb.indices for mb in self.window]))
         labels = all_gather_varlen(torch.cat([self._table_keys(mb) for mb in self.window]))
         grad = all_gather_varlen(res.example_grad.to(labels.device))
-        trainer.rates.update(idx, labels, grad, res.weight_decay_grad)
+        keyed = None if res.per_step_grad is None else all_gather_varlen(res.per_step_grad.to(labels.device))
+        trainer.rates.update(idx, labels, grad, res.weight_decay_grad, keyed_grad=keyed)
         trainer._meta_log.record(res.meta_loss)
         trainer.last_meta_gradients = res
         return res

@@ -84,6 +84,9 @@ class MetaGradients:
     dots: torch.Tensor = field(repr=False, default=None)  # T·∇L_i (diagnostics, tests)
     # set when a layer tape was checked against forward mode and disagreed (the forward-mode dots were used)
     layerwise_mismatch: str | None = None
+    # ∂L_meta/∂e_i along this step's own meta gradient (not the running average), when asked for
+    # (``per_step_too``) and an average is on: what the class / group rates step on with class_rate_direction="per_step"
+    per_step_grad: torch.Tensor | None = field(repr=False, default=None)
 
     @property
     def finite(self) -> bool:
@@ -91,6 +94,7 @@ class MetaGradients:
             math.isfinite(self.meta_loss)
             and math.isfinite(self.weight_decay_grad)
             and bool(torch.isfinite(self.example_grad).all())
+            and (self.per_step_grad is None or bool(torch.isfinite(self.per_step_grad).all()))
         )
 
 
@@ -215,7 +219,7 @@ def _last_layer(
     model: nn.Module, params: Mapping[str, torch.Tensor], window: Sequence[MicroBatch], meta: MetaBatch,
     specs: Mapping[str, ParamSpec], weight_decay: float, normalizer: float, smoothing: float,
     grads: Mapping[str, torch.Tensor] | None, num_labels: int | None = None,
-    average: MetaGradientAverage | None = None,
+    average: MetaGradientAverage | None = None, per_step_too: bool = False,
 ) -> MetaGradients:
     head_name, head = find_output_layer(model, num_labels)
     hp = {n: p for n, p in params.items() if n in (f"{head_name}.weight", f"{head_name}.bias")}
@@ -259,21 +263,27 @@ def _last_layer(
         gm = dict(zip([wn] + ([bn] if bn else []), torch.autograd.grad(Lm, [W2] + ([b2] if bn else []))))
         lm = Lm.detach().reshape(1)
         all_reduce_mean_([lm, *gm.values()])
+        def head_dots(T: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            return torch.cat([((d @ T[wn].float()) * h).sum(1) + (d @ T[bn].float() if bn else 0.0)
+                              for h, d in feats])
+
+        per_step = None
         if average is not None:
+            if per_step_too:
+                per_step = -head_dots(tangent(gm, specs)) / (normalizer * world_size())
             gm = average.update(gm)
-        T = tangent(gm, specs)
-        dots = torch.cat([((d @ T[wn].float()) * h).sum(1) + (d @ T[bn].float() if bn else 0.0)
-                          for h, d in feats])
+        dots = head_dots(tangent(gm, specs))
     finally:
         hook.remove()
     wd_g = weight_decay_grad(gm, {n: hp[n] for n in gm}, specs)
-    return MetaGradients(-dots / (normalizer * world_size()), wd_g, float(lm), dots)
+    return MetaGradients(-dots / (normalizer * world_size()), wd_g, float(lm), dots, per_step_grad=per_step)
 
 
 def _exact(
     model: nn.Module, params: Mapping[str, torch.Tensor], window: Sequence[MicroBatch], meta: MetaBatch,
     specs: Mapping[str, ParamSpec], weight_decay: float, normalizer: float, smoothing: float,
     max_grad_norm: float | None = None, average: MetaGradientAverage | None = None, task: TaskLoss = SINGLE_LABEL,
+    per_step_too: bool = False,
 ) -> MetaGradients:
     if world_size() > 1:
         raise NotImplementedError(
@@ -293,17 +303,22 @@ def _exact(
         theta = lookahead(params, g, specs, wd, grad_scale=c)
         with replay_rng(meta.seed), frozen_batchnorm(model), meta_loss_mode(model, meta.dropout):
             Lm = task.mean(_losses(model, theta, meta, smoothing, task), meta.labels)
+        per_step = None
         if average is None:
             out = torch.autograd.grad(Lm, [*e_leaves, wd], allow_unused=True)
         else:  # the chain rule through θ' with the averaged meta gradient in place of this step's
             names = list(theta)
             gm = dict(zip(names, torch.autograd.grad(Lm, [theta[n] for n in names], retain_graph=True)))
+            if per_step_too:
+                raw = torch.autograd.grad(Lm, e_leaves, retain_graph=True, allow_unused=True)
+                per_step = torch.cat([o if o is not None else torch.zeros_like(e) for o, e in zip(raw, e_leaves)])
             direction = average.update(gm)
             surrogate = sum((direction[n].detach() * theta[n]).sum() for n in names)
             out = torch.autograd.grad(surrogate, [*e_leaves, wd], allow_unused=True)
     eg = torch.cat([o if o is not None else torch.zeros_like(e) for o, e in zip(out[:-1], e_leaves)])
     wd_g = float(out[-1]) if out[-1] is not None else 0.0
-    return MetaGradients(eg.detach(), wd_g, float(Lm.detach()), (-eg * normalizer).detach())
+    return MetaGradients(eg.detach(), wd_g, float(Lm.detach()), (-eg * normalizer).detach(),
+                         per_step_grad=None if per_step is None else per_step.detach())
 
 
 def meta_gradients(
@@ -328,6 +343,7 @@ def meta_gradients(
     weight_decay_grad_needed: bool = True,
     task: TaskLoss = SINGLE_LABEL,
     embedding_rows: EmbeddingRows | None = None,
+    per_step_too: bool = False,
 ) -> MetaGradients:
     """∂L_meta/∂e_i for every example of ``window`` and ∂L_meta/∂wd after the lookahead of ``specs``.
 
@@ -349,23 +365,33 @@ def meta_gradients(
     dots and says why in :attr:`MetaGradients.layerwise_mismatch`. ``embedding_rows`` (with a layer tape, and
     when the weight decay's meta-gradient is not needed): compute the lookahead of large embedding tables on
     the looked-up rows only (:mod:`~hf_ddlr.meta.rows`).
+
+    ``per_step_too`` (with an ``average``): also the example gradients along this step's own meta gradient
+    (:attr:`MetaGradients.per_step_grad`), one more set of products: the class / group rates, which move at
+    every step, step on it so that they do not chase the average's lagging direction (docs/robustness.md).
     """
     _check_arguments(strategy, layer_tape, grads, task)
     if strategy == "exact":
         return _exact(model, params, window, meta, specs, weight_decay, normalizer, label_smoothing,
-                      max_grad_norm, average, task)
+                      max_grad_norm, average, task, per_step_too)
     if strategy == "last_layer":
         return _last_layer(model, params, window, meta, specs, weight_decay, normalizer, label_smoothing, grads,
-                           num_labels, average)
+                           num_labels, average, per_step_too)
     if grads is None:
         grads = lookahead_gradient(model, params, window, normalizer, label_smoothing, loss_scale, task)
     rows = None if weight_decay_grad_needed or layer_tape is None else embedding_rows
-    meta_loss, g_meta, T = _meta_tangent(model, params, grads, meta, specs, weight_decay, label_smoothing,
-                                         loss_scale, max_grad_norm, average, task, rows, layer_tape)
+    meta_loss, g_meta, T, T_step = _meta_tangent(model, params, grads, meta, specs, weight_decay, label_smoothing,
+                                                 loss_scale, max_grad_norm, average, task, rows, layer_tape,
+                                                 per_step_too)
     dots, mismatch = _dots(model, params, window, T, strategy, label_smoothing, loss_scale, fd_eps, layer_tape,
                            check_layer_tape, task)
+    per_step = None
+    if T_step is not None:
+        step_dots, _ = _dots(model, params, window, T_step, strategy, label_smoothing, loss_scale, fd_eps,
+                             layer_tape, None, task)
+        per_step = -step_dots / (normalizer * world_size())
     wd_g = weight_decay_grad(g_meta, params, specs) if weight_decay_grad_needed else 0.0
-    return MetaGradients(-dots / (normalizer * world_size()), wd_g, meta_loss, dots, mismatch)
+    return MetaGradients(-dots / (normalizer * world_size()), wd_g, meta_loss, dots, mismatch, per_step)
 
 
 def _check_arguments(strategy: str, layer_tape: LayerTape | None, grads: Mapping | None, task: TaskLoss) -> None:
@@ -386,13 +412,14 @@ def _meta_tangent(
     model: nn.Module, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], meta: MetaBatch,
     specs: Mapping[str, ParamSpec], weight_decay: float, smoothing: float, loss_scale: float,
     max_grad_norm: float | None, average: MetaGradientAverage | None, task: TaskLoss = SINGLE_LABEL,
-    embedding_rows: EmbeddingRows | None = None, tape: LayerTape | None = None,
-) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    embedding_rows: EmbeddingRows | None = None, tape: LayerTape | None = None, per_step_too: bool = False,
+) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """The meta loss at the lookahead point θ' of the real gradient ``grads``, its gradient (the running
     average's direction when there is one), and the tangent T of the dots. The step's clipping coefficient
     is a constant of the step: θ' uses the clipped gradient and T carries the coefficient. With
     ``embedding_rows`` the tables it plans are computed on their looked-up rows (checked once against the
-    full lookahead)."""
+    full lookahead). With ``per_step_too`` and an average, also the tangent of this step's own meta gradient
+    (else None)."""
     c = clip_coefficient(grads, max_grad_norm)
     detached = {n: p.detach() for n, p in params.items()}
     rows = embedding_rows.plan(tape, meta.inputs, {n: p.shape for n, p in params.items()}) if embedding_rows else {}
@@ -405,12 +432,17 @@ def _meta_tangent(
             same = ref_loss == meta_loss and all(torch.equal(ref_g[n], g_meta[n]) for n in ref_g)
             embedding_rows.settle(same, next(iter(ref_g.values())).device)
         meta_loss, g_meta = ref_loss, ref_g
+    T_step = None
     if average is not None:
+        if per_step_too:
+            T_step = _scaled(tangent(g_meta, specs), c)
         g_meta = average.update(g_meta)
-    T = tangent(g_meta, specs)
-    if c != 1.0:  # T's tensors are new ones (tangent): scaled in place
-        T = {n: t.mul_(c) for n, t in T.items()}
-    return meta_loss, g_meta, T
+    return meta_loss, g_meta, _scaled(tangent(g_meta, specs), c), T_step
+
+
+def _scaled(T: dict[str, torch.Tensor], c: float) -> dict[str, torch.Tensor]:
+    """The tangent ``T`` (new tensors, from :func:`tangent`) times the step's clipping coefficient, in place."""
+    return T if c == 1.0 else {n: t.mul_(c) for n, t in T.items()}
 
 
 def _dots(

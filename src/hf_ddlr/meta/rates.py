@@ -261,14 +261,18 @@ class RateTable:
         labels: torch.Tensor,
         example_grad: torch.Tensor,
         weight_decay_grad: float | None = None,
+        keyed_grad: torch.Tensor | None = None,
     ) -> bool:
         """Apply ``∂L_meta/∂e_i`` of a (global) batch to the tables (see the class docstring); True if applied.
 
-        Returns False without touching anything if any gradient is not finite. The gradients stay in the
+        ``keyed_grad``: another ``∂L_meta/∂e_i`` for the class or group table to step on instead of
+        ``example_grad`` (the one along the step's own meta gradient, when the instance rates step on the running
+        average's). Returns False without touching anything if any gradient is not finite. The gradients stay in the
         tables' ``.grad`` until the next update (a rate table's is sparse: one entry per lookup).
         """
         example_grad = example_grad.detach().float()
-        finite = bool(torch.isfinite(example_grad).all()) and (
+        keyed_grad = example_grad if keyed_grad is None else keyed_grad.detach().float()
+        finite = bool(torch.isfinite(example_grad).all() & torch.isfinite(keyed_grad).all()) and (
             weight_decay_grad is None or math.isfinite(weight_decay_grad)
         )
         if not finite:
@@ -278,7 +282,7 @@ class RateTable:
         # ∂e_i/∂table[keys_i] is the product of the other levels' rates (taken before any of them moves); the
         # instance table of "both" steps on ∂L/∂e_i itself unless instance_gradient="chain_rule"
         for table, keys in lookups:
-            g = example_grad.to(table.device)
+            g = (example_grad if table is self.instance else keyed_grad).to(table.device)
             if not (table is self.instance and self.instance_gradient == "effective"):
                 for other, other_keys in lookups:
                     if other is not table:
