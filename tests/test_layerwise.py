@@ -404,10 +404,10 @@ def test_meta_gradients_from_a_tape_equal_forward_mode_and_the_check_reports_a_w
     specs = param_specs(opt, params, [n for n in params if n.endswith("weight")], mode="sgd")
     w = torch.rand(6) + 0.5
 
-    def run(tape=None, check=None, strategy="jvp"):
+    def run(tape=None, check=None, strategy="jvp", **kw):
         return meta_gradients(model, params, [MicroBatch(inputs, labels, w, seed=5)], MetaBatch(meta_inputs, meta_labels, 9),
                               specs, weight_decay=0.01, normalizer=6.0, strategy=strategy, layer_tape=tape,
-                              check_layer_tape=check)
+                              check_layer_tape=check, **kw)
 
     ref = run()
     _, tape, L = _record(model, inputs, labels)
@@ -420,6 +420,14 @@ def test_meta_gradients_from_a_tape_equal_forward_mode_and_the_check_reports_a_w
     bad = run(tape, check=0.9999)
     assert "norms" in bad.layerwise_mismatch
     torch.testing.assert_close(bad.example_grad, ref.example_grad, rtol=1e-4, atol=1e-6)  # the reference is kept
+    # the per-step products of the class / group rates do not use a tape that failed its check either (a fresh
+    # average is this step's meta gradient, so both sets equal the forward-mode reference)
+    from hf_ddlr.meta.averaging import MetaGradientAverage
+
+    bad = run(tape, check=0.9999, average=MetaGradientAverage(0.9), per_step_too=True)
+    assert "norms" in bad.layerwise_mismatch
+    torch.testing.assert_close(bad.example_grad, ref.example_grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(bad.per_step_grad, ref.example_grad, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="layer tape gives the dots of meta_strategy='jvp'"):
         run(tape, strategy="finite_difference")
 

@@ -387,8 +387,9 @@ def meta_gradients(
                            check_layer_tape, task)
     per_step = None
     if T_step is not None:
+        # (forward mode too when the tape disagreed with it: the tape is not trusted for either set)
         step_dots, _ = _dots(model, params, window, T_step, strategy, label_smoothing, loss_scale, fd_eps,
-                             layer_tape, None, task)
+                             None if mismatch else layer_tape, None, task)
         per_step = -step_dots / (normalizer * world_size())
     wd_g = weight_decay_grad(g_meta, params, specs) if weight_decay_grad_needed else 0.0
     return MetaGradients(-dots / (normalizer * world_size()), wd_g, meta_loss, dots, mismatch, per_step)
