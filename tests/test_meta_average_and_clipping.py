@@ -491,7 +491,7 @@ def test_per_step_grad_is_the_gradient_without_the_average(strategy):
     average at all. None when not asked for or when there is no average."""
     model, params, specs, steps = _three_meta_steps("adamw")
     tol = 3e-2 if strategy == "finite_difference" else 1e-4
-    avg_plain, avg_both = MetaGradientAverage(0.8), MetaGradientAverage(0.8)
+    avg_plain, avg_both, avg_only = MetaGradientAverage(0.8), MetaGradientAverage(0.8), MetaGradientAverage(0.8)
     for k, (w, m) in enumerate(steps):
         kw = dict(weight_decay=5e-4, normalizer=16, strategy=strategy, max_grad_norm=0.05, num_labels=5)
         plain = meta_gradients(model, params, copy.deepcopy(w), m, specs, average=avg_plain, **kw)
@@ -504,6 +504,12 @@ def test_per_step_grad_is_the_gradient_without_the_average(strategy):
         if k > 0:  # the average has history: the two directions differ
             rel = float((both.per_step_grad - both.example_grad).norm() / both.example_grad.norm())
             assert rel > 0.05, (strategy, k, rel)
+        if strategy in ("jvp", "finite_difference"):  # no instance rates: the per-step products alone
+            only = meta_gradients(model, params, copy.deepcopy(w), m, specs, average=avg_only, per_step_too=True,
+                                  average_products=False, **kw)
+            torch.testing.assert_close(only.example_grad, both.per_step_grad, rtol=0, atol=0)
+            assert only.per_step_grad is only.example_grad
+            assert only.weight_decay_grad == both.weight_decay_grad  # the average is still kept
 
 
 def _class_rate_run(tmp_path, name: str, **extra) -> MetaLRTrainer:
@@ -520,11 +526,16 @@ def _class_rate_run(tmp_path, name: str, **extra) -> MetaLRTrainer:
 
 
 @pytest.mark.parametrize("layerwise", [True, False], ids=["per-layer", "forward-mode"])
-def test_class_rates_per_step_follow_the_per_step_meta_gradient(tmp_path, layerwise):
+def test_class_rates_per_step_follow_the_per_step_meta_gradient(tmp_path, monkeypatch, layerwise):
     """class_rate_direction='per_step' with the average on gives class rates (and a model) equal to a run with
-    no average at all; 'average' does not."""
+    no average at all, taking one set of products per step (there are no instance rates for the average's);
+    'average' does not."""
     kw = dict(layerwise_dots=layerwise)
+    calls = []
+    jvp = engine.jvp_dots
+    monkeypatch.setattr(engine, "jvp_dots", lambda *a, **k: calls.append(1) or jvp(*a, **k))
     per_step = _class_rate_run(tmp_path, "ps", meta_grad_average=0.9, class_rate_direction="per_step", **kw)
+    assert len(calls) == (1 if layerwise else 6)  # per-layer: the first step's check only
     no_avg = _class_rate_run(tmp_path, "none", meta_grad_average=0.0, **kw)
     averaged = _class_rate_run(tmp_path, "avg", meta_grad_average=0.9, class_rate_direction="average", **kw)
     assert float((no_avg.rates.per_class - 1).abs().max()) > 0.1  # the class rates moved

@@ -228,6 +228,7 @@ class MetaStepSchedule(Schedule):
             average=trainer._meta_grad_average, weight_decay_grad_needed=meta.learn_weight_decay,
             task=trainer._task, embedding_rows=self.embedding_rows,
             per_step_too=meta.class_rate_direction == "per_step" and trainer.rates.keyed is not None,
+            average_products=trainer.rates.instance is not None,  # class / group rates only: the per-step set alone
         )
         if not all_ranks_true(res.finite, args.device):  # every rank skips together (no hanging gather)
             trainer._meta_log.record_skipped(trainer.state.global_step, res.meta_loss)

@@ -344,6 +344,7 @@ def meta_gradients(
     task: TaskLoss = SINGLE_LABEL,
     embedding_rows: EmbeddingRows | None = None,
     per_step_too: bool = False,
+    average_products: bool = True,
 ) -> MetaGradients:
     """∂L_meta/∂e_i for every example of ``window`` and ∂L_meta/∂wd after the lookahead of ``specs``.
 
@@ -369,6 +370,9 @@ def meta_gradients(
     ``per_step_too`` (with an ``average``): also the example gradients along this step's own meta gradient
     (:attr:`MetaGradients.per_step_grad`), one more set of products: the class / group rates, which move at
     every step, step on it so that they do not chase the average's lagging direction (docs/robustness.md).
+    ``average_products=False`` (with ``per_step_too``; no instance rates to step on the average's products): the
+    jvp and finite-difference strategies take only the per-step products, which are then
+    :attr:`MetaGradients.example_grad` too (the average is still updated: the weight decay's meta-gradient uses it).
     """
     _check_arguments(strategy, layer_tape, grads, task)
     if strategy == "exact":
@@ -383,6 +387,12 @@ def meta_gradients(
     meta_loss, g_meta, T, T_step = _meta_tangent(model, params, grads, meta, specs, weight_decay, label_smoothing,
                                                  loss_scale, max_grad_norm, average, task, rows, layer_tape,
                                                  per_step_too)
+    wd_g = weight_decay_grad(g_meta, params, specs) if weight_decay_grad_needed else 0.0
+    if T_step is not None and not average_products:
+        dots, mismatch = _dots(model, params, window, T_step, strategy, label_smoothing, loss_scale, fd_eps,
+                               layer_tape, check_layer_tape, task)
+        eg = -dots / (normalizer * world_size())
+        return MetaGradients(eg, wd_g, meta_loss, dots, mismatch, eg)
     dots, mismatch = _dots(model, params, window, T, strategy, label_smoothing, loss_scale, fd_eps, layer_tape,
                            check_layer_tape, task)
     per_step = None
@@ -391,7 +401,6 @@ def meta_gradients(
         step_dots, _ = _dots(model, params, window, T_step, strategy, label_smoothing, loss_scale, fd_eps,
                              None if mismatch else layer_tape, None, task)
         per_step = -step_dots / (normalizer * world_size())
-    wd_g = weight_decay_grad(g_meta, params, specs) if weight_decay_grad_needed else 0.0
     return MetaGradients(-dots / (normalizer * world_size()), wd_g, meta_loss, dots, mismatch, per_step)
 
 
