@@ -97,10 +97,11 @@ class MetaLROptions:
         "per_step",
         "With class or group rates and the meta-gradient average on: the meta-gradient direction the class or "
         "group rates step on. 'per_step' (default): this step's own meta gradient (with lr_level='both' one more "
-        "set of products per meta step; with class or group rates alone, the same number). 'average': the running average, like the instance rates — class and group "
-        "rates move at every step, so on the average's lagging direction they keep moving after the balance "
-        "has passed and can swing with a growing amplitude (on a binary fine-tune, 21 points of accuracy "
-        "lost; docs/robustness.md). Instance rates, which move once per epoch, keep the average either way.",
+        "set of products per meta step; with class or group rates alone, the same number). 'average': the "
+        "running average, like the instance rates — class and group rates move at every step, so on the "
+        "average's lagging direction they keep moving after the balance has passed and can swing with a "
+        "growing amplitude (on a binary fine-tune, 21 points of accuracy lost; docs/robustness.md). Instance "
+        "rates, which move once per epoch, keep the average either way.",
         choices=CLASS_RATE_DIRECTIONS,
     )
     center_instance_rates: bool = _option(

@@ -387,21 +387,18 @@ def meta_gradients(
     meta_loss, g_meta, T, T_step = _meta_tangent(model, params, grads, meta, specs, weight_decay, label_smoothing,
                                                  loss_scale, max_grad_norm, average, task, rows, layer_tape,
                                                  per_step_too)
-    wd_g = weight_decay_grad(g_meta, params, specs) if weight_decay_grad_needed else 0.0
-    if T_step is not None and not average_products:
-        dots, mismatch = _dots(model, params, window, T_step, strategy, label_smoothing, loss_scale, fd_eps,
-                               layer_tape, check_layer_tape, task)
-        eg = -dots / (normalizer * world_size())
-        return MetaGradients(eg, wd_g, meta_loss, dots, mismatch, eg)
-    dots, mismatch = _dots(model, params, window, T, strategy, label_smoothing, loss_scale, fd_eps, layer_tape,
-                           check_layer_tape, task)
-    per_step = None
-    if T_step is not None:
+    only_step = T_step is not None and not average_products  # the per-step set is the only one
+    dots, mismatch = _dots(model, params, window, T_step if only_step else T, strategy, label_smoothing, loss_scale,
+                           fd_eps, layer_tape, check_layer_tape, task)
+    example_grad = -dots / (normalizer * world_size())
+    per_step = example_grad if only_step else None
+    if T_step is not None and not only_step:
         # (forward mode too when the tape disagreed with it: the tape is not trusted for either set)
         step_dots, _ = _dots(model, params, window, T_step, strategy, label_smoothing, loss_scale, fd_eps,
                              None if mismatch else layer_tape, None, task)
         per_step = -step_dots / (normalizer * world_size())
-    return MetaGradients(-dots / (normalizer * world_size()), wd_g, meta_loss, dots, mismatch, per_step)
+    wd_g = weight_decay_grad(g_meta, params, specs) if weight_decay_grad_needed else 0.0
+    return MetaGradients(example_grad, wd_g, meta_loss, dots, mismatch, per_step)
 
 
 def _check_arguments(strategy: str, layer_tape: LayerTape | None, grads: Mapping | None, task: TaskLoss) -> None:
