@@ -37,6 +37,7 @@ from ._tasks import decoder_inputs
 from .meta import MetaGradients, MicroBatch, find_output_layer, meta_gradients
 from .meta.distributed import all_gather_varlen, all_ranks_true, all_reduce_mean_
 from .meta.layerwise import LayerTape, record_layers
+from .meta.layout import MetaLayout
 from .meta.passes import extract_logits
 from .meta.primal_reuse import record_outputs
 from .meta.rows import EmbeddingRows
@@ -188,6 +189,7 @@ class MetaStepSchedule(Schedule):
         super().__init__(trainer)
         self.strategy = self.meta.meta_strategy
         self.embedding_rows = EmbeddingRows()  # large embedding tables' lookahead on the looked-up rows
+        self.meta_layout = MetaLayout()  # the meta batch's images channels-last on CPU (checked on first use)
         if self.strategy == "finite_difference" and (trainer.args.bf16 or trainer.args.fp16):
             warnings.warn(
                 "meta_strategy='finite_difference' is unreliable in half precision (the perturbation drowns "
@@ -217,8 +219,9 @@ class MetaStepSchedule(Schedule):
         model.train()
         params = trainable_params(model)
         specs = trainer._lookahead_specs(params)
+        meta_batch = self.meta_layout.prepare(model, trainer._meta_set.sample(), args.device)
         res = meta_gradients(
-            model, params, self.window, trainer._meta_set.sample(), specs,
+            model, params, self.window, meta_batch, specs,
             weight_decay=trainer.rates.weight_decay if meta.learn_weight_decay else args.weight_decay,
             normalizer=self.normalizer, strategy=self.strategy, grads=grads,
             label_smoothing=args.label_smoothing_factor, fd_eps=meta.fd_epsilon, loss_scale=self._loss_scale(),

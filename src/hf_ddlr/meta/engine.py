@@ -101,7 +101,8 @@ class MetaGradients:
 def _grads(out: torch.Tensor, params: Mapping[str, torch.Tensor], **kw) -> dict[str, torch.Tensor]:
     names = list(params)
     gs = torch.autograd.grad(out, [params[n] for n in names], allow_unused=True, **kw)
-    return {n: (g if g is not None else torch.zeros_like(params[n])) for n, g in zip(names, gs)}
+    # (contiguous: a convolution on channels-last activations returns its weight's gradient in that layout)
+    return {n: (g.contiguous() if g is not None else torch.zeros_like(params[n])) for n, g in zip(names, gs)}
 
 
 def _losses(

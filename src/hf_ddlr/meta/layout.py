@@ -1,0 +1,114 @@
+"""The memory layout of the meta batch's images: channels-last on CPU, where the meta passes run faster in it.
+
+On CPU, PyTorch's kernels for convolutions, max-pooling and BatchNorm are much faster on channels-last (NHWC)
+tensors than on the default NCHW ones: measured on this project's 4-conv BatchNorm CNN (batch 64, 32×32, 2
+threads) a forward took 19 ms in NCHW and 9 ms channels-last, a forward and backward 39 ms and 28 ms
+(docs/speed.md). The meta loss's forward and backward, and the meta forward of ``meta_strategy="last_layer"``,
+are passes of the meta step's own on a batch of its own, so they can run channels-last whatever the user's
+layout: a convolution given a channels-last input returns a channels-last output, and every later layer follows.
+The values are the same up to floating-point rounding. The real step is the user's and keeps its layout.
+
+Strides are not values for every model: a forward that ``.view``\\ s an activation fails on a channels-last one,
+and a forward that reads the strides may compute something else. So the first meta step checks the model: its
+meta-batch logits in both layouts must agree (every process must agree, so that all take the same path), or
+the meta batch keeps its layout for the rest of the run. On other devices the layout is left as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .distributed import all_ranks_true
+from .engine import MetaBatch
+from .passes import frozen_batchnorm, functional_logits, meta_loss_mode, replay_rng
+
+__all__ = ["MetaLayout", "channels_last_inputs"]
+
+logger = logging.getLogger(__name__)
+
+
+def channels_last_inputs(inputs: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``inputs`` with every contiguous 4-D floating-point CPU tensor (a batch of images) in channels-last
+    layout (the same values), or None when there is no such tensor."""
+    out, changed = dict(inputs), False
+    for k, v in inputs.items():
+        if (isinstance(v, torch.Tensor) and v.dim() == 4 and v.is_floating_point() and v.device.type == "cpu"
+                and v.is_contiguous() and v.shape[2] * v.shape[3] > 1):
+            out[k] = _channels_last(v)
+            changed = True
+    return out if changed else None
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (NCHW-contiguous) channels-last. With one channel the memory is already in that order, but
+    ``contiguous(memory_format=...)`` keeps the NCHW strides, which convolutions read as NCHW; the view with a
+    channel stride of 1 is what they read as channels-last."""
+    if x.shape[1] == 1:
+        _, _, h, w = x.shape
+        return x.as_strided(x.shape, (h * w, 1, w, 1))
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+class MetaLayout:
+    """Whether the meta batches of a run go to the meta passes channels-last: a state machine, one per run,
+    the same on every process.
+
+    - ``"unchecked"``: until the first meta batch; when it holds images on CPU, that step compares the model's
+      logits in both layouts (two forwards without gradients, once per run).
+    - ``"channels_last"``: the check passed; every later meta batch's images are channels-last.
+    - ``"off"``: no images on CPU, or the check failed on some process (the model's forward depends on the
+      layout); the meta batches keep their layout.
+    """
+
+    def __init__(self) -> None:
+        self.state = "unchecked"
+        self.reason: str | None = None  # why the check failed
+
+    def prepare(self, model: nn.Module, meta: MetaBatch, device: Any = "cpu") -> MetaBatch:
+        """``meta`` with its images channels-last when this run uses that layout (checked on first use)."""
+        if self.state == "off":
+            return meta
+        converted = channels_last_inputs(meta.inputs)
+        if self.state == "unchecked":
+            if not all_ranks_true(converted is not None, device):  # (one collective: the first meta step)
+                self.state, self.reason = "off", "no images on CPU in the meta batch"
+                return meta
+            problem = _layout_problem(model, meta, converted)
+            if all_ranks_true(problem is None, device):
+                self.state = "channels_last"
+            else:
+                self.state, self.reason = "off", problem or "the check failed on another process"
+                logger.info("The meta batches keep their memory layout: %s.", self.reason)
+                return meta
+        return meta if converted is None else replace(meta, inputs=converted)
+
+
+def _layout_problem(model: nn.Module, meta: MetaBatch, converted: Mapping[str, Any]) -> str | None:
+    """Why the model's meta-batch logits differ between the given layout and ``converted`` (None: they agree to
+    rounding)."""
+    was_training = model.training
+    model.train()
+    try:
+        with torch.no_grad(), frozen_batchnorm(model), meta_loss_mode(model, meta.dropout):
+            with replay_rng(meta.seed):
+                ref = functional_logits(model, {}, meta.inputs).float()
+            try:
+                with replay_rng(meta.seed):
+                    got = functional_logits(model, {}, converted).float()
+            except Exception as err:  # e.g. a .view of a channels-last activation
+                return f"the model's forward failed on channels-last images ({type(err).__name__}: {err})"
+    finally:
+        model.train(was_training)
+    if got.shape != ref.shape:
+        return f"the model's logits have shape {tuple(got.shape)} on channels-last images, {tuple(ref.shape)} otherwise"
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    err = float((got - ref).abs().max()) if ref.numel() else 0.0
+    if not err <= 1e-4 * max(scale, 1.0):
+        return f"the model's logits differ by {err:.3g} on channels-last images (largest logit {scale:.3g})"
+    return None

@@ -1,0 +1,134 @@
+"""The meta batch's images channels-last on CPU: the conversion reaches the convolutions (one channel too), the
+meta loss and its gradient are those of the given layout, models whose forward depends on the layout are found
+by the first step's check and keep their layout, and the trainer wires it in."""
+
+from __future__ import annotations
+
+import datasets
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from hf_ddlr import MetaLRConfig, MetaLRTrainer
+from hf_ddlr.meta import MetaBatch
+from hf_ddlr.meta.engine import meta_loss_gradient
+from hf_ddlr.meta.layout import MetaLayout, channels_last_inputs
+
+CL = torch.channels_last
+
+
+class _Net(nn.Module):
+    """conv-BN-ReLU-maxpool ×2 and a linear head; ``flatten``: how the head's input is made."""
+
+    def __init__(self, channels: int = 3, flatten: str = "flatten"):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(channels, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 2 * 2, 4)
+        self.flatten = flatten
+        self.seen: list[bool] = []  # whether the first convolution's output was channels-last, per forward
+
+    def forward(self, pixel_values, labels=None):
+        h = self.c1(pixel_values)
+        self.seen.append(h.is_contiguous(memory_format=CL) and not h.is_contiguous())
+        h = F.max_pool2d(F.relu(self.b1(h)), 2)
+        h = F.max_pool2d(F.relu(self.b2(self.c2(h))), 2)
+        if self.flatten == "view":  # a .view of an activation: fails on a channels-last one
+            h = h.view(h.shape[0], -1)
+        elif self.flatten == "strides":  # reads the memory order: other values on a channels-last activation
+            h = h.permute(0, 2, 3, 1).reshape(h.shape[0], -1) if not h.is_contiguous() else h.flatten(1)
+        else:
+            h = h.flatten(1)
+        return SequenceClassifierOutput(logits=self.fc(h))
+
+
+def _batch(channels: int = 3, n: int = 16, seed: int = 0) -> MetaBatch:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, 8, 8, generator=g)
+    return MetaBatch({"pixel_values": x}, torch.randint(0, 4, (n,), generator=g), seed=1)
+
+
+def test_images_become_channels_last_and_reach_the_convolutions_with_one_channel_too():
+    for channels in (3, 1):
+        x = torch.randn(4, channels, 8, 8)
+        got = channels_last_inputs({"pixel_values": x, "mask": torch.ones(4, 8), "ids": torch.zeros(4, 1, 2, 2).long()})
+        assert torch.equal(got["pixel_values"], x)  # the same values
+        assert got["mask"] is not None and got["mask"].is_contiguous() and got["ids"].is_contiguous()
+        model = _Net(channels)
+        model(got["pixel_values"])
+        model(x)
+        assert model.seen == [True, False], channels  # the convolution ran channels-last on the converted input
+    assert channels_last_inputs({"input_ids": torch.zeros(2, 5).long(), "x": torch.randn(2, 6)}) is None
+
+
+def test_the_meta_loss_and_its_gradient_are_those_of_the_given_layout():
+    torch.manual_seed(0)
+    model = _Net(3)
+    model.train()
+    meta = _batch(3)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    ref_loss, ref = meta_loss_gradient(model, params, meta)
+    layout = MetaLayout()
+    converted = layout.prepare(model, meta)
+    assert layout.state == "channels_last"
+    assert converted.inputs["pixel_values"].is_contiguous(memory_format=CL)
+    assert meta.inputs["pixel_values"].is_contiguous()  # the given batch is left as it was
+    model.seen.clear()
+    loss, got = meta_loss_gradient(model, params, converted)
+    assert model.seen == [True]
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    top = max(float(r.abs().max()) for r in ref.values())  # (c1.bias's gradient is 0 up to rounding: BatchNorm)
+    for n in ref:
+        assert got[n].is_contiguous(), n  # conv weight gradients come back in the parameters' layout
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-5 * top, msg=n)
+    # later batches are converted without another check
+    model.seen.clear()
+    layout.prepare(model, _batch(3, seed=1))
+    assert model.seen == []
+
+
+def test_models_whose_forward_depends_on_the_layout_keep_it():
+    for flatten, why in (("view", "failed"), ("strides", "differ")):
+        torch.manual_seed(0)
+        model = _Net(3, flatten=flatten)
+        layout = MetaLayout()
+        meta = _batch(3)
+        assert layout.prepare(model, meta) is meta
+        assert layout.state == "off" and why in layout.reason, (flatten, layout.reason)
+        assert layout.prepare(model, _batch(3, seed=1)).inputs["pixel_values"].is_contiguous()
+
+
+def test_batches_without_images_are_left_alone_and_not_checked():
+    layout = MetaLayout()
+    meta = MetaBatch({"input_ids": torch.zeros(4, 6).long()}, torch.zeros(4).long(), seed=0)
+    assert layout.prepare(nn.Identity(), meta) is meta and layout.state == "off"  # decided once, without a forward
+
+
+def _images(n: int, seed: int) -> datasets.Dataset:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = torch.randn(n, 3, 8, 8, generator=g) + y[:, None, None, None].float()
+    return datasets.Dataset.from_dict({"pixel_values": x.numpy(), "labels": y.numpy()})
+
+
+def test_the_trainer_runs_its_meta_passes_channels_last_when_the_model_allows_it(tmp_path):
+    def run(flatten: str) -> MetaLRTrainer:
+        torch.manual_seed(0)
+        model = _Net(3, flatten=flatten)
+        args = MetaLRConfig(output_dir=str(tmp_path / flatten), report_to=[], use_cpu=True, save_strategy="no",
+                            disable_tqdm=True, seed=0, optim="sgd", learning_rate=0.1, max_steps=3,
+                            per_device_train_batch_size=16)
+        t = MetaLRTrainer(model=model, args=args, train_dataset=_images(48, 0), meta_dataset=_images(16, 1))
+        t.train()
+        return t
+
+    a = run("flatten")
+    assert a._schedule.meta_layout.state == "channels_last"
+    # per step: the real forward and the forward-mode pass of the dots on the training batch (the user's layout),
+    # between them the meta loss's forward (channels-last); before it, on the first step, the check's two
+    real, check, meta, dots = [False], [False, True], [True], [False]
+    assert a.model.seen == real + check + meta + dots + (real + meta + dots) * 2
+    b = run("view")  # would raise in the meta loss if the check let the layout through
+    assert b._schedule.meta_layout.state == "off"
+    assert not torch.equal(b.rates.instance, torch.ones_like(b.rates.instance))
