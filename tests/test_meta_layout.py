@@ -4,6 +4,9 @@ by the first step's check and keep their layout, and the trainer wires it in."""
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+
 import datasets
 import torch
 import torch.nn.functional as F
@@ -11,9 +14,10 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
-from hf_ddlr.meta import MetaBatch
-from hf_ddlr.meta.engine import meta_loss_gradient
+from hf_ddlr.meta import MetaBatch, MicroBatch, frozen_batchnorm, replay_rng
+from hf_ddlr.meta.engine import jvp_dots, meta_loss_gradient
 from hf_ddlr.meta.layout import MetaLayout, channels_last_inputs
+from hf_ddlr.meta.primal_reuse import Recorded, record_outputs
 
 CL = torch.channels_last
 
@@ -88,6 +92,34 @@ def test_the_meta_loss_and_its_gradient_are_those_of_the_given_layout():
     assert model.seen == []
 
 
+def test_the_dots_pass_runs_channels_last_on_the_real_forwards_recorded_outputs():
+    for channels in (3, 1):
+        torch.manual_seed(0)
+        model = _Net(channels)
+        model.train()
+        x, y = torch.randn(16, channels, 8, 8), torch.randint(0, 4, (16,))
+        with replay_rng(5), frozen_batchnorm(model), record_outputs(model) as rec:
+            model(pixel_values=x)  # the real forward, NCHW
+        params = dict(model.named_parameters())
+        T = {n: torch.randn_like(p) for n, p in params.items()}
+        mb = MicroBatch({"pixel_values": x}, y, torch.ones(16), seed=5, outputs=rec)
+        ref = jvp_dots(model, params, copy.copy(mb), T)
+        layout = MetaLayout()
+        layout.prepare(model, _batch(channels))
+        (converted,) = layout.window([mb])
+        assert converted is not mb and mb.inputs["pixel_values"].is_contiguous()
+        model.seen.clear()
+        got = jvp_dots(model, params, converted, T)
+        assert model.seen == [True]  # the first convolution's (recorded) output was given the channels-last layout
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+        # negative control: the recorded outputs are what the pass used
+        wrong = replace(converted, outputs={m: [Recorded(o * 1.5, o._version) if o is not None else r
+                                                for r in outs for o in [r.output]] for m, outs in rec.items()})
+        assert not torch.allclose(jvp_dots(model, params, wrong, T), ref, rtol=1e-2)
+    layout.state = "off"
+    assert layout.window([mb])[0] is mb
+
+
 def test_models_whose_forward_depends_on_the_layout_keep_it():
     for flatten, why in (("view", "failed"), ("strides", "differ")):
         torch.manual_seed(0)
@@ -125,9 +157,9 @@ def test_the_trainer_runs_its_meta_passes_channels_last_when_the_model_allows_it
 
     a = run("flatten")
     assert a._schedule.meta_layout.state == "channels_last"
-    # per step: the real forward and the forward-mode pass of the dots on the training batch (the user's layout),
-    # between them the meta loss's forward (channels-last); before it, on the first step, the check's two
-    real, check, meta, dots = [False], [False, True], [True], [False]
+    # per step: the real forward (the user's layout), the meta loss's forward and the forward-mode pass of the dots
+    # (channels-last); before them, on the first step, the check's two forwards
+    real, check, meta, dots = [False], [False, True], [True], [True]
     assert a.model.seen == real + check + meta + dots + (real + meta + dots) * 2
     b = run("view")  # would raise in the meta loss if the check let the layout through
     assert b._schedule.meta_layout.state == "off"

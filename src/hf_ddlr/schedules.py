@@ -220,8 +220,9 @@ class MetaStepSchedule(Schedule):
         params = trainable_params(model)
         specs = trainer._lookahead_specs(params)
         meta_batch = self.meta_layout.prepare(model, trainer._meta_set.sample(), args.device)
+        window = self.meta_layout.window(self.window) if self.strategy == "jvp" else self.window
         res = meta_gradients(
-            model, params, self.window, meta_batch, specs,
+            model, params, window, meta_batch, specs,
             weight_decay=trainer.rates.weight_decay if meta.learn_weight_decay else args.weight_decay,
             normalizer=self.normalizer, strategy=self.strategy, grads=grads,
             label_smoothing=args.label_smoothing_factor, fd_eps=meta.fd_epsilon, loss_scale=self._loss_scale(),

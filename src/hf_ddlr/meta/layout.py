@@ -3,10 +3,13 @@
 On CPU, PyTorch's kernels for convolutions, max-pooling and BatchNorm are much faster on channels-last (NHWC)
 tensors than on the default NCHW ones: measured on this project's 4-conv BatchNorm CNN (batch 64, 32×32, 2
 threads) a forward took 19 ms in NCHW and 9 ms channels-last, a forward and backward 39 ms and 28 ms
-(docs/speed.md). The meta loss's forward and backward, and the meta forward of ``meta_strategy="last_layer"``,
-are passes of the meta step's own on a batch of its own, so they can run channels-last whatever the user's
-layout: a convolution given a channels-last input returns a channels-last output, and every later layer follows.
-The values are the same up to floating-point rounding. The real step is the user's and keeps its layout.
+(docs/speed.md). The meta loss's forward and backward, the meta forward of ``meta_strategy="last_layer"`` and
+the forward-mode pass of the dots are passes of the meta step's own, so they can run channels-last whatever the
+user's layout: a convolution given a channels-last input returns a channels-last output, and every later layer
+follows (the dots pass gives the real forward's recorded outputs that layout as it reuses them,
+:mod:`~hf_ddlr.meta.primal_reuse`). The values are the same up to floating-point rounding — a little more of it
+in BatchNorm, whose channels-last CPU kernel accumulates its statistics less precisely (docs/speed.md). The real
+step is the user's and keeps its layout.
 
 Strides are not values for every model: a forward that ``.view``\\ s an activation fails on a channels-last one,
 and a forward that reads the strides may compute something else. So the first meta step checks the model: its
@@ -17,7 +20,7 @@ the meta batch keeps its layout for the rest of the run. On other devices the la
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -25,7 +28,7 @@ import torch
 from torch import nn
 
 from .distributed import all_ranks_true
-from .engine import MetaBatch
+from .engine import MetaBatch, MicroBatch
 from .passes import frozen_batchnorm, functional_logits, meta_loss_mode, replay_rng
 
 __all__ = ["MetaLayout", "channels_last_inputs"]
@@ -87,6 +90,19 @@ class MetaLayout:
                 logger.info("The meta batches keep their memory layout: %s.", self.reason)
                 return meta
         return meta if converted is None else replace(meta, inputs=converted)
+
+    def window(self, window: Sequence[MicroBatch]) -> list[MicroBatch]:
+        """The training micro-batches for the meta step's forward-mode pass: copies with their images
+        channels-last when the meta batches are (the check of the model's forward covers them too; a pass that
+        reuses the real forward's outputs gives them that layout as it goes). Not for finite differences,
+        which subtract losses of the real forward's layout."""
+        if self.state != "channels_last":
+            return list(window)
+        out = []
+        for mb in window:
+            converted = channels_last_inputs(mb.inputs)
+            out.append(mb if converted is None else replace(mb, inputs=converted))
+        return out
 
 
 def _layout_problem(model: nn.Module, meta: MetaBatch, converted: Mapping[str, Any]) -> str | None:
