@@ -107,20 +107,15 @@ class MetaLayout:
 
 def _layout_problem(model: nn.Module, meta: MetaBatch, converted: Mapping[str, Any]) -> str | None:
     """Why the model's meta-batch logits differ between the given layout and ``converted`` (None: they agree to
-    rounding)."""
-    was_training = model.training
-    model.train()
-    try:
-        with torch.no_grad(), frozen_batchnorm(model), meta_loss_mode(model, meta.dropout):
+    rounding). The model is in the mode the meta step put it in."""
+    with torch.no_grad(), frozen_batchnorm(model), meta_loss_mode(model, meta.dropout):  # as the meta loss runs
+        with replay_rng(meta.seed):
+            ref = functional_logits(model, {}, meta.inputs).float()
+        try:
             with replay_rng(meta.seed):
-                ref = functional_logits(model, {}, meta.inputs).float()
-            try:
-                with replay_rng(meta.seed):
-                    got = functional_logits(model, {}, converted).float()
-            except Exception as err:  # e.g. a .view of a channels-last activation
-                return f"the model's forward failed on channels-last images ({type(err).__name__}: {err})"
-    finally:
-        model.train(was_training)
+                got = functional_logits(model, {}, converted).float()
+        except Exception as err:  # e.g. a .view of a channels-last activation
+            return f"the model's forward failed on channels-last images ({type(err).__name__}: {err})"
     if got.shape != ref.shape:
         return f"the model's logits have shape {tuple(got.shape)} on channels-last images, {tuple(ref.shape)} otherwise"
     scale = float(ref.abs().max()) if ref.numel() else 0.0
