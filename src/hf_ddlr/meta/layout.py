@@ -120,6 +120,8 @@ def _layout_problem(model: nn.Module, meta: MetaBatch, converted: Mapping[str, A
         return f"the model's logits have shape {tuple(got.shape)} on channels-last images, {tuple(ref.shape)} otherwise"
     scale = float(ref.abs().max()) if ref.numel() else 0.0
     err = float((got - ref).abs().max()) if ref.numel() else 0.0
-    if not err <= 1e-4 * max(scale, 1.0):
+    # (a forward that depends on the layout is off by the size of the logits; rounding, by ~1e-4 of it on a
+    # BatchNorm ResNet, whose channels-last kernel accumulates its statistics less precisely)
+    if not err <= 1e-3 * max(scale, 1.0):
         return f"the model's logits differ by {err:.3g} on channels-last images (largest logit {scale:.3g})"
     return None
