@@ -330,8 +330,25 @@ class SameStepFused(SameStepWindow):
         second backward through the model), and whose value is the weighted loss (what the Trainer logs)."""
         G = tape.weighted_grads(w / self.normalizer)
         params = trainable_params(self.trainer.model)
-        S = sum((params[n] * g.to(params[n].dtype)).sum() for n, g in G.items())
-        return (S - S.detach()) + (w.to(L.dtype) * L.detach()).sum() / self.normalizer
+        names = list(G)
+        grads = [G[n].to(params[n].dtype) for n in names]
+        inject = _GradientOf.apply(grads, *(params[n] for n in names))
+        return inject + (w.to(L.dtype) * L.detach()).sum() / self.normalizer
+
+
+class _GradientOf(torch.autograd.Function):
+    """A zero whose gradient w.r.t. the given parameters is the given tensors (times the incoming gradient: the
+    loss scale, the accumulation factor): the real step's gradient handed to the Trainer's backward as it is,
+    without a surrogate ``Σ θ·G`` to compute and differentiate (two parameter-sized passes each way)."""
+
+    @staticmethod
+    def forward(ctx, grads: list[torch.Tensor], *params: torch.Tensor) -> torch.Tensor:
+        ctx.grads = grads
+        return params[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return (None, *(g * grad_out.to(g.dtype) for g in ctx.grads))
 
 
 class Delayed(MetaStepSchedule):
