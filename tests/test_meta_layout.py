@@ -145,12 +145,12 @@ def _images(n: int, seed: int) -> datasets.Dataset:
 
 
 def test_the_trainer_runs_its_meta_passes_channels_last_when_the_model_allows_it(tmp_path):
-    def run(flatten: str) -> MetaLRTrainer:
+    def run(flatten: str, **kw) -> MetaLRTrainer:
         torch.manual_seed(0)
         model = _Net(3, flatten=flatten)
-        args = MetaLRConfig(output_dir=str(tmp_path / flatten), report_to=[], use_cpu=True, save_strategy="no",
-                            disable_tqdm=True, seed=0, optim="sgd", learning_rate=0.1, max_steps=3,
-                            per_device_train_batch_size=16)
+        args = MetaLRConfig(output_dir=str(tmp_path / f"{flatten}{len(kw)}"), report_to=[], use_cpu=True,
+                            save_strategy="no", disable_tqdm=True, seed=0, optim="sgd", learning_rate=0.1,
+                            max_steps=3, per_device_train_batch_size=16, **kw)
         t = MetaLRTrainer(model=model, args=args, train_dataset=_images(48, 0), meta_dataset=_images(16, 1))
         t.train()
         return t
@@ -164,3 +164,5 @@ def test_the_trainer_runs_its_meta_passes_channels_last_when_the_model_allows_it
     b = run("view")  # would raise in the meta loss if the check let the layout through
     assert b._schedule.meta_layout.state == "off"
     assert not torch.equal(b.rates.instance, torch.ones_like(b.rates.instance))
+    c = run("flatten", meta_update="delayed")  # the memory-lean mode keeps the layout (no check either)
+    assert c._schedule.meta_layout.state == "off" and not any(c.model.seen)

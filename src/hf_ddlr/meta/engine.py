@@ -100,9 +100,14 @@ class MetaGradients:
 
 def _grads(out: torch.Tensor, params: Mapping[str, torch.Tensor], **kw) -> dict[str, torch.Tensor]:
     names = list(params)
-    gs = torch.autograd.grad(out, [params[n] for n in names], allow_unused=True, **kw)
-    # (contiguous: a convolution on channels-last activations returns its weight's gradient in that layout)
-    return {n: (g.contiguous() if g is not None else torch.zeros_like(params[n])) for n, g in zip(names, gs)}
+    gs = list(torch.autograd.grad(out, [params[n] for n in names], allow_unused=True, **kw))
+    # contiguous: a convolution on channels-last activations returns its weight's gradient in that layout; each
+    # copied gradient is let go as soon as its copy exists (not all of them held twice at once)
+    grads = {}
+    for i, n in enumerate(names):
+        g, gs[i] = gs[i], None
+        grads[n] = g.contiguous() if g is not None else torch.zeros_like(params[n])
+    return grads
 
 
 def _losses(
