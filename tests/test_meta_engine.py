@@ -132,6 +132,26 @@ def test_last_layer_equals_exact_restricted_to_head():
     assert got.weight_decay_grad == pytest.approx(ref.weight_decay_grad, rel=1e-4)
 
 
+def test_the_weight_decay_meta_gradient_is_skipped_when_not_learned(monkeypatch):
+    """Not learned: no weight-decay meta-gradient (a float64 pass and a host synchronisation) for any strategy that
+    computes it apart, and the same example gradients as when it is."""
+    import hf_ddlr.meta.engine as engine
+
+    model, params, specs, window, meta = _setup()
+    _fwd_kw(model)
+    model.train()
+    for strategy in ("last_layer", "jvp", "finite_difference"):
+        kw = dict(weight_decay=5e-4, normalizer=16, strategy=strategy)
+        ref = meta_gradients(model, params, copy.deepcopy(window), meta, specs, **kw)
+        assert ref.weight_decay_grad != 0.0, strategy
+        calls: list = []
+        monkeypatch.setattr(engine, "weight_decay_grad", lambda *a, calls=calls, **k: calls.append(a) or 1.0)
+        got = meta_gradients(model, params, copy.deepcopy(window), meta, specs, weight_decay_grad_needed=False, **kw)
+        monkeypatch.undo()
+        assert calls == [] and got.weight_decay_grad == 0.0, strategy
+        torch.testing.assert_close(got.example_grad, ref.example_grad, msg=strategy)
+
+
 def test_last_layer_refuses_a_head_that_runs_per_token():
     class PerToken(nn.Module):  # like a decoder-only *ForSequenceClassification: score every token, then pool
         def __init__(self):

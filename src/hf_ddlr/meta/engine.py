@@ -225,7 +225,7 @@ def _last_layer(
     model: nn.Module, params: Mapping[str, torch.Tensor], window: Sequence[MicroBatch], meta: MetaBatch,
     specs: Mapping[str, ParamSpec], weight_decay: float, normalizer: float, smoothing: float,
     grads: Mapping[str, torch.Tensor] | None, num_labels: int | None = None,
-    average: MetaGradientAverage | None = None, per_step_too: bool = False,
+    average: MetaGradientAverage | None = None, per_step_too: bool = False, weight_decay_grad_needed: bool = True,
 ) -> MetaGradients:
     head_name, head = find_output_layer(model, num_labels)
     hp = {n: p for n, p in params.items() if n in (f"{head_name}.weight", f"{head_name}.bias")}
@@ -281,7 +281,7 @@ def _last_layer(
         dots = head_dots(tangent(gm, specs))
     finally:
         hook.remove()
-    wd_g = weight_decay_grad(gm, {n: hp[n] for n in gm}, specs)
+    wd_g = weight_decay_grad(gm, {n: hp[n] for n in gm}, specs) if weight_decay_grad_needed else 0.0
     return MetaGradients(-dots / (normalizer * world_size()), wd_g, float(lm), dots, per_step_grad=per_step)
 
 
@@ -386,7 +386,7 @@ def meta_gradients(
                       max_grad_norm, average, task, per_step_too)
     if strategy == "last_layer":
         return _last_layer(model, params, window, meta, specs, weight_decay, normalizer, label_smoothing, grads,
-                           num_labels, average, per_step_too)
+                           num_labels, average, per_step_too, weight_decay_grad_needed)
     if grads is None:
         grads = lookahead_gradient(model, params, window, normalizer, label_smoothing, loss_scale, task)
     rows = None if weight_decay_grad_needed or layer_tape is None else embedding_rows
