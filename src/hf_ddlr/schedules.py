@@ -359,7 +359,7 @@ class Delayed(MetaStepSchedule):
 
     def __init__(self, trainer: MetaLRTrainer) -> None:
         super().__init__(trainer)
-        self.meta_layout.state, self.meta_layout.reason = "off", "meta_update='delayed' keeps the layout"
+        self.meta_layout = MetaLayout(off="meta_update='delayed' keeps the layout")
 
     def begin_window(self, batches: list[Mapping[str, Any]]) -> None:
         self.due = self._meta_step_due()

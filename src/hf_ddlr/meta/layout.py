@@ -69,9 +69,10 @@ class MetaLayout:
       layout); the meta batches keep their layout.
     """
 
-    def __init__(self) -> None:
-        self.state = "unchecked"
-        self.reason: str | None = None  # why the check failed
+    def __init__(self, off: str | None = None) -> None:
+        """``off``: why this run keeps the layout from the start (no check then)."""
+        self.state = "unchecked" if off is None else "off"
+        self.reason: str | None = off  # why the layout is kept
 
     def prepare(self, model: nn.Module, meta: MetaBatch, device: Any = "cpu") -> MetaBatch:
         """``meta`` with its images channels-last when this run uses that layout (checked on first use)."""

@@ -94,7 +94,7 @@ def _tangent_only(m: nn.Module, queue: list[Recorded], orig_forward):
             # modified in place after it was recorded (e.g. an in-place ReLU right after the layer), or not the
             # recorded call: compute it
             return orig_forward(x)
-        if not linear and _channels_last(x_p) and not _channels_last(out):
+        if not linear and _is_channels_last(x_p) and not _is_channels_last(out):
             # a pass in channels-last layout (hf_ddlr.meta.layout) over a forward recorded in NCHW: the primal
             # takes the layout a convolution of this input would have given it, which later layers follow
             out = out.contiguous(memory_format=torch.channels_last)
@@ -122,7 +122,7 @@ def _tangent_only(m: nn.Module, queue: list[Recorded], orig_forward):
     return forward
 
 
-def _channels_last(x: torch.Tensor) -> bool:
+def _is_channels_last(x: torch.Tensor) -> bool:
     """Whether a 4-D tensor is laid out channels-last (a channel stride of 1; one-channel images too)."""
     return x.dim() == 4 and x.stride(1) == 1 and x.shape[2] * x.shape[3] > 1
 
