@@ -331,3 +331,95 @@ def test_both_instance_rates_step_on_the_effective_rate_gradient_by_default():
     assert t.update(idx, y, g)
     torch.testing.assert_close(t.instance, inst0 - meta_lr * g_inst)
     torch.testing.assert_close(t.per_class, cls0 - meta_lr * g_cls)
+
+
+# ------------------------------------------------------------------------------------- a share of the step
+@pytest.mark.parametrize("name", ["sgd_momentum", "adamw"])
+@pytest.mark.parametrize("fraction", [0.0, 0.25])
+def test_lookahead_step_fraction_lies_on_the_real_step(name, fraction):
+    """step_fraction f: θ' = θ + f·(the real optimizer's next iterate − θ); f = 0 is θ itself."""
+    model, opt, wd = _build(name, True, 3)
+    data = _data()
+    params = dict(model.named_parameters())
+    grads = dict(zip(params, torch.autograd.grad(_weighted_loss(model, data["x"], data["y"], E), list(params.values()))))
+    theta = lookahead({n: p.detach() for n, p in params.items()}, grads,
+                      param_specs(opt, params, DECAY, step_fraction=fraction), wd)
+    real = dict(_real_step(model, opt, data, E).named_parameters())
+    for n, p in params.items():
+        expected = p.detach() + fraction * (real[n].detach() - p.detach())
+        torch.testing.assert_close(theta[n], expected, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match=r"step_fraction must be in \[0, 1\]"):
+        param_specs(opt, params, DECAY, step_fraction=-0.1)
+
+
+@pytest.mark.parametrize("strategy", ["jvp", "exact", "finite_difference"])
+@pytest.mark.parametrize("name", ["sgd_momentum", "adamw"])
+def test_partial_lookahead_meta_gradient_is_the_whole_steps_derivative_at_the_shortened_point(strategy, name):
+    """With f = 0.5 the engine returns d/de L_meta(θ + f·(θ'(e) − θ)) / f: the meta loss is evaluated a share
+    of the way along the real step, the derivative is that of the whole step (brute force: central
+    differences through real optimizer steps, divided by f)."""
+    f = 0.5
+    model, opt, wd = _build(name, True, 3)
+    data = _data()
+    params = dict(model.named_parameters())
+    specs = param_specs(opt, params, DECAY, step_fraction=f)
+    window = [MicroBatch({"x": data["x"]}, data["y"], E.clone(), seed=0)]
+    res = meta_gradients(model, params, window, MetaBatch({"x": data["xm"]}, data["ym"], seed=1), specs,
+                         weight_decay=wd, normalizer=N, strategy=strategy)
+    frozen = _frozen_second_moment(model, opt, data)
+
+    def shortened(e, w):
+        stepped = _real_step(model, opt, data, e, wd=w, freeze_v=frozen)
+        with torch.no_grad():
+            for q, p in zip(stepped.parameters(), model.parameters()):
+                q.copy_(p + f * (q - p))
+        return stepped
+
+    de, dwd = central_differences(shortened, data, wd)
+    de, dwd = de / f, dwd / f
+    tol = 5e-5 if strategy == "finite_difference" else 1e-5
+    scale = float(de.abs().max())
+    torch.testing.assert_close(res.example_grad.double(), de, rtol=tol, atol=tol * scale)
+    assert res.weight_decay_grad == pytest.approx(dwd, rel=tol, abs=1e-9 * scale)
+    assert res.meta_loss == pytest.approx(_meta_loss(shortened(E, None), data), rel=1e-6)
+
+
+def test_first_order_meta_gradient_is_the_dot_with_the_meta_gradient_at_theta():
+    """f = 0 with plain SGD: ∂L_meta/∂e_i = −(1/N) Σ_p λ_p g_meta,p(θ)·∇_p L_i(θ), with g_meta and every
+    example's gradient taken by autograd at the model as it is (no step anywhere)."""
+    model, opt, wd = _build("sgd", True, 3)
+    data = _data()
+    params = dict(model.named_parameters())
+    lr = {n: g["lr"] for g in opt.param_groups for n, p in params.items() if any(p is q for q in g["params"])}
+    g_meta = torch.autograd.grad(F.cross_entropy(model(data["xm"]), data["ym"]), list(params.values()))
+    expected = torch.empty(N, dtype=torch.float64)
+    for i in range(N):
+        gi = torch.autograd.grad(F.cross_entropy(model(data["x"][i:i + 1]), data["y"][i:i + 1]), list(params.values()))
+        expected[i] = -sum(lr[n] * (gm * g).sum() for n, gm, g in zip(params, g_meta, gi)) / N
+    specs = param_specs(opt, params, DECAY, step_fraction=0.0)
+    window = [MicroBatch({"x": data["x"]}, data["y"], E.clone(), seed=0)]
+    for strategy in ("jvp", "exact"):
+        res = meta_gradients(model, params, window, MetaBatch({"x": data["xm"]}, data["ym"], seed=1), specs,
+                             weight_decay=wd, normalizer=N, strategy=strategy)
+        torch.testing.assert_close(res.example_grad.double(), expected, rtol=1e-5, atol=1e-7)
+        assert res.meta_loss == pytest.approx(_meta_loss(model, data), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_partial_lookahead_on_looked_up_rows_equals_the_full_one_there(kind):
+    """The row-restricted lookahead of an embedding table (hf_ddlr.meta.rows) takes the same share of the step."""
+    torch.manual_seed(0)
+    table = nn.Parameter(torch.randn(20, 4, dtype=torch.float64))
+    opt = torch.optim.SGD([table], lr=0.1, momentum=0.9) if kind == "sgd" else torch.optim.AdamW([table], lr=0.01)
+    for _ in range(2):
+        opt.zero_grad()
+        table[torch.tensor([1, 3, 5, 7])].pow(2).sum().backward()
+        opt.step()
+    grad = torch.zeros_like(table).index_add_(0, torch.tensor([3, 7, 11]), torch.randn(3, 4, dtype=torch.float64))
+    rows = torch.tensor([3, 7, 11, 2])
+    specs = param_specs(opt, {"emb": table}, ["emb"], step_fraction=0.3)
+    full = lookahead({"emb": table.detach()}, {"emb": grad}, specs, 0.01)["emb"]
+    part = lookahead({"emb": table.detach()}, {"emb": grad}, specs, 0.01, rows={"emb": rows})["emb"]
+    torch.testing.assert_close(part[rows], full[rows], rtol=0, atol=0)
+    whole = lookahead({"emb": table.detach()}, {"emb": grad}, param_specs(opt, {"emb": table}, ["emb"]), 0.01)["emb"]
+    torch.testing.assert_close(full, table.detach() + 0.3 * (whole - table.detach()))

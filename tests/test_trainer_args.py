@@ -265,3 +265,20 @@ def test_check_fingerprint_is_an_option_of_the_config(tmp_path):
 def test_centred_instance_rates_need_instance_rates(tmp_path):
     with pytest.raises(ValueError, match="center_instance_rates=True .* no instance rates"):
         MetaLRConfig(output_dir=str(tmp_path), **COMMON, lr_level="class", center_instance_rates=True)
+
+
+def test_lookahead_step_reaches_the_lookahead_and_the_trajectory(tmp_path):
+    """lookahead_step is handed to the lookahead's description of the optimizer and recorded with the run
+    (left out of the recorded settings at its default 1, so other runs' settings are as they were)."""
+    kw = dict(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, **COMMON)
+    t = MetaLRTrainer(model=TinyMLP(), args=MetaLRConfig(lookahead_step=0.0, **kw),
+                      train_dataset=make_split(16, seed=1), meta_dataset=make_split(8, seed=2))
+    t.train()
+    specs = t._lookahead_specs(dict(t.model.named_parameters()))
+    assert specs and all(s.step_fraction == 0.0 for s in specs.values())
+    assert t.lr_trajectory.config["lookahead_step"] == 0.0
+    default = MetaLRTrainer(model=TinyMLP(), args=MetaLRConfig(**kw), train_dataset=make_split(16, seed=1),
+                            meta_dataset=make_split(8, seed=2))
+    assert "lookahead_step" not in default.lr_trajectory.config
+    with pytest.raises(ValueError, match=r"lookahead_step must be in \[0, 1\], got 1.5.*1: the paper's"):
+        MetaLRConfig(lookahead_step=1.5, **kw)

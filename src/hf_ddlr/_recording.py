@@ -89,6 +89,8 @@ def meta_settings(trainer: MetaLRTrainer) -> dict[str, Any]:
     out["meta_set_size"] = len(trainer.meta_dataset) if trainer.meta_dataset is not None else None
     if trainer.meta_args.group_column:  # only then: the settings of every other run stay as they were
         out["group_column"] = trainer.meta_args.group_column
+    if trainer.meta_args.lookahead_step != 1.0:  # likewise
+        out["lookahead_step"] = trainer.meta_args.lookahead_step
     return out
 
 

@@ -401,7 +401,8 @@ class MetaLRTrainer(Trainer):
         decay_ids = {id(q) for g in self.optimizer.param_groups if g.get("hf_ddlr_decay") for q in g["params"]}
         decay = {n for n, p in params.items() if id(p) in decay_ids}
         raw = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper around the optimizer
-        return param_specs(raw, params, decay, mode=self.meta_args.lookahead)
+        return param_specs(raw, params, decay, mode=self.meta_args.lookahead,
+                           step_fraction=self.meta_args.lookahead_step)
 
     # ------------------------------------------------------------------ one optimizer step (hf_ddlr.schedules)
     def get_batch_samples(self, epoch_iterator, num_batches, device):

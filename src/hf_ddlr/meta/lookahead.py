@@ -60,6 +60,9 @@ class ParamSpec:
     eps: float = 1e-8
     decoupled: bool = False  # AdamW-style decay (not passed through the preconditioner)
     amsgrad: bool = False
+    # the share of the optimizer's step the lookahead takes: θ' = θ + f·(next iterate − θ); the derivatives
+    # (the tangent, the weight decay's meta-gradient) stay those of the whole step (see lookahead())
+    step_fraction: float = 1.0
     # the optimizer's tensors for this parameter (read, never written); Adam: exp_avg / exp_avg_sq /
     # max_exp_avg_sq are None and step is 0 before the first step
     state: dict = field(default_factory=dict)
@@ -94,6 +97,7 @@ def param_specs(
     named_params: Mapping[str, torch.Tensor],
     decay_names: Iterable[str],
     mode: LookaheadMode = "optimizer",
+    step_fraction: float = 1.0,
 ) -> dict[str, ParamSpec]:
     """Describe the coming step of ``optimizer`` for each named parameter.
 
@@ -101,7 +105,10 @@ def param_specs(
     optimizer is); ``"optimizer"`` follows the real optimizer (SGD with momentum / dampening / Nesterov,
     Adam, AdamW, AMSGrad), from its first step on. An optimizer or option this module does not model
     (another class, ``maximize=True``) falls back to the plain-SGD lookahead with a warning.
+    ``step_fraction`` (in [0, 1]): the share of that step the lookahead takes (:func:`lookahead`).
     """
+    if not 0.0 <= step_fraction <= 1.0:
+        raise ValueError(f"step_fraction must be in [0, 1], got {step_fraction}.")
     decay = set(decay_names)
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     if mode == "optimizer" and (why := _unmodelled(optimizer)) is not None:
@@ -117,7 +124,7 @@ def param_specs(
         g = group_of.get(id(p))
         if g is None:
             raise ValueError(f"Parameter {name!r} is not in any optimizer param group; cannot build a lookahead.")
-        spec = ParamSpec(lr=float(g["lr"]), decay=name in decay)
+        spec = ParamSpec(lr=float(g["lr"]), decay=name in decay, step_fraction=float(step_fraction))
         if mode == "optimizer":
             st = optimizer.state.get(p, {})
             if is_adam:
@@ -233,9 +240,21 @@ def _rows_next(
     g_rows = g.index_select(0, rows)
     if grad_scale != 1.0:
         g_rows = g_rows * grad_scale
-    theta = (_adam_next if s.kind == "adam" else _sgd_next)(sub, p.index_select(0, rows), g_rows, wd)
+    p_rows = p.index_select(0, rows)
+    theta = _part_of_step(p_rows, (_adam_next if s.kind == "adam" else _sgd_next)(sub, p_rows, g_rows, wd),
+                          s.step_fraction)
     s.preconditioner, s.rows = sub.preconditioner, rows
     return torch.empty_like(p).index_copy_(0, rows, theta)
+
+
+def _part_of_step(p: torch.Tensor, theta: torch.Tensor, f: float) -> torch.Tensor:
+    """``p + f·(theta − p)``: the point a share ``f`` of the way along the step; with a graph (the exact
+    strategy) its derivatives are those of ``theta`` (of the whole step), as the other strategies' tangent."""
+    if f == 1.0:
+        return theta
+    if _needs_graph(p, theta):
+        return (p + f * (theta - p)).detach() + (theta - theta.detach())
+    return theta.sub_(p).mul_(f).add_(p)  # (theta is a scratch tensor of the lookahead)
 
 
 def lookahead(
@@ -256,6 +275,11 @@ def lookahead(
     Adam the preconditioner of this step is recorded on ``specs`` (see :func:`tangent`). Without a graph the
     intermediate results are written in place (the same operations in the same order: the same values).
 
+    A spec's ``step_fraction`` f < 1 moves θ' to ``θ + f·(θ' − θ)``, a share of the step, while the
+    derivatives stay those of the whole step (:func:`tangent` is unchanged; the exact strategy differentiates
+    the whole step at the shortened point): f = 0 gives the first-order meta-gradient, the meta loss's
+    gradient at θ itself, as in first-order DARTS.
+
     ``rows`` (without a graph): for the named tensors, compute θ' (and the preconditioner) on these rows only
     — a large embedding table of which the meta forward reads a few rows and the dots a few others. The
     other rows of those θ' tensors are unspecified: whoever passes ``rows`` guarantees that nothing reads them.
@@ -270,7 +294,7 @@ def lookahead(
             continue
         if grad_scale != 1.0:
             g = g * grad_scale
-        out[name] = (_adam_next if s.kind == "adam" else _sgd_next)(s, p, g, wd)
+        out[name] = _part_of_step(p, (_adam_next if s.kind == "adam" else _sgd_next)(s, p, g, wd), s.step_fraction)
     return out
 
 
