@@ -240,9 +240,7 @@ def _rows_next(
     g_rows = g.index_select(0, rows)
     if grad_scale != 1.0:
         g_rows = g_rows * grad_scale
-    p_rows = p.index_select(0, rows)
-    theta = _part_of_step(p_rows, (_adam_next if s.kind == "adam" else _sgd_next)(sub, p_rows, g_rows, wd),
-                          s.step_fraction)
+    theta = _next(sub, p.index_select(0, rows), g_rows, wd)
     s.preconditioner, s.rows = sub.preconditioner, rows
     return torch.empty_like(p).index_copy_(0, rows, theta)
 
@@ -255,6 +253,11 @@ def _part_of_step(p: torch.Tensor, theta: torch.Tensor, f: float) -> torch.Tenso
     if _needs_graph(p, theta):
         return (p + f * (theta - p)).detach() + (theta - theta.detach())
     return theta.sub_(p).mul_(f).add_(p)  # (theta is a scratch tensor of the lookahead)
+
+
+def _next(s: ParamSpec, p: torch.Tensor, g: torch.Tensor, wd: float | torch.Tensor) -> torch.Tensor:
+    """θ'_p: the spec's share of its optimizer's step."""
+    return _part_of_step(p, (_adam_next if s.kind == "adam" else _sgd_next)(s, p, g, wd), s.step_fraction)
 
 
 def lookahead(
@@ -294,7 +297,7 @@ def lookahead(
             continue
         if grad_scale != 1.0:
             g = g * grad_scale
-        out[name] = _part_of_step(p, (_adam_next if s.kind == "adam" else _sgd_next)(s, p, g, wd), s.step_fraction)
+        out[name] = _next(s, p, g, wd)
     return out
 
 
