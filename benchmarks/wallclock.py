@@ -10,7 +10,11 @@ of the meta step shows on a small model. Tasks:
 * ``cnn``: the demo CNN on embedded MNIST (the robustness matrix's ``mnist-cnn-sgdm-flip35``, the demo's
   recipe: SGD momentum 0.9, batch 64), 1 epoch;
 * ``resnet``: the CIFAR ResNet-18 (``hf_ddlr.models``) at base width ``--width`` on synthetic CIFAR-sized data
-  (``_tasks.make_task("resnet")``: 100 classes, batch 64, SGD momentum 0.9), ``--resnet-steps`` steps.
+  (``_tasks.make_task("resnet")``: 100 classes, batch 64, SGD momentum 0.9), ``--resnet-steps`` steps;
+* ``sft``: the causal-LM SFT of ``examples/sft_noisy_data.py`` (a tiny Llama-style decoder trained from its
+  config on addition questions with wrong answers from three data sources, completion-only labels, AdamW 1e-3,
+  batch 32), ``--sft-epochs`` epochs, with the example's MetaLR options (instance x source rates:
+  ``lr_level="both"``, ``group_column="source"``) on top of each configuration.
 
 Each round trains plain, then every MetaLR configuration (``defaults``: ``MetaLRConfig()``; ``delayed``:
 ``meta_update="delayed"``, the meta step from the real step's gradient), each from a fresh model, in one
@@ -65,7 +69,7 @@ import hf_ddlr.trainer as trainer_mod  # noqa: E402
 from hf_ddlr import MetaLRConfig, MetaLRTrainer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TASKS = ("minilm", "cnn", "resnet")
+TASKS = ("minilm", "cnn", "resnet", "sft")
 CONFIGS: dict[str, dict] = {"defaults": {}, "delayed": {"meta_update": "delayed"}}
 TARGETS = {"minilm": 2.5, "cnn": 3.0, "resnet": 3.2}  # issue 15's whole-run ratios with the defaults
 CELLS = {"minilm": "vader-minilm-ft-flip30", "cnn": "mnist-cnn-sgdm-flip35"}
@@ -124,9 +128,47 @@ def _resnet_bench(width: int, steps: int) -> Bench:
     return Bench("resnet", f"{task.describe}, {steps} steps", build, lambda trainer: {})
 
 
-def make_bench(task: str, quick: bool, width: int, steps: int) -> Bench:
+def _sft_bench(quick: bool, epochs: float) -> Bench:
+    """The SFT example's data, model and recipe (seed 0); score: held-out exact-match and, for MetaLR, the AUROC
+    of the instance rates for the wrong answers."""
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+    import sft_noisy_data as sft
+
+    s = sft.SFTOptions(quick=quick)
+    tok = sft.char_tokenizer()
+    data = sft.make_data(s, 0)
+    corrupted = np.array([r["is_corrupted"] for r in data["train"]], dtype=bool)
+    train, meta = sft.to_dataset(tok, data["train"], extra=("source",)), sft.to_dataset(tok, data["meta"])
+    recipe = dict(per_device_train_batch_size=32, learning_rate=1e-3, num_train_epochs=epochs, warmup_steps=0.05,
+                  weight_decay=0.0, lr_scheduler_type="linear", eval_strategy="no", save_strategy="no",
+                  report_to=[], disable_tqdm=True, seed=0, data_seed=0, logging_steps=20)
+
+    def build(config: str | None, out_dir: str) -> Trainer:
+        model = sft.tiny_llama(s, len(tok), 0)
+        if config is None:
+            return Trainer(model=model, args=TrainingArguments(out_dir, **recipe),
+                           train_dataset=train.remove_columns("source"))
+        args = MetaLRConfig(out_dir, **recipe, **CONFIGS[config], lr_level="both", group_column="source")
+        return MetaLRTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta)
+
+    def score(trainer: Trainer) -> dict:
+        out = {"test_accuracy": sft.exact_match(trainer.model, tok, data["test"])}
+        if isinstance(trainer, MetaLRTrainer):
+            out["rate_auroc"] = sft.auroc(~corrupted, trainer.rates.instance.detach().cpu().numpy())
+        return out
+
+    steps = len(train) // 32 + (len(train) % 32 > 0)
+    describe = (f"examples/sft_noisy_data.py (tiny Llama, seq {sft.SEQ_LEN}), {len(train)} train / {len(meta)} "
+                f"meta, batch 32, adamw_torch, {epochs:g} epochs ({steps} steps each), lr_level=both by source; "
+                "test acc: held-out exact-match")
+    return Bench("sft", describe, build, score)
+
+
+def make_bench(task: str, quick: bool, width: int, steps: int, sft_epochs: float = 2) -> Bench:
     if task == "resnet":
         return _resnet_bench(4 if quick else width, 2 if quick else steps)
+    if task == "sft":
+        return _sft_bench(quick, 1 if quick else sft_epochs)
     return _robustness_bench(task, quick)
 
 
@@ -271,7 +313,7 @@ def render(res: dict, baseline: dict | None = None) -> str:
     for task, t in res["tasks"].items():
         for cfg, ratio in t["ratio"].items():
             m = t["metrics"].get(cfg, {})
-            target = f"<= {TARGETS[task]}" if cfg == "defaults" else ""
+            target = f"<= {TARGETS[task]}" if cfg == "defaults" and task in TARGETS else ""
             lines.append(f"| {task} | {cfg} | {_fmt(t['median_s']['plain'])} | {_fmt(t['median_s'][cfg])} | "
                          f"{ratio:.2f}x | {target} | {_fmt(m.get('rate_auroc'), '.4f')} | "
                          f"{_fmt(m.get('test_accuracy'), '.4f')} |")
@@ -295,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--width", type=int, default=16, help="ResNet-18 base width (64: the standard one)")
     p.add_argument("--resnet-steps", type=int, default=16)
+    p.add_argument("--sft-epochs", type=float, default=2, help="epochs of the sft task")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny data, 1 round")
     p.add_argument("--profile", action="store_true", help="cProfile one MetaLR run of the first task")
@@ -313,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 f"torch {torch.__version__}, transformers {transformers.__version__}",
                  "rounds": rounds, "tasks": {}}
     for task in a.tasks:
-        bench = make_bench(task, a.quick, a.width, a.resnet_steps)
+        bench = make_bench(task, a.quick, a.width, a.resnet_steps, a.sft_epochs)
         res["tasks"][task] = measure(bench, a.configs, rounds, tmp)
         if a.profile and task == a.tasks[0]:
             print(profile(bench, a.configs[0], tmp))

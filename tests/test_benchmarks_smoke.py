@@ -243,6 +243,21 @@ def test_wallclock_quick_writes_the_table_and_the_breakdown(tmp_path):
     assert json.loads((tmp_path / "wallclock.json").read_text())["tasks"]["resnet"]["ratio"] == t["ratio"]
 
 
+def test_wallclock_sft_task_times_the_causal_lm_example(tmp_path):
+    """The wall-clock benchmark's causal-LM task (examples/sft_noisy_data.py's data, model and recipe, with the
+    example's instance x source rates): a plain and a MetaLR run, timed and scored (held-out exact-match,
+    the instance rates' AUROC for the wrong answers)."""
+    wc = _load("wallclock")
+    res = wc.main(["--quick", "--tasks", "sft", "--configs", "defaults", "--output_dir", str(tmp_path)])
+    t = res["tasks"]["sft"]
+    assert set(t["times_s"]) == {"plain", "defaults"} and t["ratio"]["defaults"] > 0
+    assert 0 <= t["metrics"]["plain"]["test_accuracy"] <= 1 and "rate_auroc" not in t["metrics"]["plain"]
+    assert 0 <= t["metrics"]["defaults"]["rate_auroc"] <= 1
+    assert t["phases_ms"]["defaults"]["meta loss"] > 0 and t["phases_ms"]["defaults"]["dots"] > 0
+    md = (tmp_path / "wallclock.md").read_text()
+    assert "| sft | defaults |" in md and "lr_level=both by source" in md
+
+
 def test_the_committed_robustness_runs_are_current():
     """Every run behind the README's robustness table still matches the script and MetaLR's defaults (an option
     added with a neutral default must not outdate them: NEUTRAL_NEW_OPTIONS), so rerunning the script reuses
