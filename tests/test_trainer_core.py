@@ -302,6 +302,30 @@ def test_last_layer_is_exact_when_only_the_head_trains(tmp_path, update, ga):
     assert float(F.cosine_similarity(got.double(), ref.double(), dim=0)) > 0.9999
 
 
+def test_last_layer_meta_forward_before_the_real_forward_changes_nothing(tmp_path, monkeypatch):
+    """``last_layer`` takes its meta batch and the head's input of it before the real forward (no training graph
+    held then): the run is the one that takes them at the meta step — the same meta batches in turn (meta batch
+    of 4 from a set of 16), the same parameters, dropout replayed."""
+    import hf_ddlr.schedules as schedules
+
+    def run(tag: str) -> MetaLRTrainer:
+        torch.manual_seed(0)
+        args = _args(tmp_path / tag, per_device_train_batch_size=8, max_steps=4, optim="sgd", learning_rate=0.1,
+                     meta_strategy="last_layer", meta_batch_size=4)
+        t = MetaLRTrainer(model=TinyMLP(bn=True, dropout=0.2), args=args, train_dataset=make_split(32, seed=6),
+                          meta_dataset=make_split(16, seed=7))
+        t.train()
+        return t
+
+    early = run("early")
+    monkeypatch.setattr(schedules.SameStepFused, "_take_meta_batch_early", lambda self: None)
+    late = run("late")
+    assert (early.rates.instance != 1).any()
+    torch.testing.assert_close(early.rates.instance, late.rates.instance, rtol=0, atol=0)
+    for p, q in zip(early.model.parameters(), late.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
 def test_meta_set_smaller_than_the_meta_batch_is_used_whole(tmp_path):
     """A meta set of 10 examples with a meta batch of 32: every meta step uses each meta example once, exactly as
     meta_batch_size=10 (a permutation of the whole set) does — not 32 draws with replacement."""

@@ -34,8 +34,9 @@ import torch
 
 from ._batches import to_microbatch
 from ._tasks import decoder_inputs
-from .meta import MetaGradients, MicroBatch, find_output_layer, meta_gradients
+from .meta import MetaBatch, MetaGradients, MicroBatch, find_output_layer, meta_gradients
 from .meta.distributed import all_gather_varlen, all_ranks_true, all_reduce_mean_
+from .meta.engine import meta_head_features
 from .meta.layerwise import LayerTape, record_layers
 from .meta.layout import MetaLayout
 from .meta.passes import extract_logits
@@ -190,6 +191,7 @@ class MetaStepSchedule(Schedule):
         self.strategy = self.meta.meta_strategy
         self.embedding_rows = EmbeddingRows()  # large embedding tables' lookahead on the looked-up rows
         self.meta_layout = MetaLayout()  # the meta batch's images channels-last on CPU (checked on first use)
+        self._early_meta: MetaBatch | None = None  # a meta batch taken before the real forward (last_layer)
         if self.strategy == "finite_difference" and (trainer.args.bf16 or trainer.args.fp16):
             warnings.warn(
                 "meta_strategy='finite_difference' is unreliable in half precision (the perturbation drowns "
@@ -219,7 +221,7 @@ class MetaStepSchedule(Schedule):
         model.train()
         params = trainable_params(model)
         specs = trainer._lookahead_specs(params)
-        meta_batch = self.meta_layout.prepare(model, trainer._meta_set.sample(), args.device)
+        meta_batch, self._early_meta = self._early_meta or self._meta_batch(), None
         window = self.meta_layout.window(self.window) if self.strategy == "jvp" else self.window
         res = meta_gradients(
             model, params, window, meta_batch, specs,
@@ -245,6 +247,11 @@ class MetaStepSchedule(Schedule):
         trainer._meta_log.record(res.meta_loss)
         trainer.last_meta_gradients = res
         return res
+
+    def _meta_batch(self) -> MetaBatch:
+        """This meta step's meta batch (sampled in turn from the meta set, in the meta passes' layout)."""
+        trainer = self.trainer
+        return self.meta_layout.prepare(trainer.model, trainer._meta_set.sample(), trainer.args.device)
 
     def _table_keys(self, mb: MicroBatch) -> torch.Tensor:
         """The keys of ``mb``'s class or group rates: its group ids with group rates, else its labels for a task
@@ -293,6 +300,8 @@ class SameStepFused(SameStepWindow):
         if not self._fused():
             return super().loss(model, inputs, mb)
         trainer, check = self.trainer, self.trainer._layerwise_check
+        if self.strategy == "last_layer":
+            self._take_meta_batch_early()
         w = mb.weights.detach()
         layers = (self.meta.layerwise_dots and self.strategy == "jvp"
                   and check.applies(trainer.model, trainer.args.gradient_checkpointing))
@@ -312,6 +321,14 @@ class SameStepFused(SameStepWindow):
         if from_tape and check.state == "verified":
             return self._loss_from_tape(tape, w, L), outputs
         return self._weighted(w, L), outputs
+
+    def _take_meta_batch_early(self) -> None:
+        """``last_layer``: the meta batch and its one forward (the head's input) before the real forward, while
+        no training graph is held — a lower peak, and the same parameters as at the meta step."""
+        trainer = self.trainer
+        self._early_meta = self._meta_batch()
+        trainer.model.train()
+        self._early_meta.features = meta_head_features(trainer.model, self._early_meta, trainer.num_labels)
 
     def _lookahead_grad(self, w: torch.Tensor, L: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """(1/N) Σ e_i ∇L_i from the real forward's graph (kept for the real backward), averaged over ranks."""

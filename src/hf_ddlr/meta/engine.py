@@ -74,6 +74,9 @@ class MetaBatch:
     labels: torch.Tensor
     seed: int
     dropout: bool = False  # evaluate the meta loss with dropout on (train mode) instead of like a validation loss
+    # the classification head's input at θ for every meta example (last_layer), when taken before the real
+    # forward (:func:`meta_head_features`): that forward then runs while no training graph is held
+    features: torch.Tensor | None = None
 
 
 @dataclass
@@ -221,6 +224,21 @@ def _head_features(h: torch.Tensor, batch: int, head: nn.Linear) -> torch.Tensor
     return h.reshape(batch, head.in_features)
 
 
+def meta_head_features(model: nn.Module, meta: MetaBatch, num_labels: int | None = None) -> torch.Tensor:
+    """The classification head's input for every example of ``meta`` at the model's current parameters (what
+    ``meta_strategy="last_layer"`` needs of the meta batch: one forward without gradients, batch-statistics BN,
+    nothing written), fp32, [examples, head input]."""
+    _, head = find_output_layer(model, num_labels)
+    box: dict[str, torch.Tensor] = {}
+    hook = head.register_forward_hook(lambda mod, inp, out: box.__setitem__("h", inp[0]))
+    try:
+        with torch.no_grad(), replay_rng(meta.seed), frozen_batchnorm(model), meta_loss_mode(model, meta.dropout):
+            functional_logits(model, {}, meta.inputs)
+    finally:
+        hook.remove()
+    return _head_features(box["h"].detach().float(), meta.labels.shape[0], head)
+
+
 def _last_layer(
     model: nn.Module, params: Mapping[str, torch.Tensor], window: Sequence[MicroBatch], meta: MetaBatch,
     specs: Mapping[str, ParamSpec], weight_decay: float, normalizer: float, smoothing: float,
@@ -259,9 +277,7 @@ def _last_layer(
                     grads[bn] = gb.to(hp[bn].dtype)
                 all_reduce_mean_(list(grads.values()))
             theta = lookahead({n: p.detach() for n, p in hp.items()}, {n: grads[n] for n in hp}, specs, weight_decay)
-            with replay_rng(meta.seed), frozen_batchnorm(model), meta_loss_mode(model, meta.dropout):
-                functional_logits(model, {}, meta.inputs)
-            hm = _head_features(box["h"].detach().float(), meta.labels.shape[0], head)
+        hm = meta.features if meta.features is not None else meta_head_features(model, meta, num_labels)
         W2 = theta[wn].detach().float().requires_grad_(True)
         b2 = theta[bn].detach().float().requires_grad_(True) if bn else None
         lm_logits = hm @ W2.T + (b2 if b2 is not None else 0.0)
