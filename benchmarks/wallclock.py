@@ -139,9 +139,9 @@ def _sft_bench(quick: bool, epochs: float) -> Bench:
     data = sft.make_data(s, 0)
     corrupted = np.array([r["is_corrupted"] for r in data["train"]], dtype=bool)
     train, meta = sft.to_dataset(tok, data["train"], extra=("source",)), sft.to_dataset(tok, data["meta"])
-    recipe = dict(per_device_train_batch_size=32, learning_rate=1e-3, num_train_epochs=epochs, warmup_steps=0.05,
-                  weight_decay=0.0, lr_scheduler_type="linear", eval_strategy="no", save_strategy="no",
-                  report_to=[], disable_tqdm=True, seed=0, data_seed=0, logging_steps=20)
+    # The example's own recipe (sft.presets), with the benchmark's epochs and fixed seeds.
+    recipe = {k: v for k, v in sft.presets(s).items() if k != "output_dir"}
+    recipe.update(num_train_epochs=epochs, disable_tqdm=True, seed=0, data_seed=0)
 
     def build(config: str | None, out_dir: str) -> Trainer:
         model = sft.tiny_llama(s, len(tok), 0)
@@ -157,9 +157,10 @@ def _sft_bench(quick: bool, epochs: float) -> Bench:
             out["rate_auroc"] = sft.auroc(~corrupted, trainer.rates.instance.detach().cpu().numpy())
         return out
 
-    steps = len(train) // 32 + (len(train) % 32 > 0)
+    batch = recipe["per_device_train_batch_size"]
+    steps = -(-len(train) // batch)
     describe = (f"examples/sft_noisy_data.py (tiny Llama, seq {sft.SEQ_LEN}), {len(train)} train / {len(meta)} "
-                f"meta, batch 32, adamw_torch, {epochs:g} epochs ({steps} steps each), lr_level=both by source; "
+                f"meta, batch {batch}, adamw_torch, {epochs:g} epochs ({steps} steps each), lr_level=both by source; "
                 "test acc: held-out exact-match")
     return Bench("sft", describe, build, score)
 
