@@ -199,7 +199,12 @@ def auroc(clean: np.ndarray, scores: np.ndarray) -> float:
 # ---------------------------------------------------------------------------------------------- main
 def run_method(method: str, s: SFTOptions, config, tok, data: dict, corrupted: np.ndarray) -> dict:
     meta = method == "metalr"
-    overrides = dict(lr_level="both", group_column="source") if meta else {}
+    overrides = {}
+    if meta:  # instance x source rates unless --lr_level says otherwise; the source column whenever it is used
+        overrides["lr_level"] = "both"
+        level = config.lr_level if "lr_level" in s._explicit else "both"
+        if level in ("group", "both"):
+            overrides["group_column"] = "source"
     args = common.run_config(config, s, method, overrides)
     train = to_dataset(tok, data["train"], extra=("source",) if meta else ())
     test = to_dataset(tok, data["test"])
@@ -223,11 +228,15 @@ def run_method(method: str, s: SFTOptions, config, tok, data: dict, corrupted: n
         rates = trainer.rates
         inst = rates.instance.detach().cpu().numpy()
         names = sorted(SOURCES)  # group rates are keyed by the sorted distinct values of the column
-        group = dict(zip(names, (float(v) for v in rates.per_group.cpu())))
         src = np.array([r["source"] for r in data["train"]])
-        effective = inst * np.array([group[v] for v in src])
+        if rates.per_group is not None:  # lr_level "both" (the default here) or "group"
+            group = dict(zip(names, (float(v) for v in rates.per_group.cpu())))
+            out["source_rates"] = {k: round(v, 4) for k, v in group.items()}
+            effective = inst * np.array([group[v] for v in src])
+        else:  # --lr_level instance: every example's rate is its instance rate
+            effective = inst
         out.update(
-            source_rates={k: round(v, 4) for k, v in group.items()},
+            source_mean_instance_rate={n: round(float(inst[src == n].mean()), 4) for n in names},
             instance_rate_auroc=auroc(~corrupted, inst),
             effective_rate_auroc=auroc(~corrupted, effective),
             instance_rate_auroc_within_source={

@@ -153,6 +153,20 @@ def test_sft_noisy_data(tmp_path, lora):
     assert (sizes.pop() < full / 2) if lora else (sizes.pop() == full)
 
 
+def test_sft_noisy_data_instance_level(tmp_path):
+    """``--lr_level instance`` (no source table): the example takes no group column, reports each source's mean
+    instance rate, and the effective rates are the instance rates."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, str(EXAMPLES / "sft_noisy_data.py"), "--quick", "--output_dir", str(tmp_path),
+           "--disable_tqdm", "true", "--methods", "metalr", "--lr_level", "instance"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    (m,) = json.loads((tmp_path / "sft_noisy_data_results.json").read_text())["runs"]
+    assert "source_rates" not in m and m["instance_rate_auroc"] == m["effective_rate_auroc"]
+    rates = m["source_mean_instance_rate"]
+    assert sorted(rates) == ["qa_site", "scraped", "textbook"] and len(set(rates.values())) == 3
+
+
 def test_push_to_hub_uploads_model_trajectory_and_card(hub_server, tmp_path):
     """``--push_to_hub`` (the Trainer's flag) through the loopback Hub: one repo per method, with the trajectory."""
     env = hub_server.client_env(tmp_path / "hf_home")
