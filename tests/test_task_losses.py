@@ -287,3 +287,29 @@ def test_token_mean_under_ddp_is_over_every_process_tokens(tmp_path):
         res = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert res["world_size"] == 2 and res["moved"] > 1e-3
         assert res["diff"] < 1e-6, res
+
+
+@pytest.mark.parametrize("task, kw, expected", [
+    ("causal_lm", {}, 4),                                                             # half of 8
+    ("causal_lm", dict(per_device_train_batch_size=3, gradient_accumulation_steps=3), 5),  # half of 9, rounded up
+    ("causal_lm", dict(meta_batch_size=6), 6),                                        # an explicit size is kept
+    ("token_classification", {}, 8),                                                  # other tasks: the whole step
+    ("seq2seq_lm", {}, 8),
+])
+def test_default_meta_batch_is_half_the_step_for_a_causal_lm(task, kw, expected, tmp_path, monkeypatch):
+    """Unset ``meta_batch_size``: a causal LM's meta batch is half the examples of an optimizer step (rounded
+    up), every other task's the whole step; the sizes actually collated per meta step are counted."""
+    from hf_ddlr._batches import MetaSetSampler
+
+    sizes: list[int] = []
+    collated = MetaSetSampler._collated
+
+    def spy(self, idx):
+        sizes.append(len(idx))
+        return collated(self, idx)
+
+    monkeypatch.setattr(MetaSetSampler, "_collated", spy)
+    args = MetaLRConfig(output_dir=str(tmp_path), **{**COMMON, "max_steps": 2, **kw})
+    MetaLRTrainer(model=_model(task), args=args, train_dataset=_data(task, 24, seed=1),
+                  meta_dataset=_data(task, 30, seed=2), data_collator=_collator(task)).train()
+    assert sizes == [expected, expected]

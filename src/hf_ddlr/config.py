@@ -212,7 +212,9 @@ class MetaLROptions:
     meta_batch_size: int | None = _option(
         None,
         "Meta-set examples per meta step and device. Default: the examples per optimizer step and "
-        "device (per_device_train_batch_size x gradient_accumulation_steps). A meta set smaller than this is "
+        "device (per_device_train_batch_size x gradient_accumulation_steps), half of them (rounded up) for a "
+        "causal LM, whose meta pass through the vocabulary-wide output layer costs as much as a training step "
+        "(measured: docs/speed.md). A meta set smaller than this is "
         "used whole at every meta step; a larger one is taken in turn, a new shuffled order each pass, so every "
         "meta example counts equally in the meta-gradient average (docs/robustness.md).",
     )
