@@ -310,6 +310,10 @@ def test_default_meta_batch_is_half_the_step_for_a_causal_lm(task, kw, expected,
 
     monkeypatch.setattr(MetaSetSampler, "_collated", spy)
     args = MetaLRConfig(output_dir=str(tmp_path), **{**COMMON, "max_steps": 2, **kw})
-    MetaLRTrainer(model=_model(task), args=args, train_dataset=_data(task, 24, seed=1),
-                  meta_dataset=_data(task, 30, seed=2), data_collator=_collator(task)).train()
+    trainer = MetaLRTrainer(model=_model(task), args=args, train_dataset=_data(task, 24, seed=1),
+                            meta_dataset=_data(task, 30, seed=2), data_collator=_collator(task))
+    trainer.train()
     assert sizes == [expected, expected]
+    # the trajectory says which meta batch a causal LM used when none was set (other tasks: None = the step's)
+    recorded = trainer.lr_trajectory.config["meta_batch_size"]
+    assert recorded == (expected if task == "causal_lm" else kw.get("meta_batch_size"))

@@ -100,6 +100,17 @@ def default_meta_batch_size(per_step: int, task: str | None) -> int:
     return max(1, -(-per_step // 2)) if task in HALF_META_BATCH_TASKS else per_step
 
 
+def meta_batch_size(trainer: Any) -> int:
+    """The run's meta batch per device: ``meta_batch_size`` when set, else :func:`default_meta_batch_size` of
+    the micro-batches of one optimizer step (``_train_batch_size`` follows ``auto_find_batch_size``)."""
+    if trainer.meta_args.meta_batch_size:
+        return trainer.meta_args.meta_batch_size
+    per_device = getattr(trainer, "_train_batch_size", None) or trainer.args.per_device_train_batch_size
+    task = getattr(trainer, "_task", None)
+    return default_meta_batch_size(per_device * trainer.args.gradient_accumulation_steps,
+                                   task.task if task is not None else None)
+
+
 class MetaSetSampler:
     """The meta set, prepared on first use as the Trainer prepares its train set (columns the model does not
     take removed, or dropped at collation for a torch dataset), and one meta batch per meta step.
@@ -153,11 +164,7 @@ class MetaSetSampler:
         is smaller), collated and on the device."""
         trainer, meta = self.trainer, self.trainer.meta_args
         ds, collate = self._prepare()
-        # default: the micro-batches of one optimizer step (_train_batch_size follows auto_find_batch_size)
-        per_device = getattr(trainer, "_train_batch_size", None) or trainer.args.per_device_train_batch_size
-        task = getattr(trainer, "_task", None)
-        m = meta.meta_batch_size or default_meta_batch_size(per_device * trainer.args.gradient_accumulation_steps,
-                                                            task.task if task is not None else None)
+        m = meta_batch_size(trainer)
         if m <= len(ds):
             batch, labels = self._collated(cycled_indices(trainer, len(ds), m))
         else:  # a meta set smaller than the meta batch is used whole (drawing with replacement would only add noise)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import TrainerCallback
 from transformers.utils import logging
 
+from ._batches import HALF_META_BATCH_TASKS, meta_batch_size
 from .meta import RateTable
 from .trajectory import LRTrajectory
 
@@ -91,6 +92,9 @@ def meta_settings(trainer: MetaLRTrainer) -> dict[str, Any]:
         out["group_column"] = trainer.meta_args.group_column
     if trainer.meta_args.lookahead_step != 1.0:  # likewise
         out["lookahead_step"] = trainer.meta_args.lookahead_step
+    task = getattr(trainer, "_task", None)
+    if out["meta_batch_size"] is None and task is not None and task.task in HALF_META_BATCH_TASKS:
+        out["meta_batch_size"] = meta_batch_size(trainer)  # not the training batch: say which it was
     return out
 
 
