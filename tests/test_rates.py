@@ -140,6 +140,32 @@ def test_centered_instance_steps_sum_to_zero_within_each_class_and_leave_the_cla
     torch.testing.assert_close(both.per_class, torch.tensor([1 - 0.1 * 4.0, 1 + 0.1 * 2.0]))
 
 
+def test_key_scaled_instance_steps_move_every_key_by_meta_lr_and_leave_the_keyed_rates():
+    """instance_scale='key': each instance gradient is divided by the mean |.| of its key's gradients in the batch
+    (key 0: 1, -3 -> 2; key 1: 100, -300 -> 200; key 2: all 0, unchanged), so both keys' rates move by meta_lr on
+    average, where the batch scale ('batch', 101) would move key 0's by a hundredth of that; the keyed rates of
+    'both' still step on the unscaled gradient."""
+    g = torch.tensor([1.0, 100.0, -3.0, -300.0, 0.0])
+    labels = torch.tensor([0, 1, 0, 1, 2])
+    idx = torch.arange(5)
+    scaled = torch.tensor([0.5, 0.5, -1.5, -1.5, 0.0])  # g / its key's mean |g|
+    t = RateTable(5, 3, "instance", meta_lr=0.1, instance_scale="key")
+    t.update(idx, labels, g)
+    torch.testing.assert_close(t.instance, 1 - 0.1 * scaled / scaled.abs().mean())
+    moved = (t.instance - 1).abs()
+    assert moved[:4].tolist() == pytest.approx([0.05 / 0.8, 0.05 / 0.8, 0.15 / 0.8, 0.15 / 0.8])
+    batch = RateTable(5, 3, "instance", meta_lr=0.1)
+    batch.update(idx, labels, g)
+    torch.testing.assert_close(batch.instance, 1 - 0.1 * g / g.abs().mean())
+    both = RateTable(5, 3, "both", meta_lr=0.1, instance_scale="key")
+    both.update(idx, labels, g)
+    torch.testing.assert_close(both.instance, t.instance)
+    keyed = torch.tensor([1.0 - 3.0, 100.0 - 300.0, 0.0])  # per-key sums of the unscaled gradient
+    torch.testing.assert_close(both.per_class, 1 - 0.1 * keyed / g.abs().sum())
+    with pytest.raises(ValueError, match="instance_scale must be"):
+        RateTable(5, 3, "instance", instance_scale="class")
+
+
 @pytest.mark.parametrize("level", ["class", "both"])
 def test_keyed_rates_step_on_keyed_grad_and_instance_rates_on_example_grad(level):
     """update(..., keyed_grad=k): the class rates take the chain rule of k (times the instance rates), the

@@ -236,7 +236,8 @@ def test_token_classification_keeps_the_per_layer_products(tmp_path):
 @pytest.mark.parametrize("kw, msg", [(dict(lr_level="class"), "lr_level='class' .* single_label_classification only"),
                                      (dict(lr_level="both"), "lr_level='both'"),
                                      (dict(meta_strategy="last_layer"), "meta_strategy='last_layer'"),
-                                     (dict(center_instance_rates=True), "center_instance_rates=True .* group_column")])
+                                     (dict(center_instance_rates=True), "center_instance_rates=True .* group_column"),
+                                     (dict(instance_rate_scale="key"), "instance_rate_scale='key' .* group_column")])
 def test_class_rates_and_last_layer_are_refused_for_other_tasks(task, kw, msg, tmp_path):
     with pytest.raises(ValueError, match=msg) as err:
         _meta_trainer(task, tmp_path, **kw)

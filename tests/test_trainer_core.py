@@ -265,6 +265,9 @@ def test_model_returning_a_tuple(tmp_path):
         (dict(meta_batch_size=0), "meta_batch_size must be a positive integer"),
         (dict(learn_weight_decay=True, weight_decay=0.0), "needs a starting value"),
         (dict(keep_history=False, meta_update="delayed"), "would train without rates"),
+        (dict(instance_rate_scale="row"), "instance_rate_scale='row' is not valid"),
+        (dict(instance_rate_scale="key", lr_level="class"), "instance_rate_scale='key' sets the scale"),
+        (dict(instance_rate_scale="key", meta_lr_scaling="raw"), "instance_rate_scale='key' sets the scale"),
     ],
 )
 def test_bad_config(tmp_path, kw, msg):

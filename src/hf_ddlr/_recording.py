@@ -92,6 +92,8 @@ def meta_settings(trainer: MetaLRTrainer) -> dict[str, Any]:
         out["group_column"] = trainer.meta_args.group_column
     if trainer.meta_args.lookahead_step != 1.0:  # likewise
         out["lookahead_step"] = trainer.meta_args.lookahead_step
+    if trainer.meta_args.instance_rate_scale != "batch":  # likewise
+        out["instance_rate_scale"] = trainer.meta_args.instance_rate_scale
     task = getattr(trainer, "_task", None)
     if out["meta_batch_size"] is None and task is not None and task.task in HALF_META_BATCH_TASKS:
         out["meta_batch_size"] = meta_batch_size(trainer)  # not the training batch: say which it was

@@ -86,7 +86,8 @@ def resolve_task(model: torch.nn.Module | None, train_dataset: Any) -> TaskLoss:
 
 
 def check_task_options(task: TaskLoss, lr_level: str, meta_strategy: str, label_smoothing: float,
-                       group_column: str | None = None, center_instance_rates: bool = False) -> None:
+                       group_column: str | None = None, center_instance_rates: bool = False,
+                       instance_rate_scale: str = "batch") -> None:
     """Refuse, at construction, the options a task does not support: class-level rates (one class per example;
     group rates, keyed by ``group_column``, suit every task), instance rates centred per class (the same), the
     last-layer closed form (of single-label cross-entropy), label smoothing of a non-cross-entropy loss."""
@@ -97,6 +98,12 @@ def check_task_options(task: TaskLoss, lr_level: str, meta_strategy: str, label_
             f"center_instance_rates=True centres each instance rate's step within its class, which needs one class "
             f"label per example; the model's task is {task.task}. Centre within groups instead (lr_level='both' "
             f"with group_column='<column>'), or drop center_instance_rates."
+        )
+    if instance_rate_scale == "key" and not group_column:
+        raise ValueError(
+            f"instance_rate_scale='key' scales each instance rate's step within its class, which needs one class "
+            f"label per example; the model's task is {task.task}. Scale within groups instead (lr_level='both' "
+            f"with group_column='<column>'), or drop instance_rate_scale."
         )
     if lr_level == "class" or (lr_level == "both" and not group_column):
         raise ValueError(

@@ -310,7 +310,7 @@ class MetaLRTrainer(Trainer):
         args, meta = self.args, self.meta_args
         self._task = resolve_task(self.model, self._source_train_dataset)
         check_task_options(self._task, meta.lr_level, meta.meta_strategy, args.label_smoothing_factor,
-                           meta.group_column, meta.center_instance_rates)
+                           meta.group_column, meta.center_instance_rates, meta.instance_rate_scale)
         self.num_labels = self._infer_num_labels(num_labels)
         if self._task.class_labels:
             check_label_range((("meta", self.meta_dataset), ("train", self.train_dataset)), self.num_labels)
@@ -327,6 +327,7 @@ class MetaLRTrainer(Trainer):
             max_rate=meta.max_rate,
             instance_gradient=meta.instance_rate_gradient,
             center_instance=meta.center_instance_rates,
+            instance_scale=meta.instance_rate_scale,
             device=args.device,
         )
         self._meta_grad_average: MetaGradientAverage | None = None  # made empty when train() starts

@@ -126,6 +126,16 @@ def _centered_per_key(values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return values - (sums / counts.clamp(min=1))[keys]
 
 
+def _scaled_per_key(values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``values`` divided by the mean |value| of the batch's values that share its key (a key whose values are all
+    0 keeps them)."""
+    num_keys = int(keys.max()) + 1
+    sums = values.new_zeros(num_keys).index_add_(0, keys, values.abs())
+    counts = values.new_zeros(num_keys).index_add_(0, keys, torch.ones_like(values))
+    mean = (sums / counts.clamp(min=1))[keys]
+    return torch.where(mean > 0, values / mean.clamp(min=torch.finfo(values.dtype).tiny), values)
+
+
 def _lookup_grad(table: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """The gradient of ``Σ_i values_i · table[keys_i]``: one sparse entry per lookup (not coalesced)."""
     return torch.sparse_coo_tensor(keys[None], values, table.shape, check_invariants=False)
@@ -157,6 +167,8 @@ class RateTable:
 
     ``center_instance=True`` steps each instance rate on that gradient minus its mean over the batch's examples
     of the same key (class or group), so the instance rates carry only preferences within a class or group.
+    ``instance_scale="key"`` divides each instance rate's gradient by the mean |gradient| of the batch's examples
+    of its key before the normalized step, so ``meta_lr`` is the typical step within every class or group.
     """
 
     def __init__(
@@ -174,6 +186,7 @@ class RateTable:
         max_rate: float | None = None,
         instance_gradient: InstanceGradient = "effective",
         center_instance: bool = False,
+        instance_scale: str = "batch",
         device: torch.device | str = "cpu",
     ) -> None:
         _check_level(level, num_groups)
@@ -181,6 +194,9 @@ class RateTable:
             raise ValueError(f"instance_gradient must be one of {INSTANCE_GRADIENTS}, got {instance_gradient!r}.")
         self.instance_gradient = instance_gradient
         self.center_instance = bool(center_instance)
+        if instance_scale not in ("batch", "key"):
+            raise ValueError(f"instance_scale must be 'batch' or 'key', got {instance_scale!r}.")
+        self.instance_scale = instance_scale
         self.level = level
         self.meta_lr, self.meta_wd_lr = float(meta_lr), float(meta_wd_lr)
         self.scaling = scaling
@@ -289,6 +305,8 @@ class RateTable:
                         g = g * other[other_keys]
             if table is self.instance and self.center_instance:
                 g = _centered_per_key(g, labels.to(g.device))
+            if table is self.instance and self.instance_scale == "key":
+                g = _scaled_per_key(g, labels.to(g.device))
             table.grad = _lookup_grad(table, keys, g)
         if self.learn_weight_decay and weight_decay_grad is not None:
             self._weight_decay.grad = torch.tensor(weight_decay_grad, dtype=torch.float64)
