@@ -93,18 +93,17 @@ def check_task_options(task: TaskLoss, lr_level: str, meta_strategy: str, label_
     last-layer closed form (of single-label cross-entropy), label smoothing of a non-cross-entropy loss."""
     if task is SINGLE_LABEL:
         return
-    if center_instance_rates and not group_column:
-        raise ValueError(
-            f"center_instance_rates=True centres each instance rate's step within its class, which needs one class "
-            f"label per example; the model's task is {task.task}. Centre within groups instead (lr_level='both' "
-            f"with group_column='<column>'), or drop center_instance_rates."
-        )
-    if instance_rate_scale == "key" and not group_column:
-        raise ValueError(
-            f"instance_rate_scale='key' scales each instance rate's step within its class, which needs one class "
-            f"label per example; the model's task is {task.task}. Scale within groups instead (lr_level='both' "
-            f"with group_column='<column>'), or drop instance_rate_scale."
-        )
+    per_class_options = (  # (set, as the user wrote it, what it does, the same within groups, option name)
+        (center_instance_rates, "center_instance_rates=True", "centres", "Centre", "center_instance_rates"),
+        (instance_rate_scale == "key", "instance_rate_scale='key'", "scales", "Scale", "instance_rate_scale"),
+    )
+    for on, given, does, do, name in per_class_options:
+        if on and not group_column:
+            raise ValueError(
+                f"{given} {does} each instance rate's step within its class, which needs one class label per "
+                f"example; the model's task is {task.task}. {do} within groups instead (lr_level='both' with "
+                f"group_column='<column>'), or drop {name}."
+            )
     if lr_level == "class" or (lr_level == "both" and not group_column):
         raise ValueError(
             f"lr_level={lr_level!r} learns a rate per class, which needs one class label per example; the "

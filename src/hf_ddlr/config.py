@@ -11,7 +11,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .meta.engine import STRATEGIES
-from .meta.rates import INSTANCE_GRADIENTS, INSTANCE_LEVELS, LEVELS
+from .meta.rates import INSTANCE_GRADIENTS, INSTANCE_LEVELS, INSTANCE_SCALES, LEVELS
 
 __all__ = ["MetaLRConfig", "MetaLROptions", "check_meta_options", "resolve_meta_options"]
 
@@ -19,7 +19,6 @@ UPDATES = ("same_step", "delayed")
 LOOKAHEADS = ("optimizer", "sgd")
 SCALINGS = ("normalized", "raw")
 CLASS_RATE_DIRECTIONS = ("average", "per_step")
-INSTANCE_SCALES = ("batch", "key")
 
 
 def _option(default: Any, help_text: str, choices: tuple[str, ...] | None = None) -> Any:

@@ -16,7 +16,7 @@ from typing import Literal, get_args
 
 import torch
 
-__all__ = ["INSTANCE_GRADIENTS", "INSTANCE_LEVELS", "LEVELS", "RateSGD", "RateTable"]
+__all__ = ["INSTANCE_GRADIENTS", "INSTANCE_LEVELS", "INSTANCE_SCALES", "LEVELS", "RateSGD", "RateTable"]
 
 Level = Literal["instance", "class", "group", "both"]
 LEVELS: tuple[str, ...] = ("instance", "class", "group", "both")
@@ -24,6 +24,8 @@ INSTANCE_LEVELS: tuple[str, ...] = ("instance", "both")  # the levels with a per
 Scaling = Literal["normalized", "raw"]
 InstanceGradient = Literal["effective", "chain_rule"]
 INSTANCE_GRADIENTS: tuple[str, ...] = get_args(InstanceGradient)
+InstanceScale = Literal["batch", "key"]
+INSTANCE_SCALES: tuple[str, ...] = get_args(InstanceScale)
 
 # of RateTable.state_dict; v0 (before the table had an optimizer) is the same dict without "format_version"
 FORMAT_VERSION = 1
@@ -118,21 +120,23 @@ class RateSGD(torch.optim.Optimizer):
             wd.fill_(value * math.exp(-group["lr"] * max(-3.0, min(3.0, g / rms))))
 
 
-def _centered_per_key(values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """``values`` minus the mean of the values of the batch that share its key (its class or group)."""
+def _mean_per_key(values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """For every entry, the mean of the batch's ``values`` that share its key (its class or group)."""
     num_keys = int(keys.max()) + 1
     sums = values.new_zeros(num_keys).index_add_(0, keys, values)
     counts = values.new_zeros(num_keys).index_add_(0, keys, torch.ones_like(values))
-    return values - (sums / counts.clamp(min=1))[keys]
+    return (sums / counts.clamp(min=1))[keys]
+
+
+def _centered_per_key(values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``values`` minus the mean of the values of the batch that share its key (its class or group)."""
+    return values - _mean_per_key(values, keys)
 
 
 def _scaled_per_key(values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """``values`` divided by the mean |value| of the batch's values that share its key (a key whose values are all
     0 keeps them)."""
-    num_keys = int(keys.max()) + 1
-    sums = values.new_zeros(num_keys).index_add_(0, keys, values.abs())
-    counts = values.new_zeros(num_keys).index_add_(0, keys, torch.ones_like(values))
-    mean = (sums / counts.clamp(min=1))[keys]
+    mean = _mean_per_key(values.abs(), keys)
     return torch.where(mean > 0, values / mean.clamp(min=torch.finfo(values.dtype).tiny), values)
 
 
@@ -186,7 +190,7 @@ class RateTable:
         max_rate: float | None = None,
         instance_gradient: InstanceGradient = "effective",
         center_instance: bool = False,
-        instance_scale: str = "batch",
+        instance_scale: InstanceScale = "batch",
         device: torch.device | str = "cpu",
     ) -> None:
         _check_level(level, num_groups)
@@ -194,8 +198,8 @@ class RateTable:
             raise ValueError(f"instance_gradient must be one of {INSTANCE_GRADIENTS}, got {instance_gradient!r}.")
         self.instance_gradient = instance_gradient
         self.center_instance = bool(center_instance)
-        if instance_scale not in ("batch", "key"):
-            raise ValueError(f"instance_scale must be 'batch' or 'key', got {instance_scale!r}.")
+        if instance_scale not in INSTANCE_SCALES:
+            raise ValueError(f"instance_scale must be one of {INSTANCE_SCALES}, got {instance_scale!r}.")
         self.instance_scale = instance_scale
         self.level = level
         self.meta_lr, self.meta_wd_lr = float(meta_lr), float(meta_wd_lr)
