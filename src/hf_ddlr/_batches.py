@@ -94,9 +94,9 @@ HALF_META_BATCH_TASKS = ("causal_lm",)
 def default_meta_batch_size(per_step: int, task: str | None) -> int:
     """The meta batch when ``meta_batch_size`` is unset: the examples of one optimizer step and device, half of
     them (rounded up) for a causal LM. There the meta pass — a forward and backward through the vocabulary-wide
-    output layer at θ' — costs as much as a plain training step; half the meta batch measured faster and no
-    worse (better exact-match) on the SFT example, while the running average of the meta gradient still spans
-    many meta batches (docs/speed.md, "The causal LM's meta batch")."""
+    output layer at θ' — costs as much as a plain training step; half the meta batch measured faster and, over
+    five seeds of the SFT example, as good, while the running average of the meta gradient still spans many
+    meta batches (docs/speed.md, "The causal LM's meta batch")."""
     return max(1, -(-per_step // 2)) if task in HALF_META_BATCH_TASKS else per_step
 
 
