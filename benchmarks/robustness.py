@@ -163,7 +163,8 @@ def parse_metalr_args(pairs: list[str]) -> dict:
 # adding an option does not outdate stored runs.
 NEUTRAL_NEW_OPTIONS = {"meta_grad_average_epochs": None, "group_column": None,
                        "instance_rate_gradient": "effective", "center_instance_rates": False,
-                       "class_rate_direction": "per_step", "lookahead_step": 1.0, "instance_rate_scale": "batch"}
+                       "class_rate_direction": "per_step", "lookahead_step": 1.0, "instance_rate_scale": "batch",
+                       "max_instance_rate": None}
 
 
 def _fingerprinted_defaults() -> dict:

@@ -194,7 +194,8 @@ def markdown(a: argparse.Namespace, noisy: dict, personal: dict, compute: float)
         f"LR 0.05 with a 1-epoch linear warm-up, weight decay 5e-4, batch 64, {a.epochs:g} epochs. "
         "MetaLR: default options ("
         + ", ".join(f"{k}={getattr(MetaLRConfig, k)!r}" for k in ("meta_lr", "meta_lr_scaling", "lookahead",
-                                                               "meta_grad_average", "meta_strategy"))
+                                                               "meta_grad_average", "meta_strategy",
+                                                               "max_instance_rate"))
         + ").",
         "",
         "## 1. Label noise: 40 % of the training labels changed to another class",

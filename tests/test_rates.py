@@ -35,6 +35,24 @@ def test_raw_update_clamps_at_zero_and_respects_max_rate():
     assert t.per_class.tolist() == [0.0, 1.5]
 
 
+@pytest.mark.parametrize("max_rate, max_instance_rate, instance_cap, class_cap", [
+    (None, 1.0, 1.0, None), (1.5, 1.0, 1.0, 1.5), (0.8, 1.0, 0.8, 0.8), (None, None, None, None)])
+def test_instance_cap_bounds_the_instance_table_only(max_rate, max_instance_rate, instance_cap, class_cap):
+    """max_instance_rate bounds the per-example rates (the tighter of it and max_rate); class rates keep
+    max_rate alone, so they can still speed a class up."""
+    t = RateTable(3, 2, "both", meta_lr=0.5, max_rate=max_rate, max_instance_rate=max_instance_rate)
+    for _ in range(20):  # the same push every step: example 1 and class 1 up, example 0 and class 0 down
+        t.update(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([1.0, -1.0]))
+    assert t.instance[0] == 0.0
+    expect_inst = instance_cap if instance_cap is not None else 1.0 + 20 * 0.5
+    assert t.instance[1].item() == pytest.approx(expect_inst)
+    if class_cap is None:
+        assert t.per_class[1].item() > 2.0
+    else:
+        assert t.per_class[1].item() == pytest.approx(class_cap)
+    assert t.instance[2] == 1.0  # never visited
+
+
 def test_non_finite_gradient_leaves_everything_untouched():
     t = RateTable(3, 2, "both", learn_weight_decay=True, weight_decay=1e-3)
     before = {k: v.clone() for k, v in t.state_dict().items()}

@@ -40,6 +40,7 @@ def test_one_sgd_step_matches_the_paper_equations(tmp_path, level, center):
     args = _args(
         tmp_path, per_device_train_batch_size=24, max_steps=1, learning_rate=lam, optim="sgd",
         lr_scheduler_type="constant", weight_decay=wd, lr_level=level, meta_lr=meta_lr, meta_lr_scaling="raw",
+        max_instance_rate=None,  # the paper's rule: rates unbounded above
         learn_weight_decay=True, weight_decay_meta_lr=wd_lr, meta_batch_size=10, lookahead="sgd", max_grad_norm=0.0,
         center_instance_rates=center,
     )
@@ -171,11 +172,11 @@ def test_user_transform_sees_the_added_index_column(tmp_path):
 
     train = make_split(32, seed=6).with_transform(transform, columns=["x", "label"])
     t = MetaLRTrainer(model=TinyMLP(), args=_args(tmp_path, per_device_train_batch_size=8, max_steps=2,
-                                                  remove_unused_columns=False),
+                                                  remove_unused_columns=False, max_instance_rate=None),
                       train_dataset=train, meta_dataset=make_split(8, seed=7))
     assert t.train_dataset[3]["sample_index"] == 3
     t.train()
-    assert (t.rates.instance != 1).sum() == 16  # the two visited batches got rates
+    assert (t.rates.instance != 1).sum() == 16  # the two visited batches got rates (uncapped: every one moves)
 
 
 def test_torch_meta_dataset_keys_the_model_does_not_take_are_dropped(tmp_path):
@@ -248,7 +249,8 @@ def test_model_returning_a_tuple(tmp_path):
         def forward(self, x, labels=None):
             return (super().forward(x).logits,)
 
-    t = MetaLRTrainer(model=TupleOut(), args=_args(tmp_path, max_steps=2, per_device_train_batch_size=8),
+    t = MetaLRTrainer(model=TupleOut(), args=_args(tmp_path, max_steps=2, per_device_train_batch_size=8,
+                                                  max_instance_rate=None),  # uncapped: every visited rate moves
                       train_dataset=make_split(16, seed=1), meta_dataset=make_split(8, seed=2), num_labels=3)
     t.train()
     assert (t.rates.instance != 1).sum() == 16
@@ -266,6 +268,8 @@ def test_model_returning_a_tuple(tmp_path):
         (dict(learn_weight_decay=True, weight_decay=0.0), "needs a starting value"),
         (dict(keep_history=False, meta_update="delayed"), "would train without rates"),
         (dict(instance_rate_scale="row"), "instance_rate_scale='row' is not valid"),
+        (dict(max_instance_rate=0.0), "max_instance_rate must be a finite number > 0"),
+        (dict(max_rate=float("nan")), "max_rate must be a finite number > 0"),
         (dict(instance_rate_scale="key", lr_level="class"), "instance_rate_scale='key' sets the scale"),
         (dict(instance_rate_scale="key", meta_lr_scaling="raw"), "instance_rate_scale='key' sets the scale"),
     ],
@@ -404,3 +408,34 @@ def test_meta_batches_take_the_meta_set_in_turn(tmp_path, monkeypatch, meta_inte
     for k, rows in enumerate(drawn):  # a function of the step alone
         trainer.state.global_step = k * meta_interval
         assert batches.cycled_indices(trainer, 10, 4).tolist() == rows
+
+
+@pytest.mark.parametrize("cap", [1.0, None])
+def test_instance_rates_capped_at_one_by_default(tmp_path, cap):
+    """The default max_instance_rate=1 reaches the rate table: no instance rate ends above 1 (some sit at it);
+    uncapped, the same run's clean-looking examples climb above 1. The bound is recorded with the trajectory."""
+    from hf_ddlr._recording import meta_settings
+
+    kw = {} if cap == 1.0 else {"max_instance_rate": None}
+    torch.manual_seed(0)
+    t = MetaLRTrainer(model=TinyMLP(), args=_args(tmp_path, max_steps=12, per_device_train_batch_size=8,
+                                                 meta_lr=0.5, **kw),
+                      train_dataset=make_split(32, seed=1), meta_dataset=make_split(16, seed=2))
+    t.train()
+    top = float(t.rates.instance.max())
+    if cap is None:
+        assert top > 1.2
+    else:
+        assert top == 1.0
+    assert meta_settings(t)["max_instance_rate"] == cap
+
+
+def test_infinite_bound_on_the_command_line_means_no_bound(tmp_path):
+    from transformers import HfArgumentParser
+
+    (cfg,) = HfArgumentParser(MetaLRConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--max_instance_rate", "inf", "--max_rate", "inf", "--report_to", "none"])
+    assert cfg.max_instance_rate is None and cfg.max_rate is None
+    (cfg,) = HfArgumentParser(MetaLRConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--report_to", "none"])
+    assert cfg.max_instance_rate == 1.0 and cfg.max_rate is None

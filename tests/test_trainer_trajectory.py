@@ -55,7 +55,7 @@ def test_replay_reproduces_applied_rates(tmp_path, level, update, n, ga):
     train, meta = make_split(n, seed=1), make_split(16, seed=2)
     wd = dict(learn_weight_decay=True, weight_decay=1e-3) if level == "both" else {}
     orig, applied = _train(tmp_path, "orig", train, meta, num_train_epochs=3, lr_level=level, meta_update=update,
-                           gradient_accumulation_steps=ga, **wd)
+                           gradient_accumulation_steps=ga, max_instance_rate=None, **wd)  # uncapped: more rates move
     traj = orig.lr_trajectory
     assert traj.num_steps == orig.state.global_step == (15 if ga == 1 else 9)
     assert traj.instance_epochs.tolist() == [0.0, 1.0, 2.0, 3.0]

@@ -325,6 +325,7 @@ class MetaLRTrainer(Trainer):
             meta_wd_lr=meta.weight_decay_meta_lr,
             scaling=meta.meta_lr_scaling,
             max_rate=meta.max_rate,
+            max_instance_rate=meta.max_instance_rate,
             instance_gradient=meta.instance_rate_gradient,
             center_instance=meta.center_instance_rates,
             instance_scale=meta.instance_rate_scale,

@@ -42,7 +42,8 @@ class RateSGD(torch.optim.Optimizer):
     |g| of the rows that move (instance rates: ``lr`` is the typical change of a rate per visit),
     ``"lookups"`` by the total |gradient| of the lookups (class rates: a class moves by ``lr`` times its
     share, so the table as a whole moves by at most ``lr`` per step; group rates alike). A step whose ``s`` is not finite or
-    ≤ 0 is skipped.
+    ≤ 0 is skipped. Every rate is clamped to ``[0, max_rate]``; the instance rates to the tighter of ``max_rate``
+    and ``max_instance_rate``.
 
     The weight decay (a float64 scalar, group ``norm="weight_decay"``) moves by ``wd ← max(0, wd − lr·g)``
     ("raw") or multiplicatively, ``wd ← wd · exp(−lr · clip(g / rms(g), ±3))``, with the bias-corrected
@@ -62,12 +63,16 @@ class RateSGD(torch.optim.Optimizer):
         weight_decay_lr: float,
         scaling: Scaling = "normalized",
         max_rate: float | None = None,
+        max_instance_rate: float | None = None,
     ) -> None:
         if scaling not in ("normalized", "raw"):
             raise ValueError(f"meta_lr_scaling must be 'normalized' or 'raw', got {scaling!r}.")
         tables = (("instance", instance, "rows"), ("per_class", per_class, "lookups"),
                   ("per_group", per_group, "lookups"))
         groups = [dict(params=[t], name=name, norm=norm, lr=lr) for name, t, norm in tables if t is not None]
+        for group in groups:
+            if group["name"] == "instance":
+                group["max_rate"] = _tighter(max_rate, max_instance_rate)
         groups.append(
             dict(params=[weight_decay], name="weight_decay", norm="weight_decay", lr=weight_decay_lr)
         )
@@ -118,6 +123,11 @@ class RateSGD(torch.optim.Optimizer):
         rms = math.sqrt(square_avg / (1 - WD_BETA ** int(state["step"])))
         if rms > 0:
             wd.fill_(value * math.exp(-group["lr"] * max(-3.0, min(3.0, g / rms))))
+
+
+def _tighter(a: float | None, b: float | None) -> float | None:
+    """The smaller of two optional upper bounds (None: no bound)."""
+    return b if a is None else a if b is None else min(a, b)
 
 
 def _mean_per_key(values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -173,6 +183,10 @@ class RateTable:
     of the same key (class or group), so the instance rates carry only preferences within a class or group.
     ``instance_scale="key"`` divides each instance rate's gradient by the mean |gradient| of the batch's examples
     of its key before the normalized step, so ``meta_lr`` is the typical step within every class or group.
+
+    Rates are clamped to ``[0, max_rate]``; the instance rates to the tighter of ``max_rate`` and
+    ``max_instance_rate`` (the trainer's default caps them at 1: an example's own rate can slow it down, and
+    speed-ups are left to the class and group rates).
     """
 
     def __init__(
@@ -188,6 +202,7 @@ class RateTable:
         meta_wd_lr: float = 0.01,
         scaling: Scaling = "normalized",
         max_rate: float | None = None,
+        max_instance_rate: float | None = None,
         instance_gradient: InstanceGradient = "effective",
         center_instance: bool = False,
         instance_scale: InstanceScale = "batch",
@@ -204,7 +219,7 @@ class RateTable:
         self.level = level
         self.meta_lr, self.meta_wd_lr = float(meta_lr), float(meta_wd_lr)
         self.scaling = scaling
-        self.max_rate = max_rate
+        self.max_rate, self.max_instance_rate = max_rate, max_instance_rate
         self.learn_weight_decay = learn_weight_decay
         self.initial_weight_decay = float(weight_decay)
         keyed = level in ("class", "group", "both")
@@ -222,6 +237,7 @@ class RateTable:
             weight_decay_lr=self.meta_wd_lr,
             scaling=scaling,
             max_rate=max_rate,
+            max_instance_rate=max_instance_rate,
         )
 
     @property

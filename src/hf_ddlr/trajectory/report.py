@@ -257,6 +257,11 @@ def _plot_group(t: LRTrajectory, ax: Any) -> None:
     _plot_keyed(ax, t.group_epochs.numpy(), table, t.group_name, "group", title)
 
 
+def _band(vals: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """mean ± std per row, kept within the row's range (rates are >= 0, and capped rates <= their cap)."""
+    return np.maximum(mean - std, np.nanmin(vals, 1)), np.minimum(mean + std, np.nanmax(vals, 1))
+
+
 def _plot_instance(t: LRTrajectory, ax: Any) -> None:
     x = t.instance_epochs.numpy()
     table = t.instance_rates.numpy()
@@ -267,13 +272,13 @@ def _plot_instance(t: LRTrajectory, ax: Any) -> None:
                 vals = table[:, mask]
                 mean, std = np.nanmean(vals, 1), np.nanstd(vals, 1)
                 ax.plot(x, mean, color=color, linewidth=2, label=f"{name} ({int(mask.sum())})")
-                ax.fill_between(x, np.maximum(mean - std, 0.0), mean + std, color=color, alpha=0.2)
+                ax.fill_between(x, *_band(vals, mean, std), color=color, alpha=0.2)
         ax.set_title("Per-instance rates: clean vs noisy labels (mean ± std)")
     else:
         mean, std = np.nanmean(table, 1), np.nanstd(table, 1)
         q10, q90 = np.nanquantile(table, 0.1, axis=1), np.nanquantile(table, 0.9, axis=1)
         ax.plot(x, mean, color="tab:blue", linewidth=2, label="mean")
-        ax.fill_between(x, np.maximum(mean - std, 0.0), mean + std, color="tab:blue", alpha=0.2, label="± std")
+        ax.fill_between(x, *_band(table, mean, std), color="tab:blue", alpha=0.2, label="± std")
         ax.plot(x, q10, color="tab:blue", linestyle="--", linewidth=1, label="10 % / 90 % quantiles")
         ax.plot(x, q90, color="tab:blue", linestyle="--", linewidth=1)
         ax.set_title(f"Per-instance rates ({table.shape[1]} examples)")
