@@ -26,7 +26,7 @@ __all__ = ["MetaLog", "TrajectoryRecorder", "meta_settings", "new_trajectory"]
 _META_KEYS = ("lr_level", "meta_lr", "meta_lr_scaling", "learn_weight_decay", "weight_decay_meta_lr", "keep_history",
               "meta_strategy", "meta_update", "meta_interval", "meta_batch_size", "lookahead", "meta_grad_average",
               "meta_grad_average_epochs", "meta_dropout", "max_rate", "max_instance_rate",
-               "class_rate_direction")
+              "class_rate_direction")
 MAX_LOGGED_GROUPS = 8  # group rates logged one by one (group_rate/<name>) up to this many groups
 _TRAIN_KEYS = ("learning_rate", "weight_decay", "max_grad_norm", "optim", "lr_scheduler_type",
                "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps", "seed")

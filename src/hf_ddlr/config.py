@@ -335,7 +335,8 @@ def check_meta_options(opts: Any, weight_decay: float | None = None) -> None:
                          f"{opts.meta_batch_size!r}.")
     for name in ("max_rate", "max_instance_rate"):
         bound = getattr(opts, name)
-        if bound is not None and not (isinstance(bound, (int, float)) and math.isfinite(bound) and bound > 0):
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))
+                                  or not math.isfinite(bound) or bound <= 0):
             raise ValueError(f"{name} must be a finite number > 0 (or None, `inf` on a command line, for no bound), "
                              f"got {bound!r}.")
     if (weight_decay is not None and opts.learn_weight_decay and weight_decay <= 0

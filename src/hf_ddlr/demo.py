@@ -127,6 +127,8 @@ def plot_rates(result: dict, noisy: np.ndarray, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .trajectory.report import _band as band  # mean ± std kept within the rates' range
+
     traj = result["trajectory"]
     ep = traj.instance_epochs.numpy()
     R = traj.instance_rates.numpy()
@@ -134,9 +136,7 @@ def plot_rates(result: dict, noisy: np.ndarray, path: str) -> None:
     for mask, name, color in ((~noisy, "clean", "tab:blue"), (noisy, "noisy", "tab:red")):
         m, s = R[:, mask].mean(1), R[:, mask].std(1)
         ax.plot(ep, m, color=color, label=f"{name} examples (n={int(mask.sum())})")
-        # the band stays within the rates' range (>= 0, and <= the cap of the instance rates)
-        ax.fill_between(ep, np.maximum(m - s, R[:, mask].min(1)), np.minimum(m + s, R[:, mask].max(1)),
-                        color=color, alpha=0.2)
+        ax.fill_between(ep, *band(R[:, mask], m, s), color=color, alpha=0.2)
     ax.set_xlabel("epoch")
     ax.set_ylabel("learned learning-rate multiplier")
     ax.set_title(f"Instance rates under {int(round(100 * noisy.mean()))}% label noise (mean ± std)")
