@@ -67,12 +67,10 @@ class RateSGD(torch.optim.Optimizer):
     ) -> None:
         if scaling not in ("normalized", "raw"):
             raise ValueError(f"meta_lr_scaling must be 'normalized' or 'raw', got {scaling!r}.")
-        tables = (("instance", instance, "rows"), ("per_class", per_class, "lookups"),
-                  ("per_group", per_group, "lookups"))
-        groups = [dict(params=[t], name=name, norm=norm, lr=lr) for name, t, norm in tables if t is not None]
-        for group in groups:
-            if group["name"] == "instance":
-                group["max_rate"] = _tighter(max_rate, max_instance_rate)
+        tables = (("instance", instance, "rows", _tighter(max_rate, max_instance_rate)),
+                  ("per_class", per_class, "lookups", max_rate), ("per_group", per_group, "lookups", max_rate))
+        groups = [dict(params=[t], name=name, norm=norm, lr=lr, max_rate=bound)
+                  for name, t, norm, bound in tables if t is not None]
         groups.append(
             dict(params=[weight_decay], name="weight_decay", norm="weight_decay", lr=weight_decay_lr)
         )
