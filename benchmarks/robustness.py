@@ -164,11 +164,17 @@ def parse_metalr_args(pairs: list[str]) -> dict:
 NEUTRAL_NEW_OPTIONS = {"meta_grad_average_epochs": None, "group_column": None,
                        "instance_rate_gradient": "effective", "center_instance_rates": False,
                        "class_rate_direction": "per_step", "lookahead_step": 1.0, "instance_rate_scale": "batch",
-                       "max_instance_rate": None}
+                       "max_instance_rate": None, "probe_batches": 0}
+
+
+# options whose default (None) resolves by task: the value every cell (single-label classification) gets
+RESOLVED_FOR_CLASSIFICATION = {"probe_batches": 1.0}
 
 
 def _fingerprinted_defaults() -> dict:
-    return {k: v for k, v in metalr_defaults().items() if k not in NEUTRAL_NEW_OPTIONS or v != NEUTRAL_NEW_OPTIONS[k]}
+    d = {k: (v if k not in RESOLVED_FOR_CLASSIFICATION else RESOLVED_FOR_CLASSIFICATION[k] if v is None else float(v))
+         for k, v in metalr_defaults().items()}
+    return {k: v for k, v in d.items() if k not in NEUTRAL_NEW_OPTIONS or v != NEUTRAL_NEW_OPTIONS[k]}
 
 
 def fingerprint(cell: Cell, method: str, quick: bool) -> str:

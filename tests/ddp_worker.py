@@ -76,6 +76,7 @@ def run(
     instance_rate_gradient: str = "effective",
     class_rate_direction: str = "per_step",
     max_instance_rate: float | None = 1.0,
+    probe_batches: float = 1.0,
 ) -> _Recording:
     """``model="bert"``: the tiny BERT of tiny_text.py with padding (its forward takes **kwargs: the GA/DDP
     loss-scaling trap's precondition), 32 train / 16 meta sentences."""
@@ -102,6 +103,7 @@ def run(
         instance_rate_gradient=instance_rate_gradient,
         class_rate_direction=class_rate_direction,
         max_instance_rate=max_instance_rate,
+        probe_batches=probe_batches,
         meta_lr=0.2,
         per_device_train_batch_size=per_device_batch,
         gradient_accumulation_steps=ga,

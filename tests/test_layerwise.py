@@ -229,7 +229,8 @@ def test_forwards_that_cannot_be_decomposed_are_refused_before_the_backward(mode
 # ---------------------------------------------------------------- the trainer path
 COMMON = dict(report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, optim="sgd",
               learning_rate=0.5, lr_scheduler_type="constant", logging_steps=1, max_steps=4, meta_lr=0.2,
-              class_rate_direction="average")  # one set of products per meta step: the counts below
+              class_rate_direction="average",  # one set of products per meta step: the counts below
+              probe_batches=0)  # (the probes' forward-mode passes would add to them)
 
 
 def _count_jvp(monkeypatch) -> list:

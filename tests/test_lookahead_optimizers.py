@@ -423,3 +423,40 @@ def test_partial_lookahead_on_looked_up_rows_equals_the_full_one_there(kind):
     torch.testing.assert_close(part[rows], full[rows], rtol=0, atol=0)
     whole = lookahead({"emb": table.detach()}, {"emb": grad}, param_specs(opt, {"emb": table}, ["emb"]), 0.01)["emb"]
     torch.testing.assert_close(full, table.detach() + 0.3 * (whole - table.detach()))
+
+
+@pytest.mark.parametrize("strategy", ["jvp", "exact", "finite_difference"])
+@pytest.mark.parametrize("name", ["sgd_momentum", "adamw"])
+def test_probe_gradient_is_the_derivative_of_a_weight_zero_example_in_the_real_step(strategy, name):
+    """``probes``: ∂L_meta/∂e_j of examples outside the step == central differences through torch's optimizer
+    step on the window plus example j at weight ±h (float64); the window's own gradients do not change."""
+    model, opt, wd = _build(name, True, 3)
+    data = _data()
+    g = torch.Generator().manual_seed(7)
+    xp, yp = torch.randn(5, D, generator=g, dtype=torch.float64), torch.randint(0, C, (5,), generator=g)
+    params = dict(model.named_parameters())
+    specs = param_specs(opt, params, DECAY, mode="optimizer")
+    meta = MetaBatch({"x": data["xm"]}, data["ym"], seed=1)
+
+    def run(probes):
+        window = [MicroBatch({"x": data["x"]}, data["y"], E.clone(), seed=0)]
+        return meta_gradients(model, params, window, meta, specs, weight_decay=wd, normalizer=N, strategy=strategy,
+                              probes=probes)
+
+    res = run([MicroBatch({"x": xp}, yp, None, seed=3)])
+    alone = run(())
+    torch.testing.assert_close(res.example_grad, alone.example_grad, rtol=1e-6, atol=0)
+    assert alone.probe_grad is None and res.meta_loss == alone.meta_loss
+    both = {"x": torch.cat([data["x"], xp]), "y": torch.cat([data["y"], yp]), "xm": data["xm"], "ym": data["ym"]}
+    frozen = _frozen_second_moment(model, opt, data)  # (Adam: probes at weight 0 leave v' as it is)
+    h, brute = 1e-5, torch.empty(5, dtype=torch.float64)
+    for j in range(5):
+        losses = []
+        for sign in (1, -1):
+            e = torch.cat([E, torch.zeros(5, dtype=torch.float64)])
+            e[N + j] = sign * h
+            losses.append(_meta_loss(_real_step(model, opt, both, e, freeze_v=frozen), data))
+        brute[j] = (losses[0] - losses[1]) / (2 * h)
+    assert brute.abs().max() > 0
+    tol = 5e-5 if strategy == "finite_difference" else 1e-5
+    torch.testing.assert_close(res.probe_grad.double(), brute, rtol=tol, atol=tol * float(brute.abs().max()))

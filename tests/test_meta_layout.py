@@ -157,9 +157,9 @@ def test_the_trainer_runs_its_meta_passes_channels_last_when_the_model_allows_it
 
     a = run("flatten")
     assert a._schedule.meta_layout.state == "channels_last"
-    # per step: the real forward (the user's layout), the meta loss's forward and the forward-mode pass of the dots
-    # (channels-last); before them, on the first step, the check's two forwards
-    real, check, meta, dots = [False], [False, True], [True], [True]
+    # per step: the real forward (the user's layout), the meta loss's forward and the forward-mode passes of the
+    # dots, the step's and the probes' (channels-last); before them, on the first step, the check's two forwards
+    real, check, meta, dots = [False], [False, True], [True], [True, True]
     assert a.model.seen == real + check + meta + dots + (real + meta + dots) * 2
     b = run("view")  # would raise in the meta loss if the check let the layout through
     assert b._schedule.meta_layout.state == "off"

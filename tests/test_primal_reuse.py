@@ -113,13 +113,15 @@ def test_trainer_reuses_the_real_forward_and_trains_as_without(tmp_path, monkeyp
 
     a = run(tmp_path / "a")
     # two sets of products per meta step (the average's for the instance rates, the step's own for the class
-    # rates: class_rate_direction="per_step"), both from the real forward's outputs
-    assert seen == [["BatchNorm1d", "Conv1d", "Linear"]] * 8 and a._layerwise == "off"
+    # rates: class_rate_direction="per_step"), both from the real forward's outputs, then the probes' (no real
+    # forward of theirs to reuse)
+    rec = ["BatchNorm1d", "Conv1d", "Linear"]
+    assert seen == [rec, rec, None] * 4 and a._layerwise == "off"
     assert all(mb.outputs is None for mb in a._window)  # released after the meta step
     seen.clear()
     monkeypatch.setattr(schedules, "record_outputs", lambda model: _NoRecording())
     b = run(tmp_path / "b")
-    assert seen == [None] * 8
+    assert seen == [None] * 12
     for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=n)
     torch.testing.assert_close(a.rates.instance, b.rates.instance)

@@ -203,3 +203,26 @@ def test_keyed_rates_step_on_keyed_grad_and_instance_rates_on_example_grad(level
     assert not t.update(torch.tensor([0, 1, 2]), labels, g, keyed_grad=torch.tensor([0.0, float("nan"), 0.0]))
     for n, v in t.state_dict().items():
         assert torch.equal(v, before[n]), n
+
+
+@pytest.mark.parametrize("level", ["instance", "both"])
+def test_probes_move_their_instance_rates_in_the_same_normalized_step_and_not_the_keyed_rates(level):
+    """update(..., probes=(idx, keys, grad)): the probed rows step with the batch's rows, all divided by the mean
+    |g| over every row that moves; the class rates step on the batch alone; a non-finite probe skips it all."""
+    t = RateTable(8, 2, level, meta_lr=0.1, max_instance_rate=None)
+    g = torch.tensor([1.0, -1.0])
+    probes = (torch.tensor([4, 5, 1]), torch.tensor([0, 1, 1]), torch.tensor([2.0, -4.0, 3.0]))
+    t.update(torch.tensor([0, 1]), torch.tensor([0, 1]), g, probes=probes)
+    # rows 0, 1, 4, 5 move; row 1 is in the batch and probed: its gradient is -1 + 3 = 2
+    # mean |g| over the moving rows = (1 + 2 + 2 + 4) / 4 = 2.25
+    s = 0.1 / 2.25
+    torch.testing.assert_close(t.instance, torch.tensor([1 - s, 1 - 2 * s, 1, 1, 1 - 2 * s, 1 + 4 * s, 1, 1]))
+    if level == "both":
+        ref = RateTable(8, 2, level, meta_lr=0.1, max_instance_rate=None)
+        ref.update(torch.tensor([0, 1]), torch.tensor([0, 1]), g)
+        torch.testing.assert_close(t.per_class, ref.per_class)
+    before = {n: v.clone() for n, v in t.state_dict().items()}
+    bad = (probes[0], probes[1], torch.tensor([0.0, float("nan"), 0.0]))
+    assert not t.update(torch.tensor([0, 1]), torch.tensor([0, 1]), g, probes=bad)
+    for n, v in t.state_dict().items():
+        assert torch.equal(v, before[n]), n

@@ -318,3 +318,20 @@ def test_default_meta_batch_is_half_the_step_for_a_causal_lm(task, kw, expected,
     # the trajectory says which meta batch a causal LM used when none was set (other tasks: None = the step's)
     recorded = trainer.lr_trajectory.config["meta_batch_size"]
     assert recorded == (expected if task == "causal_lm" else kw.get("meta_batch_size"))
+
+
+@pytest.mark.parametrize("task, kw, probed", [
+    ("multi_label_classification", {}, True), ("regression", {}, True), ("token_classification", {}, False),
+    ("causal_lm", {}, False), ("seq2seq_lm", {}, False), ("causal_lm", dict(probe_batches=1), True),
+])
+def test_probes_by_default_for_tasks_with_one_loss_per_example(task, kw, probed, tmp_path):
+    """Unset ``probe_batches``: one step's worth of probes for a task with one loss per example, none for a
+    token-level task (set explicitly, a causal LM probes too); the trajectory records the value used."""
+    args = MetaLRConfig(output_dir=str(tmp_path), **{**COMMON, "max_steps": 1, "max_instance_rate": None, **kw})
+    trainer = MetaLRTrainer(model=_model(task), args=args, train_dataset=_data(task, 24, seed=1),
+                            meta_dataset=_data(task, 30, seed=2), data_collator=_collator(task))
+    trainer.train()
+    batch = args.per_device_train_batch_size
+    moved = int((trainer.rates.instance != 1).sum())
+    assert moved > batch if probed else moved == batch
+    assert trainer.lr_trajectory.config["probe_batches"] == (1.0 if probed else 0.0)

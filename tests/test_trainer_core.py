@@ -40,7 +40,7 @@ def test_one_sgd_step_matches_the_paper_equations(tmp_path, level, center):
     args = _args(
         tmp_path, per_device_train_batch_size=24, max_steps=1, learning_rate=lam, optim="sgd",
         lr_scheduler_type="constant", weight_decay=wd, lr_level=level, meta_lr=meta_lr, meta_lr_scaling="raw",
-        max_instance_rate=None,  # the paper's rule: rates unbounded above
+        max_instance_rate=None, probe_batches=0,  # the paper's rule: rates unbounded above, the step's rows only
         learn_weight_decay=True, weight_decay_meta_lr=wd_lr, meta_batch_size=10, lookahead="sgd", max_grad_norm=0.0,
         center_instance_rates=center,
     )
@@ -172,7 +172,8 @@ def test_user_transform_sees_the_added_index_column(tmp_path):
 
     train = make_split(32, seed=6).with_transform(transform, columns=["x", "label"])
     t = MetaLRTrainer(model=TinyMLP(), args=_args(tmp_path, per_device_train_batch_size=8, max_steps=2,
-                                                  remove_unused_columns=False, max_instance_rate=None),
+                                                  remove_unused_columns=False, max_instance_rate=None,
+                                                  probe_batches=0),
                       train_dataset=train, meta_dataset=make_split(8, seed=7))
     assert t.train_dataset[3]["sample_index"] == 3
     t.train()
@@ -270,6 +271,9 @@ def test_model_returning_a_tuple(tmp_path):
         (dict(instance_rate_scale="row"), "instance_rate_scale='row' is not valid"),
         (dict(max_instance_rate=0.0), "max_instance_rate must be a finite number > 0"),
         (dict(max_rate=float("nan")), "max_rate must be a finite number > 0"),
+        (dict(probe_batches=-1), "probe_batches must be a number >= 0"),
+        (dict(probe_batches=float("nan")), "probe_batches must be a number >= 0"),
+        (dict(probe_batches=True), "probe_batches must be a number >= 0"),
         (dict(instance_rate_scale="key", lr_level="class"), "instance_rate_scale='key' sets the scale"),
         (dict(instance_rate_scale="key", meta_lr_scaling="raw"), "instance_rate_scale='key' sets the scale"),
     ],
@@ -439,3 +443,45 @@ def test_infinite_bound_on_the_command_line_means_no_bound(tmp_path):
     (cfg,) = HfArgumentParser(MetaLRConfig).parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--report_to", "none"])
     assert cfg.max_instance_rate == 1.0 and cfg.max_rate is None
+
+
+@pytest.mark.parametrize("probes, probed", [(0, 0), (0.5, 4), (1, 8), (2, 16)])
+def test_probes_move_the_rates_of_rows_outside_the_step(tmp_path, probes, probed):
+    """probe_batches=k: a meta step also moves the rates of k x (the step's examples) rows taken in turn from a
+    shuffled pass of their own (a function of the seed and the step); every other rate stays 1. Their rows go
+    through the Trainer's preparation of the train set (here a transform that builds the inputs)."""
+    from hf_ddlr._batches import probe_indices
+
+    def transform(batch):
+        return {"x": [[2 * v for v in row] for row in batch["x"]], **{k: batch[k] for k in batch if k != "x"}}
+
+    train = make_split(32, seed=6).with_transform(transform, columns=["x", "label"])
+    torch.manual_seed(0)
+    t = MetaLRTrainer(model=TinyMLP(), args=_args(tmp_path, per_device_train_batch_size=8, max_steps=1,
+                                                  remove_unused_columns=False, max_instance_rate=None,
+                                                  probe_batches=probes),
+                      train_dataset=train, meta_dataset=make_split(8, seed=7))
+    t.train()
+    step_rows = set(t._window[0].indices.tolist())
+    probe_rows = set(probe_indices(32, probed, 0, t.args.seed + 1).tolist()) if probed else set()
+    assert len(probe_rows) == probed
+    moved = set(torch.nonzero(t.rates.instance != 1).flatten().tolist())
+    assert moved == step_rows | probe_rows
+    assert not probed or probe_rows - step_rows  # (the probes are not the step's own rows)
+
+
+def test_probe_indices_go_through_every_row_once_per_pass_split_over_processes():
+    """Consecutive meta steps take consecutive places of shuffled passes: each pass is every row once (a new
+    order per pass), the processes take disjoint shares of a step's places, and the same call gives the same rows
+    (a resumed run probes what the uninterrupted one would)."""
+    from hf_ddlr._batches import probe_indices
+
+    n, per_step = 10, 4
+    steps = [[probe_indices(n, per_step, s, seed=3, rank=r, world=2) for r in range(2)] for s in range(5)]
+    for s in steps:
+        assert not set(s[0].tolist()) & set(s[1].tolist()) and len(s[0]) == len(s[1]) == 2
+    flat = torch.cat([torch.stack(s, 1).flatten() for s in steps])  # the places in order: rank 0, 1 alternate
+    assert sorted(flat[:10].tolist()) == list(range(10)) and sorted(flat[10:20].tolist()) == list(range(10))
+    assert flat[:10].tolist() != flat[10:20].tolist()  # a new order each pass
+    assert torch.equal(probe_indices(n, per_step, 3, seed=3, rank=1, world=2), steps[3][1])
+    assert not torch.equal(probe_indices(n, per_step, 3, seed=4), probe_indices(n, per_step, 3, seed=3))

@@ -20,7 +20,7 @@ from .meta import MetaBatch, MicroBatch
 if TYPE_CHECKING:
     from .trainer import MetaLRTrainer
 
-__all__ = ["MetaSetSampler", "step_seed", "to_microbatch"]
+__all__ = ["MetaSetSampler", "ProbeSampler", "probe_batches", "step_seed", "to_microbatch"]
 
 
 def step_seed(trainer: MetaLRTrainer, kind: int, k: int = 0, step: int | None = None) -> int:
@@ -100,6 +100,16 @@ def default_meta_batch_size(per_step: int, task: str | None) -> int:
     return max(1, -(-per_step // 2)) if task in HALF_META_BATCH_TASKS else per_step
 
 
+def probe_batches(trainer: Any) -> float:
+    """The run's ``probe_batches``: the option when set, else 1 for a task with one loss per example and 0 for a
+    token-level one (causal LM, seq2seq, token classification: a forward-mode pass through the vocabulary costs a
+    whole training step there, and those runs are long, with many visits per example already)."""
+    if trainer.meta_args.probe_batches is not None:
+        return float(trainer.meta_args.probe_batches)
+    task = getattr(trainer, "_task", None)
+    return 0.0 if task is not None and task.token_level else 1.0
+
+
 def meta_batch_size(trainer: Any) -> int:
     """The run's meta batch per device: ``meta_batch_size`` when set, else :func:`default_meta_batch_size` of
     the micro-batches of one optimizer step (``_train_batch_size`` follows ``auto_find_batch_size``)."""
@@ -109,6 +119,73 @@ def meta_batch_size(trainer: Any) -> int:
     task = getattr(trainer, "_task", None)
     return default_meta_batch_size(per_device * trainer.args.gradient_accumulation_steps,
                                    task.task if task is not None else None)
+
+
+def prepared_for_reading(trainer: MetaLRTrainer, dataset: Any, description: str) -> tuple[Any, Any]:
+    """``dataset`` and a collate function as the Trainer prepares a train set: the columns the model does not take
+    removed from a ``datasets.Dataset``, or dropped at collation for a torch dataset."""
+    ds, collate = dataset, trainer.data_collator
+    if hasattr(ds, "column_names"):
+        if trainer.args.remove_unused_columns:
+            ds = trainer._remove_unused_columns(ds, description=description)
+    else:
+        collate = trainer._get_collator_with_removed_columns(trainer.data_collator, description=description)
+    return ds, collate
+
+
+def probe_indices(n: int, per_step: int, meta_step: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """This process's probe rows at meta step ``meta_step``: the step's ``per_step`` consecutive places (over all
+    processes) in a sequence of shuffled passes over the ``n`` training rows — each pass a new order drawn from
+    ``seed`` and the pass number — process ``rank`` taking every ``world``-th of them. Consecutive meta steps
+    take consecutive places, so the probes go through every training row once per pass."""
+    places = meta_step * per_step + torch.arange(per_step)
+    passes, at = places // n, places % n
+    out = torch.empty(per_step, dtype=torch.long)
+    for p in passes.unique().tolist():
+        order = torch.randperm(n, generator=torch.Generator().manual_seed((seed * 1_000_003 + p * 7_919) % 2**62))
+        mask = passes == p
+        out[mask] = order[at[mask]]
+    return out[rank::world]
+
+
+class ProbeSampler:
+    """The probe micro-batches of a meta step (``probe_batches``): training rows scored outside the step, so that
+    every example's rate is updated ``1 + probe_batches`` times per epoch instead of once. ``probe_batches`` times
+    the step's examples per process (``per_device_train_batch_size`` × ``gradient_accumulation_steps``), read from
+    the train set as the Trainer prepares it and collated in micro-batches of the per-device batch size. Which rows
+    is a function of the seed and the step (:func:`probe_indices`), so a resumed run probes the same rows."""
+
+    def __init__(self, trainer: MetaLRTrainer) -> None:
+        self.trainer = trainer
+        self._prepared: tuple[Any, Any] | None = None
+
+    def per_step(self) -> int:
+        """Probe rows per meta step on this process."""
+        trainer = self.trainer
+        per_device = getattr(trainer, "_train_batch_size", None) or trainer.args.per_device_train_batch_size
+        return round(probe_batches(trainer) * per_device * trainer.args.gradient_accumulation_steps)
+
+    def take(self, first_k: int) -> list[MicroBatch]:
+        """This meta step's probe micro-batches (dropout replay seeds ``first_k``, ``first_k + 1``, ...)."""
+        trainer = self.trainer
+        m = self.per_step()
+        if m == 0:
+            return []
+        if self._prepared is None:
+            self._prepared = prepared_for_reading(trainer, trainer.train_dataset, "training")
+        ds, collate = self._prepared
+        world, rank = trainer.args.world_size, trainer.args.process_index
+        meta_step = trainer.state.global_step // max(1, trainer.meta_args.meta_interval)
+        idx = probe_indices(len(ds), m * world, meta_step, trainer.args.seed + 1, rank, world)
+        size = getattr(trainer, "_train_batch_size", None) or trainer.args.per_device_train_batch_size
+        return [to_microbatch(trainer, collate(_read_rows(ds, chunk.tolist())), first_k + k)
+                for k, chunk in enumerate(idx.split(size))]
+
+
+def _read_rows(ds: Any, rows: list[int]) -> list[Any]:
+    """Rows ``rows`` of ``ds``, read as a DataLoader reads a batch (``__getitems__`` when the dataset has it)."""
+    getitems = getattr(ds, "__getitems__", None)
+    return list(getitems(rows)) if getitems is not None else [ds[i] for i in rows]
 
 
 class MetaSetSampler:
@@ -128,12 +205,7 @@ class MetaSetSampler:
 
     def _prepare(self) -> tuple[Any, Any]:
         if self._prepared is None:
-            ds, collate = self.dataset, self.trainer.data_collator
-            if hasattr(ds, "column_names"):
-                if self.trainer.args.remove_unused_columns:
-                    ds = self.trainer._remove_unused_columns(ds, description="Meta")
-            else:  # a torch dataset: drop the keys the model does not take at collation, as the Trainer does
-                collate = self.trainer._get_collator_with_removed_columns(self.trainer.data_collator, description="Meta")
+            ds, collate = prepared_for_reading(self.trainer, self.dataset, "Meta")
             self._prepared = ds, collate
             if _reads_are_deterministic(ds) and len(ds) <= MAX_CACHED_ROWS:
                 self._rows = {}

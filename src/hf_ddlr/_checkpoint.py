@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import safetensors.torch
 from transformers.utils import logging
 
-from ._recording import meta_settings
+from ._recording import AppliedInstanceRates, meta_settings
 from .trajectory import TRAJECTORY_TENSORS_NAME, LRTrajectory
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ __all__ = ["META_GRAD_AVERAGE_NAME", "META_STATE_NAME", "load_best_meta_state", 
 
 META_STATE_NAME = "meta_state.safetensors"
 META_GRAD_AVERAGE_NAME = "meta_grad_average.safetensors"
+APPLIED_RATES_NAME = "applied_instance_rates.safetensors"  # probe runs: what each example was last trained with
 
 
 def save_meta_state(trainer: MetaLRTrainer, output_dir: str) -> None:
@@ -38,6 +39,8 @@ def save_meta_state(trainer: MetaLRTrainer, output_dir: str) -> None:
         safetensors.torch.save_file(
             trainer._meta_grad_average.state_dict(), os.path.join(output_dir, META_GRAD_AVERAGE_NAME)
         )
+    if trainer._applied_instance is not None:
+        safetensors.torch.save_file(trainer._applied_instance.state_dict(), os.path.join(output_dir, APPLIED_RATES_NAME))
 
 
 def load_best_meta_state(trainer: MetaLRTrainer) -> None:
@@ -77,6 +80,15 @@ def load_meta_state(trainer: MetaLRTrainer, checkpoint: str) -> None:
                 "of the meta gradient starts again from this step. Training is not an exact continuation.",
                 stacklevel=3,
             )
+    if trainer._applied_instance is not None:
+        applied_path = os.path.join(checkpoint, APPLIED_RATES_NAME)
+        trainer._applied_instance = AppliedInstanceRates(trainer.rates.instance)
+        saved = safetensors.torch.load_file(applied_path) if os.path.isfile(applied_path) else None
+        if saved is not None and saved["values"].shape == trainer.rates.instance.shape:
+            trainer._applied_instance.load_state_dict(saved)
+        else:  # a checkpoint of a run without probes (rates moved at visits only), or of another train set
+            logger.info(f"{applied_path} is missing or of another train set: the record of the rates applied "
+                        "starts from the checkpoint's rates.")
     if os.path.isfile(os.path.join(checkpoint, TRAJECTORY_TENSORS_NAME)):
         _resume_trajectory(trainer, checkpoint)
 

@@ -7,13 +7,16 @@ uses of its members.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import torch
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from ._batches import HALF_META_BATCH_TASKS, meta_batch_size
+from ._batches import HALF_META_BATCH_TASKS, meta_batch_size, probe_batches
 from .meta import RateTable
+from .meta.distributed import world_size
 from .trajectory import LRTrajectory
 
 if TYPE_CHECKING:
@@ -21,7 +24,7 @@ if TYPE_CHECKING:
 
 logger = logging.get_logger("hf_ddlr.trainer")
 
-__all__ = ["MetaLog", "TrajectoryRecorder", "meta_settings", "new_trajectory"]
+__all__ = ["AppliedInstanceRates", "MetaLog", "TrajectoryRecorder", "meta_settings", "new_trajectory"]
 
 _META_KEYS = ("lr_level", "meta_lr", "meta_lr_scaling", "learn_weight_decay", "weight_decay_meta_lr", "keep_history",
               "meta_strategy", "meta_update", "meta_interval", "meta_batch_size", "lookahead", "meta_grad_average",
@@ -88,6 +91,8 @@ def meta_settings(trainer: MetaLRTrainer) -> dict[str, Any]:
     out["optim"] = str(out["optim"].value if hasattr(out["optim"], "value") else out["optim"])
     out["lr_scheduler_type"] = str(getattr(out["lr_scheduler_type"], "value", out["lr_scheduler_type"]))
     out["mode"] = "replay" if trainer.replay is not None else "learn"
+    if out["mode"] == "learn" and getattr(trainer, "_task", None) is not None:  # (the value the run used)
+        out["probe_batches"] = probe_batches(trainer)
     out["meta_set_size"] = len(trainer.meta_dataset) if trainer.meta_dataset is not None else None
     if trainer.meta_args.group_column:  # only then: the settings of every other run stay as they were
         out["group_column"] = trainer.meta_args.group_column
@@ -115,6 +120,46 @@ def new_trajectory(trainer: MetaLRTrainer, train_dataset: Any) -> LRTrajectory:
     return traj
 
 
+class AppliedInstanceRates:
+    """The instance rate every example was last trained with, for the trajectory of a run with probes.
+
+    Without probes an example's rate moves only at its own visits, so the table at an epoch's end holds what each
+    example was trained with in that epoch (same-step update) or from the next one on (delayed). Probes move rates
+    between visits; the trajectory then records these values instead, so that a replay applies exactly what the
+    run applied. Each process notes its own micro-batches (:meth:`note`, at every step); :meth:`merged` combines the
+    processes' rows at a snapshot (two all-reduces per epoch)."""
+
+    def __init__(self, live: torch.Tensor) -> None:
+        self.values = live.detach().clone()
+        self.seen = torch.zeros_like(self.values, dtype=torch.bool)  # rows noted on this process since the merge
+
+    def note(self, indices: torch.Tensor, rates: torch.Tensor) -> None:
+        """The rows ``indices`` are trained with instance rates ``rates`` in this step."""
+        idx = indices.to(self.values.device)
+        self.values[idx] = rates.to(self.values.device)
+        self.seen[idx] = True
+
+    def merged(self) -> torch.Tensor:
+        """Every process's noted rows combined (a row nobody trained since the last merge keeps its value)."""
+        if world_size() > 1:
+            total, count = self.values * self.seen, self.seen.to(self.values.dtype)
+            torch.distributed.all_reduce(total)
+            torch.distributed.all_reduce(count)
+            self.values = torch.where(count > 0, total / count.clamp(min=1), self.values)
+        self.seen.zero_()
+        return self.values
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"values": self.values.cpu(), "seen": self.seen.cpu()}
+
+    def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
+        if sd["values"].shape != self.values.shape:
+            raise ValueError(f"The checkpoint's applied instance rates have {sd['values'].shape[0]} rows; this train "
+                             f"set has {self.values.shape[0]}.")
+        self.values = sd["values"].to(self.values.device, self.values.dtype)
+        self.seen = sd["seen"].to(self.values.device, torch.bool)
+
+
 class TrajectoryRecorder(TrainerCallback):
     """Feeds :attr:`MetaLRTrainer.lr_trajectory`: per-step LR / weight decay / meta loss and class (or group) rates,
     instance rates at the start and at every epoch end."""
@@ -129,7 +174,9 @@ class TrajectoryRecorder(TrainerCallback):
         if rates.per_group is not None:
             t.record_group_rates(state.global_step, state.epoch or 0.0, rates.per_group)
         if instance and rates.instance is not None:
-            t.record_instance_rates(state.global_step, state.epoch or 0.0, rates.instance)
+            applied = self.trainer._applied_instance
+            t.record_instance_rates(state.global_step, state.epoch or 0.0,
+                                    rates.instance if applied is None else applied.merged())
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.trainer.lr_trajectory.num_steps == 0 and state.global_step == 0:

@@ -204,6 +204,21 @@ class MetaLROptions:
         "default 0.97 and on a 21-step epoch 0.9). Overrides meta_grad_average when set. Off by default; "
         "docs/robustness.md has the measurement.",
     )
+    probe_batches: float | None = _option(
+        None,
+        "Training examples each meta step also scores outside the step, as a multiple of the step's own "
+        "(per_device_train_batch_size x gradient_accumulation_steps per device). A probed example's rate moves on "
+        "the meta-gradient of its weight as if it were in the step at weight 0 (the derivative Learning to "
+        "Reweight takes; the step itself does not change), in the same normalized update as the step's examples, "
+        "so every instance rate is updated 1 + probe_batches times per epoch instead of once. The rates sum a "
+        "few per-visit signals, and in short runs (2-4 epochs) the paper's one visit per epoch was too few "
+        "(docs/robustness.md, 'Probes'). Each probe costs a forward-mode pass over its micro-batch (about a plain "
+        "training step; less with a cheap step). None (default): 1 for tasks with one loss per example "
+        "(classification, regression), 0 for token-level tasks (causal LM, seq2seq, token classification), whose "
+        "forward-mode pass through the vocabulary costs a whole step and whose runs are long. 0: the paper's "
+        "rule. Instance levels only; the probes go through the train set in shuffled passes of their own, and "
+        "the trajectory then records the rates each example was trained with (a replay applies them exactly).",
+    )
     meta_dropout: bool = _option(
         False,
         "Evaluate the meta loss with dropout active. Default False: the meta loss is a held-out "
@@ -333,6 +348,11 @@ def check_meta_options(opts: Any, weight_decay: float | None = None) -> None:
     if opts.meta_batch_size is not None and (not _is_int(opts.meta_batch_size) or opts.meta_batch_size < 1):
         raise ValueError(f"meta_batch_size must be a positive integer (or None: the train batch size), got "
                          f"{opts.meta_batch_size!r}.")
+    probes = opts.probe_batches
+    if probes is not None and (isinstance(probes, bool) or not isinstance(probes, (int, float))
+                               or not math.isfinite(probes) or probes < 0):
+        raise ValueError(f"probe_batches must be a number >= 0 (0: only the step's own examples are scored, the "
+                         f"paper's rule; None: by task), got {probes!r}.")
     for name in ("max_rate", "max_instance_rate"):
         bound = getattr(opts, name)
         if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))

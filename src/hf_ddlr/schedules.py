@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._batches import to_microbatch
+from ._batches import ProbeSampler, probe_batches, to_microbatch
 from ._tasks import decoder_inputs
 from .meta import MetaBatch, MetaGradients, MicroBatch, find_output_layer, meta_gradients
 from .meta.distributed import all_gather_varlen, all_ranks_true, all_reduce_mean_
@@ -132,8 +132,11 @@ class Schedule:
     def _refresh(self) -> None:
         """The current rates into the real step: the window's weights ``e_i`` and the optimizer's weight decay
         (the one place where either is set)."""
+        rates, applied = self.trainer.rates, self.trainer._applied_instance
         for mb in self.window:
-            mb.weights = self.trainer.rates.effective(mb.indices, mb.labels if mb.groups is None else mb.groups)
+            mb.weights = rates.effective(mb.indices, mb.labels if mb.groups is None else mb.groups)
+            if applied is not None:  # (the last refresh before the real step is what it applies)
+                applied.note(mb.indices, rates.instance[mb.indices.to(rates.instance.device)])
         self.trainer._apply_weight_decay()
 
     def _forward(
@@ -192,6 +195,7 @@ class MetaStepSchedule(Schedule):
         self.embedding_rows = EmbeddingRows()  # large embedding tables' lookahead on the looked-up rows
         self.meta_layout = MetaLayout()  # the meta batch's images channels-last on CPU (checked on first use)
         self._early_meta: MetaBatch | None = None  # a meta batch taken before the real forward (last_layer)
+        self.probe_sampler = ProbeSampler(trainer)  # training rows scored outside the step (probe_batches)
         if self.strategy == "finite_difference" and (trainer.args.bf16 or trainer.args.fp16):
             warnings.warn(
                 "meta_strategy='finite_difference' is unreliable in half precision (the perturbation drowns "
@@ -223,6 +227,7 @@ class MetaStepSchedule(Schedule):
         specs = trainer._lookahead_specs(params)
         meta_batch, self._early_meta = self._early_meta or self._meta_batch(), None
         window = self.meta_layout.window(self.window) if self.strategy == "jvp" else self.window
+        probes = self._probes()
         res = meta_gradients(
             model, params, window, meta_batch, specs,
             weight_decay=trainer.rates.weight_decay if meta.learn_weight_decay else args.weight_decay,
@@ -235,6 +240,7 @@ class MetaStepSchedule(Schedule):
             task=trainer._task, embedding_rows=self.embedding_rows,
             per_step_too=meta.class_rate_direction == "per_step" and trainer.rates.keyed is not None,
             average_products=trainer.rates.instance is not None,  # class / group rates only: the per-step set alone
+            probes=probes,
         )
         if not all_ranks_true(res.finite, args.device):  # every rank skips together (no hanging gather)
             trainer._meta_log.record_skipped(trainer.state.global_step, res.meta_loss)
@@ -243,10 +249,23 @@ class MetaStepSchedule(Schedule):
         labels = all_gather_varlen(torch.cat([self._table_keys(mb) for mb in self.window]))
         grad = all_gather_varlen(res.example_grad.to(labels.device))
         keyed = None if res.per_step_grad is None else all_gather_varlen(res.per_step_grad.to(labels.device))
-        trainer.rates.update(idx, labels, grad, res.weight_decay_grad, keyed_grad=keyed)
+        probed = None
+        if res.probe_grad is not None:
+            probe_keys = all_gather_varlen(torch.cat([self._table_keys(mb) for mb in probes]))
+            probed = (all_gather_varlen(torch.cat([mb.indices for mb in probes])), probe_keys,
+                      all_gather_varlen(res.probe_grad.to(probe_keys.device)))
+        trainer.rates.update(idx, labels, grad, res.weight_decay_grad, keyed_grad=keyed, probes=probed)
         trainer._meta_log.record(res.meta_loss)
         trainer.last_meta_gradients = res
         return res
+
+    def _probes(self) -> list[MicroBatch]:
+        """This meta step's probe micro-batches (``probe_batches``; none without instance rates), in the meta
+        passes' layout."""
+        if self.trainer.rates.instance is None or not probe_batches(self.trainer):
+            return []
+        probes = self.probe_sampler.take(first_k=len(self.window))
+        return self.meta_layout.window(probes) if self.strategy == "jvp" else probes
 
     def _meta_batch(self) -> MetaBatch:
         """This meta step's meta batch (sampled in turn from the meta set, in the meta passes' layout)."""

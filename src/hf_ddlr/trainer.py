@@ -18,7 +18,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
-from ._batches import MetaSetSampler
+from ._batches import MetaSetSampler, probe_batches
 from ._checkpoint import META_STATE_NAME, load_best_meta_state, load_meta_state, save_meta_state
 from ._datasets import (
     LABEL_KEYS,
@@ -30,7 +30,7 @@ from ._datasets import (
     with_index,
 )
 from ._groups import Groups, check_same_groups, read_groups
-from ._recording import MetaLog, TrajectoryRecorder, new_trajectory
+from ._recording import AppliedInstanceRates, MetaLog, TrajectoryRecorder, new_trajectory
 from ._tasks import check_task_options, resolve_task
 from .config import MetaLROptions, resolve_meta_options
 from .meta import MicroBatch, RateTable, param_specs, replay_rng
@@ -219,7 +219,15 @@ class MetaLRTrainer(Trainer):
         self._schedule = schedule_for(self) if self._meta_active else None
         if self._meta_active:
             self._meta_grad_average = self._fresh_average()
+            self._applied_instance = self._fresh_applied()
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    def _fresh_applied(self) -> AppliedInstanceRates | None:
+        """The record of the instance rates each example was trained with, when probes move rates between an
+        example's visits (learning at an instance level with ``probe_batches``); None otherwise."""
+        if self.replay is not None or self.rates.instance is None or not probe_batches(self):
+            return None
+        return AppliedInstanceRates(self.rates.instance)
 
     def _fresh_average(self) -> MetaGradientAverage | None:
         """An empty running average of the meta gradient for this run (None when off). A span in epochs
@@ -332,6 +340,7 @@ class MetaLRTrainer(Trainer):
             device=args.device,
         )
         self._meta_grad_average: MetaGradientAverage | None = None  # made empty when train() starts
+        self._applied_instance: AppliedInstanceRates | None = None  # likewise (probe runs)
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-window mean; the Trainer divides by GA
         self._meta_set = MetaSetSampler(self, self.meta_dataset)
         self._meta_log = MetaLog(args.learning_rate, self._groups.names if self._groups is not None else None)
@@ -520,6 +529,8 @@ class MetaLRTrainer(Trainer):
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
+        if self._meta_active and self._applied_instance is not None:  # every process: the merge is collective
+            self._applied_instance.merged()
         if self._meta_active and self.args.should_save:
             save_meta_state(self, output_dir)
 

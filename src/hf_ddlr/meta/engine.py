@@ -90,6 +90,8 @@ class MetaGradients:
     # ∂L_meta/∂e_i along this step's own meta gradient (not the running average), when asked for
     # (``per_step_too``) and an average is on: what the class / group rates step on with class_rate_direction="per_step"
     per_step_grad: torch.Tensor | None = field(repr=False, default=None)
+    # ∂L_meta/∂e_j of the probe examples (``probes``): each as if it were in this step at weight 0
+    probe_grad: torch.Tensor | None = field(repr=False, default=None)
 
     @property
     def finite(self) -> bool:
@@ -97,7 +99,7 @@ class MetaGradients:
             math.isfinite(self.meta_loss)
             and math.isfinite(self.weight_decay_grad)
             and bool(torch.isfinite(self.example_grad).all())
-            and (self.per_step_grad is None or bool(torch.isfinite(self.per_step_grad).all()))
+            and all(g is None or bool(torch.isfinite(g).all()) for g in (self.per_step_grad, self.probe_grad))
         )
 
 
@@ -244,6 +246,7 @@ def _last_layer(
     specs: Mapping[str, ParamSpec], weight_decay: float, normalizer: float, smoothing: float,
     grads: Mapping[str, torch.Tensor] | None, num_labels: int | None = None,
     average: MetaGradientAverage | None = None, per_step_too: bool = False, weight_decay_grad_needed: bool = True,
+    probes: Sequence[MicroBatch] = (),
 ) -> MetaGradients:
     head_name, head = find_output_layer(model, num_labels)
     hp = {n: p for n, p in params.items() if n in (f"{head_name}.weight", f"{head_name}.bias")}
@@ -251,24 +254,26 @@ def _last_layer(
     bn = f"{head_name}.bias" if f"{head_name}.bias" in hp else None
     box: dict[str, torch.Tensor] = {}
     hook = head.register_forward_hook(lambda mod, inp, out: box.__setitem__("h", inp[0]))
+    def features(mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(head input h, dL_i/dlogits) of every example of ``mb``."""
+        if mb.features is not None:
+            h, logits = (f.detach().float() for f in mb.features)
+        else:
+            with replay_rng(mb.seed), frozen_batchnorm(model):
+                logits = functional_logits(model, {}, mb.inputs).float()
+            h = box["h"].detach().float()
+        h = _head_features(h, logits.shape[0], head)
+        C = logits.shape[1]
+        target = torch.nn.functional.one_hot(mb.labels, C).float()
+        if smoothing:
+            target = target * (1 - smoothing) + smoothing / C
+        mb.losses = per_example_loss(logits, mb.labels, smoothing)
+        return h, torch.softmax(logits, 1) - target
+
     try:
-        feats = []
         with torch.no_grad():
-            for mb in window:
-                if mb.features is not None:
-                    h, logits = (f.detach().float() for f in mb.features)
-                else:
-                    with replay_rng(mb.seed), frozen_batchnorm(model):
-                        logits = functional_logits(model, {}, mb.inputs).float()
-                    h = box["h"].detach().float()
-                h = _head_features(h, logits.shape[0], head)
-                C = logits.shape[1]
-                target = torch.nn.functional.one_hot(mb.labels, C).float()
-                if smoothing:
-                    target = target * (1 - smoothing) + smoothing / C
-                delta = torch.softmax(logits, 1) - target
-                mb.losses = per_example_loss(logits, mb.labels, smoothing)
-                feats.append((h, delta))
+            feats = [features(mb) for mb in window]
+            probe_feats = [features(mb) for mb in probes]
             if grads is None:
                 gW = sum((mb.weights[:, None] * d).T @ h for mb, (h, d) in zip(window, feats)) / normalizer
                 gb = sum((mb.weights[:, None] * d).sum(0) for mb, (h, d) in zip(window, feats)) / normalizer
@@ -285,37 +290,42 @@ def _last_layer(
         gm = dict(zip([wn] + ([bn] if bn else []), torch.autograd.grad(Lm, [W2] + ([b2] if bn else []))))
         lm = Lm.detach().reshape(1)
         all_reduce_mean_([lm, *gm.values()])
-        def head_dots(T: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        def head_dots(T: Mapping[str, torch.Tensor], of: list | None = None) -> torch.Tensor:
             return torch.cat([((d @ T[wn].float()) * h).sum(1) + (d @ T[bn].float() if bn else 0.0)
-                              for h, d in feats])
+                              for h, d in (feats if of is None else of)])
 
         per_step = None
         if average is not None:
             if per_step_too:
                 per_step = -head_dots(tangent(gm, specs)) / (normalizer * world_size())
             gm = average.update(gm)
-        dots = head_dots(tangent(gm, specs))
+        T = tangent(gm, specs)
+        dots = head_dots(T)
+        probe_grad = -head_dots(T, probe_feats) / (normalizer * world_size()) if probes else None
     finally:
         hook.remove()
     wd_g = weight_decay_grad(gm, {n: hp[n] for n in gm}, specs) if weight_decay_grad_needed else 0.0
-    return MetaGradients(-dots / (normalizer * world_size()), wd_g, float(lm), dots, per_step_grad=per_step)
+    return MetaGradients(-dots / (normalizer * world_size()), wd_g, float(lm), dots, per_step_grad=per_step,
+                         probe_grad=probe_grad)
 
 
 def _exact(
     model: nn.Module, params: Mapping[str, torch.Tensor], window: Sequence[MicroBatch], meta: MetaBatch,
     specs: Mapping[str, ParamSpec], weight_decay: float, normalizer: float, smoothing: float,
     max_grad_norm: float | None = None, average: MetaGradientAverage | None = None, task: TaskLoss = SINGLE_LABEL,
-    per_step_too: bool = False,
+    per_step_too: bool = False, probes: Sequence[MicroBatch] = (),
 ) -> MetaGradients:
     if world_size() > 1:
         raise NotImplementedError(
             "meta_strategy='exact' (double backward) is a single-process reference; under DDP use 'jvp'."
         )
+    # the probes are in the lookahead at weight 0: their weights' gradients are theirs, the step is unchanged
     e_leaves = [mb.weights.detach().float().clone().requires_grad_(True) for mb in window]
+    e_leaves += [torch.zeros(mb.labels.shape[0], device=mb.labels.device, requires_grad=True) for mb in probes]
     wd = torch.tensor(float(weight_decay), requires_grad=True)
     g: dict[str, torch.Tensor] | None = None
     with forward_ad_safe_attention():
-        for mb, e in zip(window, e_leaves):
+        for mb, e in zip([*window, *probes], e_leaves):
             with replay_rng(mb.seed), frozen_batchnorm(model):
                 L = _losses(model, params, mb, smoothing, task)
                 gi = _grads((e.to(L.dtype) * L).sum() / normalizer, params, create_graph=True)
@@ -332,15 +342,17 @@ def _exact(
             names = list(theta)
             gm = dict(zip(names, torch.autograd.grad(Lm, [theta[n] for n in names], retain_graph=True)))
             if per_step_too:
-                raw = torch.autograd.grad(Lm, e_leaves, retain_graph=True, allow_unused=True)
+                raw = torch.autograd.grad(Lm, e_leaves[:len(window)], retain_graph=True, allow_unused=True)
                 per_step = torch.cat([o if o is not None else torch.zeros_like(e) for o, e in zip(raw, e_leaves)])
             direction = average.update(gm)
             surrogate = sum((direction[n].detach() * theta[n]).sum() for n in names)
             out = torch.autograd.grad(surrogate, [*e_leaves, wd], allow_unused=True)
-    eg = torch.cat([o if o is not None else torch.zeros_like(e) for o, e in zip(out[:-1], e_leaves)])
+    grads_e = [(o if o is not None else torch.zeros_like(e)).detach() for o, e in zip(out[:-1], e_leaves)]
+    eg = torch.cat(grads_e[:len(window)])
     wd_g = float(out[-1]) if out[-1] is not None else 0.0
-    return MetaGradients(eg.detach(), wd_g, float(Lm.detach()), (-eg * normalizer).detach(),
-                         per_step_grad=None if per_step is None else per_step.detach())
+    return MetaGradients(eg, wd_g, float(Lm.detach()), -eg * normalizer,
+                         per_step_grad=None if per_step is None else per_step.detach(),
+                         probe_grad=torch.cat(grads_e[len(window):]) if probes else None)
 
 
 def meta_gradients(
@@ -367,6 +379,7 @@ def meta_gradients(
     embedding_rows: EmbeddingRows | None = None,
     per_step_too: bool = False,
     average_products: bool = True,
+    probes: Sequence[MicroBatch] = (),
 ) -> MetaGradients:
     """∂L_meta/∂e_i for every example of ``window`` and ∂L_meta/∂wd after the lookahead of ``specs``.
 
@@ -395,20 +408,25 @@ def meta_gradients(
     ``average_products=False`` (with ``per_step_too``; no instance rates to step on the average's products): the
     jvp and finite-difference strategies take only the per-step products, which are then
     :attr:`MetaGradients.example_grad` too (the average is still updated: the weight decay's meta-gradient uses it).
+
+    ``probes``: more training micro-batches that are not part of the step. Each probe example j gets
+    ``∂L_meta/∂e_j`` as if it were in the step at weight ``e_j = 0`` (the derivative Learning to Reweight takes):
+    the same products ``T·∇L_j`` as the window's, with the instance rates' direction (the average's), divided by
+    the same ``normalizer`` (:attr:`MetaGradients.probe_grad`). The step, θ' and the meta loss do not change.
     """
     _check_arguments(strategy, layer_tape, grads, task)
     if strategy == "exact":
         return _exact(model, params, window, meta, specs, weight_decay, normalizer, label_smoothing,
-                      max_grad_norm, average, task, per_step_too)
+                      max_grad_norm, average, task, per_step_too, probes)
     if strategy == "last_layer":
         return _last_layer(model, params, window, meta, specs, weight_decay, normalizer, label_smoothing, grads,
-                           num_labels, average, per_step_too, weight_decay_grad_needed)
+                           num_labels, average, per_step_too, weight_decay_grad_needed, probes)
     if grads is None:
         grads = lookahead_gradient(model, params, window, normalizer, label_smoothing, loss_scale, task)
     rows = None if weight_decay_grad_needed or layer_tape is None else embedding_rows
     meta_loss, g_meta, T, T_step = _meta_tangent(model, params, grads, meta, specs, weight_decay, label_smoothing,
                                                  loss_scale, max_grad_norm, average, task, rows, layer_tape,
-                                                 per_step_too)
+                                                 per_step_too, [mb.inputs for mb in probes])
     only_step = T_step is not None and not average_products  # the per-step set is the only one
     dots, mismatch = _dots(model, params, window, T_step if only_step else T, strategy, label_smoothing, loss_scale,
                            fd_eps, layer_tape, check_layer_tape, task)
@@ -419,8 +437,13 @@ def meta_gradients(
         step_dots, _ = _dots(model, params, window, T_step, strategy, label_smoothing, loss_scale, fd_eps,
                              None if mismatch else layer_tape, None, task)
         per_step = -step_dots / (normalizer * world_size())
+    probe_grad = None
+    if probes:
+        probe_dots, _ = _dots(model, params, probes, T, strategy, label_smoothing, loss_scale, fd_eps, None, None,
+                              task)
+        probe_grad = -probe_dots / (normalizer * world_size())
     wd_g = weight_decay_grad(g_meta, params, specs) if weight_decay_grad_needed else 0.0
-    return MetaGradients(example_grad, wd_g, meta_loss, dots, mismatch, per_step)
+    return MetaGradients(example_grad, wd_g, meta_loss, dots, mismatch, per_step, probe_grad)
 
 
 def _check_arguments(strategy: str, layer_tape: LayerTape | None, grads: Mapping | None, task: TaskLoss) -> None:
@@ -442,6 +465,7 @@ def _meta_tangent(
     specs: Mapping[str, ParamSpec], weight_decay: float, smoothing: float, loss_scale: float,
     max_grad_norm: float | None, average: MetaGradientAverage | None, task: TaskLoss = SINGLE_LABEL,
     embedding_rows: EmbeddingRows | None = None, tape: LayerTape | None = None, per_step_too: bool = False,
+    probe_inputs: Sequence[Mapping[str, Any]] = (),
 ) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """The meta loss at the lookahead point θ' of the real gradient ``grads``, its gradient (the running
     average's direction when there is one), and the tangent T of the dots. The step's clipping coefficient
@@ -451,7 +475,8 @@ def _meta_tangent(
     (else None)."""
     c = clip_coefficient(grads, max_grad_norm)
     detached = {n: p.detach() for n, p in params.items()}
-    rows = embedding_rows.plan(tape, meta.inputs, {n: p.shape for n, p in params.items()}) if embedding_rows else {}
+    shapes = {n: p.shape for n, p in params.items()}
+    rows = embedding_rows.plan(tape, meta.inputs, shapes, probe_inputs) if embedding_rows else {}
     theta = lookahead(detached, grads, specs, weight_decay, grad_scale=c, rows=rows)
     meta_loss, g_meta = meta_loss_gradient(model, theta, meta, smoothing, loss_scale, task)
     if rows and embedding_rows.state == "unchecked":

@@ -296,19 +296,22 @@ class RateTable:
         example_grad: torch.Tensor,
         weight_decay_grad: float | None = None,
         keyed_grad: torch.Tensor | None = None,
+        probes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> bool:
         """Apply ``∂L_meta/∂e_i`` of a (global) batch to the tables (see the class docstring); True if applied.
 
         ``keyed_grad``: another ``∂L_meta/∂e_i`` for the class or group table to step on instead of
         ``example_grad`` (the one along the step's own meta gradient, when the instance rates step on the running
-        average's). Returns False without touching anything if any gradient is not finite. The gradients stay in the
-        tables' ``.grad`` until the next update (a rate table's is sparse: one entry per lookup).
+        average's). ``probes``: ``(indices, keys, ∂L_meta/∂e_j)`` of examples scored outside the step (the
+        trainer's ``probe_batches``); they move the instance table only, in the same normalized step as the
+        batch's examples. Returns False without touching anything if any gradient is not finite. The gradients
+        stay in the tables' ``.grad`` until the next update (a rate table's is sparse: one entry per lookup).
         """
         example_grad = example_grad.detach().float()
         keyed_grad = example_grad if keyed_grad is None else keyed_grad.detach().float()
-        finite = bool(torch.isfinite(example_grad).all() & torch.isfinite(keyed_grad).all()) and (
-            weight_decay_grad is None or math.isfinite(weight_decay_grad)
-        )
+        probe_grad = None if probes is None or self.instance is None else probes[2].detach().float()
+        finite = all(bool(torch.isfinite(g).all()) for g in (example_grad, keyed_grad, probe_grad)
+                     if g is not None) and (weight_decay_grad is None or math.isfinite(weight_decay_grad))
         if not finite:
             return False
         self.optimizer.zero_grad(set_to_none=True)
@@ -321,10 +324,18 @@ class RateTable:
                 for other, other_keys in lookups:
                     if other is not table:
                         g = g * other[other_keys]
+            table_labels = labels
+            if table is self.instance and probe_grad is not None:
+                p_idx, p_keys = probes[0].to(table.device), probes[1]
+                pg = probe_grad.to(table.device)
+                if self.instance_gradient == "chain_rule" and self.keyed is not None:
+                    pg = pg * self.keyed[p_keys.to(self.keyed.device)].to(table.device)
+                keys, g = torch.cat([keys, p_idx]), torch.cat([g, pg])
+                table_labels = torch.cat([labels, p_keys.to(labels.device)])
             if table is self.instance and self.center_instance:
-                g = _centered_per_key(g, labels.to(g.device))
+                g = _centered_per_key(g, table_labels.to(g.device))
             if table is self.instance and self.instance_scale == "key":
-                g = _scaled_per_key(g, labels.to(g.device))
+                g = _scaled_per_key(g, table_labels.to(g.device))
             table.grad = _lookup_grad(table, keys, g)
         if self.learn_weight_decay and weight_decay_grad is not None:
             self._weight_decay.grad = torch.tensor(weight_decay_grad, dtype=torch.float64)

@@ -15,7 +15,7 @@ bit for bit: on any difference the run keeps the full lookahead.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -41,19 +41,21 @@ class EmbeddingRows:
     def __init__(self) -> None:
         self.state = "unchecked"
 
-    def plan(self, tape: LayerTape | None, meta_inputs: Mapping[str, Any], shapes: Mapping[str, torch.Size]
-             ) -> dict[str, torch.Tensor]:
+    def plan(self, tape: LayerTape | None, meta_inputs: Mapping[str, Any], shapes: Mapping[str, torch.Size],
+             other_inputs: Sequence[Mapping[str, Any]] = ()) -> dict[str, torch.Tensor]:
         """``{weight name: rows}``: the training batch's and the meta batch's ids of every table that qualifies
-        (empty when none does, or after a failed check)."""
+        (empty when none does, or after a failed check), and those of ``other_inputs`` (more batches whose dots
+        read the tangent: the probes; the running average's direction is not zero outside this meta batch's rows)."""
         if self.state == "off" or tape is None:
             return {}
         rows: dict[str, torch.Tensor] = {}
         for name, (key, ids) in tape.embedding_lookups().items():
             meta_ids = meta_inputs.get(key)
             n = shapes[name][0]
-            if not isinstance(meta_ids, torch.Tensor) or n < MIN_TABLE_ROWS:
+            others = [inputs.get(key) for inputs in other_inputs]
+            if not all(isinstance(x, torch.Tensor) for x in [meta_ids, *others]) or n < MIN_TABLE_ROWS:
                 continue
-            r = torch.unique(torch.cat([ids.reshape(-1), meta_ids.reshape(-1).to(ids.device)]))
+            r = torch.unique(torch.cat([ids.reshape(-1), *(x.reshape(-1).to(ids.device) for x in [meta_ids, *others])]))
             if r.numel() <= MAX_ROW_FRACTION * n:
                 rows[name] = r
         return rows

@@ -65,7 +65,8 @@ class TrajectoryReplayer:
         replays on the full train set; ``epoch_after(s)`` is ``state.epoch`` after optimizer step ``s`` in
         this run. Instance rates: a same-step run applied, during epoch e, the value its table holds at the
         end of epoch e (each example is visited once per epoch); a delayed run applied the value from the
-        start of the epoch. Class (or group) rates and weight decay (when ``weight_decay``): the values recorded for
+        start of the epoch; a run with probes (``probe_batches``), whose rates also move between visits, recorded
+        at the end of epoch e the values applied during it. Class (or group) rates and weight decay (when ``weight_decay``): the values recorded for
         this step (interpolated when the replay has more steps per epoch than the original run); before
         the first record a delayed run used its starting weight decay (``default_weight_decay`` when the
         trajectory does not name it).
@@ -76,7 +77,8 @@ class TrajectoryReplayer:
         # The original run recorded, at the end of step s, the values after that step's meta update: a
         # same-step run had applied them in step s itself, a delayed one applies them from step s + 1 on.
         end = epoch_after(step if delayed else step + 1)
-        mode = "previous" if delayed else "next"
+        # A run with probes recorded at each epoch's end the rates its examples were trained with in that epoch.
+        mode = "previous" if delayed and not t.config.get("probe_batches") else "next"
         if rates.instance is not None:
             if not t.has_instance_rates:
                 raise ValueError("The replayed trajectory has no instance rates; set lr_level to what it recorded.")
