@@ -460,3 +460,18 @@ def test_probe_gradient_is_the_derivative_of_a_weight_zero_example_in_the_real_s
     assert brute.abs().max() > 0
     tol = 5e-5 if strategy == "finite_difference" else 1e-5
     torch.testing.assert_close(res.probe_grad.double(), brute, rtol=tol, atol=tol * float(brute.abs().max()))
+
+
+@pytest.mark.parametrize("strategy", ["last_layer", "jvp", "exact"])
+def test_a_probe_of_the_steps_own_examples_gets_their_meta_gradient(strategy):
+    """∂L_meta/∂e_i does not depend on e_i (the step is linear in the weights): the window's own examples, probed
+    again at weight 0, get exactly the window's gradients — with every strategy, the head-only one included."""
+    model, opt, wd = _build("sgd_momentum", True, 3)
+    data = _data()
+    params = dict(model.named_parameters())
+    specs = param_specs(opt, params, DECAY, mode="optimizer")
+    res = meta_gradients(model, params, [MicroBatch({"x": data["x"]}, data["y"], E.float(), seed=0)],
+                         MetaBatch({"x": data["xm"]}, data["ym"], seed=1), specs, weight_decay=wd, normalizer=N,
+                         strategy=strategy, num_labels=C, probes=[MicroBatch({"x": data["x"]}, data["y"], None, seed=0)])
+    assert res.example_grad.abs().max() > 0
+    torch.testing.assert_close(res.probe_grad, res.example_grad, rtol=1e-5, atol=1e-7)
