@@ -445,11 +445,13 @@ def test_infinite_bound_on_the_command_line_means_no_bound(tmp_path):
     assert cfg.max_instance_rate == 1.0 and cfg.max_rate is None
 
 
-@pytest.mark.parametrize("probes, probed", [(0, 0), (0.5, 4), (1, 8), (2, 16)])
-def test_probes_move_the_rates_of_rows_outside_the_step(tmp_path, probes, probed):
+@pytest.mark.parametrize("probes, probed, history", [(0, 0, True), (0.5, 4, True), (1, 8, True), (2, 16, True),
+                                                     (1, 0, False)])
+def test_probes_move_the_rates_of_rows_outside_the_step(tmp_path, probes, probed, history):
     """probe_batches=k: a meta step also moves the rates of k x (the step's examples) rows taken in turn from a
     shuffled pass of their own (a function of the seed and the step); every other rate stays 1. Their rows go
-    through the Trainer's preparation of the train set (here a transform that builds the inputs)."""
+    through the Trainer's preparation of the train set (here a transform that builds the inputs). Without history
+    (the no-history ablation resets every rate before the next step) nothing is probed."""
     from hf_ddlr._batches import probe_indices
 
     def transform(batch):
@@ -459,7 +461,7 @@ def test_probes_move_the_rates_of_rows_outside_the_step(tmp_path, probes, probed
     torch.manual_seed(0)
     t = MetaLRTrainer(model=TinyMLP(), args=_args(tmp_path, per_device_train_batch_size=8, max_steps=1,
                                                   remove_unused_columns=False, max_instance_rate=None,
-                                                  probe_batches=probes),
+                                                  probe_batches=probes, keep_history=history),
                       train_dataset=train, meta_dataset=make_split(8, seed=7))
     t.train()
     step_rows = set(t._window[0].indices.tolist())

@@ -216,8 +216,9 @@ class MetaLROptions:
         "training step; less with a cheap step). None (default): 1 for tasks with one loss per example "
         "(classification, regression), 0 for token-level tasks (causal LM, seq2seq, token classification), whose "
         "forward-mode pass through the vocabulary costs a whole step and whose runs are long. 0: the paper's "
-        "rule. Instance levels only; the probes go through the train set in shuffled passes of their own, and "
-        "the trajectory then records the rates each example was trained with (a replay applies them exactly).",
+        "rule. Instance levels with history only (keep_history=True); the probes go through the train set in "
+        "shuffled passes of their own, and the trajectory then records the rates each example was trained with "
+        "(a replay applies them exactly).",
     )
     meta_dropout: bool = _option(
         False,
