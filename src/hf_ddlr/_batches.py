@@ -8,6 +8,7 @@ uses of its members.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -145,10 +146,16 @@ def probe_indices(n: int, per_step: int, meta_step: int, seed: int, rank: int = 
     passes, at = places // n, places % n
     out = torch.empty(per_step, dtype=torch.long)
     for p in passes.unique().tolist():
-        order = torch.randperm(n, generator=torch.Generator().manual_seed((seed * 1_000_003 + p * 7_919) % 2**62))
         mask = passes == p
-        out[mask] = order[at[mask]]
+        out[mask] = _pass_order(n, seed, p)[at[mask]]
     return out[rank::world]
+
+
+@functools.lru_cache(maxsize=4)
+def _pass_order(n: int, seed: int, p: int) -> torch.Tensor:
+    """The shuffled order of probe pass ``p`` (kept: a meta step would otherwise draw a permutation of the whole
+    train set)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed((seed * 1_000_003 + p * 7_919) % 2**62))
 
 
 class ProbeSampler:
