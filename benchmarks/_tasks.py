@@ -244,9 +244,10 @@ def make_trainer(
     out_dir: str,
     model: torch.nn.Module | None = None,
     callbacks: Iterable[TrainerCallback] = (),
+    meta_options: dict | None = None,
 ):
-    """A plain ``Trainer`` (cfg 'plain') or a ``MetaLRTrainer`` configured as ``cfg``, without the printer
-    callback (no end-of-train metrics print)."""
+    """A plain ``Trainer`` (cfg 'plain') or a ``MetaLRTrainer`` configured as ``cfg`` (and ``meta_options``),
+    without the printer callback (no end-of-train metrics print)."""
     from transformers import Trainer, TrainingArguments
 
     from hf_ddlr import MetaLRConfig, MetaLRTrainer
@@ -276,7 +277,8 @@ def make_trainer(
             model=model, args=TrainingArguments(**common), train_dataset=task.train, callbacks=list(callbacks)
         )
     else:
-        args = MetaLRConfig(**common, meta_strategy=strategy, meta_update=update, **OPTIONS.get(cfg, {}))
+        args = MetaLRConfig(**common, meta_strategy=strategy, meta_update=update,
+                            **{**OPTIONS.get(cfg, {}), **(meta_options or {})})
         tr = MetaLRTrainer(model=model, args=args, train_dataset=task.train, meta_dataset=task.meta)
         for cb in callbacks:  # after the trainer's own trajectory recorder
             tr.add_callback(cb)

@@ -16,7 +16,8 @@ of the meta step shows on a small model. Tasks:
   batch 32), ``--sft-epochs`` epochs, with the example's MetaLR options (instance x source rates:
   ``lr_level="both"``, ``group_column="source"``) on top of each configuration.
 
-Each round trains plain, then every MetaLR configuration (``defaults``: ``MetaLRConfig()``; ``delayed``:
+Each round trains plain, then every MetaLR configuration (``defaults``: ``MetaLRConfig()``; ``no_probes``:
+``probe_batches=0``, only the step's own examples scored — what the probes cost; ``delayed``:
 ``meta_update="delayed"``, the meta step from the real step's gradient), each from a fresh model, in one
 process; the ratio of a round is MetaLR / plain of that round and the reported ratio is the median over
 rounds. After the rounds, one instrumented run per configuration gives the per-phase breakdown (wall time
@@ -70,7 +71,7 @@ from hf_ddlr import MetaLRConfig, MetaLRTrainer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TASKS = ("minilm", "cnn", "resnet", "sft")
-CONFIGS: dict[str, dict] = {"defaults": {}, "delayed": {"meta_update": "delayed"}}
+CONFIGS: dict[str, dict] = {"defaults": {}, "no_probes": {"probe_batches": 0}, "delayed": {"meta_update": "delayed"}}
 TARGETS = {"minilm": 2.5, "cnn": 3.0, "resnet": 3.2}  # issue 15's whole-run ratios with the defaults
 CELLS = {"minilm": "vader-minilm-ft-flip30", "cnn": "mnist-cnn-sgdm-flip35"}
 SIZES = {"minilm": 1200, "cnn": None}  # train rows used (None: the whole split)
@@ -120,10 +121,11 @@ def _robustness_bench(task: str, quick: bool) -> Bench:
 
 def _resnet_bench(width: int, steps: int) -> Bench:
     task = _tasks.make_task("resnet", width, n_train=steps * 64)
-    names = {None: "plain", "defaults": "jvp", "delayed": "jvp/delayed"}
+    names = {None: "plain", "defaults": "jvp", "no_probes": "jvp", "delayed": "jvp/delayed"}
 
     def build(config: str | None, out_dir: str) -> Trainer:
-        return _tasks.make_trainer(task, names[config], steps, out_dir)
+        extra = {k: v for k, v in CONFIGS.get(config, {}).items() if k != "meta_update"}  # (the name sets it)
+        return _tasks.make_trainer(task, names[config], steps, out_dir, meta_options=extra)
 
     return Bench("resnet", f"{task.describe}, {steps} steps", build, lambda trainer: {})
 
