@@ -247,7 +247,9 @@ def make_trainer(
     meta_options: dict | None = None,
 ):
     """A plain ``Trainer`` (cfg 'plain') or a ``MetaLRTrainer`` configured as ``cfg`` (and ``meta_options``),
-    without the printer callback (no end-of-train metrics print)."""
+    without the printer callback (no end-of-train metrics print). ``meta_options`` None: ``probe_batches=0``, so
+    that a configuration costs what its meta-gradient strategy costs (step_cost.py, profile_meta_step.py compare
+    strategies; the probes' extra forward-mode pass is measured by wallclock.py, which passes the options)."""
     from transformers import Trainer, TrainingArguments
 
     from hf_ddlr import MetaLRConfig, MetaLRTrainer
@@ -278,7 +280,7 @@ def make_trainer(
         )
     else:
         args = MetaLRConfig(**common, meta_strategy=strategy, meta_update=update,
-                            **{**OPTIONS.get(cfg, {}), **(meta_options or {})})
+                            **{**OPTIONS.get(cfg, {}), **({"probe_batches": 0} if meta_options is None else meta_options)})
         tr = MetaLRTrainer(model=model, args=args, train_dataset=task.train, meta_dataset=task.meta)
         for cb in callbacks:  # after the trainer's own trajectory recorder
             tr.add_callback(cb)
