@@ -114,14 +114,18 @@ def probe_batches(trainer: Any) -> float:
     return 0.0 if task is not None and task.token_level else 1.0
 
 
+def _per_device_batch(trainer: Any) -> int:
+    """The train micro-batch per device (``_train_batch_size`` follows ``auto_find_batch_size``)."""
+    return getattr(trainer, "_train_batch_size", None) or trainer.args.per_device_train_batch_size
+
+
 def meta_batch_size(trainer: Any) -> int:
     """The run's meta batch per device: ``meta_batch_size`` when set, else :func:`default_meta_batch_size` of
-    the micro-batches of one optimizer step (``_train_batch_size`` follows ``auto_find_batch_size``)."""
+    the micro-batches of one optimizer step."""
     if trainer.meta_args.meta_batch_size:
         return trainer.meta_args.meta_batch_size
-    per_device = getattr(trainer, "_train_batch_size", None) or trainer.args.per_device_train_batch_size
     task = getattr(trainer, "_task", None)
-    return default_meta_batch_size(per_device * trainer.args.gradient_accumulation_steps,
+    return default_meta_batch_size(_per_device_batch(trainer) * trainer.args.gradient_accumulation_steps,
                                    task.task if task is not None else None)
 
 
@@ -172,8 +176,7 @@ class ProbeSampler:
     def per_step(self) -> int:
         """Probe rows per meta step on this process."""
         trainer = self.trainer
-        per_device = getattr(trainer, "_train_batch_size", None) or trainer.args.per_device_train_batch_size
-        return round(probe_batches(trainer) * per_device * trainer.args.gradient_accumulation_steps)
+        return round(probe_batches(trainer) * _per_device_batch(trainer) * trainer.args.gradient_accumulation_steps)
 
     def take(self, first_k: int) -> list[MicroBatch]:
         """This meta step's probe micro-batches (dropout replay seeds ``first_k``, ``first_k + 1``, ...)."""
@@ -187,9 +190,8 @@ class ProbeSampler:
         world, rank = trainer.args.world_size, trainer.args.process_index
         meta_step = trainer.state.global_step // max(1, trainer.meta_args.meta_interval)
         idx = probe_indices(len(ds), m * world, meta_step, trainer.args.seed + 1, rank, world)
-        size = getattr(trainer, "_train_batch_size", None) or trainer.args.per_device_train_batch_size
         return [to_microbatch(trainer, collate(_read_rows(ds, chunk.tolist())), first_k + k)
-                for k, chunk in enumerate(idx.split(size))]
+                for k, chunk in enumerate(idx.split(_per_device_batch(trainer)))]
 
 
 def _read_rows(ds: Any, rows: list[int]) -> list[Any]:

@@ -82,13 +82,8 @@ def load_meta_state(trainer: MetaLRTrainer, checkpoint: str) -> None:
             )
     if trainer._applied_instance is not None:
         applied_path = os.path.join(checkpoint, APPLIED_RATES_NAME)
-        trainer._applied_instance = AppliedInstanceRates(trainer.rates.instance)
         saved = safetensors.torch.load_file(applied_path) if os.path.isfile(applied_path) else None
-        if saved is not None and saved["values"].shape == trainer.rates.instance.shape:
-            trainer._applied_instance.load_state_dict(saved)
-        else:  # a checkpoint of a run without probes (rates moved at visits only), or of another train set
-            logger.info(f"{applied_path} is missing or of another train set: the record of the rates applied "
-                        "starts from the checkpoint's rates.")
+        trainer._applied_instance = AppliedInstanceRates.resumed(trainer.rates.instance, saved)
     if os.path.isfile(os.path.join(checkpoint, TRAJECTORY_TENSORS_NAME)):
         _resume_trajectory(trainer, checkpoint)
 

@@ -152,12 +152,19 @@ class AppliedInstanceRates:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"values": self.values.cpu(), "seen": self.seen.cpu()}
 
-    def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
-        if sd["values"].shape != self.values.shape:
-            raise ValueError(f"The checkpoint's applied instance rates have {sd['values'].shape[0]} rows; this train "
-                             f"set has {self.values.shape[0]}.")
-        self.values = sd["values"].to(self.values.device, self.values.dtype)
-        self.seen = sd["seen"].to(self.values.device, torch.bool)
+    @classmethod
+    def resumed(cls, live: torch.Tensor, saved: Mapping[str, torch.Tensor] | None) -> AppliedInstanceRates:
+        """The record a resumed run continues: a checkpoint's (``saved``), or, when it has none (a checkpoint of a
+        run without probes, whose rates moved at visits only) or one of another train set, a new one from the
+        resumed rates ``live``."""
+        out = cls(live)
+        if saved is not None and saved["values"].shape == out.values.shape:
+            out.values = saved["values"].to(out.values.device, out.values.dtype)
+            out.seen = saved["seen"].to(out.values.device, torch.bool)
+        else:
+            logger.info("No record of the applied instance rates for this train set in the checkpoint: it starts "
+                        "from the checkpoint's rates.")
+        return out
 
 
 class TrajectoryRecorder(TrainerCallback):

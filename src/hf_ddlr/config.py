@@ -350,14 +350,12 @@ def check_meta_options(opts: Any, weight_decay: float | None = None) -> None:
         raise ValueError(f"meta_batch_size must be a positive integer (or None: the train batch size), got "
                          f"{opts.meta_batch_size!r}.")
     probes = opts.probe_batches
-    if probes is not None and (isinstance(probes, bool) or not isinstance(probes, (int, float))
-                               or not math.isfinite(probes) or probes < 0):
+    if probes is not None and not (_is_finite_number(probes) and probes >= 0):
         raise ValueError(f"probe_batches must be a number >= 0 (0: only the step's own examples are scored, the "
                          f"paper's rule; None: by task), got {probes!r}.")
     for name in ("max_rate", "max_instance_rate"):
         bound = getattr(opts, name)
-        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))
-                                  or not math.isfinite(bound) or bound <= 0):
+        if bound is not None and not (_is_finite_number(bound) and bound > 0):
             raise ValueError(f"{name} must be a finite number > 0 (or None, `inf` on a command line, for no bound), "
                              f"got {bound!r}.")
     if (weight_decay is not None and opts.learn_weight_decay and weight_decay <= 0
@@ -408,6 +406,11 @@ META_OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in fields(MetaLROptions)
 
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_finite_number(x: object) -> bool:
+    """An int or float (not a bool) that is neither nan nor infinite."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def resolve_meta_options(args: TrainingArguments | None) -> MetaLROptions:

@@ -290,17 +290,16 @@ def _last_layer(
         gm = dict(zip([wn] + ([bn] if bn else []), torch.autograd.grad(Lm, [W2] + ([b2] if bn else []))))
         lm = Lm.detach().reshape(1)
         all_reduce_mean_([lm, *gm.values()])
-        def head_dots(T: Mapping[str, torch.Tensor], of: list | None = None) -> torch.Tensor:
-            return torch.cat([((d @ T[wn].float()) * h).sum(1) + (d @ T[bn].float() if bn else 0.0)
-                              for h, d in (feats if of is None else of)])
+        def head_dots(T: Mapping[str, torch.Tensor], of: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+            return torch.cat([((d @ T[wn].float()) * h).sum(1) + (d @ T[bn].float() if bn else 0.0) for h, d in of])
 
         per_step = None
         if average is not None:
             if per_step_too:
-                per_step = -head_dots(tangent(gm, specs)) / (normalizer * world_size())
+                per_step = -head_dots(tangent(gm, specs), feats) / (normalizer * world_size())
             gm = average.update(gm)
         T = tangent(gm, specs)
-        dots = head_dots(T)
+        dots = head_dots(T, feats)
         probe_grad = -head_dots(T, probe_feats) / (normalizer * world_size()) if probes else None
     finally:
         hook.remove()

@@ -316,22 +316,25 @@ class RateTable:
             return False
         self.optimizer.zero_grad(set_to_none=True)
         lookups = self._lookups(indices, labels)
-        # ∂e_i/∂table[keys_i] is the product of the other levels' rates (taken before any of them moves); the
-        # instance table of "both" steps on ∂L/∂e_i itself unless instance_gradient="chain_rule"
-        for table, keys in lookups:
-            g = (example_grad if table is self.instance else keyed_grad).to(table.device)
+        probe_lookups = self._lookups(probes[0], probes[1]) if probe_grad is not None else None
+
+        def chain(table: torch.Tensor, g: torch.Tensor, lookups: list) -> torch.Tensor:
+            """∂e_i/∂table[keys_i] is the product of the other levels' rates (taken before any of them moves); the
+            instance table of "both" steps on ∂L/∂e_i itself unless instance_gradient="chain_rule"."""
             if not (table is self.instance and self.instance_gradient == "effective"):
                 for other, other_keys in lookups:
                     if other is not table:
-                        g = g * other[other_keys]
+                        g = g * other[other_keys].to(g.device)
+            return g
+
+        for i, (table, keys) in enumerate(lookups):
+            g = chain(table, (example_grad if table is self.instance else keyed_grad).to(table.device), lookups)
             table_labels = labels
-            if table is self.instance and probe_grad is not None:
-                p_idx, p_keys = probes[0].to(table.device), probes[1]
-                pg = probe_grad.to(table.device)
-                if self.instance_gradient == "chain_rule" and self.keyed is not None:
-                    pg = pg * self.keyed[p_keys.to(self.keyed.device)].to(table.device)
-                keys, g = torch.cat([keys, p_idx]), torch.cat([g, pg])
-                table_labels = torch.cat([labels, p_keys.to(labels.device)])
+            if table is self.instance and probe_lookups is not None:  # the probes move the instance table only
+                p_keys = probe_lookups[i][1]
+                keys = torch.cat([keys, p_keys])
+                g = torch.cat([g, chain(table, probe_grad.to(table.device), probe_lookups)])
+                table_labels = torch.cat([labels, probes[1].to(labels.device)])
             if table is self.instance and self.center_instance:
                 g = _centered_per_key(g, table_labels.to(g.device))
             if table is self.instance and self.instance_scale == "key":
