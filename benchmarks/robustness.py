@@ -37,6 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import datasets
 import numpy as np
@@ -74,9 +75,12 @@ RECIPES: dict[str, Recipe] = {
     "cosine": Recipe("sgd", 0.05, 8, "cosine", 0.125, momentum=0.9),
     "adamw": Recipe("adamw_torch", 1e-3, 4, "linear"),
     "ft": Recipe("adamw_torch", 5e-5, 2, "linear", weight_decay=0.01, batch_size=32),  # text fine-tuning
+    # a second fine-tune recipe (smaller learning rate, one more epoch, warm-up and cosine decay)
+    "ft3": Recipe("adamw_torch", 2e-5, 3, "cosine", 0.1, weight_decay=0.01, batch_size=32),
 }
 CLASSDEP = (0.1,) * 5 + (0.5,) * 5  # classes 0-4 at 10 %, 5-9 at 50 % (flipped to another class)
 NOISES: dict[str, dict] = {
+    "flip20": {"noise_rate": 0.2, "noise_mode": "flip"},
     "flip30": {"noise_rate": 0.3, "noise_mode": "flip"},
     "flip35": {"noise_rate": 0.35, "noise_mode": "flip"},
     "flip40": {"noise_rate": 0.4, "noise_mode": "flip"},
@@ -117,6 +121,7 @@ CELLS: list[Cell] = [
     Cell("digits", "cnn", "sgdm", "pair30"),
     *(Cell("mnist", "resnet", r, "flip35") for r in ("sgd", "sgdm")),
     Cell("vader", "minilm", "ft", "flip30"),
+    Cell("vader", "minilm", "ft3", "flip20"),
 ]
 CELL_BY_NAME = {c.name: c for c in CELLS}
 
@@ -164,16 +169,24 @@ def parse_metalr_args(pairs: list[str]) -> dict:
 NEUTRAL_NEW_OPTIONS = {"meta_grad_average_epochs": None, "group_column": None,
                        "instance_rate_gradient": "effective", "center_instance_rates": False,
                        "class_rate_direction": "per_step", "lookahead_step": 1.0, "instance_rate_scale": "batch",
-                       "max_instance_rate": None, "probe_batches": 0}
+                       "max_instance_rate": None, "probe_batches": 0, "meta_parameters": "all"}
 
 
 # options whose default (None) resolves by task: the value every cell (single-label classification) gets
 RESOLVED_FOR_CLASSIFICATION = {"probe_batches": 1.0}
 
 
-def _fingerprinted_defaults() -> dict:
-    d = {k: (v if k not in RESOLVED_FOR_CLASSIFICATION else RESOLVED_FOR_CLASSIFICATION[k] if v is None else float(v))
-         for k, v in metalr_defaults().items()}
+def _resolved(cell: Cell, key: str, value: Any) -> Any:
+    """An option's value as a run of ``cell`` uses it (defaults that resolve by task or by model)."""
+    if key in RESOLVED_FOR_CLASSIFICATION:
+        return RESOLVED_FOR_CLASSIFICATION[key] if value is None else float(value)
+    if key == "meta_parameters" and value == "auto":  # the head for the pretrained encoder, else every parameter
+        return "head" if cell.model == "minilm" else "all"
+    return value
+
+
+def _fingerprinted_defaults(cell: Cell) -> dict:
+    d = {k: _resolved(cell, k, v) for k, v in metalr_defaults().items()}
     return {k: v for k, v in d.items() if k not in NEUTRAL_NEW_OPTIONS or v != NEUTRAL_NEW_OPTIONS[k]}
 
 
@@ -182,7 +195,7 @@ def fingerprint(cell: Cell, method: str, quick: bool) -> str:
     spec = {"cell": asdict(cell), "recipe": asdict(RECIPES[cell.recipe]), "noise": NOISES[cell.noise],
             "data": DATA[cell.data], "resnet": RESNET if cell.model == "resnet" else None,
             "quick": QUICK if quick else False,
-            "defaults": _fingerprinted_defaults() if method == "metalr" else None}
+            "defaults": _fingerprinted_defaults(cell) if method == "metalr" else None}
     return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -480,3 +480,38 @@ def test_other_encoders_take_the_per_layer_products_and_train_like_forward_mode(
     for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
     torch.testing.assert_close(a.rates.instance, b.rates.instance, rtol=1e-4, atol=1e-6)
+
+
+def test_meta_gradients_over_the_head_from_a_tape_equal_forward_mode_and_the_exact_strategy():
+    """``meta_params`` on BERT (the head: pooler and classifier, found after the encoder's stack of blocks): the
+    tape's products over the head, forward mode with tangents on the head only, and the double-backward exact
+    strategy agree; and they differ from the whole model's (the restriction is not a no-op)."""
+    from hf_ddlr.meta import MetaBatch, meta_gradients, param_specs
+    from hf_ddlr.meta.parameters import head_parameter_names
+
+    model = _bert(dropout=0.0)
+    inputs, labels = _batch()
+    meta_inputs, meta_labels = _batch(B=4, S=8)
+    params = {n: p for n, p in model.named_parameters()}
+    head = head_parameter_names(model, params)
+    assert head == ["bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    specs = param_specs(opt, params, [n for n in params if n.endswith("weight")], mode="sgd")
+    w = torch.rand(6) + 0.5
+
+    def run(tape=None, strategy="jvp", **kw):
+        return meta_gradients(model, params, [MicroBatch(inputs, labels, w, seed=5)], MetaBatch(meta_inputs, meta_labels, 9),
+                              specs, weight_decay=0.01, normalizer=6.0, strategy=strategy, layer_tape=tape,
+                              check_layer_tape=None, **kw)
+
+    exact = run(strategy="exact", meta_params=head)
+    fwd = run(meta_params=head)
+    _, tape, L = _record(model, inputs, labels)
+    tape.backward(L)
+    taped = run(tape, meta_params=head)
+    for got in (fwd, taped):
+        torch.testing.assert_close(got.example_grad, exact.example_grad, rtol=1e-4, atol=1e-6)
+        assert got.weight_decay_grad == pytest.approx(exact.weight_decay_grad, rel=1e-4)
+        assert got.meta_loss == pytest.approx(exact.meta_loss, rel=1e-6)
+    whole = run(tape)
+    assert not torch.allclose(whole.example_grad, exact.example_grad, rtol=0.05)

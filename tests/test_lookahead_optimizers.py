@@ -18,7 +18,7 @@ same :func:`~hf_ddlr.meta.lookahead.lookahead`:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import pytest
 import torch
@@ -95,22 +95,28 @@ def _weighted_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, e: torch.
 
 
 def _real_step(model: nn.Module, opt: torch.optim.Optimizer, data, e: torch.Tensor, wd: float | None = None,
-               freeze_v: dict[str, torch.Tensor] | None = None) -> nn.Module:
+               freeze_v: dict[str, torch.Tensor] | None = None, grad_scale: float = 1.0,
+               only: Collection[str] | None = None) -> nn.Module:
     """A copy of the model after one real ``opt.step()`` on the weighted loss (the originals are untouched).
 
     ``wd`` overrides the decay group's weight decay. ``freeze_v`` (Adam): the second moment the step must
     end with, by parameter name; the copy's ``exp_avg_sq`` is set beforehand so that torch's own
-    ``v ← β2·v + (1−β2)·g²`` (g with coupled decay) lands on it.
+    ``v ← β2·v + (1−β2)·g²`` (g with coupled decay) lands on it. ``grad_scale`` multiplies the gradients before
+    the step (a clipping factor held constant); ``only``: the parameters the step moves (the others get no
+    gradient, which torch's optimizers skip: no decay, no state change).
     """
     m, o = copy.deepcopy((model, opt))
     if wd is not None:
         o.param_groups[0]["weight_decay"] = wd
     o.zero_grad()
     _weighted_loss(m, data["x"], data["y"], e).backward()
+    _adjust_grads(m, grad_scale, only)
     if freeze_v is not None:
         for group in o.param_groups:
             b2, coupled = group["betas"][1], not group.get("decoupled_weight_decay", isinstance(o, torch.optim.AdamW))
             for p in group["params"]:
+                if p.grad is None:
+                    continue
                 name = next(n for n, q in m.named_parameters() if q is p)
                 gt = p.grad + group["weight_decay"] * p.detach() if coupled else p.grad
                 st = o.state[p]
@@ -124,6 +130,11 @@ def _real_step(model: nn.Module, opt: torch.optim.Optimizer, data, e: torch.Tens
                     st["max_exp_avg_sq"] = freeze_v[name].clone()
     o.step()
     return m
+
+
+def _adjust_grads(m: nn.Module, grad_scale: float = 1.0, only: Collection[str] | None = None) -> None:
+    for n, p in m.named_parameters():
+        p.grad = None if only is not None and n not in only else p.grad * grad_scale
 
 
 def _meta_loss(model: nn.Module, data) -> float:
@@ -151,16 +162,18 @@ def test_lookahead_is_the_real_optimizers_next_iterate(name, with_wd, warm_steps
     assert all(torch.equal(params[n], p) for n, p in model.named_parameters())
 
 
-def _frozen_second_moment(model, opt, data) -> dict[str, torch.Tensor] | None:
-    """Adam: the v' (AMSGrad: max(v_max, v')) of the real unperturbed step, by parameter name."""
+def _frozen_second_moment(model, opt, data, **step) -> dict[str, torch.Tensor] | None:
+    """Adam: the v' (AMSGrad: max(v_max, v')) of the real unperturbed step (``step``: :func:`_real_step`'s
+    ``grad_scale`` / ``only``), by parameter name."""
     if not isinstance(opt, torch.optim.Adam):
         return None
     m, o = copy.deepcopy((model, opt))
     o.zero_grad()
     _weighted_loss(m, data["x"], data["y"], E).backward()
+    _adjust_grads(m, **step)
     o.step()
     key = "max_exp_avg_sq" if o.param_groups[0]["amsgrad"] else "exp_avg_sq"
-    return {n: o.state[p][key].clone() for n, p in m.named_parameters()}
+    return {n: o.state[p][key].clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
 def central_differences(step, data, wd: float, h: float = 1e-5) -> tuple[torch.Tensor, float]:
@@ -459,6 +472,51 @@ def test_probe_gradient_is_the_derivative_of_a_weight_zero_example_in_the_real_s
         brute[j] = (losses[0] - losses[1]) / (2 * h)
     assert brute.abs().max() > 0
     tol = 5e-5 if strategy == "finite_difference" else 1e-5
+    torch.testing.assert_close(res.probe_grad.double(), brute, rtol=tol, atol=tol * float(brute.abs().max()))
+
+
+@pytest.mark.parametrize("strategy", ["jvp", "exact", "finite_difference"])
+@pytest.mark.parametrize("name", ["sgd_momentum", "adamw"])
+@pytest.mark.parametrize("subset", [("fc2.weight", "fc2.bias"), ("ln.weight", "fc2.weight")])
+def test_meta_gradient_over_a_subset_is_that_of_a_real_step_moving_only_it(strategy, name, subset):
+    """``meta_params``: ∂L_meta/∂e_i, ∂L_meta/∂wd and the probes' gradients == central differences through
+    torch's optimizer step that moves only the subset, with the whole model's gradient clipped (the clipping
+    factor of the unperturbed step, held constant as the engine documents) — float64."""
+    model, opt, wd = _build(name, True, 3)
+    data = _data()
+    params = dict(model.named_parameters())
+    specs = param_specs(opt, params, DECAY, mode="optimizer")
+    full = torch.autograd.grad(_weighted_loss(model, data["x"], data["y"], E), list(params.values()))
+    norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in full])))
+    max_norm = 0.5 * norm  # the step is clipped: its factor comes from every parameter, not the subset's
+    g = torch.Generator().manual_seed(7)
+    xp, yp = torch.randn(3, D, generator=g, dtype=torch.float64), torch.randint(0, C, (3,), generator=g)
+    res = meta_gradients(model, params, [MicroBatch({"x": data["x"]}, data["y"], E.clone(), seed=0)],
+                         MetaBatch({"x": data["xm"]}, data["ym"], seed=1), specs, weight_decay=wd, normalizer=N,
+                         strategy=strategy, max_grad_norm=max_norm, meta_params=subset,
+                         probes=[MicroBatch({"x": xp}, yp, None, seed=3)])
+    step = {"grad_scale": max_norm / (norm + 1e-6), "only": subset}
+    frozen = _frozen_second_moment(model, opt, data, **step)
+    de, dwd = central_differences(lambda e, w: _real_step(model, opt, data, e, wd=w, freeze_v=frozen, **step),
+                                  data, wd)
+    whole = meta_gradients(model, params, [MicroBatch({"x": data["x"]}, data["y"], E.clone(), seed=0)],
+                           MetaBatch({"x": data["xm"]}, data["ym"], seed=1), specs, weight_decay=wd, normalizer=N,
+                           strategy=strategy, max_grad_norm=max_norm)
+    assert not torch.allclose(whole.example_grad.double(), de, rtol=0.05)  # the restriction is not a no-op
+    tol = 5e-5 if strategy == "finite_difference" else 1e-5
+    scale = float(de.abs().max())
+    torch.testing.assert_close(res.example_grad.double(), de, rtol=tol, atol=tol * scale)
+    assert res.weight_decay_grad == pytest.approx(dwd, rel=tol, abs=1e-9 * scale)
+    # the probes: the window plus probe j at weight ±h, the same restricted, clipped step
+    both = {"x": torch.cat([data["x"], xp]), "y": torch.cat([data["y"], yp]), "xm": data["xm"], "ym": data["ym"]}
+    brute = torch.empty(3, dtype=torch.float64)
+    for j in range(3):
+        losses = []
+        for sign in (1, -1):
+            e = torch.cat([E, torch.zeros(3, dtype=torch.float64)])
+            e[N + j] = sign * 1e-5
+            losses.append(_meta_loss(_real_step(model, opt, both, e, freeze_v=frozen, **step), data))
+        brute[j] = (losses[0] - losses[1]) / 2e-5
     torch.testing.assert_close(res.probe_grad.double(), brute, rtol=tol, atol=tol * float(brute.abs().max()))
 
 

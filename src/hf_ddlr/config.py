@@ -6,6 +6,7 @@ attribute that exists, MetaLRConfig's default otherwise."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -220,6 +221,20 @@ class MetaLROptions:
         "shuffled passes of their own, and the trajectory then records the rates each example was trained with "
         "(a replay applies them exactly).",
     )
+    meta_parameters: str = _option(
+        "auto",
+        "The parameters the meta step looks ahead on: the lookahead moves them only (the real step still moves "
+        "every trainable parameter, and clips by their whole gradient norm), so each example's meta-gradient is "
+        "the sum of its products over them. 'all': every trainable parameter (the paper). 'head': those after "
+        "the model's stack of blocks (the nn.ModuleList of layers): the pooler, final norm and classifier. "
+        "'auto' (default): 'head' for a fine-tune of a pretrained model (loaded with from_pretrained, not a "
+        "PEFT model) on a task with one loss per example, 'all' otherwise. On a pretrained encoder the lower "
+        "layers' part of the meta-gradient follows the input's resemblance to the few meta examples more than "
+        "the label's correctness: with the head's part alone MiniLM ranks mislabelled words better and trains "
+        "better, and the meta step costs less (docs/robustness.md, 'The head's meta-gradient'). Any other value "
+        "is a regular expression; the trainable parameters whose names it finds (re.search) are taken. "
+        "meta_strategy='last_layer' is its own restriction (the classification layer) and ignores this.",
+    )
     meta_dropout: bool = _option(
         False,
         "Evaluate the meta loss with dropout active. Default False: the meta loss is a held-out "
@@ -349,6 +364,15 @@ def check_meta_options(opts: Any, weight_decay: float | None = None) -> None:
     if opts.meta_batch_size is not None and (not _is_int(opts.meta_batch_size) or opts.meta_batch_size < 1):
         raise ValueError(f"meta_batch_size must be a positive integer (or None: the train batch size), got "
                          f"{opts.meta_batch_size!r}.")
+    if not isinstance(opts.meta_parameters, str) or not opts.meta_parameters:
+        raise ValueError(f"meta_parameters must be 'auto', 'all', 'head' or a regular expression of parameter "
+                         f"names, got {opts.meta_parameters!r}.")
+    if opts.meta_parameters not in ("auto", "all", "head"):
+        try:
+            re.compile(opts.meta_parameters)
+        except re.error as e:
+            raise ValueError(f"meta_parameters={opts.meta_parameters!r} is not 'auto', 'all', 'head' nor a valid "
+                             f"regular expression of parameter names ({e}).") from None
     probes = opts.probe_batches
     if probes is not None and not (_is_finite_number(probes) and probes >= 0):
         raise ValueError(f"probe_batches must be a number >= 0 (0: only the step's own examples are scored, the "

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._batches import ProbeSampler, probe_batches, to_microbatch
+from ._meta_parameters import meta_parameter_names
 from ._tasks import decoder_inputs
 from .meta import MetaBatch, MetaGradients, MicroBatch, find_output_layer, meta_gradients
 from .meta.distributed import all_gather_varlen, all_ranks_true, all_reduce_mean_
@@ -196,6 +197,7 @@ class MetaStepSchedule(Schedule):
         self.meta_layout = MetaLayout()  # the meta batch's images channels-last on CPU (checked on first use)
         self._early_meta: MetaBatch | None = None  # a meta batch taken before the real forward (last_layer)
         self.probe_sampler = ProbeSampler(trainer)  # training rows scored outside the step (probe_batches)
+        self.meta_params = meta_parameter_names(trainer)  # what the lookahead moves (None: every parameter)
         if self.strategy == "finite_difference" and (trainer.args.bf16 or trainer.args.fp16):
             warnings.warn(
                 "meta_strategy='finite_difference' is unreliable in half precision (the perturbation drowns "
@@ -240,7 +242,7 @@ class MetaStepSchedule(Schedule):
             task=trainer._task, embedding_rows=self.embedding_rows,
             per_step_too=meta.class_rate_direction == "per_step" and trainer.rates.keyed is not None,
             average_products=trainer.rates.instance is not None,  # class / group rates only: the per-step set alone
-            probes=probes,
+            probes=probes, meta_params=self.meta_params,
         )
         if not all_ranks_true(res.finite, args.device):  # every rank skips together (no hanging gather)
             trainer._meta_log.record_skipped(trainer.state.global_step, res.meta_loss)

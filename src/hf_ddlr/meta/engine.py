@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -146,15 +146,16 @@ def lookahead_gradient(
 
 def meta_loss_gradient(
     model: nn.Module, theta: Mapping[str, torch.Tensor], meta: MetaBatch, smoothing: float = 0.0,
-    loss_scale: float = 1.0, task: TaskLoss = SINGLE_LABEL,
+    loss_scale: float = 1.0, task: TaskLoss = SINGLE_LABEL, wrt: Collection[str] | None = None,
 ) -> tuple[float, dict[str, torch.Tensor]]:
     """Mean meta loss (the task's batch loss: over examples, or over target tokens) and its gradient at θ
     (batch-statistics BN, nothing written), averaged over ranks. The backward runs on ``loss_scale × L_meta``
-    and the gradient is unscaled (fp16 underflow)."""
-    leaf = {n: v.detach().requires_grad_(True) for n, v in theta.items()}
+    and the gradient is unscaled (fp16 underflow). ``wrt``: the gradient of these parameters only (the others
+    enter the forward as constants: no graph is kept for them)."""
+    leaf = {n: v.detach().requires_grad_(wrt is None or n in wrt) for n, v in theta.items()}
     with replay_rng(meta.seed), frozen_batchnorm(model), meta_loss_mode(model, meta.dropout):
         Lm = task.mean(_losses(model, leaf, meta, smoothing, task), meta.labels)
-        g = _grads(Lm * loss_scale, leaf)
+        g = _grads(Lm * loss_scale, leaf if wrt is None else {n: leaf[n] for n in wrt})
         if loss_scale != 1.0:
             g = {n: v / loss_scale for n, v in g.items()}
     lm = Lm.detach().reshape(1)
@@ -166,7 +167,8 @@ def jvp_dots(
     model: nn.Module, params: Mapping[str, torch.Tensor], mb: MicroBatch, T: Mapping[str, torch.Tensor],
     smoothing: float = 0.0, loss_scale: float = 1.0, task: TaskLoss = SINGLE_LABEL,
 ) -> torch.Tensor:
-    """T·∇L_i for every example of ``mb`` in one forward-mode pass, replaying the real forward's dropout.
+    """T·∇L_i for every example of ``mb`` in one forward-mode pass, replaying the real forward's dropout
+    (T may name a subset of ``params``: the dots over that subset).
     The tangent is pushed forward as ``loss_scale × T`` (fp16 underflow) and the dots are unscaled. With
     ``mb.outputs`` (the real forward's layer outputs) the convolution / linear layers take their primal
     values from there instead of computing them again."""
@@ -174,7 +176,9 @@ def jvp_dots(
     bn = batchnorm_tangents(model, mb.outputs)
     with replay_rng(mb.seed), frozen_batchnorm(model), forward_ad_safe_attention(), torch.no_grad(), reuse, bn:
         with fwAD.dual_level():
-            dual = {n: fwAD.make_dual(p.detach(), (T[n] * loss_scale).to(p.dtype)) for n, p in params.items()}
+            # (parameters outside T enter as constants: no tangent is carried through them)
+            dual = {n: fwAD.make_dual(p.detach(), (T[n] * loss_scale).to(p.dtype)) if n in T else p.detach()
+                    for n, p in params.items()}
             L = _losses(model, dual, mb, smoothing, task)
             primal, tang = fwAD.unpack_dual(L)
     if mb.losses is None:
@@ -189,7 +193,7 @@ def fd_dots(
     """One-sided finite difference ``(L_i(θ+εT) − L_i(θ))/ε`` with ε relative to ‖θ‖/‖T‖."""
     with torch.no_grad():
         tn = math.sqrt(sum(float((t.float() ** 2).sum()) for t in T.values()))
-        pn = math.sqrt(sum(float((p.float() ** 2).sum()) for p in params.values()))
+        pn = math.sqrt(sum(float((params[n].float() ** 2).sum()) for n in T))
         if tn == 0.0:
             return torch.zeros(mb.labels.shape[0], device=mb.labels.device)
         eps = eps_rel * max(pn, 1e-12) / tn
@@ -197,7 +201,8 @@ def fd_dots(
             if mb.losses is None:
                 mb.losses = _losses(model, params, mb, smoothing, task).detach()
         with replay_rng(mb.seed), frozen_batchnorm(model):
-            Lp = _losses(model, {n: p + eps * T[n].to(p.dtype) for n, p in params.items()}, mb, smoothing, task)
+            Lp = _losses(model, {n: p + eps * T[n].to(p.dtype) if n in T else p for n, p in params.items()}, mb,
+                         smoothing, task)
         return ((Lp.double() - mb.losses.double()) / eps).float()
 
 
@@ -312,7 +317,7 @@ def _exact(
     model: nn.Module, params: Mapping[str, torch.Tensor], window: Sequence[MicroBatch], meta: MetaBatch,
     specs: Mapping[str, ParamSpec], weight_decay: float, normalizer: float, smoothing: float,
     max_grad_norm: float | None = None, average: MetaGradientAverage | None = None, task: TaskLoss = SINGLE_LABEL,
-    per_step_too: bool = False, probes: Sequence[MicroBatch] = (),
+    per_step_too: bool = False, probes: Sequence[MicroBatch] = (), meta_params: Collection[str] | None = None,
 ) -> MetaGradients:
     if world_size() > 1:
         raise NotImplementedError(
@@ -331,14 +336,15 @@ def _exact(
             mb.losses = L.detach()
             g = gi if g is None else {n: g[n] + gi[n] for n in g}
         c = clip_coefficient(g, max_grad_norm)  # a constant of the step, as in the other strategies
-        theta = lookahead(params, g, specs, wd, grad_scale=c)
+        moved = params if meta_params is None else {n: params[n] for n in meta_params}
+        theta = {**{n: p.detach() for n, p in params.items()}, **lookahead(moved, g, specs, wd, grad_scale=c)}
         with replay_rng(meta.seed), frozen_batchnorm(model), meta_loss_mode(model, meta.dropout):
             Lm = task.mean(_losses(model, theta, meta, smoothing, task), meta.labels)
         per_step = None
         if average is None:
             out = torch.autograd.grad(Lm, [*e_leaves, wd], allow_unused=True)
         else:  # the chain rule through θ' with the averaged meta gradient in place of this step's
-            names = list(theta)
+            names = list(moved)
             gm = dict(zip(names, torch.autograd.grad(Lm, [theta[n] for n in names], retain_graph=True)))
             if per_step_too:
                 raw = torch.autograd.grad(Lm, e_leaves[:len(window)], retain_graph=True, allow_unused=True)
@@ -379,6 +385,7 @@ def meta_gradients(
     per_step_too: bool = False,
     average_products: bool = True,
     probes: Sequence[MicroBatch] = (),
+    meta_params: Collection[str] | None = None,
 ) -> MetaGradients:
     """∂L_meta/∂e_i for every example of ``window`` and ∂L_meta/∂wd after the lookahead of ``specs``.
 
@@ -412,11 +419,15 @@ def meta_gradients(
     ``∂L_meta/∂e_j`` as if it were in the step at weight ``e_j = 0`` (the derivative Learning to Reweight takes):
     the same products ``T·∇L_j`` as the window's, with the instance rates' direction (the average's), divided by
     the same ``normalizer`` (:attr:`MetaGradients.probe_grad`). The step, θ' and the meta loss do not change.
+
+    ``meta_params`` (names of ``params``; None: all): the lookahead moves these only, so the products — and every
+    gradient returned — are sums over them (:mod:`~hf_ddlr.meta.parameters`); the real step's gradient, and so
+    its clipping coefficient, stays the whole model's. ``"last_layer"`` is its own restriction and ignores it.
     """
     _check_arguments(strategy, layer_tape, grads, task)
     if strategy == "exact":
         return _exact(model, params, window, meta, specs, weight_decay, normalizer, label_smoothing,
-                      max_grad_norm, average, task, per_step_too, probes)
+                      max_grad_norm, average, task, per_step_too, probes, meta_params)
     if strategy == "last_layer":
         return _last_layer(model, params, window, meta, specs, weight_decay, normalizer, label_smoothing, grads,
                            num_labels, average, per_step_too, weight_decay_grad_needed, probes)
@@ -425,7 +436,7 @@ def meta_gradients(
     rows = None if weight_decay_grad_needed or layer_tape is None else embedding_rows
     meta_loss, g_meta, T, T_step = _meta_tangent(model, params, grads, meta, specs, weight_decay, label_smoothing,
                                                  loss_scale, max_grad_norm, average, task, rows, layer_tape,
-                                                 per_step_too, [mb.inputs for mb in probes])
+                                                 per_step_too, [mb.inputs for mb in probes], meta_params)
     only_step = T_step is not None and not average_products  # the per-step set is the only one
     dots, mismatch = _dots(model, params, window, T_step if only_step else T, strategy, label_smoothing, loss_scale,
                            fd_eps, layer_tape, check_layer_tape, task)
@@ -464,23 +475,28 @@ def _meta_tangent(
     specs: Mapping[str, ParamSpec], weight_decay: float, smoothing: float, loss_scale: float,
     max_grad_norm: float | None, average: MetaGradientAverage | None, task: TaskLoss = SINGLE_LABEL,
     embedding_rows: EmbeddingRows | None = None, tape: LayerTape | None = None, per_step_too: bool = False,
-    probe_inputs: Sequence[Mapping[str, Any]] = (),
+    probe_inputs: Sequence[Mapping[str, Any]] = (), meta_params: Collection[str] | None = None,
 ) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """The meta loss at the lookahead point θ' of the real gradient ``grads``, its gradient (the running
     average's direction when there is one), and the tangent T of the dots. The step's clipping coefficient
     is a constant of the step: θ' uses the clipped gradient and T carries the coefficient. With
     ``embedding_rows`` the tables it plans are computed on their looked-up rows (checked once against the
     full lookahead). With ``per_step_too`` and an average, also the tangent of this step's own meta gradient
-    (else None)."""
+    (else None). ``meta_params``: the lookahead moves these only (the clipping coefficient is still the whole
+    step's) and the gradient and tangent are theirs."""
     c = clip_coefficient(grads, max_grad_norm)
     detached = {n: p.detach() for n, p in params.items()}
-    shapes = {n: p.shape for n, p in params.items()}
+    moved = detached if meta_params is None else {n: detached[n] for n in meta_params}
+    shapes = {n: p.shape for n, p in moved.items()}
     rows = embedding_rows.plan(tape, meta.inputs, shapes, probe_inputs) if embedding_rows else {}
-    theta = lookahead(detached, grads, specs, weight_decay, grad_scale=c, rows=rows)
-    meta_loss, g_meta = meta_loss_gradient(model, theta, meta, smoothing, loss_scale, task)
+
+    def at_lookahead(**kw) -> tuple[float, dict[str, torch.Tensor]]:
+        theta = {**detached, **lookahead(moved, grads, specs, weight_decay, grad_scale=c, **kw)}
+        return meta_loss_gradient(model, theta, meta, smoothing, loss_scale, task, wrt=meta_params)
+
+    meta_loss, g_meta = at_lookahead(rows=rows)
     if rows and embedding_rows.state == "unchecked":
-        theta = lookahead(detached, grads, specs, weight_decay, grad_scale=c)  # the full one, for comparison
-        ref_loss, ref_g = meta_loss_gradient(model, theta, meta, smoothing, loss_scale, task)
+        ref_loss, ref_g = at_lookahead()  # the full lookahead, for comparison
         if math.isfinite(ref_loss):  # (an overflowing fp16 step is no check: the next one is)
             same = ref_loss == meta_loss and all(torch.equal(ref_g[n], g_meta[n]) for n in ref_g)
             embedding_rows.settle(same, next(iter(ref_g.values())).device)

@@ -209,11 +209,13 @@ class LayerTape:
         return None if p is None or not p.requires_grad else self.names.get(id(p))
 
     def dots(self, T: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``T·∇L_i`` for every example (fp32), T given for the named parameters."""
+        """``T·∇L_i`` for every example (fp32), T given for the named parameters (a subset: the dots over it)."""
         out = torch.zeros(self.batch, dtype=torch.float32, device=self._device())
         for c, a, g in self._pieces():
             m = c.module
-            w, b = self._param(m, "weight"), self._param(m, "bias")
+            w, b = (n if n in T else None for n in (self._param(m, "weight"), self._param(m, "bias")))
+            if w is None and b is None:
+                continue
             if isinstance(m, nn.Linear) or _is_conv1d(m):
                 if w is not None:  # the elementwise product on the input side when the output is much wider
                     Tw = T[w].float()

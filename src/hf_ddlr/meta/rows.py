@@ -50,6 +50,8 @@ class EmbeddingRows:
             return {}
         rows: dict[str, torch.Tensor] = {}
         for name, (key, ids) in tape.embedding_lookups().items():
+            if name not in shapes:  # a table the lookahead does not move
+                continue
             meta_ids = meta_inputs.get(key)
             n = shapes[name][0]
             others = [inputs.get(key) for inputs in other_inputs]

@@ -1,0 +1,50 @@
+"""The run's ``meta_parameters``: which trainable parameters the meta step looks ahead on."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+
+from .meta.parameters import head_parameter_names, select_meta_parameters
+
+__all__ = ["meta_parameters_choice", "meta_parameter_names"]
+
+logger = logging.getLogger(__name__)
+
+
+def _pretrained(model: nn.Module) -> bool:
+    """Whether ``model`` was loaded with ``from_pretrained`` (its config names where from) and is not a PEFT
+    model (whose adapters are what trains: they stay in the meta step)."""
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "_name_or_path", "")) and not hasattr(model, "peft_config")
+
+
+def meta_parameters_choice(trainer: Any) -> str:
+    """``meta_parameters`` as the run uses it: ``"auto"`` resolved to ``"head"`` for a fine-tune of a pretrained
+    model (not PEFT) on a task with one loss per example whose model has a head after a stack of blocks, and to
+    ``"all"`` otherwise; any other value as given."""
+    choice = trainer.meta_args.meta_parameters
+    if choice != "auto":
+        return choice
+    model, task = trainer.model, getattr(trainer, "_task", None)
+    if task is None or task.token_level or not _pretrained(model):
+        return "all"
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    return "head" if head_parameter_names(model, trainable) else "all"
+
+
+def meta_parameter_names(trainer: Any) -> list[str] | None:
+    """The names of the trainable parameters the meta step takes (None: all of them), logged once."""
+    model = trainer.model
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    choice = meta_parameters_choice(trainer)
+    names = select_meta_parameters(model, trainable, choice)
+    if names is not None:
+        size = {n: p.numel() for n, p in model.named_parameters()}
+        logger.info("The meta step looks ahead on %d of %d trainable tensors (%s; %.3g of %.3g M parameters): %s",
+                    len(names), len(trainable), f"meta_parameters={trainer.meta_args.meta_parameters!r} -> {choice!r}",
+                    sum(size[n] for n in names) / 1e6, sum(size[n] for n in trainable) / 1e6,
+                    ", ".join(names[:6]) + (", ..." if len(names) > 6 else ""))
+    return names

@@ -1,0 +1,135 @@
+"""Which parameters the meta step takes (``meta_parameters``): the head after the stack of blocks, patterns,
+errors, and what ``"auto"`` resolves to for a run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
+
+from hf_ddlr.meta.parameters import block_stack, head_parameter_names, select_meta_parameters
+
+
+def _bert(**kw) -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2,
+                                                    num_attention_heads=2, intermediate_size=24, num_labels=2, **kw))
+
+
+def _names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def test_the_head_is_what_follows_the_stack_of_blocks():
+    bert = _bert()
+    assert block_stack(bert) == "bert.encoder.layer"
+    assert head_parameter_names(bert, _names(bert)) == [
+        "bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"]
+    torch.manual_seed(0)
+    gpt2 = GPT2ForSequenceClassification(GPT2Config(vocab_size=30, n_embd=16, n_layer=2, n_head=2, num_labels=2,
+                                                    pad_token_id=0))
+    assert block_stack(gpt2) == "transformer.h"
+    assert head_parameter_names(gpt2, _names(gpt2)) == ["transformer.ln_f.weight", "transformer.ln_f.bias",
+                                                        "score.weight"]
+    # frozen parameters are not taken; a model without a stack of blocks has no head
+    bert.classifier.weight.requires_grad_(False)
+    assert "classifier.weight" not in head_parameter_names(bert, _names(bert))
+    assert head_parameter_names(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), ["0.weight"]) == []
+
+
+def test_select_meta_parameters_choices_and_errors():
+    bert = _bert()
+    names = _names(bert)
+    assert select_meta_parameters(bert, names, "all") is None
+    assert select_meta_parameters(bert, names, r"layer\.1\.|classifier") == [
+        n for n in names if ".layer.1." in n or n.startswith("classifier")]
+    with pytest.raises(ValueError, match="matches no trainable parameter"):
+        select_meta_parameters(bert, names, "decoder")
+    with pytest.raises(ValueError, match="not one of .* nor a valid regular expression"):
+        select_meta_parameters(bert, names, "layer[")
+    with pytest.raises(ValueError, match="has none. Use meta_parameters='all'"):
+        select_meta_parameters(nn.Sequential(nn.Linear(3, 2)), ["0.weight"], "head")
+
+
+# ---------------------------------------------------------------- the trainer: what "auto" resolves to
+def _trainer(tmp_path, model, **kw):
+    from tiny_text import text_data_splits
+    from transformers import DataCollatorWithPadding
+
+    from hf_ddlr import MetaLRConfig, MetaLRTrainer
+
+    tok, train, meta = text_data_splits()
+    args = MetaLRConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, report_to=[], use_cpu=True,
+                        save_strategy="no", disable_tqdm=True, seed=0, optim="adamw_torch", learning_rate=1e-3,
+                        max_steps=2, max_grad_norm=0.05, **kw)
+    return MetaLRTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta,
+                         data_collator=DataCollatorWithPadding(tok))
+
+
+def _pretrained(tmp_path):
+    from tiny_text import tiny_bert
+
+    path = tmp_path / "pretrained"
+    if not path.exists():
+        tiny_bert().save_pretrained(path)
+    return BertForSequenceClassification.from_pretrained(path)
+
+
+def _trained(tmp_path, model, **kw):
+    trainer = _trainer(tmp_path, model, **kw)
+    trainer.train()
+    return trainer
+
+
+def test_auto_takes_the_head_of_a_pretrained_model_and_every_parameter_of_a_new_one(tmp_path):
+    """``meta_parameters="auto"``: a fine-tune of a model loaded with from_pretrained steps exactly like an
+    explicit ``"head"`` run, a model built from its config exactly like ``"all"``; the two choices give different
+    rates, and the trajectory records the resolved choice."""
+    from tiny_text import tiny_bert
+
+    auto_pre = _trained(tmp_path, _pretrained(tmp_path))
+    head = _trained(tmp_path, _pretrained(tmp_path), meta_parameters="head")
+    auto_new = _trained(tmp_path, tiny_bert())
+    whole = _trained(tmp_path, tiny_bert(), meta_parameters="all")
+    assert auto_pre.lr_trajectory.config["meta_parameters"] == "head"
+    assert auto_new.lr_trajectory.config["meta_parameters"] == "all"
+    assert torch.equal(auto_pre.rates.instance, head.rates.instance)
+    assert torch.equal(auto_new.rates.instance, whole.rates.instance)
+    # same initial weights (tiny_bert is seeded; the pretrained copy is it): only the meta step's parameters differ
+    assert not torch.allclose(head.rates.instance, whole.rates.instance, rtol=1e-3)
+    assert (head.rates.instance != 1).sum() > 8  # the rates moved (a step's examples and its probes)
+    # a pattern is taken as given
+    pattern = _trained(tmp_path, _pretrained(tmp_path), meta_parameters=r"^classifier\.")
+    assert pattern.lr_trajectory.config["meta_parameters"] == r"^classifier\."
+    assert not torch.allclose(pattern.rates.instance, head.rates.instance, rtol=1e-3)
+
+
+def test_auto_keeps_every_parameter_for_peft_models_and_token_level_tasks(tmp_path):
+    from test_task_losses import COMMON, _collator, _data, _model
+
+    from hf_ddlr import MetaLRConfig, MetaLRTrainer
+    from hf_ddlr._meta_parameters import meta_parameters_choice
+
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(_pretrained(tmp_path), peft.LoraConfig(r=2, target_modules=["query", "value"],
+                                                                       task_type="SEQ_CLS"))
+    assert meta_parameters_choice(_trainer(tmp_path, lora)) == "all"
+    path = tmp_path / "lm"
+    _model("causal_lm").save_pretrained(path)
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(path)
+    args = MetaLRConfig(output_dir=str(tmp_path / "o"), **{**COMMON, "max_steps": 1})
+    trainer = MetaLRTrainer(model=lm, args=args, train_dataset=_data("causal_lm", 24, seed=1),
+                            meta_dataset=_data("causal_lm", 30, seed=2), data_collator=_collator("causal_lm"))
+    assert meta_parameters_choice(trainer) == "all"
+
+
+def test_bad_meta_parameters_are_refused_when_the_config_is_made(tmp_path):
+    from hf_ddlr import MetaLRConfig
+
+    with pytest.raises(ValueError, match="not 'auto', 'all', 'head' nor a valid regular expression"):
+        MetaLRConfig(output_dir=str(tmp_path), meta_parameters="layer[", report_to=[])
+    with pytest.raises(ValueError, match="meta_parameters must be"):
+        MetaLRConfig(output_dir=str(tmp_path), meta_parameters="", report_to=[])
