@@ -60,9 +60,9 @@ def _trainer(tmp_path, model, **kw):
     from hf_ddlr import MetaLRConfig, MetaLRTrainer
 
     tok, train, meta = text_data_splits()
+    kw = {"save_strategy": "no", "max_steps": 2, **kw}
     args = MetaLRConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, report_to=[], use_cpu=True,
-                        save_strategy="no", disable_tqdm=True, seed=0, optim="adamw_torch", learning_rate=1e-3,
-                        max_steps=2, max_grad_norm=0.05, **kw)
+                        disable_tqdm=True, seed=0, optim="adamw_torch", learning_rate=1e-3, max_grad_norm=0.05, **kw)
     return MetaLRTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta,
                          data_collator=DataCollatorWithPadding(tok))
 
@@ -133,3 +133,27 @@ def test_bad_meta_parameters_are_refused_when_the_config_is_made(tmp_path):
         MetaLRConfig(output_dir=str(tmp_path), meta_parameters="layer[", report_to=[])
     with pytest.raises(ValueError, match="meta_parameters must be"):
         MetaLRConfig(output_dir=str(tmp_path), meta_parameters="", report_to=[])
+
+
+def test_resume_with_the_heads_meta_gradient_is_bit_exact(tmp_path):
+    """A pretrained model's run (auto: the head) stopped at a checkpoint and resumed continues exactly like the
+    straight run: the running average holds the head's entries only and is saved and restored with them."""
+    straight = _trained(tmp_path / "a", _pretrained(tmp_path), max_steps=4, save_strategy="no",
+                        meta_grad_average=0.5)
+    assert set(straight._meta_grad_average.average) == {
+        "bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"}
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, meta_grad_average=0.5)
+    first = _trainer(tmp_path / "b", _pretrained(tmp_path), **kw)
+    first.train()
+    ckpt = tmp_path / "b" / "out" / "checkpoint-2"
+    resumed = _trainer(tmp_path / "b", _pretrained(tmp_path), **kw)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert torch.equal(resumed.rates.instance, straight.rates.instance)
+    for n, p in straight.model.named_parameters():
+        assert torch.equal(p, dict(resumed.model.named_parameters())[n]), n
+    # negative control: without the average's file the continuation is not exact (the check above can fail)
+    (ckpt / "meta_grad_average.safetensors").unlink()
+    with pytest.warns(UserWarning, match="meta_grad_average.safetensors is missing"):
+        broken = _trainer(tmp_path / "b", _pretrained(tmp_path), **kw)
+        broken.train(resume_from_checkpoint=str(ckpt))
+    assert not torch.equal(broken.rates.instance, straight.rates.instance)
