@@ -2,7 +2,8 @@
 
 An example's rate moves at each visit against ``∂L_meta/∂e_i ∝ −T·∇L_i``, a sum over the model's parameters.
 On models that take the per-layer products (transformers: the layer tape), this script trains one
-``benchmarks/robustness.py`` cell with the MetaLR defaults and, at every meta step, also takes the products
+``benchmarks/robustness.py`` cell with the MetaLR defaults — but the meta step over every parameter
+(``meta_parameters="all"``, which a pretrained model's default is not) — and, at every meta step, also takes the products
 restricted to each group of parameters (embeddings, each encoder/decoder layer, pooler, head): ``T`` with
 every other group's entries set to 0. The groups' products add up to the one the rates step on; the training
 itself is unchanged. Per group it reports:
@@ -115,6 +116,8 @@ def analyse(rec: GroupVisits, noisy: np.ndarray) -> dict[str, dict]:
 
 
 def run(cell: str, seed: int, quick: bool = False) -> dict:
+    # the products over every parameter, split by group (a pretrained model's default takes its head only)
+    R.OVERRIDES["meta_parameters"] = "all"
     data = R.load_data(R.CELL_BY_NAME[cell], seed, quick)
     sink: list = []
     made: list[GroupVisits] = []
@@ -135,7 +138,7 @@ def run(cell: str, seed: int, quick: bool = False) -> dict:
 
 def render(runs: list[dict], command: str) -> str:
     names = list(runs[0]["groups"])
-    lines = [f"`{command}` — MetaLRConfig defaults; {runs[0]['cell']}, seeds "
+    lines = [f"`{command}` — MetaLRConfig defaults, the meta step over every parameter; {runs[0]['cell']}, seeds "
              f"{', '.join(str(r['seed']) for r in runs)} (mean over seeds; per-seed values in layer_signal.json)",
              "", f"Learned rate AUROC: {np.mean([r['rate_auroc'] for r in runs]):.3f}; test accuracy "
              f"{np.mean([r['test_accuracy'] for r in runs]):.3f}.", "",
