@@ -79,8 +79,9 @@ def run(
     probe_batches: float = 1.0,
 ) -> _Recording:
     """``model="bert"``: the tiny BERT of tiny_text.py with padding (its forward takes **kwargs: the GA/DDP
-    loss-scaling trap's precondition), 32 train / 16 meta sentences."""
-    if model == "bert":
+    loss-scaling trap's precondition), 32 train / 16 meta sentences; ``"bert_head"``: the same with the meta step
+    on the head only (``meta_parameters="head"``)."""
+    if model in ("bert", "bert_head"):
         tok, train, meta = text_data_splits()
         extra = dict(data_collator=DataCollatorWithPadding(tok), processing_class=tok)
         net = tiny_bert()
@@ -98,12 +99,13 @@ def run(
         learning_rate=0.3,
         lr_scheduler_type="constant",
         weight_decay=0.01,
-        learn_weight_decay=model != "bert",
+        learn_weight_decay=model == "mlp",
         lr_level="both",
         instance_rate_gradient=instance_rate_gradient,
         class_rate_direction=class_rate_direction,
         max_instance_rate=max_instance_rate,
         probe_batches=probe_batches,
+        meta_parameters="head" if model == "bert_head" else "auto",
         meta_lr=0.2,
         per_device_train_batch_size=per_device_batch,
         gradient_accumulation_steps=ga,
@@ -168,6 +170,8 @@ def main() -> None:
         dump(run(os.path.join(out, "resume"), per_device_batch=4, resume=True, save_steps=3), out, "resumed")
         # BERT + padding (forward takes **kwargs): no GA/DDP loss-scaling trap, 2 ranks x 4 == 1 x 8
         dump(run(os.path.join(out, "bert"), per_device_batch=4, max_steps=3, model="bert"), out, "bert")
+        dump(run(os.path.join(out, "bert_head"), per_device_batch=4, max_steps=3, model="bert_head"), out,
+             "bert_head")
 
 
 if __name__ == "__main__":

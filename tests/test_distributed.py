@@ -53,6 +53,12 @@ def single_process_bert(tmp_path_factory):
     return state_of(t), t.seen_rows
 
 
+@pytest.fixture(scope="module")
+def single_process_bert_head(tmp_path_factory):
+    t = run(str(tmp_path_factory.mktemp("single_bert_head")), per_device_batch=8, max_steps=3, model="bert_head")
+    return state_of(t), t.seen_rows
+
+
 def _check_run(out: Path, name: str, single_process, first_step: int = 0, layerwise: str = "verified") -> dict:
     """``layerwise``: how the dots were taken on both ranks ("verified": per-layer products, GA: forward mode)."""
     ref, ref_rows = single_process
@@ -78,12 +84,12 @@ def _check_run(out: Path, name: str, single_process, first_step: int = 0, layerw
             s0[k], ref[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{name}: {k} vs single process: {m}"
         )  # fp32 sums split over ranks round differently; a semantic error is orders of magnitude larger
     assert not torch.equal(s0["rates.instance"], torch.ones_like(s0["rates.instance"]))
-    assert (float(s0["rates.weight_decay"]) != 0.01) is (name != "bert")  # learned, except in the BERT run
+    assert (float(s0["rates.weight_decay"]) != 0.01) is (not name.startswith("bert"))  # learned, except on BERT
     return s0
 
 
 def test_torchrun_ddp_matches_single_process_and_resumes_exactly(
-    tmp_path, single_process, single_process_bert
+    tmp_path, single_process, single_process_bert, single_process_bert_head
 ):
     out = tmp_path / "out"
     out.mkdir()
@@ -102,6 +108,9 @@ def test_torchrun_ddp_matches_single_process_and_resumes_exactly(
     # BERT with padding under DDP: the Trainer's x num_processes / no-/GA scaling must not apply
     _check_run(out, "bert", single_process_bert)
     assert all(_load(out, "bert", r)[1]["embedding_rows"] == "verified" for r in (0, 1))
+    # the meta step on BERT's head only (meta_parameters="head"): the same on both ranks, == one process
+    head = _check_run(out, "bert_head", single_process_bert_head)
+    assert not torch.equal(head["rates.instance"], _load(out, "bert", 0)[0]["rates.instance"])
     ckpt = out / "resume" / "checkpoint-3"
     assert {"meta_state.safetensors", "rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(ckpt))
 
