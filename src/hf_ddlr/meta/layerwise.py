@@ -176,13 +176,16 @@ class LayerTape:
             c.out = None  # the graph is no longer needed
 
     # ------------------------------------------------------------------ products
-    def _pieces(self) -> Iterator[tuple[_Call, torch.Tensor, torch.Tensor]]:
-        """(call, a, g) with a, g as [B, positions, features] in fp32 (ids for embeddings)."""
+    def _pieces(
+        self, wanted: Callable[[nn.Module], bool] | None = None,
+    ) -> Iterator[tuple[_Call, torch.Tensor, torch.Tensor]]:
+        """(call, a, g) with a, g as [B, positions, features] in fp32 (ids for embeddings), for the calls of the
+        modules ``wanted`` accepts (all by default: the others are not converted or normalised)."""
         if not self._done:
             raise RuntimeError("LayerTape.backward must run before products are taken")
         B = self.batch
         for c in self.calls:
-            if c.grad is None:
+            if c.grad is None or (wanted is not None and not wanted(c.module)):
                 continue
             m = c.module
             g = c.grad.float()
@@ -211,11 +214,13 @@ class LayerTape:
     def dots(self, T: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``T·∇L_i`` for every example (fp32), T given for the named parameters (a subset: the dots over it)."""
         out = torch.zeros(self.batch, dtype=torch.float32, device=self._device())
-        for c, a, g in self._pieces():
+
+        def in_T(m: nn.Module) -> tuple[str | None, str | None]:
+            return tuple(n if n in T else None for n in (self._param(m, "weight"), self._param(m, "bias")))
+
+        for c, a, g in self._pieces(lambda m: in_T(m) != (None, None)):
             m = c.module
-            w, b = (n if n in T else None for n in (self._param(m, "weight"), self._param(m, "bias")))
-            if w is None and b is None:
-                continue
+            w, b = in_T(m)
             if isinstance(m, nn.Linear) or _is_conv1d(m):
                 if w is not None:  # the elementwise product on the input side when the output is much wider
                     Tw = T[w].float()
