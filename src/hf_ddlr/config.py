@@ -6,13 +6,13 @@ attribute that exists, MetaLRConfig's default otherwise."""
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from transformers import TrainingArguments
 
 from .meta.engine import STRATEGIES
+from .meta.parameters import PARAMETER_CHOICES, meta_parameters_pattern
 from .meta.rates import INSTANCE_GRADIENTS, INSTANCE_LEVELS, INSTANCE_SCALES, LEVELS
 
 __all__ = ["MetaLRConfig", "MetaLROptions", "check_meta_options", "resolve_meta_options"]
@@ -228,7 +228,9 @@ class MetaLROptions:
         "the sum of its products over them. 'all': every trainable parameter (the paper). 'head': those after "
         "the model's stack of blocks (the nn.ModuleList of layers): the pooler, final norm and classifier. "
         "'auto' (default): 'head' for a fine-tune of a pretrained model (loaded with from_pretrained, not a "
-        "PEFT model) on a task with one loss per example, 'all' otherwise. On a pretrained encoder the lower "
+        "PEFT model) on a task with one loss per example that runs for 2 epochs or more, 'all' otherwise (in a "
+        "one-epoch fine-tune every visit comes while the new head is near its random start, and the whole model's "
+        "meta-gradient ranks and trains better there). On a pretrained encoder the lower "
         "layers' part of the meta-gradient follows the input's resemblance to the few meta examples more than "
         "the label's correctness: with the head's part alone MiniLM ranks mislabelled words better and trains "
         "better, and the meta step costs less (docs/robustness.md, 'The head's meta-gradient'). Any other value "
@@ -367,12 +369,7 @@ def check_meta_options(opts: Any, weight_decay: float | None = None) -> None:
     if not isinstance(opts.meta_parameters, str) or not opts.meta_parameters:
         raise ValueError(f"meta_parameters must be 'auto', 'all', 'head' or a regular expression of parameter "
                          f"names, got {opts.meta_parameters!r}.")
-    if opts.meta_parameters not in ("auto", "all", "head"):
-        try:
-            re.compile(opts.meta_parameters)
-        except re.error as e:
-            raise ValueError(f"meta_parameters={opts.meta_parameters!r} is not 'auto', 'all', 'head' nor a valid "
-                             f"regular expression of parameter names ({e}).") from None
+    meta_parameters_pattern(opts.meta_parameters, ("auto", *PARAMETER_CHOICES))
     probes = opts.probe_batches
     if probes is not None and not (_is_finite_number(probes) and probes >= 0):
         raise ValueError(f"probe_batches must be a number >= 0 (0: only the step's own examples are scored, the "

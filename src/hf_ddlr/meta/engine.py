@@ -103,6 +103,11 @@ class MetaGradients:
         )
 
 
+def _subset(tensors: dict[str, torch.Tensor], names: Collection[str] | None) -> dict[str, torch.Tensor]:
+    """The entries the lookahead moves (``meta_params``; None: all of them)."""
+    return tensors if names is None else {n: tensors[n] for n in names}
+
+
 def _grads(out: torch.Tensor, params: Mapping[str, torch.Tensor], **kw) -> dict[str, torch.Tensor]:
     names = list(params)
     gs = list(torch.autograd.grad(out, [params[n] for n in names], allow_unused=True, **kw))
@@ -336,7 +341,7 @@ def _exact(
             mb.losses = L.detach()
             g = gi if g is None else {n: g[n] + gi[n] for n in g}
         c = clip_coefficient(g, max_grad_norm)  # a constant of the step, as in the other strategies
-        moved = params if meta_params is None else {n: params[n] for n in meta_params}
+        moved = _subset(params, meta_params)
         theta = {**{n: p.detach() for n, p in params.items()}, **lookahead(moved, g, specs, wd, grad_scale=c)}
         with replay_rng(meta.seed), frozen_batchnorm(model), meta_loss_mode(model, meta.dropout):
             Lm = task.mean(_losses(model, theta, meta, smoothing, task), meta.labels)
@@ -486,7 +491,7 @@ def _meta_tangent(
     step's) and the gradient and tangent are theirs."""
     c = clip_coefficient(grads, max_grad_norm)
     detached = {n: p.detach() for n, p in params.items()}
-    moved = detached if meta_params is None else {n: detached[n] for n in meta_params}
+    moved = _subset(detached, meta_params)
     shapes = {n: p.shape for n, p in moved.items()}
     rows = embedding_rows.plan(tape, meta.inputs, shapes, probe_inputs) if embedding_rows else {}
 

@@ -15,7 +15,8 @@ from collections.abc import Collection
 
 from torch import nn
 
-__all__ = ["PARAMETER_CHOICES", "block_stack", "head_parameter_names", "select_meta_parameters"]
+__all__ = ["PARAMETER_CHOICES", "block_stack", "head_parameter_names", "meta_parameters_pattern",
+           "select_meta_parameters"]
 
 PARAMETER_CHOICES = ("all", "head")
 
@@ -47,6 +48,18 @@ def head_parameter_names(model: nn.Module, names: Collection[str]) -> list[str]:
     return [n for n in order[inside[-1] + 1:] if n in wanted]
 
 
+def meta_parameters_pattern(choice: str, named: Collection[str] = PARAMETER_CHOICES) -> re.Pattern | None:
+    """The regular expression a ``meta_parameters`` value stands for (None for a named choice of ``named``); a
+    value that is neither is an error naming the choices."""
+    if choice in named:
+        return None
+    try:
+        return re.compile(choice)
+    except re.error as e:
+        raise ValueError(f"meta_parameters={choice!r} is not one of {tuple(named)} nor a valid regular "
+                         f"expression of parameter names ({e}).") from None
+
+
 def select_meta_parameters(model: nn.Module, names: Collection[str], choice: str) -> list[str] | None:
     """The trainable parameters (of ``names``) the meta step takes: None for ``"all"``; the head for ``"head"``;
     the names a regular expression finds (``re.search``) otherwise. A choice that selects nothing is an error
@@ -63,11 +76,7 @@ def select_meta_parameters(model: nn.Module, names: Collection[str], choice: str
                 + ". Use meta_parameters='all' or a regular expression of parameter names."
             )
         return head
-    try:
-        pattern = re.compile(choice)
-    except re.error as e:
-        raise ValueError(f"meta_parameters={choice!r} is not one of {PARAMETER_CHOICES} nor a valid regular "
-                         f"expression ({e}).") from None
+    pattern = meta_parameters_pattern(choice)
     chosen = [n for n in names if pattern.search(n)]
     if not chosen:
         some = ", ".join(list(names)[:3])
