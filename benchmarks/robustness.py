@@ -90,12 +90,13 @@ NOISES: dict[str, dict] = {
     "classdep": {"noise_rate": CLASSDEP, "noise_mode": "flip"},
 }
 DATA = {"mnist": {"meta_size": 200, "n_train": 3800}, "digits": {"meta_size": 100, "n_train": 1337},
-        "vader": {"meta_size": 20, "n_train": 2000}}
+        "vader": {"meta_size": 20, "n_train": 2000}, "afinn": {"meta_size": 20, "n_train": 2000}}
 # For --list: seconds per optimizer step (plain, MetaLR), marginal cost measured with one thread on the shared
 # 2-core dev machine, plus data preparation per seed and model build / prediction passes per run.
 STEP_S = {("mnist", "cnn"): (0.04, 0.155), ("digits", "cnn"): (0.009, 0.037), ("mnist", "resnet"): (0.093, 0.33),
-          ("vader", "minilm"): (0.52, 0.94)}  # MetaLR: the head's meta-gradient (wallclock.py: 1.81x plain)
-PREP_S = {"mnist": 5.0, "digits": 2.0, "vader": 4.0}
+          ("vader", "minilm"): (0.52, 0.94),  # MetaLR: the head's meta-gradient (wallclock.py: 1.81x plain)
+          ("afinn", "minilm"): (0.52, 0.94)}
+PREP_S = {"mnist": 5.0, "digits": 2.0, "vader": 4.0, "afinn": 4.0}
 RUN_OVERHEAD_S = 2.0
 
 
@@ -123,6 +124,7 @@ CELLS: list[Cell] = [
     *(Cell("mnist", "resnet", r, "flip35") for r in ("sgd", "sgdm")),
     Cell("vader", "minilm", "ft", "flip30"),
     Cell("vader", "minilm", "ft3", "flip20"),
+    Cell("afinn", "minilm", "ft", "flip30"),  # a second human-rated lexicon, added as a held-out check
 ]
 CELL_BY_NAME = {c.name: c for c in CELLS}
 
@@ -224,12 +226,33 @@ def _tokenizer():
     return transformers.AutoTokenizer.from_pretrained(str(get_model_path()))
 
 
+def load_afinn_lexicon() -> datasets.Dataset:
+    """The AFINN-165 lexicon (the ``afinn`` package's ``AFINN-en-165.txt``: 3,382 English words and phrases
+    rated -5..+5 by Finn Arup Nielsen) as a binary sentiment dataset (``text``, ``label``: the sign; the two
+    entries rated 0 dropped): 1,176 positive, 2,204 negative."""
+    from importlib import resources
+
+    from hf_ddlr.data.lexicon import SENTIMENT_NAMES
+
+    try:
+        path = resources.files("afinn") / "data" / "AFINN-en-165.txt"
+    except ModuleNotFoundError as e:
+        raise ImportError("the afinn cells need the 'afinn' package: pip install afinn (or the 'dev' extra).") from e
+    rows = [line.rsplit("\t", 1) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [(w, int(v)) for w, v in rows if int(v) != 0]
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=SENTIMENT_NAMES)})
+    return datasets.Dataset.from_dict({"text": [w for w, _ in rows], "label": [int(v > 0) for _, v in rows]},
+                                      features=features)
+
+
 def _text_data(cell: Cell, seed: int):
-    """VADER words, tokenized without padding (the collator pads per batch: most words are 3-6 tokens)."""
+    """Lexicon words (VADER or AFINN), tokenized without padding (the collator pads per batch: most words are
+    3-6 tokens)."""
     from hf_ddlr.data import load_vader_lexicon, make_lexicon_variant
 
-    raw = make_lexicon_variant(load_vader_lexicon(0.5), train_size=DATA["vader"]["n_train"],
-                               meta_per_class=DATA["vader"]["meta_size"] // 2,
+    lexicon = load_vader_lexicon(0.5) if cell.data == "vader" else load_afinn_lexicon()
+    raw = make_lexicon_variant(lexicon, train_size=DATA[cell.data]["n_train"],
+                               meta_per_class=DATA[cell.data]["meta_size"] // 2,
                                test_size=1000, seed=seed, **NOISES[cell.noise])
     noisy = np.asarray(raw["train"]["is_noisy"], dtype=bool)
     tok = _tokenizer()
