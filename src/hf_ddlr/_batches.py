@@ -232,7 +232,7 @@ class MetaSetSampler:
         row = self._rows[i]
         return dict(row) if isinstance(row, Mapping) else row
 
-    def _collated(self, idx: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
+    def read(self, idx: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
         """The model inputs and labels of rows ``idx``, collated and on the device."""
         ds, collate = self._prepare()
         batch = self.trainer._prepare_inputs(collate([self._row(ds, int(i)) for i in idx]))
@@ -242,6 +242,10 @@ class MetaSetSampler:
         if labels is None:
             labels = batch.pop("label")
         return decoder_inputs(self.trainer.model, batch, labels, self.trainer._task), labels
+
+    def _collated(self, idx: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
+        """The rows of a meta batch (:meth:`read`; the meta step's own reads go through here)."""
+        return self.read(idx)
 
     def sample(self) -> MetaBatch:
         """This step's meta batch: ``meta_batch_size`` examples drawn without replacement (the whole set when it

@@ -30,6 +30,7 @@ from ._datasets import (
     with_index,
 )
 from ._groups import Groups, check_same_groups, read_groups
+from ._meta_check import MetaSetCheck, check_meta_set
 from ._recording import AppliedInstanceRates, MetaLog, TrajectoryRecorder, new_trajectory
 from ._tasks import check_task_options, resolve_task
 from .config import MetaLROptions, resolve_meta_options
@@ -186,6 +187,8 @@ class MetaLRTrainer(Trainer):
             )
             meta.learn_weight_decay = self.replay.replays_weight_decay(meta.learn_weight_decay)
         self._meta_active = meta_dataset is not None or self.replay is not None
+        # after a learning run: the trained model on the meta set (single-label classification; see _meta_check)
+        self.meta_set_check: MetaSetCheck | None = None
         self.rates: RateTable | None = None
         self._groups: Groups | None = None  # the train set's groups (group-level rates), read at construction
         self.lr_trajectory: LRTrajectory | None = None
@@ -220,7 +223,10 @@ class MetaLRTrainer(Trainer):
         if self._meta_active:
             self._meta_grad_average = self._fresh_average()
             self._applied_instance = self._fresh_applied()
-        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        if self._meta_active and self.replay is None:  # what the rates followed, as the trained model sees it
+            self.meta_set_check = check_meta_set(self)
+        return output
 
     def _fresh_applied(self) -> AppliedInstanceRates | None:
         """The record of the instance rates each example was trained with, when probes move rates between an
