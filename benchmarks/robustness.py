@@ -47,7 +47,6 @@ from sklearn.metrics import roc_auc_score
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
-from hf_ddlr._meta_parameters import AUTO_HEAD_MIN_EPOCHS
 from hf_ddlr.demo import NoisyDigitsSetup, prepare_noisy_digits
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -179,18 +178,17 @@ NEUTRAL_NEW_OPTIONS = {"meta_grad_average_epochs": None, "group_column": None,
 RESOLVED_FOR_CLASSIFICATION = {"probe_batches": 1.0}
 
 
-def _resolved(cell: Cell, key: str, value: Any, quick: bool = False) -> Any:
-    """An option's value as a run of ``cell`` uses it (defaults that resolve by task, by model or by length)."""
+def _resolved(cell: Cell, key: str, value: Any) -> Any:
+    """An option's value as a run of ``cell`` uses it (defaults that resolve by task or by model)."""
     if key in RESOLVED_FOR_CLASSIFICATION:
         return RESOLVED_FOR_CLASSIFICATION[key] if value is None else float(value)
-    if key == "meta_parameters" and value == "auto":  # the pretrained encoder's head for 2+ epochs, else all
-        epochs = QUICK["epochs"] if quick else RECIPES[cell.recipe].epochs
-        return "head" if cell.model == "minilm" and epochs >= AUTO_HEAD_MIN_EPOCHS else "all"
+    if key == "meta_parameters" and value == "auto":  # the head for the pretrained encoder, else every parameter
+        return "head" if cell.model == "minilm" else "all"
     return value
 
 
-def _fingerprinted_defaults(cell: Cell, quick: bool = False) -> dict:
-    d = {k: _resolved(cell, k, v, quick) for k, v in metalr_defaults().items()}
+def _fingerprinted_defaults(cell: Cell) -> dict:
+    d = {k: _resolved(cell, k, v) for k, v in metalr_defaults().items()}
     return {k: v for k, v in d.items() if k not in NEUTRAL_NEW_OPTIONS or v != NEUTRAL_NEW_OPTIONS[k]}
 
 
@@ -199,7 +197,7 @@ def fingerprint(cell: Cell, method: str, quick: bool) -> str:
     spec = {"cell": asdict(cell), "recipe": asdict(RECIPES[cell.recipe]), "noise": NOISES[cell.noise],
             "data": DATA[cell.data], "resnet": RESNET if cell.model == "resnet" else None,
             "quick": QUICK if quick else False,
-            "defaults": _fingerprinted_defaults(cell, quick) if method == "metalr" else None}
+            "defaults": _fingerprinted_defaults(cell) if method == "metalr" else None}
     return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

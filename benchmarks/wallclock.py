@@ -6,8 +6,7 @@ of the meta step shows on a small model. Tasks:
 
 * ``minilm``: all-MiniLM-L6-v2 sentiment fine-tune on the VADER lexicon (the robustness matrix's
   ``vader-minilm-ft-flip30`` pipeline: AdamW 5e-5, batch 32, seq <= 16, 30 % flipped labels), 600 train /
-  20 meta examples, 2 epochs (the cell's recipe; ``meta_parameters="auto"`` takes the head's meta-gradient from
-  two epochs on, every parameter's in a one-epoch fine-tune);
+  20 meta examples, 2 epochs (the cell's recipe, the same 38 steps as one epoch over 1,200);
 * ``cnn``: the demo CNN on embedded MNIST (the robustness matrix's ``mnist-cnn-sgdm-flip35``, the demo's
   recipe: SGD momentum 0.9, batch 64), 1 epoch;
 * ``resnet``: the CIFAR ResNet-18 (``hf_ddlr.models``) at base width ``--width`` on synthetic CIFAR-sized data

@@ -9,14 +9,9 @@ from torch import nn
 
 from .meta.parameters import head_parameter_names, select_meta_parameters
 
-__all__ = ["AUTO_HEAD_MIN_EPOCHS", "meta_parameters_choice", "meta_parameter_names"]
+__all__ = ["meta_parameters_choice", "meta_parameter_names"]
 
 logger = logging.getLogger(__name__)
-
-# "auto" takes the head only for runs of at least this many epochs. In a shorter fine-tune every visit comes while
-# the new head is still near its random start, and the head's part of the meta-gradient ranks worse than the whole
-# model's (MiniLM, one epoch: 0.828 vs 0.852 rate AUROC; two epochs: 0.915 vs 0.886; docs/robustness.md).
-AUTO_HEAD_MIN_EPOCHS = 2.0
 
 
 def _pretrained(model: nn.Module) -> bool:
@@ -26,21 +21,10 @@ def _pretrained(model: nn.Module) -> bool:
     return bool(getattr(config, "_name_or_path", "")) and not hasattr(model, "peft_config")
 
 
-def planned_epochs(trainer: Any) -> float | None:
-    """The epochs the run is set to train (``max_steps`` over the optimizer steps per epoch when it is set,
-    ``num_train_epochs`` otherwise); None when the train set has no length."""
-    if trainer.args.max_steps > 0:
-        try:
-            return trainer.args.max_steps / trainer._steps_per_epoch()
-        except TypeError:  # an iterable train set: no epochs
-            return None
-    return float(trainer.args.num_train_epochs)
-
-
 def meta_parameters_choice(trainer: Any) -> str:
     """``meta_parameters`` as the run uses it: ``"auto"`` resolved to ``"head"`` for a fine-tune of a pretrained
-    model (not PEFT) on a task with one loss per example whose model has a head after a stack of blocks, run for
-    at least :data:`AUTO_HEAD_MIN_EPOCHS` epochs, and to ``"all"`` otherwise; any other value as given."""
+    model (not PEFT) on a task with one loss per example whose model has a head after a stack of blocks, and to
+    ``"all"`` otherwise; any other value as given."""
     choice = trainer.meta_args.meta_parameters
     if choice != "auto":
         return choice
@@ -48,10 +32,7 @@ def meta_parameters_choice(trainer: Any) -> str:
     if task is None or task.token_level or not _pretrained(model):
         return "all"
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    if not head_parameter_names(model, trainable):
-        return "all"
-    epochs = planned_epochs(trainer)
-    return "head" if epochs is not None and epochs >= AUTO_HEAD_MIN_EPOCHS - 1e-9 else "all"
+    return "head" if head_parameter_names(model, trainable) else "all"
 
 
 def meta_parameter_names(trainer: Any) -> list[str] | None:
