@@ -323,3 +323,19 @@ def test_class_rate_trace_reads_the_class_rates_over_the_run(capsys):
     finally:
         rb.OVERRIDES.clear()
         rb.OVERRIDES.update(saved)
+
+
+def test_the_afinn_cell_reads_the_packaged_lexicon_with_the_sign_of_each_rating_as_its_label():
+    """The held-out AFINN cell's data: every nonzero entry of the afinn package's AFINN-en-165.txt once, labelled
+    positive exactly when its rating is > 0, split like the VADER cell (20 balanced meta words, 30 % flipped)."""
+    afinn = pytest.importorskip("afinn")
+    rb = _load("robustness")
+    path = os.path.join(os.path.dirname(afinn.__file__), "data", "AFINN-en-165.txt")
+    with open(path, encoding="utf-8") as f:
+        rated = dict(line.rstrip("\n").rsplit("\t", 1) for line in f if line.strip())
+    lexicon = rb.load_afinn_lexicon()
+    expected = {w: int(int(v) > 0) for w, v in rated.items() if int(v) != 0}
+    assert dict(zip(lexicon["text"], lexicon["label"])) == expected and len(lexicon) == len(expected) == 3380
+    ds, noisy = rb.load_data(rb.CELL_BY_NAME["afinn-minilm-ft-flip30"], seed=0)
+    assert (len(ds["train"]), len(ds["meta"]), len(ds["test"])) == (2000, 20, 1000)
+    assert sorted(ds["meta"]["label"]) == [0] * 10 + [1] * 10 and abs(noisy.mean() - 0.3) < 0.01
