@@ -60,6 +60,25 @@ def test_the_examples_the_trained_model_gets_wrong_are_named_and_warned_about(tm
     assert f"highest loss first: {', '.join(map(str, wrong[:10]))}" in warned[0].getMessage()
 
 
+def test_the_model_card_carries_the_check(tmp_path):
+    """The card written for the Hub (Trainer.create_model_card, as push_to_hub writes it) names the meta examples the
+    trained model gets wrong, as the check found them."""
+    from tiny import TinyConfig, TinyPreTrained
+
+    meta, bad = _meta_with_wrong_labels(8)
+    torch.manual_seed(0)
+    trainer = MetaLRTrainer(model=TinyPreTrained(TinyConfig()),
+                            args=MetaLRConfig(output_dir=str(tmp_path), num_train_epochs=6, **COMMON),
+                            train_dataset=make_split(512, seed=1), meta_dataset=meta)
+    trainer.train()
+    wrong = trainer.meta_set_check.wrong_rows()
+    assert set(bad) <= set(wrong)
+    trainer.create_model_card(model_name="tiny")
+    card = (tmp_path / "README.md").read_text()
+    assert (f"| meta set, as the trained model sees it | {len(wrong)} of 30 meta examples predicted wrong" in card
+            and f"rows, highest loss first: {', '.join(map(str, wrong[:10]))}" in card)
+
+
 def test_a_meta_set_the_model_agrees_with_is_reported_without_a_warning(tmp_path, caplog):
     torch.manual_seed(0)
     trainer = MetaLRTrainer(model=TinyMLP(), args=MetaLRConfig(output_dir=str(tmp_path), num_train_epochs=6, **COMMON),

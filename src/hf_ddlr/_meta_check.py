@@ -54,6 +54,13 @@ class MetaSetCheck:
         rows = torch.nonzero(self.wrong).flatten()
         return rows[torch.argsort(self.losses[rows], descending=True)].tolist()
 
+    def card_text(self) -> str:
+        """One line for the model card: how many meta examples the model gets wrong, and which."""
+        rows = self.wrong_rows()
+        shown = ", ".join(str(r) for r in rows[:SHOWN]) + (", ..." if len(rows) > SHOWN else "")
+        return (f"{len(rows)} of {len(self.wrong)} meta examples predicted wrong (meta loss "
+                f"{float(self.losses.mean()):.4g})" + (f"; rows, highest loss first: {shown}" if rows else ""))
+
     def message(self) -> str:
         rows, n = self.wrong_rows(), len(self.wrong)
         text = (f"After training, the model gets {len(rows)} of the {n} meta examples wrong ({self.wrong_share:.0%}; "

@@ -506,10 +506,12 @@ class MetaLRTrainer(Trainer):
             from .hub import write_artifacts
 
             dataset = kwargs.get("dataset")  # Trainer.create_model_card's name(s) of the training data
+            check = self.meta_set_check
             write_artifacts(
                 self.lr_trajectory, self.args.output_dir, repo_id=self._repo_id(),
                 model_name=kwargs.get("model_name"),
                 dataset_name=dataset if dataset is None or isinstance(dataset, str) else ", ".join(dataset),
+                extra=None if check is None else {"meta set, as the trained model sees it": check.card_text()},
             )
 
     def _repo_id(self) -> str:
