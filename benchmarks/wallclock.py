@@ -99,8 +99,10 @@ def _robustness_bench(task: str, quick: bool) -> Bench:
     image_size = 0 if cell.model == "minilm" else int(ds["test"][0]["pixel_values"].shape[-1])
     collate = transformers.DataCollatorWithPadding(rb._tokenizer()) if cell.model == "minilm" else None
 
+    epochs = 1 if quick else EPOCHS[task]
+
     def build(config: str | None, out_dir: str) -> Trainer:
-        kw = {**rb.training_args(cell, 0, out_dir, quick), "num_train_epochs": 1 if quick else EPOCHS[task]}
+        kw = {**rb.training_args(cell, 0, out_dir, quick), "num_train_epochs": epochs}
         model = rb.build_model(cell, 0, image_size)
         if config is None:
             return Trainer(model=model, args=TrainingArguments(**kw), data_collator=collate,
@@ -117,7 +119,7 @@ def _robustness_bench(task: str, quick: bool) -> Bench:
 
     describe = (f"{cell.name} (robustness matrix), {len(ds['train'])} train / {len(ds['meta'])} meta, "
                 f"batch {rb.RECIPES[cell.recipe].batch_size}, {rb.RECIPES[cell.recipe].optim}, "
-                f"{1 if quick else EPOCHS[task]} epoch(s)")
+                f"{epochs} epoch(s)")
     return Bench(task, describe, build, score)
 
 

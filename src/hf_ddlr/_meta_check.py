@@ -31,6 +31,11 @@ WRONG_SHARE_WARNING = 0.2
 SHOWN = 10  # meta examples named in the message
 
 
+def _shown(rows: list[int]) -> str:
+    """The first :data:`SHOWN` rows, comma-separated ("..." when there are more)."""
+    return ", ".join(str(r) for r in rows[:SHOWN]) + (", ..." if len(rows) > SHOWN else "")
+
+
 @dataclass
 class MetaSetCheck:
     """The trained model on the meta set: every example's loss and whether its prediction is wrong (single-label
@@ -57,9 +62,8 @@ class MetaSetCheck:
     def card_text(self) -> str:
         """One line for the model card: how many meta examples the model gets wrong, and which."""
         rows = self.wrong_rows()
-        shown = ", ".join(str(r) for r in rows[:SHOWN]) + (", ..." if len(rows) > SHOWN else "")
         return (f"{len(rows)} of {len(self.wrong)} meta examples predicted wrong (meta loss "
-                f"{float(self.losses.mean()):.4g})" + (f"; rows, highest loss first: {shown}" if rows else ""))
+                f"{float(self.losses.mean()):.4g})" + (f"; rows, highest loss first: {_shown(rows)}" if rows else ""))
 
     def message(self) -> str:
         rows, n = self.wrong_rows(), len(self.wrong)
@@ -70,8 +74,7 @@ class MetaSetCheck:
                            "defines (too few steps, or a meta set labelled unlike the train set), and the rates "
                            "followed little but noise.")
         if rows:
-            shown = ", ".join(str(r) for r in rows[:SHOWN]) + (", ..." if len(rows) > SHOWN else "")
-            text += (f" Meta-set rows, highest loss first: {shown}. The learned rates follow the meta set: check that "
+            text += (f" Meta-set rows, highest loss first: {_shown(rows)}. The learned rates follow the meta set: check that "
                      "these labels are right and the examples typical of the task (trainer.meta_set_check has them "
                      "all).")
         return text

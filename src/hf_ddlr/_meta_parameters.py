@@ -21,25 +21,29 @@ def _pretrained(model: nn.Module) -> bool:
     return bool(getattr(config, "_name_or_path", "")) and not hasattr(model, "peft_config")
 
 
-def meta_parameters_choice(trainer: Any) -> str:
+def _trainable(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def meta_parameters_choice(trainer: Any, trainable: list[str] | None = None) -> str:
     """``meta_parameters`` as the run uses it: ``"auto"`` resolved to ``"head"`` for a fine-tune of a pretrained
     model (not PEFT) on a task with one loss per example whose model has a head after a stack of blocks, and to
-    ``"all"`` otherwise; any other value as given."""
+    ``"all"`` otherwise; any other value as given. ``trainable``: the model's trainable parameter names, when the
+    caller has them."""
     choice = trainer.meta_args.meta_parameters
     if choice != "auto":
         return choice
     model, task = trainer.model, getattr(trainer, "_task", None)
     if task is None or task.token_level or not _pretrained(model):
         return "all"
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    return "head" if head_parameter_names(model, trainable) else "all"
+    return "head" if head_parameter_names(model, trainable or _trainable(model)) else "all"
 
 
 def meta_parameter_names(trainer: Any) -> list[str] | None:
     """The names of the trainable parameters the meta step takes (None: all of them), logged once."""
     model = trainer.model
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    choice = meta_parameters_choice(trainer)
+    trainable = _trainable(model)
+    choice = meta_parameters_choice(trainer, trainable)
     names = select_meta_parameters(model, trainable, choice)
     if names is not None:
         size = {n: p.numel() for n, p in model.named_parameters()}
