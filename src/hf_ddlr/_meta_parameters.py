@@ -1,4 +1,5 @@
-"""The run's ``meta_parameters``: which trainable parameters the meta step looks ahead on."""
+"""The run's ``meta_parameters`` (which trainable parameters the meta step looks ahead on) and its
+``meta_objective`` (what the lookahead is scored by), as their ``"auto"`` defaults resolve for the model."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from .meta.parameters import head_parameter_names, select_meta_parameters
 
-__all__ = ["meta_parameters_choice", "meta_parameter_names"]
+__all__ = ["meta_objective_choice", "meta_parameters_choice", "meta_parameter_names"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,3 +53,16 @@ def meta_parameter_names(trainer: Any) -> list[str] | None:
                     sum(size[n] for n in names) / 1e6, sum(size[n] for n in trainable) / 1e6,
                     ", ".join(names[:6]) + (", ..." if len(names) > 6 else ""))
     return names
+
+
+def meta_objective_choice(trainer: Any, parameters: str | None = None) -> str:
+    """``meta_objective`` as the run uses it: ``"auto"`` resolved to ``"bounded"`` where the meta step looks
+    ahead on the head of a pretrained model (``parameters``: the run's resolved ``meta_parameters``, when the
+    caller has it) and to ``"loss"`` otherwise (and always under ``meta_strategy="last_layer"``); any other
+    value as given."""
+    choice = trainer.meta_args.meta_objective
+    if choice != "auto":
+        return choice
+    if trainer.meta_args.meta_strategy == "last_layer" or not _pretrained(trainer.model):
+        return "loss"
+    return "bounded" if (parameters or meta_parameters_choice(trainer)) == "head" else "loss"

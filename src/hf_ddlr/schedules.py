@@ -26,6 +26,7 @@ members.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._batches import ProbeSampler, probe_batches, to_microbatch
-from ._meta_parameters import meta_parameter_names
+from ._meta_parameters import meta_objective_choice, meta_parameter_names
 from ._tasks import decoder_inputs
 from .meta import MetaBatch, MetaGradients, MicroBatch, find_output_layer, meta_gradients
 from .meta.distributed import all_gather_varlen, all_ranks_true, all_reduce_mean_
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
     from .trainer import MetaLRTrainer
 
 __all__ = ["Delayed", "MetaStepSchedule", "Replay", "SameStepFused", "SameStepWindow", "Schedule", "schedule_for"]
+
+logger = logging.getLogger(__name__)
 
 
 def schedule_for(trainer: MetaLRTrainer) -> Schedule:
@@ -198,6 +201,9 @@ class MetaStepSchedule(Schedule):
         self._early_meta: MetaBatch | None = None  # a meta batch taken before the real forward (last_layer)
         self.probe_sampler = ProbeSampler(trainer)  # training rows scored outside the step (probe_batches)
         self.meta_params = meta_parameter_names(trainer)  # what the lookahead moves (None: every parameter)
+        self.objective = meta_objective_choice(trainer)  # what the lookahead is scored by on the meta batch
+        if trainer.meta_args.meta_objective == "auto":
+            logger.info("The meta step scores its lookahead by meta_objective=%r (meta_objective='auto').", self.objective)
         if self.strategy == "finite_difference" and (trainer.args.bf16 or trainer.args.fp16):
             warnings.warn(
                 "meta_strategy='finite_difference' is unreliable in half precision (the perturbation drowns "
@@ -242,7 +248,7 @@ class MetaStepSchedule(Schedule):
             task=trainer._task, embedding_rows=self.embedding_rows,
             per_step_too=meta.class_rate_direction == "per_step" and trainer.rates.keyed is not None,
             average_products=trainer.rates.instance is not None,  # class / group rates only: the per-step set alone
-            probes=probes, meta_params=self.meta_params,
+            probes=probes, meta_params=self.meta_params, objective=self.objective,
         )
         if not all_ranks_true(res.finite, args.device):  # every rank skips together (no hanging gather)
             trainer._meta_log.record_skipped(trainer.state.global_step, res.meta_loss)

@@ -33,7 +33,7 @@ from .batchnorm_tangent import batchnorm_tangents
 from .distributed import all_reduce_mean_, world_size
 from .layerwise import LayerTape
 from .lookahead import ParamSpec, clip_coefficient, lookahead, tangent, weight_decay_grad
-from .losses import SINGLE_LABEL, TaskLoss
+from .losses import META_OBJECTIVES, SINGLE_LABEL, TaskLoss
 from .passes import (
     forward_ad_safe_attention,
     frozen_batchnorm,
@@ -152,15 +152,19 @@ def lookahead_gradient(
 def meta_loss_gradient(
     model: nn.Module, theta: Mapping[str, torch.Tensor], meta: MetaBatch, smoothing: float = 0.0,
     loss_scale: float = 1.0, task: TaskLoss = SINGLE_LABEL, wrt: Collection[str] | None = None,
+    objective: str = "loss",
 ) -> tuple[float, dict[str, torch.Tensor]]:
-    """Mean meta loss (the task's batch loss: over examples, or over target tokens) and its gradient at θ
-    (batch-statistics BN, nothing written), averaged over ranks. The backward runs on ``loss_scale × L_meta``
-    and the gradient is unscaled (fp16 underflow). ``wrt``: the gradient of these parameters only (the others
-    enter the forward as constants: no graph is kept for them)."""
+    """Mean meta loss (the task's batch loss: over examples, or over target tokens) and the gradient of the
+    meta ``objective`` (:meth:`TaskLoss.meta_objective`; ``"loss"``: that loss) at θ (batch-statistics BN,
+    nothing written), averaged over ranks. The backward runs on ``loss_scale ×`` the objective and the
+    gradient is unscaled (fp16 underflow). ``wrt``: the gradient of these parameters only (the others enter
+    the forward as constants: no graph is kept for them)."""
     leaf = {n: v.detach().requires_grad_(wrt is None or n in wrt) for n, v in theta.items()}
     with replay_rng(meta.seed), frozen_batchnorm(model), meta_loss_mode(model, meta.dropout):
-        Lm = task.mean(_losses(model, leaf, meta, smoothing, task), meta.labels)
-        g = _grads(Lm * loss_scale, leaf if wrt is None else {n: leaf[n] for n in wrt})
+        L = _losses(model, leaf, meta, smoothing, task)
+        Lm = task.mean(L, meta.labels)
+        obj = Lm if objective == "loss" else task.meta_objective(L, meta.labels, objective)
+        g = _grads(obj * loss_scale, leaf if wrt is None else {n: leaf[n] for n in wrt})
         if loss_scale != 1.0:
             g = {n: v / loss_scale for n, v in g.items()}
     lm = Lm.detach().reshape(1)
@@ -323,6 +327,7 @@ def _exact(
     specs: Mapping[str, ParamSpec], weight_decay: float, normalizer: float, smoothing: float,
     max_grad_norm: float | None = None, average: MetaGradientAverage | None = None, task: TaskLoss = SINGLE_LABEL,
     per_step_too: bool = False, probes: Sequence[MicroBatch] = (), meta_params: Collection[str] | None = None,
+    objective: str = "loss",
 ) -> MetaGradients:
     if world_size() > 1:
         raise NotImplementedError(
@@ -344,15 +349,17 @@ def _exact(
         moved = _subset(params, meta_params)
         theta = {**{n: p.detach() for n, p in params.items()}, **lookahead(moved, g, specs, wd, grad_scale=c)}
         with replay_rng(meta.seed), frozen_batchnorm(model), meta_loss_mode(model, meta.dropout):
-            Lm = task.mean(_losses(model, theta, meta, smoothing, task), meta.labels)
+            L_meta = _losses(model, theta, meta, smoothing, task)
+            Lm = task.mean(L_meta, meta.labels)
+            obj = task.meta_objective(L_meta, meta.labels, objective)
         per_step = None
         if average is None:
-            out = torch.autograd.grad(Lm, [*e_leaves, wd], allow_unused=True)
+            out = torch.autograd.grad(obj, [*e_leaves, wd], allow_unused=True)
         else:  # the chain rule through θ' with the averaged meta gradient in place of this step's
             names = list(moved)
-            gm = dict(zip(names, torch.autograd.grad(Lm, [theta[n] for n in names], retain_graph=True)))
+            gm = dict(zip(names, torch.autograd.grad(obj, [theta[n] for n in names], retain_graph=True)))
             if per_step_too:
-                raw = torch.autograd.grad(Lm, e_leaves[:len(window)], retain_graph=True, allow_unused=True)
+                raw = torch.autograd.grad(obj, e_leaves[:len(window)], retain_graph=True, allow_unused=True)
                 per_step = torch.cat([o if o is not None else torch.zeros_like(e) for o, e in zip(raw, e_leaves)])
             direction = average.update(gm)
             surrogate = sum((direction[n].detach() * theta[n]).sum() for n in names)
@@ -391,6 +398,7 @@ def meta_gradients(
     average_products: bool = True,
     probes: Sequence[MicroBatch] = (),
     meta_params: Collection[str] | None = None,
+    objective: str = "loss",
 ) -> MetaGradients:
     """∂L_meta/∂e_i for every example of ``window`` and ∂L_meta/∂wd after the lookahead of ``specs``.
 
@@ -428,11 +436,15 @@ def meta_gradients(
     ``meta_params`` (names of ``params``; None: all): the lookahead moves these only, so the products — and every
     gradient returned — are sums over them (:mod:`~hf_ddlr.meta.parameters`); the real step's gradient, and so
     its clipping coefficient, stays the whole model's. ``"last_layer"`` is its own restriction and ignores it.
+
+    ``objective``: what the lookahead's meta batch is scored by (:data:`~hf_ddlr.meta.losses.META_OBJECTIVES`,
+    :meth:`~hf_ddlr.meta.losses.TaskLoss.meta_objective`); every meta-gradient returned is that objective's,
+    :attr:`MetaGradients.meta_loss` stays the task's loss. ``"last_layer"`` takes ``"loss"`` only.
     """
-    _check_arguments(strategy, layer_tape, grads, task)
+    _check_arguments(strategy, layer_tape, grads, task, objective)
     if strategy == "exact":
         return _exact(model, params, window, meta, specs, weight_decay, normalizer, label_smoothing,
-                      max_grad_norm, average, task, per_step_too, probes, meta_params)
+                      max_grad_norm, average, task, per_step_too, probes, meta_params, objective)
     if strategy == "last_layer":
         return _last_layer(model, params, window, meta, specs, weight_decay, normalizer, label_smoothing, grads,
                            num_labels, average, per_step_too, weight_decay_grad_needed, probes)
@@ -441,7 +453,8 @@ def meta_gradients(
     rows = None if weight_decay_grad_needed or layer_tape is None else embedding_rows
     meta_loss, g_meta, T, T_step = _meta_tangent(model, params, grads, meta, specs, weight_decay, label_smoothing,
                                                  loss_scale, max_grad_norm, average, task, rows, layer_tape,
-                                                 per_step_too, [mb.inputs for mb in probes], meta_params)
+                                                 per_step_too, [mb.inputs for mb in probes], meta_params,
+                                                 objective)
     only_step = T_step is not None and not average_products  # the per-step set is the only one
     dots, mismatch = _dots(model, params, window, T_step if only_step else T, strategy, label_smoothing, loss_scale,
                            fd_eps, layer_tape, check_layer_tape, task)
@@ -461,9 +474,16 @@ def meta_gradients(
     return MetaGradients(example_grad, wd_g, meta_loss, dots, mismatch, per_step, probe_grad)
 
 
-def _check_arguments(strategy: str, layer_tape: LayerTape | None, grads: Mapping | None, task: TaskLoss) -> None:
+def _check_arguments(
+    strategy: str, layer_tape: LayerTape | None, grads: Mapping | None, task: TaskLoss, objective: str = "loss",
+) -> None:
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown meta_strategy {strategy!r}; choose one of {STRATEGIES}.")
+    if objective not in META_OBJECTIVES:
+        raise ValueError(f"Unknown meta objective {objective!r}; choose one of {META_OBJECTIVES}.")
+    if strategy == "last_layer" and objective != "loss":
+        raise ValueError(f"meta_strategy='last_layer' is the closed form of the cross-entropy meta loss; the meta "
+                         f"objective {objective!r} needs meta_strategy='jvp' (or meta_objective='loss').")
     if strategy == "last_layer" and task is not SINGLE_LABEL:
         raise ValueError(
             f"meta_strategy='last_layer' is the closed form of single-label cross-entropy; the task is "
@@ -481,6 +501,7 @@ def _meta_tangent(
     max_grad_norm: float | None, average: MetaGradientAverage | None, task: TaskLoss = SINGLE_LABEL,
     embedding_rows: EmbeddingRows | None = None, tape: LayerTape | None = None, per_step_too: bool = False,
     probe_inputs: Sequence[Mapping[str, Any]] = (), meta_params: Collection[str] | None = None,
+    objective: str = "loss",
 ) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """The meta loss at the lookahead point θ' of the real gradient ``grads``, its gradient (the running
     average's direction when there is one), and the tangent T of the dots. The step's clipping coefficient
@@ -497,7 +518,8 @@ def _meta_tangent(
 
     def at_lookahead(**kw) -> tuple[float, dict[str, torch.Tensor]]:
         theta = {**detached, **lookahead(moved, grads, specs, weight_decay, grad_scale=c, **kw)}
-        return meta_loss_gradient(model, theta, meta, smoothing, loss_scale, task, wrt=meta_params)
+        return meta_loss_gradient(model, theta, meta, smoothing, loss_scale, task, wrt=meta_params,
+                                  objective=objective)
 
     meta_loss, g_meta = at_lookahead(rows=rows)
     if rows and embedding_rows.state == "unchecked":

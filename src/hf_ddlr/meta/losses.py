@@ -31,6 +31,7 @@ from .passes import per_example_loss
 
 __all__ = [
     "IGNORE_INDEX",
+    "META_OBJECTIVES",
     "TASKS",
     "TaskLoss",
     "causal_lm_loss",
@@ -40,6 +41,7 @@ __all__ = [
     "token_loss",
 ]
 
+META_OBJECTIVES = ("loss", "bounded")  # what the meta step lowers on the meta set (TaskLoss.meta_objective)
 IGNORE_INDEX = -100  # the label of a token that is not a target (padding, a masked prompt), as in transformers
 
 
@@ -140,6 +142,21 @@ class TaskLoss:
         if self.counts is None:
             return losses
         return losses / self.counts(labels).clamp(min=1).to(losses.dtype)
+
+    def meta_objective(self, losses: torch.Tensor, labels: torch.Tensor, objective: str = "loss") -> torch.Tensor:
+        """The meta set's objective, whose gradient at the lookahead the rates follow (:data:`META_OBJECTIVES`).
+
+        ``"loss"``: the batch loss (:meth:`mean`; the paper's validation loss). ``"bounded"``: the mean over
+        meta examples of ``1 - exp(-ℓ_i / n_i)`` — for cross-entropy ``1 - p(label)``, the meta set's expected
+        error. Each meta example's pull on the direction is then at most that of one example the model is
+        unsure of, so a few meta examples the model cannot fit do not set it alone, and the examples it already
+        fits keep a share; under ``"loss"`` an example's pull grows with its loss.
+        """
+        if objective == "loss":
+            return self.mean(losses, labels)
+        if objective == "bounded":
+            return (1 - torch.exp(-self.per_example_mean(losses, labels))).mean()
+        raise ValueError(f"Unknown meta objective {objective!r}; choose one of {META_OBJECTIVES}.")
 
 
 SINGLE_LABEL = TaskLoss("single_label_classification", per_example_loss, class_labels=True)
