@@ -77,6 +77,8 @@ RECIPES: dict[str, Recipe] = {
     "ft": Recipe("adamw_torch", 5e-5, 2, "linear", weight_decay=0.01, batch_size=32),  # text fine-tuning
     # a second fine-tune recipe (smaller learning rate, one more epoch, warm-up and cosine decay)
     "ft3": Recipe("adamw_torch", 2e-5, 3, "cosine", 0.1, weight_decay=0.01, batch_size=32),
+    # the ft recipe for 600 examples: 6 epochs (set on the plain fine-tune, which after 2 had not learnt the task)
+    "ft6": Recipe("adamw_torch", 5e-5, 6, "linear", weight_decay=0.01, batch_size=32),
 }
 CLASSDEP = (0.1,) * 5 + (0.5,) * 5  # classes 0-4 at 10 %, 5-9 at 50 % (flipped to another class)
 NOISES: dict[str, dict] = {
@@ -89,13 +91,14 @@ NOISES: dict[str, dict] = {
     "classdep": {"noise_rate": CLASSDEP, "noise_mode": "flip"},
 }
 DATA = {"mnist": {"meta_size": 200, "n_train": 3800}, "digits": {"meta_size": 100, "n_train": 1337},
-        "vader": {"meta_size": 20, "n_train": 2000}, "afinn": {"meta_size": 20, "n_train": 2000}}
+        "vader": {"meta_size": 20, "n_train": 2000}, "afinn": {"meta_size": 20, "n_train": 2000},
+        "textblob": {"meta_size": 20, "n_train": 600, "test_size": None}}  # (None: the 583 words left)
 # For --list: seconds per optimizer step (plain, MetaLR), marginal cost measured with one thread on the shared
 # 2-core dev machine, plus data preparation per seed and model build / prediction passes per run.
 STEP_S = {("mnist", "cnn"): (0.04, 0.155), ("digits", "cnn"): (0.009, 0.037), ("mnist", "resnet"): (0.093, 0.33),
           ("vader", "minilm"): (0.52, 0.94),  # MetaLR: the head's meta-gradient (wallclock.py: 1.81x plain)
-          ("afinn", "minilm"): (0.52, 0.94)}
-PREP_S = {"mnist": 5.0, "digits": 2.0, "vader": 4.0, "afinn": 4.0}
+          ("afinn", "minilm"): (0.52, 0.94), ("textblob", "minilm"): (0.52, 0.94)}
+PREP_S = {"mnist": 5.0, "digits": 2.0, "vader": 4.0, "afinn": 4.0, "textblob": 4.0}
 RUN_OVERHEAD_S = 2.0
 
 
@@ -124,6 +127,7 @@ CELLS: list[Cell] = [
     Cell("vader", "minilm", "ft", "flip30"),
     Cell("vader", "minilm", "ft3", "flip20"),
     Cell("afinn", "minilm", "ft", "flip30"),  # a second human-rated lexicon, added as a held-out check
+    Cell("textblob", "minilm", "ft6", "flip30"),  # a third, added as a held-out check of meta_objective="auto"
 ]
 CELL_BY_NAME = {c.name: c for c in CELLS}
 
@@ -171,7 +175,8 @@ def parse_metalr_args(pairs: list[str]) -> dict:
 NEUTRAL_NEW_OPTIONS = {"meta_grad_average_epochs": None, "group_column": None,
                        "instance_rate_gradient": "effective", "center_instance_rates": False,
                        "class_rate_direction": "per_step", "lookahead_step": 1.0, "instance_rate_scale": "batch",
-                       "max_instance_rate": None, "probe_batches": 0, "meta_parameters": "all"}
+                       "max_instance_rate": None, "probe_batches": 0, "meta_parameters": "all",
+                       "meta_objective": "loss"}
 
 
 # options whose default (None) resolves by task: the value every cell (single-label classification) gets
@@ -184,6 +189,9 @@ def _resolved(cell: Cell, key: str, value: Any) -> Any:
         return RESOLVED_FOR_CLASSIFICATION[key] if value is None else float(value)
     if key == "meta_parameters" and value == "auto":  # the head for the pretrained encoder, else every parameter
         return "head" if cell.model == "minilm" else "all"
+    if key == "meta_objective" and value == "auto":  # bounded on the pretrained encoder's head, else the loss
+        return "bounded" if cell.model == "minilm" and _resolved(cell, "meta_parameters", OVERRIDES.get(
+            "meta_parameters", "auto")) == "head" else "loss"
     return value
 
 
@@ -243,15 +251,48 @@ def load_afinn_lexicon() -> datasets.Dataset:
                                       features=features)
 
 
-def _text_data(cell: Cell, seed: int):
-    """Lexicon words (VADER or AFINN), tokenized without padding (the collator pads per batch: most words are
-    3-6 tokens)."""
-    from hf_ddlr.data import load_vader_lexicon, make_lexicon_variant
+def load_textblob_lexicon(min_polarity: float = 0.1) -> datasets.Dataset:
+    """TextBlob's English adjective lexicon (the ``textblob`` package's ``en/en-sentiment.xml``: 2,918 senses
+    of 1,528 adjectives hand-tagged with a polarity in [-1, 1] by De Smedt & Daelemans) as a binary sentiment
+    dataset: each adjective's polarity averaged over its senses (as TextBlob scores a word), those with
+    ``abs(polarity) >= min_polarity`` kept, labelled by the sign — 564 positive, 639 negative at 0.1."""
+    import xml.etree.ElementTree as ET
+    from collections import defaultdict
+    from importlib import resources
 
-    lexicon = load_vader_lexicon(0.5) if cell.data == "vader" else load_afinn_lexicon()
-    raw = make_lexicon_variant(lexicon, train_size=DATA[cell.data]["n_train"],
+    from hf_ddlr.data.lexicon import SENTIMENT_NAMES
+
+    try:
+        path = resources.files("textblob") / "en" / "en-sentiment.xml"
+    except ModuleNotFoundError as e:
+        raise ImportError("the textblob cells need the 'textblob' package: pip install textblob (or the 'dev' "
+                          "extra).") from e
+    senses: dict[str, list[float]] = defaultdict(list)
+    for word in ET.fromstring(path.read_text(encoding="utf-8")).iter("word"):
+        senses[word.get("form")].append(float(word.get("polarity")))
+    words = sorted(w for w, p in senses.items() if abs(float(np.mean(p))) >= min_polarity)
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=SENTIMENT_NAMES)})
+    return datasets.Dataset.from_dict({"text": words, "label": [int(np.mean(senses[w]) > 0) for w in words]},
+                                      features=features)
+
+
+def _vader() -> datasets.Dataset:
+    from hf_ddlr.data import load_vader_lexicon
+
+    return load_vader_lexicon(0.5)
+
+
+LEXICONS = {"vader": _vader, "afinn": load_afinn_lexicon, "textblob": load_textblob_lexicon}
+
+
+def _text_data(cell: Cell, seed: int):
+    """Lexicon words (VADER, AFINN or TextBlob), tokenized without padding (the collator pads per batch: most
+    words are 3-6 tokens)."""
+    from hf_ddlr.data import make_lexicon_variant
+
+    raw = make_lexicon_variant(LEXICONS[cell.data](), train_size=DATA[cell.data]["n_train"],
                                meta_per_class=DATA[cell.data]["meta_size"] // 2,
-                               test_size=1000, seed=seed, **NOISES[cell.noise])
+                               test_size=DATA[cell.data].get("test_size", 1000), seed=seed, **NOISES[cell.noise])
     noisy = np.asarray(raw["train"]["is_noisy"], dtype=bool)
     tok = _tokenizer()
     enc = raw.map(lambda b: tok(b["text"], truncation=True, max_length=16), batched=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -170,8 +171,8 @@ def test_step_cost_decoder_and_batchnorm_tasks(tmp_path):
 def test_robustness_matrix_covers_every_axis_and_lists_times(capsys):
     rb = _load("robustness")
     cells = rb.CELLS
-    assert 14 <= len(cells) <= 18 and len({c.name for c in cells}) == len(cells)
-    for axis, values in (("data", {"mnist", "digits", "vader", "afinn"}), ("model", {"cnn", "resnet", "minilm"}),
+    assert 14 <= len(cells) <= 19 and len({c.name for c in cells}) == len(cells)
+    for axis, values in (("data", {"mnist", "digits", "vader", "afinn", "textblob"}), ("model", {"cnn", "resnet", "minilm"}),
                          ("recipe", set(rb.RECIPES)), ("noise", set(rb.NOISES))):
         assert {getattr(c, axis) for c in cells} == values, axis
     assert {c.data for c in cells if c.model == "resnet"} == {"mnist"}
@@ -182,7 +183,7 @@ def test_robustness_matrix_covers_every_axis_and_lists_times(capsys):
     out = capsys.readouterr().out
     assert "mnist-cnn-sgd-flip35" in out and f"{len(cells)} cells, estimated" in out
     total_min = float(out.split("estimated ")[1].split(" min")[0])
-    assert 45 <= total_min <= 125  # the default matrix (18 cells) is meant to run in about 60-120 min on 2 CPU cores
+    assert 45 <= total_min <= 125  # the default matrix (19 cells) is meant to run in about 60-120 min on 2 CPU cores
     # MetaLR runs are keyed by the MetaLRConfig defaults, so changing a default reruns them (and only them)
     cell = cells[0]
     assert rb.fingerprint(cell, "metalr", False) != rb.fingerprint(cell, "plain", False)
@@ -269,7 +270,7 @@ def test_the_committed_robustness_runs_are_current():
     cells = {c.name: c for c in rb.CELLS}
     stale = [(r["cell"], r["seed"], r["method"]) for r in runs
              if r["fingerprint"] != rb.fingerprint(cells[r["cell"]], r["method"], r["quick"])]
-    assert not stale and sum(r["method"] == "metalr" for r in runs) == 48  # 16 cells x 3 seeds
+    assert not stale and sum(r["method"] == "metalr" for r in runs) == 51  # 17 cells x 3 seeds
 
 
 def test_robustness_metalr_args_keep_integers_integers():
@@ -338,4 +339,26 @@ def test_the_afinn_cell_reads_the_packaged_lexicon_with_the_sign_of_each_rating_
     assert dict(zip(lexicon["text"], lexicon["label"])) == expected and len(lexicon) == len(expected) == 3380
     ds, noisy = rb.load_data(rb.CELL_BY_NAME["afinn-minilm-ft-flip30"], seed=0)
     assert (len(ds["train"]), len(ds["meta"]), len(ds["test"])) == (2000, 20, 1000)
+    assert sorted(ds["meta"]["label"]) == [0] * 10 + [1] * 10 and abs(noisy.mean() - 0.3) < 0.01
+
+
+def test_the_textblob_cell_averages_each_adjectives_senses_and_keeps_the_clear_ones():
+    """The held-out TextBlob cell's data: every adjective of textblob's en-sentiment.xml whose polarity, averaged
+    over its senses, is at least 0.1 away from 0, once, labelled by its sign (read here with a regular expression,
+    not the loader's XML parser); 600 train words, 20 balanced meta words, the rest the test set."""
+    textblob = pytest.importorskip("textblob")
+    rb = _load("robustness")
+    with open(os.path.join(os.path.dirname(textblob.__file__), "en", "en-sentiment.xml"), encoding="utf-8") as f:
+        tags = re.findall(r"<word\b[^>]*>", f.read())
+    senses: dict[str, list[float]] = {}
+    for tag in tags:
+        form, polarity = re.search(r'form="([^"]*)"', tag)[1], re.search(r'polarity="([^"]*)"', tag)[1]
+        senses.setdefault(form, []).append(float(polarity))
+    means = {w: sum(p) / len(p) for w, p in senses.items()}
+    expected = {w: int(m > 0) for w, m in means.items() if abs(m) >= 0.1}
+    lexicon = rb.load_textblob_lexicon()
+    assert len(tags) == 2918 and len(senses) == 1528
+    assert dict(zip(lexicon["text"], lexicon["label"])) == expected and len(lexicon) == len(expected) == 1203
+    ds, noisy = rb.load_data(rb.CELL_BY_NAME["textblob-minilm-ft6-flip30"], seed=0)
+    assert (len(ds["train"]), len(ds["meta"]), len(ds["test"])) == (600, 20, 583)
     assert sorted(ds["meta"]["label"]) == [0] * 10 + [1] * 10 and abs(noisy.mean() - 0.3) < 0.01
