@@ -80,7 +80,7 @@ def run(
 ) -> _Recording:
     """``model="bert"``: the tiny BERT of tiny_text.py with padding (its forward takes **kwargs: the GA/DDP
     loss-scaling trap's precondition), 32 train / 16 meta sentences; ``"bert_head"``: the same with the meta step
-    on the head only (``meta_parameters="head"``)."""
+    on the head only (``meta_parameters="head"``) scored by the bounded meta objective (a fine-tune's default)."""
     if model in ("bert", "bert_head"):
         tok, train, meta = text_data_splits()
         extra = dict(data_collator=DataCollatorWithPadding(tok), processing_class=tok)
@@ -106,6 +106,7 @@ def run(
         max_instance_rate=max_instance_rate,
         probe_batches=probe_batches,
         meta_parameters="head" if model == "bert_head" else "auto",
+        meta_objective="bounded" if model == "bert_head" else "auto",
         meta_lr=0.2,
         per_device_train_batch_size=per_device_batch,
         gradient_accumulation_steps=ga,

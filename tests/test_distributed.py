@@ -108,7 +108,8 @@ def test_torchrun_ddp_matches_single_process_and_resumes_exactly(
     # BERT with padding under DDP: the Trainer's x num_processes / no-/GA scaling must not apply
     _check_run(out, "bert", single_process_bert)
     assert all(_load(out, "bert", r)[1]["embedding_rows"] == "verified" for r in (0, 1))
-    # the meta step on BERT's head only (meta_parameters="head"): the same on both ranks, == one process
+    # the meta step on BERT's head only (meta_parameters="head", the bounded meta objective averaged over the
+    # ranks' meta batches): the same on both ranks, == one process
     head = _check_run(out, "bert_head", single_process_bert_head)
     assert not torch.equal(head["rates.instance"], _load(out, "bert", 0)[0]["rates.instance"])
     ckpt = out / "resume" / "checkpoint-3"
