@@ -163,7 +163,7 @@ def meta_loss_gradient(
     with replay_rng(meta.seed), frozen_batchnorm(model), meta_loss_mode(model, meta.dropout):
         L = _losses(model, leaf, meta, smoothing, task)
         Lm = task.mean(L, meta.labels)
-        obj = Lm if objective == "loss" else task.meta_objective(L, meta.labels, objective)
+        obj = task.meta_objective(L, meta.labels, objective)
         g = _grads(obj * loss_scale, leaf if wrt is None else {n: leaf[n] for n in wrt})
         if loss_scale != 1.0:
             g = {n: v / loss_scale for n, v in g.items()}
