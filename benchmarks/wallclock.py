@@ -218,9 +218,10 @@ PHASE_FUNCTIONS: list[tuple[object, str, str]] = [
     (trainer_mod.MetaLRTrainer, "log", "bookkeeping"),
     (recording.TrajectoryRecorder, "on_step_end", "bookkeeping"),
     (Trainer, "get_batch_samples", "data"),
+    (trainer_mod, "check_meta_set", "meta-set check"),  # once, after training (a per-run cost, shown per step)
 ]
 PHASES = ("meta batch", "lookahead", "meta loss", "dots", "weight-decay gradient", "rate update", "real step",
-          "bookkeeping", "data", "Trainer loop")
+          "bookkeeping", "data", "meta-set check", "Trainer loop")
 
 
 class PhaseClock:
