@@ -189,9 +189,11 @@ def _resolved(cell: Cell, key: str, value: Any) -> Any:
         return RESOLVED_FOR_CLASSIFICATION[key] if value is None else float(value)
     if key == "meta_parameters" and value == "auto":  # the head for the pretrained encoder, else every parameter
         return "head" if cell.model == "minilm" else "all"
-    if key == "meta_objective" and value == "auto":  # bounded on the pretrained encoder's head, else the loss
-        return "bounded" if cell.model == "minilm" and _resolved(cell, "meta_parameters", OVERRIDES.get(
-            "meta_parameters", "auto")) == "head" else "loss"
+    if key == "meta_objective" and value == "auto":  # as the trainer resolves it (meta_objective_choice): bounded on
+        # the pretrained encoder's head, else (and always under last_layer) the loss
+        head = _resolved(cell, "meta_parameters", OVERRIDES.get("meta_parameters", "auto")) == "head"
+        last_layer = OVERRIDES.get("meta_strategy") == "last_layer"
+        return "bounded" if cell.model == "minilm" and head and not last_layer else "loss"
     return value
 
 
