@@ -164,7 +164,7 @@ def meta_loss_gradient(
         L = _losses(model, leaf, meta, smoothing, task)
         Lm = task.mean(L, meta.labels)
         obj = task.meta_objective(L, meta.labels, objective)
-        g = _grads(obj * loss_scale, leaf if wrt is None else {n: leaf[n] for n in wrt})
+        g = _grads(obj * loss_scale, _subset(leaf, wrt))
         if loss_scale != 1.0:
             g = {n: v / loss_scale for n, v in g.items()}
     lm = Lm.detach().reshape(1)
