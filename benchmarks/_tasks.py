@@ -267,7 +267,7 @@ def make_trainer(
         save_strategy="no",
         logging_strategy="no",
         report_to=[],
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),  # the GPU where there is one (benchmarks/step_cost.py)
         disable_tqdm=True,
         dataloader_num_workers=0,
         seed=0,

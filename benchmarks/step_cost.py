@@ -74,6 +74,15 @@ from _tasks import Task, configs_for, make_task, make_trainer  # noqa: E402
 # wall clock by default; ``--clock cpu`` (process CPU time) is robust on a machine shared with other jobs
 # when combined with ``--threads 1`` (with 2+ threads OpenMP spin-waits count as CPU time)
 CLOCK = time.perf_counter
+CUDA = torch.cuda.is_available()  # on a GPU: time after a synchronize, memory from the CUDA allocator
+
+
+def _now() -> float:
+    """CLOCK, after the GPU has finished the work queued so far (kernels run asynchronously)."""
+    if CUDA:
+        torch.cuda.synchronize()
+    return CLOCK()
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -93,13 +102,13 @@ class _Turnstile(TrainerCallback):
     def _wait_turn(self) -> None:
         self.done.release()
         self.go.acquire()
-        self.t0 = CLOCK()
+        self.t0 = _now()
 
     def on_train_begin(self, args, state, control, **kw):
         self._wait_turn()
 
     def on_step_end(self, args, state, control, **kw):
-        self.times.append(CLOCK() - self.t0)
+        self.times.append(_now() - self.t0)
         self._wait_turn()
 
 
@@ -209,9 +218,54 @@ def mem_child(a: argparse.Namespace) -> None:
     )
 
 
+class _CudaMemProbe(TrainerCallback):
+    """On a GPU: the allocator's peak during steps 2..last above what was allocated after step 1 (model,
+    optimizer state, rate table), and the whole run's peak."""
+
+    def __init__(self, last: int) -> None:
+        self.last, self.base, self.hwm, self.times, self.t0 = last, None, None, [], None
+
+    def on_step_end(self, args, state, control, **kw):
+        torch.cuda.synchronize()
+        now = time.perf_counter()
+        if self.t0 is not None:
+            self.times.append(now - self.t0)
+        if state.global_step == 1:
+            self.base = torch.cuda.memory_allocated() / 2**20
+            self.peak_setup = torch.cuda.max_memory_allocated() / 2**20
+            torch.cuda.reset_peak_memory_stats()
+        if state.global_step == self.last:
+            self.hwm = torch.cuda.max_memory_allocated() / 2**20
+        self.t0 = time.perf_counter()
+
+
+def measure_cuda_memory(model: str, width: int, configs: list[str], steps: int, log=print) -> dict:
+    """GPU memory per configuration, one after another in this process (the allocator's statistics are exact,
+    so no subprocess is needed as for RSS). Reported under the RSS keys: 'peak_rss_mb' is the GPU peak."""
+    out = {}
+    task = make_task(model, width, n_train=8 * 64)
+    for cfg in configs:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        setup = torch.cuda.memory_allocated() / 2**20
+        probe = _CudaMemProbe(steps)
+        with tempfile.TemporaryDirectory() as tmp:
+            tr = make_trainer(task, cfg, steps, tmp, callbacks=[probe])
+            tr.train()
+        out[cfg] = dict(config=cfg, setup_mb=setup, peak_rss_mb=max(probe.peak_setup, probe.hwm) - setup,
+                        base_mb=probe.base, hwm_mb=probe.hwm, work_mb=probe.hwm - probe.base,
+                        step_s=statistics.median(probe.times))
+        del tr
+        log(f"  GPU memory {cfg}: working {out[cfg]['work_mb']:.1f} MB, peak {out[cfg]['peak_rss_mb']:.0f} MB")
+    return out
+
+
 def measure_memory(
     model: str, width: int, configs: list[str], steps: int, threads: int, log=print, patch: str | None = None
 ) -> dict:
+    if CUDA:
+        return measure_cuda_memory(model, width, configs, steps, log=log)
     out = {}
     for cfg in configs:
         cmd = [
@@ -316,11 +370,13 @@ def render(result: dict) -> str:
         "",
         f"{result['environment']}; time: median of {result['rounds']} interleaved rounds after "
         f"{result['warmup']} warm-up rounds (×plain, ×exact: median of the per-round ratios); memory: "
-        "per-step working set in its own process; agreement: one step "
+        f"per-step working set {'(CUDA allocator)' if result.get('device') == 'cuda' else 'in its own process'}; "
+        "agreement: one step "
         f"from the same state after {result['acc_warm_steps']} plain steps, rates U[0.5, 1.5].",
         "",
         "| configuration | ms/step | time ×plain | (ratio of medians) | time ×exact | working mem MB (×plain) | "
-        "peak RSS MB | cos vs exact | Spearman | max rel err |",
+        f"{'peak GPU MB' if result.get('device') == 'cuda' else 'peak RSS MB'} | "
+        "cos vs exact | Spearman | max rel err |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [fmt_row(cfg, r) for cfg, r in result["rows"].items()]
@@ -367,8 +423,8 @@ def run_model(model: str, a: argparse.Namespace) -> dict:
         model=model,
         width=width if model == "resnet" else None,
         model_description=task.describe,
-        environment=f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, fp32, {'CPU-time' if CLOCK is time.process_time else 'wall'} clock",
+        environment=_environment(),
+        device="cuda" if CUDA else "cpu",
         rounds=rounds,
         warmup=a.warmup,
         acc_warm_steps=a.acc_warm,
@@ -381,6 +437,20 @@ def run_model(model: str, a: argparse.Namespace) -> dict:
         "optimizer/scheduler step, callbacks)",
     )
     return result
+
+
+def _environment() -> str:
+    if CUDA:
+        from hf_ddlr.schedules import _runs_tf32
+
+        tf32 = {"matmuls": _runs_tf32(torch.backends.cuda.matmul, "allow_tf32"),
+                "cuDNN convolutions": _runs_tf32(torch.backends.cudnn, "allow_tf32", "conv")}
+        return (f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, fp32 ("
+                + ", ".join(f"{k} {'TF32' if v else 'fp32'}" for k, v in tf32.items())
+                + "), wall clock after a synchronize; "
+                "memory: CUDA allocator (peak MB = the run's GPU peak above what was allocated before it)")
+    return (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads, fp32, {'CPU-time' if CLOCK is time.process_time else 'wall'} clock")
 
 
 def _base_path(a: argparse.Namespace, model: str, width: int) -> str:

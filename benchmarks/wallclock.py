@@ -183,9 +183,17 @@ def train_time(bench: Bench, config: str | None, tmp: str) -> tuple[float, Train
     """Seconds of ``trainer.train()`` of a freshly built trainer (construction not counted)."""
     tr = bench.build(config, os.path.join(tmp, config or "plain"))
     tr.remove_callback(PrinterCallback)
+    _sync()
     t0 = time.perf_counter()
     tr.train()
+    _sync()
     return time.perf_counter() - t0, tr
+
+
+def _sync() -> None:
+    """Wait for the GPU's queued work, so that a timed interval ends when the work does."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------- phases
@@ -236,10 +244,12 @@ class PhaseClock:
         @functools.wraps(fn)
         def timed(*a, **k):
             self._inner.append(0.0)
+            _sync()  # on a GPU a phase's kernels are charged to it, not to the next phase that waits
             t0 = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
+                _sync()
                 dt = time.perf_counter() - t0
                 self.total[label] += dt - self._inner.pop()
                 if self._inner:
@@ -315,7 +325,8 @@ def render(res: dict, baseline: dict | None = None) -> str:
     lines = [f"`{res['command']}` — {res['environment']}", "",
              "Whole `trainer.train()` wall time, plain `Trainer` and `MetaLRTrainer`, interleaved in one process "
              f"({res['rounds']} rounds); ratio: median over rounds of MetaLR / plain of the same round. Numbers "
-             "from a shared 2-core CPU: noisy, compare within a row.", "",
+             f"from {'one GPU' if 'NVIDIA' in res['environment'] else 'a shared 2-core CPU: noisy'}, compare within a "
+             "row.", "",
              "| task | config | plain (s) | MetaLR (s) | ratio | target (defaults) | rate AUROC | test acc |",
              "|---|---|---|---|---|---|---|---|"]
     for task, t in res["tasks"].items():
@@ -361,7 +372,8 @@ def main(argv: list[str] | None = None) -> dict:
     tmp = tempfile.mkdtemp(prefix="hf_ddlr_wallclock_runs_")
     res: dict = {"command": "python benchmarks/wallclock.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                  "environment": f"{platform.machine()}, {os.cpu_count()} CPUs, {a.threads} thread(s), "
-                                f"torch {torch.__version__}, transformers {transformers.__version__}",
+                                + (f"{torch.cuda.get_device_name(0)}, " if torch.cuda.is_available() else "")
+                                + f"torch {torch.__version__}, transformers {transformers.__version__}",
                  "rounds": rounds, "tasks": {}}
     for task in a.tasks:
         bench = make_bench(task, a.quick, a.width, a.resnet_steps, a.sft_epochs)

@@ -152,7 +152,7 @@ class MetaLROptions:
     meta_strategy: str = _option(
         "jvp",
         "How the per-example meta-gradients are computed: 'jvp' (forward-mode AD, exact), "
-        "'finite_difference' (exact to ~1e-5 in fp32, cheaper; falls back to jvp under bf16/fp16), "
+        "'finite_difference' (exact to ~1e-5 in fp32, cheaper; falls back to jvp under bf16/fp16 and on a GPU that runs the model in TF32), "
         "'exact' (double backward, the Learning-to-Reweight way; the reference) or 'last_layer' "
         "(closed form on the final linear layer; a cheap proxy).",
         choices=STRATEGIES,
