@@ -24,7 +24,7 @@ def test_whole_read_gives_the_training_of_row_by_row_reads(tmp_path, monkeypatch
     """Rates and weights after six probe steps are bit-identical with the whole read and with row-by-row reads
     (MAX_BULK_BYTES = 0), for python, torch and numpy formats."""
     def run(bulk: bool):
-        monkeypatch.setattr(batches, "MAX_BULK_BYTES", 256 * 2**20 if bulk else 0)
+        monkeypatch.setattr(batches, "MAX_BULK_BYTES", 64 * 2**20 if bulk else 0)
         train = make_split(40, seed=6)
         t = _trainer(tmp_path / str(bulk), train.with_format(fmt) if fmt else train)
         t.train()

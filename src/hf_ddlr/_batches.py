@@ -76,8 +76,10 @@ def to_microbatch(trainer: MetaLRTrainer, raw: Mapping[str, Any], k: int) -> Mic
 # ``datasets.Dataset`` costs far more than collating it, and a meta step reads a meta batch's worth of them.
 MAX_CACHED_ROWS = 16384
 # A train set whose Arrow table is at most this large is read whole, once, for the probes: reading the 64 rows of a
-# probe batch one by one costs ~5 ms (MNIST, 784 floats a row) where one read of all 3,800 rows costs ~7 ms.
-MAX_BULK_BYTES = 256 * 2**20
+# probe batch one by one costs ~5 ms (MNIST, 784 floats a row: a 12 MB table) where one read of all 3,800 rows costs
+# ~7 ms. Read as tensors or arrays it takes about the table's size in memory; a set read as Python lists takes up to
+# ten times that, so its bound is an eighth of this.
+MAX_BULK_BYTES = 64 * 2**20
 
 
 def _reads_are_deterministic(ds: Any) -> bool:
@@ -201,12 +203,15 @@ class ProbeSampler:
 
     def _read(self, ds: Any, rows: list[int]) -> list[Any]:
         """Rows ``rows`` as the Trainer's DataLoader reads them: taken from the whole train set read at once where
-        that gives the same rows (a ``datasets.Dataset`` without a transform, at most ``MAX_BULK_BYTES``; checked
+        that gives the same rows (a ``datasets.Dataset`` without a transform, at most ``MAX_BULK_BYTES``, an eighth of it
+        when read as Python lists; checked
         against a row-by-row read on first use), else read row by row."""
         if not self._bulk_checked:
             self._bulk_checked = True
             read = _read_rows(ds, rows)
-            if _reads_are_deterministic(ds) and 0 < _table_bytes(ds) <= MAX_BULK_BYTES:
+            as_arrays = ds.format.get("type") in ("torch", "numpy") if _reads_are_deterministic(ds) else False
+            limit = MAX_BULK_BYTES if as_arrays else MAX_BULK_BYTES // 8
+            if _reads_are_deterministic(ds) and 0 < _table_bytes(ds) <= limit:
                 columns = ds[:]
                 if isinstance(columns, Mapping) and all(
                     _same_value(_row_of(columns, i), row) for i, row in zip(rows, read)
