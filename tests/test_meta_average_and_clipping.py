@@ -74,6 +74,18 @@ def test_clip_coefficient_is_the_factor_clip_grad_norm_applies(dtype, max_norm):
         torch.testing.assert_close(v * c, clipped[n], rtol=2e-6, atol=0)
 
 
+def test_clip_coefficient_reads_the_norm_clip_grad_norm_returns():
+    """The factor is computed from exactly the total norm the real clipping computes (same kernels), so the
+    lookahead's clipping and the real step's agree to the last bit of the norm."""
+    g = torch.Generator().manual_seed(1)
+    grads = {f"p{i}": torch.randn(int(s), generator=g) * 10 ** (i % 3) for i, s in enumerate([7, 300, 5, 4096, 1])}
+    leaves = [v.clone().requires_grad_() for v in grads.values()]
+    for leaf, v in zip(leaves, grads.values()):
+        leaf.grad = v.clone()
+    total = float(torch.nn.utils.clip_grad_norm_(leaves, 1.0))
+    assert clip_coefficient(grads, 1.0) == min(1.0, 1.0 / (total + 1e-6))
+
+
 def test_clip_coefficient_off_and_non_finite():
     grads = {"a": torch.full((3,), 100.0)}
     assert clip_coefficient(grads, None) == 1.0

@@ -340,9 +340,11 @@ def clip_coefficient(grads: Mapping[str, torch.Tensor], max_norm: float | None) 
     (1 when ``max_norm`` is None or not positive; NaN when the norm is not finite)."""
     if not max_norm or max_norm <= 0:
         return 1.0
-    norm = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads.values()])
-    )
+    tensors = [g.detach() for g in grads.values()]
+    if hasattr(torch.nn.utils, "get_total_norm"):  # what clip_grad_norm_ computes (torch >= 2.6): the same
+        norm = torch.nn.utils.get_total_norm(tensors, 2.0)  # kernels (foreach, per device and dtype), one launch each
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in tensors]))
     norm = float(norm)  # one host sync per meta step: the factor scales the lookahead
     if not math.isfinite(norm):
         return float("nan")
