@@ -202,25 +202,31 @@ class ProbeSampler:
                 for k, chunk in enumerate(idx.split(_per_device_batch(trainer)))]
 
     def _read(self, ds: Any, rows: list[int]) -> list[Any]:
-        """Rows ``rows`` as the Trainer's DataLoader reads them: taken from the whole train set read at once where
-        that gives the same rows (a ``datasets.Dataset`` without a transform, at most ``MAX_BULK_BYTES``, an eighth of it
-        when read as Python lists; checked
-        against a row-by-row read on first use), else read row by row."""
+        """Rows ``rows`` as the Trainer's DataLoader reads them: from the whole train set read at once where that
+        gives the same rows (:func:`_read_whole`, decided on first use), else row by row."""
         if not self._bulk_checked:
             self._bulk_checked = True
             read = _read_rows(ds, rows)
-            as_arrays = ds.format.get("type") in ("torch", "numpy") if _reads_are_deterministic(ds) else False
-            limit = MAX_BULK_BYTES if as_arrays else MAX_BULK_BYTES // 8
-            if _reads_are_deterministic(ds) and 0 < _table_bytes(ds) <= limit:
-                columns = ds[:]
-                if isinstance(columns, Mapping) and all(
-                    _same_value(_row_of(columns, i), row) for i, row in zip(rows, read)
-                ):
-                    self._columns = dict(columns)
+            self._columns = _read_whole(ds, rows, read)
             return read
         if self._columns is not None:
             return [_row_of(self._columns, i) for i in rows]
         return _read_rows(ds, rows)
+
+
+def _read_whole(ds: Any, rows: list[int], read: list[Any]) -> dict[str, Any] | None:
+    """The columns of ``ds`` read at once, if reading them gives ``read`` (rows ``rows`` read one by one) and ``ds``
+    is a ``datasets.Dataset`` without a transform whose table is at most ``MAX_BULK_BYTES`` (an eighth of it when
+    read as Python lists); None otherwise."""
+    if not _reads_are_deterministic(ds):
+        return None
+    limit = MAX_BULK_BYTES if ds.format.get("type") in ("torch", "numpy") else MAX_BULK_BYTES // 8
+    if not 0 < _table_bytes(ds) <= limit:
+        return None
+    columns = ds[:]
+    if not isinstance(columns, Mapping) or not all(_same_value(_row_of(columns, i), row) for i, row in zip(rows, read)):
+        return None
+    return dict(columns)
 
 
 def _table_bytes(ds: Any) -> int:
