@@ -40,11 +40,12 @@ def meta_parameters_choice(trainer: Any, trainable: list[str] | None = None) -> 
     return "head" if head_parameter_names(model, trainable or _trainable(model)) else "all"
 
 
-def meta_parameter_names(trainer: Any) -> list[str] | None:
-    """The names of the trainable parameters the meta step takes (None: all of them), logged once."""
+def meta_parameter_names(trainer: Any, choice: str | None = None) -> list[str] | None:
+    """The names of the trainable parameters the meta step takes (None: all of them), logged once. ``choice``:
+    :func:`meta_parameters_choice` of the run, when the caller has it."""
     model = trainer.model
     trainable = _trainable(model)
-    choice = meta_parameters_choice(trainer, trainable)
+    choice = choice or meta_parameters_choice(trainer, trainable)
     names = select_meta_parameters(model, trainable, choice)
     if names is not None:
         size = {n: p.numel() for n, p in model.named_parameters()}

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._batches import ProbeSampler, probe_batches, to_microbatch
-from ._meta_parameters import meta_objective_choice, meta_parameter_names
+from ._meta_parameters import meta_objective_choice, meta_parameter_names, meta_parameters_choice
 from ._tasks import decoder_inputs
 from .meta import MetaBatch, MetaGradients, MicroBatch, find_output_layer, meta_gradients
 from .meta.distributed import all_gather_varlen, all_ranks_true, all_reduce_mean_
@@ -234,8 +234,9 @@ class MetaStepSchedule(Schedule):
         self.meta_layout = MetaLayout()  # the meta batch's images channels-last on CPU (checked on first use)
         self._early_meta: MetaBatch | None = None  # a meta batch taken before the real forward (last_layer)
         self.probe_sampler = ProbeSampler(trainer)  # training rows scored outside the step (probe_batches)
-        self.meta_params = meta_parameter_names(trainer)  # what the lookahead moves (None: every parameter)
-        self.objective = meta_objective_choice(trainer)  # what the lookahead is scored by on the meta batch
+        parameters = meta_parameters_choice(trainer)  # (resolved once: "auto" scans the model for its head)
+        self.meta_params = meta_parameter_names(trainer, parameters)  # what the lookahead moves (None: all)
+        self.objective = meta_objective_choice(trainer, parameters)  # what the lookahead is scored by
         if trainer.meta_args.meta_objective == "auto":
             logger.info("The meta step scores its lookahead by meta_objective=%r (meta_objective='auto').", self.objective)
         if self.strategy == "finite_difference":
