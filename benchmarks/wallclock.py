@@ -325,7 +325,7 @@ def render(res: dict, baseline: dict | None = None) -> str:
     lines = [f"`{res['command']}` — {res['environment']}", "",
              "Whole `trainer.train()` wall time, plain `Trainer` and `MetaLRTrainer`, interleaved in one process "
              f"({res['rounds']} rounds); ratio: median over rounds of MetaLR / plain of the same round. Numbers "
-             f"from {'one GPU' if 'NVIDIA' in res['environment'] else 'a shared 2-core CPU: noisy'}, compare within a "
+             f"from {'one GPU' if res.get('device') == 'cuda' else 'a shared 2-core CPU: noisy'}, compare within a "
              "row.", "",
              "| task | config | plain (s) | MetaLR (s) | ratio | target (defaults) | rate AUROC | test acc |",
              "|---|---|---|---|---|---|---|---|"]
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "environment": f"{platform.machine()}, {os.cpu_count()} CPUs, {a.threads} thread(s), "
                                 + (f"{torch.cuda.get_device_name(0)}, " if torch.cuda.is_available() else "")
                                 + f"torch {torch.__version__}, transformers {transformers.__version__}",
-                 "rounds": rounds, "tasks": {}}
+                 "device": "cuda" if torch.cuda.is_available() else "cpu", "rounds": rounds, "tasks": {}}
     for task in a.tasks:
         bench = make_bench(task, a.quick, a.width, a.resnet_steps, a.sft_epochs)
         res["tasks"][task] = measure(bench, a.configs, rounds, tmp)
