@@ -26,11 +26,13 @@ __all__ = ["META_GRAD_AVERAGE_NAME", "META_STATE_NAME", "load_best_meta_state", 
 
 META_STATE_NAME = "meta_state.safetensors"
 META_GRAD_AVERAGE_NAME = "meta_grad_average.safetensors"
+RATE_METRIC_NAME = "rate_metric.safetensors"  # rate_metric="adam": the second moment of the training gradient
 APPLIED_RATES_NAME = "applied_instance_rates.safetensors"  # probe runs: what each example was last trained with
 
 
 def save_meta_state(trainer: MetaLRTrainer, output_dir: str) -> None:
-    """Write the rates (and the running average of the meta gradient) into checkpoint ``output_dir``."""
+    """Write the rates (and the running statistics of the meta step: the meta-gradient average, the rate metric's
+    second moment) into checkpoint ``output_dir``."""
     safetensors.torch.save_file(
         {k: v.contiguous() for k, v in trainer.rates.state_dict().items()},
         os.path.join(output_dir, META_STATE_NAME),
@@ -39,6 +41,8 @@ def save_meta_state(trainer: MetaLRTrainer, output_dir: str) -> None:
         safetensors.torch.save_file(
             trainer._meta_grad_average.state_dict(), os.path.join(output_dir, META_GRAD_AVERAGE_NAME)
         )
+    if trainer._rate_metric is not None:
+        safetensors.torch.save_file(trainer._rate_metric.state_dict(), os.path.join(output_dir, RATE_METRIC_NAME))
     if trainer._applied_instance is not None:
         safetensors.torch.save_file(trainer._applied_instance.state_dict(), os.path.join(output_dir, APPLIED_RATES_NAME))
 
@@ -78,6 +82,16 @@ def load_meta_state(trainer: MetaLRTrainer, checkpoint: str) -> None:
             warnings.warn(
                 f"{avg_path} is missing (a checkpoint written without meta_grad_average): the running average "
                 "of the meta gradient starts again from this step. Training is not an exact continuation.",
+                stacklevel=3,
+            )
+    metric_path = os.path.join(checkpoint, RATE_METRIC_NAME)
+    if trainer._rate_metric is not None:
+        if os.path.isfile(metric_path):
+            trainer._rate_metric.load_state_dict(safetensors.torch.load_file(metric_path), trainer.args.device)
+        else:  # it stays as train() made it: empty
+            warnings.warn(
+                f"{metric_path} is missing (a checkpoint written without rate_metric='adam'): the second moment of "
+                "the training gradient starts again from this step. Training is not an exact continuation.",
                 stacklevel=3,
             )
     if trainer._applied_instance is not None:

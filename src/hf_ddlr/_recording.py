@@ -103,6 +103,8 @@ def meta_settings(trainer: MetaLRTrainer) -> dict[str, Any]:
         out["group_column"] = trainer.meta_args.group_column
     if trainer.meta_args.lookahead_step != 1.0:  # likewise
         out["lookahead_step"] = trainer.meta_args.lookahead_step
+    if trainer.meta_args.rate_metric != "optimizer":  # likewise
+        out["rate_metric"] = trainer.meta_args.rate_metric
     if trainer.meta_args.instance_rate_scale != "batch":  # likewise
         out["instance_rate_scale"] = trainer.meta_args.instance_rate_scale
     task = getattr(trainer, "_task", None)

@@ -283,7 +283,7 @@ class MetaStepSchedule(Schedule):
             task=trainer._task, embedding_rows=self.embedding_rows,
             per_step_too=meta.class_rate_direction == "per_step" and trainer.rates.keyed is not None,
             average_products=trainer.rates.instance is not None,  # class / group rates only: the per-step set alone
-            probes=probes, meta_params=self.meta_params, objective=self.objective,
+            probes=probes, meta_params=self.meta_params, objective=self.objective, metric=trainer._rate_metric,
         )
         if not all_ranks_true(res.finite, args.device):  # every rank skips together (no hanging gather)
             trainer._meta_log.record_skipped(trainer.state.global_step, res.meta_loss)

@@ -35,7 +35,7 @@ from ._recording import AppliedInstanceRates, MetaLog, TrajectoryRecorder, new_t
 from ._tasks import check_task_options, resolve_task
 from .config import MetaLROptions, resolve_meta_options
 from .meta import MicroBatch, RateTable, param_specs, replay_rng
-from .meta.averaging import MetaGradientAverage
+from .meta.averaging import GradientSecondMoment, MetaGradientAverage
 from .meta.layerwise import LayerwiseCheck
 from .schedules import Schedule, schedule_for
 from .trajectory import TRAJECTORY_CONFIG_NAME, TRAJECTORY_TENSORS_NAME, LRTrajectory, TrajectoryReplayer
@@ -222,6 +222,7 @@ class MetaLRTrainer(Trainer):
         self._schedule = schedule_for(self) if self._meta_active else None
         if self._meta_active:
             self._meta_grad_average = self._fresh_average()
+            self._rate_metric = GradientSecondMoment() if self.meta_args.rate_metric == "adam" else None
             self._applied_instance = self._fresh_applied()
         output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
         if self._meta_active and self.replay is None:  # what the rates followed, as the trained model sees it
@@ -346,6 +347,7 @@ class MetaLRTrainer(Trainer):
             device=args.device,
         )
         self._meta_grad_average: MetaGradientAverage | None = None  # made empty when train() starts
+        self._rate_metric: GradientSecondMoment | None = None  # rate_metric="adam": likewise
         self._applied_instance: AppliedInstanceRates | None = None  # likewise (probe runs)
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-window mean; the Trainer divides by GA
         self._meta_set = MetaSetSampler(self, self.meta_dataset)

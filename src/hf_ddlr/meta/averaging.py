@@ -6,15 +6,20 @@ batch, and — with a real learning rate — the overshoot of the lookahead alon
 the meta loss, whose sign alternates from step to step (training runs near the edge of stability). An
 exponential average over recent meta steps keeps the persistent part, which is what tells clean from
 harmful examples, at the cost of one parameter-sized buffer. ``beta = 0`` is the paper's per-step value.
+
+:class:`GradientSecondMoment` is the other running statistic of the meta step: Adam's second moment of the
+training gradient, the diagonal metric in which ``rate_metric="adam"`` compares the example gradients with the
+meta gradient when the optimizer itself does not precondition its step.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
 
-__all__ = ["MetaGradientAverage"]
+__all__ = ["GradientSecondMoment", "MetaGradientAverage"]
 
 
 def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
@@ -65,4 +70,58 @@ class MetaGradientAverage:
 
     def load_state_dict(self, sd: Mapping[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
         self.average = {k[4:]: v.to(device, torch.float32).clone() for k, v in sd.items() if k.startswith("avg.")}
+        self.num_updates = int(sd["num_updates"]) if "num_updates" in sd else 0
+
+
+class GradientSecondMoment:
+    """Adam's second moment ``v ← β·v + (1 − β)·g²`` of the (clipped) training gradient, per parameter tensor,
+    from ``v = 0`` with Adam's bias correction: the diagonal metric ``1/(sqrt(v̂) + eps)`` by which Adam divides
+    each coordinate of its step.
+
+    Under SGD the products ``g_meta·∇L_i`` sum over every parameter with the parameters' own scales, so the
+    coordinates with the largest gradients — a deep network's lower layers and normalisation parameters — set
+    them; taken in this metric each coordinate counts in units of its typical gradient, as in an Adam step
+    (docs/robustness.md, "The products in Adam's metric"). Every rank feeds it the same (all-reduced) gradient.
+    """
+
+    def __init__(self, beta: float = 0.999, eps: float = 1e-8) -> None:
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"The second moment needs 0 < beta < 1, got {beta}.")
+        self.beta, self.eps = float(beta), float(eps)
+        self.second_moment: dict[str, torch.Tensor] = {}
+        self.num_updates = 0
+
+    def update(self, grads: Mapping[str, torch.Tensor], scale: float = 1.0) -> bool:
+        """Fold in ``(scale·g)²`` for every tensor of ``grads`` (``scale``: the step's clipping coefficient).
+        A non-finite gradient (an fp16 overflow, a skipped step) is not folded in; returns whether it was."""
+        if not math.isfinite(scale) or not _all_finite(grads.values()):
+            return False
+        for n, g in grads.items():
+            g2 = torch.square(g.detach().float() * scale)
+            v = self.second_moment.get(n)
+            if v is None:  # (a tensor first seen now starts from 0 like the others did, at this step's weight)
+                self.second_moment[n] = g2.mul_(1.0 - self.beta)
+            else:
+                v.mul_(self.beta).add_(g2, alpha=1.0 - self.beta)
+        self.num_updates += 1
+        return True
+
+    def precondition_(self, tangent: Mapping[str, torch.Tensor]) -> None:
+        """Divide each tensor of ``tangent`` that has a second moment by ``sqrt(v̂) + eps``, in place."""
+        if not self.num_updates:
+            return
+        correction = 1.0 - self.beta**self.num_updates
+        for n, t in tangent.items():
+            v = self.second_moment.get(n)
+            if v is not None:
+                t.div_(v.div(correction).sqrt_().add_(self.eps).to(t.dtype))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The second moment's tensors (prefixed ``v.``) and its step count: a resumed run continues exactly."""
+        sd = {f"v.{n}": v.detach().cpu().contiguous() for n, v in self.second_moment.items()}
+        sd["num_updates"] = torch.tensor(self.num_updates, dtype=torch.int64)
+        return sd
+
+    def load_state_dict(self, sd: Mapping[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
+        self.second_moment = {k[2:]: v.to(device, torch.float32).clone() for k, v in sd.items() if k.startswith("v.")}
         self.num_updates = int(sd["num_updates"]) if "num_updates" in sd else 0

@@ -28,7 +28,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
-from .averaging import MetaGradientAverage
+from .averaging import GradientSecondMoment, MetaGradientAverage
 from .batchnorm_tangent import batchnorm_tangents
 from .distributed import all_reduce_mean_, world_size
 from .layerwise import LayerTape
@@ -260,7 +260,7 @@ def _last_layer(
     specs: Mapping[str, ParamSpec], weight_decay: float, normalizer: float, smoothing: float,
     grads: Mapping[str, torch.Tensor] | None, num_labels: int | None = None,
     average: MetaGradientAverage | None = None, per_step_too: bool = False, weight_decay_grad_needed: bool = True,
-    probes: Sequence[MicroBatch] = (),
+    probes: Sequence[MicroBatch] = (), metric: GradientSecondMoment | None = None,
 ) -> MetaGradients:
     head_name, head = find_output_layer(model, num_labels)
     hp = {n: p for n, p in params.items() if n in (f"{head_name}.weight", f"{head_name}.bias")}
@@ -296,6 +296,7 @@ def _last_layer(
                     grads[bn] = gb.to(hp[bn].dtype)
                 all_reduce_mean_(list(grads.values()))
             theta = lookahead({n: p.detach() for n, p in hp.items()}, {n: grads[n] for n in hp}, specs, weight_decay)
+            _update_metric(metric, grads, hp, specs, 1.0)
         hm = meta.features if meta.features is not None else meta_head_features(model, meta, num_labels)
         W2 = theta[wn].detach().float().requires_grad_(True)
         b2 = theta[bn].detach().float().requires_grad_(True) if bn else None
@@ -310,9 +311,9 @@ def _last_layer(
         per_step = None
         if average is not None:
             if per_step_too:
-                per_step = -head_dots(tangent(gm, specs), feats) / (normalizer * world_size())
+                per_step = -head_dots(_in_metric(tangent(gm, specs), metric), feats) / (normalizer * world_size())
             gm = average.update(gm)
-        T = tangent(gm, specs)
+        T = _in_metric(tangent(gm, specs), metric)
         dots = head_dots(T, feats)
         probe_grad = -head_dots(T, probe_feats) / (normalizer * world_size()) if probes else None
     finally:
@@ -399,6 +400,7 @@ def meta_gradients(
     probes: Sequence[MicroBatch] = (),
     meta_params: Collection[str] | None = None,
     objective: str = "loss",
+    metric: GradientSecondMoment | None = None,
 ) -> MetaGradients:
     """∂L_meta/∂e_i for every example of ``window`` and ∂L_meta/∂wd after the lookahead of ``specs``.
 
@@ -440,21 +442,29 @@ def meta_gradients(
     ``objective``: what the lookahead's meta batch is scored by (:data:`~hf_ddlr.meta.losses.META_OBJECTIVES`,
     :meth:`~hf_ddlr.meta.losses.TaskLoss.meta_objective`); every meta-gradient returned is that objective's,
     :attr:`MetaGradients.meta_loss` stays the task's loss. ``"last_layer"`` takes ``"loss"`` only.
+
+    ``metric`` (not with ``"exact"``): Adam's second moment of the training gradient, folded in with this step's
+    (clipped) gradient of the tensors the optimizer does not precondition (SGD specs); their share of every product
+    is then taken in its metric, ``T_p / (sqrt(v̂_p) + eps)`` (:class:`~hf_ddlr.meta.averaging.GradientSecondMoment`).
+    Adam / AdamW specs keep their own preconditioner. The weight decay's meta-gradient stays the real step's.
     """
     _check_arguments(strategy, layer_tape, grads, task, objective)
+    if strategy == "exact" and metric is not None:
+        raise ValueError("meta_strategy='exact' differentiates the real lookahead, whose products are the optimizer's; "
+                         "it cannot take them in Adam's metric. Use meta_strategy='jvp' or rate_metric='optimizer'.")
     if strategy == "exact":
         return _exact(model, params, window, meta, specs, weight_decay, normalizer, label_smoothing,
                       max_grad_norm, average, task, per_step_too, probes, meta_params, objective)
     if strategy == "last_layer":
         return _last_layer(model, params, window, meta, specs, weight_decay, normalizer, label_smoothing, grads,
-                           num_labels, average, per_step_too, weight_decay_grad_needed, probes)
+                           num_labels, average, per_step_too, weight_decay_grad_needed, probes, metric)
     if grads is None:
         grads = lookahead_gradient(model, params, window, normalizer, label_smoothing, loss_scale, task)
     rows = None if weight_decay_grad_needed or layer_tape is None else embedding_rows
     meta_loss, g_meta, T, T_step = _meta_tangent(model, params, grads, meta, specs, weight_decay, label_smoothing,
                                                  loss_scale, max_grad_norm, average, task, rows, layer_tape,
                                                  per_step_too, [mb.inputs for mb in probes], meta_params,
-                                                 objective)
+                                                 objective, metric)
     only_step = T_step is not None and not average_products  # the per-step set is the only one
     dots, mismatch = _dots(model, params, window, T_step if only_step else T, strategy, label_smoothing, loss_scale,
                            fd_eps, layer_tape, check_layer_tape, task)
@@ -501,7 +511,7 @@ def _meta_tangent(
     max_grad_norm: float | None, average: MetaGradientAverage | None, task: TaskLoss = SINGLE_LABEL,
     embedding_rows: EmbeddingRows | None = None, tape: LayerTape | None = None, per_step_too: bool = False,
     probe_inputs: Sequence[Mapping[str, Any]] = (), meta_params: Collection[str] | None = None,
-    objective: str = "loss",
+    objective: str = "loss", metric: GradientSecondMoment | None = None,
 ) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """The meta loss at the lookahead point θ' of the real gradient ``grads``, its gradient (the running
     average's direction when there is one), and the tangent T of the dots. The step's clipping coefficient
@@ -509,7 +519,7 @@ def _meta_tangent(
     ``embedding_rows`` the tables it plans are computed on their looked-up rows (checked once against the
     full lookahead). With ``per_step_too`` and an average, also the tangent of this step's own meta gradient
     (else None). ``meta_params``: the lookahead moves these only (the clipping coefficient is still the whole
-    step's) and the gradient and tangent are theirs."""
+    step's) and the gradient and tangent are theirs. ``metric``: both tangents in its metric (:func:`meta_gradients`)."""
     c = clip_coefficient(grads, max_grad_norm)
     detached = {n: p.detach() for n, p in params.items()}
     moved = _subset(detached, meta_params)
@@ -528,12 +538,31 @@ def _meta_tangent(
             same = ref_loss == meta_loss and all(torch.equal(ref_g[n], g_meta[n]) for n in ref_g)
             embedding_rows.settle(same, next(iter(ref_g.values())).device)
         meta_loss, g_meta = ref_loss, ref_g
+    _update_metric(metric, grads, moved, specs, c)
     T_step = None
     if average is not None:
         if per_step_too:
-            T_step = _scaled(tangent(g_meta, specs), c)
+            T_step = _in_metric(_scaled(tangent(g_meta, specs), c), metric)
         g_meta = average.update(g_meta)
-    return meta_loss, g_meta, _scaled(tangent(g_meta, specs), c), T_step
+    return meta_loss, g_meta, _in_metric(_scaled(tangent(g_meta, specs), c), metric), T_step
+
+
+def _update_metric(
+    metric: GradientSecondMoment | None, grads: Mapping[str, torch.Tensor], moved: Collection[str],
+    specs: Mapping[str, ParamSpec], scale: float,
+) -> None:
+    """Fold this step's gradient (times the clipping coefficient ``scale``) of the moved tensors the optimizer does
+    not precondition into ``metric``."""
+    if metric is not None:
+        metric.update({n: grads[n] for n in moved if specs[n].kind != "adam"}, scale)
+
+
+def _in_metric(T: dict[str, torch.Tensor], metric: GradientSecondMoment | None) -> dict[str, torch.Tensor]:
+    """The tangent ``T`` (new tensors) in ``metric``'s units, in place, on the tensors it holds: those the optimizer
+    does not precondition (:func:`_update_metric`)."""
+    if metric is not None:
+        metric.precondition_(T)
+    return T
 
 
 def _scaled(T: dict[str, torch.Tensor], c: float) -> dict[str, torch.Tensor]:
