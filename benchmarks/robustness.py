@@ -194,6 +194,12 @@ def _resolved(cell: Cell, key: str, value: Any) -> Any:
         head = _resolved(cell, "meta_parameters", OVERRIDES.get("meta_parameters", "auto")) == "head"
         last_layer = OVERRIDES.get("meta_strategy") == "last_layer"
         return "bounded" if cell.model == "minilm" and head and not last_layer else "loss"
+    if key == "rate_metric" and value == "auto":  # as rate_metric_choice resolves it; under Adam's own step the
+        # two metrics are one (the second moment holds nothing): 'optimizer', the value those runs recorded
+        if OVERRIDES.get("meta_strategy") == "exact":
+            return "optimizer"
+        adam_step = RECIPES[cell.recipe].optim.startswith("adam") and OVERRIDES.get("lookahead", "optimizer") == "optimizer"
+        return "optimizer" if adam_step else "adam"
     return value
 
 

@@ -77,6 +77,7 @@ def run(
     class_rate_direction: str = "per_step",
     max_instance_rate: float | None = 1.0,
     probe_batches: float = 1.0,
+    rate_metric: str = "auto",
 ) -> _Recording:
     """``model="bert"``: the tiny BERT of tiny_text.py with padding (its forward takes **kwargs: the GA/DDP
     loss-scaling trap's precondition), 32 train / 16 meta sentences; ``"bert_head"``: the same with the meta step
@@ -105,6 +106,7 @@ def run(
         class_rate_direction=class_rate_direction,
         max_instance_rate=max_instance_rate,
         probe_batches=probe_batches,
+        rate_metric=rate_metric,
         meta_parameters="head" if model == "bert_head" else "auto",
         meta_objective="bounded" if model == "bert_head" else "auto",
         meta_lr=0.2,

@@ -21,6 +21,7 @@ from torch import nn
 
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
 from hf_ddlr._checkpoint import RATE_METRIC_NAME
+from hf_ddlr.config import rate_metric_choice
 from hf_ddlr.meta import MetaBatch, MicroBatch, meta_gradients, param_specs
 from hf_ddlr.meta.averaging import GradientSecondMoment
 
@@ -167,7 +168,7 @@ def _metric_run(out_dir: str, stop_at: int | None = None, resume: bool = False, 
     args = MetaLRConfig(
         output_dir=out_dir, **COMMON, optim="sgd", optim_args="momentum=0.9", learning_rate=0.3,
         lr_scheduler_type="constant", max_grad_norm=1.0, per_device_train_batch_size=8, meta_batch_size=8,
-        max_steps=6, logging_steps=1, save_strategy="steps", save_steps=3, rate_metric="adam", lr_level="both", **kw,
+        max_steps=6, logging_steps=1, save_strategy="steps", save_steps=3, lr_level="both", **{"rate_metric": "adam", **kw},
     )
     t = MetaLRTrainer(model=TinyMLP(hidden=12), args=args, train_dataset=make_split(32, seed=11),
                       meta_dataset=make_split(8, seed=12))
@@ -200,3 +201,20 @@ def test_trainer_takes_the_metric_and_resumes_it_exactly(tmp_path):
         broken = _metric_run(out, resume=True)
     assert broken._rate_metric.num_updates == 3
     assert not torch.equal(broken.rates.instance, straight.rates.instance)
+
+
+def test_the_default_is_adams_metric_except_under_exact(tmp_path):
+    """rate_metric='auto' (the default) takes the products in Adam's metric — the same run as an explicit 'adam' —
+    and in the optimizer's under meta_strategy='exact', whose lookahead it differentiates."""
+    assert MetaLRConfig(output_dir="unused").rate_metric == "auto"
+    assert rate_metric_choice(MetaLRConfig(output_dir="unused")) == "adam"
+    assert rate_metric_choice(MetaLRConfig(output_dir="unused", meta_strategy="exact")) == "optimizer"
+    auto = _metric_run(str(tmp_path / "auto"), rate_metric="auto")
+    adam = _metric_run(str(tmp_path / "adam"))
+    optimizer = _metric_run(str(tmp_path / "optimizer"), rate_metric="optimizer")
+    assert auto._rate_metric.num_updates == 6 and optimizer._rate_metric is None
+    assert torch.equal(auto.rates.instance, adam.rates.instance)
+    assert not torch.equal(auto.rates.instance, optimizer.rates.instance)
+    assert auto.lr_trajectory.config["rate_metric"] == "adam" and "rate_metric" not in optimizer.lr_trajectory.config
+    exact = _metric_run(str(tmp_path / "exact"), rate_metric="auto", meta_strategy="exact")
+    assert exact._rate_metric is None

@@ -41,6 +41,7 @@ def test_one_sgd_step_matches_the_paper_equations(tmp_path, level, center):
         tmp_path, per_device_train_batch_size=24, max_steps=1, learning_rate=lam, optim="sgd",
         lr_scheduler_type="constant", weight_decay=wd, lr_level=level, meta_lr=meta_lr, meta_lr_scaling="raw",
         max_instance_rate=None, probe_batches=0,  # the paper's rule: rates unbounded above, the step's rows only
+        rate_metric="optimizer",  # and the products the real (here plain-SGD) step's
         learn_weight_decay=True, weight_decay_meta_lr=wd_lr, meta_batch_size=10, lookahead="sgd", max_grad_norm=0.0,
         center_instance_rates=center,
     )

@@ -192,19 +192,23 @@ def _one_step(tmp_path, model, bf16: bool, **kw) -> MetaLRTrainer:
     return t
 
 
-def test_bf16_meta_gradients_match_fp32(tmp_path):
+@pytest.mark.parametrize(("metric", "min_cos"), [("optimizer", 0.999), ("adam", 0.99)])
+def test_bf16_meta_gradients_match_fp32(tmp_path, metric, min_cos):
     """bf16=True on CPU: accelerate wraps model.forward in autocast, and functional_call inherits it. The
-    meta-gradients of one step from the same weights are within cosine 0.999 of the fp32 ones."""
+    meta-gradients of one step from the same weights are within cosine 0.999 of the fp32 ones. In Adam's metric
+    (the default under SGD) the first step divides every coordinate by its own gradient's size, as Adam's first
+    step does, so the coordinates with tiny gradients — where bf16's relative error is largest — weigh as much as
+    the others: within 0.99 there."""
     torch.manual_seed(0)
     m = TinyMLP(hidden=64)
-    fp32 = _one_step(tmp_path / "fp32", copy.deepcopy(m), bf16=False)
-    bf16 = _one_step(tmp_path / "bf16", copy.deepcopy(m), bf16=True)
+    fp32 = _one_step(tmp_path / "fp32", copy.deepcopy(m), bf16=False, rate_metric=metric)
+    bf16 = _one_step(tmp_path / "bf16", copy.deepcopy(m), bf16=True, rate_metric=metric)
     assert fp32.meta_pass_dtypes == [torch.float32]
     assert bf16.meta_pass_dtypes == [torch.bfloat16]  # autocast really reached the functional meta pass
     g32, g16 = fp32.last_meta_gradients, bf16.last_meta_gradients
     assert g16.finite
     cos = _cos(g32.example_grad, g16.example_grad)
-    assert cos > 0.999, cos
+    assert cos > min_cos, cos
     assert g16.meta_loss == pytest.approx(g32.meta_loss, rel=1e-2)
     assert g16.weight_decay_grad == pytest.approx(g32.weight_decay_grad, rel=0.05)
 

@@ -26,7 +26,7 @@ __all__ = ["META_GRAD_AVERAGE_NAME", "META_STATE_NAME", "load_best_meta_state", 
 
 META_STATE_NAME = "meta_state.safetensors"
 META_GRAD_AVERAGE_NAME = "meta_grad_average.safetensors"
-RATE_METRIC_NAME = "rate_metric.safetensors"  # rate_metric="adam": the second moment of the training gradient
+RATE_METRIC_NAME = "rate_metric.safetensors"  # rate_metric "adam" (the default): the training gradient's 2nd moment
 APPLIED_RATES_NAME = "applied_instance_rates.safetensors"  # probe runs: what each example was last trained with
 
 
@@ -90,8 +90,10 @@ def load_meta_state(trainer: MetaLRTrainer, checkpoint: str) -> None:
             trainer._rate_metric.load_state_dict(safetensors.torch.load_file(metric_path), trainer.args.device)
         else:  # it stays as train() made it: empty
             warnings.warn(
-                f"{metric_path} is missing (a checkpoint written without rate_metric='adam'): the second moment of "
-                "the training gradient starts again from this step. Training is not an exact continuation.",
+                f"{metric_path} is missing (a checkpoint written with rate_metric='optimizer' or by an hf_ddlr "
+                "before rate_metric): where the optimizer is not Adam's, the second moment of the training gradient "
+                "in which the products are taken starts again from this step and training is not an exact "
+                "continuation (under Adam/AdamW it holds nothing: the continuation is exact).",
                 stacklevel=3,
             )
     if trainer._applied_instance is not None:

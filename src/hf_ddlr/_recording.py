@@ -16,6 +16,7 @@ from transformers.utils import logging
 
 from ._batches import HALF_META_BATCH_TASKS, meta_batch_size, probe_batches
 from ._meta_parameters import meta_objective_choice, meta_parameters_choice
+from .config import rate_metric_choice
 from .meta import RateTable
 from .meta.distributed import world_size
 from .trajectory import LRTrajectory
@@ -103,8 +104,8 @@ def meta_settings(trainer: MetaLRTrainer) -> dict[str, Any]:
         out["group_column"] = trainer.meta_args.group_column
     if trainer.meta_args.lookahead_step != 1.0:  # likewise
         out["lookahead_step"] = trainer.meta_args.lookahead_step
-    if trainer.meta_args.rate_metric != "optimizer":  # likewise
-        out["rate_metric"] = trainer.meta_args.rate_metric
+    if rate_metric_choice(trainer.meta_args) != "optimizer":  # likewise ("adam": under Adam/AdamW the same metric)
+        out["rate_metric"] = rate_metric_choice(trainer.meta_args)
     if trainer.meta_args.instance_rate_scale != "batch":  # likewise
         out["instance_rate_scale"] = trainer.meta_args.instance_rate_scale
     task = getattr(trainer, "_task", None)

@@ -16,11 +16,11 @@ from .meta.losses import META_OBJECTIVES
 from .meta.parameters import PARAMETER_CHOICES, meta_parameters_pattern
 from .meta.rates import INSTANCE_GRADIENTS, INSTANCE_LEVELS, INSTANCE_SCALES, LEVELS
 
-__all__ = ["MetaLRConfig", "MetaLROptions", "check_meta_options", "resolve_meta_options"]
+__all__ = ["MetaLRConfig", "MetaLROptions", "check_meta_options", "rate_metric_choice", "resolve_meta_options"]
 
 UPDATES = ("same_step", "delayed")
 LOOKAHEADS = ("optimizer", "sgd")
-RATE_METRICS = ("optimizer", "adam")
+RATE_METRICS = ("auto", "optimizer", "adam")
 SCALINGS = ("normalized", "raw")
 CLASS_RATE_DIRECTIONS = ("average", "per_step")
 OBJECTIVE_CHOICES = ("auto", *META_OBJECTIVES)
@@ -191,16 +191,18 @@ class MetaLROptions:
         "'The lookahead's step'), elsewhere it made no difference.",
     )
     rate_metric: str = _option(
-        "optimizer",
-        "The metric in which every example's gradient is compared with the meta gradient. 'optimizer' (default): "
-        "the real step's, i.e. the paper's meta-gradient (Adam/AdamW divide each coordinate by the root of their "
-        "second moment; SGD, with or without momentum, does not). 'adam': where the optimizer does not precondition "
-        "its step, each parameter's share of the products is divided as an Adam step would divide it, by the root "
-        "of a running mean (0.999, bias-corrected) of its squared clipped training gradient, so that the "
-        "coordinates with the largest gradients (a deep network's lower layers, normalisation parameters) do not "
-        "set the products alone. On plain-SGD recipes it ranked mislabelled examples better, with momentum it "
-        "made no difference (docs/robustness.md, 'The products in Adam's metric'). One more parameter-sized fp32 "
-        "buffer; not with meta_strategy='exact'. The weight decay's meta-gradient stays the real step's.",
+        "auto",
+        "The metric in which every example's gradient is compared with the meta gradient. 'optimizer': the real "
+        "step's, i.e. the paper's meta-gradient (Adam/AdamW divide each coordinate by the root of their second "
+        "moment; SGD, with or without momentum, does not). 'adam': where the optimizer does not precondition its "
+        "step, each parameter's share of the products is divided as an Adam step would divide it, by the root of a "
+        "running mean (0.999, bias-corrected) of its squared clipped training gradient, so that the coordinates "
+        "with the largest gradients (a deep network's lower layers, normalisation parameters) do not set the "
+        "products alone; one more parameter-sized fp32 buffer. 'auto' (default): 'adam', except under "
+        "meta_strategy='exact' (which differentiates the real lookahead: 'optimizer'). Under Adam/AdamW both are "
+        "the same. On plain-SGD recipes 'adam' ranked mislabelled examples better (a ResNet: AUROC 0.87 -> 0.90), "
+        "with momentum it made no difference (docs/robustness.md, 'The products in Adam's metric'). The weight "
+        "decay's meta-gradient stays the real step's.",
         choices=RATE_METRICS,
     )
     meta_grad_average: float = _option(
@@ -472,6 +474,14 @@ def _is_int(x: object) -> bool:
 def _is_finite_number(x: object) -> bool:
     """An int or float (not a bool) that is neither nan nor infinite."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def rate_metric_choice(opts: Any) -> str:
+    """``rate_metric`` as a run uses it: ``"auto"`` resolved to ``"adam"``, or to ``"optimizer"`` under
+    ``meta_strategy="exact"`` (whose products are the real lookahead's); any other value as given."""
+    if opts.rate_metric != "auto":
+        return opts.rate_metric
+    return "optimizer" if opts.meta_strategy == "exact" else "adam"
 
 
 def resolve_meta_options(args: TrainingArguments | None) -> MetaLROptions:

@@ -33,7 +33,7 @@ from ._groups import Groups, check_same_groups, read_groups
 from ._meta_check import MetaSetCheck, check_meta_set
 from ._recording import AppliedInstanceRates, MetaLog, TrajectoryRecorder, new_trajectory
 from ._tasks import check_task_options, resolve_task
-from .config import MetaLROptions, resolve_meta_options
+from .config import MetaLROptions, rate_metric_choice, resolve_meta_options
 from .meta import MicroBatch, RateTable, param_specs, replay_rng
 from .meta.averaging import GradientSecondMoment, MetaGradientAverage
 from .meta.layerwise import LayerwiseCheck
@@ -222,7 +222,7 @@ class MetaLRTrainer(Trainer):
         self._schedule = schedule_for(self) if self._meta_active else None
         if self._meta_active:
             self._meta_grad_average = self._fresh_average()
-            self._rate_metric = GradientSecondMoment() if self.meta_args.rate_metric == "adam" else None
+            self._rate_metric = GradientSecondMoment() if rate_metric_choice(self.meta_args) == "adam" else None
             self._applied_instance = self._fresh_applied()
         output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
         if self._meta_active and self.replay is None:  # what the rates followed, as the trained model sees it
@@ -347,7 +347,7 @@ class MetaLRTrainer(Trainer):
             device=args.device,
         )
         self._meta_grad_average: MetaGradientAverage | None = None  # made empty when train() starts
-        self._rate_metric: GradientSecondMoment | None = None  # rate_metric="adam": likewise
+        self._rate_metric: GradientSecondMoment | None = None  # rate_metric resolved to "adam": likewise
         self._applied_instance: AppliedInstanceRates | None = None  # likewise (probe runs)
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-window mean; the Trainer divides by GA
         self._meta_set = MetaSetSampler(self, self.meta_dataset)
