@@ -407,16 +407,18 @@ def test_strategies_agree_with_the_average(opt, clip):
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint
-def _avg_run(out_dir: str, stop_at: int | None = None, resume: bool = False) -> MetaLRTrainer:
-    """tests/ddp_worker.py's run with the running average, the optimizer lookahead and clipping on."""
+def _avg_run(out_dir: str, stop_at: int | None = None, resume: bool = False, **kw) -> MetaLRTrainer:
+    """tests/ddp_worker.py's run with the running average, the optimizer lookahead and clipping on (``kw``: other
+    or more MetaLRConfig options)."""
     torch.manual_seed(0)
-    args = MetaLRConfig(
-        output_dir=out_dir, **COMMON, optim="sgd", optim_args="momentum=0.9", learning_rate=0.3,
+    options = dict(
+        optim="sgd", optim_args="momentum=0.9", learning_rate=0.3,
         lr_scheduler_type="constant", weight_decay=0.01, learn_weight_decay=True, lr_level="both", meta_lr=0.2,
         meta_lr_scaling="normalized", meta_strategy="jvp", meta_update="same_step", lookahead="optimizer",
         max_grad_norm=1.0, meta_grad_average=0.9, per_device_train_batch_size=8, meta_batch_size=8, max_steps=6,
         logging_steps=1, save_strategy="steps", save_steps=3,
     )
+    args = MetaLRConfig(output_dir=out_dir, **COMMON, **{**options, **kw})
     t = MetaLRTrainer(model=TinyMLP(hidden=12), args=args, train_dataset=make_split(32, seed=11),
                       meta_dataset=make_split(8, seed=12))
     if stop_at is not None:

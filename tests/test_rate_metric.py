@@ -13,11 +13,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from ddp_worker import _StopAt, state_of
-from test_meta_average_and_clipping import COMMON
+from ddp_worker import state_of
+from test_lookahead_optimizers import MLP
+from test_meta_average_and_clipping import _avg_run
 from test_trainer_features import _assert_states, _only_checkpoint_without
-from tiny import TinyMLP, make_split
-from torch import nn
 
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
 from hf_ddlr._checkpoint import RATE_METRIC_NAME
@@ -28,15 +27,6 @@ from hf_ddlr.meta.averaging import GradientSecondMoment
 N, D, C = 8, 5, 3
 DECAY = ("fc1.weight", "fc2.weight")
 MAX_NORM = 0.3  # below the gradients' norm: the clipping coefficient is < 1 and must enter θ', v and T
-
-
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.ln, self.fc2 = nn.Linear(D, 7), nn.LayerNorm(7), nn.Linear(7, C)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.tanh(self.ln(self.fc1(x))))
 
 
 def _build(kind: str):
@@ -162,20 +152,9 @@ def test_exact_strategy_refuses_the_metric():
 
 # ---------------------------------------------------------------------------------------------- in the Trainer
 def _metric_run(out_dir: str, stop_at: int | None = None, resume: bool = False, **kw) -> MetaLRTrainer:
-    """A momentum-SGD run with clipping, class and instance rates, probes and the average on, its products in
-    Adam's metric."""
-    torch.manual_seed(0)
-    args = MetaLRConfig(
-        output_dir=out_dir, **COMMON, optim="sgd", optim_args="momentum=0.9", learning_rate=0.3,
-        lr_scheduler_type="constant", max_grad_norm=1.0, per_device_train_batch_size=8, meta_batch_size=8,
-        max_steps=6, logging_steps=1, save_strategy="steps", save_steps=3, lr_level="both", **{"rate_metric": "adam", **kw},
-    )
-    t = MetaLRTrainer(model=TinyMLP(hidden=12), args=args, train_dataset=make_split(32, seed=11),
-                      meta_dataset=make_split(8, seed=12))
-    if stop_at is not None:
-        t.add_callback(_StopAt(stop_at))
-    t.train(resume_from_checkpoint=True if resume else None)
-    return t
+    """A momentum-SGD run with clipping, class and instance rates, probes, the average and the learned weight decay
+    on, its products in Adam's metric (unless ``kw`` says otherwise)."""
+    return _avg_run(out_dir, stop_at, resume, **{"rate_metric": "adam", **kw})
 
 
 def _state(t: MetaLRTrainer) -> dict[str, torch.Tensor]:

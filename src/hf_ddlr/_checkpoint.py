@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import safetensors.torch
 from transformers.utils import logging
@@ -59,6 +59,17 @@ def load_best_meta_state(trainer: MetaLRTrainer) -> None:
     logger.info(f"Loaded the rates and LR trajectory of the best checkpoint {best} with its model.")
 
 
+def _load_running_state(state: Any, path: str, device: Any, why_missing: str) -> None:
+    """Load a running statistic of the meta step (the meta-gradient average, the rate metric's second moment) that
+    train() made empty, from ``path``; a missing file is warned about (``why_missing``) and leaves it empty."""
+    if state is None:
+        return
+    if os.path.isfile(path):
+        state.load_state_dict(safetensors.torch.load_file(path), device)
+    else:
+        warnings.warn(f"{path} is missing {why_missing}", stacklevel=4)
+
+
 def load_meta_state(trainer: MetaLRTrainer, checkpoint: str) -> None:
     """Resume: the rates, the meta-gradient average and the trajectory of ``checkpoint`` (each missing file
     is warned about: the run is then not an exact continuation)."""
@@ -74,28 +85,18 @@ def load_meta_state(trainer: MetaLRTrainer, checkpoint: str) -> None:
         safetensors.torch.load_file(path), allow_resize=trainer.meta_args.resize_rates_on_resume
     )
     # (the optimizer gets the loaded weight decay with the first window's rates, before its first step)
-    avg_path = os.path.join(checkpoint, META_GRAD_AVERAGE_NAME)
-    if trainer._meta_grad_average is not None:
-        if os.path.isfile(avg_path):
-            trainer._meta_grad_average.load_state_dict(safetensors.torch.load_file(avg_path), trainer.args.device)
-        else:  # it stays as train() made it: empty
-            warnings.warn(
-                f"{avg_path} is missing (a checkpoint written without meta_grad_average): the running average "
-                "of the meta gradient starts again from this step. Training is not an exact continuation.",
-                stacklevel=3,
-            )
-    metric_path = os.path.join(checkpoint, RATE_METRIC_NAME)
-    if trainer._rate_metric is not None:
-        if os.path.isfile(metric_path):
-            trainer._rate_metric.load_state_dict(safetensors.torch.load_file(metric_path), trainer.args.device)
-        else:  # it stays as train() made it: empty
-            warnings.warn(
-                f"{metric_path} is missing (a checkpoint written with rate_metric='optimizer' or by an hf_ddlr "
-                "before rate_metric): where the optimizer is not Adam's, the second moment of the training gradient "
-                "in which the products are taken starts again from this step and training is not an exact "
-                "continuation (under Adam/AdamW it holds nothing: the continuation is exact).",
-                stacklevel=3,
-            )
+    _load_running_state(
+        trainer._meta_grad_average, os.path.join(checkpoint, META_GRAD_AVERAGE_NAME), trainer.args.device,
+        "(a checkpoint written without meta_grad_average): the running average of the meta gradient starts again "
+        "from this step. Training is not an exact continuation.",
+    )
+    _load_running_state(
+        trainer._rate_metric, os.path.join(checkpoint, RATE_METRIC_NAME), trainer.args.device,
+        "(a checkpoint written with rate_metric='optimizer' or by an hf_ddlr before rate_metric): where the "
+        "optimizer is not Adam's, the second moment of the training gradient in which the products are taken starts "
+        "again from this step and training is not an exact continuation (under Adam/AdamW it holds nothing: the "
+        "continuation is exact).",
+    )
     if trainer._applied_instance is not None:
         applied_path = os.path.join(checkpoint, APPLIED_RATES_NAME)
         saved = safetensors.torch.load_file(applied_path) if os.path.isfile(applied_path) else None
