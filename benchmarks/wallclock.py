@@ -18,7 +18,9 @@ of the meta step shows on a small model. Tasks:
 
 Each round trains plain, then every MetaLR configuration (``defaults``: ``MetaLRConfig()``; ``no_probes``:
 ``probe_batches=0``, only the step's own examples scored — what the probes cost; ``delayed``:
-``meta_update="delayed"``, the meta step from the real step's gradient), each from a fresh model, in one
+``meta_update="delayed"``, the meta step from the real step's gradient; ``optimizer_metric``:
+``rate_metric="optimizer"``, the products without Adam's metric — what the metric costs under SGD; not run unless
+asked with ``--configs``), each from a fresh model, in one
 process; the ratio of a round is MetaLR / plain of that round and the reported ratio is the median over
 rounds. After the rounds, one instrumented run per configuration gives the per-phase breakdown (wall time
 per optimizer step, each phase exclusive of the phases it calls). ``--profile`` adds a cProfile table of one
@@ -71,7 +73,9 @@ from hf_ddlr import MetaLRConfig, MetaLRTrainer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TASKS = ("minilm", "cnn", "resnet", "sft")
-CONFIGS: dict[str, dict] = {"defaults": {}, "no_probes": {"probe_batches": 0}, "delayed": {"meta_update": "delayed"}}
+CONFIGS: dict[str, dict] = {"defaults": {}, "no_probes": {"probe_batches": 0}, "delayed": {"meta_update": "delayed"},
+                            "optimizer_metric": {"rate_metric": "optimizer"}}
+DEFAULT_CONFIGS = ("defaults", "no_probes", "delayed")  # those a run without --configs measures
 TARGETS = {"minilm": 2.5, "cnn": 3.0, "resnet": 3.2}  # issue 15's whole-run ratios with the defaults
 CELLS = {"minilm": "vader-minilm-ft-flip30", "cnn": "mnist-cnn-sgdm-flip35"}
 SIZES = {"minilm": 600, "cnn": None}  # train rows used (None: the whole split)
@@ -125,7 +129,7 @@ def _robustness_bench(task: str, quick: bool) -> Bench:
 
 def _resnet_bench(width: int, steps: int) -> Bench:
     task = _tasks.make_task("resnet", width, n_train=steps * 64)
-    names = {None: "plain", "defaults": "jvp", "no_probes": "jvp", "delayed": "jvp/delayed"}
+    names = {None: "plain", "defaults": "jvp", "no_probes": "jvp", "delayed": "jvp/delayed", "optimizer_metric": "jvp"}
 
     def build(config: str | None, out_dir: str) -> Trainer:
         extra = {k: v for k, v in CONFIGS.get(config, {}).items() if k != "meta_update"}  # (the name sets it)
@@ -352,7 +356,7 @@ def render(res: dict, baseline: dict | None = None) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), choices=list(CONFIGS))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--width", type=int, default=16, help="ResNet-18 base width (64: the standard one)")
     p.add_argument("--resnet-steps", type=int, default=16)

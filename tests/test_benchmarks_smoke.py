@@ -233,7 +233,7 @@ def test_wallclock_quick_writes_the_table_and_the_breakdown(tmp_path):
     wc = _load("wallclock")
     res = wc.main(["--quick", "--tasks", "resnet", "--output_dir", str(tmp_path)])
     t = res["tasks"]["resnet"]
-    assert set(t["times_s"]) == {"plain", *wc.CONFIGS} and all(len(v) == 1 for v in t["times_s"].values())
+    assert set(t["times_s"]) == {"plain", *wc.DEFAULT_CONFIGS} and all(len(v) == 1 for v in t["times_s"].values())
     assert all(r > 0 for r in t["ratio"].values())
     for cfg, phases in t["phases_ms"].items():
         assert set(phases) == {*wc.PHASES, "total"} and phases["total"] > 0 and phases["real step"] > 0

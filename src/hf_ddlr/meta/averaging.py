@@ -96,13 +96,15 @@ class GradientSecondMoment:
         A non-finite gradient (an fp16 overflow, a skipped step) is not folded in; returns whether it was."""
         if not math.isfinite(scale) or not _all_finite(grads.values()):
             return False
-        for n, g in grads.items():
-            g2 = torch.square(g.detach().float() * scale)
-            v = self.second_moment.get(n)
-            if v is None:  # (a tensor first seen now starts from 0 like the others did, at this step's weight)
-                self.second_moment[n] = g2.mul_(1.0 - self.beta)
-            else:
-                v.mul_(self.beta).add_(g2, alpha=1.0 - self.beta)
+        if grads:  # (one multi-tensor op per stage: few kernel launches for a network of many small tensors)
+            g2 = torch._foreach_mul([g.detach().float() for g in grads.values()], scale)
+            torch._foreach_mul_(g2, g2)
+            for n, g in zip(grads, g2):  # (a tensor first seen now starts from 0 like the others did)
+                if n not in self.second_moment:
+                    self.second_moment[n] = torch.zeros_like(g)
+            v = [self.second_moment[n] for n in grads]
+            torch._foreach_mul_(v, self.beta)
+            torch._foreach_add_(v, g2, alpha=1.0 - self.beta)
         self.num_updates += 1
         return True
 
@@ -110,11 +112,18 @@ class GradientSecondMoment:
         """Divide each tensor of ``tangent`` that has a second moment by ``sqrt(v̂) + eps``, in place."""
         if not self.num_updates:
             return
-        correction = 1.0 - self.beta**self.num_updates
-        for n, t in tangent.items():
-            v = self.second_moment.get(n)
-            if v is not None:
-                t.div_(v.div(correction).sqrt_().add_(self.eps).to(t.dtype))
+        names = [n for n in tangent if n in self.second_moment]
+        if not names:
+            return
+        denom = torch._foreach_div([self.second_moment[n] for n in names], 1.0 - self.beta**self.num_updates)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, self.eps)
+        ts = [tangent[n] for n in names]
+        if all(t.dtype == d.dtype for t, d in zip(ts, denom)):
+            torch._foreach_div_(ts, denom)
+        else:
+            for t, d in zip(ts, denom):
+                t.div_(d.to(t.dtype))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The second moment's tensors (prefixed ``v.``) and its step count: a resumed run continues exactly."""
