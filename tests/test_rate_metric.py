@@ -197,3 +197,16 @@ def test_the_default_is_adams_metric_except_under_exact(tmp_path):
     assert auto.lr_trajectory.config["rate_metric"] == "adam" and "rate_metric" not in optimizer.lr_trajectory.config
     exact = _metric_run(str(tmp_path / "exact"), rate_metric="auto", meta_strategy="exact")
     assert exact._rate_metric is None
+
+
+def test_a_coordinate_no_training_gradient_reached_is_left_out():
+    """Where the second moment is exactly 0 (an embedding row never looked up by a training batch) the tangent is
+    0, not the meta gradient times 1/eps; elsewhere it is divided by sqrt(v̂) + eps."""
+    m = GradientSecondMoment()
+    g = torch.tensor([[0.5, 0.0], [0.0, -2.0]])
+    m.update({"emb": g})
+    t = {"emb": torch.full((2, 2), 3.0)}
+    m.precondition_(t)
+    expected = torch.tensor([[3.0 / (0.5 + 1e-8), 0.0], [0.0, 3.0 / (2.0 + 1e-8)]])
+    torch.testing.assert_close(t["emb"], expected)
+    assert torch.isfinite(t["emb"]).all()

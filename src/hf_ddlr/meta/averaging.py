@@ -109,15 +109,21 @@ class GradientSecondMoment:
         return True
 
     def precondition_(self, tangent: Mapping[str, torch.Tensor]) -> None:
-        """Divide each tensor of ``tangent`` that has a second moment by ``sqrt(v̂) + eps``, in place."""
+        """Divide each tensor of ``tangent`` that has a second moment by ``sqrt(v̂) + eps``, in place; its
+        coordinates whose second moment is exactly 0 (an embedding row no training batch has looked up, a unit no
+        training example has activated) become 0: there the meta gradient divided by ``eps`` would outweigh every
+        other coordinate of the products."""
         if not self.num_updates:
             return
         names = [n for n in tangent if n in self.second_moment]
         if not names:
             return
-        denom = torch._foreach_div([self.second_moment[n] for n in names], 1.0 - self.beta**self.num_updates)
+        v = [self.second_moment[n] for n in names]
+        denom = torch._foreach_div(v, 1.0 - self.beta**self.num_updates)
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, self.eps)
+        for vi, d in zip(v, denom):  # a coordinate no training gradient has reached has no scale yet: left out (as
+            d.masked_fill_(vi == 0, math.inf)  # Adam leaves it unmoved), not multiplied by 1/eps
         ts = [tangent[n] for n in names]
         if all(t.dtype == d.dtype for t, d in zip(ts, denom)):
             torch._foreach_div_(ts, denom)
