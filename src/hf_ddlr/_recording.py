@@ -104,8 +104,9 @@ def meta_settings(trainer: MetaLRTrainer) -> dict[str, Any]:
         out["group_column"] = trainer.meta_args.group_column
     if trainer.meta_args.lookahead_step != 1.0:  # likewise
         out["lookahead_step"] = trainer.meta_args.lookahead_step
-    if rate_metric_choice(trainer.meta_args) != "optimizer":  # likewise ("adam": under Adam/AdamW the same metric)
-        out["rate_metric"] = rate_metric_choice(trainer.meta_args)
+    metric = rate_metric_choice(trainer.meta_args)
+    if metric != "optimizer":  # likewise ("adam": under Adam/AdamW the same metric)
+        out["rate_metric"] = metric
     if trainer.meta_args.instance_rate_scale != "batch":  # likewise
         out["instance_rate_scale"] = trainer.meta_args.instance_rate_scale
     task = getattr(trainer, "_task", None)

@@ -30,6 +30,21 @@ def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     return not flags or bool(torch.stack(flags).all())
 
 
+def _running_state(prefix: str, tensors: Mapping[str, torch.Tensor], num_updates: int) -> dict[str, torch.Tensor]:
+    """A running statistic's tensors (names prefixed ``prefix``, on the CPU) and its step count, for a checkpoint."""
+    sd = {f"{prefix}{n}": t.detach().cpu().contiguous() for n, t in tensors.items()}
+    sd["num_updates"] = torch.tensor(num_updates, dtype=torch.int64)
+    return sd
+
+
+def _load_running_state(
+    prefix: str, sd: Mapping[str, torch.Tensor], device: torch.device | str,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The tensors (fp32, on ``device``) and step count written by :func:`_running_state`."""
+    tensors = {k[len(prefix):]: v.to(device, torch.float32).clone() for k, v in sd.items() if k.startswith(prefix)}
+    return tensors, int(sd["num_updates"]) if "num_updates" in sd else 0
+
+
 class MetaGradientAverage:
     """Exponential moving average ``m ← β·m + (1 − β)·g_meta`` per parameter tensor, started at the first value.
 
@@ -64,13 +79,10 @@ class MetaGradientAverage:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The average's tensors (prefixed ``avg.``) and its step count: a resumed run continues exactly."""
-        sd = {f"avg.{n}": m.detach().cpu().contiguous() for n, m in self.average.items()}
-        sd["num_updates"] = torch.tensor(self.num_updates, dtype=torch.int64)
-        return sd
+        return _running_state("avg.", self.average, self.num_updates)
 
     def load_state_dict(self, sd: Mapping[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
-        self.average = {k[4:]: v.to(device, torch.float32).clone() for k, v in sd.items() if k.startswith("avg.")}
-        self.num_updates = int(sd["num_updates"]) if "num_updates" in sd else 0
+        self.average, self.num_updates = _load_running_state("avg.", sd, device)
 
 
 class GradientSecondMoment:
@@ -91,10 +103,12 @@ class GradientSecondMoment:
         self.second_moment: dict[str, torch.Tensor] = {}
         self.num_updates = 0
 
-    def update(self, grads: Mapping[str, torch.Tensor], scale: float = 1.0) -> bool:
+    def update(self, grads: Mapping[str, torch.Tensor], scale: float = 1.0, known_finite: bool = False) -> bool:
         """Fold in ``(scale·g)²`` for every tensor of ``grads`` (``scale``: the step's clipping coefficient).
-        A non-finite gradient (an fp16 overflow, a skipped step) is not folded in; returns whether it was."""
-        if not math.isfinite(scale) or not _all_finite(grads.values()):
+        A non-finite gradient (an fp16 overflow, a skipped step) is not folded in; returns whether it was.
+        ``known_finite``: the caller has found ``grads`` finite already (a finite norm of them), so they are not
+        scanned again."""
+        if not math.isfinite(scale) or not (known_finite or _all_finite(grads.values())):
             return False
         if grads:  # (one multi-tensor op per stage: few kernel launches for a network of many small tensors)
             g2 = torch._foreach_mul([g.detach().float() for g in grads.values()], scale)
@@ -108,14 +122,14 @@ class GradientSecondMoment:
         self.num_updates += 1
         return True
 
-    def precondition_(self, tangent: Mapping[str, torch.Tensor]) -> None:
-        """Divide each tensor of ``tangent`` that has a second moment by ``sqrt(v̂) + eps``, in place; its
-        coordinates whose second moment is exactly 0 (an embedding row no training batch has looked up, a unit no
-        training example has activated) become 0: there the meta gradient divided by ``eps`` would outweigh every
-        other coordinate of the products."""
+    def precondition_(self, *tangents: Mapping[str, torch.Tensor]) -> None:
+        """Divide each tensor of each of ``tangents`` that has a second moment by ``sqrt(v̂) + eps``, in place (one
+        denominator for all of them); its coordinates whose second moment is exactly 0 (an embedding row no training
+        batch has looked up, a unit no training example has activated) become 0: there the meta gradient divided by
+        ``eps`` would outweigh every other coordinate of the products."""
         if not self.num_updates:
             return
-        names = [n for n in tangent if n in self.second_moment]
+        names = [n for n in self.second_moment if any(n in t for t in tangents)]
         if not names:
             return
         v = [self.second_moment[n] for n in names]
@@ -124,19 +138,21 @@ class GradientSecondMoment:
         torch._foreach_add_(denom, self.eps)
         for vi, d in zip(v, denom):  # a coordinate no training gradient has reached has no scale yet: left out (as
             d.masked_fill_(vi == 0, math.inf)  # Adam leaves it unmoved), not multiplied by 1/eps
-        ts = [tangent[n] for n in names]
-        if all(t.dtype == d.dtype for t, d in zip(ts, denom)):
-            torch._foreach_div_(ts, denom)
-        else:
-            for t, d in zip(ts, denom):
-                t.div_(d.to(t.dtype))
+        of = dict(zip(names, denom))
+        for tangent in tangents:
+            held = [n for n in names if n in tangent]
+            ts, ds = [tangent[n] for n in held], [of[n] for n in held]
+            if not held:
+                continue
+            if all(t.dtype == d.dtype for t, d in zip(ts, ds)):
+                torch._foreach_div_(ts, ds)
+            else:
+                for t, d in zip(ts, ds):
+                    t.div_(d.to(t.dtype))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The second moment's tensors (prefixed ``v.``) and its step count: a resumed run continues exactly."""
-        sd = {f"v.{n}": v.detach().cpu().contiguous() for n, v in self.second_moment.items()}
-        sd["num_updates"] = torch.tensor(self.num_updates, dtype=torch.int64)
-        return sd
+        return _running_state("v.", self.second_moment, self.num_updates)
 
     def load_state_dict(self, sd: Mapping[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
-        self.second_moment = {k[2:]: v.to(device, torch.float32).clone() for k, v in sd.items() if k.startswith("v.")}
-        self.num_updates = int(sd["num_updates"]) if "num_updates" in sd else 0
+        self.second_moment, self.num_updates = _load_running_state("v.", sd, device)

@@ -308,12 +308,14 @@ def _last_layer(
         def head_dots(T: Mapping[str, torch.Tensor], of: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
             return torch.cat([((d @ T[wn].float()) * h).sum(1) + (d @ T[bn].float() if bn else 0.0) for h, d in of])
 
-        per_step = None
+        T_step = None
         if average is not None:
             if per_step_too:
-                per_step = -head_dots(_in_metric(tangent(gm, specs), metric), feats) / (normalizer * world_size())
+                T_step = tangent(gm, specs)
             gm = average.update(gm)
-        T = _in_metric(tangent(gm, specs), metric)
+        T = tangent(gm, specs)
+        _in_metric(metric, T, T_step)
+        per_step = -head_dots(T_step, feats) / (normalizer * world_size()) if T_step is not None else None
         dots = head_dots(T, feats)
         probe_grad = -head_dots(T, probe_feats) / (normalizer * world_size()) if probes else None
     finally:
@@ -538,31 +540,33 @@ def _meta_tangent(
             same = ref_loss == meta_loss and all(torch.equal(ref_g[n], g_meta[n]) for n in ref_g)
             embedding_rows.settle(same, next(iter(ref_g.values())).device)
         meta_loss, g_meta = ref_loss, ref_g
-    _update_metric(metric, grads, moved, specs, c)
+    # (a finite clipping coefficient is a finite norm of the whole gradient: the metric need not scan it again)
+    _update_metric(metric, grads, moved, specs, c, known_finite=bool(max_grad_norm) and max_grad_norm > 0)
     T_step = None
     if average is not None:
         if per_step_too:
-            T_step = _in_metric(_scaled(tangent(g_meta, specs), c), metric)
+            T_step = _scaled(tangent(g_meta, specs), c)
         g_meta = average.update(g_meta)
-    return meta_loss, g_meta, _in_metric(_scaled(tangent(g_meta, specs), c), metric), T_step
+    T = _scaled(tangent(g_meta, specs), c)
+    _in_metric(metric, T, T_step)
+    return meta_loss, g_meta, T, T_step
 
 
 def _update_metric(
     metric: GradientSecondMoment | None, grads: Mapping[str, torch.Tensor], moved: Collection[str],
-    specs: Mapping[str, ParamSpec], scale: float,
+    specs: Mapping[str, ParamSpec], scale: float, known_finite: bool = False,
 ) -> None:
     """Fold this step's gradient (times the clipping coefficient ``scale``) of the moved tensors the optimizer does
-    not precondition into ``metric``."""
+    not precondition into ``metric`` (``known_finite``: :meth:`GradientSecondMoment.update`)."""
     if metric is not None:
-        metric.update({n: grads[n] for n in moved if specs[n].kind != "adam"}, scale)
+        metric.update({n: grads[n] for n in moved if specs[n].kind != "adam"}, scale, known_finite=known_finite)
 
 
-def _in_metric(T: dict[str, torch.Tensor], metric: GradientSecondMoment | None) -> dict[str, torch.Tensor]:
-    """The tangent ``T`` (new tensors) in ``metric``'s units, in place, on the tensors it holds: those the optimizer
-    does not precondition (:func:`_update_metric`)."""
+def _in_metric(metric: GradientSecondMoment | None, *tangents: dict[str, torch.Tensor] | None) -> None:
+    """The tangents (new tensors; None: absent) in ``metric``'s units, in place, on the tensors it holds: those the
+    optimizer does not precondition (:func:`_update_metric`)."""
     if metric is not None:
-        metric.precondition_(T)
-    return T
+        metric.precondition_(*(T for T in tangents if T is not None))
 
 
 def _scaled(T: dict[str, torch.Tensor], c: float) -> dict[str, torch.Tensor]:
