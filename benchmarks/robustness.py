@@ -37,6 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import datasets
@@ -47,6 +48,7 @@ from sklearn.metrics import roc_auc_score
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
+from hf_ddlr.config import rate_metric_choice
 from hf_ddlr.demo import NoisyDigitsSetup, prepare_noisy_digits
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -194,12 +196,11 @@ def _resolved(cell: Cell, key: str, value: Any) -> Any:
         head = _resolved(cell, "meta_parameters", OVERRIDES.get("meta_parameters", "auto")) == "head"
         last_layer = OVERRIDES.get("meta_strategy") == "last_layer"
         return "bounded" if cell.model == "minilm" and head and not last_layer else "loss"
-    if key == "rate_metric" and value == "auto":  # as rate_metric_choice resolves it; under Adam's own step the
-        # two metrics are one (the second moment holds nothing): 'optimizer', the value those runs recorded
-        if OVERRIDES.get("meta_strategy") == "exact":
-            return "optimizer"
+    if key == "rate_metric" and value == "auto":  # as the trainer resolves it; under Adam's own step the two
+        # metrics are one (the second moment holds nothing): 'optimizer', the value those runs recorded
+        choice = rate_metric_choice(SimpleNamespace(rate_metric=value, meta_strategy=OVERRIDES.get("meta_strategy")))
         adam_step = RECIPES[cell.recipe].optim.startswith("adam") and OVERRIDES.get("lookahead", "optimizer") == "optimizer"
-        return "optimizer" if adam_step else "adam"
+        return "optimizer" if adam_step else choice
     return value
 
 

@@ -13,9 +13,9 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from ddp_worker import state_of
 from test_lookahead_optimizers import MLP
 from test_meta_average_and_clipping import _avg_run
+from test_meta_average_and_clipping import _state as _avg_state
 from test_trainer_features import _assert_states, _only_checkpoint_without
 
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
@@ -158,7 +158,7 @@ def _metric_run(out_dir: str, stop_at: int | None = None, resume: bool = False, 
 
 
 def _state(t: MetaLRTrainer) -> dict[str, torch.Tensor]:
-    out = state_of(t)  # parameters, rates, weight decay, trajectory
+    out = _avg_state(t)  # parameters, rates, weight decay, trajectory, the meta-gradient average
     out.update({f"v.{n}": v.clone() for n, v in t._rate_metric.second_moment.items()})
     return out
 
