@@ -498,12 +498,17 @@ def _ms(rs: list[dict], key: str) -> str:
 
 
 def cell_stats(runs: list[dict], quick: bool) -> dict[str, dict]:
-    """Per cell (in matrix order): the runs of each method, current fingerprints only."""
+    """Per cell (in matrix order): the runs of each method, current fingerprints only. Where a cell has MetaLR
+    runs, the plain and oracle runs are kept for MetaLR's seeds only, so that every column of a row averages the
+    same seeds (a variant with other seeds reuses the matrix's plain runs of every seed it holds)."""
     stats: dict[str, dict] = {}
     for cell in CELLS:
         by = {m: sorted((r for r in runs if r["cell"] == cell.name and r["method"] == m and r["quick"] == quick
                          and r["fingerprint"] == fingerprint(cell, m, quick)), key=lambda r: r["seed"])
               for m in METHODS}
+        if by["metalr"]:
+            seeds = {r["seed"] for r in by["metalr"]}
+            by = {m: [r for r in rs if r["seed"] in seeds] for m, rs in by.items()}
         if any(by.values()):
             stats[cell.name] = by
     return stats

@@ -273,6 +273,31 @@ def test_the_committed_robustness_runs_are_current():
     assert not stale and sum(r["method"] == "metalr" for r in runs) == 51  # 17 cells x 3 seeds
 
 
+def test_robustness_rows_average_the_same_seeds_for_every_method():
+    """A variant run on seeds 3-5 reuses the matrix's plain runs of seeds 0-5: its row averages plain, MetaLR and
+    the oracle over seeds 3-5 only (the plain runs of seeds 0-2 would otherwise move the plain column and the
+    loss AUROC); a cell without MetaLR runs keeps every seed."""
+    rb = _load("robustness")
+    cell = rb.CELLS[0]
+
+    def run(seed, method, acc):
+        r = {"cell": cell.name, "seed": seed, "method": method, "quick": False, "test_accuracy": acc,
+             "fingerprint": rb.fingerprint(cell, method, False), "train_s": 1.0, "n_train": 10, "n_noisy": 3}
+        if method == "plain":
+            r["loss_auroc"] = 0.5 + seed / 100
+        if method == "metalr":
+            r.update(rate_auroc=0.9, rate_auroc_within_label=0.9, rate_clean=1.0, rate_noisy=0.1)
+        return r
+
+    runs = [run(s, m, 0.1 * s) for s in range(6) for m in ("plain", "oracle")] + [run(s, "metalr", 0.5) for s in (3, 4, 5)]
+    by = rb.cell_stats(runs, quick=False)[cell.name]
+    assert [[r["seed"] for r in by[m]] for m in rb.METHODS] == [[3, 4, 5]] * 3
+    md = rb.render(rb.cell_stats(runs, quick=False), rb.summary(rb.cell_stats(runs, quick=False)), "cmd")
+    assert "| 0.400 ± 0.100 | 0.500 ± 0.000 | 0.400 ± 0.100 |" in md and "| 0.540 ± 0.010 |" in md
+    plain_only = rb.cell_stats([r for r in runs if r["method"] == "plain"], quick=False)[cell.name]
+    assert [r["seed"] for r in plain_only["plain"]] == list(range(6))
+
+
 def test_robustness_metalr_args_keep_integers_integers():
     """--metalr_args meta_batch_size=200 (an option whose default is None) gives the int 200, not 200.0, which
     MetaLRConfig refuses; floats stay floats."""
