@@ -1,4 +1,4 @@
-"""The meta objective (``meta_objective``): the bounded objective's meta-gradient against a hand-written
+"""The meta objective (``meta_objective``): the bounded and log objectives' meta-gradients against a hand-written
 lookahead, its value against the softmax, and where ``"auto"`` resolves to it."""
 
 from __future__ import annotations
@@ -44,15 +44,18 @@ def _by_hand(model, window, meta, lr, objective):
     loss = (e * F.cross_entropy(mb.inputs["x"] @ W.T + b, mb.labels, reduction="none")).sum() / len(e)
     gW, gb = torch.autograd.grad(loss, [W, b], create_graph=True)
     logits = meta.inputs["x"] @ (W - lr * gW).T + (b - lr * gb)
+    p_label = logits.softmax(-1).gather(1, meta.labels[:, None])[:, 0]  # from the softmax itself
     if objective == "loss":
         obj = F.cross_entropy(logits, meta.labels)
-    else:  # the meta set's expected error: 1 - p(label), from the softmax itself
-        obj = (1 - logits.softmax(-1).gather(1, meta.labels[:, None])).mean()
+    elif objective == "bounded":  # the meta set's expected error: 1 - p(label)
+        obj = (1 - p_label).mean()
+    else:  # log of each meta example's cross-entropy, -log p(label), averaged
+        obj = torch.log(-torch.log(p_label)).mean()
     return torch.autograd.grad(obj, e)[0]
 
 
 @pytest.mark.parametrize("strategy", ["jvp", "exact", "finite_difference"])
-@pytest.mark.parametrize("objective", ["loss", "bounded"])
+@pytest.mark.parametrize("objective", ["loss", "bounded", "log"])
 def test_meta_gradient_of_each_objective_matches_a_hand_written_lookahead(strategy, objective):
     model, params, specs, window, meta, lr = _problem()
     want = _by_hand(model, window, meta, lr, objective)
@@ -68,13 +71,14 @@ def test_meta_gradient_of_each_objective_matches_a_hand_written_lookahead(strate
     assert got.meta_loss == pytest.approx(float(F.cross_entropy(logits, meta.labels)), rel=0.2)
 
 
-def test_the_two_objectives_rank_the_examples_differently():
-    """On a meta set with examples the model gets badly wrong, the bounded objective is not the loss rescaled:
-    the per-example meta-gradients point elsewhere (else the option would change nothing)."""
+def test_the_objectives_rank_the_examples_differently():
+    """On a meta set with examples the model gets badly wrong, neither the bounded nor the log objective is the
+    loss rescaled: the per-example meta-gradients point elsewhere (else the options would change nothing)."""
     model, params, specs, window, meta, lr = _problem()
     a = _by_hand(model, window, meta, lr, "loss")
-    b = _by_hand(model, window, meta, lr, "bounded")
-    assert float(F.cosine_similarity(a, b, dim=0)) < 0.95
+    for other in ("bounded", "log"):
+        b = _by_hand(model, window, meta, lr, other)
+        assert float(F.cosine_similarity(a, b, dim=0)) < 0.95, other
 
 
 def test_bounded_objective_values():
@@ -98,6 +102,8 @@ def test_bounded_objective_values():
         keep = y[i] != -100
         geo.append(p[i][keep].gather(1, y[i][keep][:, None]).log().mean().exp() if keep.any() else torch.tensor(1.0))
     torch.testing.assert_close(tok.meta_objective(losses, y, "bounded"), (1 - torch.stack(geo)).mean())
+    # log: each example's mean target-token loss, -log of the geometric mean above, logged and averaged
+    torch.testing.assert_close(tok.meta_objective(losses, y, "log"), torch.log(-torch.stack(geo).log() + 1e-6).mean())
     with pytest.raises(ValueError, match="Unknown meta objective 'median'"):
         tok.meta_objective(losses, y, "median")
 
@@ -109,8 +115,9 @@ def test_last_layer_and_unknown_objectives_are_refused(tmp_path):
     with pytest.raises(ValueError, match="last_layer"):
         meta_gradients(model, params, window, meta, specs, weight_decay=0.0, normalizer=20, strategy="last_layer",
                        objective="bounded")
-    with pytest.raises(ValueError, match="meta_objective='bounded' needs"):
-        MetaLRConfig(output_dir=str(tmp_path), meta_objective="bounded", meta_strategy="last_layer", report_to=[])
+    for objective in ("bounded", "log"):
+        with pytest.raises(ValueError, match=f"meta_objective='{objective}' needs"):
+            MetaLRConfig(output_dir=str(tmp_path), meta_objective=objective, meta_strategy="last_layer", report_to=[])
     with pytest.raises(ValueError, match="meta_objective='median' is not valid"):
         MetaLRConfig(output_dir=str(tmp_path), meta_objective="median", report_to=[])
 

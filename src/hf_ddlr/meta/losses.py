@@ -41,7 +41,8 @@ __all__ = [
     "token_loss",
 ]
 
-META_OBJECTIVES = ("loss", "bounded")  # what the meta step lowers on the meta set (TaskLoss.meta_objective)
+META_OBJECTIVES = ("loss", "bounded", "log")  # what the meta step lowers on the meta set (TaskLoss.meta_objective)
+_LOG_FLOOR = 1e-6  # "log": keeps log(loss) finite for an example the model fits exactly
 IGNORE_INDEX = -100  # the label of a token that is not a target (padding, a masked prompt), as in transformers
 
 
@@ -150,12 +151,18 @@ class TaskLoss:
         meta examples of ``1 - exp(-ℓ_i / n_i)`` — for cross-entropy ``1 - p(label)``, the meta set's expected
         error. Each meta example's pull on the direction is then at most that of one example the model is
         unsure of, so a few meta examples the model cannot fit do not set it alone, and the examples it already
-        fits keep a share; under ``"loss"`` an example's pull grows with its loss.
+        fits keep a share; under ``"loss"`` an example's pull grows with its loss. ``"log"``: the mean over meta
+        examples of ``log(ℓ_i / n_i)``, whose gradient is each example's loss gradient divided by its loss — every
+        meta example pulls by the *relative* change of its loss, so those the model already fits pull as much as
+        those it still gets wrong (for a model that fits its meta set the cross-entropy's direction is set by its
+        few remaining errors).
         """
         if objective == "loss":
             return self.mean(losses, labels)
         if objective == "bounded":
             return (1 - torch.exp(-self.per_example_mean(losses, labels))).mean()
+        if objective == "log":
+            return torch.log(self.per_example_mean(losses, labels) + _LOG_FLOOR).mean()
         raise ValueError(f"Unknown meta objective {objective!r}; choose one of {META_OBJECTIVES}.")
 
 
