@@ -19,6 +19,11 @@ exact-match (greedy decoding of the answer after the prompt) and held-out loss o
 the instance rates (and of the effective instance x source rates) for clean vs corrupted answers, and the
 learned source rates.
 
+``--meta_objective log`` (an option of :class:`~hf_ddlr.MetaLRConfig`) scores the meta set by the mean log of each
+meta question's loss, so the questions the model already answers keep their pull on the rates: over seeds 0-5 the
+instance rates rank the corrupted answers at 0.899 on average against 0.861 with the defaults
+(``results/sft_noisy_data_log/``).
+
 Everything is built locally (a character-level tokenizer, the model, the data), nothing is downloaded. The
 recipe (width 128, 2 layers, AdamW at 1e-3, batch 32, 30 epochs, linear decay) was chosen on the plain model only.
 
