@@ -1,0 +1,58 @@
+"""A held-out check of ``meta_objective="log"`` on a causal LM: ``examples/sft_noisy_data.py`` with another mixture
+of sources and another kind of wrong answer, chosen before any run — three sources 5 % / 30 % / 50 % wrong
+(``wiki`` / ``forum`` / ``ocr``), a wrong answer being a near miss (the right sum ± 1..5, within the sums' range 0..98) instead of
+a random number. Everything else is the example's (model, recipe, meta and held-out sets, instance x source rates).
+
+    python benchmarks/results/variants/sft_log_heldout/heldout.py SEED [example flags]   # e.g. --meta_objective log
+
+writes ``seedSEED[_log]/sft_noisy_data_results.{json,md}`` beside this file (the models and trajectories go to a
+temporary folder).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "..", "..", "examples"))
+import sft_noisy_data as ex  # noqa: E402
+
+SOURCES = {"wiki": 0.05, "forum": 0.3, "ocr": 0.5}
+
+
+def make_data(s: ex.SFTOptions, seed: int) -> dict:
+    """The example's split, with near-miss wrong answers and this file's sources."""
+    rng = np.random.default_rng([seed, 17])
+    pairs = [(a, b) for a in range(ex.MAX_OPERAND) for b in range(ex.MAX_OPERAND)]
+    order = rng.permutation(len(pairs))
+    n_test, n_meta = (100, 40) if s.quick else (s.test_size, s.meta_size)
+    test, meta = [pairs[i] for i in order[:n_test]], [pairs[i] for i in order[n_test:n_test + n_meta]]
+    train = [pairs[i] for i in order[n_test + n_meta:]]
+    names, rows = list(SOURCES), []
+    for k, (a, b) in enumerate(train):
+        src, ans = names[k % len(names)], a + b
+        corrupted = bool(rng.random() < SOURCES[src])
+        if corrupted:
+            ans = int(rng.choice([v for v in range(a + b - 5, a + b + 6) if 0 <= v <= 2 * (ex.MAX_OPERAND - 1) and v != a + b]))
+        rows.append({"prompt": f"{a}+{b}=", "answer": str(ans), "source": src, "is_corrupted": corrupted})
+    clean = lambda qs: [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in qs]  # noqa: E731
+    return {"train": rows, "meta": clean(meta), "test": clean(test)}
+
+
+if __name__ == "__main__":
+    seed, flags = sys.argv[1], sys.argv[2:]
+    ex.SOURCES.clear()
+    ex.SOURCES.update(SOURCES)
+    ex.make_data = make_data
+    tag = "_log" if "log" in flags else ""
+    out = os.path.join(HERE, f"seed{seed}{tag}")
+    os.makedirs(out, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        ex.main(["--seed", seed, "--output_dir", tmp, *flags])
+        for name in ("sft_noisy_data_results.json", "sft_noisy_data_results.md"):
+            shutil.copy(os.path.join(tmp, name), out)
