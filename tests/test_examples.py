@@ -146,7 +146,8 @@ def test_sft_noisy_data(tmp_path, lora):
     assert all(v >= 0 for v in m["source_rates"].values())
     assert 0.0 <= m["instance_rate_auroc"] <= 1.0 and 0.0 <= m["effective_rate_auroc"] <= 1.0
     assert "source_rates" not in runs["plain"]
-    assert (tmp_path / "metalr" / "lr_trajectory.json").is_file()
+    config = json.loads((tmp_path / "metalr" / "lr_trajectory.json").read_text())["config"]
+    assert (config["meta_objective"], config["meta_grad_average_epochs"]) == ("log", 0.1)  # the example's settings
     sizes = {r["trainable_parameters"] for r in runs.values()}
     assert len(sizes) == 1 and all(r["lora"] is lora for r in runs.values())
     full = 14 * 32 + 2 * (4 * 32 * 32 + 3 * 32 * 128 + 2 * 32) + 32  # embedding, 2 layers (attention, MLP, 2 norms), norm
@@ -165,6 +166,22 @@ def test_sft_noisy_data_instance_level(tmp_path):
     assert "source_rates" not in m and m["instance_rate_auroc"] == m["effective_rate_auroc"]
     rates = m["source_mean_instance_rate"]
     assert sorted(rates) == ["qa_site", "scraped", "textbook"] and len(set(rates.values())) == 3
+
+
+def test_sft_noisy_data_library_defaults(tmp_path):
+    """``--library_defaults``: MetaLR trains with MetaLRConfig's meta objective and average instead of the example's
+    two settings, and a flag on the command line still wins over the example's settings."""
+    sys.path.insert(0, str(EXAMPLES))
+    import _common as common
+    import sft_noisy_data as ex
+
+    def options(*argv):
+        _, config = common.parse_args(ex.SFTOptions, ex.presets, ["--output_dir", str(tmp_path), *argv])
+        return config.meta_objective, config.meta_grad_average_epochs
+
+    assert options() == ("log", 0.1)
+    assert options("--library_defaults") == ("auto", None)
+    assert options("--meta_objective", "bounded") == ("bounded", 0.1)
 
 
 def test_push_to_hub_uploads_model_trajectory_and_card(hub_server, tmp_path):

@@ -1,12 +1,18 @@
 """A held-out check of ``meta_objective="log"`` on a causal LM: ``examples/sft_noisy_data.py`` with another mixture
 of sources and another kind of wrong answer, chosen before any run — three sources 5 % / 30 % / 50 % wrong
-(``wiki`` / ``forum`` / ``ocr``), a wrong answer being a near miss (the right sum ± 1..5, within the sums' range 0..98) instead of
-a random number. Everything else is the example's (model, recipe, meta and held-out sets, instance x source rates).
+(``wiki`` / ``forum`` / ``ocr``), a wrong answer being a near miss (the right sum ± 1..5, within the sums' range
+0..98) instead of a random number. Everything else is the example's (model, recipe, meta and held-out sets, instance
+x source rates).
 
-    python benchmarks/results/variants/sft_log_heldout/heldout.py SEED [example flags]   # e.g. --meta_objective log
+    python benchmarks/results/variants/sft_log_heldout/heldout.py SEED TAG [example flags]
 
-writes ``seedSEED[_log]/sft_noisy_data_results.{json,md}`` beside this file (the models and trajectories go to a
-temporary folder).
+writes ``seedSEED_TAG/sft_noisy_data_results.{json,md}`` beside this file (the models and trajectories go to a
+temporary folder). The runs kept here:
+
+    heldout.py S defaults   --library_defaults                        # plain and MetaLR, the library's defaults
+    heldout.py S log        --library_defaults --methods metalr --meta_objective log
+    heldout.py S avg0.1     --library_defaults --methods metalr --meta_grad_average_epochs 0.1
+    heldout.py S log_avg0.1 --methods metalr                          # the example's own two settings
 """
 
 from __future__ import annotations
@@ -45,12 +51,11 @@ def make_data(s: ex.SFTOptions, seed: int) -> dict:
 
 
 if __name__ == "__main__":
-    seed, flags = sys.argv[1], sys.argv[2:]
+    seed, tag, flags = sys.argv[1], sys.argv[2], sys.argv[3:]
     ex.SOURCES.clear()
     ex.SOURCES.update(SOURCES)
     ex.make_data = make_data
-    tag = "_log" if "log" in flags else ""
-    out = os.path.join(HERE, f"seed{seed}{tag}")
+    out = os.path.join(HERE, f"seed{seed}_{tag}")
     os.makedirs(out, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         ex.main(["--seed", seed, "--output_dir", tmp, *flags])
