@@ -149,14 +149,15 @@ def _sft_bench(quick: bool, epochs: float) -> Bench:
     data = sft.make_data(s, 0)
     corrupted = np.array([r["is_corrupted"] for r in data["train"]], dtype=bool)
     train, meta = sft.to_dataset(tok, data["train"], extra=("source",)), sft.to_dataset(tok, data["meta"])
-    # The example's own recipe (sft.presets), with the benchmark's epochs and fixed seeds.
+    # The example's own recipe and MetaLR settings (sft.presets), with the benchmark's epochs and fixed seeds.
     recipe = {k: v for k, v in sft.presets(s).items() if k != "output_dir"}
     recipe.update(num_train_epochs=epochs, disable_tqdm=True, seed=0, data_seed=0)
 
     def build(config: str | None, out_dir: str) -> Trainer:
         model = sft.tiny_llama(s, len(tok), 0)
         if config is None:
-            return Trainer(model=model, args=TrainingArguments(out_dir, **recipe),
+            plain = {k: v for k, v in recipe.items() if k in TrainingArguments.__dataclass_fields__}  # no meta options
+            return Trainer(model=model, args=TrainingArguments(out_dir, **plain),
                            train_dataset=train.remove_columns("source"))
         args = MetaLRConfig(out_dir, **recipe, **CONFIGS[config], lr_level="both", group_column="source")
         return MetaLRTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta)
@@ -170,7 +171,9 @@ def _sft_bench(quick: bool, epochs: float) -> Bench:
     batch = recipe["per_device_train_batch_size"]
     steps = -(-len(train) // batch)
     describe = (f"examples/sft_noisy_data.py (tiny Llama, seq {sft.SEQ_LEN}), {len(train)} train / {len(meta)} "
-                f"meta, batch {batch}, adamw_torch, {epochs:g} epochs ({steps} steps each), lr_level=both by source; "
+                f"meta, batch {batch}, adamw_torch, {epochs:g} epochs ({steps} steps each), lr_level=both by source, "
+                f"the example's meta_objective={recipe.get('meta_objective', 'auto')} and "
+                f"meta_grad_average_epochs={recipe.get('meta_grad_average_epochs')}; "
                 "test acc: held-out exact-match")
     return Bench("sft", describe, build, score)
 
