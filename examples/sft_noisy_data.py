@@ -119,9 +119,18 @@ def encode(tok, prompt: str, answer: str) -> dict:
             "labels": [-100] * len(p) + a + [-100] * pad}
 
 
-def make_data(s: SFTOptions, seed: int) -> dict:
-    """The train (with ``source`` and ``is_corrupted``), meta and held-out rows, drawn from ``seed``."""
-    rng = np.random.default_rng([seed, 16])
+def random_wrong_answer(rng: np.random.Generator, a: int, b: int) -> int:
+    """A wrong answer to ``a+b``: any other sum the task can have, uniformly."""
+    return int(rng.choice([v for v in range(2 * MAX_OPERAND - 1) if v != a + b]))
+
+
+def make_data(s: SFTOptions, seed: int, sources: dict[str, float] | None = None,
+              wrong_answer=random_wrong_answer, salt: int = 16) -> dict:
+    """The train (with ``source`` and ``is_corrupted``), meta and held-out rows, drawn from ``[seed, salt]``;
+    ``sources`` (source -> fraction of wrong answers; :data:`SOURCES` by default) and ``wrong_answer`` let a variant
+    of the task change the mixture and the kind of error."""
+    sources = SOURCES if sources is None else sources
+    rng = np.random.default_rng([seed, salt])
     pairs = [(a, b) for a in range(MAX_OPERAND) for b in range(MAX_OPERAND)]
     order = rng.permutation(len(pairs))
     n_test, n_meta = (100, 40) if s.quick else (s.test_size, s.meta_size)
@@ -130,14 +139,14 @@ def make_data(s: SFTOptions, seed: int) -> dict:
     train = [pairs[i] for i in order[n_test + n_meta:]]
     if s.quick:
         train = train[:400]
-    names = list(SOURCES)
+    names = list(sources)
     rows = []
     for k, (a, b) in enumerate(train):
         src = names[k % len(names)]
         ans = a + b
-        corrupted = bool(rng.random() < SOURCES[src])
+        corrupted = bool(rng.random() < sources[src])
         if corrupted:
-            ans = int(rng.choice([v for v in range(2 * MAX_OPERAND - 1) if v != a + b]))
+            ans = wrong_answer(rng, a, b)
         rows.append({"prompt": f"{a}+{b}=", "answer": str(ans), "source": src, "is_corrupted": corrupted})
     clean = lambda qs: [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in qs]  # noqa: E731
     return {"train": rows, "meta": clean(meta), "test": clean(test)}

@@ -31,23 +31,17 @@ import sft_noisy_data as ex  # noqa: E402
 SOURCES = {"wiki": 0.05, "forum": 0.3, "ocr": 0.5}
 
 
+def near_miss(rng: np.random.Generator, a: int, b: int) -> int:
+    """A wrong answer close to the right one: the sum ± 1..5, within the sums' range."""
+    return int(rng.choice([v for v in range(a + b - 5, a + b + 6) if 0 <= v <= 2 * (ex.MAX_OPERAND - 1) and v != a + b]))
+
+
+_example_data = ex.make_data
+
+
 def make_data(s: ex.SFTOptions, seed: int) -> dict:
-    """The example's split, with near-miss wrong answers and this file's sources."""
-    rng = np.random.default_rng([seed, 17])
-    pairs = [(a, b) for a in range(ex.MAX_OPERAND) for b in range(ex.MAX_OPERAND)]
-    order = rng.permutation(len(pairs))
-    n_test, n_meta = (100, 40) if s.quick else (s.test_size, s.meta_size)
-    test, meta = [pairs[i] for i in order[:n_test]], [pairs[i] for i in order[n_test:n_test + n_meta]]
-    train = [pairs[i] for i in order[n_test + n_meta:]]
-    names, rows = list(SOURCES), []
-    for k, (a, b) in enumerate(train):
-        src, ans = names[k % len(names)], a + b
-        corrupted = bool(rng.random() < SOURCES[src])
-        if corrupted:
-            ans = int(rng.choice([v for v in range(a + b - 5, a + b + 6) if 0 <= v <= 2 * (ex.MAX_OPERAND - 1) and v != a + b]))
-        rows.append({"prompt": f"{a}+{b}=", "answer": str(ans), "source": src, "is_corrupted": corrupted})
-    clean = lambda qs: [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in qs]  # noqa: E731
-    return {"train": rows, "meta": clean(meta), "test": clean(test)}
+    """The example's split with this file's sources and near-miss wrong answers."""
+    return _example_data(s, seed, sources=SOURCES, wrong_answer=near_miss, salt=17)
 
 
 if __name__ == "__main__":
