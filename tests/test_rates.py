@@ -226,3 +226,24 @@ def test_probes_move_their_instance_rates_in_the_same_normalized_step_and_not_th
     assert not t.update(torch.tensor([0, 1]), torch.tensor([0, 1]), g, probes=bad)
     for n, v in t.state_dict().items():
         assert torch.equal(v, before[n]), n
+
+
+def test_median_normalization_divides_the_applied_instance_rates_by_the_tables_median_above_one():
+    """The divisor is max(1, the table's median), over every row (not the batch's), and reaches e_i; 'none' and a
+    median at or below 1 leave the rates as they are; the class factor of 'both' is not divided."""
+    values = torch.tensor([0.1, 0.2, 1.1, 1.2, 1.3, 1.4, 1.5])  # median 1.2; a batch of the first three: median 0.2
+    t = RateTable(7, 2, "both", instance_normalization="median", max_instance_rate=1.5)
+    t.instance.copy_(values)
+    t.per_class.copy_(torch.tensor([2.0, 0.5]))
+    assert t.instance_divisor() == pytest.approx(1.2)
+    idx, labels = torch.tensor([0, 1, 2]), torch.tensor([0, 1, 0])
+    e = t.effective(idx, labels, t.instance_divisor())
+    torch.testing.assert_close(e, torch.tensor([0.1 * 2.0, 0.2 * 0.5, 1.1 * 2.0]) / 1.2)
+    t.instance.copy_(values * 0.5)  # median 0.6: nothing to divide
+    assert t.instance_divisor() == 1.0
+    off = RateTable(7, 2, "instance", max_instance_rate=1.5)
+    off.instance.copy_(values)
+    assert off.instance_divisor() == 1.0
+    assert RateTable(7, 2, "class", instance_normalization="median").instance_divisor() == 1.0
+    with pytest.raises(ValueError, match="instance_normalization must be one of"):
+        RateTable(7, 2, "instance", instance_normalization="mean")

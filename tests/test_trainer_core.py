@@ -270,6 +270,7 @@ def test_model_returning_a_tuple(tmp_path):
         (dict(learn_weight_decay=True, weight_decay=0.0), "needs a starting value"),
         (dict(keep_history=False, meta_update="delayed"), "would train without rates"),
         (dict(instance_rate_scale="row"), "instance_rate_scale='row' is not valid"),
+        (dict(instance_rate_normalization="mean"), "instance_rate_normalization='mean' is not valid"),
         (dict(max_instance_rate=0.0), "max_instance_rate must be a finite number > 0"),
         (dict(max_rate=float("nan")), "max_rate must be a finite number > 0"),
         (dict(probe_batches=-1), "probe_batches must be a number >= 0"),
@@ -433,6 +434,45 @@ def test_instance_rates_capped_at_one_by_default(tmp_path, cap):
     else:
         assert top == 1.0
     assert meta_settings(t)["max_instance_rate"] == cap
+
+
+@pytest.mark.parametrize("normalization", ["median", "none"])
+def test_real_step_applies_the_instance_rates_divided_by_the_tables_median(tmp_path, normalization):
+    """instance_rate_normalization='median': the real SGD step is -lr * sum_i (r_i / median(r)) grad l_i / N, the
+    median over every row of the table (here 1.125, not the batch's); 'none' applies the table. Checked against
+    per-example gradients taken by hand on a copy of the model (rates frozen: meta_lr=0)."""
+    from transformers import TrainerCallback
+
+    n, values = 17, 1.5 - 1.5 * torch.linspace(0, 1, 17) ** 2  # in [0, 1.5], median (the 9th) 1.125
+    values = values[torch.randperm(n, generator=torch.Generator().manual_seed(3))]
+    torch.manual_seed(0)
+    model = TinyMLP()
+    start = copy.deepcopy(model)
+    args = _args(tmp_path, max_steps=1, per_device_train_batch_size=8, optim="sgd", learning_rate=0.1,
+                 weight_decay=0.0, max_grad_norm=0.0, meta_lr=0.0, probe_batches=0, max_instance_rate=1.5,
+                 instance_rate_normalization=normalization)
+    train = make_split(n, seed=1)
+    t = MetaLRTrainer(model=model, args=args, train_dataset=train, meta_dataset=make_split(8, seed=2))
+    t.rates.instance.copy_(values)
+    seen = []
+
+    class Indices(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            seen.extend(i for mb in t._window for i in mb.indices.tolist())
+
+    t.add_callback(Indices())
+    t.train()
+    assert len(seen) == 8
+    divisor = float(values.sort().values[n // 2]) if normalization == "median" else 1.0
+    assert divisor == pytest.approx(1.125) or normalization == "none"
+    x = torch.tensor([train[i]["x"] for i in seen])
+    y = torch.tensor([train[i]["label"] for i in seen])
+    grads = _per_example_grads(start, x, y)
+    for name, p0 in start.named_parameters():
+        step = sum(float(values[i]) / divisor * g[name] for i, g in zip(seen, grads)) / len(seen)
+        torch.testing.assert_close(dict(model.named_parameters())[name].detach(), p0.detach() - 0.1 * step,
+                                   rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(t.rates.instance, values)  # the table itself is not divided
 
 
 def test_infinite_bound_on_the_command_line_means_no_bound(tmp_path):

@@ -157,3 +157,44 @@ def test_failed_push_leaves_output_complete_and_says_how_to_retry(tmp_path, hub_
               "lr_trajectory_instance.png"):
         assert (out / f).is_file(), f
     assert LRTrajectory.from_pretrained(out) == t.lr_trajectory
+
+
+@pytest.mark.parametrize("normalization", ["median", "none"])
+def test_replay_reproduces_rates_divided_by_the_median(tmp_path, normalization):
+    """With max_instance_rate above 1 and instance_rate_normalization='median', the examples train at their rate
+    divided by the table's median, which changes from step to step: the trajectory records what each example was
+    trained with, and the replay applies exactly that, never divided again, even when the replay's own arguments
+    ask for the division (the undivided run's record has a median above 1)."""
+    train, meta = make_split(40, seed=3), make_split(16, seed=4)  # data on which most rates climb above 1
+    medians = []
+
+    class Median(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            medians.append(float(orig.rates.instance.median()))
+
+    args = MetaLRConfig(output_dir=str(tmp_path / "orig"), **{**COMMON, "num_train_epochs": 3, "meta_lr": 0.2,
+                                                              "probe_batches": 0, "max_instance_rate": 1.5,
+                                                              "instance_rate_normalization": normalization})
+    torch.manual_seed(0)
+    orig = MetaLRTrainer(model=TinyMLP(), args=args, train_dataset=train, meta_dataset=meta)
+    cb = AppliedRates(orig)
+    orig.add_callback(cb)
+    orig.add_callback(Median())
+    orig.train()
+    assert len(set(medians)) > 5 and max(medians) > 1.2  # the median climbed above 1, step after step
+    final = orig.lr_trajectory.instance_rates[-1]
+    if normalization == "median":
+        assert orig.lr_trajectory.config["instance_rate_normalization"] == "median"
+        assert not torch.allclose(final, orig.rates.instance.cpu())  # the record is the applied rates
+        # the last step applied its table divided by its median: at most 1.5 / that median
+        last = len(medians)
+        assert max(w for (s, i), w in cb.applied.items() if s == last and i != "wd") <= 1.5 / medians[-1] + 1e-6
+    else:
+        torch.testing.assert_close(final, orig.rates.instance.cpu())
+        assert float(final.median()) > 1.2
+    orig.save_model()
+    rep, replayed = _train(tmp_path, "replay", train, None, num_train_epochs=3, max_instance_rate=1.5,
+                           instance_rate_normalization="median", replay_trajectory=str(tmp_path / "orig"))
+    assert set(replayed) == set(cb.applied)
+    for key, w in cb.applied.items():
+        assert replayed[key] == pytest.approx(w, rel=1e-5, abs=1e-6), key

@@ -109,6 +109,8 @@ def meta_settings(trainer: MetaLRTrainer) -> dict[str, Any]:
         out["rate_metric"] = metric
     if trainer.meta_args.instance_rate_scale != "batch":  # likewise
         out["instance_rate_scale"] = trainer.meta_args.instance_rate_scale
+    if trainer.meta_args.instance_rate_normalization != "none":  # likewise
+        out["instance_rate_normalization"] = trainer.meta_args.instance_rate_normalization
     task = getattr(trainer, "_task", None)
     if out["meta_batch_size"] is None and task is not None and task.task in HALF_META_BATCH_TASKS:
         out["meta_batch_size"] = meta_batch_size(trainer)  # not the training batch: say which it was

@@ -14,7 +14,7 @@ from transformers import TrainingArguments
 from .meta.engine import STRATEGIES
 from .meta.losses import META_OBJECTIVES
 from .meta.parameters import PARAMETER_CHOICES, meta_parameters_pattern
-from .meta.rates import INSTANCE_GRADIENTS, INSTANCE_LEVELS, INSTANCE_SCALES, LEVELS
+from .meta.rates import INSTANCE_GRADIENTS, INSTANCE_LEVELS, INSTANCE_NORMALIZATIONS, INSTANCE_SCALES, LEVELS
 
 __all__ = ["MetaLRConfig", "MetaLROptions", "check_meta_options", "rate_metric_choice", "resolve_meta_options"]
 
@@ -85,6 +85,18 @@ class MetaLROptions:
         "under-trained ResNet: rate AUROC 0.889 -> 0.912 and accuracy 0.675 -> 0.698 over nine seeds) but costs "
         "small CNNs trained with momentum up to 1.7 points (docs/robustness.md, 'Room above 1'). None (`inf` on "
         "a command line): no bound but max_rate (the paper's rule).",
+    )
+    instance_rate_normalization: str = _option(
+        "none",
+        "How the per-example rates are applied. 'none' (default): as learned. 'median': divided by "
+        "max(1, the median instance rate), recomputed every step, so that with max_instance_rate above 1 the "
+        "rates keep their room relative to each other while the typical example trains at the optimizer's own "
+        "learning rate; it changes nothing while the rates stay at or below 1 (the default cap). Measured with "
+        "max_instance_rate=1.5 (docs/robustness.md, 'Room above 1'): small CNNs trained with momentum at a "
+        "constant rate no longer lose accuracy to clean rates of 1.3, and the under-trained ResNet still ranks "
+        "at 0.92; steps that are clipped or taken by Adam do not change. The trajectory records the rates as "
+        "applied, so a replay reproduces them.",
+        choices=INSTANCE_NORMALIZATIONS,
     )
 
     # ---- How the rates move: the step sizes and scaling of their update
@@ -364,6 +376,7 @@ def check_meta_options(opts: Any, weight_decay: float | None = None) -> None:
         ("instance_rate_gradient", opts.instance_rate_gradient, INSTANCE_GRADIENTS),
         ("class_rate_direction", opts.class_rate_direction, CLASS_RATE_DIRECTIONS),
         ("instance_rate_scale", opts.instance_rate_scale, INSTANCE_SCALES),
+        ("instance_rate_normalization", opts.instance_rate_normalization, INSTANCE_NORMALIZATIONS),
         ("meta_objective", opts.meta_objective, OBJECTIVE_CHOICES),
     ]
     for name, value, allowed in checks:

@@ -137,10 +137,12 @@ class Schedule:
         """The current rates into the real step: the window's weights ``e_i`` and the optimizer's weight decay
         (the one place where either is set)."""
         rates, applied = self.trainer.rates, self.trainer._applied_instance
+        # (a replay's table holds the rates as applied: never divided again)
+        divisor = 1.0 if self.trainer.replay is not None else rates.instance_divisor()
         for mb in self.window:
-            mb.weights = rates.effective(mb.indices, mb.labels if mb.groups is None else mb.groups)
+            mb.weights = rates.effective(mb.indices, mb.labels if mb.groups is None else mb.groups, divisor)
             if applied is not None:  # (the last refresh before the real step is what it applies)
-                applied.note(mb.indices, rates.instance[mb.indices.to(rates.instance.device)])
+                applied.note(mb.indices, rates.instance[mb.indices.to(rates.instance.device)] / divisor)
         self.trainer._apply_weight_decay()
 
     def _forward(

@@ -230,9 +230,11 @@ class MetaLRTrainer(Trainer):
         return output
 
     def _fresh_applied(self) -> AppliedInstanceRates | None:
-        """The record of the instance rates each example was trained with, when probes move rates between an
-        example's visits (learning at an instance level with ``probe_batches``); None otherwise."""
-        if self.replay is not None or self.rates.instance is None or not probe_batches(self):
+        """The record of the instance rates each example was trained with, when that is not the table: probes move
+        rates between an example's visits (``probe_batches``), or the applied rates are the table divided by its
+        median (``instance_rate_normalization``); learning at an instance level only, None otherwise."""
+        divided = self.meta_args.instance_rate_normalization != "none"
+        if self.replay is not None or self.rates.instance is None or not (probe_batches(self) or divided):
             return None
         return AppliedInstanceRates(self.rates.instance)
 
@@ -344,6 +346,7 @@ class MetaLRTrainer(Trainer):
             instance_gradient=meta.instance_rate_gradient,
             center_instance=meta.center_instance_rates,
             instance_scale=meta.instance_rate_scale,
+            instance_normalization=meta.instance_rate_normalization,
             device=args.device,
         )
         self._meta_grad_average: MetaGradientAverage | None = None  # made empty when train() starts

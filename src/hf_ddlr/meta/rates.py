@@ -16,7 +16,8 @@ from typing import Literal, get_args
 
 import torch
 
-__all__ = ["INSTANCE_GRADIENTS", "INSTANCE_LEVELS", "INSTANCE_SCALES", "LEVELS", "RateSGD", "RateTable"]
+__all__ = ["INSTANCE_GRADIENTS", "INSTANCE_LEVELS", "INSTANCE_NORMALIZATIONS", "INSTANCE_SCALES", "LEVELS", "RateSGD",
+           "RateTable"]
 
 Level = Literal["instance", "class", "group", "both"]
 LEVELS: tuple[str, ...] = ("instance", "class", "group", "both")
@@ -26,6 +27,8 @@ InstanceGradient = Literal["effective", "chain_rule"]
 INSTANCE_GRADIENTS: tuple[str, ...] = get_args(InstanceGradient)
 InstanceScale = Literal["batch", "key"]
 INSTANCE_SCALES: tuple[str, ...] = get_args(InstanceScale)
+InstanceNormalization = Literal["none", "median"]
+INSTANCE_NORMALIZATIONS: tuple[str, ...] = get_args(InstanceNormalization)
 
 # of RateTable.state_dict; v0 (before the table had an optimizer) is the same dict without "format_version"
 FORMAT_VERSION = 1
@@ -185,6 +188,10 @@ class RateTable:
     Rates are clamped to ``[0, max_rate]``; the instance rates to the tighter of ``max_rate`` and
     ``max_instance_rate`` (the trainer's default caps them at 1: an example's own rate can slow it down, and
     speed-ups are left to the class and group rates).
+
+    ``instance_normalization="median"`` applies the instance rates divided by ``max(1, median of the table)``
+    (:meth:`instance_divisor`): with a cap above 1 the rates keep their room relative to each other while the
+    typical example trains at the optimizer's own learning rate. ``"none"`` (the default) applies the table.
     """
 
     def __init__(
@@ -204,6 +211,7 @@ class RateTable:
         instance_gradient: InstanceGradient = "effective",
         center_instance: bool = False,
         instance_scale: InstanceScale = "batch",
+        instance_normalization: InstanceNormalization = "none",
         device: torch.device | str = "cpu",
     ) -> None:
         _check_level(level, num_groups)
@@ -214,6 +222,10 @@ class RateTable:
         if instance_scale not in INSTANCE_SCALES:
             raise ValueError(f"instance_scale must be one of {INSTANCE_SCALES}, got {instance_scale!r}.")
         self.instance_scale = instance_scale
+        if instance_normalization not in INSTANCE_NORMALIZATIONS:
+            raise ValueError(f"instance_normalization must be one of {INSTANCE_NORMALIZATIONS}, got "
+                             f"{instance_normalization!r}.")
+        self.instance_normalization = instance_normalization
         self.level = level
         self.meta_lr, self.meta_wd_lr = float(meta_lr), float(meta_wd_lr)
         self.scaling = scaling
@@ -274,12 +286,21 @@ class RateTable:
             out.append((self.keyed, labels.to(self.keyed.device)))
         return out
 
-    def effective(self, indices: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
-        """e_i for a batch (on the labels' device; ``labels``: class ids, or group ids with a group table)."""
+    def instance_divisor(self) -> float:
+        """What the instance rates are divided by where they are applied: ``max(1, median)`` of the table with
+        ``instance_normalization="median"``, else 1. The median is that of a clean majority, so the typical
+        example trains at the optimizer's learning rate whatever room the cap leaves above 1."""
+        if self.instance is None or self.instance_normalization == "none":
+            return 1.0
+        return max(1.0, float(self.instance.median()))
+
+    def effective(self, indices: torch.Tensor | None, labels: torch.Tensor, divisor: float = 1.0) -> torch.Tensor:
+        """e_i for a batch (on the labels' device; ``labels``: class ids, or group ids with a group table), the
+        instance factor divided by ``divisor`` (:meth:`instance_divisor`, computed once per step by the caller)."""
         e = torch.ones(labels.shape[0], device=labels.device)
         for table, keys in self._lookups(indices, labels):
             e = e * table[keys].to(labels.device)
-        return e
+        return e if divisor == 1.0 else e / divisor
 
     def reset(self) -> None:
         """Back to 1 (the no-history ablation calls this before every meta step)."""
