@@ -18,6 +18,10 @@ clean meta split, which rows are corrupted, the initialisation and the data orde
 own ``--output_dir``. With any --output_dir other than benchmarks/results the plain and oracle runs are taken
 from benchmarks/results/robustness.json where they are current, so a variant costs only its MetaLR runs.
 
+Every run uses ``--threads`` torch threads (default 1): the count is part of a run's fingerprint and is recorded
+with the torch and transformers versions, because these short trainings are chaotic and another count (or
+version) ends them elsewhere — a table mixing environments would compare noise.
+
 Writes robustness.md (table + summary), robustness.json (every run; a rerun skips the runs already there,
 unless --force or the cell / MetaLR defaults changed) and robustness_auroc.png to --output_dir
 (benchmarks/results; --quick defaults to a temporary folder so it never overwrites real results).
@@ -135,6 +139,10 @@ CELL_BY_NAME = {c.name: c for c in CELLS}
 
 
 OVERRIDES: dict = {}  # --metalr_args: MetaLR options that differ from the defaults in this process (set by main)
+# torch's CPU threads for every run (--threads; main sets them): part of a run's fingerprint, as the thread count
+# changes the kernels' summation order and these short, chaotic trainings then end elsewhere (a plain run of
+# mnist-cnn-sgdm-uniform20, seed 2: 0.948 on one thread, 0.946 on two)
+RUN_SETTINGS: dict = {"threads": 1}
 
 
 def metalr_defaults() -> dict:
@@ -214,7 +222,8 @@ def fingerprint(cell: Cell, method: str, quick: bool) -> str:
     spec = {"cell": asdict(cell), "recipe": asdict(RECIPES[cell.recipe]), "noise": NOISES[cell.noise],
             "data": DATA[cell.data], "resnet": RESNET if cell.model == "resnet" else None,
             "quick": QUICK if quick else False,
-            "defaults": _fingerprinted_defaults(cell) if method == "metalr" else None}
+            "defaults": _fingerprinted_defaults(cell) if method == "metalr" else None,
+            "threads": 1 if quick else RUN_SETTINGS["threads"]}
     return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -456,7 +465,8 @@ def run_cell(cell: Cell | str, seed: int, method: str, quick: bool = False, data
             after_train(trainer)
         out = {"cell": cell.name, "seed": seed, "method": method, "quick": quick,
                "fingerprint": fingerprint(cell, method, quick), "train_s": time.time() - t_train,
-               "steps": trainer.state.global_step, "n_train": len(train), "n_noisy": int(noisy.sum())}
+               "steps": trainer.state.global_step, "n_train": len(train), "n_noisy": int(noisy.sum()),
+               **environment()}
         logits, y = _predict(trainer, ds["test"])
         out["test_accuracy"] = float((logits.argmax(1) == y).mean())
         if method == "metalr":
@@ -466,6 +476,11 @@ def run_cell(cell: Cell | str, seed: int, method: str, quick: bool = False, data
             out.update(_loss_metrics(trainer, ds["train"], noisy))
     out["wall_s"] = time.time() - t0
     return out
+
+
+def environment() -> dict:
+    """What a run's numbers depend on beyond the script: the thread count it ran with and the library versions."""
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 # ----------------------------------------------------------------------------------------------- results
@@ -539,13 +554,25 @@ def summary(stats: dict[str, dict]) -> dict:
             "min_rate_auroc": None if lo is None else {"auroc": lo[0], "cell": lo[1], "seed": lo[2]}}
 
 
+def environments(stats: dict[str, dict]) -> str:
+    """Which thread counts and library versions the table's runs were made with, and how many runs each."""
+    envs: dict[str, int] = {}
+    for by in stats.values():
+        for r in (r for rs in by.values() for r in rs):
+            key = (f"{r['threads']} thread(s), torch {r['torch']}, transformers {r['transformers']}" if "threads" in r
+                   else "environment not recorded")
+            envs[key] = envs.get(key, 0) + 1
+    return "runs made with " + "; ".join(f"{k}: {n}" for k, n in envs.items())
+
+
 def render(stats: dict[str, dict], summ: dict, command: str) -> str:
     """The Markdown report: settings, one row per cell, the summary block."""
     what = ("MetaLRConfig options (a VARIANT of the defaults: " + ", ".join(f"{k}={v}" for k, v in OVERRIDES.items())
             + ")" if OVERRIDES else "MetaLRConfig defaults (never tuned per cell)")
     lines = [f"`{command}` — {what}: "
              + ", ".join(f"{k}={v}" for k, v in metalr_defaults().items()), "",
-             "(the table holds every run in robustness.json whose cell and defaults are current)", "",
+             "(the table holds every run in robustness.json whose cell and defaults are current; "
+             + environments(stats) + ")", "",
              "| cell | noisy | seeds | plain acc | MetaLR acc | oracle acc | rate AUROC | rate AUROC within label | "
              "loss AUROC (plain) | mean rate clean / noisy | train time plain / MetaLR / oracle (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -615,6 +642,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cells", nargs="+", help="cell names or glob patterns (default: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--quick", action="store_true", help="tiny subsample, 1 epoch, 1 thread (smoke test)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads per run (default 1, what the committed runs used): part of every run's "
+                        "fingerprint, since another count ends these chaotic trainings elsewhere")
     p.add_argument("--list", action="store_true", help="print the cells with estimated times and exit")
     p.add_argument("--output_dir", default=None, help="default benchmarks/results (--quick: a temporary folder)")
     p.add_argument("--force", action="store_true", help="rerun runs already in the JSON")
@@ -636,8 +666,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.list:
         print_list(cells, a.seeds)
         return 0
-    if a.quick:
-        torch.set_num_threads(1)
+    RUN_SETTINGS["threads"] = 1 if a.quick else a.threads
+    torch.set_num_threads(RUN_SETTINGS["threads"])
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()  # the MiniLM head's "newly initialized" notice, once per run
     transformers.logging.disable_progress_bar()

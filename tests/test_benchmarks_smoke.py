@@ -12,7 +12,9 @@ import os
 import re
 import subprocess
 import sys
+import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -188,6 +190,14 @@ def test_robustness_matrix_covers_every_axis_and_lists_times(capsys):
     cell = cells[0]
     assert rb.fingerprint(cell, "metalr", False) != rb.fingerprint(cell, "plain", False)
     assert rb.fingerprint(cell, "plain", False) != rb.fingerprint(cell, "plain", True)
+    # the thread count changes where these chaotic trainings end: a run made with another count is not reused
+    plain_one_thread, quick_one_thread = rb.fingerprint(cell, "plain", False), rb.fingerprint(cell, "plain", True)
+    rb.RUN_SETTINGS["threads"] = 2
+    try:
+        assert rb.fingerprint(cell, "plain", False) != plain_one_thread
+        assert rb.fingerprint(cell, "plain", True) == quick_one_thread  # --quick always runs on one thread
+    finally:
+        rb.RUN_SETTINGS["threads"] = 1
     assert rb.metalr_defaults()["meta_lr"] == MetaLRConfig.__dataclass_fields__["meta_lr"].default
 
 
@@ -206,6 +216,7 @@ def test_robustness_quick_writes_results_and_resumes(tmp_path):
         (c, m) for c in cells for m in ("plain", "metalr", "oracle"))
     for r in runs:
         assert r["quick"] is True and r["seed"] == 0 and r["steps"] > 0 and r["train_s"] > 0
+        assert r["threads"] == 1 and r["torch"] == torch.__version__
         assert 0.0 <= r["test_accuracy"] <= 1.0
         if r["method"] == "metalr":
             assert 0.0 <= r["rate_auroc"] <= 1.0 and r["rate_clean"] >= 0 and r["rate_noisy"] >= 0
@@ -219,6 +230,7 @@ def test_robustness_quick_writes_results_and_resumes(tmp_path):
     assert -1.0 <= summ["mean_acc_gain_noisy_cells"] <= 1.0 and 0.0 <= summ["min_rate_auroc"]["auroc"] <= 1.0
     md = (tmp_path / "robustness.md").read_text()
     assert all(f"| {c} |" in md for c in cells) and "**Summary**" in md and "min rate AUROC" in md
+    assert f"runs made with 1 thread(s), torch {torch.__version__}" in md and ": 6)" in md
     png = (tmp_path / "robustness_auroc.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
@@ -387,3 +399,32 @@ def test_the_textblob_cell_averages_each_adjectives_senses_and_keeps_the_clear_o
     ds, noisy = rb.load_data(rb.CELL_BY_NAME["textblob-minilm-ft6-flip30"], seed=0)
     assert (len(ds["train"]), len(ds["meta"]), len(ds["test"])) == (600, 20, 583)
     assert sorted(ds["meta"]["label"]) == [0] * 10 + [1] * 10 and abs(noisy.mean() - 0.3) < 0.01
+
+
+def test_fixed_weights_selects_by_each_ranking_and_weights_each_example_loss():
+    """benchmarks/fixed_weights.py: each variant's weights (the rates' and the loss's selections of as many
+    examples as are clean, and the clean mask with either error of the rates' selection), and the weighted loss
+    Σ w_i·loss_i / batch size against a log-softmax taken by hand."""
+    fw = _load("fixed_weights")
+    noisy = np.array([False, True, False, True, False])
+    rates, loss = np.array([0.9, 0.1, 0.2, 0.8, 1.0]), np.array([0.1, 3.0, 0.2, 2.5, 4.0])
+    w = {k: v.tolist() for k, v in fw.weightings(rates, loss, noisy).items()}
+    assert set(w) == set(fw.WEIGHTINGS)
+    assert w["metalr_keep"] == [1, 0, 0, 1, 1] and w["loss_keep"] == [1, 0, 1, 1, 0] and w["clean"] == [1, 0, 1, 0, 1]
+    assert w["clean_minus_dropped"] == [1, 0, 0, 0, 1] and w["clean_plus_kept"] == [1, 0, 1, 1, 1]
+    assert np.allclose(w["metalr_final"], rates)
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+
+    class Out:
+        def __init__(self, logits):
+            self.logits = logits
+
+    weights = torch.tensor([0.5, 0.0, 2.0, 1.0, 0.25])
+    x, y, idx = torch.randn(3, 4), torch.tensor([2, 0, 1]), torch.tensor([4, 1, 2])
+    holder = types.SimpleNamespace(example_weights=weights)
+    got = fw.FixedWeightTrainer.compute_loss(holder, lambda **kw: Out(model(kw["x"])),
+                                             {"x": x, "labels": y, "sample_index": idx})
+    by_hand = -(weights[idx] * torch.log_softmax(model(x), -1)[torch.arange(3), y]).sum() / 3
+    assert torch.allclose(got, by_hand)
