@@ -1,0 +1,169 @@
+"""What MetaLR's shortfall against the oracle is made of: training with fixed per-example weights from step 0.
+
+For a robustness cell and seed this trains the plain ``Trainer`` and ``MetaLRTrainer`` (defaults) as
+``robustness.py`` does, then the same recipe again with fixed weights on every example's loss, each set from
+the first step on:
+
+- ``metalr_final``: MetaLR's final instance rates. Above MetaLR: the rates fell too late; at or below it: not
+  the timing.
+- ``metalr_keep`` / ``loss_keep``: weight 1 for as many examples as are clean, those the rates (highest) or the
+  plain model's own training loss (lowest, the free detector) rank first, 0 for the rest: the selection each
+  ranking makes.
+- ``clean``: the true clean mask (the oracle, at the plain run's number of steps).
+- ``clean_minus_dropped`` / ``clean_plus_kept``: the clean mask without the clean examples ``metalr_keep``
+  drops, or with the noisy ones it keeps, to tell which of the ranking's two errors costs the accuracy.
+
+The weighted loss is ``Σ w_i · loss_i`` divided by the batch's number of examples, as MetaLR divides it.
+
+    python benchmarks/fixed_weights.py --cells mnist-cnn-adamw-flip35 --seeds 0 1 2
+
+Writes fixed_weights.json (every run; a rerun skips the cell-seeds already there) and fixed_weights.md to
+--output_dir (default benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+import transformers
+from tqdm.auto import tqdm
+from transformers import PrinterCallback, Trainer, TrainingArguments
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import robustness as R  # noqa: E402  (the matrix's cells, data, models and recipes)
+
+WEIGHTINGS = ("metalr_final", "metalr_keep", "loss_keep", "clean", "clean_minus_dropped", "clean_plus_kept")
+
+
+class FixedWeightTrainer(Trainer):
+    """The plain Trainer with a fixed weight on every training example's cross-entropy (indexed by
+    ``sample_index``); prediction, which has no index, is the model's own loss."""
+
+    def __init__(self, *args, weights: torch.Tensor, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.example_weights = weights
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "sample_index" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        idx, labels = inputs.pop("sample_index"), inputs.pop("labels")
+        outputs = model(**inputs)
+        losses = torch.nn.functional.cross_entropy(outputs.logits, labels, reduction="none")
+        loss = (self.example_weights.to(losses.device)[idx] * losses).mean()
+        return (loss, outputs) if return_outputs else loss
+
+
+def train_loss(trainer: Trainer, train) -> np.ndarray:
+    """Every training example's cross-entropy with its (noisy) training label, in eval mode."""
+    logits, y = R._predict(trainer, train)
+    m = logits.max(1, keepdims=True)
+    return (m[:, 0] + np.log(np.exp(logits - m).sum(1))) - logits[np.arange(len(y)), y]
+
+
+def keep_top(score: np.ndarray, k: int) -> np.ndarray:
+    """1 for the ``k`` highest scores, 0 elsewhere."""
+    mask = np.zeros(len(score), dtype=np.float32)
+    mask[np.argsort(-score, kind="stable")[:k]] = 1
+    return mask
+
+
+def weightings(rates: np.ndarray, loss: np.ndarray, noisy: np.ndarray) -> dict[str, np.ndarray]:
+    """The fixed weights of each variant (see the module's docstring)."""
+    clean = (~noisy).astype(np.float32)
+    k = int(clean.sum())
+    metalr_keep = keep_top(rates, k)
+    return {"metalr_final": rates.astype(np.float32), "metalr_keep": metalr_keep, "loss_keep": keep_top(-loss, k),
+            "clean": clean, "clean_minus_dropped": clean * metalr_keep,
+            "clean_plus_kept": np.maximum(clean, metalr_keep)}
+
+
+def run_fixed(cell: R.Cell, seed: int, data, weights: np.ndarray) -> float:
+    """Test accuracy of the cell's recipe trained with ``weights`` on every example from step 0."""
+    ds, _ = data
+    image_size = 0 if cell.model == "minilm" else int(ds["test"][0]["pixel_values"].shape[-1])
+    model = R.build_model(cell, seed, image_size)
+    with tempfile.TemporaryDirectory(prefix="hf_ddlr_fixed_") as tmp:
+        args = TrainingArguments(**R.training_args(cell, seed, tmp, False), remove_unused_columns=False)
+        collate = transformers.DataCollatorWithPadding(R._tokenizer()) if cell.model == "minilm" else None
+        trainer = FixedWeightTrainer(model=model, args=args, data_collator=collate, train_dataset=ds["train"],
+                                     weights=torch.as_tensor(weights))
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+        logits, y = R._predict(trainer, ds["test"])
+    return float((logits.argmax(1) == y).mean())
+
+
+def run_seed(cell: R.Cell, seed: int, bar: tqdm) -> dict:
+    """Plain, MetaLR and every fixed weighting of one cell and seed."""
+    data = R.load_data(cell, seed, False)
+    noisy = data[1]
+    got: dict = {}
+    plain = R.run_cell(cell, seed, "plain", data=data,
+                       after_train=lambda t: got.setdefault("loss", train_loss(t, data[0]["train"])))
+    bar.update()
+    metalr = R.run_cell(cell, seed, "metalr", data=data,
+                        after_train=lambda t: got.setdefault("rates", t.rates.instance.detach().cpu().double().numpy()))
+    bar.update()
+    out = {"cell": cell.name, "seed": seed, "plain": plain["test_accuracy"], "metalr": metalr["test_accuracy"],
+           "rate_auroc": metalr["rate_auroc"], "loss_auroc": plain["loss_auroc"]}
+    for name, w in weightings(got["rates"], got["loss"], noisy).items():
+        out[name] = run_fixed(cell, seed, data, w)
+        bar.update()
+    k = int((~noisy).sum())
+    out["metalr_keep_precision"] = float((~noisy)[keep_top(got["rates"], k) > 0].mean())
+    out["loss_keep_precision"] = float((~noisy)[keep_top(-got["loss"], k) > 0].mean())
+    return out
+
+
+def render(runs: list[dict], command: str) -> str:
+    cols = ("plain", "metalr", *WEIGHTINGS)
+    lines = [f"`{command}` — MetaLRConfig defaults; every column trained in the same run, test accuracy, mean over "
+             "seeds (and each seed's), the fixed weights applied from the first step", "",
+             "| cell | seeds | rate / loss AUROC | kept clean: rates / loss | " + " | ".join(cols) + " |",
+             "|" + "---|" * (4 + len(cols))]
+    for cell in dict.fromkeys(r["cell"] for r in runs):
+        rs = [r for r in runs if r["cell"] == cell]
+        per = " | ".join(f"**{np.mean([r[c] for r in rs]):.3f}** ({' / '.join(f'{r[c]:.3f}' for r in rs)})"
+                         for c in cols)
+        lines.append(f"| {cell} | {', '.join(str(r['seed']) for r in rs)} | "
+                     f"{np.mean([r['rate_auroc'] for r in rs]):.3f} / {np.mean([r['loss_auroc'] for r in rs]):.3f} | "
+                     f"{np.mean([r['metalr_keep_precision'] for r in rs]):.3f} / "
+                     f"{np.mean([r['loss_keep_precision'] for r in rs]):.3f} | {per} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cells", nargs="+", required=True, help="robustness cell names or glob patterns")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--output_dir", default=os.path.join(R.HERE, "results"))
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = os.path.join(args.output_dir, "fixed_weights.json")
+    runs = json.load(open(path))["runs"] if os.path.exists(path) else []
+    todo = [(c, s) for c in R.select_cells(args.cells) for s in args.seeds
+            if not any(r["cell"] == c.name and r["seed"] == s for r in runs)]
+    command = "python benchmarks/fixed_weights.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    with tqdm(total=len(todo) * (2 + len(WEIGHTINGS)), desc="fixed weights", unit="run") as bar:
+        for cell, seed in todo:
+            runs.append(run_seed(cell, seed, bar))
+            with open(path + ".tmp", "w") as f:  # after every seed: an interrupted run keeps what it finished
+                json.dump({"runs": runs}, f, indent=1)
+            os.replace(path + ".tmp", path)
+    md = render(sorted(runs, key=lambda r: (r["cell"], r["seed"])), command)
+    with open(os.path.join(args.output_dir, "fixed_weights.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
