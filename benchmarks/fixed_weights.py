@@ -31,7 +31,6 @@ import tempfile
 
 import numpy as np
 import torch
-import transformers
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, Trainer, TrainingArguments
 
@@ -60,13 +59,6 @@ class FixedWeightTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def train_loss(trainer: Trainer, train) -> np.ndarray:
-    """Every training example's cross-entropy with its (noisy) training label, in eval mode."""
-    logits, y = R._predict(trainer, train)
-    m = logits.max(1, keepdims=True)
-    return (m[:, 0] + np.log(np.exp(logits - m).sum(1))) - logits[np.arange(len(y)), y]
-
-
 def keep_top(score: np.ndarray, k: int) -> np.ndarray:
     """1 for the ``k`` highest scores, 0 elsewhere."""
     mask = np.zeros(len(score), dtype=np.float32)
@@ -87,17 +79,14 @@ def weightings(rates: np.ndarray, loss: np.ndarray, noisy: np.ndarray) -> dict[s
 def run_fixed(cell: R.Cell, seed: int, data, weights: np.ndarray) -> float:
     """Test accuracy of the cell's recipe trained with ``weights`` on every example from step 0."""
     ds, _ = data
-    image_size = 0 if cell.model == "minilm" else int(ds["test"][0]["pixel_values"].shape[-1])
-    model = R.build_model(cell, seed, image_size)
+    model, collate = R.model_and_collator(cell, seed, ds)
     with tempfile.TemporaryDirectory(prefix="hf_ddlr_fixed_") as tmp:
         args = TrainingArguments(**R.training_args(cell, seed, tmp, False), remove_unused_columns=False)
-        collate = transformers.DataCollatorWithPadding(R._tokenizer()) if cell.model == "minilm" else None
         trainer = FixedWeightTrainer(model=model, args=args, data_collator=collate, train_dataset=ds["train"],
                                      weights=torch.as_tensor(weights))
         trainer.remove_callback(PrinterCallback)
         trainer.train()
-        logits, y = R._predict(trainer, ds["test"])
-    return float((logits.argmax(1) == y).mean())
+        return R.accuracy_on(trainer, ds["test"])
 
 
 def run_seed(cell: R.Cell, seed: int, bar: tqdm) -> dict:
@@ -106,19 +95,19 @@ def run_seed(cell: R.Cell, seed: int, bar: tqdm) -> dict:
     noisy = data[1]
     got: dict = {}
     plain = R.run_cell(cell, seed, "plain", data=data,
-                       after_train=lambda t: got.setdefault("loss", train_loss(t, data[0]["train"])))
+                       after_train=lambda t: got.setdefault("loss", R.train_losses(t, data[0]["train"])[0]))
     bar.update()
     metalr = R.run_cell(cell, seed, "metalr", data=data,
                         after_train=lambda t: got.setdefault("rates", t.rates.instance.detach().cpu().double().numpy()))
     bar.update()
     out = {"cell": cell.name, "seed": seed, "plain": plain["test_accuracy"], "metalr": metalr["test_accuracy"],
            "rate_auroc": metalr["rate_auroc"], "loss_auroc": plain["loss_auroc"]}
-    for name, w in weightings(got["rates"], got["loss"], noisy).items():
+    weights = weightings(got["rates"], got["loss"], noisy)
+    for name, w in weights.items():
         out[name] = run_fixed(cell, seed, data, w)
         bar.update()
-    k = int((~noisy).sum())
-    out["metalr_keep_precision"] = float((~noisy)[keep_top(got["rates"], k) > 0].mean())
-    out["loss_keep_precision"] = float((~noisy)[keep_top(-got["loss"], k) > 0].mean())
+    for name in ("metalr_keep", "loss_keep"):  # the share of clean examples in each selection
+        out[f"{name}_precision"] = float((~noisy)[weights[name] > 0].mean())
     return out
 
 

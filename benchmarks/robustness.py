@@ -383,12 +383,30 @@ def _auroc_within_labels(clean: np.ndarray, score: np.ndarray, labels: np.ndarra
     return float(np.nanmean(within)) if not np.isnan(within).all() else float("nan")
 
 
+def train_losses(trainer: Trainer, ds) -> tuple[np.ndarray, np.ndarray]:
+    """(every example's cross-entropy with its (noisy) label in eval mode, the labels)."""
+    logits, y = _predict(trainer, ds)
+    m = logits.max(1, keepdims=True)
+    return (m[:, 0] + np.log(np.exp(logits - m).sum(1))) - logits[np.arange(len(y)), y], y
+
+
+def accuracy_on(trainer: Trainer, ds) -> float:
+    """Accuracy of the trained model on ``ds`` (the cell's test split)."""
+    logits, y = _predict(trainer, ds)
+    return float((logits.argmax(1) == y).mean())
+
+
+def model_and_collator(cell: Cell, seed: int, ds) -> tuple[torch.nn.Module, Callable | None]:
+    """A freshly initialised model of the cell's kind for ``ds`` and its data collator (padding for text)."""
+    image_size = 0 if cell.model == "minilm" else int(ds["test"][0]["pixel_values"].shape[-1])
+    collate = transformers.DataCollatorWithPadding(_tokenizer()) if cell.model == "minilm" else None
+    return build_model(cell, seed, image_size), collate
+
+
 def _loss_metrics(trainer: Trainer, train, noisy: np.ndarray) -> dict:
     """Per-example cross-entropy of the trained model with the (noisy) training labels: AUROC of -loss, pooled
     and within each training label (averaged over labels)."""
-    logits, y = _predict(trainer, train)
-    m = logits.max(1, keepdims=True)
-    loss = (m[:, 0] + np.log(np.exp(logits - m).sum(1))) - logits[np.arange(len(y)), y]
+    loss, y = train_losses(trainer, train)
     return {"loss_auroc": _auroc(~noisy, -loss), "loss_clean": float(loss[~noisy].mean()),
             "loss_noisy": float(loss[noisy].mean()) if noisy.any() else float("nan"),
             "loss_auroc_within_label": _auroc_within_labels(~noisy, -loss, y)}
@@ -444,11 +462,9 @@ def run_cell(cell: Cell | str, seed: int, method: str, quick: bool = False, data
     t0 = time.time()
     ds, noisy = data if data is not None else load_data(cell, seed, quick)
     train = ds["train"] if method != "oracle" else _reindex(ds["train"], np.flatnonzero(~noisy))
-    image_size = 0 if cell.model == "minilm" else int(ds["test"][0]["pixel_values"].shape[-1])
-    model = build_model(cell, seed, image_size)
+    model, collate = model_and_collator(cell, seed, ds)
     with tempfile.TemporaryDirectory(prefix="hf_ddlr_robustness_") as tmp:
         kw = training_args(cell, seed, tmp, quick)
-        collate = transformers.DataCollatorWithPadding(_tokenizer()) if cell.model == "minilm" else None
         if method == "metalr":
             trainer = MetaLRTrainer(model=model, args=MetaLRConfig(**kw, **OVERRIDES), data_collator=collate,
                                     train_dataset=train, meta_dataset=ds["meta"])
@@ -467,8 +483,7 @@ def run_cell(cell: Cell | str, seed: int, method: str, quick: bool = False, data
                "fingerprint": fingerprint(cell, method, quick), "train_s": time.time() - t_train,
                "steps": trainer.state.global_step, "n_train": len(train), "n_noisy": int(noisy.sum()),
                **environment()}
-        logits, y = _predict(trainer, ds["test"])
-        out["test_accuracy"] = float((logits.argmax(1) == y).mean())
+        out["test_accuracy"] = accuracy_on(trainer, ds["test"])
         if method == "metalr":
             out.update(_rate_metrics(trainer, noisy, np.asarray(train["label"])))
             out["per_visit_auroc"] = visits.auroc_per_epoch(noisy)
