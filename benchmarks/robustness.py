@@ -186,7 +186,8 @@ NEUTRAL_NEW_OPTIONS = {"meta_grad_average_epochs": None, "group_column": None,
                        "instance_rate_gradient": "effective", "center_instance_rates": False,
                        "class_rate_direction": "per_step", "lookahead_step": 1.0, "instance_rate_scale": "batch",
                        "max_instance_rate": None, "probe_batches": 0, "meta_parameters": "all",
-                       "meta_objective": "loss", "rate_metric": "optimizer", "instance_rate_normalization": "none"}
+                       "meta_objective": "loss", "rate_metric": "optimizer", "instance_rate_normalization": "none",
+                       "instance_rate_center": "mean"}
 
 
 # options whose default (None) resolves by task: the value every cell (single-label classification) gets

@@ -158,6 +158,22 @@ def test_centered_instance_steps_sum_to_zero_within_each_class_and_leave_the_cla
     torch.testing.assert_close(both.per_class, torch.tensor([1 - 0.1 * 4.0, 1 + 0.1 * 2.0]))
 
 
+def test_median_centred_instance_steps_subtract_the_typical_example_of_each_class():
+    """center="median": the instance gradient minus the (lower) median of its class's batch gradients (class 0:
+    1, 3, 20 -> 3, where the mean would be 8; class 1: -2, 4 -> the lower median -2), so one large gradient does
+    not shift its classmates' steps; the mean is still the default."""
+    g = torch.tensor([1.0, -2.0, 3.0, 20.0, 4.0])
+    labels = torch.tensor([0, 1, 0, 0, 1])
+    t = RateTable(5, 2, "instance", meta_lr=0.01, scaling="raw", center_instance=True, center="median")
+    t.update(torch.arange(5), labels, g)
+    torch.testing.assert_close(t.instance, 1 - 0.01 * torch.tensor([-2.0, 0.0, 0.0, 17.0, 6.0]))
+    mean = RateTable(5, 2, "instance", meta_lr=0.01, scaling="raw", center_instance=True)
+    mean.update(torch.arange(5), labels, g)
+    torch.testing.assert_close(mean.instance, 1 - 0.01 * torch.tensor([-7.0, -3.0, -5.0, 12.0, 3.0]))
+    with pytest.raises(ValueError, match="center must be one of"):
+        RateTable(5, 2, "instance", center_instance=True, center="mode")
+
+
 def test_key_scaled_instance_steps_move_every_key_by_meta_lr_and_leave_the_keyed_rates():
     """instance_scale='key': each instance gradient is divided by the mean |.| of its key's gradients in the batch
     (key 0: 1, -3 -> 2; key 1: 100, -300 -> 200; key 2: all 0, unchanged), so both keys' rates move by meta_lr on

@@ -267,6 +267,15 @@ def test_centred_instance_rates_need_instance_rates(tmp_path):
         MetaLRConfig(output_dir=str(tmp_path), **COMMON, lr_level="class", center_instance_rates=True)
 
 
+def test_instance_rate_center_needs_centring_and_a_known_statistic(tmp_path):
+    with pytest.raises(ValueError, match="center_instance_rates is off: set center_instance_rates=True"):
+        MetaLRConfig(output_dir=str(tmp_path), **COMMON, instance_rate_center="median")
+    with pytest.raises(ValueError, match="instance_rate_center='mode' is not valid"):
+        MetaLRConfig(output_dir=str(tmp_path), **COMMON, center_instance_rates=True, instance_rate_center="mode")
+    args = MetaLRConfig(output_dir=str(tmp_path), **COMMON, center_instance_rates=True, instance_rate_center="median")
+    assert args.instance_rate_center == "median"
+
+
 def test_lookahead_step_reaches_the_lookahead_and_the_trajectory(tmp_path):
     """lookahead_step is handed to the lookahead's description of the optimizer and recorded with the run
     (left out of the recorded settings at its default 1, so other runs' settings are as they were)."""

@@ -26,12 +26,13 @@ def _per_example_grads(model, x, y):
     return out
 
 
-@pytest.mark.parametrize("level, center", [("instance", False), ("class", False), ("both", False),
-                                           ("instance", True), ("both", True)])
+@pytest.mark.parametrize("level, center", [("instance", None), ("class", None), ("both", None),
+                                           ("instance", "mean"), ("both", "mean"), ("instance", "median")])
 def test_one_sgd_step_matches_the_paper_equations(tmp_path, level, center):
     """Eq. 3-7 and §2.3 of the paper, computed independently with per-example gradients. With
-    ``center_instance_rates`` an instance rate steps on its product minus the mean product of the batch's examples
-    of its class; the class rates are unchanged by it."""
+    ``center_instance_rates`` an instance rate steps on its product minus the mean (``instance_rate_center=
+    "median"``: the lower median) product of the batch's examples of its class; the class rates are unchanged by
+    it."""
     lam, meta_lr, wd, wd_lr = 0.5, 20.0, 0.01, 50.0
     train, meta = make_split(24, seed=1), make_split(10, seed=2)
     torch.manual_seed(0)
@@ -43,7 +44,7 @@ def test_one_sgd_step_matches_the_paper_equations(tmp_path, level, center):
         max_instance_rate=None, probe_batches=0,  # the paper's rule: rates unbounded above, the step's rows only
         rate_metric="optimizer",  # and the products the real (here plain-SGD) step's
         learn_weight_decay=True, weight_decay_meta_lr=wd_lr, meta_batch_size=10, lookahead="sgd", max_grad_norm=0.0,
-        center_instance_rates=center,
+        center_instance_rates=center is not None, instance_rate_center=center or "mean",
     )
     trainer = MetaLRTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta)
     trainer.train()
@@ -63,10 +64,11 @@ def test_one_sgd_step_matches_the_paper_equations(tmp_path, level, center):
     C = 3
     if level in ("instance", "both"):
         inst_dots = dots
-        if center:  # minus the mean over the batch's examples of the same label, class by class
-            inst_dots = dots.clone()
+        if center:  # the meta-gradient -dots minus its mean (or lower median) over the batch's examples of the
+            inst_dots = dots.clone()  # same label, class by class
             for c in y.unique():
-                inst_dots[y == c] -= dots[y == c].mean()
+                same = sorted((-dots[y == c]).tolist())
+                inst_dots[y == c] += sum(same) / len(same) if center == "mean" else same[(len(same) - 1) // 2]
         expect_inst = (1 + meta_lr * (lam / N) * inst_dots).clamp(min=0)
         torch.testing.assert_close(trainer.rates.instance, expect_inst, rtol=1e-4, atol=1e-5)
     else:

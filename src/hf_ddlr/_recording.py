@@ -109,6 +109,8 @@ def meta_settings(trainer: MetaLRTrainer) -> dict[str, Any]:
         out["rate_metric"] = metric
     if trainer.meta_args.instance_rate_scale != "batch":  # likewise
         out["instance_rate_scale"] = trainer.meta_args.instance_rate_scale
+    if trainer.meta_args.instance_rate_center != "mean":  # likewise
+        out["instance_rate_center"] = trainer.meta_args.instance_rate_center
     if trainer.meta_args.instance_rate_normalization != "none":  # likewise
         out["instance_rate_normalization"] = trainer.meta_args.instance_rate_normalization
     task = getattr(trainer, "_task", None)

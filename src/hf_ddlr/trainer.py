@@ -345,6 +345,7 @@ class MetaLRTrainer(Trainer):
             max_instance_rate=meta.max_instance_rate,
             instance_gradient=meta.instance_rate_gradient,
             center_instance=meta.center_instance_rates,
+            center=meta.instance_rate_center,
             instance_scale=meta.instance_rate_scale,
             instance_normalization=meta.instance_rate_normalization,
             device=args.device,

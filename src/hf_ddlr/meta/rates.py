@@ -16,8 +16,8 @@ from typing import Literal, get_args
 
 import torch
 
-__all__ = ["INSTANCE_GRADIENTS", "INSTANCE_LEVELS", "INSTANCE_NORMALIZATIONS", "INSTANCE_SCALES", "LEVELS", "RateSGD",
-           "RateTable"]
+__all__ = ["INSTANCE_CENTERS", "INSTANCE_GRADIENTS", "INSTANCE_LEVELS", "INSTANCE_NORMALIZATIONS", "INSTANCE_SCALES",
+           "LEVELS", "RateSGD", "RateTable"]
 
 Level = Literal["instance", "class", "group", "both"]
 LEVELS: tuple[str, ...] = ("instance", "class", "group", "both")
@@ -27,6 +27,8 @@ InstanceGradient = Literal["effective", "chain_rule"]
 INSTANCE_GRADIENTS: tuple[str, ...] = get_args(InstanceGradient)
 InstanceScale = Literal["batch", "key"]
 INSTANCE_SCALES: tuple[str, ...] = get_args(InstanceScale)
+InstanceCenter = Literal["mean", "median"]
+INSTANCE_CENTERS: tuple[str, ...] = get_args(InstanceCenter)
 InstanceNormalization = Literal["none", "median"]
 INSTANCE_NORMALIZATIONS: tuple[str, ...] = get_args(InstanceNormalization)
 
@@ -139,9 +141,19 @@ def _mean_per_key(values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return (sums / counts.clamp(min=1))[keys]
 
 
-def _centered_per_key(values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """``values`` minus the mean of the values of the batch that share its key (its class or group)."""
-    return values - _mean_per_key(values, keys)
+def _median_per_key(values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """For every entry, the (lower) median of the batch's ``values`` that share its key (its class or group)."""
+    out = torch.empty_like(values)
+    for key in torch.unique(keys):
+        rows = keys == key
+        out[rows] = values[rows].median()
+    return out
+
+
+def _centered_per_key(values: torch.Tensor, keys: torch.Tensor, statistic: str = "mean") -> torch.Tensor:
+    """``values`` minus the mean (or the median) of the values of the batch that share its key (its class or
+    group)."""
+    return values - (_median_per_key if statistic == "median" else _mean_per_key)(values, keys)
 
 
 def _scaled_per_key(values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -181,7 +193,9 @@ class RateTable:
     ``"chain_rule"``.
 
     ``center_instance=True`` steps each instance rate on that gradient minus its mean over the batch's examples
-    of the same key (class or group), so the instance rates carry only preferences within a class or group.
+    of the same key (class or group), so the instance rates carry only preferences within a class or group;
+    ``center="median"`` subtracts the (lower) median instead, the typical example's gradient, which the few
+    large gradients of mislabelled examples do not pull.
     ``instance_scale="key"`` divides each instance rate's gradient by the mean |gradient| of the batch's examples
     of its key before the normalized step, so ``meta_lr`` is the typical step within every class or group.
 
@@ -210,6 +224,7 @@ class RateTable:
         max_instance_rate: float | None = None,
         instance_gradient: InstanceGradient = "effective",
         center_instance: bool = False,
+        center: InstanceCenter = "mean",
         instance_scale: InstanceScale = "batch",
         instance_normalization: InstanceNormalization = "none",
         device: torch.device | str = "cpu",
@@ -219,6 +234,9 @@ class RateTable:
             raise ValueError(f"instance_gradient must be one of {INSTANCE_GRADIENTS}, got {instance_gradient!r}.")
         self.instance_gradient = instance_gradient
         self.center_instance = bool(center_instance)
+        if center not in INSTANCE_CENTERS:
+            raise ValueError(f"center must be one of {INSTANCE_CENTERS}, got {center!r}.")
+        self.center = center
         if instance_scale not in INSTANCE_SCALES:
             raise ValueError(f"instance_scale must be one of {INSTANCE_SCALES}, got {instance_scale!r}.")
         self.instance_scale = instance_scale
@@ -357,7 +375,7 @@ class RateTable:
                 g = torch.cat([g, chain(table, probe_grad.to(table.device), probe_lookups)])
                 table_labels = torch.cat([labels, probes[1].to(labels.device)])
             if table is self.instance and self.center_instance:
-                g = _centered_per_key(g, table_labels.to(g.device))
+                g = _centered_per_key(g, table_labels.to(g.device), self.center)
             if table is self.instance and self.instance_scale == "key":
                 g = _scaled_per_key(g, table_labels.to(g.device))
             table.grad = _lookup_grad(table, keys, g)
