@@ -174,6 +174,27 @@ def test_median_centred_instance_steps_subtract_the_typical_example_of_each_clas
         RateTable(5, 2, "instance", center_instance=True, center="mode")
 
 
+def test_relative_at_cap_steps_a_rate_at_its_cap_on_its_gradient_minus_its_classs_median():
+    """at_cap="relative": the rows whose own step would pass the cap of 1 (0, 1 and 4) step on g minus the lower
+    median of their label's batch gradients (label 0: -3, -2, -1 -> -2; label 1: -4, 2 -> -4), scaled like the
+    step (meta_lr / mean|g| = 0.12 / 2.4); row 0 helps less than its typical classmate and leaves the cap, rows
+    1 and 4 stay at it; row 2 (below the cap) and row 3 (going down) keep their own steps. 'clamp' ties 0, 1, 4."""
+    g = torch.tensor([-1.0, -3.0, -2.0, 2.0, -4.0])
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    start = torch.tensor([1.0, 1.0, 0.5, 1.0, 1.0])
+    out = {}
+    for rule in ("relative", "clamp"):
+        t = RateTable(5, 2, "instance", meta_lr=0.12, max_instance_rate=1.0, at_cap=rule)
+        t.instance.copy_(start)
+        assert t.update(torch.arange(5), labels, g)
+        out[rule] = t.instance.clone()
+        assert "cap_reference" not in t.optimizer.state[t.instance]  # used by its step only
+    torch.testing.assert_close(out["relative"], torch.tensor([0.95, 1.0, 0.6, 0.9, 1.0]))
+    torch.testing.assert_close(out["clamp"], torch.tensor([1.0, 1.0, 0.6, 0.9, 1.0]))
+    with pytest.raises(ValueError, match="at_cap must be one of"):
+        RateTable(5, 2, "instance", at_cap="wrap")
+
+
 def test_key_scaled_instance_steps_move_every_key_by_meta_lr_and_leave_the_keyed_rates():
     """instance_scale='key': each instance gradient is divided by the mean |.| of its key's gradients in the batch
     (key 0: 1, -3 -> 2; key 1: 100, -300 -> 200; key 2: all 0, unchanged), so both keys' rates move by meta_lr on

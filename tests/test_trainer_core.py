@@ -27,12 +27,15 @@ def _per_example_grads(model, x, y):
 
 
 @pytest.mark.parametrize("level, center", [("instance", None), ("class", None), ("both", None),
-                                           ("instance", "mean"), ("both", "mean"), ("instance", "median")])
+                                           ("instance", "mean"), ("both", "mean"), ("instance", "median"),
+                                           ("instance", "at_cap")])
 def test_one_sgd_step_matches_the_paper_equations(tmp_path, level, center):
     """Eq. 3-7 and §2.3 of the paper, computed independently with per-example gradients. With
     ``center_instance_rates`` an instance rate steps on its product minus the mean (``instance_rate_center=
     "median"``: the lower median) product of the batch's examples of its class; the class rates are unchanged by
-    it."""
+    it. ``"at_cap"``: rates capped at 1 with ``instance_rate_at_cap="relative"``: every rate starts at the cap, so
+    an example whose step goes up steps on its product minus the lower median of its class's, the others on
+    their own."""
     lam, meta_lr, wd, wd_lr = 0.5, 20.0, 0.01, 50.0
     train, meta = make_split(24, seed=1), make_split(10, seed=2)
     torch.manual_seed(0)
@@ -41,10 +44,11 @@ def test_one_sgd_step_matches_the_paper_equations(tmp_path, level, center):
     args = _args(
         tmp_path, per_device_train_batch_size=24, max_steps=1, learning_rate=lam, optim="sgd",
         lr_scheduler_type="constant", weight_decay=wd, lr_level=level, meta_lr=meta_lr, meta_lr_scaling="raw",
-        max_instance_rate=None, probe_batches=0,  # the paper's rule: rates unbounded above, the step's rows only
-        rate_metric="optimizer",  # and the products the real (here plain-SGD) step's
+        max_instance_rate=1.0 if center == "at_cap" else None,  # the paper's rule: rates unbounded above,
+        probe_batches=0, rate_metric="optimizer",  # the step's rows only and the real (plain-SGD) step's products
         learn_weight_decay=True, weight_decay_meta_lr=wd_lr, meta_batch_size=10, lookahead="sgd", max_grad_norm=0.0,
-        center_instance_rates=center is not None, instance_rate_center=center or "mean",
+        center_instance_rates=center in ("mean", "median"), instance_rate_center=center if center == "median" else "mean",
+        instance_rate_at_cap="relative" if center == "at_cap" else "clamp",
     )
     trainer = MetaLRTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta)
     trainer.train()
@@ -69,7 +73,10 @@ def test_one_sgd_step_matches_the_paper_equations(tmp_path, level, center):
             for c in y.unique():
                 same = sorted((-dots[y == c]).tolist())
                 inst_dots[y == c] += sum(same) / len(same) if center == "mean" else same[(len(same) - 1) // 2]
-        expect_inst = (1 + meta_lr * (lam / N) * inst_dots).clamp(min=0)
+        if center == "at_cap":  # relative where the own step goes up (past the cap of 1), then clamped to it
+            assert (dots > 0).any() and (dots < 0).any()
+            inst_dots = torch.where(dots > 0, inst_dots, dots)
+        expect_inst = (1 + meta_lr * (lam / N) * inst_dots).clamp(min=0, max=None if center != "at_cap" else 1.0)
         torch.testing.assert_close(trainer.rates.instance, expect_inst, rtol=1e-4, atol=1e-5)
     else:
         assert trainer.rates.instance is None

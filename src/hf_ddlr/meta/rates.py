@@ -16,7 +16,7 @@ from typing import Literal, get_args
 
 import torch
 
-__all__ = ["INSTANCE_CENTERS", "INSTANCE_GRADIENTS", "INSTANCE_LEVELS", "INSTANCE_NORMALIZATIONS", "INSTANCE_SCALES",
+__all__ = ["INSTANCE_AT_CAP", "INSTANCE_CENTERS", "INSTANCE_GRADIENTS", "INSTANCE_LEVELS", "INSTANCE_NORMALIZATIONS", "INSTANCE_SCALES",
            "LEVELS", "RateSGD", "RateTable"]
 
 Level = Literal["instance", "class", "group", "both"]
@@ -29,6 +29,8 @@ InstanceScale = Literal["batch", "key"]
 INSTANCE_SCALES: tuple[str, ...] = get_args(InstanceScale)
 InstanceCenter = Literal["mean", "median"]
 INSTANCE_CENTERS: tuple[str, ...] = get_args(InstanceCenter)
+InstanceAtCap = Literal["clamp", "relative"]
+INSTANCE_AT_CAP: tuple[str, ...] = get_args(InstanceAtCap)
 InstanceNormalization = Literal["none", "median"]
 INSTANCE_NORMALIZATIONS: tuple[str, ...] = get_args(InstanceNormalization)
 
@@ -48,7 +50,9 @@ class RateSGD(torch.optim.Optimizer):
     ``"lookups"`` by the total |gradient| of the lookups (class rates: a class moves by ``lr`` times its
     share, so the table as a whole moves by at most ``lr`` per step; group rates alike). A step whose ``s`` is not finite or
     ≤ 0 is skipped. Every rate is clamped to ``[0, max_rate]``; the instance rates to the tighter of ``max_rate``
-    and ``max_instance_rate``.
+    and ``max_instance_rate``. A step that would take a row past its cap is replaced, when the table's state
+    holds a ``cap_reference`` for the step (a sparse gradient like ``.grad``: :class:`RateTable`'s
+    ``at_cap="relative"``), by the step on ``g`` minus that reference, scaled alike; the reference is used once.
 
     The weight decay (a float64 scalar, group ``norm="weight_decay"``) moves by ``wd ← max(0, wd − lr·g)``
     ("raw") or multiplicatively, ``wd ← wd · exp(−lr · clip(g / rms(g), ±3))``, with the bias-corrected
@@ -95,21 +99,28 @@ class RateSGD(torch.optim.Optimizer):
             if group["norm"] == "weight_decay":
                 self._weight_decay_step(p, group)
             elif p.grad is not None:
-                self._table_step(p, group)
+                self._table_step(p, group, self.state[p].pop("cap_reference", None))
         return loss
 
     @staticmethod
-    def _table_step(table: torch.Tensor, group: dict) -> None:
+    def _table_step(table: torch.Tensor, group: dict, cap_reference: torch.Tensor | None = None) -> None:
         keys, values = table.grad._indices()[0], table.grad._values()
         rows = torch.unique(keys)
         g = torch.zeros_like(table).index_add_(0, keys, values)[rows]
         if group["scaling"] == "raw":
+            scale = None
             step = group["lr"] * g
         else:
             scale = g.abs().mean() if group["norm"] == "rows" else values.abs().sum()
             if not torch.isfinite(scale) or scale <= 0:
                 return
             step = group["lr"] * g / scale
+        if cap_reference is not None and group["max_rate"] is not None:
+            # (lr / s) · g, not lr · g / s: the rounding the recorded runs of this rule were made with
+            factor = group["lr"] if scale is None else group["lr"] / scale
+            step = factor * g
+            ref = torch.zeros_like(table).index_add_(0, cap_reference._indices()[0], cap_reference._values())[rows]
+            step = torch.where(table[rows] - step > group["max_rate"], step - factor * ref, step)
         table[rows] = (table[rows] - step).clamp_(min=0.0, max=group["max_rate"])
 
     def _weight_decay_step(self, wd: torch.Tensor, group: dict) -> None:
@@ -196,6 +207,11 @@ class RateTable:
     of the same key (class or group), so the instance rates carry only preferences within a class or group;
     ``center="median"`` subtracts the (lower) median instead, the typical example's gradient, which the few
     large gradients of mislabelled examples do not pull.
+    ``at_cap="relative"``: an instance rate whose step would take it past its cap steps instead on its gradient
+    minus the (lower) median of the batch's gradients of its key, scaled as the step: relative to its typical
+    classmate. The cap otherwise discards an up-step whole, tying at the cap every example that wanted to go
+    up, however much less it helped than its classmates; an example below the cap keeps its own step, so the
+    clean examples' pull back up is kept. ``"clamp"`` (the default) clamps.
     ``instance_scale="key"`` divides each instance rate's gradient by the mean |gradient| of the batch's examples
     of its key before the normalized step, so ``meta_lr`` is the typical step within every class or group.
 
@@ -225,6 +241,7 @@ class RateTable:
         instance_gradient: InstanceGradient = "effective",
         center_instance: bool = False,
         center: InstanceCenter = "mean",
+        at_cap: InstanceAtCap = "clamp",
         instance_scale: InstanceScale = "batch",
         instance_normalization: InstanceNormalization = "none",
         device: torch.device | str = "cpu",
@@ -237,6 +254,9 @@ class RateTable:
         if center not in INSTANCE_CENTERS:
             raise ValueError(f"center must be one of {INSTANCE_CENTERS}, got {center!r}.")
         self.center = center
+        if at_cap not in INSTANCE_AT_CAP:
+            raise ValueError(f"at_cap must be one of {INSTANCE_AT_CAP}, got {at_cap!r}.")
+        self.at_cap = at_cap
         if instance_scale not in INSTANCE_SCALES:
             raise ValueError(f"instance_scale must be one of {INSTANCE_SCALES}, got {instance_scale!r}.")
         self.instance_scale = instance_scale
@@ -379,6 +399,9 @@ class RateTable:
             if table is self.instance and self.instance_scale == "key":
                 g = _scaled_per_key(g, table_labels.to(g.device))
             table.grad = _lookup_grad(table, keys, g)
+            if table is self.instance and self.at_cap == "relative":
+                self.optimizer.state[table]["cap_reference"] = _lookup_grad(
+                    table, keys, _median_per_key(g, table_labels.to(g.device)))
         if self.learn_weight_decay and weight_decay_grad is not None:
             self._weight_decay.grad = torch.tensor(weight_decay_grad, dtype=torch.float64)
         self.optimizer.step()
