@@ -187,7 +187,7 @@ NEUTRAL_NEW_OPTIONS = {"meta_grad_average_epochs": None, "group_column": None,
                        "class_rate_direction": "per_step", "lookahead_step": 1.0, "instance_rate_scale": "batch",
                        "max_instance_rate": None, "probe_batches": 0, "meta_parameters": "all",
                        "meta_objective": "loss", "rate_metric": "optimizer", "instance_rate_normalization": "none",
-                       "instance_rate_center": "mean"}
+                       "instance_rate_center": "mean", "instance_rate_at_cap": "clamp"}
 
 
 # options whose default (None) resolves by task: the value every cell (single-label classification) gets
@@ -205,6 +205,10 @@ def _resolved(cell: Cell, key: str, value: Any) -> Any:
         head = _resolved(cell, "meta_parameters", OVERRIDES.get("meta_parameters", "auto")) == "head"
         last_layer = OVERRIDES.get("meta_strategy") == "last_layer"
         return "bounded" if cell.model == "minilm" and head and not last_layer else "loss"
+    if key == "instance_rate_at_cap" and value == "auto":  # as the trainer resolves it: relative on the head's
+        # meta-gradient of a pretrained encoder, else clamped
+        head = _resolved(cell, "meta_parameters", OVERRIDES.get("meta_parameters", "auto")) == "head"
+        return "relative" if head else "clamp"
     if key == "rate_metric" and value == "auto":  # as the trainer resolves it; under Adam's own step the two
         # metrics are one (the second moment holds nothing): 'optimizer', the value those runs recorded
         choice = rate_metric_choice(SimpleNamespace(rate_metric=value, meta_strategy=OVERRIDES.get("meta_strategy")))

@@ -157,3 +157,25 @@ def test_resume_with_the_heads_meta_gradient_is_bit_exact(tmp_path):
         broken = _trainer(tmp_path / "b", _pretrained(tmp_path), **kw)
         broken.train(resume_from_checkpoint=str(ckpt))
     assert not torch.equal(broken.rates.instance, straight.rates.instance)
+
+
+def test_auto_at_cap_is_relative_on_a_pretrained_models_head_and_clamped_otherwise(tmp_path):
+    """``instance_rate_at_cap="auto"``: a fine-tune of a pretrained model (the head's meta-gradient) steps exactly
+    like an explicit ``"relative"`` run and records it; a model built from its config, or every parameter of a
+    pretrained one, like ``"clamp"``, recording nothing new; on the fine-tune the two rules give different rates
+    (some examples leave the cap)."""
+    from tiny_text import tiny_bert
+
+    auto_pre = _trained(tmp_path, _pretrained(tmp_path))
+    relative = _trained(tmp_path, _pretrained(tmp_path), instance_rate_at_cap="relative")
+    clamp_pre = _trained(tmp_path, _pretrained(tmp_path), instance_rate_at_cap="clamp")
+    auto_new = _trained(tmp_path, tiny_bert())
+    clamp_new = _trained(tmp_path, tiny_bert(), instance_rate_at_cap="clamp")
+    whole = _trained(tmp_path, _pretrained(tmp_path), meta_parameters="all")
+    assert (auto_pre.rates.at_cap, auto_new.rates.at_cap, whole.rates.at_cap) == ("relative", "clamp", "clamp")
+    assert auto_pre.lr_trajectory.config["instance_rate_at_cap"] == "relative"
+    assert "instance_rate_at_cap" not in auto_new.lr_trajectory.config
+    assert "instance_rate_at_cap" not in whole.lr_trajectory.config
+    assert torch.equal(auto_pre.rates.instance, relative.rates.instance)
+    assert torch.equal(auto_new.rates.instance, clamp_new.rates.instance)
+    assert (relative.rates.instance < clamp_pre.rates.instance).any()

@@ -276,6 +276,17 @@ def test_instance_rate_center_needs_centring_and_a_known_statistic(tmp_path):
     assert args.instance_rate_center == "median"
 
 
+def test_instance_rate_at_cap_needs_instance_rates_and_a_known_rule(tmp_path):
+    with pytest.raises(ValueError, match="instance_rate_at_cap='relative' changes .* no instance rates"):
+        MetaLRConfig(output_dir=str(tmp_path), **COMMON, lr_level="class", instance_rate_at_cap="relative")
+    with pytest.raises(ValueError, match="instance_rate_at_cap='wrap' is not valid"):
+        MetaLRConfig(output_dir=str(tmp_path), **COMMON, instance_rate_at_cap="wrap")
+    assert MetaLRConfig(output_dir=str(tmp_path), **COMMON, instance_rate_at_cap="relative").instance_rate_at_cap \
+        == "relative"
+    assert MetaLRConfig(output_dir=str(tmp_path), **COMMON).instance_rate_at_cap == "auto"  # (resolved by the trainer)
+    assert MetaLRConfig(output_dir=str(tmp_path), **COMMON, lr_level="class").instance_rate_at_cap == "auto"
+
+
 def test_lookahead_step_reaches_the_lookahead_and_the_trajectory(tmp_path):
     """lookahead_step is handed to the lookahead's description of the optimizer and recorded with the run
     (left out of the recorded settings at its default 1, so other runs' settings are as they were)."""

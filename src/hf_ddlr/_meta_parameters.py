@@ -1,5 +1,6 @@
-"""The run's ``meta_parameters`` (which trainable parameters the meta step looks ahead on) and its
-``meta_objective`` (what the lookahead is scored by), as their ``"auto"`` defaults resolve for the model."""
+"""The run's ``meta_parameters`` (which trainable parameters the meta step looks ahead on), its ``meta_objective``
+(what the lookahead is scored by) and its ``instance_rate_at_cap``, as their ``"auto"`` defaults resolve for the
+model."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from typing import Any
 from torch import nn
 
 from .meta.parameters import head_parameter_names, select_meta_parameters
+from .meta.rates import INSTANCE_LEVELS
 
-__all__ = ["meta_objective_choice", "meta_parameters_choice", "meta_parameter_names"]
+__all__ = ["instance_rate_at_cap_choice", "meta_objective_choice", "meta_parameters_choice", "meta_parameter_names"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,3 +69,16 @@ def meta_objective_choice(trainer: Any, parameters: str | None = None) -> str:
     if trainer.meta_args.meta_strategy == "last_layer" or not _pretrained(trainer.model):
         return "loss"
     return "bounded" if (parameters or meta_parameters_choice(trainer)) == "head" else "loss"
+
+
+def instance_rate_at_cap_choice(trainer: Any, parameters: str | None = None) -> str:
+    """``instance_rate_at_cap`` as the run uses it: ``"auto"`` resolved to ``"relative"`` where the meta step looks
+    ahead on the head of a pretrained model (a fine-tune: ``parameters``, the run's resolved ``meta_parameters``,
+    when the caller has it), where a few epochs leave many mislabelled examples at the cap beside the clean ones,
+    and to ``"clamp"`` otherwise (and without instance rates); any other value as given."""
+    choice = trainer.meta_args.instance_rate_at_cap
+    if choice != "auto":
+        return choice
+    if trainer.meta_args.lr_level not in INSTANCE_LEVELS:  # no instance rates: nothing to resolve
+        return "clamp"
+    return "relative" if (parameters or meta_parameters_choice(trainer)) == "head" else "clamp"

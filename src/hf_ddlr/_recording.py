@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from ._batches import HALF_META_BATCH_TASKS, meta_batch_size, probe_batches
-from ._meta_parameters import meta_objective_choice, meta_parameters_choice
+from ._meta_parameters import instance_rate_at_cap_choice, meta_objective_choice, meta_parameters_choice
 from .config import rate_metric_choice
 from .meta import RateTable
 from .meta.distributed import world_size
@@ -97,6 +97,9 @@ def meta_settings(trainer: MetaLRTrainer) -> dict[str, Any]:
         out["probe_batches"] = probe_batches(trainer)
         out["meta_parameters"] = meta_parameters_choice(trainer)
         objective = meta_objective_choice(trainer, out["meta_parameters"])
+        at_cap = instance_rate_at_cap_choice(trainer, out["meta_parameters"])
+        if at_cap != "clamp":  # only then, likewise
+            out["instance_rate_at_cap"] = at_cap
         if objective != "loss":  # only then: the settings of every other run stay as they were
             out["meta_objective"] = objective
     out["meta_set_size"] = len(trainer.meta_dataset) if trainer.meta_dataset is not None else None

@@ -31,6 +31,7 @@ from ._datasets import (
 )
 from ._groups import Groups, check_same_groups, read_groups
 from ._meta_check import MetaSetCheck, check_meta_set
+from ._meta_parameters import instance_rate_at_cap_choice
 from ._recording import AppliedInstanceRates, MetaLog, TrajectoryRecorder, new_trajectory
 from ._tasks import check_task_options, resolve_task
 from .config import MetaLROptions, rate_metric_choice, resolve_meta_options
@@ -346,6 +347,7 @@ class MetaLRTrainer(Trainer):
             instance_gradient=meta.instance_rate_gradient,
             center_instance=meta.center_instance_rates,
             center=meta.instance_rate_center,
+            at_cap=instance_rate_at_cap_choice(self),
             instance_scale=meta.instance_rate_scale,
             instance_normalization=meta.instance_rate_normalization,
             device=args.device,
