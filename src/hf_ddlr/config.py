@@ -180,7 +180,8 @@ class MetaLROptions:
         "step, which pulls clean examples back up. 'auto' (default): 'relative' on a fine-tune of a pretrained "
         "model (where meta_parameters resolves to its head), 'clamp' otherwise. On the robustness matrix "
         "(docs/robustness.md, 'Instance rates at the cap: a step relative to the typical classmate') 'relative' "
-        "ranked every fine-tune better (+0.008 to +0.011 AUROC, on held-out seeds too) at the same accuracy, and "
+        "ranked every fine-tune better (+0.008 to +0.011 AUROC; +0.008 to +0.016 on held-out seeds) at the same "
+        "accuracy, and "
         "the under-trained ResNet over the 0.9 bar, but cost the 8-epoch momentum CNNs up to 1.5 points, whose "
         "mislabelled examples are already far below the cap.",
         choices=("auto", *INSTANCE_AT_CAP),
