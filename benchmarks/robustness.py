@@ -206,9 +206,10 @@ def _resolved(cell: Cell, key: str, value: Any) -> Any:
         last_layer = OVERRIDES.get("meta_strategy") == "last_layer"
         return "bounded" if cell.model == "minilm" and head and not last_layer else "loss"
     if key == "instance_rate_at_cap" and value == "auto":  # as the trainer resolves it: relative on the head's
-        # meta-gradient of a pretrained encoder, else clamped
+        # meta-gradient of a pretrained encoder and under SGD without momentum, else clamped
         head = _resolved(cell, "meta_parameters", OVERRIDES.get("meta_parameters", "auto")) == "head"
-        return "relative" if head else "clamp"
+        recipe = RECIPES[cell.recipe]
+        return "relative" if head or (recipe.optim == "sgd" and not recipe.momentum) else "clamp"
     if key == "rate_metric" and value == "auto":  # as the trainer resolves it; under Adam's own step the two
         # metrics are one (the second moment holds nothing): 'optimizer', the value those runs recorded
         choice = rate_metric_choice(SimpleNamespace(rate_metric=value, meta_strategy=OVERRIDES.get("meta_strategy")))

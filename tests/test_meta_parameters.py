@@ -53,18 +53,18 @@ def test_select_meta_parameters_choices_and_errors():
 
 
 # ---------------------------------------------------------------- the trainer: what "auto" resolves to
-def _trainer(tmp_path, model, **kw):
+def _trainer(tmp_path, model, trainer_kw=None, **kw):
     from tiny_text import text_data_splits
     from transformers import DataCollatorWithPadding
 
     from hf_ddlr import MetaLRConfig, MetaLRTrainer
 
     tok, train, meta = text_data_splits()
-    kw = {"save_strategy": "no", "max_steps": 2, **kw}
+    kw = {"save_strategy": "no", "max_steps": 2, "optim": "adamw_torch", "learning_rate": 1e-3, **kw}
     args = MetaLRConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, report_to=[], use_cpu=True,
-                        disable_tqdm=True, seed=0, optim="adamw_torch", learning_rate=1e-3, max_grad_norm=0.05, **kw)
+                        disable_tqdm=True, seed=0, max_grad_norm=0.05, **kw)
     return MetaLRTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta,
-                         data_collator=DataCollatorWithPadding(tok))
+                         data_collator=DataCollatorWithPadding(tok), **(trainer_kw or {}))
 
 
 def _pretrained(tmp_path):
@@ -179,3 +179,35 @@ def test_auto_at_cap_is_relative_on_a_pretrained_models_head_and_clamped_otherwi
     assert torch.equal(auto_pre.rates.instance, relative.rates.instance)
     assert torch.equal(auto_new.rates.instance, clamp_new.rates.instance)
     assert (relative.rates.instance < clamp_pre.rates.instance).any()
+
+
+def test_auto_at_cap_is_relative_under_sgd_without_momentum(tmp_path):
+    """``instance_rate_at_cap="auto"`` on a model trained from scratch: SGD without momentum steps exactly like an
+    explicit ``"relative"`` run and records it, whether the Trainer builds the SGD from ``optim`` or is handed it
+    (an optimizer, or its class and arguments); with momentum, or under AdamW, the rates are clamped."""
+    from tiny_text import tiny_bert
+
+    from hf_ddlr._meta_parameters import plain_sgd
+
+    sgd = {"optim": "sgd", "learning_rate": 0.05}
+    auto = _trained(tmp_path, tiny_bert(), **sgd)
+    relative = _trained(tmp_path, tiny_bert(), instance_rate_at_cap="relative", **sgd)
+    clamp = _trained(tmp_path, tiny_bert(), instance_rate_at_cap="clamp", **sgd)
+    assert auto.rates.at_cap == "relative" and auto.lr_trajectory.config["instance_rate_at_cap"] == "relative"
+    assert torch.equal(auto.rates.instance, relative.rates.instance)
+    assert not torch.equal(auto.rates.instance, clamp.rates.instance)
+    assert plain_sgd(auto)  # after training too, with the Trainer's optimizer wrapped by accelerate
+    momentum = _trained(tmp_path, tiny_bert(), optim_args="momentum=0.9", **sgd)
+    assert momentum.rates.at_cap == "clamp" and "instance_rate_at_cap" not in momentum.lr_trajectory.config
+    assert not plain_sgd(momentum)
+
+    def handed(optimizer=None, cls_and_kwargs=None):
+        model = tiny_bert()
+        opts = {"optimizers": (optimizer(model), None)} if optimizer else {"optimizer_cls_and_kwargs": cls_and_kwargs}
+        return _trainer(tmp_path, model, trainer_kw=opts).rates.at_cap  # (args.optim: AdamW, not used)
+
+    assert handed(lambda m: torch.optim.SGD(m.parameters(), lr=0.05)) == "relative"
+    assert handed(lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)) == "clamp"
+    assert handed(lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)) == "clamp"
+    assert handed(cls_and_kwargs=(torch.optim.SGD, {"lr": 0.05})) == "relative"
+    assert handed(cls_and_kwargs=(torch.optim.SGD, {"lr": 0.05, "momentum": 0.5})) == "clamp"

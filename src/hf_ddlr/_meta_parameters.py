@@ -1,18 +1,23 @@
 """The run's ``meta_parameters`` (which trainable parameters the meta step looks ahead on), its ``meta_objective``
 (what the lookahead is scored by) and its ``instance_rate_at_cap``, as their ``"auto"`` defaults resolve for the
-model."""
+model and its optimizer."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
+import torch
 from torch import nn
+from transformers import Trainer
 
 from .meta.parameters import head_parameter_names, select_meta_parameters
 from .meta.rates import INSTANCE_LEVELS
 
-__all__ = ["instance_rate_at_cap_choice", "meta_objective_choice", "meta_parameters_choice", "meta_parameter_names"]
+__all__ = [
+    "instance_rate_at_cap_choice", "meta_objective_choice", "meta_parameters_choice", "meta_parameter_names",
+    "plain_sgd",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +76,35 @@ def meta_objective_choice(trainer: Any, parameters: str | None = None) -> str:
     return "bounded" if (parameters or meta_parameters_choice(trainer)) == "head" else "loss"
 
 
+def plain_sgd(trainer: Any) -> bool:
+    """Whether the run trains with torch's SGD without momentum: the optimizer passed to the Trainer when there is
+    one, else the class and keyword arguments it will build one from (``optimizer_cls_and_kwargs``, or
+    ``args.optim`` / ``args.optim_args``). An optimizer that cannot be told without building it counts as not."""
+    opt = getattr(trainer, "optimizer", None)
+    while opt is not None and not isinstance(opt, torch.optim.SGD) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer  # accelerate's wrapper of the optimizer the Trainer built
+    if opt is not None:
+        return isinstance(opt, torch.optim.SGD) and all(not g.get("momentum") for g in opt.param_groups)
+    given = getattr(trainer, "optimizer_cls_and_kwargs", None)
+    try:
+        cls, kwargs = given if given is not None else Trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    except Exception:  # an optimizer that needs more than the arguments (or a package) to be resolved
+        return False
+    return cls is torch.optim.SGD and not kwargs.get("momentum")
+
+
 def instance_rate_at_cap_choice(trainer: Any, parameters: str | None = None) -> str:
     """``instance_rate_at_cap`` as the run uses it: ``"auto"`` resolved to ``"relative"`` where the meta step looks
     ahead on the head of a pretrained model (a fine-tune: ``parameters``, the run's resolved ``meta_parameters``,
-    when the caller has it), where a few epochs leave many mislabelled examples at the cap beside the clean ones,
-    and to ``"clamp"`` otherwise (and without instance rates); any other value as given."""
+    when the caller has it) or the model trains with SGD without momentum: there a few epochs leave many
+    mislabelled examples at the cap beside the clean ones. ``"clamp"`` otherwise (momentum SGD and Adam from
+    scratch, whose mislabelled examples fall far below the cap, and without instance rates); any other value as
+    given."""
     choice = trainer.meta_args.instance_rate_at_cap
     if choice != "auto":
         return choice
     if trainer.meta_args.lr_level not in INSTANCE_LEVELS:  # no instance rates: nothing to resolve
         return "clamp"
-    return "relative" if (parameters or meta_parameters_choice(trainer)) == "head" else "clamp"
+    if (parameters or meta_parameters_choice(trainer)) == "head":
+        return "relative"
+    return "relative" if plain_sgd(trainer) else "clamp"

@@ -97,7 +97,8 @@ def meta_settings(trainer: MetaLRTrainer) -> dict[str, Any]:
         out["probe_batches"] = probe_batches(trainer)
         out["meta_parameters"] = meta_parameters_choice(trainer)
         objective = meta_objective_choice(trainer, out["meta_parameters"])
-        at_cap = instance_rate_at_cap_choice(trainer, out["meta_parameters"])
+        rates = getattr(trainer, "rates", None)  # (resolved once, when the run's table was made)
+        at_cap = rates.at_cap if rates is not None else instance_rate_at_cap_choice(trainer, out["meta_parameters"])
         if at_cap != "clamp":  # only then, likewise
             out["instance_rate_at_cap"] = at_cap
         if objective != "loss":  # only then: the settings of every other run stay as they were

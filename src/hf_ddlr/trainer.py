@@ -90,12 +90,13 @@ _TRAINER_MEMBERS_USED = _members("""
     call      _get_collator_with_removed_columns(data_collator, description)
     call      _prepare_inputs(inputs)
     call      get_decay_parameter_names(model)
+    call      get_optimizer_cls_and_kwargs(args, model)
     call      get_train_dataloader()
     call      add_callback(callback)
     call      is_world_process_zero()
     attribute _signature_columns _train_batch_size current_gradient_accumulation_steps loss_is_scaled_for_ga
     attribute is_deepspeed_enabled is_fsdp_enabled is_fsdp_xla_enabled hub_model_id accelerator optimizer state
-    attribute args model train_dataset data_collator
+    attribute args model train_dataset data_collator optimizer_cls_and_kwargs
 """)
 # Attributes of the Trainer's `accelerate.Accelerator` read here (fp16 loss scale, sharded/split set-ups).
 _ACCELERATOR_MEMBERS_USED: tuple[str, ...] = ("scaler", "parallelism_config")
