@@ -90,7 +90,7 @@ def plain_sgd(trainer: Any) -> bool:
         cls, kwargs = given if given is not None else Trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
     except Exception:  # an optimizer that needs more than the arguments (or a package) to be resolved
         return False
-    return cls is torch.optim.SGD and not kwargs.get("momentum")
+    return isinstance(cls, type) and issubclass(cls, torch.optim.SGD) and not kwargs.get("momentum")
 
 
 def instance_rate_at_cap_choice(trainer: Any, parameters: str | None = None) -> str:
