@@ -456,11 +456,12 @@ class VisitRecorder(TrainerCallback):
 
 
 def run_cell(cell: Cell | str, seed: int, method: str, quick: bool = False, data=None,
-             after_train: Callable[[Trainer], None] | None = None) -> dict:
+             after_train: Callable[[Trainer], None] | None = None, callbacks: list | None = None) -> dict:
     """Train one method ("plain", "metalr" or "oracle") on one cell and seed; return its metrics.
 
     ``data`` (from :func:`load_data`) may be passed to share the splits between the methods of a seed;
-    ``after_train`` is called with the trained trainer (to read more than the metrics, e.g. its trajectory).
+    ``after_train`` is called with the trained trainer (to read more than the metrics, e.g. its trajectory);
+    ``callbacks`` are added to the trainer (observers that must not change the training).
     """
     cell = CELL_BY_NAME[cell] if isinstance(cell, str) else cell
     if method not in METHODS:
@@ -479,8 +480,9 @@ def run_cell(cell: Cell | str, seed: int, method: str, quick: bool = False, data
                               train_dataset=train.remove_columns("sample_index"))
         trainer.remove_callback(PrinterCallback)
         visits = VisitRecorder(trainer) if method == "metalr" else None
-        if visits is not None:
-            trainer.add_callback(visits)
+        for callback in [visits, *(callbacks or [])]:
+            if callback is not None:
+                trainer.add_callback(callback)
         t_train = time.time()
         trainer.train()
         if after_train is not None:

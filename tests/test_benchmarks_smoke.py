@@ -239,6 +239,28 @@ def test_robustness_quick_writes_results_and_resumes(tmp_path):
     assert json.loads((tmp_path / "robustness.json").read_text())["runs"] == runs
 
 
+def test_final_step_traces_leave_the_training_unchanged(tmp_path):
+    """benchmarks/final_step.py --quick on an image and a text cell: the accuracy traced after the last step is the
+    run's final test accuracy (to one example), and the run ends exactly where robustness.py's run without the
+    callback ends (the evaluations in between change nothing)."""
+    fs = _load("final_step")
+    cells = ["digits-cnn-sgd-flip35", "vader-minilm-ft-flip30"]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    assert fs.main(["--quick", "--cells", *cells, "--seeds", "0", "--every", "2", "--output_dir", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "final_step.json").read_text())["runs"]
+    assert sorted((r["cell"], r["method"]) for r in runs) == sorted((c, m) for c in cells for m in ("plain", "metalr"))
+    rb = sys.modules["robustness"]
+    for r in runs:
+        steps = [s for s, _ in r["trace"]]
+        assert steps == sorted(steps) and len(steps) >= 2 and steps[-1] > steps[-2]
+        test_size = rb.QUICK["test"]
+        assert abs(r["trace"][-1][1] - r["test_accuracy"]) <= 1 / test_size + 1e-9
+        alone = rb.run_cell(r["cell"], 0, r["method"], quick=True)
+        assert alone["test_accuracy"] == r["test_accuracy"], (r["cell"], r["method"])
+    md = (tmp_path / "final_step.md").read_text()
+    assert "MetaLR ≥ plain:" in md and "digits-cnn-sgd-flip35" in md
+
+
 def test_wallclock_quick_writes_the_table_and_the_breakdown(tmp_path):
     """benchmarks/wallclock.py --quick (one round, tiny data) on the ResNet: whole-run times of plain and MetaLR,
     their ratio and the per-phase breakdown, in wallclock.json and wallclock.md."""
