@@ -557,13 +557,27 @@ def _mean(rs: list[dict], key: str) -> float:
     return float(np.mean(v)) if v else float("nan")
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval (95 % by default) of a binomial proportion: how far a count of paired runs at or
+    above plain could move on other seeds. Unlike the normal approximation it stays inside [0, 1] near 100 %."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def summary(stats: dict[str, dict]) -> dict:
-    """Pairwise win rate, mean accuracy gain, cells where the rates miss the loss detector, min rate AUROC."""
-    pairs, gains, missed, aurocs = [], [], [], []
+    """Pairwise win rate (with its 95 % interval, and the oracle's as a reference: dropping every noisy example is
+    not at or above plain on every seed either), mean accuracy gain, cells where the rates miss the loss detector,
+    min rate AUROC."""
+    pairs, oracle_pairs, gains, missed, aurocs = [], [], [], [], []
     for name, by in stats.items():
         plain = {r["seed"]: r["test_accuracy"] for r in by["plain"]}
         diffs = [r["test_accuracy"] - plain[r["seed"]] for r in by["metalr"] if r["seed"] in plain]
         pairs += [d >= 0 for d in diffs]
+        oracle_pairs += [r["test_accuracy"] >= plain[r["seed"]] for r in by["oracle"] if r["seed"] in plain]
         if diffs and np.mean(NOISES[CELL_BY_NAME[name].noise]["noise_rate"]) > 0:
             gains.append(float(np.mean(diffs)))
         rate, loss = _mean(by["metalr"], "rate_auroc"), _mean(by["plain"], "loss_auroc")
@@ -571,7 +585,10 @@ def summary(stats: dict[str, dict]) -> dict:
             missed.append(name)
         aurocs += [(r["rate_auroc"], name, r["seed"]) for r in by["metalr"] if not math.isnan(r["rate_auroc"])]
     lo = min(aurocs) if aurocs else None
-    return {"paired_runs": len(pairs), "frac_metalr_ge_plain": float(np.mean(pairs)) if pairs else None,
+    return {"paired_runs": len(pairs), "metalr_ge_plain": int(sum(pairs)),
+            "frac_metalr_ge_plain": float(np.mean(pairs)) if pairs else None,
+            "frac_metalr_ge_plain_95": list(wilson_interval(int(sum(pairs)), len(pairs))) if pairs else None,
+            "oracle_paired_runs": len(oracle_pairs), "oracle_ge_plain": int(sum(oracle_pairs)),
             "mean_acc_gain_noisy_cells": float(np.mean(gains)) if gains else None,
             "cells_rate_below_0.9_loss_above": missed,
             "min_rate_auroc": None if lo is None else {"auroc": lo[0], "cell": lo[1], "seed": lo[2]}}
@@ -609,12 +626,21 @@ def render(stats: dict[str, dict], summ: dict, command: str) -> str:
                      f"{_ms(by['metalr'], 'rate_auroc_within_label')} | {_ms(by['plain'], 'loss_auroc')} | {rates} | {t} |")
     f, g, lo = summ["frac_metalr_ge_plain"], summ["mean_acc_gain_noisy_cells"], summ["min_rate_auroc"]
     lines += ["", "**Summary**", "",
-              f"- MetaLR test accuracy ≥ plain in {'–' if f is None else f'{f:.0%}'} of {summ['paired_runs']} paired runs",
+              f"- MetaLR test accuracy ≥ plain in {'–' if f is None else f'{f:.0%}'} of {summ['paired_runs']} paired runs"
+              + ("" if f is None else _count_detail(summ)),
               f"- mean accuracy gain (MetaLR − plain) over the noisy cells: {'–' if g is None else f'{g:+.4f}'}",
               "- cells with rate AUROC < 0.9 while the plain loss AUROC ≥ 0.9: "
               + (", ".join(summ["cells_rate_below_0.9_loss_above"]) or "none"),
               "- min rate AUROC: " + ("–" if lo is None else f"{lo['auroc']:.3f} ({lo['cell']}, seed {lo['seed']})")]
     return "\n".join(lines) + "\n"
+
+
+def _count_detail(summ: dict) -> str:
+    """The count behind the win rate, its 95 % interval, and the oracle's count on the same pairs."""
+    lo, hi = summ["frac_metalr_ge_plain_95"]
+    oracle = (f"; the oracle (noisy examples dropped): {summ['oracle_ge_plain']} of {summ['oracle_paired_runs']}"
+              if summ["oracle_paired_runs"] else "")
+    return f" ({summ['metalr_ge_plain']}; 95 % Wilson interval {lo:.0%}–{hi:.0%}{oracle})"
 
 
 def plot_auroc(stats: dict[str, dict], path: str) -> None:

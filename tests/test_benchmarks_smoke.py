@@ -332,6 +332,34 @@ def test_robustness_rows_average_the_same_seeds_for_every_method():
     assert [r["seed"] for r in plain_only["plain"]] == list(range(6))
 
 
+def test_robustness_summary_counts_pairs_with_their_interval_and_the_oracles():
+    """The summary's count of runs at or above plain, its 95 % Wilson interval (checked against scipy's, an
+    independent implementation) and the oracle's count on the same seeds."""
+    from scipy.stats import binomtest
+
+    rb = _load("robustness")
+    cell = rb.CELLS[0]
+
+    def run(seed, method, acc):
+        return {"cell": cell.name, "seed": seed, "method": method, "quick": False, "test_accuracy": acc,
+                "fingerprint": rb.fingerprint(cell, method, False), "train_s": 1.0, "n_train": 10, "n_noisy": 3,
+                "rate_auroc": 0.9, "loss_auroc": 0.9}
+
+    plain, metalr, oracle = [0.5, 0.6, 0.7, 0.8], [0.55, 0.6, 0.65, 0.9], [0.4, 0.5, 0.8, 0.9]
+    runs = [run(s, m, acc[s]) for s in range(4) for m, acc in (("plain", plain), ("metalr", metalr),
+                                                                 ("oracle", oracle))]
+    summ = rb.summary(rb.cell_stats(runs, quick=False))
+    assert (summ["paired_runs"], summ["metalr_ge_plain"]) == (4, 3)  # seed 1 is a tie: it counts
+    assert (summ["oracle_paired_runs"], summ["oracle_ge_plain"]) == (4, 2)
+    for k, n in ((3, 4), (44, 51), (51, 51), (0, 7)):
+        ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert rb.wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-6)
+    md = rb.render(rb.cell_stats(runs, quick=False), summ, "cmd")
+    lo, hi = rb.wilson_interval(3, 4)
+    assert (f"≥ plain in 75% of 4 paired runs (3; 95 % Wilson interval {lo:.0%}–{hi:.0%}; the oracle (noisy examples "
+            "dropped): 2 of 4)") in md
+
+
 def test_robustness_metalr_args_keep_integers_integers():
     """--metalr_args meta_batch_size=200 (an option whose default is None) gives the int 200, not 200.0, which
     MetaLRConfig refuses; floats stay floats."""
