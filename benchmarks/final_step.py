@@ -16,7 +16,6 @@ Writes final_step.json (every run with its trace; a rerun skips the runs already
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(R.RUN_SETTINGS["threads"])
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "final_step.json")
-    runs = json.load(open(path))["runs"] if os.path.exists(path) else []
+    runs = R.load_runs(path)
     done = {(r["cell"], r["seed"], r["method"]) for r in runs}
     todo = [(c, s, [m for m in args.methods if (c.name, s, m) not in done])
             for c in R.select_cells(args.cells) for s in args.seeds]
@@ -128,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=sum(len(t[2]) for t in todo), desc="final step", unit="run") as bar:
         for cell, seed, methods in todo:
             runs += run_seed(cell, seed, methods, args.every, bar, args.quick)
-            with open(path + ".tmp", "w") as f:  # after every seed: an interrupted run keeps what it finished
-                json.dump({"runs": runs}, f, indent=1)
-            os.replace(path + ".tmp", path)
+            R.write_json_atomic(path, {"runs": runs})  # after every seed: an interrupted run keeps what it finished
     md = render(sorted(runs, key=lambda r: (r["cell"], r["seed"])), args.last, command)
     with open(os.path.join(args.output_dir, "final_step.md"), "w") as f:
         f.write(md)

@@ -24,7 +24,6 @@ Writes fixed_weights.json (every run; a rerun skips the cell-seeds already there
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -137,16 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "fixed_weights.json")
-    runs = json.load(open(path))["runs"] if os.path.exists(path) else []
+    runs = R.load_runs(path)
     todo = [(c, s) for c in R.select_cells(args.cells) for s in args.seeds
             if not any(r["cell"] == c.name and r["seed"] == s for r in runs)]
     command = "python benchmarks/fixed_weights.py " + " ".join(argv if argv is not None else sys.argv[1:])
     with tqdm(total=len(todo) * (2 + len(WEIGHTINGS)), desc="fixed weights", unit="run") as bar:
         for cell, seed in todo:
             runs.append(run_seed(cell, seed, bar))
-            with open(path + ".tmp", "w") as f:  # after every seed: an interrupted run keeps what it finished
-                json.dump({"runs": runs}, f, indent=1)
-            os.replace(path + ".tmp", path)
+            R.write_json_atomic(path, {"runs": runs})  # after every seed: an interrupted run keeps what it finished
     md = render(sorted(runs, key=lambda r: (r["cell"], r["seed"])), command)
     with open(os.path.join(args.output_dir, "fixed_weights.md"), "w") as f:
         f.write(md)

@@ -519,12 +519,16 @@ def load_runs(path: str) -> list[dict]:
         return json.load(f)["runs"]
 
 
-def save_runs(path: str, runs: list[dict], summ: dict | None = None) -> None:
-    """Write atomically after every run (an interrupted matrix keeps what it finished; no truncated JSON)."""
-    blob = {"metalr_defaults": metalr_defaults(), "summary": summ, "runs": runs}
+def write_json_atomic(path: str, blob: dict) -> None:
+    """Write ``blob`` to ``path`` through a temporary file, so that an interrupted run never leaves truncated JSON."""
     with open(path + ".tmp", "w") as f:
         json.dump(blob, f, indent=1, default=str)
     os.replace(path + ".tmp", path)
+
+
+def save_runs(path: str, runs: list[dict], summ: dict | None = None) -> None:
+    """Write atomically after every run (an interrupted matrix keeps what it finished; no truncated JSON)."""
+    write_json_atomic(path, {"metalr_defaults": metalr_defaults(), "summary": summ, "runs": runs})
 
 
 def _ms(rs: list[dict], key: str) -> str:
