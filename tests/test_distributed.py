@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 import safetensors.torch
 import torch
 from ddp_worker import run, state_of
+from launching import run_launch
 
 HERE = Path(__file__).parent
 BIN = Path(sys.executable).parent
@@ -30,7 +30,7 @@ def _launch(cmd: list[str], tmp_path: Path) -> None:
         "HF_HOME": str(tmp_path / "hf_home"),  # no user accelerate config / caches
         "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
     }
-    proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_launch(cmd, HERE, env)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from launching import run_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -27,7 +28,7 @@ def run_example(script: str, out: Path, *extra: str, timeout: int = 300, env: di
     env = {**env, "TOKENIZERS_PARALLELISM": "false"}
     cmd = [*(launcher or [sys.executable]), str(EXAMPLES / script), "--dataset", "embedded", "--quick",
            "--output_dir", str(out), "--disable_tqdm", "true", *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_launch(cmd, ROOT, env, timeout)  # (a launcher's gloo processes: once more after their teardown abort)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     if stdout is not None:
         stdout.append(proc.stdout)

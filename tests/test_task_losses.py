@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
+from launching import run_launch
 from tiny_text import WORDS, tiny_tokenizer
 from transformers import (
     BertConfig,
@@ -282,10 +282,7 @@ def test_token_mean_under_ddp_is_over_every_process_tokens(tmp_path):
            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", str(HERE / "ddp_task_worker.py"),
            str(tmp_path)]
-    for _ in range(2):  # once more only after gloo's rare abort in a process's teardown (tests/ddp_worker.py)
-        proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
-        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
-            break
+    proc = run_launch(cmd, HERE, env)  # once more only after gloo's rare abort in a process's teardown
     assert proc.returncode == 0, proc.stderr[-4000:]
     for rank in (0, 1):
         res = json.loads((tmp_path / f"rank{rank}.json").read_text())
