@@ -54,6 +54,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
 from hf_ddlr.config import rate_metric_choice
 from hf_ddlr.demo import NoisyDigitsSetup, prepare_noisy_digits
+from hf_ddlr.meta.rates import INSTANCE_LEVELS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("plain", "metalr", "oracle")
@@ -207,6 +208,8 @@ def _resolved(cell: Cell, key: str, value: Any) -> Any:
         return "bounded" if cell.model == "minilm" and head and not last_layer else "loss"
     if key == "instance_rate_at_cap" and value == "auto":  # as the trainer resolves it: relative on the head's
         # meta-gradient of a pretrained encoder and under SGD without momentum, else clamped
+        if metalr_defaults()["lr_level"] not in INSTANCE_LEVELS:  # --metalr_args applied
+            return "clamp"  # no instance rates: nothing to resolve
         head = _resolved(cell, "meta_parameters", OVERRIDES.get("meta_parameters", "auto")) == "head"
         recipe = RECIPES[cell.recipe]
         return "relative" if head or (recipe.optim == "sgd" and not recipe.momentum) else "clamp"

@@ -201,6 +201,26 @@ def test_robustness_matrix_covers_every_axis_and_lists_times(capsys):
     assert rb.metalr_defaults()["meta_lr"] == MetaLRConfig.__dataclass_fields__["meta_lr"].default
 
 
+def test_robustness_fingerprint_resolves_the_cap_rule_as_the_trainer_does():
+    """A run's fingerprint holds ``instance_rate_at_cap="auto"`` resolved the trainer's way
+    (``instance_rate_at_cap_choice``): relative under SGD without momentum and on the pretrained encoder's head,
+    clamped under momentum, and clamped for a variant without instance rates (``lr_level="class"``), whatever the
+    recipe."""
+    rb = _load("robustness")
+    cells = {c.name: c for c in rb.CELLS}
+    sgd, sgdm, ft = cells["mnist-cnn-sgd-flip35"], cells["mnist-cnn-sgdm-flip35"], cells["vader-minilm-ft-flip30"]
+    try:
+        for level, expected in (("instance", ("relative", "clamp", "relative")),
+                                ("both", ("relative", "clamp", "relative")),
+                                ("class", ("clamp", "clamp", "clamp"))):
+            rb.OVERRIDES.clear()
+            rb.OVERRIDES["lr_level"] = level
+            assert tuple(rb._resolved(c, "instance_rate_at_cap", "auto") for c in (sgd, sgdm, ft)) == expected, level
+            assert rb._resolved(sgd, "instance_rate_at_cap", "clamp") == "clamp"  # an explicit rule stays
+    finally:
+        rb.OVERRIDES.clear()
+
+
 def test_robustness_quick_writes_results_and_resumes(tmp_path):
     """One image cell and the MiniLM / VADER cell at --quick: tables, JSON and heat map hold sane metrics, and a
     second run with the same JSON retrains nothing."""
