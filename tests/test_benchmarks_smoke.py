@@ -498,3 +498,20 @@ def test_fixed_weights_selects_by_each_ranking_and_weights_each_example_loss():
                                              {"x": x, "labels": y, "sample_index": idx})
     by_hand = -(weights[idx] * torch.log_softmax(model(x), -1)[torch.arange(3), y]).sum() / 3
     assert torch.allclose(got, by_hand)
+
+
+def test_rate_rules_replay_reproduces_the_trainers_rates(monkeypatch):
+    """benchmarks/rate_rules.py replays a run's recorded rate signals in numpy: under the rule the run used it must
+    land on the trainer's own final rates — the clamped step under AdamW, the step relative to the class's median
+    at the cap under plain SGD — or its comparison of other rules on the same signals says nothing."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rr = _load("rate_rules")
+    for cell, at_cap in (("mnist-cnn-adamw-flip35", "clamp"), ("digits-cnn-sgd-flip35", "relative")):
+        out = rr.run_seed(rr.R.CELL_BY_NAME[cell], 0, quick=True)
+        assert out["at_cap"] == at_cap and out["updates"] > 0
+        assert out["replay_check"] < 1e-5, (cell, out["replay_check"])
+        assert out["as run"] == pytest.approx(out["trainer"], abs=1e-9)
+        assert len(out["per bin"]) == rr.BINS and 0 <= out["linear read"] <= 1
+    # the recorder leaves the rate table as it found it
+    assert rr.rates_mod.RateTable.update.__name__ == "update" and rr.rates_mod.RateTable.update.__qualname__ == (
+        "RateTable.update")
