@@ -23,7 +23,6 @@ Writes fixed_weights.json (every run; a rerun skips the cell-seeds already there
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -112,15 +111,12 @@ def run_seed(cell: R.Cell, seed: int, bar: tqdm) -> dict:
 
 def render(runs: list[dict], command: str) -> str:
     cols = ("plain", "metalr", *WEIGHTINGS)
-    lines = [f"`{command}` — MetaLRConfig defaults; every column trained in the same run, test accuracy, mean over "
-             "seeds (and each seed's), the fixed weights applied from the first step", "",
-             "| cell | seeds | rate / loss AUROC | kept clean: rates / loss | " + " | ".join(cols) + " |",
-             "|" + "---|" * (4 + len(cols))]
-    for cell in dict.fromkeys(r["cell"] for r in runs):
-        rs = [r for r in runs if r["cell"] == cell]
-        per = " | ".join(f"**{np.mean([r[c] for r in rs]):.3f}** ({' / '.join(f'{r[c]:.3f}' for r in rs)})"
-                         for c in cols)
-        lines.append(f"| {cell} | {', '.join(str(r['seed']) for r in rs)} | "
+    lines = R.table_head(command, "MetaLRConfig defaults; every column trained in the same run, test accuracy, mean "
+                         "over seeds (and each seed's), the fixed weights applied from the first step",
+                         ["cell", "seeds", "rate / loss AUROC", "kept clean: rates / loss", *cols])
+    for cell, rs, seeds in R.runs_by_cell(runs):
+        per = " | ".join(R.mean_and_each(rs, c) for c in cols)
+        lines.append(f"| {cell} | {seeds} | "
                      f"{np.mean([r['rate_auroc'] for r in rs]):.3f} / {np.mean([r['loss_auroc'] for r in rs]):.3f} | "
                      f"{np.mean([r['metalr_keep_precision'] for r in rs]):.3f} / "
                      f"{np.mean([r['loss_keep_precision'] for r in rs]):.3f} | {per} |")
@@ -128,18 +124,10 @@ def render(runs: list[dict], command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cells", nargs="+", required=True, help="robustness cell names or glob patterns")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--output_dir", default=os.path.join(R.HERE, "results"))
-    args = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, "fixed_weights.json")
-    runs = R.load_runs(path)
+    args = R.cell_seed_parser(__doc__, os.path.join(R.HERE, "results")).parse_args(argv)
+    path, runs, command = R.open_results(args.output_dir, "fixed_weights", "fixed_weights.py", argv)
     todo = [(c, s) for c in R.select_cells(args.cells) for s in args.seeds
             if not any(r["cell"] == c.name and r["seed"] == s for r in runs)]
-    command = "python benchmarks/fixed_weights.py " + " ".join(argv if argv is not None else sys.argv[1:])
     with tqdm(total=len(todo) * (2 + len(WEIGHTINGS)), desc="fixed weights", unit="run") as bar:
         for cell, seed in todo:
             runs.append(run_seed(cell, seed, bar))

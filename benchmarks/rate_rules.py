@@ -24,7 +24,6 @@ benchmarks/results/rate_rules).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -162,32 +161,22 @@ COLUMNS = ("as run", "no clamps", "sign", "cap 2", "linear read")
 
 
 def render(runs: list[dict], command: str) -> str:
-    lines = [f"`{command}` — MetaLRConfig defaults; rate AUROC (clean > mislabelled) of each rule replayed on the "
-             "run's recorded signals, mean over seeds (and each seed's)", "",
-             "| cell | seeds | replay check (max \\|diff\\|) | " + " | ".join(COLUMNS) + " | per bin, first → last |",
-             "|" + "---|" * (4 + len(COLUMNS))]
-    for cell in dict.fromkeys(r["cell"] for r in runs):
-        rs = [r for r in runs if r["cell"] == cell]
-        cols = " | ".join(f"**{np.mean([r[c] for r in rs]):.3f}** ({' / '.join(f'{r[c]:.3f}' for r in rs)})"
-                          for c in COLUMNS)
+    lines = R.table_head(command, "MetaLRConfig defaults; rate AUROC (clean > mislabelled) of each rule replayed on "
+                         "the run's recorded signals, mean over seeds (and each seed's)",
+                         ["cell", "seeds", "replay check (max \\|diff\\|)", *COLUMNS, "per bin, first → last"])
+    for cell, rs, seeds in R.runs_by_cell(runs):
+        cols = " | ".join(R.mean_and_each(rs, c) for c in COLUMNS)
         bins = " → ".join(f"{v:.2f}" for v in np.mean([r["per bin"] for r in rs], axis=0))
-        lines.append(f"| {cell} | {', '.join(str(r['seed']) for r in rs)} | "
+        lines.append(f"| {cell} | {seeds} | "
                      f"{max(r['replay_check'] for r in rs):.1e} | {cols} | {bins} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cells", nargs="+", required=True, help="robustness cell names or glob patterns")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p = R.cell_seed_parser(__doc__, os.path.join(R.HERE, "results", "rate_rules"))
     p.add_argument("--quick", action="store_true", help="tiny subsample, 1 epoch (smoke test)")
-    p.add_argument("--output_dir", default=os.path.join(R.HERE, "results", "rate_rules"))
     args = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, "rate_rules.json")
-    runs = R.load_runs(path)
-    command = "python benchmarks/rate_rules.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    path, runs, command = R.open_results(args.output_dir, "rate_rules", "rate_rules.py", argv)
     for cell in R.select_cells(args.cells):
         for seed in args.seeds:
             if any(r["cell"] == cell.name and r["seed"] == seed and r["quick"] == args.quick for r in runs):

@@ -39,7 +39,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -527,6 +527,43 @@ def write_json_atomic(path: str, blob: dict) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(blob, f, indent=1, default=str)
     os.replace(path + ".tmp", path)
+
+
+def cell_seed_parser(doc: str, default_dir: str) -> argparse.ArgumentParser:
+    """The command line of a diagnostic that runs robustness cells seed by seed: --cells, --seeds, --output_dir."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--cells", nargs="+", required=True, help="robustness cell names or glob patterns")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--output_dir", default=default_dir)
+    return p
+
+
+def open_results(output_dir: str, name: str, script: str, argv: list[str] | None) -> tuple[str, list[dict], str]:
+    """For such a diagnostic: the path of its ``name``.json in ``output_dir`` (created), the runs already there
+    (a rerun skips them) and the command line that reproduces it, for the table's first line."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, f"{name}.json")
+    command = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    return path, load_runs(path), command
+
+
+def table_head(command: str, caption: str, columns: list[str]) -> list[str]:
+    """A diagnostic's Markdown table up to its first row: the command that made it, what it shows, the header."""
+    return [f"`{command}` — {caption}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def runs_by_cell(runs: list[dict]) -> Iterator[tuple[str, list[dict], str]]:
+    """A diagnostic's runs grouped for its table: each cell in order of first appearance, its runs, and their
+    seeds as the table lists them ("0, 1, 2")."""
+    for cell in dict.fromkeys(r["cell"] for r in runs):
+        rs = [r for r in runs if r["cell"] == cell]
+        yield cell, rs, ", ".join(str(r["seed"]) for r in rs)
+
+
+def mean_and_each(runs: list[dict], key: str) -> str:
+    """A table cell: the mean of ``key`` over ``runs`` in bold, then each run's value (the seeds of a cell)."""
+    return f"**{np.mean([r[key] for r in runs]):.3f}** ({' / '.join(f'{r[key]:.3f}' for r in runs)})"
 
 
 def save_runs(path: str, runs: list[dict], summ: dict | None = None) -> None:
