@@ -15,7 +15,6 @@ Writes final_step.json (every run with its trace; a rerun skips the runs already
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -103,35 +102,26 @@ def render(runs: list[dict], last: int, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cells", nargs="+", required=True, help="robustness cell names or glob patterns")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p = R.cell_seed_parser(__doc__, os.path.join(R.HERE, "results", "final_step"))
     p.add_argument("--methods", nargs="+", default=["plain", "metalr"], choices=R.METHODS)
     p.add_argument("--every", type=int, default=20, help="evaluate the test split every this many optimizer steps")
     p.add_argument("--last", type=int, default=5, help="the evaluations at the end that the mean is taken over")
     p.add_argument("--quick", action="store_true", help="tiny subsample, 1 epoch (smoke test; robustness.py's)")
-    p.add_argument("--output_dir", default=os.path.join(R.HERE, "results", "final_step"))
     args = p.parse_args(argv)
     if args.every < 1 or args.last < 1:
         raise SystemExit(f"--every and --last must be >= 1, got {args.every} and {args.last}.")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path, runs, command = R.open_results(args.output_dir, "final_step", "final_step.py", argv)
     torch.set_num_threads(R.RUN_SETTINGS["threads"])
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, "final_step.json")
-    runs = R.load_runs(path)
     done = {(r["cell"], r["seed"], r["method"]) for r in runs}
     todo = [(c, s, [m for m in args.methods if (c.name, s, m) not in done])
             for c in R.select_cells(args.cells) for s in args.seeds]
     todo = [t for t in todo if t[2]]
-    command = "python benchmarks/final_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
     with tqdm(total=sum(len(t[2]) for t in todo), desc="final step", unit="run") as bar:
         for cell, seed, methods in todo:
             runs += run_seed(cell, seed, methods, args.every, bar, args.quick)
             R.write_json_atomic(path, {"runs": runs})  # after every seed: an interrupted run keeps what it finished
     md = render(sorted(runs, key=lambda r: (r["cell"], r["seed"])), args.last, command)
-    with open(os.path.join(args.output_dir, "final_step.md"), "w") as f:
-        f.write(md)
-    print(md)
+    R.write_table(args.output_dir, "final_step", md)
     return 0
 
 

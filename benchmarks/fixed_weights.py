@@ -133,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run_seed(cell, seed, bar))
             R.write_json_atomic(path, {"runs": runs})  # after every seed: an interrupted run keeps what it finished
     md = render(sorted(runs, key=lambda r: (r["cell"], r["seed"])), command)
-    with open(os.path.join(args.output_dir, "fixed_weights.md"), "w") as f:
-        f.write(md)
-    print(md)
+    R.write_table(args.output_dir, "fixed_weights", md)
     return 0
 
 

@@ -187,9 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run)
             R.write_json_atomic(path, {"runs": runs})  # after every seed: an interrupted run keeps what it finished
     md = render(sorted(runs, key=lambda r: (r["cell"], r["seed"])), command)
-    with open(os.path.join(args.output_dir, "rate_rules.md"), "w") as f:
-        f.write(md)
-    print(md)
+    R.write_table(args.output_dir, "rate_rules", md)
     bad = [r for r in runs if not math.isfinite(r["replay_check"]) or r["replay_check"] > 1e-4]
     if bad:
         print(f"the replay does not reproduce the trainer's rates on {len(bad)} run(s)", file=sys.stderr)

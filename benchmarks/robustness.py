@@ -548,6 +548,13 @@ def open_results(output_dir: str, name: str, script: str, argv: list[str] | None
     return path, load_runs(path), command
 
 
+def write_table(output_dir: str, name: str, md: str) -> None:
+    """Write such a diagnostic's Markdown table to ``name``.md in ``output_dir`` and print it."""
+    with open(os.path.join(output_dir, f"{name}.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
 def table_head(command: str, caption: str, columns: list[str]) -> list[str]:
     """A diagnostic's Markdown table up to its first row: the command that made it, what it shows, the header."""
     return [f"`{command}` — {caption}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
