@@ -186,9 +186,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{c} {run[c]:.3f}" for c in COLUMNS) + f" (replay check {run['replay_check']:.1e})", flush=True)
             runs.append(run)
             R.write_json_atomic(path, {"runs": runs})  # after every seed: an interrupted run keeps what it finished
-    md = render(sorted(runs, key=lambda r: (r["cell"], r["seed"])), command)
+    shown = sorted((r for r in runs if r["quick"] == args.quick), key=lambda r: (r["cell"], r["seed"]))
+    md = render(shown, command)  # a --quick smoke run in the same folder is kept apart from the real runs
     R.write_table(args.output_dir, "rate_rules", md)
-    bad = [r for r in runs if not math.isfinite(r["replay_check"]) or r["replay_check"] > 1e-4]
+    bad = [r for r in shown if not math.isfinite(r["replay_check"]) or r["replay_check"] > 1e-4]
     if bad:
         print(f"the replay does not reproduce the trainer's rates on {len(bad)} run(s)", file=sys.stderr)
         return 1
