@@ -515,3 +515,44 @@ def test_rate_rules_replay_reproduces_the_trainers_rates(monkeypatch):
     # the recorder leaves the rate table as it found it
     assert rr.rates_mod.RateTable.update.__name__ == "update" and rr.rates_mod.RateTable.update.__qualname__ == (
         "RateTable.update")
+
+
+def test_lookahead_momentum_buffer_is_torchs_momentum_buffer():
+    """benchmarks/lookahead_momentum.py lands the lookahead where torch's SGD with momentum would step: its buffer,
+    kept beside a plain SGD optimizer, must be the one torch.optim.SGD(momentum=μ) keeps at the same iterates and
+    gradients (weight decay included, per param group)."""
+    lm = _load("lookahead_momentum")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD([{"params": [model.weight], "weight_decay": 0.05}, {"params": [model.bias]}], lr=0.1)
+    buffers = lm.MomentumBuffer(opt, 0.9)
+    shadow = {p: torch.nn.Parameter(p.detach().clone()) for p in model.parameters()}
+    ref = torch.optim.SGD([{"params": [shadow[model.weight]], "weight_decay": 0.05},
+                           {"params": [shadow[model.bias]]}], lr=0.1, momentum=0.9)
+    for _ in range(4):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        for p, q in shadow.items():  # the reference steps from the same iterate with the same gradient
+            q.data.copy_(p.data)
+            q.grad = p.grad.clone()
+        ref.step()
+        opt.step()
+        for p, q in shadow.items():
+            torch.testing.assert_close(buffers.buffers[id(p)], ref.state[q]["momentum_buffer"])
+
+
+def test_lookahead_momentum_quick_moves_the_rates_and_refuses_momentum_cells(tmp_path, monkeypatch):
+    """lookahead_momentum.py --quick: the three runs of a plain-SGD cell, the momentum-lookahead run's rates not the
+    defaults' (the buffer reached the lookahead), the trainer's method restored afterwards; a cell whose recipe has
+    momentum is refused with the reason."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lm = _load("lookahead_momentum")
+    original = lm.MetaLRTrainer._lookahead_specs
+    assert lm.main(["--quick", "--cells", "digits-cnn-sgd-flip35", "--seeds", "0", "--output_dir", str(tmp_path)]) == 0
+    runs = {r["method"]: r for r in json.loads((tmp_path / "lookahead_momentum.json").read_text())["runs"]}
+    assert set(runs) == set(lm.METHODS)
+    assert runs["metalr_momentum_lookahead"]["rate_auroc"] != runs["metalr"]["rate_auroc"]
+    assert lm.MetaLRTrainer._lookahead_specs is original
+    assert "digits-cnn-sgd-flip35" in (tmp_path / "lookahead_momentum.md").read_text()
+    with pytest.raises(SystemExit, match="pick plain-SGD cells"):
+        lm.main(["--quick", "--cells", "digits-cnn-sgdm-flip35", "--output_dir", str(tmp_path)])
