@@ -23,7 +23,8 @@ with the torch and transformers versions, because these short trainings are chao
 version) ends them elsewhere — a table mixing environments would compare noise.
 
 Writes robustness.md (table + summary), robustness.json (every run; a rerun skips the runs already there,
-unless --force or the cell / MetaLR defaults changed) and robustness_auroc.png to --output_dir
+unless --force or the cell / MetaLR defaults changed), robustness_auroc.png (the rate and loss AUROC per cell) and
+robustness_visits.png (each epoch's visits against the final rates and the loss, per cell) to --output_dir
 (benchmarks/results; --quick defaults to a temporary folder so it never overwrites real results).
 """
 
@@ -717,6 +718,52 @@ def plot_auroc(stats: dict[str, dict], path: str) -> None:
     plt.close(fig)
 
 
+def plot_visits(stats: dict[str, dict], path: str) -> None:
+    """Small multiples, one per cell: how one epoch's visits rank (the AUROC of −∂L_meta/∂e_i over that epoch's
+    visits, mean over seeds) against what their sum, the final rates, and the plain model's loss rank — whether a
+    shortfall is in each visit's signal or in how the rates add it up."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in stats if any(r.get("per_visit_auroc") for r in stats[n]["metalr"])]
+    if not names:
+        return
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.1 * cols, 2.2 * rows), sharey=True, squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        visits = [r["per_visit_auroc"] for r in stats[name]["metalr"] if r.get("per_visit_auroc")]
+        n = min(len(v) for v in visits)
+        epochs = np.arange(1, n + 1)
+        ax.plot(epochs, np.mean([v[:n] for v in visits], axis=0), "o-", color="tab:blue", ms=3,
+                label="one epoch's visits")
+        ax.axhline(_mean(stats[name]["metalr"], "rate_auroc"), color="tab:green", label="final rates (their sum)")
+        if stats[name]["plain"]:
+            ax.axhline(_mean(stats[name]["plain"], "loss_auroc"), color="tab:red", ls="--",
+                       label="plain model's loss (free)")
+        ax.set_title(name, fontsize=8)
+        ax.set_xticks(epochs)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("AUROC clean > noisy", fontsize=7)
+    for i, ax in enumerate(axes.flat[:len(names)]):
+        if i + cols >= len(names):  # the lowest panel of its column
+            ax.set_xlabel("epoch", fontsize=7)
+    ax0 = axes.flat[0]
+    ax0.set_ylim(0.5, 1.0)
+    fig.legend(*ax0.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle("How each epoch's visits rank the mislabelled examples, against the rates and the loss "
+                 "(mean over seeds)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 def select_cells(patterns: list[str] | None) -> list[Cell]:
     if not patterns:
@@ -807,8 +854,10 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(out_dir, "robustness.md"), "w") as f:
         f.write(md)
     plot_auroc(stats, os.path.join(out_dir, "robustness_auroc.png"))
+    plot_visits(stats, os.path.join(out_dir, "robustness_visits.png"))
     save_runs(json_path, runs, summ)
-    print("\n" + md + f"\nwrote {out_dir}/robustness.md, robustness.json, robustness_auroc.png", flush=True)
+    print("\n" + md + f"\nwrote {out_dir}/robustness.md, robustness.json, robustness_auroc.png, robustness_visits.png",
+          flush=True)
     return 0
 
 

@@ -222,7 +222,7 @@ def test_robustness_fingerprint_resolves_the_cap_rule_as_the_trainer_does():
 
 
 def test_robustness_quick_writes_results_and_resumes(tmp_path):
-    """One image cell and the MiniLM / VADER cell at --quick: tables, JSON and heat map hold sane metrics, and a
+    """One image cell and the MiniLM / VADER cell at --quick: tables, JSON, heat map and per-visit plot hold sane metrics, and a
     second run with the same JSON retrains nothing."""
     cells = ["digits-cnn-sgd-flip35", "vader-minilm-ft-flip30"]
     cmd = [sys.executable, os.path.join(BENCH, "robustness.py"), "--quick", "--cells", *cells, "--seeds", "0",
@@ -251,8 +251,9 @@ def test_robustness_quick_writes_results_and_resumes(tmp_path):
     md = (tmp_path / "robustness.md").read_text()
     assert all(f"| {c} |" in md for c in cells) and "**Summary**" in md and "min rate AUROC" in md
     assert f"runs made with 1 thread(s), torch {torch.__version__}" in md and ": 6)" in md
-    png = (tmp_path / "robustness_auroc.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    for name in ("robustness_auroc.png", "robustness_visits.png"):
+        png = (tmp_path / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, name
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0, second.stderr[-4000:]
     assert second.stdout.count("done, skipped") == 2 and ": acc " not in second.stdout
