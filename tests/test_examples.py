@@ -240,3 +240,28 @@ def test_quick_subsample_keeps_every_cifar100_class(synthetic_cifar100):
     assert len(sub["train"]) == 400 and counts.min() == counts.max() == 4
     assert len(make_variant(sub, "noisy", noise_rate=0.4, meta_size=100, seed=0)["meta"]) == 100
     assert len(make_variant(sub, "superclass", superclass="vehicles_1", meta_size=10, seed=0)["meta"]) == 10
+
+
+def test_offline_demo_runs_as_make_demo_starts_it(tmp_path):
+    """`python -m hf_ddlr.demo` (what `make demo`, README's first set-up command, runs) on the digits for one epoch:
+    the plain Trainer learns the task, MetaLR's rates already rank the 40 % changed labels above chance, and the
+    table, JSON, plot and trajectory it writes agree with each other and with the noise it made."""
+    from hf_ddlr import LRTrajectory
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "hf_ddlr.demo", "--dataset", "digits", "--epochs", "1",
+                           "--output_dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    plain, meta = res["plain"], res["metalr"]
+    assert res["setup"]["dataset"] == "digits" and res["setup"]["epochs"] == 1
+    assert plain["test_accuracy"] > 0.5 and 0.0 <= meta["test_accuracy"] <= 1.0  # ten classes: chance is 0.1
+    assert 0.55 < meta["auroc"] <= 1.0 and meta["rate_noisy"] < meta["rate_clean"] <= 1.0
+    traj = LRTrajectory.from_pretrained(tmp_path / "metalr")
+    noisy = traj.noise_mask.bool()
+    assert abs(float(noisy.float().mean()) - res["setup"]["noise_rate"]) < 0.01
+    assert traj.instance_rates.shape == (2, noisy.numel())  # step 0 and the end of the one epoch
+    md = (tmp_path / "results.md").read_text()
+    assert f"| Trainer | {plain['test_accuracy']:.4f} |" in md and f"| {meta['auroc']:.3f} |" in md
+    assert (tmp_path / "rates_clean_vs_noisy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
