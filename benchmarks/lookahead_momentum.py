@@ -42,7 +42,7 @@ class MomentumBuffer:
 
     def __init__(self, optimizer: torch.optim.Optimizer, momentum: float) -> None:
         self.momentum, self.buffers = momentum, {}
-        self.handle = optimizer.register_step_pre_hook(self._record)
+        optimizer.register_step_pre_hook(self._record)  # for the optimizer's life: it ends with its trainer
 
     @torch.no_grad()
     def _record(self, opt: torch.optim.Optimizer, args, kwargs) -> None:
@@ -56,20 +56,19 @@ class MomentumBuffer:
 
 
 @contextlib.contextmanager
-def momentum_lookahead(momentum: float) -> Iterator[list[MomentumBuffer]]:
+def momentum_lookahead(momentum: float) -> Iterator[None]:
     """Within the block, every ``MetaLRTrainer`` under plain SGD evaluates its lookahead at ``θ - lr·(μ·m + g)``
-    (its specs get the momentum and a :class:`MomentumBuffer`'s tensor); yields the buffers it installed."""
-    original, installed = MetaLRTrainer._lookahead_specs, []
+    (its specs get the momentum and a :class:`MomentumBuffer`'s tensor)."""
+    original = MetaLRTrainer._lookahead_specs
 
     def specs(self, params):
         out = original(self, params)
-        raw = getattr(self.optimizer, "optimizer", self.optimizer)
         if getattr(self, "_momentum_buffer", None) is None:
             if any(s.kind != "sgd" or s.momentum for s in out.values()):
                 raise SystemExit("lookahead_momentum.py needs a plain-SGD cell (no momentum, not Adam): the real "
                                  "optimizer already has a momentum buffer there. Pick a cell of the 'sgd' recipe.")
+            raw = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper around it
             self._momentum_buffer = MomentumBuffer(raw, momentum)
-            installed.append(self._momentum_buffer)
         for name, p in params.items():
             buf = self._momentum_buffer.buffers.get(id(p))
             if buf is not None:  # none before the first step: torch's first momentum step is the gradient
@@ -78,7 +77,7 @@ def momentum_lookahead(momentum: float) -> Iterator[list[MomentumBuffer]]:
 
     MetaLRTrainer._lookahead_specs = specs
     try:
-        yield installed
+        yield
     finally:
         MetaLRTrainer._lookahead_specs = original
 
