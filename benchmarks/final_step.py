@@ -63,7 +63,7 @@ def run_seed(cell: R.Cell, seed: int, methods: list[str], every: int, bar, quick
         trace = AccuracyTrace(data[0]["test"].with_format("torch") if collate is None else data[0]["test"],
                               collate, every)
         run = R.run_cell(cell, seed, method, quick=quick, data=data, callbacks=[trace])
-        out.append({"cell": cell.name, "seed": seed, "method": method, "every": every,
+        out.append({"cell": cell.name, "seed": seed, "method": method, "quick": quick, "every": every,
                     "fingerprint": run["fingerprint"], "test_accuracy": run["test_accuracy"],
                     "trace": trace.trace, **R.environment()})
         bar.update(1)
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--every and --last must be >= 1, got {args.every} and {args.last}.")
     path, runs, command = R.open_results(args.output_dir, "final_step", "final_step.py", argv)
     torch.set_num_threads(R.RUN_SETTINGS["threads"])
-    done = {(r["cell"], r["seed"], r["method"]) for r in runs}
+    # runs recorded before the flag existed were all full runs
+    done = {(r["cell"], r["seed"], r["method"]) for r in runs if r.get("quick", False) == args.quick}
     todo = [(c, s, [m for m in args.methods if (c.name, s, m) not in done])
             for c in R.select_cells(args.cells) for s in args.seeds]
     todo = [t for t in todo if t[2]]
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         for cell, seed, methods in todo:
             runs += run_seed(cell, seed, methods, args.every, bar, args.quick)
             R.write_json_atomic(path, {"runs": runs})  # after every seed: an interrupted run keeps what it finished
-    md = render(sorted(runs, key=lambda r: (r["cell"], r["seed"])), args.last, command)
+    shown = [r for r in runs if r.get("quick", False) == args.quick]  # a smoke run beside the real ones is shown alone
+    md = render(sorted(shown, key=lambda r: (r["cell"], r["seed"])), args.last, command)
     R.write_table(args.output_dir, "final_step", md)
     return 0
 

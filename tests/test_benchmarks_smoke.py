@@ -263,12 +263,19 @@ def test_robustness_quick_writes_results_and_resumes(tmp_path):
 def test_final_step_traces_leave_the_training_unchanged(tmp_path):
     """benchmarks/final_step.py --quick on an image and a text cell: the accuracy traced after the last step is the
     run's final test accuracy (to one example), and the run ends exactly where robustness.py's run without the
-    callback ends (the evaluations in between change nothing)."""
+    callback ends (the evaluations in between change nothing). A full run already in the folder is neither taken
+    for the quick one nor shown in its table."""
     fs = _load("final_step")
     cells = ["digits-cnn-sgd-flip35", "vader-minilm-ft-flip30"]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    full = {"cell": cells[0], "seed": 0, "method": "plain", "every": 2, "fingerprint": "x", "test_accuracy": 0.123,
+            "trace": [[2, 0.123]], "threads": 1}  # recorded before runs carried their quick flag: a full run
+    other = {**full, "seed": 5, "test_accuracy": 0.456, "trace": [[2, 0.456]]}  # a seed the quick run has not
+    (tmp_path / "final_step.json").write_text(json.dumps({"runs": [full, other]}))
     assert fs.main(["--quick", "--cells", *cells, "--seeds", "0", "--every", "2", "--output_dir", str(tmp_path)]) == 0
     runs = json.loads((tmp_path / "final_step.json").read_text())["runs"]
+    assert runs[:2] == [full, other] and all(r["quick"] for r in runs[2:])
+    runs = runs[2:]
     assert sorted((r["cell"], r["method"]) for r in runs) == sorted((c, m) for c in cells for m in ("plain", "metalr"))
     rb = sys.modules["robustness"]
     for r in runs:
@@ -279,7 +286,7 @@ def test_final_step_traces_leave_the_training_unchanged(tmp_path):
         alone = rb.run_cell(r["cell"], 0, r["method"], quick=True)
         assert alone["test_accuracy"] == r["test_accuracy"], (r["cell"], r["method"])
     md = (tmp_path / "final_step.md").read_text()
-    assert "MetaLR ≥ plain:" in md and "digits-cnn-sgd-flip35" in md
+    assert "MetaLR ≥ plain:" in md and "digits-cnn-sgd-flip35" in md and "0.123" not in md and "0.456" not in md
 
 
 def test_wallclock_quick_writes_the_table_and_the_breakdown(tmp_path):
