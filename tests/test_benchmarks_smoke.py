@@ -564,3 +564,91 @@ def test_lookahead_momentum_quick_moves_the_rates_and_refuses_momentum_cells(tmp
     assert "digits-cnn-sgd-flip35" in (tmp_path / "lookahead_momentum.md").read_text()
     with pytest.raises(SystemExit, match="pick plain-SGD cells"):
         lm.main(["--quick", "--cells", "digits-cnn-sgdm-flip35", "--output_dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_meta_weight_net_phi_gradient_is_the_double_backward_one(normalize):
+    """benchmarks/meta_weight_net.py steps V_φ on the chain rule through the trainer's ∂L_meta/∂e_i: it must equal
+    Meta-Weight-Net's own gradient, a double backward through the lookahead θ' = θ - lr Σ e_i ∇L_i / N with
+    e_i = V_φ(L_i) (divided by the batch mean with normalize), computed here by autograd end to end."""
+    mw_mod = _load("meta_weight_net")
+    torch.manual_seed(0)
+    mw = mw_mod.MetaWeightNet(seed=3, hidden=8, normalize=normalize)
+    W = torch.randn(3, 5, requires_grad=True)
+    x, y = torch.randn(7, 5), torch.randint(0, 3, (7,))
+    xm, ym = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    lr = 0.3
+
+    def meta_loss(e: torch.Tensor) -> torch.Tensor:
+        L = torch.nn.functional.cross_entropy(x @ W.T, y, reduction="none")
+        (g,) = torch.autograd.grad((e * L).sum() / len(y), W, create_graph=True)
+        return torch.nn.functional.cross_entropy(xm @ (W - lr * g).T, ym)
+
+    L = torch.nn.functional.cross_entropy(x @ W.T, y, reduction="none").detach()
+    exact = torch.autograd.grad(meta_loss(mw._step_weights(L)), list(mw.net.parameters()))
+    e = mw.weights(L).requires_grad_(True)
+    (example_grad,) = torch.autograd.grad(meta_loss(e), e)  # ∂L_meta/∂e_i, as the trainer hands it over
+    for got, want in zip(mw.phi_gradient(L, example_grad), exact):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+    before = [p.detach().clone() for p in mw.net.parameters()]
+    mw.step(L, example_grad)
+    assert all(not torch.equal(a, p) for a, p in zip(before, mw.net.parameters()))
+
+
+def test_meta_weight_net_steps_use_v_phi_and_restore_the_trainer(tmp_path, monkeypatch):
+    """In a --quick run of the Meta-Weight-Net method, every meta step's lookahead takes the window at V_φ(L_i) of
+    the φ before the step, and the real step at V_φ(L_i) of the updated φ (φ moved in between); the table keeps the
+    last visit's V_φ; the trainer's methods are restored afterwards; main writes the table and the curves' plot."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mw_mod = _load("meta_weight_net")
+    from hf_ddlr import schedules
+
+    originals = (schedules.Schedule._forward, mw_mod.rates_mod.RateTable.effective,
+                 mw_mod.rates_mod.RateTable.update)
+    seen = {"meta": [], "real": []}
+    made_box: list = []
+    real_meta_gradients, real_refresh = schedules.meta_gradients, schedules.Schedule._refresh
+
+    def meta_gradients(model, params, window, *a, **kw):
+        mw = made_box[0][0]
+        seen["meta"].append(max(float((mb.weights - mw.weights(mb.losses)).abs().max()) for mb in window))
+        seen["phi"] = [p.detach().clone() for p in mw.net.parameters()]
+        return real_meta_gradients(model, params, window, *a, **kw)
+
+    def refresh(self):
+        real_refresh(self)
+        if made_box and made_box[0] and all(mb.losses is not None for mb in self.window):
+            mw = made_box[0][0]
+            moved = any(not torch.equal(a, p) for a, p in zip(seen["phi"], mw.net.parameters()))
+            seen["real"].append((max(float((mb.weights - mw.weights(mb.losses)).abs().max()) for mb in self.window),
+                                 moved))
+
+    monkeypatch.setattr(schedules, "meta_gradients", meta_gradients)
+    monkeypatch.setattr(schedules.Schedule, "_refresh", refresh)
+    rb = sys.modules["robustness"]
+    mw_mod.R.OVERRIDES["probe_batches"] = 0
+    try:
+        with mw_mod.meta_weight_net(seed=0) as made:
+            made_box.append(made)
+            trainer_box = []
+            run = rb.run_cell("digits-cnn-sgd-flip35", 0, "metalr", quick=True, after_train=trainer_box.append)
+    finally:
+        mw_mod.R.OVERRIDES.clear()
+    assert len(made) == 1 and seen["meta"] and len(seen["real"]) == len(seen["meta"])
+    assert max(seen["meta"]) < 1e-6 and max(d for d, _ in seen["real"]) < 1e-6
+    assert all(moved for _, moved in seen["real"])
+    table = trainer_box[0].rates.instance
+    assert 0 < float(table.min()) and float(table.max()) < 1 and table.unique().numel() > 10
+    assert run["rate_auroc"] == run["rate_auroc"]  # a ranking was measured
+    assert (schedules.Schedule._forward, mw_mod.rates_mod.RateTable.effective,
+            mw_mod.rates_mod.RateTable.update) == originals
+    monkeypatch.undo()
+    out = tmp_path / "mw"
+    assert mw_mod.main(["--quick", "--cells", "digits-cnn-sgd-flip35", "--seeds", "0", "--normalize",
+                        "--matrix", str(tmp_path / "none.json"), "--output_dir", str(out)]) == 0
+    runs = json.loads((out / "meta_weight_net.json").read_text())["runs"]
+    assert sorted(r["method"] for r in runs) == sorted(mw_mod.METHODS)
+    mwr = next(r for r in runs if r["method"] == "mwnet")
+    assert mwr["normalize"] is True and len(mwr["curve_weight"]) == mw_mod.CURVE_POINTS
+    assert "digits-cnn-sgd-flip35" in (out / "meta_weight_net.md").read_text()
+    assert (out / "meta_weight_net.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,288 @@
+"""Meta-Weight-Net's weighting on the robustness matrix, driven by the same meta-gradient as MetaLR's rates.
+
+MetaLR learns one rate per training example from the visits of that example alone. Meta-Weight-Net (Shu et al.,
+NeurIPS 2019) learns one function instead, ``w_i = V_φ(L_i)`` of each example's current training loss (an MLP
+1-100-1 with a sigmoid, Adam 1e-3 with weight decay 1e-4, weights not normalized, as the authors' code): every
+visit of every example trains the same ``φ``, so a signal too weak to rank one example from its few visits may
+still shape a curve over the loss. Which of the two parametrisations the per-visit signal supports is what this
+measures, with everything else held equal: per cell and seed it trains MetaLR with its rate table replaced by
+``V_φ``. Each step, as in the authors' code, the lookahead takes the batch at ``V_φ(L_i)``, ``φ`` takes one
+Adam step on ``Σ_i ∂L_meta/∂e_i · ∂V_φ(L_i)/∂φ`` (the chain rule through the library's own ``∂L_meta/∂e_i``:
+its optimizer-aware lookahead, meta-gradient averaging and meta batch), and the real step uses the updated
+``V_φ(L_i)``. Probe batches are off (their losses are never computed, so ``φ`` could not use them). The rate
+table keeps each example's weight at its last visit: the ranking the table reports. The plain and MetaLR runs
+are the matrix's own (read from ``--matrix``, or trained here when missing).
+
+    python benchmarks/meta_weight_net.py --cells 'mnist-cnn-*' 'vader-*' --seeds 0 1 2
+
+Writes meta_weight_net.json (every run; a rerun skips the runs already there), meta_weight_net.md and
+meta_weight_net.png (the learned weight curves) to --output_dir (default benchmarks/results/meta_weight_net).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import robustness as R  # noqa: E402  (the matrix's cells, data, models and recipes)
+
+from hf_ddlr.meta import rates as rates_mod  # noqa: E402
+from hf_ddlr.schedules import Schedule  # noqa: E402
+
+METHODS = ("plain", "metalr", "mwnet")
+CURVE_POINTS = 41  # where each run's learned V_φ is recorded: 0 .. the largest training loss it saw
+
+
+class WeightNet(torch.nn.Module):
+    """Meta-Weight-Net's ``V_φ``: per-example loss -> weight in (0, 1) (Linear 1-h, ReLU, Linear h-1, sigmoid)."""
+
+    def __init__(self, hidden: int = 100) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(1, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
+
+    def forward(self, losses: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(losses.detach().float().reshape(-1, 1))).reshape(-1)
+
+
+class MetaWeightNet:
+    """A ``V_φ`` and its optimizer, stepped on the trainer's ``∂L_meta/∂e_i`` (see the module docstring)."""
+
+    def __init__(self, seed: int, hidden: int = 100, lr: float = 1e-3, weight_decay: float = 1e-4,
+                 normalize: bool = False) -> None:
+        self.normalize = normalize
+        with torch.random.fork_rng():  # its initialisation leaves the training's random stream as it was
+            torch.manual_seed(seed)
+            self.net = WeightNet(hidden)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=lr, weight_decay=weight_decay)
+        self.window: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, L_i) of the step being taken
+        self.max_loss = 0.0
+
+    def _step_weights(self, losses: torch.Tensor) -> torch.Tensor:
+        """The ``e_i`` of a batch: ``V_φ(L_i)``, divided by the batch's mean of them with ``normalize``."""
+        w = self.net(losses)
+        return w / w.mean() if self.normalize else w
+
+    def weights(self, losses: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self._step_weights(losses)
+
+    def phi_gradient(self, losses: torch.Tensor, example_grad: torch.Tensor) -> list[torch.Tensor]:
+        """``∂L_meta/∂φ = Σ_i ∂L_meta/∂e_i · ∂e_i/∂φ`` (``e_i`` as :meth:`weights`, the loss itself held fixed)."""
+        w = self._step_weights(losses)
+        return list(torch.autograd.grad(w, list(self.net.parameters()), grad_outputs=example_grad.to(w)))
+
+    def step(self, losses: torch.Tensor, example_grad: torch.Tensor) -> None:
+        self.max_loss = max(self.max_loss, float(losses.max()))
+        self.opt.zero_grad(set_to_none=True)
+        for p, g in zip(self.net.parameters(), self.phi_gradient(losses, example_grad)):
+            p.grad = g
+        self.opt.step()
+
+    def curve(self) -> tuple[list[float], list[float]]:
+        """``V_φ`` now, on CURVE_POINTS losses from 0 to the largest training loss it was given."""
+        x = torch.linspace(0.0, max(self.max_loss, 1e-3), CURVE_POINTS)
+        with torch.no_grad():
+            return x.tolist(), self.net(x).tolist()
+
+
+@contextlib.contextmanager
+def meta_weight_net(seed: int, **options) -> Iterator[list[MetaWeightNet]]:
+    """Within the block, every MetaLR trainer's instance rates are Meta-Weight-Net's ``V_φ(L_i)`` (a
+    :class:`MetaWeightNet` with ``options``, made at its first forward and appended to the yielded list)."""
+    made: list[MetaWeightNet] = []
+    forward, effective, update = Schedule._forward, rates_mod.RateTable.effective, rates_mod.RateTable.update
+
+    def table_net(table) -> MetaWeightNet:
+        if getattr(table, "_weight_net", None) is None:
+            if table.instance is None or table.keyed is not None:
+                raise SystemExit("meta_weight_net.py replaces instance rates alone: run it with lr_level='instance'"
+                                 " (the default), not class or group rates.")
+            table._weight_net = MetaWeightNet(seed, **options)
+            made.append(table._weight_net)
+        return table._weight_net
+
+    def patched_forward(self, model, inputs, mb, **kw):
+        out = forward(self, model, inputs, mb, **kw)
+        mw = table_net(self.trainer.rates)
+        if len(self.window) != 1 or self.trainer.args.world_size != 1:
+            raise SystemExit("meta_weight_net.py runs one micro-batch per step on one process (the matrix's cells).")
+        mw.window = (mb.indices, mb.losses)
+        # The lookahead reads the weights the step opened with (mb.weights, read before this forward): they become
+        # V_φ(L_i) in place, so the meta step sees this step's weights at the current φ.
+        mb.weights.copy_(mw.weights(mb.losses).to(mb.weights))
+        return out
+
+    def patched_effective(self, indices, labels, divisor=1.0):
+        mw = getattr(self, "_weight_net", None)
+        if mw is None or mw.window is None or indices is None or not torch.equal(indices, mw.window[0]):
+            return effective(self, indices, labels, divisor)  # opening a step: replaced after its forward
+        w = mw.weights(mw.window[1]).to(labels.device)
+        with torch.no_grad():  # the table keeps V_φ(L_i) of each example's last visit (unnormalized: its ranking)
+            self.instance[indices.to(self.instance.device)] = mw.net(mw.window[1]).to(self.instance)
+        return w if divisor == 1.0 else w / divisor
+
+    def patched_update(self, indices, labels, example_grad, weight_decay_grad=None, keyed_grad=None, probes=None):
+        mw = getattr(self, "_weight_net", None)
+        if mw is None:
+            return update(self, indices, labels, example_grad, weight_decay_grad, keyed_grad, probes)
+        if mw.window is None or not torch.equal(indices.cpu(), mw.window[0].cpu()):
+            raise RuntimeError("the meta step's examples are not the ones whose losses V_φ was given")
+        mw.step(mw.window[1], example_grad)
+        return True
+
+    Schedule._forward, rates_mod.RateTable.effective = patched_forward, patched_effective
+    rates_mod.RateTable.update = patched_update
+    try:
+        yield made
+    finally:
+        Schedule._forward, rates_mod.RateTable.effective = forward, effective
+        rates_mod.RateTable.update = update
+
+
+def matrix_runs(path: str, quick: bool) -> dict[tuple[str, int, str], dict]:
+    """The matrix's plain and MetaLR runs in ``path`` whose fingerprint is current (reused, not retrained)."""
+    out = {}
+    for r in R.load_runs(path):
+        if r["quick"] == quick and r["method"] in ("plain", "metalr") and r["cell"] in R.CELL_BY_NAME:
+            if r["fingerprint"] == R.fingerprint(R.CELL_BY_NAME[r["cell"]], r["method"], quick):
+                out[(r["cell"], r["seed"], r["method"])] = r
+    return out
+
+
+def run_seed(cell: R.Cell, seed: int, methods: list[str], known: dict, options: dict, bar,
+             quick: bool = False) -> list[dict]:
+    """Every missing method of one cell and seed (the splits shared); plain and MetaLR from ``known`` if there,
+    Meta-Weight-Net with ``options`` (:class:`MetaWeightNet`'s ``lr`` and ``normalize``)."""
+    data, out = None, []
+    for method in methods:
+        if (cell.name, seed, method) in known:
+            out.append({**known[(cell.name, seed, method)], "from_matrix": True})
+            bar.update(1)
+            continue
+        data = data or R.load_data(cell, seed, quick)
+        if method == "mwnet":
+            saved = dict(R.OVERRIDES)
+            R.OVERRIDES["probe_batches"] = 0  # V_φ is given the window's losses only
+            try:
+                with meta_weight_net(seed, **options) as made:
+                    run = R.run_cell(cell, seed, "metalr", quick=quick, data=data)
+            finally:
+                R.OVERRIDES.clear()
+                R.OVERRIDES.update(saved)
+            x, y = made[0].curve()
+            run.update(method=method, curve_loss=x, curve_weight=y, **options)
+        else:
+            run = R.run_cell(cell, seed, method, quick=quick, data=data)
+        out.append(run)
+        bar.update(1)
+    return out
+
+
+def render(runs: list[dict], command: str, options: dict) -> str:
+    """Per cell: accuracy, runs at or above plain and the ranking of MetaLR's rates and Meta-Weight-Net's weights
+    (at each example's last visit), beside the plain model's loss ranking; then the totals."""
+    lines = R.table_head(command, f"Meta-Weight-Net with V_φ's Adam lr {options['lr']:g}, weights "
+                         f"{'normalized by the batch mean' if options['normalize'] else 'not normalized'}: "
+                         "test accuracy and rankings (mean over the seeds, then each seed)",
+                         ["cell", "seeds", "plain acc", "MetaLR acc / MW-Net acc", "runs ≥ plain: MetaLR / MW-Net",
+                          "AUROC: MetaLR rates / MW-Net weights", "loss AUROC (plain)",
+                          "mean weight clean / noisy: MetaLR, MW-Net"])
+    total = {"metalr": 0, "mwnet": 0, "n": 0, "gain_metalr": [], "gain_mwnet": []}
+    for cell, rs, _ in R.runs_by_cell(runs):
+        by = {m: sorted((r for r in rs if r["method"] == m), key=lambda r: r["seed"]) for m in METHODS}
+        if not all(len(v) == len(by["plain"]) and v for v in by.values()):
+            continue  # a cell and seed not finished for every method
+        a, b = by["metalr"], by["mwnet"]
+        ge = [sum(q["test_accuracy"] >= p["test_accuracy"] for p, q in zip(by["plain"], x)) for x in (a, b)]
+        total["metalr"], total["mwnet"], total["n"] = total["metalr"] + ge[0], total["mwnet"] + ge[1], \
+            total["n"] + len(a)
+        for m, x in (("metalr", a), ("mwnet", b)):
+            total[f"gain_{m}"] += [q["test_accuracy"] - p["test_accuracy"] for p, q in zip(by["plain"], x)]
+        lines.append(f"| {cell} | {', '.join(str(r['seed']) for r in a)} | {R.mean_and_each(by['plain'], 'test_accuracy')}"
+                     f" | {R.mean_and_each(a, 'test_accuracy')} / {R.mean_and_each(b, 'test_accuracy')} | "
+                     f"{ge[0]} / {ge[1]} of {len(a)} | {R.mean_and_each(a, 'rate_auroc')} / "
+                     f"{R.mean_and_each(b, 'rate_auroc')} | {R.mean_and_each(by['plain'], 'loss_auroc')} | "
+                     f"{np.mean([r['rate_clean'] for r in a]):.2f} / {np.mean([r['rate_noisy'] for r in a]):.2f}, "
+                     f"{np.mean([r['rate_clean'] for r in b]):.2f} / {np.mean([r['rate_noisy'] for r in b]):.2f} |")
+    if total["n"]:
+        lines += ["", f"Runs at or above plain: MetaLR {total['metalr']} of {total['n']}, Meta-Weight-Net "
+                  f"{total['mwnet']} of {total['n']}; mean accuracy gain over plain: MetaLR "
+                  f"{np.mean(total['gain_metalr']):+.4f}, Meta-Weight-Net {np.mean(total['gain_mwnet']):+.4f}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[dict], path: str) -> None:
+    """One panel per cell: each seed's learned ``V_φ`` over the training losses it saw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = list(dict.fromkeys(r["cell"] for r in runs if r["method"] == "mwnet"))
+    if not cells:
+        return
+    cols = min(4, len(cells))
+    rows = -(-len(cells) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    for ax, cell in zip(axes.flat, cells):
+        for r in (r for r in runs if r["method"] == "mwnet" and r["cell"] == cell):
+            ax.plot(r["curve_loss"], r["curve_weight"], label=f"seed {r['seed']}")
+        ax.set_title(cell, fontsize=8)
+        ax.set_xlabel("training loss L_i", fontsize=7)
+        ax.set_ylabel("V_φ(L_i)", fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(cells):]:
+        ax.axis("off")
+    fig.suptitle("Meta-Weight-Net: the learned weight of an example as a function of its loss (end of training)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = R.cell_seed_parser(__doc__, os.path.join(R.HERE, "results", "meta_weight_net"))
+    p.add_argument("--matrix", default=os.path.join(R.HERE, "results", "robustness.json"),
+                   help="robustness.py's JSON: its plain and MetaLR runs with current fingerprints are reused")
+    p.add_argument("--lr", type=float, default=1e-3, help="V_φ's Adam learning rate (the authors': 1e-3)")
+    p.add_argument("--normalize", action="store_true",
+                   help="divide each batch's weights by their mean (the paper's optional normalization)")
+    p.add_argument("--quick", action="store_true", help="tiny subsample, 1 epoch (smoke test; robustness.py's)")
+    args = p.parse_args(argv)
+    if not args.lr > 0:
+        raise SystemExit(f"--lr must be > 0, got {args.lr}.")
+    options = {"lr": args.lr, "normalize": args.normalize}
+    cells = R.select_cells(args.cells)
+    path, runs, command = R.open_results(args.output_dir, "meta_weight_net", "meta_weight_net.py", argv)
+    torch.set_num_threads(R.RUN_SETTINGS["threads"])
+    known = matrix_runs(args.matrix, args.quick)
+    # a Meta-Weight-Net run of other options is another method here: kept in the JSON, not shown
+    runs_now = [r for r in runs if r["quick"] == args.quick
+                and (r["method"] != "mwnet" or all(r[k] == v for k, v in options.items()))]
+    done = {(r["cell"], r["seed"], r["method"]) for r in runs_now}
+    todo = [(c, s, [m for m in METHODS if (c.name, s, m) not in done]) for c in cells for s in args.seeds]
+    todo = [t for t in todo if t[2]]
+    with tqdm(total=sum(len(t[2]) for t in todo), desc="meta-weight-net", unit="run") as bar:
+        for cell, seed, methods in todo:
+            new = run_seed(cell, seed, methods, known, options, bar, args.quick)
+            runs += new
+            runs_now += new
+            R.write_json_atomic(path, {"runs": runs})  # after every seed: an interrupted run keeps what it finished
+    order = {c.name: i for i, c in enumerate(R.CELLS)}
+    shown = sorted(runs_now, key=lambda r: (order[r["cell"]], r["seed"]))
+    R.write_table(args.output_dir, "meta_weight_net", render(shown, command, options))
+    plot(shown, os.path.join(args.output_dir, "meta_weight_net.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
