@@ -194,7 +194,8 @@ def render(runs: list[dict], command: str, options: dict) -> str:
                          ["cell", "seeds", "plain acc", "MetaLR acc / MW-Net acc", "runs ≥ plain: MetaLR / MW-Net",
                           "AUROC: MetaLR rates / MW-Net weights", "loss AUROC (plain)",
                           "mean weight clean / noisy: MetaLR, MW-Net"])
-    total = {"metalr": 0, "mwnet": 0, "n": 0, "gain_metalr": [], "gain_mwnet": []}
+    total = {"metalr": 0, "mwnet": 0, "n": 0, "gain_metalr": [], "gain_mwnet": [], "inverted_metalr": 0,
+             "inverted_mwnet": 0, "under_metalr": [], "under_mwnet": []}
     for cell, rs, _ in R.runs_by_cell(runs):
         by = {m: sorted((r for r in rs if r["method"] == m), key=lambda r: r["seed"]) for m in METHODS}
         if not all(len(v) == len(by["plain"]) and v for v in by.values()):
@@ -205,6 +206,9 @@ def render(runs: list[dict], command: str, options: dict) -> str:
             total["n"] + len(a)
         for m, x in (("metalr", a), ("mwnet", b)):
             total[f"gain_{m}"] += [q["test_accuracy"] - p["test_accuracy"] for p, q in zip(by["plain"], x)]
+            total[f"inverted_{m}"] += sum(q["rate_auroc"] < 0.5 for q in x)
+            if np.mean([r["loss_auroc"] for r in by["plain"]]) >= 0.9 > np.mean([q["rate_auroc"] for q in x]):
+                total[f"under_{m}"].append(cell)
         lines.append(f"| {cell} | {', '.join(str(r['seed']) for r in a)} | {R.mean_and_each(by['plain'], 'test_accuracy')}"
                      f" | {R.mean_and_each(a, 'test_accuracy')} / {R.mean_and_each(b, 'test_accuracy')} | "
                      f"{ge[0]} / {ge[1]} of {len(a)} | {R.mean_and_each(a, 'rate_auroc')} / "
@@ -214,7 +218,11 @@ def render(runs: list[dict], command: str, options: dict) -> str:
     if total["n"]:
         lines += ["", f"Runs at or above plain: MetaLR {total['metalr']} of {total['n']}, Meta-Weight-Net "
                   f"{total['mwnet']} of {total['n']}; mean accuracy gain over plain: MetaLR "
-                  f"{np.mean(total['gain_metalr']):+.4f}, Meta-Weight-Net {np.mean(total['gain_mwnet']):+.4f}."]
+                  f"{np.mean(total['gain_metalr']):+.4f}, Meta-Weight-Net {np.mean(total['gain_mwnet']):+.4f}; "
+                  f"rankings below chance (AUROC < 0.5): MetaLR {total['inverted_metalr']}, Meta-Weight-Net "
+                  f"{total['inverted_mwnet']}; cells whose mean AUROC is under 0.9 where the loss detector's is 0.9 or "
+                  f"more: MetaLR {len(total['under_metalr'])} ({', '.join(total['under_metalr']) or 'none'}), "
+                  f"Meta-Weight-Net {len(total['under_mwnet'])} ({', '.join(total['under_mwnet']) or 'none'})."]
     return "\n".join(lines) + "\n"
 
 
