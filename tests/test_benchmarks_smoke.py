@@ -568,10 +568,10 @@ def test_lookahead_momentum_quick_moves_the_rates_and_refuses_momentum_cells(tmp
 
 @pytest.mark.parametrize("normalize", [False, True])
 def test_meta_weight_net_phi_gradient_is_the_double_backward_one(normalize):
-    """benchmarks/meta_weight_net.py steps V_φ on the chain rule through the trainer's ∂L_meta/∂e_i: it must equal
+    """benchmarks/reweighting.py's Meta-Weight-Net steps V_φ on the chain rule through the trainer's ∂L_meta/∂e_i: it must equal
     Meta-Weight-Net's own gradient, a double backward through the lookahead θ' = θ - lr Σ e_i ∇L_i / N with
     e_i = V_φ(L_i) (divided by the batch mean with normalize), computed here by autograd end to end."""
-    mw_mod = _load("meta_weight_net")
+    mw_mod = _load("reweighting")
     torch.manual_seed(0)
     mw = mw_mod.MetaWeightNet(seed=3, hidden=8, normalize=normalize)
     W = torch.randn(3, 5, requires_grad=True)
@@ -600,7 +600,7 @@ def test_meta_weight_net_steps_use_v_phi_and_restore_the_trainer(tmp_path, monke
     the φ before the step, and the real step at V_φ(L_i) of the updated φ (φ moved in between); the table keeps the
     last visit's V_φ; the trainer's methods are restored afterwards; main writes the table and the curves' plot."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    mw_mod = _load("meta_weight_net")
+    mw_mod = _load("reweighting")
     from hf_ddlr import schedules
 
     originals = (schedules.Schedule._forward, mw_mod.rates_mod.RateTable.effective,
@@ -646,9 +646,43 @@ def test_meta_weight_net_steps_use_v_phi_and_restore_the_trainer(tmp_path, monke
     out = tmp_path / "mw"
     assert mw_mod.main(["--quick", "--cells", "digits-cnn-sgd-flip35", "--seeds", "0", "--normalize",
                         "--matrix", str(tmp_path / "none.json"), "--output_dir", str(out)]) == 0
-    runs = json.loads((out / "meta_weight_net.json").read_text())["runs"]
-    assert sorted(r["method"] for r in runs) == sorted(mw_mod.METHODS)
+    runs = json.loads((out / "reweighting.json").read_text())["runs"]
+    assert sorted(r["method"] for r in runs) == ["metalr", "mwnet", "plain"]
     mwr = next(r for r in runs if r["method"] == "mwnet")
     assert mwr["normalize"] is True and len(mwr["curve_weight"]) == mw_mod.CURVE_POINTS
-    assert "digits-cnn-sgd-flip35" in (out / "meta_weight_net.md").read_text()
-    assert (out / "meta_weight_net.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "digits-cnn-sgd-flip35" in (out / "reweighting.md").read_text()
+    assert (out / "reweighting.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="Meta-Weight-Net's"):
+        mw_mod.main(["--quick", "--baseline", "l2rw", "--normalize", "--cells", "digits-cnn-sgd-flip35"])
+
+
+def test_learning_to_reweight_steps_on_the_batch_weights_of_its_meta_gradient(tmp_path, monkeypatch):
+    """reweighting.py --baseline l2rw: every real step weighs its batch by max(-∂L_meta/∂e_i, 0) normalized to a
+    mean of 1 (Ren et al.: to a sum of 1, with the loss a sum), from that step's own meta-gradient taken at θ
+    (lookahead_step=0); the trainer is restored afterwards and main writes the table beside the matrix's runs."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rw = _load("reweighting")
+    from hf_ddlr import schedules
+
+    update, seen, real_refresh = rw.rates_mod.RateTable.update, [], schedules.Schedule._refresh
+
+    def refresh(self):
+        real_refresh(self)
+        res = getattr(self.trainer, "last_meta_gradients", None)
+        if res is not None and all(mb.losses is not None for mb in self.window):
+            assert self.trainer.args.lookahead_step == 0.0 and self.trainer.args.probe_batches == 0
+            g = res.example_grad.detach().double().numpy()
+            want = np.maximum(-g, 0.0)
+            want = want * (len(g) / want.sum()) if want.sum() > 0 else want
+            seen.append(float(np.abs(self.window[0].weights.double().numpy() - want).max()))
+
+    monkeypatch.setattr(schedules.Schedule, "_refresh", refresh)
+    run = rw.run_baseline(rw.R.CELL_BY_NAME["digits-cnn-sgd-flip35"], 0, "l2rw", {}, None, quick=True)
+    assert len(seen) > 3 and max(seen) < 1e-5
+    assert run["method"] == "l2rw" and rw.rates_mod.RateTable.update is update and not rw.R.OVERRIDES
+    monkeypatch.undo()
+    out = tmp_path / "l2rw"
+    assert rw.main(["--quick", "--baseline", "l2rw", "--cells", "digits-cnn-sgd-flip35", "--seeds", "0",
+                    "--matrix", str(tmp_path / "none.json"), "--output_dir", str(out)]) == 0
+    md = (out / "reweighting.md").read_text()
+    assert "Learning to Reweight" in md and "digits-cnn-sgd-flip35" in md and not (out / "reweighting.png").exists()

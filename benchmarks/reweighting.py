@@ -1,23 +1,33 @@
-"""Meta-Weight-Net's weighting on the robustness matrix, driven by the same meta-gradient as MetaLR's rates.
+"""The reweighting methods users compare with, on the robustness matrix, driven by MetaLR's own meta-gradient.
 
-MetaLR learns one rate per training example from the visits of that example alone. Meta-Weight-Net (Shu et al.,
-NeurIPS 2019) learns one function instead, ``w_i = V_φ(L_i)`` of each example's current training loss (an MLP
-1-100-1 with a sigmoid, Adam 1e-3 with weight decay 1e-4, weights not normalized, as the authors' code): every
-visit of every example trains the same ``φ``, so a signal too weak to rank one example from its few visits may
-still shape a curve over the loss. Which of the two parametrisations the per-visit signal supports is what this
-measures, with everything else held equal: per cell and seed it trains MetaLR with its rate table replaced by
-``V_φ``. Each step, as in the authors' code, the lookahead takes the batch at ``V_φ(L_i)``, ``φ`` takes one
-Adam step on ``Σ_i ∂L_meta/∂e_i · ∂V_φ(L_i)/∂φ`` (the chain rule through the library's own ``∂L_meta/∂e_i``:
-its optimizer-aware lookahead, meta-gradient averaging and meta batch), and the real step uses the updated
-``V_φ(L_i)``. Probe batches are off (their losses are never computed, so ``φ`` could not use them). The rate
-table keeps each example's weight at its last visit: the ranking the table reports. The plain and MetaLR runs
-are the matrix's own (read from ``--matrix``, or trained here when missing).
+MetaLR learns one rate per training example from the visits of that example alone, summed over the run. The two
+best-known meta-learned reweightings use the same per-example signal, ``∂L_meta/∂e_i`` (how the meta loss after
+the step changes with the weight of example ``i`` in it), in other ways:
 
-    python benchmarks/meta_weight_net.py --cells 'mnist-cnn-*' 'vader-*' --seeds 0 1 2
+- ``mwnet``, Meta-Weight-Net (Shu et al., NeurIPS 2019): one function ``w_i = V_φ(L_i)`` of each example's
+  current training loss (an MLP 1-100-1 with a sigmoid, Adam 1e-3 with weight decay 1e-4, weights not
+  normalized, as the authors' code; ``--normalize`` divides each batch's weights by their mean, the paper's
+  option). Every visit of every example trains the same ``φ``, so a signal too weak to rank one example from
+  its few visits may still shape a curve over the loss. Each step, as in the authors' code, the lookahead takes
+  the batch at ``V_φ(L_i)``, ``φ`` takes one Adam step on ``Σ_i ∂L_meta/∂e_i · ∂e_i/∂φ`` (the chain rule
+  through the library's ``∂L_meta/∂e_i``), and the real step uses the updated ``V_φ(L_i)``.
+- ``l2rw``, Learning to Reweight (Ren et al., ICML 2018): no memory at all. Each step weighs its batch by
+  ``max(-∂L_meta/∂e_i, 0)``, normalized to sum to one, with the derivative taken where the paper takes it, at
+  ``θ`` (``lookahead_step=0``, the first-order meta-gradient); a batch with no positive weight takes no step.
 
-Writes meta_weight_net.json (every run; a rerun skips the runs already there), meta_weight_net.md and
-meta_weight_net.png (the learned weight curves) to --output_dir (default benchmarks/results/meta_weight_net).
+Everything else is the library's, as MetaLR runs it (its optimizer-aware lookahead, meta-gradient averaging and
+meta batches; the same model, data and recipe), so the columns differ only in what the signal is turned into.
+Probe batches are off for the baselines (an unvisited example has no loss for ``V_φ`` and no step to weigh). The
+rate table keeps each example's weight at its last visit: the ranking reported. The plain and MetaLR runs are the
+matrix's own (read from ``--matrix``, or trained here when missing).
+
+    python benchmarks/reweighting.py --baseline mwnet --cells 'mnist-cnn-*' --seeds 0 1 2
+
+Writes reweighting.json (every run; a rerun skips the runs already there), reweighting.md and, for
+Meta-Weight-Net, reweighting.png (the learned weight curves) to --output_dir (default
+benchmarks/results/reweighting/<baseline>).
 """
+
 
 from __future__ import annotations
 
@@ -36,7 +46,8 @@ import robustness as R  # noqa: E402  (the matrix's cells, data, models and reci
 from hf_ddlr.meta import rates as rates_mod  # noqa: E402
 from hf_ddlr.schedules import Schedule  # noqa: E402
 
-METHODS = ("plain", "metalr", "mwnet")
+BASELINES = ("mwnet", "l2rw")
+NAMES = {"mwnet": "Meta-Weight-Net", "l2rw": "Learning to Reweight"}
 CURVE_POINTS = 41  # where each run's learned V_φ is recorded: 0 .. the largest training loss it saw
 
 
@@ -102,7 +113,7 @@ def meta_weight_net(seed: int, **options) -> Iterator[list[MetaWeightNet]]:
     def table_net(table) -> MetaWeightNet:
         if getattr(table, "_weight_net", None) is None:
             if table.instance is None or table.keyed is not None:
-                raise SystemExit("meta_weight_net.py replaces instance rates alone: run it with lr_level='instance'"
+                raise SystemExit("reweighting.py replaces instance rates alone: run it with lr_level='instance'"
                                  " (the default), not class or group rates.")
             table._weight_net = MetaWeightNet(seed, **options)
             made.append(table._weight_net)
@@ -112,7 +123,7 @@ def meta_weight_net(seed: int, **options) -> Iterator[list[MetaWeightNet]]:
         out = forward(self, model, inputs, mb, **kw)
         mw = table_net(self.trainer.rates)
         if len(self.window) != 1 or self.trainer.args.world_size != 1:
-            raise SystemExit("meta_weight_net.py runs one micro-batch per step on one process (the matrix's cells).")
+            raise SystemExit("reweighting.py runs one micro-batch per step on one process (the matrix's cells).")
         mw.window = (mb.indices, mb.losses)
         # The lookahead reads the weights the step opened with (mb.weights, read before this forward): they become
         # V_φ(L_i) in place, so the meta step sees this step's weights at the current φ.
@@ -146,6 +157,35 @@ def meta_weight_net(seed: int, **options) -> Iterator[list[MetaWeightNet]]:
         rates_mod.RateTable.update = update
 
 
+@contextlib.contextmanager
+def learning_to_reweight() -> Iterator[None]:
+    """Within the block, every MetaLR trainer weighs each step's batch as Learning to Reweight does (see the
+    module docstring): its rate table holds the weights the step's meta-gradient gives, which the real step
+    then applies."""
+    update = rates_mod.RateTable.update
+
+    def patched_update(self, indices, labels, example_grad, weight_decay_grad=None, keyed_grad=None, probes=None):
+        if self.instance is None or self.keyed is not None:
+            raise SystemExit("reweighting.py replaces instance rates alone: run it with lr_level='instance' (the "
+                             "default), not class or group rates.")
+        self.instance[indices.to(self.instance.device)] = l2rw_weights(example_grad).to(self.instance)
+        return True
+
+    rates_mod.RateTable.update = patched_update
+    try:
+        yield
+    finally:
+        rates_mod.RateTable.update = update
+
+
+def l2rw_weights(example_grad: torch.Tensor) -> torch.Tensor:
+    """Learning to Reweight's weights of one batch as MetaLR's ``e_i`` (its loss is ``Σ e_i L_i / N``): ``N``
+    times ``max(-g_i, 0) / Σ_j max(-g_j, 0)``, all zero where no example helps the meta loss."""
+    w = (-example_grad.detach().double()).clamp_min(0.0)
+    total = w.sum()
+    return (w * (len(w) / total) if total > 0 else w).float()
+
+
 def matrix_runs(path: str, quick: bool) -> dict[tuple[str, int, str], dict]:
     """The matrix's plain and MetaLR runs in ``path`` whose fingerprint is current (reused, not retrained)."""
     out = {}
@@ -156,10 +196,32 @@ def matrix_runs(path: str, quick: bool) -> dict[tuple[str, int, str], dict]:
     return out
 
 
+def run_baseline(cell: R.Cell, seed: int, baseline: str, options: dict, data, quick: bool) -> dict:
+    """One run of a baseline: MetaLR with its rate table replaced (see the module docstring)."""
+    saved = dict(R.OVERRIDES)
+    R.OVERRIDES["probe_batches"] = 0
+    if baseline == "l2rw":
+        R.OVERRIDES["lookahead_step"] = 0.0  # the derivative at θ, where Learning to Reweight takes it
+    try:
+        if baseline == "mwnet":
+            with meta_weight_net(seed, **options) as made:
+                run = R.run_cell(cell, seed, "metalr", quick=quick, data=data)
+            x, y = made[0].curve()
+            run.update(curve_loss=x, curve_weight=y)
+        else:
+            with learning_to_reweight():
+                run = R.run_cell(cell, seed, "metalr", quick=quick, data=data)
+    finally:
+        R.OVERRIDES.clear()
+        R.OVERRIDES.update(saved)
+    run.update(method=baseline, **options)
+    return run
+
+
 def run_seed(cell: R.Cell, seed: int, methods: list[str], known: dict, options: dict, bar,
              quick: bool = False) -> list[dict]:
     """Every missing method of one cell and seed (the splits shared); plain and MetaLR from ``known`` if there,
-    Meta-Weight-Net with ``options`` (:class:`MetaWeightNet`'s ``lr`` and ``normalize``)."""
+    the baseline (the last of ``methods``) with ``options``."""
     data, out = None, []
     for method in methods:
         if (cell.name, seed, method) in known:
@@ -167,44 +229,43 @@ def run_seed(cell: R.Cell, seed: int, methods: list[str], known: dict, options: 
             bar.update(1)
             continue
         data = data or R.load_data(cell, seed, quick)
-        if method == "mwnet":
-            saved = dict(R.OVERRIDES)
-            R.OVERRIDES["probe_batches"] = 0  # V_φ is given the window's losses only
-            try:
-                with meta_weight_net(seed, **options) as made:
-                    run = R.run_cell(cell, seed, "metalr", quick=quick, data=data)
-            finally:
-                R.OVERRIDES.clear()
-                R.OVERRIDES.update(saved)
-            x, y = made[0].curve()
-            run.update(method=method, curve_loss=x, curve_weight=y, **options)
+        if method in BASELINES:
+            out.append(run_baseline(cell, seed, method, options, data, quick))
         else:
-            run = R.run_cell(cell, seed, method, quick=quick, data=data)
-        out.append(run)
+            out.append(R.run_cell(cell, seed, method, quick=quick, data=data))
         bar.update(1)
     return out
 
 
-def render(runs: list[dict], command: str, options: dict) -> str:
-    """Per cell: accuracy, runs at or above plain and the ranking of MetaLR's rates and Meta-Weight-Net's weights
+def describe(baseline: str, options: dict) -> str:
+    if baseline == "l2rw":
+        return "Learning to Reweight (per-step weights, derivative at θ)"
+    return (f"Meta-Weight-Net with V_φ's Adam lr {options['lr']:g}, weights "
+            f"{'normalized by the batch mean' if options['normalize'] else 'not normalized'}")
+
+
+def render(runs: list[dict], command: str, baseline: str, options: dict) -> str:
+    """Per cell: accuracy, runs at or above plain and the ranking of MetaLR's rates and the baseline's weights
     (at each example's last visit), beside the plain model's loss ranking; then the totals."""
-    lines = R.table_head(command, f"Meta-Weight-Net with V_φ's Adam lr {options['lr']:g}, weights "
-                         f"{'normalized by the batch mean' if options['normalize'] else 'not normalized'}: "
-                         "test accuracy and rankings (mean over the seeds, then each seed)",
-                         ["cell", "seeds", "plain acc", "MetaLR acc / MW-Net acc", "runs ≥ plain: MetaLR / MW-Net",
-                          "AUROC: MetaLR rates / MW-Net weights", "loss AUROC (plain)",
-                          "mean weight clean / noisy: MetaLR, MW-Net"])
-    total = {"metalr": 0, "mwnet": 0, "n": 0, "gain_metalr": [], "gain_mwnet": [], "inverted_metalr": 0,
-             "inverted_mwnet": 0, "under_metalr": [], "under_mwnet": []}
+    name = NAMES[baseline]
+    lines = R.table_head(command, f"{describe(baseline, options)}: test accuracy and rankings (mean over the "
+                         "seeds, then each seed)",
+                         ["cell", "seeds", "plain acc", f"MetaLR acc / {name} acc", f"runs ≥ plain: MetaLR / {name}",
+                          f"AUROC: MetaLR rates / {name} weights", "loss AUROC (plain)",
+                          f"mean weight clean / noisy: MetaLR, {name}"])
+    total = {"n": 0, "metalr": 0, baseline: 0, "gain_metalr": [], f"gain_{baseline}": [], "inverted_metalr": 0,
+             f"inverted_{baseline}": 0, "under_metalr": [], f"under_{baseline}": []}
     for cell, rs, _ in R.runs_by_cell(runs):
-        by = {m: sorted((r for r in rs if r["method"] == m), key=lambda r: r["seed"]) for m in METHODS}
+        by = {m: sorted((r for r in rs if r["method"] == m), key=lambda r: r["seed"])
+              for m in ("plain", "metalr", baseline)}
         if not all(len(v) == len(by["plain"]) and v for v in by.values()):
             continue  # a cell and seed not finished for every method
-        a, b = by["metalr"], by["mwnet"]
-        ge = [sum(q["test_accuracy"] >= p["test_accuracy"] for p, q in zip(by["plain"], x)) for x in (a, b)]
-        total["metalr"], total["mwnet"], total["n"] = total["metalr"] + ge[0], total["mwnet"] + ge[1], \
-            total["n"] + len(a)
-        for m, x in (("metalr", a), ("mwnet", b)):
+        a, b = by["metalr"], by[baseline]
+        total["n"] += len(a)
+        ge = []
+        for m, x in (("metalr", a), (baseline, b)):
+            ge.append(sum(q["test_accuracy"] >= p["test_accuracy"] for p, q in zip(by["plain"], x)))
+            total[m] += ge[-1]
             total[f"gain_{m}"] += [q["test_accuracy"] - p["test_accuracy"] for p, q in zip(by["plain"], x)]
             total[f"inverted_{m}"] += sum(q["rate_auroc"] < 0.5 for q in x)
             if np.mean([r["loss_auroc"] for r in by["plain"]]) >= 0.9 > np.mean([q["rate_auroc"] for q in x]):
@@ -216,13 +277,14 @@ def render(runs: list[dict], command: str, options: dict) -> str:
                      f"{np.mean([r['rate_clean'] for r in a]):.2f} / {np.mean([r['rate_noisy'] for r in a]):.2f}, "
                      f"{np.mean([r['rate_clean'] for r in b]):.2f} / {np.mean([r['rate_noisy'] for r in b]):.2f} |")
     if total["n"]:
-        lines += ["", f"Runs at or above plain: MetaLR {total['metalr']} of {total['n']}, Meta-Weight-Net "
-                  f"{total['mwnet']} of {total['n']}; mean accuracy gain over plain: MetaLR "
-                  f"{np.mean(total['gain_metalr']):+.4f}, Meta-Weight-Net {np.mean(total['gain_mwnet']):+.4f}; "
-                  f"rankings below chance (AUROC < 0.5): MetaLR {total['inverted_metalr']}, Meta-Weight-Net "
-                  f"{total['inverted_mwnet']}; cells whose mean AUROC is under 0.9 where the loss detector's is 0.9 or "
-                  f"more: MetaLR {len(total['under_metalr'])} ({', '.join(total['under_metalr']) or 'none'}), "
-                  f"Meta-Weight-Net {len(total['under_mwnet'])} ({', '.join(total['under_mwnet']) or 'none'})."]
+        under = {m: f"{len(total[f'under_{m}'])} ({', '.join(total[f'under_{m}']) or 'none'})"
+                 for m in ("metalr", baseline)}
+        lines += ["", f"Runs at or above plain: MetaLR {total['metalr']} of {total['n']}, {name} "
+                  f"{total[baseline]} of {total['n']}; mean accuracy gain over plain: MetaLR "
+                  f"{np.mean(total['gain_metalr']):+.4f}, {name} {np.mean(total[f'gain_{baseline}']):+.4f}; "
+                  f"rankings below chance (AUROC < 0.5): MetaLR {total['inverted_metalr']}, {name} "
+                  f"{total[f'inverted_{baseline}']}; cells whose mean AUROC is under 0.9 where the loss detector's "
+                  f"is 0.9 or more: MetaLR {under['metalr']}, {name} {under[baseline]}."]
     return "\n".join(lines) + "\n"
 
 
@@ -258,37 +320,44 @@ def plot(runs: list[dict], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = R.cell_seed_parser(__doc__, os.path.join(R.HERE, "results", "meta_weight_net"))
+    p = R.cell_seed_parser(__doc__, "")
+    p.add_argument("--baseline", choices=BASELINES, default="mwnet", help="the reweighting method beside MetaLR")
     p.add_argument("--matrix", default=os.path.join(R.HERE, "results", "robustness.json"),
                    help="robustness.py's JSON: its plain and MetaLR runs with current fingerprints are reused")
-    p.add_argument("--lr", type=float, default=1e-3, help="V_φ's Adam learning rate (the authors': 1e-3)")
+    p.add_argument("--lr", type=float, default=1e-3, help="mwnet: V_φ's Adam learning rate (the authors': 1e-3)")
     p.add_argument("--normalize", action="store_true",
-                   help="divide each batch's weights by their mean (the paper's optional normalization)")
+                   help="mwnet: divide each batch's weights by their mean (the paper's optional normalization)")
     p.add_argument("--quick", action="store_true", help="tiny subsample, 1 epoch (smoke test; robustness.py's)")
     args = p.parse_args(argv)
-    if not args.lr > 0:
+    if args.baseline == "mwnet" and not args.lr > 0:
         raise SystemExit(f"--lr must be > 0, got {args.lr}.")
-    options = {"lr": args.lr, "normalize": args.normalize}
+    if args.baseline == "l2rw" and (args.normalize or args.lr != 1e-3):
+        raise SystemExit("--lr and --normalize are Meta-Weight-Net's (--baseline mwnet); Learning to Reweight has "
+                         "neither: drop them.")
+    options = {"lr": args.lr, "normalize": args.normalize} if args.baseline == "mwnet" else {}
+    output_dir = args.output_dir or os.path.join(R.HERE, "results", "reweighting", args.baseline)
     cells = R.select_cells(args.cells)
-    path, runs, command = R.open_results(args.output_dir, "meta_weight_net", "meta_weight_net.py", argv)
+    path, runs, command = R.open_results(output_dir, "reweighting", "reweighting.py", argv)
     torch.set_num_threads(R.RUN_SETTINGS["threads"])
     known = matrix_runs(args.matrix, args.quick)
-    # a Meta-Weight-Net run of other options is another method here: kept in the JSON, not shown
-    runs_now = [r for r in runs if r["quick"] == args.quick
-                and (r["method"] != "mwnet" or all(r[k] == v for k, v in options.items()))]
+    methods = ("plain", "metalr", args.baseline)
+    # a baseline run of other options is another method here: kept in the JSON, not shown
+    runs_now = [r for r in runs if r["quick"] == args.quick and r["method"] in methods
+                and (r["method"] != args.baseline or all(r.get(k) == v for k, v in options.items()))]
     done = {(r["cell"], r["seed"], r["method"]) for r in runs_now}
-    todo = [(c, s, [m for m in METHODS if (c.name, s, m) not in done]) for c in cells for s in args.seeds]
+    todo = [(c, s, [m for m in methods if (c.name, s, m) not in done]) for c in cells for s in args.seeds]
     todo = [t for t in todo if t[2]]
-    with tqdm(total=sum(len(t[2]) for t in todo), desc="meta-weight-net", unit="run") as bar:
-        for cell, seed, methods in todo:
-            new = run_seed(cell, seed, methods, known, options, bar, args.quick)
+    with tqdm(total=sum(len(t[2]) for t in todo), desc=args.baseline, unit="run") as bar:
+        for cell, seed, todo_methods in todo:
+            new = run_seed(cell, seed, todo_methods, known, options, bar, args.quick)
             runs += new
             runs_now += new
             R.write_json_atomic(path, {"runs": runs})  # after every seed: an interrupted run keeps what it finished
     order = {c.name: i for i, c in enumerate(R.CELLS)}
     shown = sorted(runs_now, key=lambda r: (order[r["cell"]], r["seed"]))
-    R.write_table(args.output_dir, "meta_weight_net", render(shown, command, options))
-    plot(shown, os.path.join(args.output_dir, "meta_weight_net.png"))
+    R.write_table(output_dir, "reweighting", render(shown, command, args.baseline, options))
+    if args.baseline == "mwnet":
+        plot(shown, os.path.join(output_dir, "reweighting.png"))
     return 0
 
 
