@@ -13,7 +13,10 @@ the step changes with the weight of example ``i`` in it), in other ways:
   through the library's ``∂L_meta/∂e_i``), and the real step uses the updated ``V_φ(L_i)``.
 - ``l2rw``, Learning to Reweight (Ren et al., ICML 2018): no memory at all. Each step weighs its batch by
   ``max(-∂L_meta/∂e_i, 0)``, normalized to sum to one, with the derivative taken where the paper takes it, at
-  ``θ`` (``lookahead_step=0``, the first-order meta-gradient); a batch with no positive weight takes no step.
+  ``θ`` (``lookahead_step=0``, the first-order meta-gradient); a batch with no positive weight adds no gradient.
+  ``--meta_gradient paper`` (its default) also takes the paper's meta-gradient: each step's own meta batch (no
+  running average), the cross-entropy meta loss and the whole model; ``library`` keeps MetaLR's defaults for
+  those three.
 
 Everything else is the library's, as MetaLR runs it (its optimizer-aware lookahead, meta-gradient averaging and
 meta batches; the same model, data and recipe), so the columns differ only in what the signal is turned into.
@@ -48,6 +51,8 @@ from hf_ddlr.schedules import Schedule  # noqa: E402
 
 BASELINES = ("mwnet", "l2rw")
 NAMES = {"mwnet": "Meta-Weight-Net", "l2rw": "Learning to Reweight"}
+# Learning to Reweight's own meta-gradient: each step's meta batch alone, the validation cross-entropy, all weights
+PAPER_META_GRADIENT = {"meta_grad_average": 0.0, "meta_objective": "loss", "meta_parameters": "all"}
 CURVE_POINTS = 41  # where each run's learned V_φ is recorded: 0 .. the largest training loss it saw
 
 
@@ -202,6 +207,8 @@ def run_baseline(cell: R.Cell, seed: int, baseline: str, options: dict, data, qu
     R.OVERRIDES["probe_batches"] = 0
     if baseline == "l2rw":
         R.OVERRIDES["lookahead_step"] = 0.0  # the derivative at θ, where Learning to Reweight takes it
+        if options["meta_gradient"] == "paper":
+            R.OVERRIDES.update(PAPER_META_GRADIENT)
     try:
         if baseline == "mwnet":
             with meta_weight_net(seed, **options) as made:
@@ -239,7 +246,9 @@ def run_seed(cell: R.Cell, seed: int, methods: list[str], known: dict, options: 
 
 def describe(baseline: str, options: dict) -> str:
     if baseline == "l2rw":
-        return "Learning to Reweight (per-step weights, derivative at θ)"
+        return ("Learning to Reweight (per-step weights, derivative at θ; "
+                + ("the paper's per-step meta-gradient)" if options["meta_gradient"] == "paper"
+                   else "MetaLR's averaged meta-gradient)"))
     return (f"Meta-Weight-Net with V_φ's Adam lr {options['lr']:g}, weights "
             f"{'normalized by the batch mean' if options['normalize'] else 'not normalized'}")
 
@@ -327,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3, help="mwnet: V_φ's Adam learning rate (the authors': 1e-3)")
     p.add_argument("--normalize", action="store_true",
                    help="mwnet: divide each batch's weights by their mean (the paper's optional normalization)")
+    p.add_argument("--meta_gradient", choices=("paper", "library"), default=None,
+                   help="l2rw: the paper's meta-gradient (default: each step's own meta batch, cross-entropy, whole "
+                        "model) or MetaLR's defaults for those")
     p.add_argument("--quick", action="store_true", help="tiny subsample, 1 epoch (smoke test; robustness.py's)")
     args = p.parse_args(argv)
     if args.baseline == "mwnet" and not args.lr > 0:
@@ -334,8 +346,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline == "l2rw" and (args.normalize or args.lr != 1e-3):
         raise SystemExit("--lr and --normalize are Meta-Weight-Net's (--baseline mwnet); Learning to Reweight has "
                          "neither: drop them.")
-    options = {"lr": args.lr, "normalize": args.normalize} if args.baseline == "mwnet" else {}
-    output_dir = args.output_dir or os.path.join(R.HERE, "results", "reweighting", args.baseline)
+    if args.baseline == "mwnet" and args.meta_gradient is not None:
+        raise SystemExit("--meta_gradient is Learning to Reweight's (--baseline l2rw): drop it for mwnet.")
+    if args.baseline == "mwnet":
+        options = {"lr": args.lr, "normalize": args.normalize}
+    else:
+        options = {"meta_gradient": args.meta_gradient or "paper"}
+    name = args.baseline + ("_library" if options.get("meta_gradient") == "library" else "")
+    output_dir = args.output_dir or os.path.join(R.HERE, "results", "reweighting", name)
     cells = R.select_cells(args.cells)
     path, runs, command = R.open_results(output_dir, "reweighting", "reweighting.py", argv)
     torch.set_num_threads(R.RUN_SETTINGS["threads"])

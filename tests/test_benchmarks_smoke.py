@@ -670,19 +670,30 @@ def test_learning_to_reweight_steps_on_the_batch_weights_of_its_meta_gradient(tm
         real_refresh(self)
         res = getattr(self.trainer, "last_meta_gradients", None)
         if res is not None and all(mb.losses is not None for mb in self.window):
-            assert self.trainer.args.lookahead_step == 0.0 and self.trainer.args.probe_batches == 0
+            args = self.trainer.args
+            assert args.lookahead_step == 0.0 and args.probe_batches == 0
+            want_meta = (0.0, "loss", "all") if paper[0] else (0.97, "auto", "auto")
+            assert (args.meta_grad_average, args.meta_objective, args.meta_parameters) == want_meta
             g = res.example_grad.detach().double().numpy()
             want = np.maximum(-g, 0.0)
             want = want * (len(g) / want.sum()) if want.sum() > 0 else want
             seen.append(float(np.abs(self.window[0].weights.double().numpy() - want).max()))
 
     monkeypatch.setattr(schedules.Schedule, "_refresh", refresh)
-    run = rw.run_baseline(rw.R.CELL_BY_NAME["digits-cnn-sgd-flip35"], 0, "l2rw", {}, None, quick=True)
+    paper = [False]
+    run = rw.run_baseline(rw.R.CELL_BY_NAME["digits-cnn-sgd-flip35"], 0, "l2rw", {"meta_gradient": "library"},
+                          None, quick=True)
     assert len(seen) > 3 and max(seen) < 1e-5
     assert run["method"] == "l2rw" and rw.rates_mod.RateTable.update is update and not rw.R.OVERRIDES
+    paper[0], n = True, len(seen)
+    rw.run_baseline(rw.R.CELL_BY_NAME["digits-cnn-sgd-flip35"], 0, "l2rw", {"meta_gradient": "paper"}, None,
+                    quick=True)
+    assert len(seen) > n + 3 and max(seen) < 1e-5 and not rw.R.OVERRIDES
     monkeypatch.undo()
     out = tmp_path / "l2rw"
     assert rw.main(["--quick", "--baseline", "l2rw", "--cells", "digits-cnn-sgd-flip35", "--seeds", "0",
                     "--matrix", str(tmp_path / "none.json"), "--output_dir", str(out)]) == 0
     md = (out / "reweighting.md").read_text()
-    assert "Learning to Reweight" in md and "digits-cnn-sgd-flip35" in md and not (out / "reweighting.png").exists()
+    assert "Learning to Reweight" in md and "paper's per-step" in md and not (out / "reweighting.png").exists()
+    with pytest.raises(SystemExit, match="Learning to Reweight's"):
+        rw.main(["--quick", "--baseline", "mwnet", "--meta_gradient", "paper", "--cells", "digits-cnn-sgd-flip35"])
