@@ -16,7 +16,8 @@ the step changes with the weight of example ``i`` in it), in other ways:
   ``θ`` (``lookahead_step=0``, the first-order meta-gradient); a batch with no positive weight adds no gradient.
   ``--meta_gradient paper`` (its default) also takes the paper's meta-gradient: each step's own meta batch (no
   running average), the cross-entropy meta loss and the whole model; ``library`` keeps MetaLR's defaults for
-  those three.
+  those three. Each run records ``one_class_steps``, the share of its steps in which one class takes 90 % or
+  more of the batch's weight.
 
 Everything else is the library's, as MetaLR runs it (its optimizer-aware lookahead, meta-gradient averaging and
 meta batches; the same model, data and recipe), so the columns differ only in what the signal is turned into.
@@ -163,22 +164,28 @@ def meta_weight_net(seed: int, **options) -> Iterator[list[MetaWeightNet]]:
 
 
 @contextlib.contextmanager
-def learning_to_reweight() -> Iterator[None]:
+def learning_to_reweight() -> Iterator[list[float]]:
     """Within the block, every MetaLR trainer weighs each step's batch as Learning to Reweight does (see the
     module docstring): its rate table holds the weights the step's meta-gradient gives, which the real step
-    then applies."""
+    then applies. Yields, per step, the largest share of the batch's weight that one class takes (1 when the
+    step trains one class alone)."""
     update = rates_mod.RateTable.update
+    top_class: list[float] = []
 
     def patched_update(self, indices, labels, example_grad, weight_decay_grad=None, keyed_grad=None, probes=None):
         if self.instance is None or self.keyed is not None:
             raise SystemExit("reweighting.py replaces instance rates alone: run it with lr_level='instance' (the "
                              "default), not class or group rates.")
-        self.instance[indices.to(self.instance.device)] = l2rw_weights(example_grad).to(self.instance)
+        w = l2rw_weights(example_grad)
+        self.instance[indices.to(self.instance.device)] = w.to(self.instance)
+        if float(w.sum()) > 0:
+            keys = labels.to(w.device)
+            top_class.append(max(float(w[keys == k].sum() / w.sum()) for k in keys.unique()))
         return True
 
     rates_mod.RateTable.update = patched_update
     try:
-        yield
+        yield top_class
     finally:
         rates_mod.RateTable.update = update
 
@@ -216,8 +223,9 @@ def run_baseline(cell: R.Cell, seed: int, baseline: str, options: dict, data, qu
             x, y = made[0].curve()
             run.update(curve_loss=x, curve_weight=y)
         else:
-            with learning_to_reweight():
+            with learning_to_reweight() as top_class:
                 run = R.run_cell(cell, seed, "metalr", quick=quick, data=data)
+            run["one_class_steps"] = float(np.mean(np.asarray(top_class) >= 0.9)) if top_class else float("nan")
     finally:
         R.OVERRIDES.clear()
         R.OVERRIDES.update(saved)

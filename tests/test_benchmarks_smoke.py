@@ -685,6 +685,7 @@ def test_learning_to_reweight_steps_on_the_batch_weights_of_its_meta_gradient(tm
                           None, quick=True)
     assert len(seen) > 3 and max(seen) < 1e-5
     assert run["method"] == "l2rw" and rw.rates_mod.RateTable.update is update and not rw.R.OVERRIDES
+    assert 0.0 <= run["one_class_steps"] < 1.0  # ten balanced-ish classes: no step trains one class alone
     paper[0], n = True, len(seen)
     rw.run_baseline(rw.R.CELL_BY_NAME["digits-cnn-sgd-flip35"], 0, "l2rw", {"meta_gradient": "paper"}, None,
                     quick=True)
@@ -697,3 +698,19 @@ def test_learning_to_reweight_steps_on_the_batch_weights_of_its_meta_gradient(tm
     assert "Learning to Reweight" in md and "paper's per-step" in md and not (out / "reweighting.png").exists()
     with pytest.raises(SystemExit, match="Learning to Reweight's"):
         rw.main(["--quick", "--baseline", "mwnet", "--meta_gradient", "paper", "--cells", "digits-cnn-sgd-flip35"])
+
+
+def test_learning_to_reweight_table_update_and_class_share():
+    """The L2RW table update by hand: max(-g, 0) scaled to a mean of 1 over the batch, written to the examples'
+    rows; the share of the weight the top class takes, per step (1.0 when one class alone helps)."""
+    rw = _load("reweighting")
+    table = types.SimpleNamespace(instance=torch.full((6,), 7.0), keyed=None)
+    idx, labels = torch.tensor([4, 0, 2, 5]), torch.tensor([0, 0, 1, 1])
+    with rw.learning_to_reweight() as top_class:
+        assert rw.rates_mod.RateTable.update(table, idx, labels, torch.tensor([-3.0, -1.0, 0.5, 0.0]))
+        torch.testing.assert_close(table.instance, torch.tensor([1.0, 7.0, 0.0, 7.0, 3.0, 0.0]))
+        rw.rates_mod.RateTable.update(table, idx, labels, torch.tensor([-1.0, -1.0, -1.0, -1.0]))
+        torch.testing.assert_close(table.instance[idx], torch.ones(4))
+        rw.rates_mod.RateTable.update(table, idx, labels, torch.tensor([1.0, 2.0, 0.0, 3.0]))  # none helps
+        torch.testing.assert_close(table.instance[idx], torch.zeros(4))
+    assert top_class == [1.0, 0.5]
