@@ -109,6 +109,13 @@ class MetaWeightNet:
             return x.tolist(), self.net(x).tolist()
 
 
+def _require_instance_rates(table: rates_mod.RateTable) -> None:
+    """A baseline replaces the instance rates alone: a table of class or group rates is refused with the fix."""
+    if table.instance is None or table.keyed is not None:
+        raise SystemExit("reweighting.py replaces instance rates alone: run it with lr_level='instance' (the "
+                         "default), not class or group rates.")
+
+
 @contextlib.contextmanager
 def meta_weight_net(seed: int, **options) -> Iterator[list[MetaWeightNet]]:
     """Within the block, every MetaLR trainer's instance rates are Meta-Weight-Net's ``V_φ(L_i)`` (a
@@ -118,9 +125,7 @@ def meta_weight_net(seed: int, **options) -> Iterator[list[MetaWeightNet]]:
 
     def table_net(table) -> MetaWeightNet:
         if getattr(table, "_weight_net", None) is None:
-            if table.instance is None or table.keyed is not None:
-                raise SystemExit("reweighting.py replaces instance rates alone: run it with lr_level='instance'"
-                                 " (the default), not class or group rates.")
+            _require_instance_rates(table)
             table._weight_net = MetaWeightNet(seed, **options)
             made.append(table._weight_net)
         return table._weight_net
@@ -173,9 +178,7 @@ def learning_to_reweight() -> Iterator[list[float]]:
     top_class: list[float] = []
 
     def patched_update(self, indices, labels, example_grad, weight_decay_grad=None, keyed_grad=None, probes=None):
-        if self.instance is None or self.keyed is not None:
-            raise SystemExit("reweighting.py replaces instance rates alone: run it with lr_level='instance' (the "
-                             "default), not class or group rates.")
+        _require_instance_rates(self)
         w = l2rw_weights(example_grad)
         self.instance[indices.to(self.instance.device)] = w.to(self.instance)
         if float(w.sum()) > 0:
@@ -199,13 +202,10 @@ def l2rw_weights(example_grad: torch.Tensor) -> torch.Tensor:
 
 
 def matrix_runs(path: str, quick: bool) -> dict[tuple[str, int, str], dict]:
-    """The matrix's plain and MetaLR runs in ``path`` whose fingerprint is current (reused, not retrained)."""
-    out = {}
-    for r in R.load_runs(path):
-        if r["quick"] == quick and r["method"] in ("plain", "metalr") and r["cell"] in R.CELL_BY_NAME:
-            if r["fingerprint"] == R.fingerprint(R.CELL_BY_NAME[r["cell"]], r["method"], quick):
-                out[(r["cell"], r["seed"], r["method"])] = r
-    return out
+    """The matrix's plain and MetaLR runs in ``path`` as its table counts them (:func:`robustness.cell_stats`:
+    current fingerprints, the seeds MetaLR has), reused instead of retrained."""
+    return {(r["cell"], r["seed"], m): r for by in R.cell_stats(R.load_runs(path), quick).values()
+            for m in ("plain", "metalr") for r in by[m]}
 
 
 def run_baseline(cell: R.Cell, seed: int, baseline: str, options: dict, data, quick: bool) -> dict:
