@@ -20,7 +20,6 @@ import sys
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -112,16 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--every and --last must be >= 1, got {args.every} and {args.last}.")
     path, runs, command = R.open_results(args.output_dir, "final_step", "final_step.py", argv)
     torch.set_num_threads(R.RUN_SETTINGS["threads"])
-    # runs recorded before the flag existed were all full runs
-    done = {(r["cell"], r["seed"], r["method"]) for r in runs if r.get("quick", False) == args.quick}
-    todo = [(c, s, [m for m in args.methods if (c.name, s, m) not in done])
-            for c in R.select_cells(args.cells) for s in args.seeds]
-    todo = [t for t in todo if t[2]]
-    with tqdm(total=sum(len(t[2]) for t in todo), desc="final step", unit="run") as bar:
-        for cell, seed, methods in todo:
-            runs += run_seed(cell, seed, methods, args.every, bar, args.quick)
-            R.write_json_atomic(path, {"runs": runs})  # after every seed: an interrupted run keeps what it finished
-    shown = [r for r in runs if r.get("quick", False) == args.quick]  # a smoke run beside the real ones is shown alone
+    shown = R.run_missing(  # runs recorded before the quick flag existed were all full runs
+        path, runs, R.select_cells(args.cells), args.seeds,
+        lambda cell, seed, methods, bar: run_seed(cell, seed, methods, args.every, bar, args.quick),
+        "final step", methods=args.methods, keep=lambda r: r.get("quick", False) == args.quick)
     md = render(sorted(shown, key=lambda r: (r["cell"], r["seed"])), args.last, command)
     R.write_table(args.output_dir, "final_step", md)
     return 0

@@ -126,13 +126,10 @@ def render(runs: list[dict], command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = R.cell_seed_parser(__doc__, os.path.join(R.HERE, "results")).parse_args(argv)
     path, runs, command = R.open_results(args.output_dir, "fixed_weights", "fixed_weights.py", argv)
-    todo = [(c, s) for c in R.select_cells(args.cells) for s in args.seeds
-            if not any(r["cell"] == c.name and r["seed"] == s for r in runs)]
-    with tqdm(total=len(todo) * (2 + len(WEIGHTINGS)), desc="fixed weights", unit="run") as bar:
-        for cell, seed in todo:
-            runs.append(run_seed(cell, seed, bar))
-            R.write_json_atomic(path, {"runs": runs})  # after every seed: an interrupted run keeps what it finished
-    md = render(sorted(runs, key=lambda r: (r["cell"], r["seed"])), command)
+    shown = R.run_missing(path, runs, R.select_cells(args.cells), args.seeds,
+                          lambda cell, seed, _missing, bar: [run_seed(cell, seed, bar)], "fixed weights",
+                          bar_per_method=2 + len(WEIGHTINGS))
+    md = render(sorted(shown, key=lambda r: (r["cell"], r["seed"])), command)
     R.write_table(args.output_dir, "fixed_weights", md)
     return 0
 

@@ -26,7 +26,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import robustness as R  # noqa: E402  (the matrix's cells, data, models and recipes)
@@ -134,15 +133,11 @@ def main(argv: list[str] | None = None) -> int:
                          "pick plain-SGD cells (the 'sgd' recipe, e.g. mnist-cnn-sgd-flip35).")
     path, runs, command = R.open_results(args.output_dir, "lookahead_momentum", "lookahead_momentum.py", argv)
     torch.set_num_threads(R.RUN_SETTINGS["threads"])
-    done = {(r["cell"], r["seed"], r["method"]) for r in runs if r["quick"] == args.quick}
-    todo = [(c, s, [m for m in METHODS if (c.name, s, m) not in done]) for c in cells for s in args.seeds]
-    todo = [t for t in todo if t[2]]
-    with tqdm(total=sum(len(t[2]) for t in todo), desc="momentum lookahead", unit="run") as bar:
-        for cell, seed, methods in todo:
-            runs += run_seed(cell, seed, methods, args.momentum, bar, args.quick)
-            R.write_json_atomic(path, {"runs": runs})  # after every seed: an interrupted run keeps what it finished
+    shown = R.run_missing(
+        path, runs, cells, args.seeds,
+        lambda cell, seed, methods, bar: run_seed(cell, seed, methods, args.momentum, bar, args.quick),
+        "momentum lookahead", methods=METHODS, keep=lambda r: r["quick"] == args.quick)
     order = {c.name: i for i, c in enumerate(R.CELLS)}
-    shown = [r for r in runs if r["quick"] == args.quick]  # a smoke run beside the real ones is shown alone
     md = render(sorted(shown, key=lambda r: (order[r["cell"]], r["seed"])), command)
     R.write_table(args.output_dir, "lookahead_momentum", md)
     return 0

@@ -177,17 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny subsample, 1 epoch (smoke test)")
     args = p.parse_args(argv)
     path, runs, command = R.open_results(args.output_dir, "rate_rules", "rate_rules.py", argv)
-    for cell in R.select_cells(args.cells):
-        for seed in args.seeds:
-            if any(r["cell"] == cell.name and r["seed"] == seed and r["quick"] == args.quick for r in runs):
-                continue
-            run = run_seed(cell, seed, args.quick)
-            print(f"[rate_rules] {cell.name} seed {seed}: " + ", ".join(
-                f"{c} {run[c]:.3f}" for c in COLUMNS) + f" (replay check {run['replay_check']:.1e})", flush=True)
-            runs.append(run)
-            R.write_json_atomic(path, {"runs": runs})  # after every seed: an interrupted run keeps what it finished
-    shown = sorted((r for r in runs if r["quick"] == args.quick), key=lambda r: (r["cell"], r["seed"]))
-    md = render(shown, command)  # a --quick smoke run in the same folder is kept apart from the real runs
+    def train(cell: R.Cell, seed: int, _missing: list, bar) -> list[dict]:
+        run = run_seed(cell, seed, args.quick)
+        bar.write(f"[rate_rules] {cell.name} seed {seed}: " + ", ".join(
+            f"{c} {run[c]:.3f}" for c in COLUMNS) + f" (replay check {run['replay_check']:.1e})")
+        bar.update()
+        return [run]
+
+    shown = sorted(R.run_missing(path, runs, R.select_cells(args.cells), args.seeds, train, "rate rules",
+                                 keep=lambda r: r["quick"] == args.quick), key=lambda r: (r["cell"], r["seed"]))
+    md = render(shown, command)
     R.write_table(args.output_dir, "rate_rules", md)
     bad = [r for r in shown if not math.isfinite(r["replay_check"]) or r["replay_check"] > 1e-4]
     if bad:

@@ -42,7 +42,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import robustness as R  # noqa: E402  (the matrix's cells, data, models and recipes)
@@ -367,18 +366,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(R.RUN_SETTINGS["threads"])
     known = matrix_runs(args.matrix, args.quick)
     methods = ("plain", "metalr", args.baseline)
-    # a baseline run of other options is another method here: kept in the JSON, not shown
-    runs_now = [r for r in runs if r["quick"] == args.quick and r["method"] in methods
-                and (r["method"] != args.baseline or all(r.get(k) == v for k, v in options.items()))]
-    done = {(r["cell"], r["seed"], r["method"]) for r in runs_now}
-    todo = [(c, s, [m for m in methods if (c.name, s, m) not in done]) for c in cells for s in args.seeds]
-    todo = [t for t in todo if t[2]]
-    with tqdm(total=sum(len(t[2]) for t in todo), desc=args.baseline, unit="run") as bar:
-        for cell, seed, todo_methods in todo:
-            new = run_seed(cell, seed, todo_methods, known, options, bar, args.quick)
-            runs += new
-            runs_now += new
-            R.write_json_atomic(path, {"runs": runs})  # after every seed: an interrupted run keeps what it finished
+
+    def keep(r: dict) -> bool:  # a baseline run of other options is another method here: kept in the JSON, not shown
+        return r["quick"] == args.quick and r["method"] in methods and (
+            r["method"] != args.baseline or all(r.get(k) == v for k, v in options.items()))
+
+    runs_now = R.run_missing(
+        path, runs, cells, args.seeds,
+        lambda cell, seed, missing, bar: run_seed(cell, seed, missing, known, options, bar, args.quick),
+        args.baseline, methods=methods, keep=keep)
     order = {c.name: i for i, c in enumerate(R.CELLS)}
     shown = sorted(runs_now, key=lambda r: (order[r["cell"]], r["seed"]))
     R.write_table(output_dir, "reweighting", render(shown, command, args.baseline, options))

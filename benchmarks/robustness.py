@@ -40,7 +40,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -50,6 +50,7 @@ import numpy as np
 import torch
 import transformers
 from sklearn.metrics import roc_auc_score
+from tqdm.auto import tqdm
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
@@ -554,6 +555,28 @@ def write_table(output_dir: str, name: str, md: str) -> None:
     with open(os.path.join(output_dir, f"{name}.md"), "w") as f:
         f.write(md)
     print(md)
+
+
+def run_missing(path: str, runs: list[dict], cells: list[Cell], seeds: list[int],
+                train: Callable[[Cell, int, list, Any], list[dict]], desc: str, methods: Sequence = (None,),
+                keep: Callable[[dict], bool] = lambda r: True, bar_per_method: int = 1) -> list[dict]:
+    """Run a diagnostic's missing work, seed by seed, and return the runs its table shows.
+
+    A ``(cell, seed, method)`` is done when a run in ``runs`` that ``keep`` accepts has it (``method`` is a run's
+    ``"method"``; ``None`` for a diagnostic that records one run per seed without one). ``train(cell, seed,
+    methods_missing, bar)`` trains those and returns their runs, advancing ``bar`` (``bar_per_method`` units per
+    method) as it goes. ``runs`` grows in place and is written to ``path`` after every seed, so an interrupted
+    diagnostic keeps what it finished and its rerun goes on from there. Returns the runs ``keep`` accepts: a
+    ``--quick`` smoke run, or a run of other options, in the same folder is kept in the JSON but not shown.
+    """
+    done = {(r["cell"], r["seed"], r.get("method")) for r in runs if keep(r)}
+    todo = [(c, s, [m for m in methods if (c.name, s, m) not in done]) for c in cells for s in seeds]
+    todo = [t for t in todo if t[2]]
+    with tqdm(total=bar_per_method * sum(len(t[2]) for t in todo), desc=desc, unit="run") as bar:
+        for cell, seed, missing in todo:
+            runs += train(cell, seed, missing, bar)
+            write_json_atomic(path, {"runs": runs})
+    return [r for r in runs if keep(r)]
 
 
 def table_head(command: str, caption: str, columns: list[str]) -> list[str]:

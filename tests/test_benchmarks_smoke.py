@@ -260,6 +260,43 @@ def test_robustness_quick_writes_results_and_resumes(tmp_path):
     assert json.loads((tmp_path / "robustness.json").read_text())["runs"] == runs
 
 
+def test_run_missing_trains_only_what_is_missing_and_keeps_what_an_interrupted_run_finished(tmp_path):
+    """The diagnostics' shared loop: each (cell, seed, method) already in the JSON is skipped, only the missing
+    methods of a seed are asked for, the JSON is written after every seed (a crash keeps the finished seeds and the
+    rerun goes on from there), and the runs ``keep`` refuses are kept in the file but neither count as done nor
+    come back to be shown."""
+    rb = _load("robustness")
+    cells = rb.select_cells(["digits-cnn-sgd-flip35", "mnist-cnn-sgd-flip35"])
+    path = str(tmp_path / "d.json")
+    smoke = {"cell": cells[0].name, "seed": 0, "method": "b", "quick": True}  # refused by keep: not done
+    runs = [{"cell": cells[0].name, "seed": 0, "method": "a", "quick": False}, smoke]
+    asked = []
+
+    def train(cell, seed, missing, bar, crash_at=None):
+        asked.append((cell.name, seed, list(missing)))
+        if (cell.name, seed) == crash_at:
+            raise KeyboardInterrupt
+        bar.update(len(missing))
+        return [{"cell": cell.name, "seed": seed, "method": m, "quick": False} for m in missing]
+
+    keep = lambda r: not r["quick"]  # noqa: E731
+    with pytest.raises(KeyboardInterrupt):
+        rb.run_missing(path, runs, cells, [0, 1], lambda *a: train(*a, crash_at=(cells[1].name, 0)), "t",
+                       methods=("a", "b"), keep=keep)
+    assert asked == [(cells[0].name, 0, ["b"]), (cells[0].name, 1, ["a", "b"]), (cells[1].name, 0, ["a", "b"])]
+    saved = json.loads(open(path).read())["runs"]
+    assert saved[:2] == [runs[0], smoke] and len(saved) == 5  # the two finished seeds, written before the crash
+    asked.clear()
+    shown = rb.run_missing(path, saved, cells, [0, 1], train, "t", methods=("a", "b"), keep=keep)
+    assert asked == [(cells[1].name, 0, ["a", "b"]), (cells[1].name, 1, ["a", "b"])]
+    assert smoke in json.loads(open(path).read())["runs"] and smoke not in shown
+    assert sorted((r["cell"], r["seed"], r["method"]) for r in shown) == sorted(
+        (c.name, s, m) for c in cells for s in (0, 1) for m in ("a", "b"))
+    asked.clear()
+    one = rb.run_missing(path, [], cells[:1], [3], train, "t")  # one run per seed, no method
+    assert asked == [(cells[0].name, 3, [None])] and one[0]["method"] is None
+
+
 def test_final_step_traces_leave_the_training_unchanged(tmp_path):
     """benchmarks/final_step.py --quick on an image and a text cell: the accuracy traced after the last step is the
     run's final test accuracy (to one example), and the run ends exactly where robustness.py's run without the
