@@ -144,9 +144,10 @@ def meta_weight_net(seed: int, **options) -> Iterator[list[MetaWeightNet]]:
         mw = getattr(self, "_weight_net", None)
         if mw is None or mw.window is None or indices is None or not torch.equal(indices, mw.window[0]):
             return effective(self, indices, labels, divisor)  # opening a step: replaced after its forward
-        w = mw.weights(mw.window[1]).to(labels.device)
         with torch.no_grad():  # the table keeps V_φ(L_i) of each example's last visit (unnormalized: its ranking)
-            self.instance[indices.to(self.instance.device)] = mw.net(mw.window[1]).to(self.instance)
+            v = mw.net(mw.window[1])
+            self.instance[indices.to(self.instance.device)] = v.to(self.instance)
+        w = (v / v.mean() if mw.normalize else v).to(labels.device)  # MetaWeightNet.weights, V_φ evaluated once
         return w if divisor == 1.0 else w / divisor
 
     def patched_update(self, indices, labels, example_grad, weight_decay_grad=None, keyed_grad=None, probes=None):

@@ -632,9 +632,11 @@ def test_meta_weight_net_phi_gradient_is_the_double_backward_one(normalize):
     assert all(not torch.equal(a, p) for a, p in zip(before, mw.net.parameters()))
 
 
-def test_meta_weight_net_steps_use_v_phi_and_restore_the_trainer(tmp_path, monkeypatch):
+@pytest.mark.parametrize("normalize", [False, True])
+def test_meta_weight_net_steps_use_v_phi_and_restore_the_trainer(tmp_path, monkeypatch, normalize):
     """In a --quick run of the Meta-Weight-Net method, every meta step's lookahead takes the window at V_φ(L_i) of
-    the φ before the step, and the real step at V_φ(L_i) of the updated φ (φ moved in between); the table keeps the
+    the φ before the step, and the real step at V_φ(L_i) of the updated φ (φ moved in between; both divided by
+    the batch's mean with normalize); the table keeps the
     last visit's V_φ; the trainer's methods are restored afterwards; main writes the table and the curves' plot."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     mw_mod = _load("reweighting")
@@ -665,7 +667,7 @@ def test_meta_weight_net_steps_use_v_phi_and_restore_the_trainer(tmp_path, monke
     rb = sys.modules["robustness"]
     mw_mod.R.OVERRIDES["probe_batches"] = 0
     try:
-        with mw_mod.meta_weight_net(seed=0) as made:
+        with mw_mod.meta_weight_net(seed=0, normalize=normalize) as made:
             made_box.append(made)
             trainer_box = []
             run = rb.run_cell("digits-cnn-sgd-flip35", 0, "metalr", quick=True, after_train=trainer_box.append)
