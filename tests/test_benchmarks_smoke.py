@@ -753,3 +753,41 @@ def test_learning_to_reweight_table_update_and_class_share():
         rw.rates_mod.RateTable.update(table, idx, labels, torch.tensor([1.0, 2.0, 0.0, 3.0]))  # none helps
         torch.testing.assert_close(table.instance[idx], torch.zeros(4))
     assert top_class == [1.0, 0.5]
+
+
+def test_adam_unrated_moment_is_torchs_adamw_with_the_second_moment_from_another_gradient():
+    """The variant's AdamW step (benchmarks/results/variants/adam_unrated_moment): with no unweighted gradient left
+    by the real step it is torch's AdamW to the bit; with one, the second moment is built from it (clipped to the
+    max norm) and the first moment from the real gradient, as written out here."""
+    spec = importlib.util.spec_from_file_location("adam_unrated_moment", os.path.join(
+        BENCH, "results", "variants", "adam_unrated_moment", "adam_unrated_moment.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    ref, ours = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    ours.load_state_dict(ref.state_dict())
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(4):
+        x = torch.randn(8, 5)
+        for model, o in ((ref, opt_ref), (ours, opt)):
+            o.zero_grad()
+            model(x).pow(2).sum().backward()
+        opt_ref.step()
+        mod.adamw_step(opt)
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), ours.parameters()))
+    # one more step whose second moment comes from another gradient, clipped to norm 1
+    p = ours.weight
+    m, v, t = opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone(), float(opt.state[p]["step"]) + 1
+    for q in ours.parameters():
+        q.grad = torch.randn_like(q)
+        q._unrated_grad = 10 * torch.randn_like(q)
+    unrated = {id(q): q._unrated_grad.clone() for q in ours.parameters()}
+    norm = float(torch.linalg.vector_norm(torch.cat([u.flatten() for u in unrated.values()])))
+    g, u, before = p.grad.clone(), unrated[id(p)] / (norm + 1e-6), p.detach().clone()
+    mod.adamw_step(opt, max_norm=1.0)
+    m_new, v_new = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * u * u
+    expected = before * (1 - 1e-2 * 0.1) - 1e-2 / (1 - 0.9**t) * m_new / ((v_new / (1 - 0.999**t)).sqrt() + 1e-8)
+    assert torch.allclose(opt.state[p]["exp_avg_sq"], v_new, rtol=1e-5, atol=1e-9)
+    assert torch.allclose(p.detach(), expected, rtol=1e-5, atol=1e-7)
+    assert not any(hasattr(q, "_unrated_grad") for q in ours.parameters())
