@@ -49,8 +49,8 @@ import robustness as R  # noqa: E402  (the matrix's cells, data, models and reci
 from hf_ddlr.meta import rates as rates_mod  # noqa: E402
 from hf_ddlr.schedules import Schedule  # noqa: E402
 
-BASELINES = ("mwnet", "l2rw")
-NAMES = {"mwnet": "Meta-Weight-Net", "l2rw": "Learning to Reweight"}
+BASELINES = ("mwnet", "l2rw", "prior")
+NAMES = {"mwnet": "Meta-Weight-Net", "l2rw": "Learning to Reweight", "prior": "MetaLR × V_φ(loss)"}
 # Learning to Reweight's own meta-gradient: each step's meta batch alone, the validation cross-entropy, all weights
 PAPER_META_GRADIENT = {"meta_grad_average": 0.0, "meta_objective": "loss", "meta_parameters": "all"}
 CURVE_POINTS = 41  # where each run's learned V_φ is recorded: 0 .. the largest training loss it saw
@@ -193,6 +193,61 @@ def learning_to_reweight() -> Iterator[list[float]]:
         rates_mod.RateTable.update = update
 
 
+@contextlib.contextmanager
+def loss_prior(seed: int, lr: float = 1e-3) -> Iterator[list[MetaWeightNet]]:
+    """Within the block, every MetaLR trainer weighs an example by its own rate times a learned function of its
+    loss: ``w_i = r_i · V_φ(L_i) / mean_batch V_φ(L)``. ``r_i`` is MetaLR's table, stepped by the library on
+    ``∂L_meta/∂w_i`` as its instance rates always are (probes included); ``φ`` (Meta-Weight-Net's MLP, batch-mean
+    normalized so that the scale stays the rates') takes one Adam step per meta step on ``Σ_i ∂L_meta/∂w_i · r_i ·
+    ∂(V_i / mean V)/∂φ`` (``r_i`` as the lookahead took it). The lookahead takes the batch at the rates and ``φ``
+    before the step, the real step at both after it. Each example's last training loss is kept
+    (``last_loss``, NaN before its first visit) so that the ranking of the product can be read after the run."""
+    made: list[MetaWeightNet] = []
+    forward, effective, update = Schedule._forward, rates_mod.RateTable.effective, rates_mod.RateTable.update
+
+    def table_net(table) -> MetaWeightNet:
+        if getattr(table, "_weight_net", None) is None:
+            _require_instance_rates(table)
+            table._weight_net = MetaWeightNet(seed, lr=lr, normalize=True)
+            table._weight_net.last_loss = torch.full((table.instance.numel(),), float("nan"))
+            made.append(table._weight_net)
+        return table._weight_net
+
+    def patched_forward(self, model, inputs, mb, **kw):
+        out = forward(self, model, inputs, mb, **kw)
+        if len(self.window) != 1 or self.trainer.args.world_size != 1:
+            raise SystemExit("reweighting.py runs one micro-batch per step on one process (the matrix's cells).")
+        mw = table_net(self.trainer.rates)
+        mw.window = (mb.indices, mb.losses, mb.weights.detach().clone())  # (rows, L_i, r_i the lookahead takes)
+        mw.last_loss[mb.indices.cpu()] = mb.losses.detach().float().cpu()
+        mb.weights.mul_(mw.weights(mb.losses).to(mb.weights))  # r_i · V_φ(L_i) / mean: the lookahead's weights
+        return out
+
+    def patched_effective(self, indices, labels, divisor=1.0):
+        e = effective(self, indices, labels, divisor)
+        mw = getattr(self, "_weight_net", None)
+        if mw is None or mw.window is None or indices is None or not torch.equal(indices, mw.window[0]):
+            return e  # opening a step (its weights become the product after the forward) or another batch
+        return e * mw.weights(mw.window[1]).to(e)
+
+    def patched_update(self, indices, labels, example_grad, weight_decay_grad=None, keyed_grad=None, probes=None):
+        applied = update(self, indices, labels, example_grad, weight_decay_grad, keyed_grad, probes)
+        mw = getattr(self, "_weight_net", None)
+        if applied and mw is not None:
+            if mw.window is None or not torch.equal(indices.cpu(), mw.window[0].cpu()):
+                raise RuntimeError("the meta step's examples are not the ones whose losses V_φ was given")
+            mw.step(mw.window[1], example_grad.detach() * mw.window[2].to(example_grad))
+        return applied
+
+    Schedule._forward, rates_mod.RateTable.effective = patched_forward, patched_effective
+    rates_mod.RateTable.update = patched_update
+    try:
+        yield made
+    finally:
+        Schedule._forward, rates_mod.RateTable.effective = forward, effective
+        rates_mod.RateTable.update = update
+
+
 def l2rw_weights(example_grad: torch.Tensor) -> torch.Tensor:
     """Learning to Reweight's weights of one batch as MetaLR's ``e_i`` (its loss is ``Σ e_i L_i / N``): ``N``
     times ``max(-g_i, 0) / Σ_j max(-g_j, 0)``, all zero where no example helps the meta loss."""
@@ -208,10 +263,26 @@ def matrix_runs(path: str, quick: bool) -> dict[tuple[str, int, str], dict]:
             for m in ("plain", "metalr") for r in by[m]}
 
 
+def product_ranking(made: list[MetaWeightNet]):
+    """An ``after_train`` for the prior: the run's table, which the matrix's metrics read, becomes each example's
+    weight at its last visit, ``r_i · V_φ(L_i)`` (V_φ of the end of the run; the batch mean is the same for every
+    example, so the ranking needs none), after the rates alone are kept as ``rates_alone``."""
+    def after(trainer) -> None:
+        mw, table = made[0], trainer.rates.instance
+        mw.rates_alone = table.detach().cpu().clone()
+        seen = ~torch.isnan(mw.last_loss)
+        v = torch.zeros_like(mw.last_loss)
+        v[seen] = mw.net(mw.last_loss[seen]).detach()
+        with torch.no_grad():
+            table.copy_((mw.rates_alone * v).to(table))
+    return after
+
+
 def run_baseline(cell: R.Cell, seed: int, baseline: str, options: dict, data, quick: bool) -> dict:
     """One run of a baseline: MetaLR with its rate table replaced (see the module docstring)."""
     saved = dict(R.OVERRIDES)
-    R.OVERRIDES["probe_batches"] = 0
+    if baseline != "prior":  # the prior keeps MetaLR's table, probes included
+        R.OVERRIDES["probe_batches"] = 0
     if baseline == "l2rw":
         R.OVERRIDES["lookahead_step"] = 0.0  # the derivative at θ, where Learning to Reweight takes it
         if options["meta_gradient"] == "paper":
@@ -222,6 +293,13 @@ def run_baseline(cell: R.Cell, seed: int, baseline: str, options: dict, data, qu
                 run = R.run_cell(cell, seed, "metalr", quick=quick, data=data)
             x, y = made[0].curve()
             run.update(curve_loss=x, curve_weight=y)
+        elif baseline == "prior":
+            with loss_prior(seed, **options) as made:
+                run = R.run_cell(cell, seed, "metalr", quick=quick, data=data, after_train=product_ranking(made))
+            x, y = made[0].curve()
+            noisy = (data if data is not None else R.load_data(cell, seed, quick))[1]
+            run.update(curve_loss=x, curve_weight=y,
+                       rates_alone_auroc=R._auroc(~noisy, made[0].rates_alone.double().numpy()))
         else:
             with learning_to_reweight() as top_class:
                 run = R.run_cell(cell, seed, "metalr", quick=quick, data=data)
@@ -253,6 +331,9 @@ def run_seed(cell: R.Cell, seed: int, methods: list[str], known: dict, options: 
 
 
 def describe(baseline: str, options: dict) -> str:
+    if baseline == "prior":
+        return (f"MetaLR's rates times a learned function of the loss (V_φ normalized by the batch mean, Adam lr "
+                f"{options['lr']:g}; the ranking is the product's at each example's last visit)")
     if baseline == "l2rw":
         return ("Learning to Reweight (per-step weights, derivative at θ; "
                 + ("the paper's per-step meta-gradient)" if options["meta_gradient"] == "paper"
@@ -305,21 +386,22 @@ def render(runs: list[dict], command: str, baseline: str, options: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: list[dict], path: str) -> None:
-    """One panel per cell: each seed's learned ``V_φ`` over the training losses it saw."""
+def plot(runs: list[dict], path: str, method: str = "mwnet") -> None:
+    """One panel per cell: each seed's learned ``V_φ`` (of ``method``: mwnet or prior) over the training losses it
+    saw."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = list(dict.fromkeys(r["cell"] for r in runs if r["method"] == "mwnet"))
+    cells = list(dict.fromkeys(r["cell"] for r in runs if r["method"] == method))
     if not cells:
         return
     cols = min(4, len(cells))
     rows = -(-len(cells) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
     for ax, cell in zip(axes.flat, cells):
-        for r in (r for r in runs if r["method"] == "mwnet" and r["cell"] == cell):
+        for r in (r for r in runs if r["method"] == method and r["cell"] == cell):
             ax.plot(r["curve_loss"], r["curve_weight"], label=f"seed {r['seed']}")
         ax.set_title(cell, fontsize=8)
         ax.set_xlabel("training loss L_i", fontsize=7)
@@ -329,8 +411,9 @@ def plot(runs: list[dict], path: str) -> None:
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(cells):]:
         ax.axis("off")
-    fig.suptitle("Meta-Weight-Net: the learned weight of an example as a function of its loss (end of training)",
-                 fontsize=9)
+    fig.suptitle("Meta-Weight-Net: the learned weight of an example as a function of its loss (end of training)"
+                 if method == "mwnet" else "MetaLR × V_φ(loss): the learned prior over the loss (end of training; "
+                 "applied divided by its batch mean)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -349,15 +432,19 @@ def main(argv: list[str] | None = None) -> int:
                         "model) or MetaLR's defaults for those")
     p.add_argument("--quick", action="store_true", help="tiny subsample, 1 epoch (smoke test; robustness.py's)")
     args = p.parse_args(argv)
-    if args.baseline == "mwnet" and not args.lr > 0:
+    if args.baseline != "l2rw" and not args.lr > 0:
         raise SystemExit(f"--lr must be > 0, got {args.lr}.")
     if args.baseline == "l2rw" and (args.normalize or args.lr != 1e-3):
         raise SystemExit("--lr and --normalize are Meta-Weight-Net's (--baseline mwnet); Learning to Reweight has "
                          "neither: drop them.")
-    if args.baseline == "mwnet" and args.meta_gradient is not None:
-        raise SystemExit("--meta_gradient is Learning to Reweight's (--baseline l2rw): drop it for mwnet.")
+    if args.baseline == "prior" and args.normalize:
+        raise SystemExit("--baseline prior always normalizes V_φ by the batch mean: drop --normalize.")
+    if args.baseline != "l2rw" and args.meta_gradient is not None:
+        raise SystemExit(f"--meta_gradient is Learning to Reweight's (--baseline l2rw): drop it for {args.baseline}.")
     if args.baseline == "mwnet":
         options = {"lr": args.lr, "normalize": args.normalize}
+    elif args.baseline == "prior":
+        options = {"lr": args.lr}
     else:
         options = {"meta_gradient": args.meta_gradient or "paper"}
     name = args.baseline + ("_library" if options.get("meta_gradient") == "library" else "")
@@ -379,8 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     order = {c.name: i for i, c in enumerate(R.CELLS)}
     shown = sorted(runs_now, key=lambda r: (order[r["cell"]], r["seed"]))
     R.write_table(output_dir, "reweighting", render(shown, command, args.baseline, options))
-    if args.baseline == "mwnet":
-        plot(shown, os.path.join(output_dir, "reweighting.png"))
+    if args.baseline in ("mwnet", "prior"):
+        plot(shown, os.path.join(output_dir, "reweighting.png"), args.baseline)
     return 0
 
 

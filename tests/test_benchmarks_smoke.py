@@ -791,3 +791,95 @@ def test_adam_unrated_moment_is_torchs_adamw_with_the_second_moment_from_another
     assert torch.allclose(opt.state[p]["exp_avg_sq"], v_new, rtol=1e-5, atol=1e-9)
     assert torch.allclose(p.detach(), expected, rtol=1e-5, atol=1e-7)
     assert not any(hasattr(q, "_unrated_grad") for q in ours.parameters())
+
+
+def test_loss_prior_phi_gradient_is_the_double_backward_one_through_the_product():
+    """The loss prior's weights are ``w_i = r_i · V_φ(L_i) / mean V_φ``: stepping φ on the trainer's ``∂L_meta/∂w_i``
+    times ``r_i`` (what benchmarks/reweighting.py hands V_φ) must be the double backward through a lookahead taken
+    at those weights, computed here by autograd end to end."""
+    mw_mod = _load("reweighting")
+    torch.manual_seed(1)
+    mw = mw_mod.MetaWeightNet(seed=3, hidden=8, normalize=True)
+    W = torch.randn(3, 5, requires_grad=True)
+    x, y = torch.randn(7, 5), torch.randint(0, 3, (7,))
+    xm, ym = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    r = torch.rand(7) * 0.9 + 0.1
+
+    def meta_loss(w: torch.Tensor) -> torch.Tensor:
+        L = torch.nn.functional.cross_entropy(x @ W.T, y, reduction="none")
+        (g,) = torch.autograd.grad((w * L).sum() / len(y), W, create_graph=True)
+        return torch.nn.functional.cross_entropy(xm @ (W - 0.3 * g).T, ym)
+
+    L = torch.nn.functional.cross_entropy(x @ W.T, y, reduction="none").detach()
+    exact = torch.autograd.grad(meta_loss(r * mw._step_weights(L)), list(mw.net.parameters()))
+    w = (r * mw.weights(L)).requires_grad_(True)
+    (example_grad,) = torch.autograd.grad(meta_loss(w), w)
+    for got, want in zip(mw.phi_gradient(L, example_grad * r), exact):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+
+
+def test_loss_prior_weighs_each_step_by_rate_times_prior_and_restores_the_trainer(tmp_path, monkeypatch):
+    """In a --quick run of the loss prior, every meta step's lookahead takes the batch at the table's rates times
+    V_φ(L_i)/mean of the φ before the step; V_φ steps on ∂L_meta/∂w_i times those rates; the real step takes the
+    updated rates times the updated prior; after the run the table holds r_i · V_φ(last loss), the rates alone
+    are kept, and the trainer's methods are restored."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mw_mod = _load("reweighting")
+    from hf_ddlr import schedules
+
+    originals = (schedules.Schedule._forward, mw_mod.rates_mod.RateTable.effective,
+                 mw_mod.rates_mod.RateTable.update)
+    seen = {"meta": [], "real": [], "phi_grad": []}
+    box: dict = {}
+    real_meta_gradients, real_refresh, real_step = (schedules.meta_gradients, schedules.Schedule._refresh,
+                                                    mw_mod.MetaWeightNet.step)
+
+    def meta_gradients(model, params, window, *a, **kw):
+        mw, table = box["made"][0], box["trainer"].rates.instance
+        mb = window[0]
+        r = table[mb.indices.to(table.device)].detach().clone()
+        seen["meta"].append(float((mb.weights - r.to(mb.weights) * mw.weights(mb.losses)).abs().max()))
+        box["r"], box["phi"] = r, [p.detach().clone() for p in mw.net.parameters()]
+        res = real_meta_gradients(model, params, window, *a, **kw)
+        box["example_grad"] = res.example_grad.detach().clone()
+        return res
+
+    def step(self, losses, example_grad):
+        seen["phi_grad"].append(float((example_grad - box["example_grad"] * box["r"].to(example_grad)).abs().max()))
+        return real_step(self, losses, example_grad)
+
+    def refresh(self):
+        real_refresh(self)
+        mb = self.window[0]
+        if box.get("made") and mb.losses is not None and "phi" in box:
+            mw, table = box["made"][0], self.trainer.rates.instance
+            r = table[mb.indices.to(table.device)].to(mb.weights)
+            moved = any(not torch.equal(a, p) for a, p in zip(box["phi"], mw.net.parameters()))
+            seen["real"].append((float((mb.weights - r * mw.weights(mb.losses)).abs().max()), moved))
+
+    monkeypatch.setattr(schedules, "meta_gradients", meta_gradients)
+    monkeypatch.setattr(schedules.Schedule, "_refresh", refresh)
+    monkeypatch.setattr(mw_mod.MetaWeightNet, "step", step)
+    rb = sys.modules["robustness"]
+    cell = rb.CELL_BY_NAME["digits-cnn-sgd-flip35"]
+    orig_init = rb.MetaLRTrainer.__init__
+
+    def init(self, *a, **kw):
+        orig_init(self, *a, **kw)
+        box["trainer"] = self
+
+    monkeypatch.setattr(rb.MetaLRTrainer, "__init__", init)
+    with mw_mod.loss_prior(seed=0) as made:
+        box["made"] = made
+        run = rb.run_cell(cell, 0, "metalr", quick=True, after_train=mw_mod.product_ranking(made))
+    assert len(made) == 1 and seen["meta"] and len(seen["phi_grad"]) == len(seen["meta"])
+    assert max(seen["meta"]) < 1e-6 and max(seen["phi_grad"]) < 1e-6
+    assert len(seen["real"]) >= len(seen["meta"]) and max(d for d, _ in seen["real"]) < 1e-6
+    assert all(moved for _, moved in seen["real"])
+    mw, table = made[0], box["trainer"].rates.instance
+    visited = ~torch.isnan(mw.last_loss)
+    assert visited.any() and not torch.equal(mw.rates_alone, table.cpu())
+    torch.testing.assert_close(table.cpu()[visited], (mw.rates_alone * mw.net(mw.last_loss).detach())[visited])
+    assert run["rate_auroc"] == run["rate_auroc"]
+    assert (schedules.Schedule._forward, mw_mod.rates_mod.RateTable.effective,
+            mw_mod.rates_mod.RateTable.update) == originals
