@@ -19,16 +19,24 @@ the step changes with the weight of example ``i`` in it), in other ways:
   those three. Each run records ``one_class_steps``, the share of its steps in which one class takes 90 % or
   more of the batch's weight.
 
+And the two combined, the lead the Meta-Weight-Net comparison left:
+
+- ``prior``: MetaLR's own per-example rates times a learned function of the loss, ``w_i = r_i · V_φ(L_i) /
+  mean_batch V_φ`` (:func:`loss_prior`); the rates step as the library steps them (probes included), ``φ`` by the
+  chain rule through ``w_i``. The ranking read is the product's at each example's last visit
+  (``rates_alone_auroc``: the rates' own).
+
 Everything else is the library's, as MetaLR runs it (its optimizer-aware lookahead, meta-gradient averaging and
 meta batches; the same model, data and recipe), so the columns differ only in what the signal is turned into.
-Probe batches are off for the baselines (an unvisited example has no loss for ``V_φ`` and no step to weigh). The
+Probe batches are off for the two baselines (an unvisited example has no loss for ``V_φ`` and no step to weigh). The
 rate table keeps each example's weight at its last visit: the ranking reported. The plain and MetaLR runs are the
 matrix's own (read from ``--matrix``, or trained here when missing).
 
     python benchmarks/reweighting.py --baseline mwnet --cells 'mnist-cnn-*' --seeds 0 1 2
+    python benchmarks/reweighting.py --baseline prior --cells 'mnist-cnn-*' --seeds 0 1 2
 
 Writes reweighting.json (every run; a rerun skips the runs already there), reweighting.md and, for
-Meta-Weight-Net, reweighting.png (the learned weight curves) to --output_dir (default
+Meta-Weight-Net and the prior, reweighting.png (the learned weight curves) to --output_dir (default
 benchmarks/results/reweighting/<baseline>).
 """
 
@@ -424,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", choices=BASELINES, default="mwnet", help="the reweighting method beside MetaLR")
     p.add_argument("--matrix", default=os.path.join(R.HERE, "results", "robustness.json"),
                    help="robustness.py's JSON: its plain and MetaLR runs with current fingerprints are reused")
-    p.add_argument("--lr", type=float, default=1e-3, help="mwnet: V_φ's Adam learning rate (the authors': 1e-3)")
+    p.add_argument("--lr", type=float, default=1e-3, help="mwnet, prior: V_φ's Adam learning rate (the authors': 1e-3)")
     p.add_argument("--normalize", action="store_true",
                    help="mwnet: divide each batch's weights by their mean (the paper's optional normalization)")
     p.add_argument("--meta_gradient", choices=("paper", "library"), default=None,
