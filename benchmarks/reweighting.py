@@ -124,6 +124,20 @@ def _require_instance_rates(table: rates_mod.RateTable) -> None:
 
 
 @contextlib.contextmanager
+def _patched(forward=None, effective=None, update=None) -> Iterator[None]:
+    """Within the block, ``Schedule._forward``, ``RateTable.effective`` and ``RateTable.update`` are the functions
+    given (those not given stay); the originals are back after it, an error included."""
+    originals = (Schedule._forward, rates_mod.RateTable.effective, rates_mod.RateTable.update)
+    Schedule._forward = forward or originals[0]
+    rates_mod.RateTable.effective = effective or originals[1]
+    rates_mod.RateTable.update = update or originals[2]
+    try:
+        yield
+    finally:
+        Schedule._forward, rates_mod.RateTable.effective, rates_mod.RateTable.update = originals
+
+
+@contextlib.contextmanager
 def meta_weight_net(seed: int, **options) -> Iterator[list[MetaWeightNet]]:
     """Within the block, every MetaLR trainer's instance rates are Meta-Weight-Net's ``V_φ(L_i)`` (a
     :class:`MetaWeightNet` with ``options``, made at its first forward and appended to the yielded list)."""
@@ -167,13 +181,8 @@ def meta_weight_net(seed: int, **options) -> Iterator[list[MetaWeightNet]]:
         mw.step(mw.window[1], example_grad)
         return True
 
-    Schedule._forward, rates_mod.RateTable.effective = patched_forward, patched_effective
-    rates_mod.RateTable.update = patched_update
-    try:
+    with _patched(patched_forward, patched_effective, patched_update):
         yield made
-    finally:
-        Schedule._forward, rates_mod.RateTable.effective = forward, effective
-        rates_mod.RateTable.update = update
 
 
 @contextlib.contextmanager
@@ -182,7 +191,6 @@ def learning_to_reweight() -> Iterator[list[float]]:
     module docstring): its rate table holds the weights the step's meta-gradient gives, which the real step
     then applies. Yields, per step, the largest share of the batch's weight that one class takes (1 when the
     step trains one class alone)."""
-    update = rates_mod.RateTable.update
     top_class: list[float] = []
 
     def patched_update(self, indices, labels, example_grad, weight_decay_grad=None, keyed_grad=None, probes=None):
@@ -194,11 +202,8 @@ def learning_to_reweight() -> Iterator[list[float]]:
             top_class.append(max(float(w[keys == k].sum() / w.sum()) for k in keys.unique()))
         return True
 
-    rates_mod.RateTable.update = patched_update
-    try:
+    with _patched(update=patched_update):
         yield top_class
-    finally:
-        rates_mod.RateTable.update = update
 
 
 @contextlib.contextmanager
@@ -247,13 +252,8 @@ def loss_prior(seed: int, lr: float = 1e-3) -> Iterator[list[MetaWeightNet]]:
             mw.step(mw.window[1], example_grad.detach() * mw.window[2].to(example_grad))
         return applied
 
-    Schedule._forward, rates_mod.RateTable.effective = patched_forward, patched_effective
-    rates_mod.RateTable.update = patched_update
-    try:
+    with _patched(patched_forward, patched_effective, patched_update):
         yield made
-    finally:
-        Schedule._forward, rates_mod.RateTable.effective = forward, effective
-        rates_mod.RateTable.update = update
 
 
 def l2rw_weights(example_grad: torch.Tensor) -> torch.Tensor:

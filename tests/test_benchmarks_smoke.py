@@ -603,25 +603,30 @@ def test_lookahead_momentum_quick_moves_the_rates_and_refuses_momentum_cells(tmp
         lm.main(["--quick", "--cells", "digits-cnn-sgdm-flip35", "--output_dir", str(tmp_path)])
 
 
+def _lookahead_meta_loss(seed: int):
+    """A linear classifier's 7 training losses ``L_i`` (detached) and its meta loss after one SGD lookahead step
+    taken at example weights ``w`` (lr 0.3), as a function of ``w`` that autograd differentiates end to end."""
+    torch.manual_seed(seed)
+    W = torch.randn(3, 5, requires_grad=True)
+    x, y = torch.randn(7, 5), torch.randint(0, 3, (7,))
+    xm, ym = torch.randn(4, 5), torch.randint(0, 3, (4,))
+
+    def meta_loss(w: torch.Tensor) -> torch.Tensor:
+        L = torch.nn.functional.cross_entropy(x @ W.T, y, reduction="none")
+        (g,) = torch.autograd.grad((w * L).sum() / len(y), W, create_graph=True)
+        return torch.nn.functional.cross_entropy(xm @ (W - 0.3 * g).T, ym)
+
+    return torch.nn.functional.cross_entropy(x @ W.T, y, reduction="none").detach(), meta_loss
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_meta_weight_net_phi_gradient_is_the_double_backward_one(normalize):
     """benchmarks/reweighting.py's Meta-Weight-Net steps V_φ on the chain rule through the trainer's ∂L_meta/∂e_i: it must equal
     Meta-Weight-Net's own gradient, a double backward through the lookahead θ' = θ - lr Σ e_i ∇L_i / N with
     e_i = V_φ(L_i) (divided by the batch mean with normalize), computed here by autograd end to end."""
     mw_mod = _load("reweighting")
-    torch.manual_seed(0)
     mw = mw_mod.MetaWeightNet(seed=3, hidden=8, normalize=normalize)
-    W = torch.randn(3, 5, requires_grad=True)
-    x, y = torch.randn(7, 5), torch.randint(0, 3, (7,))
-    xm, ym = torch.randn(4, 5), torch.randint(0, 3, (4,))
-    lr = 0.3
-
-    def meta_loss(e: torch.Tensor) -> torch.Tensor:
-        L = torch.nn.functional.cross_entropy(x @ W.T, y, reduction="none")
-        (g,) = torch.autograd.grad((e * L).sum() / len(y), W, create_graph=True)
-        return torch.nn.functional.cross_entropy(xm @ (W - lr * g).T, ym)
-
-    L = torch.nn.functional.cross_entropy(x @ W.T, y, reduction="none").detach()
+    L, meta_loss = _lookahead_meta_loss(seed=0)
     exact = torch.autograd.grad(meta_loss(mw._step_weights(L)), list(mw.net.parameters()))
     e = mw.weights(L).requires_grad_(True)
     (example_grad,) = torch.autograd.grad(meta_loss(e), e)  # ∂L_meta/∂e_i, as the trainer hands it over
@@ -798,19 +803,9 @@ def test_loss_prior_phi_gradient_is_the_double_backward_one_through_the_product(
     times ``r_i`` (what benchmarks/reweighting.py hands V_φ) must be the double backward through a lookahead taken
     at those weights, computed here by autograd end to end."""
     mw_mod = _load("reweighting")
-    torch.manual_seed(1)
     mw = mw_mod.MetaWeightNet(seed=3, hidden=8, normalize=True)
-    W = torch.randn(3, 5, requires_grad=True)
-    x, y = torch.randn(7, 5), torch.randint(0, 3, (7,))
-    xm, ym = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    L, meta_loss = _lookahead_meta_loss(seed=1)
     r = torch.rand(7) * 0.9 + 0.1
-
-    def meta_loss(w: torch.Tensor) -> torch.Tensor:
-        L = torch.nn.functional.cross_entropy(x @ W.T, y, reduction="none")
-        (g,) = torch.autograd.grad((w * L).sum() / len(y), W, create_graph=True)
-        return torch.nn.functional.cross_entropy(xm @ (W - 0.3 * g).T, ym)
-
-    L = torch.nn.functional.cross_entropy(x @ W.T, y, reduction="none").detach()
     exact = torch.autograd.grad(meta_loss(r * mw._step_weights(L)), list(mw.net.parameters()))
     w = (r * mw.weights(L)).requires_grad_(True)
     (example_grad,) = torch.autograd.grad(meta_loss(w), w)
