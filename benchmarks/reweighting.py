@@ -123,6 +123,25 @@ def _require_instance_rates(table: rates_mod.RateTable) -> None:
                          "default), not class or group rates.")
 
 
+def _window_net(schedule: Schedule, made: list, make) -> MetaWeightNet:
+    """The ``V_φ`` of the schedule's rate table, made by ``make()`` at its first forward (and appended to
+    ``made``); refuses windows of several micro-batches or processes and tables without instance rates."""
+    if len(schedule.window) != 1 or schedule.trainer.args.world_size != 1:
+        raise SystemExit("reweighting.py runs one micro-batch per step on one process (the matrix's cells).")
+    table = schedule.trainer.rates
+    if getattr(table, "_weight_net", None) is None:
+        _require_instance_rates(table)
+        table._weight_net = make(table)
+        made.append(table._weight_net)
+    return table._weight_net
+
+
+def _check_window(mw: MetaWeightNet, indices: torch.Tensor) -> None:
+    """The meta step must be the one of the batch whose losses ``V_φ`` was given at the forward."""
+    if mw.window is None or not torch.equal(indices.cpu(), mw.window[0].cpu()):
+        raise RuntimeError("the meta step's examples are not the ones whose losses V_φ was given")
+
+
 @contextlib.contextmanager
 def _patched(forward=None, effective=None, update=None) -> Iterator[None]:
     """Within the block, ``Schedule._forward``, ``RateTable.effective`` and ``RateTable.update`` are the functions
@@ -144,18 +163,9 @@ def meta_weight_net(seed: int, **options) -> Iterator[list[MetaWeightNet]]:
     made: list[MetaWeightNet] = []
     forward, effective, update = Schedule._forward, rates_mod.RateTable.effective, rates_mod.RateTable.update
 
-    def table_net(table) -> MetaWeightNet:
-        if getattr(table, "_weight_net", None) is None:
-            _require_instance_rates(table)
-            table._weight_net = MetaWeightNet(seed, **options)
-            made.append(table._weight_net)
-        return table._weight_net
-
     def patched_forward(self, model, inputs, mb, **kw):
         out = forward(self, model, inputs, mb, **kw)
-        mw = table_net(self.trainer.rates)
-        if len(self.window) != 1 or self.trainer.args.world_size != 1:
-            raise SystemExit("reweighting.py runs one micro-batch per step on one process (the matrix's cells).")
+        mw = _window_net(self, made, lambda table: MetaWeightNet(seed, **options))
         mw.window = (mb.indices, mb.losses)
         # The lookahead reads the weights the step opened with (mb.weights, read before this forward): they become
         # V_φ(L_i) in place, so the meta step sees this step's weights at the current φ.
@@ -176,8 +186,7 @@ def meta_weight_net(seed: int, **options) -> Iterator[list[MetaWeightNet]]:
         mw = getattr(self, "_weight_net", None)
         if mw is None:
             return update(self, indices, labels, example_grad, weight_decay_grad, keyed_grad, probes)
-        if mw.window is None or not torch.equal(indices.cpu(), mw.window[0].cpu()):
-            raise RuntimeError("the meta step's examples are not the ones whose losses V_φ was given")
+        _check_window(mw, indices)
         mw.step(mw.window[1], example_grad)
         return True
 
@@ -218,19 +227,14 @@ def loss_prior(seed: int, lr: float = 1e-3) -> Iterator[list[MetaWeightNet]]:
     made: list[MetaWeightNet] = []
     forward, effective, update = Schedule._forward, rates_mod.RateTable.effective, rates_mod.RateTable.update
 
-    def table_net(table) -> MetaWeightNet:
-        if getattr(table, "_weight_net", None) is None:
-            _require_instance_rates(table)
-            table._weight_net = MetaWeightNet(seed, lr=lr, normalize=True)
-            table._weight_net.last_loss = torch.full((table.instance.numel(),), float("nan"))
-            made.append(table._weight_net)
-        return table._weight_net
+    def make(table) -> MetaWeightNet:
+        mw = MetaWeightNet(seed, lr=lr, normalize=True)
+        mw.last_loss = torch.full((table.instance.numel(),), float("nan"))
+        return mw
 
     def patched_forward(self, model, inputs, mb, **kw):
         out = forward(self, model, inputs, mb, **kw)
-        if len(self.window) != 1 or self.trainer.args.world_size != 1:
-            raise SystemExit("reweighting.py runs one micro-batch per step on one process (the matrix's cells).")
-        mw = table_net(self.trainer.rates)
+        mw = _window_net(self, made, make)
         mw.window = (mb.indices, mb.losses, mb.weights.detach().clone())  # (rows, L_i, r_i the lookahead takes)
         mw.last_loss[mb.indices.cpu()] = mb.losses.detach().float().cpu()
         mb.weights.mul_(mw.weights(mb.losses).to(mb.weights))  # r_i · V_φ(L_i) / mean: the lookahead's weights
@@ -247,8 +251,7 @@ def loss_prior(seed: int, lr: float = 1e-3) -> Iterator[list[MetaWeightNet]]:
         applied = update(self, indices, labels, example_grad, weight_decay_grad, keyed_grad, probes)
         mw = getattr(self, "_weight_net", None)
         if applied and mw is not None:
-            if mw.window is None or not torch.equal(indices.cpu(), mw.window[0].cpu()):
-                raise RuntimeError("the meta step's examples are not the ones whose losses V_φ was given")
+            _check_window(mw, indices)
             mw.step(mw.window[1], example_grad.detach() * mw.window[2].to(example_grad))
         return applied
 
@@ -288,6 +291,7 @@ def product_ranking(made: list[MetaWeightNet]):
 
 def run_baseline(cell: R.Cell, seed: int, baseline: str, options: dict, data, quick: bool) -> dict:
     """One run of a baseline: MetaLR with its rate table replaced (see the module docstring)."""
+    data = data if data is not None else R.load_data(cell, seed, quick)
     saved = dict(R.OVERRIDES)
     if baseline != "prior":  # the prior keeps MetaLR's table, probes included
         R.OVERRIDES["probe_batches"] = 0
@@ -305,9 +309,8 @@ def run_baseline(cell: R.Cell, seed: int, baseline: str, options: dict, data, qu
             with loss_prior(seed, **options) as made:
                 run = R.run_cell(cell, seed, "metalr", quick=quick, data=data, after_train=product_ranking(made))
             x, y = made[0].curve()
-            noisy = (data if data is not None else R.load_data(cell, seed, quick))[1]
             run.update(curve_loss=x, curve_weight=y,
-                       rates_alone_auroc=R._auroc(~noisy, made[0].rates_alone.double().numpy()))
+                       rates_alone_auroc=R._auroc(~data[1], made[0].rates_alone.double().numpy()))
         else:
             with learning_to_reweight() as top_class:
                 run = R.run_cell(cell, seed, "metalr", quick=quick, data=data)
