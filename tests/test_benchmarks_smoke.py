@@ -878,3 +878,52 @@ def test_loss_prior_weighs_each_step_by_rate_times_prior_and_restores_the_traine
     assert run["rate_auroc"] == run["rate_auroc"]
     assert (schedules.Schedule._forward, mw_mod.rates_mod.RateTable.effective,
             mw_mod.rates_mod.RateTable.update) == originals
+
+
+def test_centered_average_helpers_are_the_averages_they_name():
+    """benchmarks/centered_average.py: its one-sided average is what MetaGradientAverage returns step by step, to
+    the bit; its two-sided one, fed a run's own meta gradients step by step with the same run's recording ahead, the
+    brute-force Σ β^|r−s| g_r / Σ β^|r−s| (and with another recording ahead, that one's terms after s); the matched
+    factor averages as many steps as the one-sided default (the effective sample size (Σw)²/Σw², summed out)."""
+    ca = _load("centered_average")
+    g = torch.Generator().manual_seed(0)
+    grads = [{"a": torch.randn(3, 2, generator=g), "b": torch.randn(4, generator=g)} for _ in range(9)]
+    live = ca.MetaGradientAverage(0.8)
+    for got, g_s in zip(ca.past_average(grads, 0.8), grads):
+        want = live.update(g_s)
+        for n in g_s:
+            assert torch.equal(got[n], want[n])
+    other = [{n: t + 1.0 for n, t in g_s.items()} for g_s in grads]
+    for ahead in (grads, other):
+        two_sided = ca.TwoSidedAverage(ahead, 0.7)
+        for s, g_s in enumerate(grads):
+            got = two_sided(s, g_s)
+            w = torch.tensor([0.7 ** abs(r - s) for r in range(len(grads))])
+            for n in g_s:
+                want = sum(w[r] * (grads if r <= s else ahead)[r][n] for r in range(len(grads))) / w.sum()
+                torch.testing.assert_close(got[n], want)
+    beta = 0.97
+    b2 = ca.matched_beta(beta)
+    k = torch.arange(20000, dtype=torch.float64)
+    one = (1 - beta) * beta**k
+    two = torch.cat([b2 ** k.flip(0)[:-1], b2**k])
+    assert abs(one.sum() ** 2 / (one**2).sum() - two.sum() ** 2 / (two**2).sum()) < 1e-6 * (1 + beta) / (1 - beta)
+    assert 0.93 < b2 < 0.95
+
+
+def test_centered_average_quick_feeds_the_trainer_its_average_and_restores_it(tmp_path, monkeypatch):
+    """centered_average.py --quick: fed back the one-sided average rebuilt from the first run's recording, the
+    second run learns the first run's rates; fed the two-sided ones, or keeping the double average, it learns
+    others; MetaGradientAverage.update is restored afterwards."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ca = _load("centered_average")
+    original = ca.MetaGradientAverage.update
+    assert ca.main(["--quick", "--cells", "digits-cnn-sgd-flip35", "--seeds", "0", "--output_dir", str(tmp_path)]) == 0
+    runs = {r["method"]: r for r in json.loads((tmp_path / "centered_average.json").read_text())["runs"]}
+    assert set(runs) == set(ca.METHODS)
+    assert runs["metalr_replayed"]["rate_auroc"] == runs["metalr"]["rate_auroc"]
+    assert runs["metalr_replayed"]["per_visit_auroc"] == runs["metalr"]["per_visit_auroc"]
+    for other in ("metalr_centered", "metalr_centered_matched", "metalr_zero_lag"):
+        assert runs[other]["rate_auroc"] != runs["metalr"]["rate_auroc"], other
+    assert ca.MetaGradientAverage.update is original
+    assert "digits-cnn-sgd-flip35" in (tmp_path / "centered_average.md").read_text()
