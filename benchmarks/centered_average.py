@@ -20,7 +20,7 @@ won everywhere). This separates the two: for a cell and seed it trains
 
 and plain training beside them. Each reports accuracy, rate AUROC and the per-visit AUROC by epoch.
 
-    python benchmarks/centered_average.py --cells digits-cnn-sgd-flip35 --seeds 0 1 2
+    python benchmarks/centered_average.py --cells digits-cnn-sgd-flip35 --seeds 0 1 2 [--methods plain metalr ...]
 
 Writes centered_average.json (every run; a rerun skips the runs already there) and centered_average.md to
 --output_dir (default benchmarks/results/centered_average).
@@ -173,11 +173,14 @@ def render(runs: list[dict], command: str) -> str:
                           *[f"{v}: acc / rate AUROC / per-visit by epoch / ≥ plain" for v in variants]])
     for cell, rs, _ in R.runs_by_cell(runs):
         by = {m: sorted((r for r in rs if r["method"] == m), key=lambda r: r["seed"]) for m in METHODS}
-        if not all(len(v) == len(by["plain"]) and v for v in by.values()):
-            continue
+        if not by["plain"] or not all(len(v) in (0, len(by["plain"])) for v in by.values()):
+            continue  # a seed not finished for every method the cell was run with
         cols = []
         for v in variants:
             x = by[v]
+            if not x:
+                cols.append("—")  # not run on this cell (--methods)
+                continue
             visits = " ".join(f"{a:.2f}" for a in np.mean([r["per_visit_auroc"] for r in x], axis=0))
             ge = sum(q["test_accuracy"] >= p["test_accuracy"] for p, q in zip(by["plain"], x))
             cols.append(f"{np.mean([r['test_accuracy'] for r in x]):.3f} / "
@@ -190,14 +193,18 @@ def render(runs: list[dict], command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = R.cell_seed_parser(__doc__, os.path.join(R.HERE, "results", "centered_average"))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="the runs to make (the second runs make the recording run too; default: all)")
     p.add_argument("--quick", action="store_true", help="tiny subsample, 1 epoch (smoke test; robustness.py's)")
     args = p.parse_args(argv)
+    if "plain" not in args.methods:
+        raise SystemExit("--methods needs 'plain': the table counts every run against it.")
     cells = R.select_cells(args.cells)
     path, runs, command = R.open_results(args.output_dir, "centered_average", "centered_average.py", argv)
     torch.set_num_threads(R.RUN_SETTINGS["threads"])
     shown = R.run_missing(path, runs, cells, args.seeds,
                           lambda cell, seed, methods, bar: run_seed(cell, seed, methods, bar, args.quick),
-                          "centered average", methods=METHODS, keep=lambda r: r["quick"] == args.quick)
+                          "centered average", methods=args.methods, keep=lambda r: r["quick"] == args.quick)
     order = {c.name: i for i, c in enumerate(R.CELLS)}
     R.write_table(args.output_dir, "centered_average", render(sorted(shown, key=lambda r: (order[r["cell"]], r["seed"])), command))
     return 0

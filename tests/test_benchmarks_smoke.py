@@ -927,3 +927,12 @@ def test_centered_average_quick_feeds_the_trainer_its_average_and_restores_it(tm
         assert runs[other]["rate_auroc"] != runs["metalr"]["rate_auroc"], other
     assert ca.MetaGradientAverage.update is original
     assert "digits-cnn-sgd-flip35" in (tmp_path / "centered_average.md").read_text()
+    with pytest.raises(SystemExit, match="needs 'plain'"):
+        ca.main(["--quick", "--cells", "digits-cnn-sgd-flip35", "--methods", "metalr", "--output_dir", str(tmp_path)])
+    some = tmp_path / "some"  # --methods: the runs asked for, the others' columns left empty
+    assert ca.main(["--quick", "--cells", "digits-cnn-sgd-flip35", "--seeds", "0", "--methods", "plain",
+                    "metalr_centered", "--output_dir", str(some)]) == 0
+    assert {r["method"] for r in json.loads((some / "centered_average.json").read_text())["runs"]} == {
+        "plain", "metalr_centered"}
+    row = [line for line in (some / "centered_average.md").read_text().splitlines() if "digits-cnn" in line][-1]
+    assert row.count("—") == len(ca.METHODS) - 2  # every MetaLR column but the centered one
