@@ -936,3 +936,32 @@ def test_centered_average_quick_feeds_the_trainer_its_average_and_restores_it(tm
         "plain", "metalr_centered"}
     row = [line for line in (some / "centered_average.md").read_text().splitlines() if "digits-cnn" in line][-1]
     assert row.count("—") == len(ca.METHODS) - 2  # every MetaLR column but the centered one
+
+
+def test_per_class_meta_objective_weighs_each_class_by_the_inverse_of_its_loss():
+    """results/variants/meta_objective_per_class: under "class_log" a meta example's loss pulls with weight
+    1 / (C · n_c · class mean loss) (its class's relative change), under "class_mean" 1 / (C · n_c); the patch
+    replaces only a single-label classifier's "loss" objective and is undone afterwards."""
+    spec = importlib.util.spec_from_file_location("meta_objective_per_class", os.path.join(
+        BENCH, "results", "variants", "meta_objective_per_class", "meta_objective_per_class.py"))
+    pc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pc)
+    from hf_ddlr.meta.losses import SINGLE_LABEL, task_loss
+
+    labels = torch.tensor([0, 0, 0, 2, 2, 5])
+    losses = torch.tensor([0.2, 0.4, 0.9, 2.0, 1.0, 0.05], dtype=torch.float64, requires_grad=True)
+    n = {0: 3, 2: 2, 5: 1}
+    mean = {c: float(losses.detach()[labels == c].mean()) for c in n}
+    for variant, want in (("class_log", lambda c: 1 / (3 * n[c] * (mean[c] + pc.LOG_FLOOR))),
+                          ("class_mean", lambda c: 1 / (3 * n[c]))):
+        (g,) = torch.autograd.grad(pc.per_class_objective(losses, labels, variant), losses)
+        torch.testing.assert_close(g, torch.tensor([want(int(c)) for c in labels], dtype=torch.float64))
+    original = type(SINGLE_LABEL).meta_objective
+    with pc.per_class_meta_objective("class_log") as count:
+        assert SINGLE_LABEL.meta_objective(losses, labels) == pc.per_class_objective(losses, labels, "class_log")
+        assert SINGLE_LABEL.meta_objective(losses, labels, "bounded") == original(SINGLE_LABEL, losses, labels,
+                                                                                   "bounded")
+        regression = task_loss("regression")
+        assert regression.meta_objective(losses, labels) == original(regression, losses, labels)
+        assert count["patched"] == 1
+    assert type(SINGLE_LABEL).meta_objective is original
