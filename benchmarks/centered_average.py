@@ -7,8 +7,8 @@ model's now. The spans measured so far trade that lag against noise (shorter: le
 won everywhere). This separates the two: for a cell and seed it trains
 
 - ``metalr``: the defaults, recording every meta step's own meta gradient (the value the average is fed);
-- ``metalr_replayed``: a control, the same average rebuilt from that recording and fed back in a second run
-  (its trajectory drifts from the recording's: how much the drift alone moves the result);
+- ``metalr_replayed``: a control, the same average rebuilt from that recording and fed back in a second run,
+  which retraces the first to the bit (feeding an average in changes nothing else);
 - ``metalr_centered``: the second run fed the two-sided average ``Σ_r β^|r−s| g_r / Σ_r β^|r−s|`` around each
   step ``s``: its own meta gradients up to ``s``, the recording's after it — the same factor, no lag, half its
   weight on meta gradients still to come (an oracle no online run has, its future taken from the first run's
