@@ -965,3 +965,35 @@ def test_per_class_meta_objective_weighs_each_class_by_the_inverse_of_its_loss()
         assert regression.meta_objective(losses, labels) == original(regression, losses, labels)
         assert count["patched"] == 1
     assert type(SINGLE_LABEL).meta_objective is original
+
+
+def test_hard_meta_set_moves_the_hardest_clean_examples_of_each_label_into_the_meta_set():
+    """results/variants/hard_meta_set: the meta rows are, per label, the clean training rows of highest loss (or
+    random clean ones), never a mislabelled one; the swapped split holds them as its meta set, the old meta examples
+    at the end of its training set, every sample_index renumbered and the noisy mask following its rows."""
+    import datasets
+
+    spec = importlib.util.spec_from_file_location("hard_meta_set", os.path.join(
+        BENCH, "results", "variants", "hard_meta_set", "hard_meta_set.py"))
+    hm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hm)
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    noisy = np.array([0, 1, 0, 0, 0, 0, 1, 0, 0], dtype=bool)
+    losses = np.array([0.5, 9.0, 2.0, 1.0, 0.1, 3.0, 8.0, 0.2, 4.0])
+    assert hm.meta_rows(losses, labels, noisy, {0: 2, 1: 1}, seed=0).tolist() == [2, 3, 8]
+    for seed in range(5):
+        rows = hm.meta_rows(None, labels, noisy, {0: 2, 1: 2}, seed=seed)
+        assert not noisy[rows].any() and np.bincount(labels[rows]).tolist() == [2, 2]
+    with pytest.raises(ValueError, match="fewer than the 4 needed"):
+        hm.meta_rows(losses, labels, noisy, {0: 4}, seed=0)
+
+    def split(values, offset):
+        return datasets.Dataset.from_dict({"x": values, "label": [v % 2 for v in values],
+                                           "sample_index": list(range(offset, offset + len(values)))})
+    ds = datasets.DatasetDict({"train": split(list(range(9)), 0), "meta": split([100, 101], 50),
+                               "test": split([7], 0)})
+    out, mask = hm.swapped(ds, noisy, np.array([2, 8]))
+    assert out["meta"]["x"] == [2, 8] and out["meta"]["sample_index"] == [0, 1]
+    assert out["train"]["x"] == [0, 1, 3, 4, 5, 6, 7, 100, 101]
+    assert out["train"]["sample_index"] == list(range(9))
+    assert mask.tolist() == [bool(noisy[x]) if x < 9 else False for x in out["train"]["x"]]
