@@ -205,8 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = R.run_missing(path, runs, cells, args.seeds,
                           lambda cell, seed, methods, bar: run_seed(cell, seed, methods, bar, args.quick),
                           "centered average", methods=args.methods, keep=lambda r: r["quick"] == args.quick)
-    order = {c.name: i for i, c in enumerate(R.CELLS)}
-    R.write_table(args.output_dir, "centered_average", render(sorted(shown, key=lambda r: (order[r["cell"]], r["seed"])), command))
+    R.write_table(args.output_dir, "centered_average", render(R.in_matrix_order(shown), command))
     return 0
 
 

@@ -137,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         path, runs, cells, args.seeds,
         lambda cell, seed, methods, bar: run_seed(cell, seed, methods, args.momentum, bar, args.quick),
         "momentum lookahead", methods=METHODS, keep=lambda r: r["quick"] == args.quick)
-    order = {c.name: i for i, c in enumerate(R.CELLS)}
-    md = render(sorted(shown, key=lambda r: (order[r["cell"]], r["seed"])), command)
+    md = render(R.in_matrix_order(shown), command)
     R.write_table(args.output_dir, "lookahead_momentum", md)
     return 0
 

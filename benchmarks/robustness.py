@@ -550,6 +550,19 @@ def open_results(output_dir: str, name: str, script: str, argv: list[str] | None
     return path, load_runs(path), command
 
 
+def in_matrix_order(runs: list[dict]) -> list[dict]:
+    """A diagnostic's runs sorted for its table: by the cell's place in the matrix, then by seed."""
+    order = {c.name: i for i, c in enumerate(CELLS)}
+    return sorted(runs, key=lambda r: (order[r["cell"]], r["seed"]))
+
+
+def matrix_runs(methods: Sequence[str] = ("plain", "metalr")) -> dict[tuple[str, int, str], dict]:
+    """The committed matrix's current runs of ``methods`` (benchmarks/results/robustness.json), by (cell, seed,
+    method): what a variant that trains only its own runs is compared with."""
+    stats = cell_stats(load_runs(os.path.join(HERE, "results", "robustness.json")), False)
+    return {(r["cell"], r["seed"], m): r for by in stats.values() for m in methods for r in by[m]}
+
+
 def write_table(output_dir: str, name: str, md: str) -> None:
     """Write such a diagnostic's Markdown table to ``name``.md in ``output_dir`` and print it."""
     with open(os.path.join(output_dir, f"{name}.md"), "w") as f:

@@ -107,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(R.RUN_SETTINGS["threads"])
     shown = R.run_missing(path, runs, R.select_cells(args.cells), args.seeds, run_seed, "hard meta set",
                           methods=METHODS)
-    order = {c.name: i for i, c in enumerate(R.CELLS)}
-    R.write_table(args.output_dir, "hard_meta_set", render(sorted(shown, key=lambda r: (order[r["cell"]], r["seed"])),
+    R.write_table(args.output_dir, "hard_meta_set", render(R.in_matrix_order(shown),
                                                            command))
     return 0
 

@@ -110,14 +110,11 @@ def main(argv: list[str] | None = None) -> int:
                                          "results/variants/meta_objective_per_class/meta_objective_per_class.py",
                                          argv)
     torch.set_num_threads(R.RUN_SETTINGS["threads"])
-    matrix = {(r["cell"], r["seed"], m): r for by in R.cell_stats(
-        R.load_runs(os.path.join(R.HERE, "results", "robustness.json")), False).values()
-        for m in ("plain", "metalr") for r in by[m]}
+    matrix = R.matrix_runs()
     shown = R.run_missing(path, runs, R.select_cells(args.cells), args.seeds, run_seed, "per-class meta objective",
                           methods=METHODS)
-    order = {c.name: i for i, c in enumerate(R.CELLS)}
     R.write_table(args.output_dir, "meta_objective_per_class",
-                  render(sorted(shown, key=lambda r: (order[r["cell"]], r["seed"])), matrix, command))
+                  render(R.in_matrix_order(shown), matrix, command))
     return 0
 
 
