@@ -106,10 +106,11 @@ def patched_average(mode: str, recording: list | None = None, fed=None) -> Itera
     original = MetaGradientAverage.update
 
     def update(self, g_meta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        counted = self.num_updates
         out = original(self, g_meta)
-        if not all(bool(torch.isfinite(g).all()) for g in g_meta.values()):
-            return out  # skipped by the average too
-        k = self.num_updates - 1
+        if self.num_updates == counted:
+            return out  # a non-finite meta gradient, which the average skipped: skipped here too
+        k = counted
         if mode == "record":
             recording.append({n: g.detach().float().cpu().clone() for n, g in g_meta.items()})
             return out
@@ -199,13 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if "plain" not in args.methods:
         raise SystemExit("--methods needs 'plain': the table counts every run against it.")
-    cells = R.select_cells(args.cells)
-    path, runs, command = R.open_results(args.output_dir, "centered_average", "centered_average.py", argv)
-    torch.set_num_threads(R.RUN_SETTINGS["threads"])
-    shown = R.run_missing(path, runs, cells, args.seeds,
-                          lambda cell, seed, methods, bar: run_seed(cell, seed, methods, bar, args.quick),
-                          "centered average", methods=args.methods, keep=lambda r: r["quick"] == args.quick)
-    R.write_table(args.output_dir, "centered_average", render(R.in_matrix_order(shown), command))
+    R.run_diagnostic(args.output_dir, "centered_average", "centered_average.py", argv, R.select_cells(args.cells),
+                     args.seeds, lambda cell, seed, methods, bar: run_seed(cell, seed, methods, bar, args.quick),
+                     "centered average", render, methods=args.methods, keep=lambda r: r["quick"] == args.quick)
     return 0
 
 

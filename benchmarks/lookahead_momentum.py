@@ -131,14 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     if bad := [c.name for c in cells if R.RECIPES[c.recipe].optim != "sgd" or R.RECIPES[c.recipe].momentum]:
         raise SystemExit(f"{bad} train with momentum or Adam, whose lookahead already lands at a momentum step; "
                          "pick plain-SGD cells (the 'sgd' recipe, e.g. mnist-cnn-sgd-flip35).")
-    path, runs, command = R.open_results(args.output_dir, "lookahead_momentum", "lookahead_momentum.py", argv)
-    torch.set_num_threads(R.RUN_SETTINGS["threads"])
-    shown = R.run_missing(
-        path, runs, cells, args.seeds,
+    R.run_diagnostic(
+        args.output_dir, "lookahead_momentum", "lookahead_momentum.py", argv, cells, args.seeds,
         lambda cell, seed, methods, bar: run_seed(cell, seed, methods, args.momentum, bar, args.quick),
-        "momentum lookahead", methods=METHODS, keep=lambda r: r["quick"] == args.quick)
-    md = render(R.in_matrix_order(shown), command)
-    R.write_table(args.output_dir, "lookahead_momentum", md)
+        "momentum lookahead", render, methods=METHODS, keep=lambda r: r["quick"] == args.quick)
     return 0
 
 

@@ -267,13 +267,6 @@ def l2rw_weights(example_grad: torch.Tensor) -> torch.Tensor:
     return (w * (len(w) / total) if total > 0 else w).float()
 
 
-def matrix_runs(path: str, quick: bool) -> dict[tuple[str, int, str], dict]:
-    """The matrix's plain and MetaLR runs in ``path`` as its table counts them (:func:`robustness.cell_stats`:
-    current fingerprints, the seeds MetaLR has), reused instead of retrained."""
-    return {(r["cell"], r["seed"], m): r for by in R.cell_stats(R.load_runs(path), quick).values()
-            for m in ("plain", "metalr") for r in by[m]}
-
-
 def product_ranking(made: list[MetaWeightNet]):
     """An ``after_train`` for the prior: the run's table, which the matrix's metrics read, becomes each example's
     weight at its last visit, ``r_i · V_φ(L_i)`` (V_φ of the end of the run; the batch mean is the same for every
@@ -463,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     cells = R.select_cells(args.cells)
     path, runs, command = R.open_results(output_dir, "reweighting", "reweighting.py", argv)
     torch.set_num_threads(R.RUN_SETTINGS["threads"])
-    known = matrix_runs(args.matrix, args.quick)
+    known = R.matrix_runs(args.matrix, args.quick)
     methods = ("plain", "metalr", args.baseline)
 
     def keep(r: dict) -> bool:  # a baseline run of other options is another method here: kept in the JSON, not shown
@@ -474,8 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         path, runs, cells, args.seeds,
         lambda cell, seed, missing, bar: run_seed(cell, seed, missing, known, options, bar, args.quick),
         args.baseline, methods=methods, keep=keep)
-    order = {c.name: i for i, c in enumerate(R.CELLS)}
-    shown = sorted(runs_now, key=lambda r: (order[r["cell"]], r["seed"]))
+    shown = R.in_matrix_order(runs_now)
     R.write_table(output_dir, "reweighting", render(shown, command, args.baseline, options))
     if args.baseline in ("mwnet", "prior"):
         plot(shown, os.path.join(output_dir, "reweighting.png"), args.baseline)

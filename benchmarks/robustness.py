@@ -556,11 +556,12 @@ def in_matrix_order(runs: list[dict]) -> list[dict]:
     return sorted(runs, key=lambda r: (order[r["cell"]], r["seed"]))
 
 
-def matrix_runs(methods: Sequence[str] = ("plain", "metalr")) -> dict[tuple[str, int, str], dict]:
-    """The committed matrix's current runs of ``methods`` (benchmarks/results/robustness.json), by (cell, seed,
-    method): what a variant that trains only its own runs is compared with."""
-    stats = cell_stats(load_runs(os.path.join(HERE, "results", "robustness.json")), False)
-    return {(r["cell"], r["seed"], m): r for by in stats.values() for m in methods for r in by[m]}
+def matrix_runs(path: str | None = None, quick: bool = False) -> dict[tuple[str, int, str], dict]:
+    """The matrix's plain and MetaLR runs in ``path`` (default: the committed benchmarks/results/robustness.json) as
+    its table counts them (:func:`cell_stats`: current fingerprints, the seeds MetaLR has), by (cell, seed,
+    method): what a diagnostic reuses instead of retraining, or compares its own runs with."""
+    stats = cell_stats(load_runs(path or os.path.join(HERE, "results", "robustness.json")), quick)
+    return {(r["cell"], r["seed"], m): r for by in stats.values() for m in ("plain", "metalr") for r in by[m]}
 
 
 def write_table(output_dir: str, name: str, md: str) -> None:
@@ -568,6 +569,20 @@ def write_table(output_dir: str, name: str, md: str) -> None:
     with open(os.path.join(output_dir, f"{name}.md"), "w") as f:
         f.write(md)
     print(md)
+
+
+def run_diagnostic(output_dir: str, name: str, script: str, argv: list[str] | None, cells: list[Cell],
+                   seeds: list[int], train: Callable[[Cell, int, list, Any], list[dict]], desc: str,
+                   render: Callable[[list[dict], str], str], methods: Sequence = (None,),
+                   keep: Callable[[dict], bool] = lambda r: True) -> list[dict]:
+    """A diagnostic's whole run: its results in ``output_dir``/``name``.json opened (:func:`open_results`), the
+    missing runs trained on the matrix's thread count (:func:`run_missing`), and ``render(runs shown, in matrix
+    order, command)`` written as ``name``.md and printed. Returns the runs shown, in that order."""
+    path, runs, command = open_results(output_dir, name, script, argv)
+    torch.set_num_threads(RUN_SETTINGS["threads"])
+    shown = in_matrix_order(run_missing(path, runs, cells, seeds, train, desc, methods, keep))
+    write_table(output_dir, name, render(shown, command))
+    return shown
 
 
 def run_missing(path: str, runs: list[dict], cells: list[Cell], seeds: list[int],

@@ -149,14 +149,10 @@ def render(runs: list[dict], matrix: dict, command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = R.cell_seed_parser(__doc__, HERE).parse_args(argv)
-    path, runs, command = R.open_results(args.output_dir, "adam_unrated_moment",
-                                         "results/variants/adam_unrated_moment/adam_unrated_moment.py", argv)
-    torch.set_num_threads(R.RUN_SETTINGS["threads"])
     matrix = R.matrix_runs()
-    shown = R.run_missing(path, runs, R.select_cells(args.cells), args.seeds, run_seed, "unrated moment",
-                          methods=("metalr_unrated_moment",))
-    R.write_table(args.output_dir, "adam_unrated_moment",
-                  render(R.in_matrix_order(shown), matrix, command))
+    R.run_diagnostic(args.output_dir, "adam_unrated_moment", "results/variants/adam_unrated_moment/adam_unrated_moment.py",
+                     argv, R.select_cells(args.cells), args.seeds, run_seed, "unrated moment",
+                     lambda runs, command: render(runs, matrix, command), methods=("metalr_unrated_moment",))
     return 0
 
 

@@ -21,7 +21,6 @@ import sys
 
 import datasets
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
 import robustness as R  # noqa: E402
@@ -102,13 +101,8 @@ def render(runs: list[dict], command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = R.cell_seed_parser(__doc__, HERE).parse_args(argv)
-    path, runs, command = R.open_results(args.output_dir, "hard_meta_set",
-                                         "results/variants/hard_meta_set/hard_meta_set.py", argv)
-    torch.set_num_threads(R.RUN_SETTINGS["threads"])
-    shown = R.run_missing(path, runs, R.select_cells(args.cells), args.seeds, run_seed, "hard meta set",
-                          methods=METHODS)
-    R.write_table(args.output_dir, "hard_meta_set", render(R.in_matrix_order(shown),
-                                                           command))
+    R.run_diagnostic(args.output_dir, "hard_meta_set", "results/variants/hard_meta_set/hard_meta_set.py", argv,
+                     R.select_cells(args.cells), args.seeds, run_seed, "hard meta set", render, methods=METHODS)
     return 0
 
 
