@@ -586,6 +586,15 @@ def test_lookahead_momentum_buffer_is_torchs_momentum_buffer():
             torch.testing.assert_close(buffers.buffers[id(p)], ref.state[q]["momentum_buffer"])
 
 
+def _quick_runs(mod, name: str, output_dir) -> dict[str, dict]:
+    """A diagnostic's ``--quick`` run on one digits cell and seed, its runs by method (every method it has)."""
+    assert mod.main(["--quick", "--cells", "digits-cnn-sgd-flip35", "--seeds", "0", "--output_dir", str(output_dir)]) == 0
+    runs = {r["method"]: r for r in json.loads((output_dir / f"{name}.json").read_text())["runs"]}
+    assert set(runs) == set(mod.METHODS)
+    assert "digits-cnn-sgd-flip35" in (output_dir / f"{name}.md").read_text()
+    return runs
+
+
 def test_lookahead_momentum_quick_moves_the_rates_and_refuses_momentum_cells(tmp_path, monkeypatch):
     """lookahead_momentum.py --quick: the three runs of a plain-SGD cell, the momentum-lookahead run's rates not the
     defaults' (the buffer reached the lookahead), the trainer's method restored afterwards; a cell whose recipe has
@@ -593,12 +602,9 @@ def test_lookahead_momentum_quick_moves_the_rates_and_refuses_momentum_cells(tmp
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     lm = _load("lookahead_momentum")
     original = lm.MetaLRTrainer._lookahead_specs
-    assert lm.main(["--quick", "--cells", "digits-cnn-sgd-flip35", "--seeds", "0", "--output_dir", str(tmp_path)]) == 0
-    runs = {r["method"]: r for r in json.loads((tmp_path / "lookahead_momentum.json").read_text())["runs"]}
-    assert set(runs) == set(lm.METHODS)
+    runs = _quick_runs(lm, "lookahead_momentum", tmp_path)
     assert runs["metalr_momentum_lookahead"]["rate_auroc"] != runs["metalr"]["rate_auroc"]
     assert lm.MetaLRTrainer._lookahead_specs is original
-    assert "digits-cnn-sgd-flip35" in (tmp_path / "lookahead_momentum.md").read_text()
     with pytest.raises(SystemExit, match="pick plain-SGD cells"):
         lm.main(["--quick", "--cells", "digits-cnn-sgdm-flip35", "--output_dir", str(tmp_path)])
 
@@ -918,15 +924,12 @@ def test_centered_average_quick_feeds_the_trainer_its_average_and_restores_it(tm
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     ca = _load("centered_average")
     original = ca.MetaGradientAverage.update
-    assert ca.main(["--quick", "--cells", "digits-cnn-sgd-flip35", "--seeds", "0", "--output_dir", str(tmp_path)]) == 0
-    runs = {r["method"]: r for r in json.loads((tmp_path / "centered_average.json").read_text())["runs"]}
-    assert set(runs) == set(ca.METHODS)
+    runs = _quick_runs(ca, "centered_average", tmp_path)
     assert runs["metalr_replayed"]["rate_auroc"] == runs["metalr"]["rate_auroc"]
     assert runs["metalr_replayed"]["per_visit_auroc"] == runs["metalr"]["per_visit_auroc"]
     for other in ("metalr_centered", "metalr_centered_matched", "metalr_zero_lag"):
         assert runs[other]["rate_auroc"] != runs["metalr"]["rate_auroc"], other
     assert ca.MetaGradientAverage.update is original
-    assert "digits-cnn-sgd-flip35" in (tmp_path / "centered_average.md").read_text()
     with pytest.raises(SystemExit, match="needs 'plain'"):
         ca.main(["--quick", "--cells", "digits-cnn-sgd-flip35", "--methods", "metalr", "--output_dir", str(tmp_path)])
     some = tmp_path / "some"  # --methods: the runs asked for, the others' columns left empty
