@@ -20,6 +20,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainerCallback
 import hf_ddlr.meta.engine as engine
 import hf_ddlr.schedules as schedules
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
+from hf_ddlr.meta.passes import is_compiled
 from hf_ddlr.trainer import META_STATE_NAME
 from hf_ddlr.trajectory import LRTrajectory
 
@@ -141,6 +142,89 @@ def test_bert_with_ga_is_not_hit_by_the_loss_scaling_trap(tmp_path, text_data):
     l2 = [h["loss"] for h in ga2.state.log_history if "loss" in h]
     l1 = [h["loss"] for h in ga1.state.log_history if "loss" in h]
     assert l2 == pytest.approx(l1, rel=1e-4) and max(l1) < 1.0  # a cross-entropy of 2 classes, not 2x it
+
+
+# ---------------------------------------------------------------- torch_compile
+def test_torch_compile_trains_as_eager_does(tmp_path, text_data, recwarn):
+    """``torch_compile=True``: the real forward and backward run compiled, and the meta step still differentiates
+    that graph twice (the lookahead gradient, then the real backward), which a compiled backward donating its
+    buffers refuses. The per-layer products cannot read values inside the compiled graph, so the dots come
+    from forward mode, said once in the log, not in a warning. The run matches the eager one (which takes them
+    from the per-layer products) step for step."""
+    eager = _bert_trainer(tmp_path / "eager", text_data, per_device_train_batch_size=8)
+    eager.train()
+    compiled = _bert_trainer(tmp_path / "compiled", text_data, per_device_train_batch_size=8, torch_compile=True)
+    compiled.train()
+    assert is_compiled(compiled.model_wrapped) and not is_compiled(eager.model_wrapped)
+    assert eager._layerwise_check.state == "verified" and compiled._layerwise_check.state == "off"
+    assert not [w for w in recwarn if "hf_ddlr" in w.filename], [str(w.message) for w in recwarn]
+    assert not torch.equal(compiled.rates.instance, torch.ones_like(compiled.rates.instance))
+    torch.testing.assert_close(compiled.rates.instance, eager.rates.instance, rtol=0, atol=1e-5)
+    for (n, p), (_, q) in zip(compiled.model.named_parameters(), eager.model.named_parameters()):
+        # (hooks recording the primal outputs inside the compiled graph moved LayerNorm weights by 7e-4 here)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_is_compiled_sees_every_way_of_compiling():
+    m = TinyMLP()
+    assert not is_compiled(m) and not is_compiled(torch.nn.Sequential(m))
+    assert is_compiled(torch.compile(m))
+    wrapper = torch.nn.Module()
+    wrapper.module = torch.compile(TinyMLP())  # DDP holds the model as .module
+    assert is_compiled(wrapper)
+    in_place = TinyMLP()
+    in_place.compile()
+    assert is_compiled(in_place)
+
+
+# ---------------------------------------------------------------- Trainer features around the step
+def _tiny_run(tmp_path, **kw) -> MetaLRTrainer:
+    torch.manual_seed(0)
+    args = _args(tmp_path, **{**dict(per_device_train_batch_size=8, learning_rate=0.1, optim="sgd",
+                                     num_train_epochs=2, logging_steps=1), **kw})
+    t = MetaLRTrainer(model=TinyMLP(), args=args, train_dataset=make_split(64, 1, noise=0.2),
+                      meta_dataset=make_split(16, 2), eval_dataset=make_split(16, 3))
+    t.train()
+    return t
+
+
+@pytest.mark.parametrize("feature", [
+    dict(include_num_input_tokens_seen=True),
+    dict(eval_on_start=True, eval_strategy="epoch"),
+    dict(torch_empty_cache_steps=2),
+    dict(dataloader_num_workers=2),
+    dict(eval_strategy="steps", eval_steps=3, save_strategy="steps", save_steps=3, save_only_model=True),
+], ids=lambda f: next(iter(f)))
+def test_trainer_features_around_the_step_leave_the_run_unchanged(tmp_path, feature):
+    """Features that act around the optimizer step (token counting, evaluation, cache clearing, loader worker
+    processes, model-only checkpoints) neither break the meta step nor change what it learns."""
+    base = _tiny_run(tmp_path / "base", meta_batch_size=4)  # meta batches drawn: from the run's own seed
+    with_it = _tiny_run(tmp_path / "with", meta_batch_size=4, **feature)
+    assert with_it.state.global_step == base.state.global_step == 16
+    assert not torch.equal(base.rates.instance, torch.ones_like(base.rates.instance))
+    assert torch.equal(with_it.rates.instance, base.rates.instance)
+    for (n, p), (_, q) in zip(with_it.model.named_parameters(), base.model.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_a_scheduler_stepped_on_evaluation_is_what_the_trajectory_records(tmp_path):
+    """``reduce_lr_on_plateau`` changes the learning rate at evaluations, not on a schedule known in advance: the
+    trajectory (which a replay applies) records the rate each step was taken with."""
+    seen = []
+
+    class Seen(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kw):
+            seen.append(optimizer.param_groups[0]["lr"])
+
+    torch.manual_seed(0)
+    args = _args(tmp_path, per_device_train_batch_size=8, learning_rate=0.1, optim="sgd", num_train_epochs=3,
+                 lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="epoch",
+                 lr_scheduler_kwargs={"patience": 0, "factor": 0.1, "threshold": 10.0})  # no eval loss improves
+    t = MetaLRTrainer(model=TinyMLP(), args=args, train_dataset=make_split(64, 1, noise=0.2),
+                      meta_dataset=make_split(16, 2), eval_dataset=make_split(16, 3), callbacks=[Seen()])
+    t.train()
+    assert len(seen) == 24 and sorted(set(seen), reverse=True) == pytest.approx([0.1, 0.01, 0.001])
+    assert [float(x) for x in t.lr_trajectory.learning_rate] == pytest.approx(seen)
 
 
 # ---------------------------------------------------------------- text model, SDPA without forward-mode AD

@@ -41,7 +41,7 @@ from .meta.distributed import all_gather_varlen, all_ranks_true, all_reduce_mean
 from .meta.engine import meta_head_features
 from .meta.layerwise import LayerTape, record_layers
 from .meta.layout import MetaLayout
-from .meta.passes import extract_logits
+from .meta.passes import extract_logits, is_compiled
 from .meta.primal_reuse import record_outputs
 from .meta.rows import EmbeddingRows
 
@@ -367,10 +367,13 @@ class SameStepFused(SameStepWindow):
         if self.strategy == "last_layer":
             self._take_meta_batch_early()
         w = mb.weights.detach()
+        # a compiled forward runs the layers inside its graph: hooks there would be traced into it (and the
+        # recorded outputs changed the real step's gradient in a measured run), so nothing is recorded
+        compiled = is_compiled(model)
         layers = (self.meta.layerwise_dots and self.strategy == "jvp"
-                  and check.applies(trainer.model, trainer.args.gradient_checkpointing))
+                  and check.applies(trainer.model, trainer.args.gradient_checkpointing, compiled=compiled))
         outputs, L, tape = self._forward(model, inputs, mb, head=self.strategy == "last_layer", layers=layers,
-                                         primals=not layers and self.strategy == "jvp")
+                                         primals=not layers and not compiled and self.strategy == "jvp")
         from_tape = tape is not None and check.meta_step(
             tape, L, w / self.normalizer, trainable_params(trainer.model), loss_scale=self._loss_scale(),
             half=bool(trainer.args.bf16 or trainer.args.fp16), device=trainer.args.device,

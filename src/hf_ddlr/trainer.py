@@ -38,6 +38,7 @@ from .config import MetaLROptions, rate_metric_choice, resolve_meta_options
 from .meta import MicroBatch, RateTable, param_specs, replay_rng
 from .meta.averaging import GradientSecondMoment, MetaGradientAverage
 from .meta.layerwise import LayerwiseCheck
+from .meta.passes import compiled_backward_keeps_graph
 from .schedules import Schedule, schedule_for
 from .trajectory import TRAJECTORY_CONFIG_NAME, TRAJECTORY_TENSORS_NAME, LRTrajectory, TrajectoryReplayer
 
@@ -226,7 +227,8 @@ class MetaLRTrainer(Trainer):
             self._meta_grad_average = self._fresh_average()
             self._rate_metric = GradientSecondMoment() if rate_metric_choice(self.meta_args) == "adam" else None
             self._applied_instance = self._fresh_applied()
-        output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        with compiled_backward_keeps_graph():  # torch_compile: the meta step differentiates the real graph twice
+            output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
         if self._meta_active and self.replay is None:  # what the rates followed, as the trained model sees it
             self.meta_set_check = check_meta_set(self)
         return output

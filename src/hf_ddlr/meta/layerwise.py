@@ -351,12 +351,14 @@ class LayerwiseCheck:
     def __init__(self) -> None:
         self.state = "unchecked"
 
-    def applies(self, model: nn.Module, gradient_checkpointing: bool) -> bool:
-        """Whether this step's meta step should record a tape (the static check runs until a step is checked)."""
+    def applies(self, model: nn.Module, gradient_checkpointing: bool, compiled: bool = False) -> bool:
+        """Whether this step's meta step should record a tape (the static check runs until a step is checked).
+        ``compiled``: the real forward runs compiled, where the layers' values live inside the compiled graph."""
         if self.state == "off":
             return False
         if self.state == "unchecked":
-            reason = unsupported_reason(model)
+            reason = "the model's forward is compiled (torch_compile / torch.compile)" if compiled else None
+            reason = reason or unsupported_reason(model)
             checkpointing = gradient_checkpointing or any(
                 getattr(m, "gradient_checkpointing", False) is True for m in model.modules()
             )

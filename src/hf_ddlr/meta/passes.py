@@ -18,6 +18,8 @@ from torch import nn
 from torch.func import functional_call
 
 __all__ = [
+    "compiled_backward_keeps_graph",
+    "is_compiled",
     "frozen_batchnorm",
     "meta_loss_mode",
     "replay_rng",
@@ -66,6 +68,38 @@ def meta_loss_mode(model: nn.Module, dropout: bool) -> Iterator[None]:
     finally:
         for m in mods:
             m.training = True
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model``'s forward runs compiled (``torch.compile(model)``, ``model.compile()``, or the Trainer's
+    ``torch_compile=True``), looking through wrappers that hold the model as ``.module`` (DDP)."""
+    for _ in range(4):
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            return True
+        if getattr(model, "_compiled_call_impl", None) is not None:  # nn.Module.compile()
+            return True
+        model = getattr(model, "module", None)
+        if not isinstance(model, nn.Module):
+            return False
+    return False
+
+
+@contextlib.contextmanager
+def compiled_backward_keeps_graph() -> Iterator[None]:
+    """Let a compiled forward's graph be differentiated more than once.
+
+    The meta step takes the lookahead gradient from the real forward's graph (``retain_graph=True``) before the
+    real backward uses it again. A compiled backward that donates its saved buffers (PyTorch's default since
+    2.6) refuses that; turning the donation off is PyTorch's own remedy, and it changes no value. Eager code is
+    unaffected.
+    """
+    import torch._functorch.config as functorch_config
+
+    if not hasattr(functorch_config, "donated_buffer"):  # older PyTorch: nothing is donated
+        yield
+        return
+    with functorch_config.patch(donated_buffer=False):
+        yield
 
 
 def _rng_devices() -> list[int]:
