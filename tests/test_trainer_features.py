@@ -227,6 +227,44 @@ def test_a_scheduler_stepped_on_evaluation_is_what_the_trajectory_records(tmp_pa
     assert [float(x) for x in t.lr_trajectory.learning_rate] == pytest.approx(seen)
 
 
+def test_neftune_noise_reaches_the_training_passes_and_not_the_meta_loss(tmp_path, text_data):
+    """NEFTune adds noise to the input embeddings of training forwards. The real step and the lookahead taken
+    from its graph train on the noisy embeddings, as a plain step does; the meta loss is a held-out loss and is
+    evaluated without it (``meta_dropout=False``: every train-only randomness off)."""
+    t = _bert_trainer(tmp_path, text_data, per_device_train_batch_size=8, meta_batch_size=16, probe_batches=0,
+                      neftune_noise_alpha=5.0, layerwise_dots=False)
+    calls = []
+    t.model.get_input_embeddings().register_forward_hook(
+        lambda m, inp, out: calls.append((m.training, out.shape[0], getattr(m, "neftune_noise_alpha", None))))
+    t.train()
+    noisy = {rows for training, rows, alpha in calls if training}
+    clean = {rows for training, rows, alpha in calls if not training and alpha == 5.0}
+    assert all(alpha == 5.0 for training, _, alpha in calls if training)
+    assert noisy == {8} and clean == {16}  # training micro-batches of 8 with noise; the meta batch of 16 without
+
+
+@pytest.mark.parametrize("strategy", ["sequential", "group_by_length"])
+def test_train_sampling_strategies_key_each_rate_to_its_row(tmp_path, text_data, strategy):
+    """The sampler decides which rows a step trains on; the rates that move are those rows' (the index column
+    travels with the rows, whatever their order)."""
+    moved = []
+
+    class Moved(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            moved.append(set(torch.nonzero(t.rates.instance != 1).flatten().tolist()))
+
+    t = _bert_trainer(tmp_path, text_data, per_device_train_batch_size=8, max_steps=1, probe_batches=0,
+                      max_instance_rate=None, train_sampling_strategy=strategy)
+    t.add_callback(Moved())
+    t.train()
+    assert len(moved) == 1 and len(moved[0]) == 8
+    if strategy == "sequential":
+        assert moved[0] == set(range(8))
+    else:  # a length-grouped epoch starts with the longest sentence
+        lengths = [len(ids) for ids in t.train_dataset["input_ids"]]
+        assert lengths.index(max(lengths)) in moved[0] and moved[0] != set(range(8))
+
+
 # ---------------------------------------------------------------- text model, SDPA without forward-mode AD
 def test_bert_with_padding_trains_and_sdpa_is_routed_to_math(tmp_path, text_data, monkeypatch):
     t = _bert_trainer(tmp_path / "a", text_data, per_device_train_batch_size=8, lr_level="both")
