@@ -84,7 +84,8 @@ EPOCHS = {"minilm": 2, "cnn": 1}
 
 @dataclass
 class Bench:
-    """One task: ``build(config, out_dir)`` gives a fresh trainer (config None: the plain Trainer);
+    """One task: ``build(config, out_dir)`` gives a fresh trainer (config None: the plain Trainer; the MiniLM and
+    CNN tasks take more ``TrainingArguments`` as keywords);
     ``score(trainer)`` the rate AUROC and test accuracy of a trained one (empty when not measured)."""
 
     name: str
@@ -105,8 +106,8 @@ def _robustness_bench(task: str, quick: bool) -> Bench:
 
     epochs = 1 if quick else EPOCHS[task]
 
-    def build(config: str | None, out_dir: str) -> Trainer:
-        kw = {**rb.training_args(cell, 0, out_dir, quick), "num_train_epochs": epochs}
+    def build(config: str | None, out_dir: str, **args_extra) -> Trainer:
+        kw = {**rb.training_args(cell, 0, out_dir, quick), "num_train_epochs": epochs, **args_extra}
         model = rb.build_model(cell, 0, image_size)
         if config is None:
             return Trainer(model=model, args=TrainingArguments(**kw), data_collator=collate,

@@ -78,10 +78,12 @@ def run(
     max_instance_rate: float | None = 1.0,
     probe_batches: float = 1.0,
     rate_metric: str = "auto",
+    torch_compile: bool = False,
 ) -> _Recording:
     """``model="bert"``: the tiny BERT of tiny_text.py with padding (its forward takes **kwargs: the GA/DDP
     loss-scaling trap's precondition), 32 train / 16 meta sentences; ``"bert_head"``: the same with the meta step
-    on the head only (``meta_parameters="head"``) scored by the bounded meta objective (a fine-tune's default)."""
+    on the head only (``meta_parameters="head"``) scored by the bounded meta objective (a fine-tune's default).
+    ``torch_compile``: the Trainer compiles the (DDP-wrapped) model."""
     if model in ("bert", "bert_head"):
         tok, train, meta = text_data_splits()
         extra = dict(data_collator=DataCollatorWithPadding(tok), processing_class=tok)
@@ -117,6 +119,7 @@ def run(
         logging_steps=1,
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,
+        torch_compile=torch_compile,
     )
     trainer = _Recording(model=net, args=args, train_dataset=train, meta_dataset=meta, **extra)
     if stop_at is not None:
@@ -175,6 +178,9 @@ def main() -> None:
         dump(run(os.path.join(out, "bert"), per_device_batch=4, max_steps=3, model="bert"), out, "bert")
         dump(run(os.path.join(out, "bert_head"), per_device_batch=4, max_steps=3, model="bert_head"), out,
              "bert_head")
+        # BERT compiled under DDP (torch_compile=True): the same run as the eager one
+        dump(run(os.path.join(out, "bert_compiled"), per_device_batch=4, max_steps=3, model="bert",
+                 torch_compile=True), out, "bert_compiled")
 
 
 if __name__ == "__main__":

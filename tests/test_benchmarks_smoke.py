@@ -343,6 +343,21 @@ def test_wallclock_quick_writes_the_table_and_the_breakdown(tmp_path):
     assert json.loads((tmp_path / "wallclock.json").read_text())["tasks"]["resnet"]["ratio"] == t["ratio"]
 
 
+def test_torch_compile_quick_times_each_run_and_compares_the_rates(tmp_path):
+    """benchmarks/torch_compile.py --quick on the CNN: plain and MetaLR, eager and compiled; each compiled run
+    compiles afresh (its own inductor cache), and the compiled MetaLR run learns the eager run's rates."""
+    tc = _load("torch_compile")
+    res = tc.main(["--quick", "--tasks", "cnn", "--output_dir", str(tmp_path)])
+    t = res["tasks"]["cnn"]
+    assert set(t["runs"]) == set(tc.RUNS) and all(len(v) == 1 and v[0]["steps"] > 1 for v in t["runs"].values())
+    assert all(m["seconds"] > 0 and m["steady_ms"] > 0 for m in t["median"].values())
+    assert t["max_rate_difference"] < 1e-2
+    assert abs(t["scores"]["MetaLR"]["rate_auroc"] - t["scores"]["MetaLR compiled"]["rate_auroc"]) < 1e-2
+    md = (tmp_path / "torch_compile.md").read_text()
+    assert "| cnn | MetaLR compiled |" in md and "compiles from scratch" in md
+    assert json.loads((tmp_path / "torch_compile.json").read_text())["tasks"]["cnn"]["median"] == t["median"]
+
+
 def test_wallclock_sft_task_times_the_causal_lm_example(tmp_path):
     """The wall-clock benchmark's causal-LM task (examples/sft_noisy_data.py's data, model and recipe, with the
     example's instance x source rates): a plain and a MetaLR run, timed and scored (held-out exact-match,

@@ -59,13 +59,15 @@ def single_process_bert_head(tmp_path_factory):
     return state_of(t), t.seen_rows
 
 
-def _check_run(out: Path, name: str, single_process, first_step: int = 0, layerwise: str = "verified") -> dict:
-    """``layerwise``: how the dots were taken on both ranks ("verified": per-layer products, GA: forward mode)."""
+def _check_run(out: Path, name: str, single_process, first_step: int = 0, layerwise: str = "verified",
+               wrapped: str = "DistributedDataParallel") -> dict:
+    """``layerwise``: how the dots were taken on both ranks ("verified": per-layer products, GA: forward mode);
+    ``wrapped``: the class of the model the Trainer trains (DDP, or the compiled module around it)."""
     ref, ref_rows = single_process
     (s0, j0), (s1, j1) = _load(out, name, 0), _load(out, name, 1)
     for j in (j0, j1):
         assert j["world_size"] == 2 and j["parallel_mode"] == "ParallelMode.DISTRIBUTED"
-        assert j["wrapped"] == "DistributedDataParallel"
+        assert j["wrapped"] == wrapped
         assert j["layerwise"] == layerwise, name
     # every rank holds the identical model, rate tables, weight decay and trajectory
     assert set(s0) == set(s1) == set(ref)
@@ -112,6 +114,8 @@ def test_torchrun_ddp_matches_single_process_and_resumes_exactly(
     # ranks' meta batches): the same on both ranks, == one process
     head = _check_run(out, "bert_head", single_process_bert_head)
     assert not torch.equal(head["rates.instance"], _load(out, "bert", 0)[0]["rates.instance"])
+    # compiled (torch_compile=True) under DDP: forward-mode dots, and the run of one eager process
+    _check_run(out, "bert_compiled", single_process_bert, layerwise="off", wrapped="OptimizedModule")
     ckpt = out / "resume" / "checkpoint-3"
     assert {"meta_state.safetensors", "rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(ckpt))
 

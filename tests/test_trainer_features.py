@@ -21,6 +21,7 @@ import hf_ddlr.meta.engine as engine
 import hf_ddlr.schedules as schedules
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
 from hf_ddlr.meta.passes import is_compiled
+from hf_ddlr.meta.primal_reuse import record_outputs
 from hf_ddlr.trainer import META_STATE_NAME
 from hf_ddlr.trajectory import LRTrajectory
 
@@ -49,7 +50,7 @@ def text_data():
     return text_data_splits()
 
 
-def _bert_trainer(tmp_path, text_data, **kw) -> MetaLRTrainer:
+def _bert_trainer(tmp_path, text_data, dropout: float = 0.0, **kw) -> MetaLRTrainer:
     tok, train, meta = text_data
     args = _args(
         tmp_path,
@@ -66,7 +67,7 @@ def _bert_trainer(tmp_path, text_data, **kw) -> MetaLRTrainer:
         },
     )
     return MetaLRTrainer(
-        model=tiny_bert(),
+        model=tiny_bert(dropout),
         args=args,
         train_dataset=train,
         meta_dataset=meta,
@@ -145,23 +146,34 @@ def test_bert_with_ga_is_not_hit_by_the_loss_scaling_trap(tmp_path, text_data):
 
 
 # ---------------------------------------------------------------- torch_compile
-def test_torch_compile_trains_as_eager_does(tmp_path, text_data, recwarn):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_torch_compile_trains_as_eager_does(tmp_path, text_data, recwarn, dropout):
     """``torch_compile=True``: the real forward and backward run compiled, and the meta step still differentiates
     that graph twice (the lookahead gradient, then the real backward), which a compiled backward donating its
     buffers refuses. The per-layer products cannot read values inside the compiled graph, so the dots come
-    from forward mode, said once in the log, not in a warning. The run matches the eager one (which takes them
-    from the per-layer products) step for step."""
-    eager = _bert_trainer(tmp_path / "eager", text_data, per_device_train_batch_size=8)
+    from forward mode, said once in the log, not in a warning; that pass replays the real forward's dropout
+    masks, which the compiled graph must draw as eager code does. The run matches the eager one (which takes
+    the dots from the per-layer products) step for step."""
+    torch._dynamo.reset()  # compile afresh: nothing cached from another test's model
+    eager = _bert_trainer(tmp_path / "eager", text_data, dropout, per_device_train_batch_size=8)
     eager.train()
-    compiled = _bert_trainer(tmp_path / "compiled", text_data, per_device_train_batch_size=8, torch_compile=True)
-    compiled.train()
+    compiled = _bert_trainer(tmp_path / "compiled", text_data, dropout, per_device_train_batch_size=8,
+                             torch_compile=True)
+    recorded = []  # hooks that would record the layers' outputs inside the compiled graph
+
+    def spy(model):
+        recorded.append(model)
+        return record_outputs(model)
+
+    with mock.patch.object(schedules, "record_outputs", spy):
+        compiled.train()
+    assert not recorded
     assert is_compiled(compiled.model_wrapped) and not is_compiled(eager.model_wrapped)
     assert eager._layerwise_check.state == "verified" and compiled._layerwise_check.state == "off"
     assert not [w for w in recwarn if "hf_ddlr" in w.filename], [str(w.message) for w in recwarn]
     assert not torch.equal(compiled.rates.instance, torch.ones_like(compiled.rates.instance))
     torch.testing.assert_close(compiled.rates.instance, eager.rates.instance, rtol=0, atol=1e-5)
     for (n, p), (_, q) in zip(compiled.model.named_parameters(), eager.model.named_parameters()):
-        # (hooks recording the primal outputs inside the compiled graph moved LayerNorm weights by 7e-4 here)
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
 
 

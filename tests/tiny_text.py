@@ -40,7 +40,8 @@ def text_data_splits() -> tuple[PreTrainedTokenizerFast, datasets.Dataset, datas
     return tok, text_split(tok, 32, seed=1), text_split(tok, 16, seed=2)
 
 
-def tiny_bert() -> BertForSequenceClassification:
+def tiny_bert(dropout: float = 0.0) -> BertForSequenceClassification:
+    """``dropout``: the hidden layers' (attention dropout stays 0)."""
     cfg = BertConfig(
         vocab_size=len(WORDS) + 4,
         hidden_size=32,
@@ -49,7 +50,7 @@ def tiny_bert() -> BertForSequenceClassification:
         intermediate_size=64,
         max_position_embeddings=32,
         num_labels=2,
-        hidden_dropout_prob=0.0,
+        hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=0.0,
     )
     torch.manual_seed(0)

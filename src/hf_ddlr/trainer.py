@@ -38,7 +38,7 @@ from .config import MetaLROptions, rate_metric_choice, resolve_meta_options
 from .meta import MicroBatch, RateTable, param_specs, replay_rng
 from .meta.averaging import GradientSecondMoment, MetaGradientAverage
 from .meta.layerwise import LayerwiseCheck
-from .meta.passes import compiled_backward_keeps_graph
+from .meta.passes import compiled_like_eager, is_compiled
 from .schedules import Schedule, schedule_for
 from .trajectory import TRAJECTORY_CONFIG_NAME, TRAJECTORY_TENSORS_NAME, LRTrajectory, TrajectoryReplayer
 
@@ -227,7 +227,8 @@ class MetaLRTrainer(Trainer):
             self._meta_grad_average = self._fresh_average()
             self._rate_metric = GradientSecondMoment() if rate_metric_choice(self.meta_args) == "adam" else None
             self._applied_instance = self._fresh_applied()
-        with compiled_backward_keeps_graph():  # torch_compile: the meta step differentiates the real graph twice
+        compiled = self._meta_active and (self.args.torch_compile or is_compiled(self.model))
+        with compiled_like_eager(compiled):
             output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
         if self._meta_active and self.replay is None:  # what the rates followed, as the trained model sees it
             self.meta_set_check = check_meta_set(self)
