@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement of docs/gpu.md in one run (~6 minutes on one H200), written to benchmarks/results/gpu/
-# (or $1): the mixed-precision check, the step cost of the four benchmark models, the whole-run wall time and the
-# strategies' agreement against the machine's own noise (with and without TF32). Each part has its own time limit
+# (or $1): the mixed-precision check, the step cost of the four benchmark models, the whole-run wall time, the
+# strategies' agreement against the machine's own noise (with and without TF32) and, last, torch_compile=True on
+# the demo CNN (not yet run on a GPU). Each part has its own time limit
 # and the run goes on when one fails, so one slow part does not lose the others.
 #
 #   bash benchmarks/run_gpu_benchmarks.sh [OUT_DIR]
@@ -34,3 +35,5 @@ part wallclock 400 "$PY" benchmarks/wallclock.py --tasks cnn resnet sft --width 
 part agreement 200 env CUBLAS_WORKSPACE_CONFIG=:4096:8 "$PY" benchmarks/gpu_agreement.py --models resnet bert
 part agreement_tf32_off 120 env CUBLAS_WORKSPACE_CONFIG=:4096:8 "$PY" benchmarks/gpu_agreement.py --models resnet \
     --tf32 off
+# last, so that its compilations cannot take time from the parts above: torch_compile=True against eager
+part torch_compile 200 "$PY" benchmarks/torch_compile.py --tasks cnn --rounds 1 --output_dir "$OUT"
