@@ -55,7 +55,13 @@ OPTIMIZERS: dict[str, tuple[Callable[[list[dict]], torch.optim.Optimizer], tuple
     "adam_amsgrad": (lambda g: torch.optim.Adam(g, betas=(0.8, 0.95), amsgrad=True), (1e-2, 3e-3), 1e-2),
     "adamw": (lambda g: torch.optim.AdamW(g, betas=(0.8, 0.95)), (1e-2, 3e-3), 1e-1),
     "adamw_amsgrad": (lambda g: torch.optim.AdamW(g, betas=(0.8, 0.95), amsgrad=True), (1e-2, 3e-3), 1e-1),
+    "rmsprop": (lambda g: torch.optim.RMSprop(g, alpha=0.9), (1e-2, 3e-3), 1e-2),
+    "rmsprop_momentum_centered": (lambda g: torch.optim.RMSprop(g, alpha=0.9, momentum=0.8, centered=True),
+                                  (1e-2, 3e-3), 1e-2),
+    "adagrad": (lambda g: torch.optim.Adagrad(g, lr_decay=0.05, initial_accumulator_value=0.1), (1e-1, 3e-2), 1e-2),
 }
+# the state tensor each preconditioned optimizer's step divides by (the brute force freezes its new value)
+SECOND_MOMENT = {torch.optim.Adam: "exp_avg_sq", torch.optim.RMSprop: "square_avg", torch.optim.Adagrad: "sum"}
 
 
 def _data(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -111,7 +117,9 @@ def _real_step(model: nn.Module, opt: torch.optim.Optimizer, data, e: torch.Tens
     o.zero_grad()
     _weighted_loss(m, data["x"], data["y"], e).backward()
     _adjust_grads(m, grad_scale, only)
-    if freeze_v is not None:
+    if freeze_v is not None and not isinstance(o, torch.optim.Adam):
+        _freeze_rmsprop_or_adagrad(m, o, freeze_v)
+    elif freeze_v is not None:
         for group in o.param_groups:
             b2, coupled = group["betas"][1], not group.get("decoupled_weight_decay", isinstance(o, torch.optim.AdamW))
             for p in group["params"]:
@@ -130,6 +138,30 @@ def _real_step(model: nn.Module, opt: torch.optim.Optimizer, data, e: torch.Tens
                     st["max_exp_avg_sq"] = freeze_v[name].clone()
     o.step()
     return m
+
+
+def _freeze_rmsprop_or_adagrad(m: nn.Module, o: torch.optim.Optimizer, freeze_v: dict[str, torch.Tensor]) -> None:
+    """Set the copy's state so that torch's own RMSprop (``v ← α·v + (1−α)·g²``; centered also
+    ``ḡ ← ḡ + (1−α)(g − ḡ)``) or Adagrad (``s ← s + g²``) update lands on the frozen values (g with the coupled
+    decay); the momentum buffer is left as it is."""
+    for group in o.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            name = next(n for n, q in m.named_parameters() if q is p)
+            gt = p.grad + group["weight_decay"] * p.detach()
+            st = o.state[p]
+            if isinstance(o, torch.optim.Adagrad):
+                st["sum"] = freeze_v[name] - gt * gt
+                continue
+            if not st:  # the first step: the state torch would create, with our moments
+                st["step"] = torch.tensor(0.0, dtype=torch.float64)
+                if group["momentum"] > 0:
+                    st["momentum_buffer"] = torch.zeros_like(p)
+            a = group["alpha"]
+            st["square_avg"] = (freeze_v[name] - (1 - a) * gt * gt) / a
+            if group["centered"]:
+                st["grad_avg"] = (freeze_v[name + "/grad_avg"] - (1 - a) * gt) / a
 
 
 def _adjust_grads(m: nn.Module, grad_scale: float = 1.0, only: Collection[str] | None = None) -> None:
@@ -163,17 +195,23 @@ def test_lookahead_is_the_real_optimizers_next_iterate(name, with_wd, warm_steps
 
 
 def _frozen_second_moment(model, opt, data, **step) -> dict[str, torch.Tensor] | None:
-    """Adam: the v' (AMSGrad: max(v_max, v')) of the real unperturbed step (``step``: :func:`_real_step`'s
-    ``grad_scale`` / ``only``), by parameter name."""
-    if not isinstance(opt, torch.optim.Adam):
+    """Adam, RMSprop, Adagrad: the new second moment of the real unperturbed step (Adam's v', AMSGrad's
+    max(v_max, v'); RMSprop's v' and, centered, its mean gradient ḡ' as ``name + "/grad_avg"``; Adagrad's sum),
+    by parameter name (``step``: :func:`_real_step`'s ``grad_scale`` / ``only``)."""
+    kind = next((k for k in SECOND_MOMENT if isinstance(opt, k)), None)
+    if kind is None:
         return None
     m, o = copy.deepcopy((model, opt))
     o.zero_grad()
     _weighted_loss(m, data["x"], data["y"], E).backward()
     _adjust_grads(m, **step)
     o.step()
-    key = "max_exp_avg_sq" if o.param_groups[0]["amsgrad"] else "exp_avg_sq"
-    return {n: o.state[p][key].clone() for n, p in m.named_parameters() if p.grad is not None}
+    key = "max_exp_avg_sq" if o.param_groups[0].get("amsgrad") else SECOND_MOMENT[kind]
+    out = {n: o.state[p][key].clone() for n, p in m.named_parameters() if p.grad is not None}
+    if o.param_groups[0].get("centered"):
+        out.update({n + "/grad_avg": o.state[p]["grad_avg"].clone() for n, p in m.named_parameters()
+                    if p.grad is not None})
+    return out
 
 
 def central_differences(step, data, wd: float, h: float = 1e-5) -> tuple[torch.Tensor, float]:
@@ -245,7 +283,8 @@ def test_adam_derivative_is_the_frozen_second_moment_one():
 @pytest.mark.parametrize("opt", [
     lambda p: torch.optim.SGD(p, lr=0.1, maximize=True),
     lambda p: torch.optim.Adam(p, maximize=True),
-    lambda p: torch.optim.RMSprop(p),
+    lambda p: torch.optim.RAdam(p),
+    lambda p: torch.optim.RMSprop(p, maximize=True),
 ])
 def test_unmodelled_optimizer_falls_back_to_sgd_with_a_warning(opt):
     model = MLP()
@@ -300,8 +339,8 @@ def test_rate_update_is_the_chain_rule_through_e_with_non_unit_rates(level):
 @pytest.mark.parametrize("name,with_wd,warm_steps", [c for c in CASES if c[2] == 3])
 def test_row_restricted_lookahead_is_the_real_next_iterate_on_those_rows(name, with_wd, warm_steps):
     """lookahead(rows=...) on a weight matrix: on the given rows, the real opt.step()'s next iterate (and bit for
-    bit the full lookahead's), with clipping; for Adam the tangent from its preconditioner is the full one on
-    those rows and zero elsewhere."""
+    bit the full lookahead's), with clipping; for Adam, RMSprop and Adagrad the tangent from the preconditioner is
+    the full one on those rows and zero elsewhere."""
     model, opt, wd = _build(name, with_wd, warm_steps)
     data = _data()
     params = dict(model.named_parameters())
@@ -319,7 +358,7 @@ def test_row_restricted_lookahead_is_the_real_next_iterate_on_those_rows(name, w
     T_full, T = tangent(g_meta, full_specs), tangent(g_meta, specs)
     assert torch.equal(T["fc1.weight"][rows], T_full["fc1.weight"][rows])
     others = torch.tensor([1, 3, 4, 6])
-    if name.startswith("adam"):  # the preconditioner is known on the rows only
+    if full_specs["fc1.weight"].preconditioned:  # Adam, RMSprop, Adagrad: the preconditioner is known on the rows only
         assert not T["fc1.weight"][others].any() and T_full["fc1.weight"][others].abs().min() > 0
     else:  # SGD: no preconditioner, the tangent is the full one
         assert torch.equal(T["fc1.weight"], T_full["fc1.weight"])

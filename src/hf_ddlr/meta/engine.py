@@ -448,7 +448,7 @@ def meta_gradients(
     ``metric`` (not with ``"exact"``): Adam's second moment of the training gradient, folded in with this step's
     (clipped) gradient of the tensors the optimizer does not precondition (SGD specs); their share of every product
     is then taken in its metric, ``T_p / (sqrt(v̂_p) + eps)`` (:class:`~hf_ddlr.meta.averaging.GradientSecondMoment`).
-    Adam / AdamW specs keep their own preconditioner. The weight decay's meta-gradient stays the real step's.
+    Adam / AdamW, RMSprop and Adagrad specs keep their own preconditioner. The weight decay's meta-gradient stays the real step's.
     """
     _check_arguments(strategy, layer_tape, grads, task, objective)
     if strategy == "exact" and metric is not None:
@@ -559,7 +559,7 @@ def _update_metric(
     """Fold this step's gradient (times the clipping coefficient ``scale``) of the moved tensors the optimizer does
     not precondition into ``metric`` (``known_finite``: :meth:`GradientSecondMoment.update`)."""
     if metric is not None:
-        metric.update({n: grads[n] for n in moved if specs[n].kind != "adam"}, scale, known_finite=known_finite)
+        metric.update({n: grads[n] for n in moved if not specs[n].preconditioned}, scale, known_finite=known_finite)
 
 
 def _in_metric(metric: GradientSecondMoment | None, *tangents: dict[str, torch.Tensor] | None) -> None:

@@ -13,11 +13,17 @@ with an elementwise factor ρ_p that is held independent of ``e``:
   the first step);
 - Adam / AdamW at step ``t`` (1 on the first step, from empty state):
   ``ρ = (1 − β1)/(1 − β1^t) · P`` with ``P = 1/(sqrt(v'/(1 − β2^t)) + eps)`` and the *updated* second
-  moment ``v' = β2·v + (1 − β2)·(g + [coupled] wd·θ)²`` (AMSGrad: ``max(v_max, v')``).
+  moment ``v' = β2·v + (1 − β2)·(g + [coupled] wd·θ)²`` (AMSGrad: ``max(v_max, v')``);
+- RMSprop: ``ρ = P = 1/(sqrt(v') + eps)`` with ``v' = α·v + (1 − α)·(g + wd·θ)²`` (centered: ``v' − ḡ'²``, the
+  updated mean gradient ``ḡ' = α·ḡ + (1 − α)·(g + wd·θ)``); its momentum buffer adds ``P·(g + wd·θ)``, so ρ is
+  the same with momentum;
+- Adagrad: ``ρ = P = 1/(sqrt(s') + eps)`` with the updated sum ``s' = s + (g + wd·θ)²``, at the step's decayed
+  rate ``λ/(1 + (t − 1)·lr_decay)``.
 
-θ' itself is the real optimizer's next iterate, ``v'`` included. For Adam ``v'`` depends on ``e`` too; the
-derivatives hold it constant (``P`` is a constant of this step, as in the real update's preconditioning),
-so for Adam they are those of a step with a frozen second moment, for SGD they are exact. Hence, for any
+θ' itself is the real optimizer's next iterate, its new moments included. For Adam, RMSprop and Adagrad those
+moments depend on ``e`` too; the derivatives hold them constant (``P`` is a constant of this step, as in the
+real update's preconditioning), so for them they are those of a step with a frozen second moment, for SGD they
+are exact. Hence, for any
 meta loss with gradient ``g_meta`` at θ', ``∂L_meta/∂e_i = −(1/N) · T·∇L_i`` with the *tangent*
 ``T_p = λ_p ρ_p ⊙ g_meta_p``, and ``∂L_meta/∂wd = −Σ_decay λ_p (ρ_p if coupled else 1) g_meta_p·θ_p``. The
 strategies only differ in how they evaluate the dots ``T·∇L_i``. Because ``P`` needs ``g``,
@@ -51,13 +57,15 @@ class ParamSpec:
 
     lr: float
     decay: bool = False  # the learned / configured weight decay applies to this tensor
-    kind: Literal["sgd", "adam"] = "sgd"
-    momentum: float = 0.0
+    kind: Literal["sgd", "adam", "rmsprop", "adagrad"] = "sgd"
+    momentum: float = 0.0  # SGD's and RMSprop's
     dampening: float = 0.0
     nesterov: bool = False
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+    alpha: float = 0.99  # RMSprop's smoothing constant
+    centered: bool = False  # RMSprop's
     decoupled: bool = False  # AdamW-style decay (not passed through the preconditioner)
     amsgrad: bool = False
     # the share of the optimizer's step the lookahead takes: θ' = θ + f·(next iterate − θ); the derivatives
@@ -66,11 +74,16 @@ class ParamSpec:
     # the optimizer's tensors for this parameter (read, never written); Adam: exp_avg / exp_avg_sq /
     # max_exp_avg_sq are None and step is 0 before the first step
     state: dict = field(default_factory=dict)
-    # Adam: P = 1/(sqrt(v̂')+eps) of the last lookahead() (v' held constant in the derivatives)
+    # Adam / RMSprop / Adagrad: P = 1/(sqrt(v̂')+eps) of the last lookahead() (v' held constant in the derivatives)
     preconditioner: torch.Tensor | None = field(default=None, repr=False)
     # the rows (of dim 0) the last lookahead() computed, when it was restricted to rows: the preconditioner
     # then holds those rows only, and precondition() is zero elsewhere
     rows: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def preconditioned(self) -> bool:
+        """Whether the optimizer divides this tensor's step by a second moment of its gradients (ρ holds P)."""
+        return self.kind != "sgd"
 
 
 def _adam_like(opt: torch.optim.Optimizer) -> bool:
@@ -85,7 +98,7 @@ def _decoupled(opt: torch.optim.Optimizer, group: dict) -> bool:
 
 def _unmodelled(opt: torch.optim.Optimizer) -> str | None:
     """Why the optimizer-aware lookahead cannot follow ``opt`` (None when it can)."""
-    if not (_adam_like(opt) or isinstance(opt, torch.optim.SGD)):
+    if not (_adam_like(opt) or isinstance(opt, (torch.optim.SGD, torch.optim.RMSprop, torch.optim.Adagrad))):
         return f"does not know {type(opt).__name__}"
     if any(g.get("maximize", False) for g in opt.param_groups):
         return f"does not model {type(opt).__name__}(maximize=True)"
@@ -103,7 +116,7 @@ def param_specs(
 
     ``mode="sgd"`` is the paper's lookahead (plain SGD at the current learning rate, whatever the real
     optimizer is); ``"optimizer"`` follows the real optimizer (SGD with momentum / dampening / Nesterov,
-    Adam, AdamW, AMSGrad), from its first step on. An optimizer or option this module does not model
+    Adam, AdamW, AMSGrad, RMSprop with momentum / centered, Adagrad), from its first step on. An optimizer or option this module does not model
     (another class, ``maximize=True``) falls back to the plain-SGD lookahead with a warning.
     ``step_fraction`` (in [0, 1]): the share of that step the lookahead takes (:func:`lookahead`).
     """
@@ -139,6 +152,17 @@ def param_specs(
                     "max_exp_avg_sq": st.get("max_exp_avg_sq"),
                     "step": float(st["step"]) if "step" in st else 0.0,
                 }
+            elif isinstance(optimizer, torch.optim.RMSprop):
+                spec.kind = "rmsprop"
+                spec.alpha, spec.eps = float(g["alpha"]), float(g["eps"])
+                spec.momentum, spec.centered = float(g.get("momentum", 0.0)), bool(g.get("centered", False))
+                spec.state = {k: st.get(k) for k in ("square_avg", "grad_avg", "momentum_buffer")}
+            elif isinstance(optimizer, torch.optim.Adagrad):
+                spec.kind = "adagrad"
+                spec.eps = float(g["eps"])
+                t = float(st["step"]) + 1.0 if "step" in st else 1.0  # the step this lookahead takes
+                spec.lr /= 1.0 + (t - 1.0) * float(g.get("lr_decay", 0.0))
+                spec.state = {"sum": st.get("sum"), "initial": float(g.get("initial_accumulator_value", 0.0))}
             else:
                 spec.momentum = float(g.get("momentum", 0.0))
                 spec.dampening = float(g.get("dampening", 0.0))
@@ -172,11 +196,13 @@ def _adam_preconditioner(spec: ParamSpec, gt: torch.Tensor) -> torch.Tensor:
 def precondition(spec: ParamSpec, x: torch.Tensor) -> torch.Tensor:
     """ρ ⊙ x: how a change of the gradient moves the next iterate (before the −λ factor). A new tensor, or
     ``x`` itself where ρ = 1."""
-    if spec.kind == "adam":
+    if spec.preconditioned:
         if spec.preconditioner is None:
-            raise RuntimeError("An Adam ParamSpec has no preconditioner yet: call lookahead() with it first.")
-        t = spec.state["step"] + 1.0
-        c_t = (1.0 - spec.beta1) / (1.0 - spec.beta1**t)
+            raise RuntimeError(f"An {spec.kind} ParamSpec has no preconditioner yet: call lookahead() with it first.")
+        c_t = 1.0
+        if spec.kind == "adam":
+            t = spec.state["step"] + 1.0
+            c_t = (1.0 - spec.beta1) / (1.0 - spec.beta1**t)
         if spec.rows is not None:
             rows = _into(spec.preconditioner.to(x.dtype) * c_t, torch.mul, x.index_select(0, spec.rows))
             return torch.zeros_like(x).index_copy_(0, spec.rows, rows)
@@ -215,6 +241,38 @@ def _adam_next(s: ParamSpec, p: torch.Tensor, g: torch.Tensor, wd: float | torch
 def _sub_from(base: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """``base − step``, written into ``step`` (a scratch tensor) unless autograd needs it."""
     return torch.sub(base, step, out=step) if not _needs_graph(base, step) else base - step
+
+
+def _rmsprop_next(s: ParamSpec, p: torch.Tensor, g: torch.Tensor, wd: float | torch.Tensor) -> torch.Tensor:
+    """θ'_p of torch's RMSprop step (coupled decay, momentum, centered); records P = 1/(sqrt(v')+eps) on ``s``,
+    computed from the gradient detached (the new moments held constant in derivatives)."""
+    gt = _into(wd * p, torch.add, g) if s.decay else g
+    gd = gt.detach()
+    v = torch.mul(gd, 1.0 - s.alpha).mul_(gd)
+    if s.state.get("square_avg") is not None:
+        v.add_(s.state["square_avg"].to(gd.dtype) * s.alpha)
+    if s.centered:
+        mean = gd * (1.0 - s.alpha)
+        if s.state.get("grad_avg") is not None:
+            mean.add_(s.state["grad_avg"].to(gd.dtype) * s.alpha)
+        v.sub_(mean * mean)
+    s.preconditioner = v.sqrt_().add_(s.eps).reciprocal_()
+    step = gt * s.preconditioner.to(gt.dtype)
+    if s.momentum and s.state.get("momentum_buffer") is not None:
+        step = _into(step, torch.add, s.momentum * s.state["momentum_buffer"].to(step.dtype))
+    return _sub_from(p, _into(step, torch.mul, s.lr))
+
+
+def _adagrad_next(s: ParamSpec, p: torch.Tensor, g: torch.Tensor, wd: float | torch.Tensor) -> torch.Tensor:
+    """θ'_p of torch's Adagrad step (coupled decay; ``s.lr`` is the step's decayed rate); records
+    P = 1/(sqrt(s')+eps) on ``s``, from the gradient detached (the new sum held constant in derivatives)."""
+    gt = _into(wd * p, torch.add, g) if s.decay else g
+    gd = gt.detach()
+    acc = s.state.get("sum")
+    total = torch.mul(gd, gd).add_(acc.to(gd.dtype) if acc is not None else s.state.get("initial", 0.0))
+    s.preconditioner = total.sqrt_().add_(s.eps).reciprocal_()
+    step = gt * s.preconditioner.to(gt.dtype)
+    return _sub_from(p, _into(step, torch.mul, s.lr))
 
 
 def _sgd_next(s: ParamSpec, p: torch.Tensor, g: torch.Tensor, wd: float | torch.Tensor) -> torch.Tensor:
@@ -257,7 +315,10 @@ def _part_of_step(p: torch.Tensor, theta: torch.Tensor, f: float) -> torch.Tenso
 
 def _next(s: ParamSpec, p: torch.Tensor, g: torch.Tensor, wd: float | torch.Tensor) -> torch.Tensor:
     """θ'_p: the spec's share of its optimizer's step."""
-    return _part_of_step(p, (_adam_next if s.kind == "adam" else _sgd_next)(s, p, g, wd), s.step_fraction)
+    return _part_of_step(p, _NEXT[s.kind](s, p, g, wd), s.step_fraction)
+
+
+_NEXT = {"sgd": _sgd_next, "adam": _adam_next, "rmsprop": _rmsprop_next, "adagrad": _adagrad_next}
 
 
 def lookahead(
