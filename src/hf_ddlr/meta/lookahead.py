@@ -23,10 +23,9 @@ with an elementwise factor ρ_p that is held independent of ``e``:
 θ' itself is the real optimizer's next iterate, its new moments included. For Adam, RMSprop and Adagrad those
 moments depend on ``e`` too; the derivatives hold them constant (``P`` is a constant of this step, as in the
 real update's preconditioning), so for them they are those of a step with a frozen second moment, for SGD they
-are exact. Hence, for any
-meta loss with gradient ``g_meta`` at θ', ``∂L_meta/∂e_i = −(1/N) · T·∇L_i`` with the *tangent*
-``T_p = λ_p ρ_p ⊙ g_meta_p``, and ``∂L_meta/∂wd = −Σ_decay λ_p (ρ_p if coupled else 1) g_meta_p·θ_p``. The
-strategies only differ in how they evaluate the dots ``T·∇L_i``. Because ``P`` needs ``g``,
+are exact. Hence, for any meta loss with gradient ``g_meta`` at θ', ``∂L_meta/∂e_i = −(1/N) · T·∇L_i`` with the
+*tangent* ``T_p = λ_p ρ_p ⊙ g_meta_p``, and ``∂L_meta/∂wd = −Σ_decay λ_p (ρ_p if coupled else 1) g_meta_p·θ_p``.
+The strategies only differ in how they evaluate the dots ``T·∇L_i``. Because ``P`` needs ``g``,
 :func:`lookahead` records it on the specs and :func:`tangent` / :func:`weight_decay_grad` read it there.
 
 Gradient clipping by global norm (the Trainer's ``max_grad_norm``) happens before the optimizer: the real
@@ -116,8 +115,9 @@ def param_specs(
 
     ``mode="sgd"`` is the paper's lookahead (plain SGD at the current learning rate, whatever the real
     optimizer is); ``"optimizer"`` follows the real optimizer (SGD with momentum / dampening / Nesterov,
-    Adam, AdamW, AMSGrad, RMSprop with momentum / centered, Adagrad), from its first step on. An optimizer or option this module does not model
-    (another class, ``maximize=True``) falls back to the plain-SGD lookahead with a warning.
+    Adam, AdamW, AMSGrad, RMSprop with momentum / centered, Adagrad), from its first step on. An optimizer or
+    option this module does not model (another class, ``maximize=True``) falls back to the plain-SGD lookahead
+    with a warning.
     ``step_fraction`` (in [0, 1]): the share of that step the lookahead takes (:func:`lookahead`).
     """
     if not 0.0 <= step_fraction <= 1.0:
