@@ -146,19 +146,32 @@ def test_bert_with_ga_is_not_hit_by_the_loss_scaling_trap(tmp_path, text_data):
 
 
 # ---------------------------------------------------------------- torch_compile
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_torch_compile_trains_as_eager_does(tmp_path, text_data, recwarn, dropout):
-    """``torch_compile=True``: the real forward and backward run compiled, and the meta step still differentiates
-    that graph twice (the lookahead gradient, then the real backward), which a compiled backward donating its
-    buffers refuses. The per-layer products cannot read values inside the compiled graph, so the dots come
-    from forward mode, said once in the log, not in a warning; that pass replays the real forward's dropout
-    masks, which the compiled graph must draw as eager code does. The run matches the eager one (which takes
-    the dots from the per-layer products) step for step."""
+# how a user compiles: the Trainer's flag, or accelerate's dynamo backend (`accelerate config`, which `accelerate
+# launch` passes on as environment variables), whole model or its repeated blocks (regional compilation)
+COMPILE_WAYS = {
+    "torch_compile": ({"torch_compile": True}, {}),
+    "accelerate": ({}, {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"}),
+    "accelerate_regional": ({}, {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR",
+                                 "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "true"}),
+}
+
+
+@pytest.mark.parametrize("way, dropout", [("torch_compile", 0.0), ("torch_compile", 0.1), ("accelerate", 0.1),
+                                          ("accelerate_regional", 0.1)])
+def test_torch_compile_trains_as_eager_does(tmp_path, text_data, recwarn, monkeypatch, way, dropout):
+    """A compiled run (``torch_compile=True`` or accelerate's dynamo backend): the real forward and backward run
+    compiled, and the meta step still differentiates that graph twice (the lookahead gradient, then the real
+    backward), which a compiled backward donating its buffers refuses. The per-layer products cannot read
+    values inside the compiled graph, so the dots come from forward mode, said once in the log, not in a
+    warning; that pass replays the real forward's dropout masks, which the compiled graph must draw as eager
+    code does. The run matches the eager one (which takes the dots from the per-layer products) step for step."""
     torch._dynamo.reset()  # compile afresh: nothing cached from another test's model
     eager = _bert_trainer(tmp_path / "eager", text_data, dropout, per_device_train_batch_size=8)
     eager.train()
-    compiled = _bert_trainer(tmp_path / "compiled", text_data, dropout, per_device_train_batch_size=8,
-                             torch_compile=True)
+    args, env = COMPILE_WAYS[way]
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    compiled = _bert_trainer(tmp_path / "compiled", text_data, dropout, per_device_train_batch_size=8, **args)
     recorded = []  # hooks that would record the layers' outputs inside the compiled graph
 
     def spy(model):
@@ -187,6 +200,12 @@ def test_is_compiled_sees_every_way_of_compiling():
     in_place = TinyMLP()
     in_place.compile()
     assert is_compiled(in_place)
+    regions = TinyMLP()  # blocks compiled one by one (regional compilation), in place or replaced
+    regions.l1.compile()
+    assert is_compiled(regions)
+    regions = TinyMLP()
+    regions.l2 = torch.compile(regions.l2)
+    assert is_compiled(regions)
 
 
 # ---------------------------------------------------------------- Trainer features around the step

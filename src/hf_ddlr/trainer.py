@@ -227,12 +227,18 @@ class MetaLRTrainer(Trainer):
             self._meta_grad_average = self._fresh_average()
             self._rate_metric = GradientSecondMoment() if rate_metric_choice(self.meta_args) == "adam" else None
             self._applied_instance = self._fresh_applied()
-        compiled = self._meta_active and (self.args.torch_compile or is_compiled(self.model))
-        with compiled_like_eager(compiled):
+        with compiled_like_eager(self._meta_active and self._compiles()):
             output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
         if self._meta_active and self.replay is None:  # what the rates followed, as the trained model sees it
             self.meta_set_check = check_meta_set(self)
         return output
+
+    def _compiles(self) -> bool:
+        """Whether this run's forward will run compiled: ``torch_compile=True``, accelerate's dynamo backend
+        (``accelerate config`` / ``ACCELERATE_DYNAMO_BACKEND``), or a model handed over compiled."""
+        plugin = getattr(self.accelerator.state, "dynamo_plugin", None)
+        backend = str(getattr(plugin, "backend", "NO") or "NO").rsplit(".", 1)[-1].upper()
+        return bool(self.args.torch_compile) or backend != "NO" or is_compiled(self.model)
 
     def _fresh_applied(self) -> AppliedInstanceRates | None:
         """The record of the instance rates each example was trained with, when that is not the table: probes move

@@ -71,17 +71,12 @@ def meta_loss_mode(model: nn.Module, dropout: bool) -> Iterator[None]:
 
 
 def is_compiled(model: nn.Module) -> bool:
-    """Whether ``model``'s forward runs compiled (``torch.compile(model)``, ``model.compile()``, or the Trainer's
-    ``torch_compile=True``), looking through wrappers that hold the model as ``.module`` (DDP)."""
-    for _ in range(4):
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            return True
-        if getattr(model, "_compiled_call_impl", None) is not None:  # nn.Module.compile()
-            return True
-        model = getattr(model, "module", None)
-        if not isinstance(model, nn.Module):
-            return False
-    return False
+    """Whether any part of ``model``'s forward runs compiled: the model or one of its modules compiled by
+    ``torch.compile`` / ``Module.compile()`` (the Trainer's ``torch_compile=True``, accelerate's dynamo backend,
+    its regional compilation of repeated blocks), wrappers such as DDP included."""
+    return any(isinstance(getattr(m, "_orig_mod", None), nn.Module)  # torch.compile's OptimizedModule
+               or getattr(m, "_compiled_call_impl", None) is not None  # nn.Module.compile()
+               for m in model.modules())
 
 
 @contextlib.contextmanager
