@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -335,3 +336,44 @@ def test_probes_by_default_for_tasks_with_one_loss_per_example(task, kw, probed,
     moved = int((trainer.rates.instance != 1).sum())
     assert moved > batch if probed else moved == batch
     assert trainer.lr_trajectory.config["probe_batches"] == (1.0 if probed else 0.0)
+
+
+def test_seq2seq_trainer_with_rates_evaluates_by_generation(tmp_path):
+    """``Seq2SeqTrainer``'s generation in evaluation and prediction (``predict_with_generate``) with the rates:
+    a trainer and a config made of MetaLRTrainer / MetaLROptions and Seq2SeqTrainer / Seq2SeqTrainingArguments,
+    as the README shows. The rates move; evaluation and ``predict`` generate (the index column never reaches
+    ``generate``), as a plain Seq2SeqTrainer's do from the same trained model."""
+    from dataclasses import dataclass
+
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    from hf_ddlr import MetaLROptions
+
+    @dataclass
+    class MetaSeq2SeqConfig(MetaLROptions, Seq2SeqTrainingArguments):
+        pass
+
+    class MetaSeq2SeqTrainer(MetaLRTrainer, Seq2SeqTrainer):
+        pass
+
+    task = "seq2seq_lm"
+    common = dict(report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+                  predict_with_generate=True, generation_max_length=6, per_device_eval_batch_size=4)
+    torch.manual_seed(0)
+    args = MetaSeq2SeqConfig(output_dir=str(tmp_path / "meta"), per_device_train_batch_size=4, learning_rate=1e-2,
+                             max_steps=4, eval_strategy="steps", eval_steps=2, **common)
+    generated = lambda p: {"generated_tokens": float((p.predictions > 0).sum())}  # noqa: E731
+    trainer = MetaSeq2SeqTrainer(model=_model(task), args=args, train_dataset=_data(task, 16, 1),
+                                 meta_dataset=_data(task, 8, 2), eval_dataset=_data(task, 8, 3),
+                                 data_collator=_collator(task), compute_metrics=generated)
+    trainer.train()
+    assert not torch.equal(trainer.rates.instance, torch.ones_like(trainer.rates.instance))
+    evals = [h for h in trainer.state.log_history if "eval_generated_tokens" in h]
+    assert len(evals) == 2 and all(h["eval_generated_tokens"] > 0 for h in evals)
+    test = _data(task, 4, 4)
+    got = trainer.predict(test)
+    plain = Seq2SeqTrainer(model=trainer.model, args=Seq2SeqTrainingArguments(output_dir=str(tmp_path / "plain"),
+                                                                             **common),
+                           data_collator=_collator(task))
+    np.testing.assert_array_equal(got.predictions, plain.predict(test).predictions)
+
