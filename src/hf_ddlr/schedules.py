@@ -41,7 +41,7 @@ from .meta.distributed import all_gather_varlen, all_ranks_true, all_reduce_mean
 from .meta.engine import meta_head_features
 from .meta.layerwise import LayerTape, record_layers
 from .meta.layout import MetaLayout
-from .meta.passes import extract_logits, is_compiled
+from .meta.passes import extract_logits
 from .meta.primal_reuse import record_outputs
 from .meta.rows import EmbeddingRows
 
@@ -369,7 +369,7 @@ class SameStepFused(SameStepWindow):
         w = mb.weights.detach()
         # a compiled forward runs the layers inside its graph: hooks there would be traced into it (and the
         # recorded outputs changed the real step's gradient in a measured run), so nothing is recorded
-        compiled = is_compiled(model)
+        compiled = trainer._compiled
         layers = (self.meta.layerwise_dots and self.strategy == "jvp"
                   and check.applies(trainer.model, trainer.args.gradient_checkpointing, compiled=compiled))
         outputs, L, tape = self._forward(model, inputs, mb, head=self.strategy == "last_layer", layers=layers,

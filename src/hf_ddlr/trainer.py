@@ -222,12 +222,13 @@ class MetaLRTrainer(Trainer):
         if self._meta_active and getattr(self, "_has_trained", False):  # a resume then loads the checkpoint's state
             self._init_meta(self.num_labels)
         self._has_trained = True
+        self._compiled = self._meta_active and self._compiles()  # the schedule then records nothing in the forward
         self._schedule = schedule_for(self) if self._meta_active else None
         if self._meta_active:
             self._meta_grad_average = self._fresh_average()
             self._rate_metric = GradientSecondMoment() if rate_metric_choice(self.meta_args) == "adam" else None
             self._applied_instance = self._fresh_applied()
-        with compiled_like_eager(self._meta_active and self._compiles()):
+        with compiled_like_eager(self._compiled):
             output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
         if self._meta_active and self.replay is None:  # what the rates followed, as the trained model sees it
             self.meta_set_check = check_meta_set(self)

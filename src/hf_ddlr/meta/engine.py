@@ -448,7 +448,8 @@ def meta_gradients(
     ``metric`` (not with ``"exact"``): Adam's second moment of the training gradient, folded in with this step's
     (clipped) gradient of the tensors the optimizer does not precondition (SGD specs); their share of every product
     is then taken in its metric, ``T_p / (sqrt(v̂_p) + eps)`` (:class:`~hf_ddlr.meta.averaging.GradientSecondMoment`).
-    Adam / AdamW, RMSprop and Adagrad specs keep their own preconditioner. The weight decay's meta-gradient stays the real step's.
+    Adam / AdamW, RMSprop and Adagrad specs keep their own preconditioner. The weight decay's meta-gradient stays
+    the real step's.
     """
     _check_arguments(strategy, layer_tape, grads, task, objective)
     if strategy == "exact" and metric is not None:
