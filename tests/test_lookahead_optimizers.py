@@ -4,13 +4,15 @@ Everything is checked against an independent computation rather than against ano
 same :func:`~hf_ddlr.meta.lookahead.lookahead`:
 
 - θ' must equal the iterate that a real ``torch.optim`` step on the weighted loss ``(1/N) Σ e_i L_i``
-  produces (SGD with momentum / dampening / Nesterov, Adam with coupled L2, AdamW, AMSGrad; with and
-  without weight decay; on the first step from empty state and after warm steps), in float64.
+  produces (SGD with momentum / dampening / Nesterov, Adam with coupled L2, AdamW, AMSGrad, RMSprop, Adagrad,
+  transformers' and torch's Adafactor; with and without weight decay; on the first step from empty state and
+  after warm steps), in float64.
 - ``∂L_meta(θ')/∂e_i`` and ``∂L_meta/∂wd`` from every engine strategy must equal central finite
   differences taken through the real optimizer step. For SGD this is the exact derivative. For Adam the
   library documents that the derivative holds the step's new second moment ``v'`` constant, so the brute
   force does the same to the real step: before each perturbed step the state's ``exp_avg_sq`` is set so
-  that torch's own update lands on the unperturbed ``v'`` (everything else is torch's arithmetic).
+  that torch's own update lands on the unperturbed ``v'`` (everything else is torch's arithmetic); for
+  Adafactor the clipping threshold is set too, so that its update clipping divides by the unperturbed factor.
 - ``lr_level="both"`` with non-unit instance and class rates: the table step equals ``meta_lr`` times the
   autograd gradient of ``Σ_i e_i·g_i`` through ``e_i = w_inst[idx_i]·w_class[y_i]`` (duplicate rows too).
 """
@@ -24,6 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.optimization import Adafactor
 
 from hf_ddlr.meta import MetaBatch, MicroBatch, RateTable, lookahead, meta_gradients, param_specs, tangent
 
@@ -59,7 +62,12 @@ OPTIMIZERS: dict[str, tuple[Callable[[list[dict]], torch.optim.Optimizer], tuple
     "rmsprop_momentum_centered": (lambda g: torch.optim.RMSprop(g, alpha=0.9, momentum=0.8, centered=True),
                                   (1e-2, 3e-3), 1e-2),
     "adagrad": (lambda g: torch.optim.Adagrad(g, lr_decay=0.05, initial_accumulator_value=0.1), (1e-1, 3e-2), 1e-2),
+    # the Trainer's optim="adafactor" (a rate given, no relative step, no parameter scale)
+    "adafactor": (lambda g: Adafactor(g, scale_parameter=False, relative_step=False), (1e-2, 3e-3), 1e-1),
+    "adafactor_relative_beta1": (lambda g: Adafactor(g, lr=None, beta1=0.8, clip_threshold=0.5), (0.0, 0.0), 1e-1),
+    "torch_adafactor": (lambda g: torch.optim.Adafactor(g), (1e-2, 3e-3), 1e-1),
 }
+ADAFACTORS = tuple(n for n in OPTIMIZERS if "adafactor" in n)
 # the state tensor each preconditioned optimizer's step divides by (the brute force freezes its new value)
 SECOND_MOMENT = {torch.optim.Adam: "exp_avg_sq", torch.optim.RMSprop: "square_avg", torch.optim.Adagrad: "sum"}
 
@@ -85,6 +93,9 @@ def _build(name: str, with_wd: bool, warm_steps: int, seed: int = 0):
         {"params": [named[n] for n in DECAY], "lr": lr_d, "weight_decay": wd},
         {"params": [p for n, p in named.items() if n not in DECAY], "lr": lr_n, "weight_decay": 0.0},
     ]
+    groups[0]["test_decay"], groups[1]["test_decay"] = True, False  # (the group _real_step's ``wd`` overrides)
+    if name in ADAFACTORS:  # one group per tensor: the brute force sets each tensor's clipping threshold
+        groups = [{**grp, "params": [p]} for grp in groups for p in grp["params"]]
     opt = factory(groups)
     g = torch.Generator().manual_seed(seed + 100)
     for _ in range(warm_steps):
@@ -113,11 +124,15 @@ def _real_step(model: nn.Module, opt: torch.optim.Optimizer, data, e: torch.Tens
     """
     m, o = copy.deepcopy((model, opt))
     if wd is not None:
-        o.param_groups[0]["weight_decay"] = wd
+        for group in o.param_groups:
+            if group["test_decay"]:
+                group["weight_decay"] = wd
     o.zero_grad()
     _weighted_loss(m, data["x"], data["y"], e).backward()
     _adjust_grads(m, grad_scale, only)
-    if freeze_v is not None and not isinstance(o, torch.optim.Adam):
+    if freeze_v is not None and _is_adafactor(o):
+        _freeze_adafactor(m, o, freeze_v)
+    elif freeze_v is not None and not isinstance(o, torch.optim.Adam):
         _freeze_rmsprop_or_adagrad(m, o, freeze_v)
     elif freeze_v is not None:
         for group in o.param_groups:
@@ -164,6 +179,56 @@ def _freeze_rmsprop_or_adagrad(m: nn.Module, o: torch.optim.Optimizer, freeze_v:
                 st["grad_avg"] = (freeze_v[name + "/grad_avg"] - (1 - a) * gt) / a
 
 
+def _is_adafactor(o: torch.optim.Optimizer) -> bool:
+    return isinstance(o, (Adafactor, torch.optim.Adafactor))
+
+
+def _adafactor_moments(o: torch.optim.Optimizer, p: torch.Tensor) -> tuple[str, ...]:
+    """The names of the second-moment state of ``p`` in ``o`` (row and column means, or the whole moment)."""
+    if isinstance(o, Adafactor):
+        return ("exp_avg_sq_row", "exp_avg_sq_col") if p.dim() >= 2 else ("exp_avg_sq",)
+    return ("row_var", "col_var") if p.dim() >= 2 else ("variance",)
+
+
+def _adafactor_update(o: torch.optim.Optimizer, group: dict, moments: list[torch.Tensor], g: torch.Tensor):
+    """The unclipped Adafactor direction ``g/sqrt(v̂)`` of the given (new) second moment, as each library
+    writes it (transformers: ``optimization.Adafactor._approx_sq_grad``; torch: ``_single_tensor_adafactor``)."""
+    if isinstance(o, Adafactor):
+        if len(moments) == 2:
+            return Adafactor._approx_sq_grad(*moments) * g
+        return moments[0].rsqrt() * g
+    eps1 = group["eps"][0] if group["eps"][0] is not None else torch.finfo(g.dtype).eps
+    v = moments[0] @ moments[1] / moments[0].mean(-2, keepdim=True).clamp(min=eps1) if len(moments) == 2 else moments[0]
+    return v.clamp(min=eps1 * eps1).rsqrt() * g
+
+
+def _threshold_key(o: torch.optim.Optimizer) -> str:
+    return "clip_threshold" if isinstance(o, Adafactor) else "d"
+
+
+def _freeze_adafactor(m: nn.Module, o: torch.optim.Optimizer, freeze: dict[str, torch.Tensor]) -> None:
+    """Set the copy's state and clipping threshold so that the library's own Adafactor step lands on the
+    frozen second moment (``v ← (1 − w)·v + w·(g² [+ eps1])``, w = t**decay_rate, inverted; t ≥ 2) and divides
+    its update by the frozen clipping factor (one tensor per group)."""
+    for group in o.param_groups:
+        (p,) = group["params"]
+        if p.grad is None:
+            continue
+        name = next(n for n, q in m.named_parameters() if q is p)
+        st = o.state[p]
+        t = float(st["step"]) + 1
+        w = t ** group["decay_rate" if isinstance(o, Adafactor) else "beta2_decay"]
+        sq = p.grad * p.grad + (group["eps"][0] if isinstance(o, Adafactor) else 0.0)
+        keys = _adafactor_moments(o, p)
+        news = (sq.mean(-1), sq.mean(-2)) if isinstance(o, Adafactor) and len(keys) == 2 else (
+            (sq.mean(-1, keepdim=True), sq.mean(-2, keepdim=True)) if len(keys) == 2 else (sq,))
+        for k, new in zip(keys, news):
+            st[k] = (freeze[f"{name}/{k}"] - w * new) / (1 - w)
+        rms = float(_adafactor_update(o, group, [freeze[f"{name}/{k}"] for k in keys], p.grad).pow(2).mean().sqrt())
+        clip = float(freeze[f"{name}/clip"])
+        group[_threshold_key(o)] = rms / clip if clip > 1 else float("inf")
+
+
 def _adjust_grads(m: nn.Module, grad_scale: float = 1.0, only: Collection[str] | None = None) -> None:
     for n, p in m.named_parameters():
         p.grad = None if only is not None and n not in only else p.grad * grad_scale
@@ -197,7 +262,26 @@ def test_lookahead_is_the_real_optimizers_next_iterate(name, with_wd, warm_steps
 def _frozen_second_moment(model, opt, data, **step) -> dict[str, torch.Tensor] | None:
     """Adam, RMSprop, Adagrad: the new second moment of the real unperturbed step (Adam's v', AMSGrad's
     max(v_max, v'); RMSprop's v' and, centered, its mean gradient ḡ' as ``name + "/grad_avg"``; Adagrad's sum),
-    by parameter name (``step``: :func:`_real_step`'s ``grad_scale`` / ``only``)."""
+    by parameter name (``step``: :func:`_real_step`'s ``grad_scale`` / ``only``). Adafactor: its new row and column
+    means (or moment) as ``name + "/" + state key``, and the factor its update clipping divides by (``"/clip"``)."""
+    if _is_adafactor(opt):
+        m, o = copy.deepcopy((model, opt))
+        o.zero_grad()
+        _weighted_loss(m, data["x"], data["y"], E).backward()
+        _adjust_grads(m, **step)
+        grads = {p: p.grad.clone() for p in m.parameters() if p.grad is not None}
+        o.step()
+        out = {}
+        for group in o.param_groups:
+            (p,) = group["params"]
+            if p not in grads:
+                continue
+            name = next(n for n, q in m.named_parameters() if q is p)
+            keys = _adafactor_moments(o, p)
+            out.update({f"{name}/{k}": o.state[p][k].clone() for k in keys})
+            rms = _adafactor_update(o, group, [o.state[p][k] for k in keys], grads[p]).pow(2).mean().sqrt()
+            out[f"{name}/clip"] = (rms / group[_threshold_key(o)]).clamp(min=1.0)
+        return out
     kind = next((k for k in SECOND_MOMENT if isinstance(opt, k)), None)
     if kind is None:
         return None
@@ -233,8 +317,13 @@ def _brute_force(model, opt, data, wd: float, h: float = 1e-5) -> tuple[torch.Te
     return central_differences(lambda e, w: _real_step(model, opt, data, e, wd=w, freeze_v=frozen), data, wd, h)
 
 
+# Adafactor's first step takes its second moment from that step's gradient alone (no state to freeze it by):
+# its brute force starts from warm steps, with and without decay
+FD_CASES = [c for c in CASES if (c[2] > 0 if c[0] in ADAFACTORS else c[1] or c[2] == 0)]
+
+
 @pytest.mark.parametrize("strategy", ["jvp", "exact", "finite_difference"])
-@pytest.mark.parametrize("name,with_wd,warm_steps", [c for c in CASES if c[1] or c[2] == 0])
+@pytest.mark.parametrize("name,with_wd,warm_steps", FD_CASES)
 def test_meta_gradient_matches_finite_differences_through_the_real_step(strategy, name, with_wd, warm_steps):
     """∂L_meta/∂e_i and ∂L_meta/∂wd from the engine == brute force through torch's optimizer (float64).
 
@@ -358,7 +447,9 @@ def test_row_restricted_lookahead_is_the_real_next_iterate_on_those_rows(name, w
     T_full, T = tangent(g_meta, full_specs), tangent(g_meta, specs)
     assert torch.equal(T["fc1.weight"][rows], T_full["fc1.weight"][rows])
     others = torch.tensor([1, 3, 4, 6])
-    if full_specs["fc1.weight"].preconditioned:  # Adam, RMSprop, Adagrad: the preconditioner is known on the rows only
+    if name in ADAFACTORS:  # every row's step depends on every row (column means, clipping): computed whole
+        assert torch.equal(T["fc1.weight"], T_full["fc1.weight"]) and T["fc1.weight"][others].abs().min() > 0
+    elif full_specs["fc1.weight"].preconditioned:  # Adam, RMSprop, Adagrad: the preconditioner is known on the rows only
         assert not T["fc1.weight"][others].any() and T_full["fc1.weight"][others].abs().min() > 0
     else:  # SGD: no preconditioner, the tangent is the full one
         assert torch.equal(T["fc1.weight"], T_full["fc1.weight"])

@@ -200,7 +200,8 @@ class _Params(TrainerCallback):
     ("sgd", 1, dict(optim_args="momentum=0.9", layerwise_dots=True)),  # fused step, per-layer dots
     ("sgd", 1, dict(optim_args="momentum=0.9,nesterov=True", meta_update="delayed")),  # the real step's .grad
     ("adamw_torch", 2, dict(adam_epsilon=1e-3)),  # a two-micro-batch window (meta step before the forward)
-], ids=["sgdm-fused", "nesterov-delayed", "adamw-ga2"])
+    ("adafactor", 1, dict()),  # transformers' Adafactor: factored second moment, update clipping, decoupled decay
+], ids=["sgdm-fused", "nesterov-delayed", "adamw-ga2", "adafactor"])
 def test_trainer_lookahead_is_the_real_clipped_step(tmp_path, theta_spy, optim, ga, extra):
     """meta_lr=0 keeps every rate at 1, so the real step uses the lookahead's weights: the θ' of step k is the
     model after step k, clipping (max_grad_norm) and weight decay included."""

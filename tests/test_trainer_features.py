@@ -238,10 +238,11 @@ def test_trainer_features_around_the_step_leave_the_run_unchanged(tmp_path, feat
         assert torch.equal(p, q), n
 
 
-@pytest.mark.parametrize("optim", ["rmsprop", "adagrad"])
-def test_the_trainers_rmsprop_and_adagrad_get_the_optimizer_aware_lookahead(tmp_path, optim, recwarn):
-    """``optim="rmsprop"`` / ``"adagrad"``: the lookahead follows them (no fallback to the paper's plain-SGD
-    lookahead, which warns), and the products are taken in their own metric, not Adam's added on top."""
+@pytest.mark.parametrize("optim", ["rmsprop", "adagrad", "adafactor"])
+def test_the_trainers_preconditioned_optimizers_get_the_optimizer_aware_lookahead(tmp_path, optim, recwarn):
+    """``optim="rmsprop"`` / ``"adagrad"`` / ``"adafactor"`` (transformers' Adafactor): the lookahead follows them
+    (no fallback to the paper's plain-SGD lookahead, which warns), and the products are taken in their own
+    metric, not Adam's added on top."""
     t = _tiny_run(tmp_path, optim=optim, learning_rate=0.01)
     assert not [w for w in recwarn if "lookahead" in str(w.message)], [str(w.message) for w in recwarn]
     assert t._rate_metric is not None and t._rate_metric.second_moment == {}  # nothing to divide by twice

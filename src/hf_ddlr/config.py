@@ -230,8 +230,9 @@ class MetaLROptions:
     lookahead: str = _option(
         "optimizer",
         "'optimizer' (default): the lookahead is the real optimizer's next iterate — the gradient "
-        "clipped to max_grad_norm as the Trainer does, then momentum SGD, or Adam/AdamW, RMSprop or Adagrad "
-        "with this step's second moment held constant in the derivatives, so the meta-gradient is preconditioned "
+        "clipped to max_grad_norm as the Trainer does, then momentum SGD, or Adam/AdamW, RMSprop, Adagrad or "
+        "Adafactor (transformers' and torch's) with this step's second moment (and Adafactor's update clipping) "
+        "held constant in the derivatives, so the meta-gradient is preconditioned "
         "like the real update (another optimizer: the 'sgd' lookahead, with a warning). 'sgd': the paper's "
         "plain-SGD lookahead at the current learning rate (no clipping, no momentum); with the Trainer's default clipping its step is often many times the real one and the "
         "meta-gradient then mostly measures that overshoot (docs/robustness.md).",
@@ -249,14 +250,15 @@ class MetaLROptions:
     rate_metric: str = _option(
         "auto",
         "The metric in which every example's gradient is compared with the meta gradient. 'optimizer': the real "
-        "step's, i.e. the paper's meta-gradient (Adam/AdamW, RMSprop and Adagrad divide each coordinate by the root "
+        "step's, i.e. the paper's meta-gradient (Adam/AdamW, RMSprop, Adagrad and Adafactor divide each coordinate "
+        "by the root "
         "of their second moment; SGD, with or without momentum, does not). 'adam': where the optimizer does not "
         "precondition its step, each parameter's share of the products is divided as an Adam step would divide it, by the root of a "
         "running mean (0.999, bias-corrected) of its squared clipped training gradient (folded in at every meta "
         "step), so that the coordinates with the largest gradients (a deep network's lower layers, normalisation "
         "parameters) do not set the products alone; one more parameter-sized fp32 buffer. 'auto' (default): 'adam', except under "
-        "meta_strategy='exact' (which differentiates the real lookahead: 'optimizer'). Under Adam/AdamW, RMSprop "
-        "and Adagrad both are the same. On plain-SGD recipes 'adam' ranked mislabelled examples better (a ResNet: "
+        "meta_strategy='exact' (which differentiates the real lookahead: 'optimizer'). Under Adam/AdamW, RMSprop, "
+        "Adagrad and Adafactor both are the same. On plain-SGD recipes 'adam' ranked mislabelled examples better (a ResNet: "
         "AUROC 0.87 -> 0.90), with momentum it made no difference (docs/robustness.md, 'The products in Adam's metric'). The weight "
         "decay's meta-gradient stays the real step's.",
         choices=RATE_METRICS,

@@ -18,13 +18,20 @@ with an elementwise factor ρ_p that is held independent of ``e``:
   updated mean gradient ``ḡ' = α·ḡ + (1 − α)·(g + wd·θ)``); its momentum buffer adds ``P·(g + wd·θ)``, so ρ is
   the same with momentum;
 - Adagrad: ``ρ = P = 1/(sqrt(s') + eps)`` with the updated sum ``s' = s + (g + wd·θ)²``, at the step's decayed
-  rate ``λ/(1 + (t − 1)·lr_decay)``.
+  rate ``λ/(1 + (t − 1)·lr_decay)``;
+- Adafactor (transformers' ``Adafactor``, the Trainer's ``optim="adafactor"``, and ``torch.optim.Adafactor``):
+  ``ρ = c·(1 − β1)·P`` with ``P = 1/sqrt(v̂')`` of the updated second moment ``v̂'`` (factored into row and column
+  means for tensors of two or more dimensions), ``c = 1/max(1, RMS(P ⊙ g)/d)`` the update clipping and ``1 − β1``
+  only when transformers' first moment (``beta1``) is on; ``λ`` is the step's rate (relative to the step number
+  and scaled by the parameter's RMS where the optimizer says so) and the decay is decoupled,
+  ``θ·(1 − wd·λ_wd)`` with the same rate (transformers) or the group's ``lr`` (torch).
 
 θ' itself is the real optimizer's next iterate, its new moments included. For Adam, RMSprop and Adagrad those
-moments depend on ``e`` too; the derivatives hold them constant (``P`` is a constant of this step, as in the
-real update's preconditioning), so for them they are those of a step with a frozen second moment, for SGD they
+moments (and Adafactor's clipping factor ``c``) depend on ``e`` too; the derivatives hold them constant (``P``
+is a constant of this step, as in the real update's preconditioning), so for them they are those of a step with a frozen second moment, for SGD they
 are exact. Hence, for any meta loss with gradient ``g_meta`` at θ', ``∂L_meta/∂e_i = −(1/N) · T·∇L_i`` with the
-*tangent* ``T_p = λ_p ρ_p ⊙ g_meta_p``, and ``∂L_meta/∂wd = −Σ_decay λ_p (ρ_p if coupled else 1) g_meta_p·θ_p``.
+*tangent* ``T_p = λ_p ρ_p ⊙ g_meta_p``, and ``∂L_meta/∂wd = −Σ_decay λ_p (ρ_p if coupled else 1) g_meta_p·θ_p``
+(decoupled: with the rate the decay is applied at).
 The strategies only differ in how they evaluate the dots ``T·∇L_i``. Because ``P`` needs ``g``,
 :func:`lookahead` records it on the specs and :func:`tangent` / :func:`weight_decay_grad` read it there.
 
@@ -56,7 +63,7 @@ class ParamSpec:
 
     lr: float
     decay: bool = False  # the learned / configured weight decay applies to this tensor
-    kind: Literal["sgd", "adam", "rmsprop", "adagrad"] = "sgd"
+    kind: Literal["sgd", "adam", "rmsprop", "adagrad", "adafactor"] = "sgd"
     momentum: float = 0.0  # SGD's and RMSprop's
     dampening: float = 0.0
     nesterov: bool = False
@@ -67,6 +74,13 @@ class ParamSpec:
     centered: bool = False  # RMSprop's
     decoupled: bool = False  # AdamW-style decay (not passed through the preconditioner)
     amsgrad: bool = False
+    # Adafactor: which implementation ("transformers" or "torch"), its clipping threshold d, the weight of the
+    # new squared gradient in the second moment (t**decay_rate) and the rate of its decoupled decay (the step's
+    # own rate in transformers', the group's lr in torch's); beta1 = 0: no first moment
+    variant: str = ""
+    clip_threshold: float = 1.0
+    new_moment_weight: float = 1.0
+    decay_lr: float | None = None
     # the share of the optimizer's step the lookahead takes: θ' = θ + f·(next iterate − θ); the derivatives
     # (the tangent, the weight decay's meta-gradient) stay those of the whole step (see lookahead())
     step_fraction: float = 1.0
@@ -95,9 +109,26 @@ def _decoupled(opt: torch.optim.Optimizer, group: dict) -> bool:
     return isinstance(opt, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
 
 
+# the param-group options of transformers' Adafactor (read by duck typing: meta/ does not import transformers)
+_HF_ADAFACTOR_OPTIONS = frozenset({"eps", "clip_threshold", "decay_rate", "beta1", "weight_decay", "scale_parameter",
+                                   "relative_step", "warmup_init"})
+
+
+def _adafactor_variant(opt: torch.optim.Optimizer) -> str | None:
+    """``"torch"`` for ``torch.optim.Adafactor``, ``"transformers"`` for transformers' ``Adafactor`` (the
+    Trainer's ``optim="adafactor"``), None for any other optimizer."""
+    torch_adafactor = getattr(torch.optim, "Adafactor", None)  # torch >= 2.5
+    if torch_adafactor is not None and isinstance(opt, torch_adafactor):
+        return "torch"
+    if type(opt).__name__ == "Adafactor" and all(_HF_ADAFACTOR_OPTIONS <= set(g) for g in opt.param_groups):
+        return "transformers"
+    return None
+
+
 def _unmodelled(opt: torch.optim.Optimizer) -> str | None:
     """Why the optimizer-aware lookahead cannot follow ``opt`` (None when it can)."""
-    if not (_adam_like(opt) or isinstance(opt, (torch.optim.SGD, torch.optim.RMSprop, torch.optim.Adagrad))):
+    known = (torch.optim.SGD, torch.optim.RMSprop, torch.optim.Adagrad)
+    if not (_adam_like(opt) or isinstance(opt, known) or _adafactor_variant(opt)):
         return f"does not know {type(opt).__name__}"
     if any(g.get("maximize", False) for g in opt.param_groups):
         return f"does not model {type(opt).__name__}(maximize=True)"
@@ -115,7 +146,8 @@ def param_specs(
 
     ``mode="sgd"`` is the paper's lookahead (plain SGD at the current learning rate, whatever the real
     optimizer is); ``"optimizer"`` follows the real optimizer (SGD with momentum / dampening / Nesterov,
-    Adam, AdamW, AMSGrad, RMSprop with momentum / centered, Adagrad), from its first step on. An optimizer or
+    Adam, AdamW, AMSGrad, RMSprop with momentum / centered, Adagrad, transformers' and torch's Adafactor),
+    from its first step on. An optimizer or
     option this module does not model (another class, ``maximize=True``) falls back to the plain-SGD lookahead
     with a warning.
     ``step_fraction`` (in [0, 1]): the share of that step the lookahead takes (:func:`lookahead`).
@@ -131,7 +163,7 @@ def param_specs(
             stacklevel=2,
         )
         mode = "sgd"
-    is_adam = _adam_like(optimizer)
+    is_adam, adafactor = _adam_like(optimizer), _adafactor_variant(optimizer)
     specs: dict[str, ParamSpec] = {}
     for name, p in named_params.items():
         g = group_of.get(id(p))
@@ -157,6 +189,8 @@ def param_specs(
                 spec.alpha, spec.eps = float(g["alpha"]), float(g["eps"])
                 spec.momentum, spec.centered = float(g.get("momentum", 0.0)), bool(g.get("centered", False))
                 spec.state = {k: st.get(k) for k in ("square_avg", "grad_avg", "momentum_buffer")}
+            elif adafactor is not None:
+                _describe_adafactor(spec, adafactor, g, st, p)
             elif isinstance(optimizer, torch.optim.Adagrad):
                 spec.kind = "adagrad"
                 spec.eps = float(g["eps"])
@@ -171,6 +205,67 @@ def param_specs(
                     spec.state = {"momentum_buffer": st["momentum_buffer"]}
         specs[name] = spec
     return specs
+
+
+def _rms(x: torch.Tensor) -> float:
+    """Root mean square of a tensor's entries (a host read: the optimizers themselves read it)."""
+    x = x.detach()
+    return float((x if x.dtype in (torch.float32, torch.float64) else x.float()).norm(2)) / math.sqrt(x.numel())
+
+
+def _describe_adafactor(spec: ParamSpec, variant: str, group: dict, st: dict, p: torch.Tensor) -> None:
+    """Fill ``spec`` with the coming Adafactor step of ``p``: its rate (relative step, parameter scale), the
+    second-moment weight and options, and the state it reads."""
+    t = float(st["step"]) + 1.0 if "step" in st else 1.0  # the step this lookahead takes
+    spec.kind, spec.variant, spec.decoupled = "adafactor", variant, True
+    spec.new_moment_weight = t ** float(group["decay_rate" if variant == "transformers" else "beta2_decay"])
+    if variant == "transformers":
+        eps1, eps2 = (float(e) for e in group["eps"])
+        rate = float(group["lr"]) if group["lr"] is not None else 0.0
+        if group["relative_step"]:
+            rate = min(1e-6 * t if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(t))
+        spec.lr = rate * (max(eps2, _rms(p)) if group["scale_parameter"] else 1.0)
+        spec.eps, spec.clip_threshold = eps1, float(group["clip_threshold"])
+        spec.beta1 = float(group["beta1"]) if group["beta1"] is not None else 0.0
+        spec.decay_lr = spec.lr
+        spec.state = {k: st.get(k) for k in ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")}
+    else:
+        eps1, eps2 = group["eps"]
+        spec.lr = max(float(eps2), _rms(p)) * min(float(group["lr"]), 1.0 / math.sqrt(t))
+        spec.eps = float(eps1) if eps1 is not None else torch.finfo(p.dtype).eps
+        spec.clip_threshold, spec.beta1 = float(group["d"]), 0.0
+        spec.decay_lr = float(group["lr"])
+        spec.state = {k: st.get(k) for k in ("row_var", "col_var", "variance")}
+
+
+def _adafactor_preconditioner(s: ParamSpec, g: torch.Tensor) -> torch.Tensor:
+    """ρ = c·(1 − β1)·P of the coming Adafactor step, from the gradient detached: P = 1/sqrt(v̂') of the
+    updated (factored) second moment, c the update clipping (both held constant in derivatives)."""
+    gd, w, st = g.detach(), s.new_moment_weight, s.state
+    sq = gd * gd
+    if s.variant == "transformers":
+        sq.add_(s.eps)
+        if gd.dim() >= 2:
+            row, col = sq.mean(-1), sq.mean(-2)
+            if st.get("exp_avg_sq_row") is not None:
+                row = torch.lerp(st["exp_avg_sq_row"].to(gd.dtype), row, w)
+                col = torch.lerp(st["exp_avg_sq_col"].to(gd.dtype), col, w)
+            pre = (row / row.mean(-1, keepdim=True)).rsqrt_().unsqueeze(-1) * col.unsqueeze(-2).rsqrt()
+        else:
+            v = sq if st.get("exp_avg_sq") is None else torch.lerp(st["exp_avg_sq"].to(gd.dtype), sq, w)
+            pre = v.rsqrt()
+    else:
+        if gd.dim() >= 2:
+            row, col = sq.mean(-1, keepdim=True), sq.mean(-2, keepdim=True)
+            if st.get("row_var") is not None:
+                row = torch.lerp(st["row_var"].to(gd.dtype), row, w)
+                col = torch.lerp(st["col_var"].to(gd.dtype), col, w)
+            v = (row @ col).div_(row.mean(-2, keepdim=True).clamp_(min=s.eps))
+        else:
+            v = sq if st.get("variance") is None else torch.lerp(st["variance"].to(gd.dtype), sq, w)
+        pre = v.clamp(min=s.eps * s.eps).rsqrt_()
+    clip = (torch.linalg.vector_norm(pre * gd) / (math.sqrt(gd.numel()) * s.clip_threshold)).clamp_(min=1.0)
+    return pre.div_(clip).mul_(1.0 - s.beta1)  # (the factor stays on the device: no host read)
 
 
 def _adam_preconditioner(spec: ParamSpec, gt: torch.Tensor) -> torch.Tensor:
@@ -275,6 +370,17 @@ def _adagrad_next(s: ParamSpec, p: torch.Tensor, g: torch.Tensor, wd: float | to
     return _sub_from(p, _into(step, torch.mul, s.lr))
 
 
+def _adafactor_next(s: ParamSpec, p: torch.Tensor, g: torch.Tensor, wd: float | torch.Tensor) -> torch.Tensor:
+    """θ'_p of an Adafactor step (transformers' or torch's; decoupled decay, transformers' first moment);
+    records ρ = c·(1 − β1)·P on ``s``."""
+    s.preconditioner = _adafactor_preconditioner(s, g)
+    step = _into(g * s.preconditioner.to(g.dtype), torch.mul, s.lr)
+    if s.beta1 and s.state.get("exp_avg") is not None:  # its average of the steps (already at their rates)
+        step = _into(step, torch.add, s.beta1 * s.state["exp_avg"].to(step.dtype))
+    base = p * (1.0 - s.decay_lr * wd) if s.decay else p
+    return _sub_from(base, step)
+
+
 def _sgd_next(s: ParamSpec, p: torch.Tensor, g: torch.Tensor, wd: float | torch.Tensor) -> torch.Tensor:
     """θ'_p of torch's SGD step (momentum, dampening, Nesterov)."""
     d = _into(wd * p, torch.add, g) if s.decay else g
@@ -318,7 +424,8 @@ def _next(s: ParamSpec, p: torch.Tensor, g: torch.Tensor, wd: float | torch.Tens
     return _part_of_step(p, _NEXT[s.kind](s, p, g, wd), s.step_fraction)
 
 
-_NEXT = {"sgd": _sgd_next, "adam": _adam_next, "rmsprop": _rmsprop_next, "adagrad": _adagrad_next}
+_NEXT = {"sgd": _sgd_next, "adam": _adam_next, "rmsprop": _rmsprop_next, "adagrad": _adagrad_next,
+         "adafactor": _adafactor_next}
 
 
 def lookahead(
@@ -347,13 +454,15 @@ def lookahead(
     ``rows`` (without a graph): for the named tensors, compute θ' (and the preconditioner) on these rows only
     — a large embedding table of which the meta forward reads a few rows and the dots a few others. The
     other rows of those θ' tensors are unspecified: whoever passes ``rows`` guarantees that nothing reads them.
+    Adafactor's step of a row depends on every row (the column means of its second moment, the clipping), so
+    its tensors are computed whole.
     """
     out: dict[str, torch.Tensor] = {}
     for name, p in params.items():
         s, g = specs[name], grads[name]
         s.rows = None
         wd = weight_decay if s.decay else 0.0
-        if rows and name in rows and not _needs_graph(p, g, wd):
+        if rows and name in rows and s.kind != "adafactor" and not _needs_graph(p, g, wd):
             out[name] = _rows_next(s, p, g, wd, rows[name], grad_scale)
             continue
         if grad_scale != 1.0:
@@ -386,9 +495,9 @@ def weight_decay_grad(
         s = specs[n]
         if not s.decay:
             continue
-        coupled = not (s.kind == "adam" and s.decoupled)
-        v = precondition(s, g) if coupled else g
-        term = (v.double() * params[n].detach().double()).sum() * -s.lr
+        v = g if s.decoupled else precondition(s, g)
+        rate = s.decay_lr if s.decay_lr is not None else s.lr
+        term = (v.double() * params[n].detach().double()).sum() * -rate
         total = (torch.zeros((), dtype=torch.float64, device=term.device) if total is None else total) + term
     value = float(total) if total is not None else 0.0
     if not math.isfinite(value):
