@@ -329,6 +329,50 @@ def test_trainer_falls_back_to_forward_mode(tmp_path, monkeypatch, kind):
     torch.testing.assert_close(a.rates.instance, b.rates.instance)
 
 
+class _RepeatedLookup(nn.Module):
+    """Dropout, then a batch-1 embedding lookup repeated per example (as PEFT's prompt tuning builds its virtual
+    tokens): the per-layer recording's expansion of that lookup to the batch breaks the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.drop, self.pos = TinyMLP(hidden=16), nn.Dropout(0.3), nn.Embedding(4, 6)
+
+    def forward(self, x, labels=None):
+        h = self.drop(x)  # (draws from the step's dropout stream before the lookup fails)
+        p = self.pos(torch.arange(4)[None]).repeat(x.shape[0], 1, 1).mean(1)
+        return SequenceClassifierOutput(logits=self.net.l2(F.relu(self.net.l1(h + p))))
+
+
+def test_a_forward_the_recording_breaks_runs_again_without_it(tmp_path):
+    """The first step's forward fails on the expanded lookup: the run warns, takes forward mode, and trains
+    exactly like a run that never recorded — the retried forward draws the same dropout masks."""
+    def run(layerwise, out):
+        torch.manual_seed(0)
+        t = _mlp_trainer(_RepeatedLookup(), out, layerwise_dots=layerwise, max_steps=3)
+        t.train()
+        return t
+
+    with pytest.warns(UserWarning, match="batch-1 embedding output expanded to the batch"):
+        a = run(True, tmp_path / "a")
+    assert a._layerwise_check.state == "off"
+    b = run(False, tmp_path / "b")
+    assert not torch.equal(b.rates.instance, torch.ones_like(b.rates.instance))
+    assert torch.equal(a.rates.instance, b.rates.instance)
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_a_models_own_error_is_not_taken_for_the_recordings():
+    """An error in a forward the recording did not change (no batch-1 lookup was expanded) is the model's own:
+    it propagates as it is."""
+    model = TinyMLP()
+    names = {id(p): n for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="the model's own"):
+        with record_layers(model, names, 4):
+            model(torch.randn(4, 6))
+            raise ValueError("the model's own")
+
+
 def test_dots_check_catches_examples_coupled_outside_batchnorm(tmp_path, monkeypatch):
     """Examples mixed by something other than BatchNorm (here: a batch mean subtracted from the features)
     give correct summed gradients but wrong per-example dots: the check on the first step catches it."""

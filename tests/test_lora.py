@@ -135,3 +135,104 @@ def test_lora_at_meta_lr_zero_equals_the_plain_trainers_lora_run(case, tmp_path)
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)
         moved += "lora_" in n and not torch.equal(a, _lora(case).state_dict()[n])
     assert moved > 0  # the adapters did train
+
+
+# ------------------------------------------------------------------ other PEFT methods
+def _peft_bert(config, dropout: float = 0.0) -> torch.nn.Module:
+    torch.manual_seed(1)
+    return peft.get_peft_model(tiny_bert(dropout), config)
+
+
+def _bert_peft_trainer(model, out, trainer_cls=MetaLRTrainer, **kw):
+    tok, train, meta = text_data_splits()
+    if trainer_cls is MetaLRTrainer:
+        args = MetaLRConfig(output_dir=str(out), **{**COMMON, "max_steps": 4, **kw})
+        return MetaLRTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta,
+                             data_collator=DataCollatorWithPadding(tok), processing_class=tok)
+    args = TrainingArguments(output_dir=str(out), **{**COMMON, "max_steps": 4, **kw})
+    return trainer_cls(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tok),
+                       processing_class=tok)
+
+
+def _prompt_tuning() -> peft.PromptTuningConfig:
+    return peft.PromptTuningConfig(num_virtual_tokens=4, task_type="SEQ_CLS")
+
+
+def test_prompt_tuning_trains_like_a_run_without_the_per_layer_recording(tmp_path):
+    """PEFT's prompt tuning repeats its batch-1 prompt lookup per example, which the per-layer recording's batch
+    expansion breaks: the run warns, takes forward mode, the rates move, and it trains exactly like a run with
+    ``layerwise_dots=False`` (hidden dropout on: the same masks); at meta_lr=0 (no dropout) the virtual tokens
+    and the head train as under the plain Trainer."""
+    with pytest.warns(UserWarning, match="batch-1 embedding output expanded"):
+        t = _bert_peft_trainer(_peft_bert(_prompt_tuning(), 0.1), tmp_path / "meta")
+        t.train()
+    assert t._layerwise_check.state == "off"
+    assert torch.isfinite(t.rates.instance).all() and not torch.equal(t.rates.instance, torch.ones_like(t.rates.instance))
+    off = _bert_peft_trainer(_peft_bert(_prompt_tuning(), 0.1), tmp_path / "off", layerwise_dots=False)
+    off.train()
+    assert torch.equal(t.rates.instance, off.rates.instance)
+    for (n, a), (_, b) in zip(t.model.named_parameters(), off.model.named_parameters(), strict=True):
+        assert torch.equal(a, b), n
+    plain, zero = _peft_bert(_prompt_tuning()), _peft_bert(_prompt_tuning())
+    start = {n: p.detach().clone() for n, p in plain.named_parameters() if p.requires_grad}
+    _bert_peft_trainer(plain, tmp_path / "plain", Trainer).train()
+    _bert_peft_trainer(zero, tmp_path / "zero", meta_lr=0.0).train()
+    for (n, a), (_, b) in zip(plain.named_parameters(), zero.named_parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)
+    assert all(not torch.equal(p, start[n]) for n, p in plain.named_parameters() if n in start)  # they trained
+
+
+def test_an_adapter_without_forward_mode_takes_the_finite_difference(tmp_path):
+    """PEFT's LoHa computes its weight in a custom autograd.Function without ``jvp``: forward mode fails on it.
+    The first meta step sees that before changing anything, warns and takes ``meta_strategy="finite_difference"``
+    for the run: the same rates, to rounding, as a run set to it from the start."""
+    def loha():
+        return peft.LoHaConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")
+
+    with pytest.warns(UserWarning, match="needs forward-mode AD"):
+        t = _bert_peft_trainer(_peft_bert(loha()), tmp_path / "jvp")
+        t.train()
+    assert t._schedule.strategy == "finite_difference"
+    fd = _bert_peft_trainer(_peft_bert(loha()), tmp_path / "fd", meta_strategy="finite_difference")
+    fd.train()
+    assert not torch.equal(t.rates.instance, torch.ones_like(t.rates.instance))
+    torch.testing.assert_close(t.rates.instance, fd.rates.instance, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="meta_strategy='exact'"):  # where the finite difference cannot serve
+        _bert_peft_trainer(_peft_bert(loha()), tmp_path / "bf16", bf16=True).train()
+
+
+def test_prompt_tuning_a_causal_lm_weights_the_models_own_token_losses(tmp_path):
+    """A prompt-tuned causal LM returns logits for its virtual tokens too (4 positions more than the labels): the
+    trainer aligns the labels as PEFT's forward does (ignored labels in front), so the token losses it weights
+    average to the model's own loss — on a batch whose first label is a target, which that alignment lets the
+    last virtual token predict. The rates move and stay finite."""
+    from hf_ddlr._batches import to_microbatch
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_model("causal_lm"), peft.PromptTuningConfig(num_virtual_tokens=4,
+                                                                             task_type="CAUSAL_LM"))
+    t = _trainer("llama_lm", tmp_path, model=model, max_steps=2)
+    t.train()
+    assert torch.isfinite(t.rates.instance).all() and not torch.equal(t.rates.instance, torch.ones(24))
+    raw = _collator("causal_lm")([{**t.train_dataset[i], "sample_index": i} for i in range(6)])
+    raw["labels"][::2, 0] = raw["input_ids"][::2, 0]  # the first token a target in half of the rows
+    mb = to_microbatch(t, raw, 0)
+    t.model.eval()
+    with torch.no_grad():
+        own = t.model(**mb.inputs, labels=raw["labels"]).loss
+        logits = t.model(**mb.inputs).logits
+        assert logits.shape[1] == raw["labels"].shape[1] + 4
+        ours = t._task.mean(t._task(logits, mb.labels), mb.labels)
+    torch.testing.assert_close(ours, own, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("orth_reg_weight", [0.5, 0.0])
+def test_adalora_says_its_orthogonal_regularisation_is_not_weighted(orth_reg_weight, tmp_path, caplog):
+    """AdaLoRA adds its orthogonal regularisation inside its forward, to a loss from labels only: the trainer,
+    which weights the per-example losses from the logits, says the run trains without it (unless it is 0)."""
+    cfg = peft.AdaLoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", total_step=4,
+                             orth_reg_weight=orth_reg_weight)
+    with caplog.at_level("WARNING"):
+        _bert_peft_trainer(_peft_bert(cfg), tmp_path)
+    said = [r for r in caplog.records if "orthogonal regularisation" in r.getMessage()]
+    assert len(said) == (1 if orth_reg_weight else 0)

@@ -18,11 +18,11 @@ import torch
 from transformers.utils import logging
 
 from ._datasets import LABEL_KEYS, first_item
-from .meta.losses import SINGLE_LABEL, TASKS, TaskLoss, task_loss
+from .meta.losses import IGNORE_INDEX, SINGLE_LABEL, TASKS, TaskLoss, task_loss
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["check_task_options", "decoder_inputs", "resolve_task"]
+__all__ = ["check_task_options", "decoder_inputs", "model_labels", "resolve_task", "warn_unweighted_terms"]
 
 # model heads whose outputs none of the supported losses fit
 _UNSUPPORTED_HEADS = ("ForQuestionAnswering", "ForCTC", "ForObjectDetection", "Segmentation", "ForDepthEstimation",
@@ -140,3 +140,35 @@ def decoder_inputs(model: torch.nn.Module, inputs: Mapping[str, Any], labels: to
         )
     inputs["decoder_input_ids"] = prepare(labels=labels)
     return inputs
+
+
+# PEFT prompt-learning methods whose virtual tokens reach the model through the cache, not the sequence
+_PEFT_PROMPTS_IN_CACHE = ("PREFIX_TUNING", "CARTRIDGE", "CPT")
+
+
+def model_labels(model: torch.nn.Module, labels: torch.Tensor, task: TaskLoss) -> torch.Tensor:
+    """``labels`` aligned with the logits the model returns. A PEFT prompt-tuning (or p-tuning) causal LM prepends
+    its virtual tokens to the sequence, so its logits are that many positions longer than the labels; PEFT's
+    forward prepends as many ignored labels (-100) before its loss, and so does this (the per-example losses then
+    equal the model's own)."""
+    cfg = getattr(model, "active_peft_config", None)
+    if task.task != "causal_lm" or cfg is None or not getattr(cfg, "is_prompt_learning", False):
+        return labels
+    if getattr(cfg.peft_type, "value", cfg.peft_type) in _PEFT_PROMPTS_IN_CACHE:
+        return labels
+    pad = torch.full((labels.shape[0], int(cfg.num_virtual_tokens)), IGNORE_INDEX, dtype=labels.dtype,
+                     device=labels.device)
+    return torch.cat([pad, labels], dim=1)
+
+
+def warn_unweighted_terms(model: torch.nn.Module) -> None:
+    """Say so when the model adds a term of its own to a loss it computes from labels, which the per-example
+    losses the trainer weights (from the logits) leave out: AdaLoRA's orthogonal regularisation."""
+    cfg = getattr(model, "active_peft_config", None)
+    if cfg is not None and getattr(cfg.peft_type, "value", cfg.peft_type) == "ADALORA" and cfg.orth_reg_weight > 0:
+        logger.warning(
+            f"MetaLRTrainer weights the per-example task losses computed from the logits; AdaLoRA adds its "
+            f"orthogonal regularisation (orth_reg_weight={cfg.orth_reg_weight}) only to a loss computed from labels "
+            f"inside the model, so this run trains without it. Set orth_reg_weight=0 in the AdaLoraConfig to "
+            f"silence this."
+        )

@@ -35,11 +35,11 @@ import torch
 
 from ._batches import ProbeSampler, probe_batches, to_microbatch
 from ._meta_parameters import meta_objective_choice, meta_parameter_names, meta_parameters_choice
-from ._tasks import decoder_inputs
+from ._tasks import decoder_inputs, model_labels
 from .meta import MetaBatch, MetaGradients, MicroBatch, find_output_layer, meta_gradients
 from .meta.distributed import all_gather_varlen, all_ranks_true, all_reduce_mean_
-from .meta.engine import meta_head_features
-from .meta.layerwise import LayerTape, record_layers
+from .meta.engine import jvp_dots, meta_head_features
+from .meta.layerwise import LayerTape, LayerwiseUnsupported, record_layers
 from .meta.layout import MetaLayout
 from .meta.passes import extract_logits
 from .meta.primal_reuse import record_outputs
@@ -63,6 +63,18 @@ def schedule_for(trainer: MetaLRTrainer) -> Schedule:
     if meta.meta_strategy == "exact":  # the exact strategy rebuilds the lookahead graph: it cannot reuse a forward
         return SameStepWindow(trainer)
     return SameStepFused(trainer)
+
+
+def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """The CPU's and (once initialised) every CUDA device's random state: what a forward draws dropout from."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
 
 
 def trainable_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -160,6 +172,7 @@ class Schedule:
         for col in self.trainer._rate_columns:
             inputs.pop(col, None)
         inputs = decoder_inputs(unwrapped, inputs, labels, task)
+        labels = model_labels(unwrapped, labels, task)
         box: dict[str, torch.Tensor] = {}
         with contextlib.ExitStack() as stack:
             if head:
@@ -235,6 +248,7 @@ class MetaStepSchedule(Schedule):
         self.embedding_rows = EmbeddingRows()  # large embedding tables' lookahead on the looked-up rows
         self.meta_layout = MetaLayout()  # the meta batch's images channels-last on CPU (checked on first use)
         self._early_meta: MetaBatch | None = None  # a meta batch taken before the real forward (last_layer)
+        self._forward_mode_checked = False  # (jvp: whether the model's forward can carry a tangent, seen once)
         self.probe_sampler = ProbeSampler(trainer)  # training rows scored outside the step (probe_batches)
         parameters = meta_parameters_choice(trainer)  # (resolved once: "auto" scans the model for its head)
         self.meta_params = meta_parameter_names(trainer, parameters)  # what the lookahead moves (None: all)
@@ -271,22 +285,28 @@ class MetaStepSchedule(Schedule):
         params = trainable_params(model)
         specs = trainer._lookahead_specs(params)
         meta_batch, self._early_meta = self._early_meta or self._meta_batch(), None
-        window = self.meta_layout.window(self.window) if self.strategy == "jvp" else self.window
         probes = self._probes()
-        res = meta_gradients(
-            model, params, window, meta_batch, specs,
-            weight_decay=trainer.rates.weight_decay if meta.learn_weight_decay else args.weight_decay,
-            normalizer=self.normalizer, strategy=self.strategy, grads=grads,
-            label_smoothing=args.label_smoothing_factor, fd_eps=meta.fd_epsilon, loss_scale=self._loss_scale(),
-            num_labels=trainer.num_labels, layer_tape=tape, check_layer_tape=check,
-            # the optimizer-aware lookahead clips like the real step; the paper's plain-SGD one does not
-            max_grad_norm=args.max_grad_norm if meta.lookahead == "optimizer" else None,
-            average=trainer._meta_grad_average, weight_decay_grad_needed=meta.learn_weight_decay,
-            task=trainer._task, embedding_rows=self.embedding_rows,
-            per_step_too=meta.class_rate_direction == "per_step" and trainer.rates.keyed is not None,
-            average_products=trainer.rates.instance is not None,  # class / group rates only: the per-step set alone
-            probes=probes, meta_params=self.meta_params, objective=self.objective, metric=trainer._rate_metric,
-        )
+
+        def run(tape: LayerTape | None, check: float | None) -> MetaGradients:
+            jvp = self.strategy == "jvp"
+            return meta_gradients(
+                model, params, self.meta_layout.window(self.window) if jvp else self.window, meta_batch, specs,
+                weight_decay=trainer.rates.weight_decay if meta.learn_weight_decay else args.weight_decay,
+                normalizer=self.normalizer, strategy=self.strategy, grads=grads,
+                label_smoothing=args.label_smoothing_factor, fd_eps=meta.fd_epsilon, loss_scale=self._loss_scale(),
+                num_labels=trainer.num_labels, layer_tape=tape, check_layer_tape=check,
+                # the optimizer-aware lookahead clips like the real step; the paper's plain-SGD one does not
+                max_grad_norm=args.max_grad_norm if meta.lookahead == "optimizer" else None,
+                average=trainer._meta_grad_average, weight_decay_grad_needed=meta.learn_weight_decay,
+                task=trainer._task, embedding_rows=self.embedding_rows,
+                per_step_too=meta.class_rate_direction == "per_step" and trainer.rates.keyed is not None,
+                average_products=trainer.rates.instance is not None,  # class / group rates: the per-step set alone
+                probes=probes, meta_params=self.meta_params, objective=self.objective, metric=trainer._rate_metric,
+            )
+
+        if self.strategy == "jvp" and not self._forward_mode_checked:
+            self._check_forward_mode(model, params)
+        res = run(tape, check)
         if not all_ranks_true(res.finite, args.device):  # every rank skips together (no hanging gather)
             trainer._meta_log.record_skipped(trainer.state.global_step, res.meta_loss)
             return res
@@ -303,6 +323,40 @@ class MetaStepSchedule(Schedule):
         trainer._meta_log.record(res.meta_loss)
         trainer.last_meta_gradients = res
         return res
+
+    def _check_forward_mode(self, model: torch.nn.Module, params: Mapping[str, torch.nn.Parameter]) -> None:
+        """Once per run, before the first meta step changes anything: a forward-mode pass of the first micro-batch
+        along a zero tangent. A model running an operation forward mode cannot differentiate (a custom
+        ``autograd.Function`` without ``jvp``, as PEFT's LoHa / LoKr adapters) gets the finite difference of the
+        losses for the rest of the run, which needs forward passes only, or, where that would drown in rounding,
+        an error naming the fix."""
+        self._forward_mode_checked = True
+        names = params if self.meta_params is None else self.meta_params
+        zero = {n: torch.zeros_like(params[n]) for n in names}
+        try:
+            jvp_dots(model, params, self.meta_layout.window(self.window[:1])[0], zero, task=self.trainer._task)
+        except NotImplementedError as e:
+            if "forward" not in str(e).lower():
+                raise
+            self._leave_forward_mode(e)
+
+    def _leave_forward_mode(self, error: Exception) -> None:
+        trainer = self.trainer
+        reason = finite_difference_blocker(
+            trainer.model, trainer.args.bf16 or trainer.args.fp16, trainer.args.device.type == "cuda"
+        )
+        if reason is not None:
+            raise ValueError(
+                f"meta_strategy='jvp' needs forward-mode AD, which this model does not support ({error}); "
+                f"meta_strategy='finite_difference' {reason}. Set meta_strategy='exact' (double backward, one "
+                "process) or train in fp32."
+            ) from error
+        warnings.warn(
+            f"meta_strategy='jvp' needs forward-mode AD, which this model does not support ({error}); using "
+            "meta_strategy='finite_difference' (forward passes only) for the rest of the run.",
+            stacklevel=4,
+        )
+        self.strategy = "finite_difference"  # (no per-layer products either: they are forward mode's)
 
     def _probes(self) -> list[MicroBatch]:
         """This meta step's probe micro-batches (``probe_batches``; none without instance rates), in the meta
@@ -372,8 +426,17 @@ class SameStepFused(SameStepWindow):
         compiled = trainer._compiled
         layers = (self.meta.layerwise_dots and self.strategy == "jvp"
                   and check.applies(trainer.model, trainer.args.gradient_checkpointing, compiled=compiled))
-        outputs, L, tape = self._forward(model, inputs, mb, head=self.strategy == "last_layer", layers=layers,
-                                         primals=not layers and not compiled and self.strategy == "jvp")
+        if layers:
+            rng = _rng_state()
+            try:
+                outputs, L, tape = self._forward(model, inputs, mb, layers=True)
+            except LayerwiseUnsupported as e:  # the recording changed what the forward computes: without it
+                check.turn_off(str(e))
+                _set_rng_state(rng)  # (the dropout masks of a forward that never recorded)
+                layers = False
+        if not layers:
+            outputs, L, tape = self._forward(model, inputs, mb, head=self.strategy == "last_layer",
+                                             primals=not compiled and self.strategy == "jvp")
         from_tape = tape is not None and check.meta_step(
             tape, L, w / self.normalizer, trainable_params(trainer.model), loss_scale=self._loss_scale(),
             half=bool(trainer.args.bf16 or trainer.args.fp16), device=trainer.args.device,

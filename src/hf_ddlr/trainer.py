@@ -33,7 +33,7 @@ from ._groups import Groups, check_same_groups, read_groups
 from ._meta_check import MetaSetCheck, check_meta_set
 from ._meta_parameters import instance_rate_at_cap_choice
 from ._recording import AppliedInstanceRates, MetaLog, TrajectoryRecorder, new_trajectory
-from ._tasks import check_task_options, resolve_task
+from ._tasks import check_task_options, resolve_task, warn_unweighted_terms
 from .config import MetaLROptions, rate_metric_choice, resolve_meta_options
 from .meta import MicroBatch, RateTable, param_specs, replay_rng
 from .meta.averaging import GradientSecondMoment, MetaGradientAverage
@@ -340,6 +340,7 @@ class MetaLRTrainer(Trainer):
         self._task = resolve_task(self.model, self._source_train_dataset)
         check_task_options(self._task, meta.lr_level, meta.meta_strategy, args.label_smoothing_factor,
                            meta.group_column, meta.center_instance_rates, meta.instance_rate_scale)
+        warn_unweighted_terms(self.model)
         self.num_labels = self._infer_num_labels(num_labels)
         if self._task.class_labels:
             check_label_range((("meta", self.meta_dataset), ("train", self.train_dataset)), self.num_labels)

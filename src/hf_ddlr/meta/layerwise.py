@@ -131,6 +131,7 @@ class LayerTape:
         self._done = False  # backward has run
         self.scale = 1.0  # the loss scale the recorded output gradients carry
         self.inputs: Mapping[str, Any] | None = None  # the model inputs of the recorded forward (set by its caller)
+        self.expanded = 0  # batch-1 embedding outputs handed on expanded to the batch (see _hook)
 
     # ------------------------------------------------------------------ recording
     def _hook(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
@@ -145,7 +146,10 @@ class LayerTape:
         if broadcast:
             # Position embeddings are looked up once ([1, S]) and broadcast over the batch; an explicit
             # expand (a view, the same values downstream) gives every example its own output gradient.
+            # A forward that does not broadcast that output (PEFT's prompt tuning repeats it per example) can
+            # fail on the expanded one: :func:`record_layers` then raises LayerwiseUnsupported.
             x, out = x.expand(B, *x.shape[1:]), out.expand(B, *out.shape[1:])
+            self.expanded += 1
         self.calls.append(_Call(module, x, out, (x._version, out._version)))
         return out if broadcast else None
 
@@ -312,7 +316,8 @@ def _wide_output(a: torch.Tensor, g: torch.Tensor) -> bool:
 @contextlib.contextmanager
 def record_layers(model: nn.Module, names: Mapping[int, str], batch: int) -> Iterator[LayerTape]:
     """Record every call of a Linear / Embedding / LayerNorm / RMSNorm / Conv1D layer with trainable parameters in ``model``
-    during a forward over ``batch`` examples."""
+    during a forward over ``batch`` examples. A forward that fails once the recording has expanded a batch-1
+    embedding output (which it hands on in place of the original) raises :class:`LayerwiseUnsupported`."""
     tape = LayerTape(names, batch)
     handles = [
         m.register_forward_hook(tape._hook)
@@ -321,6 +326,13 @@ def record_layers(model: nn.Module, names: Mapping[int, str], batch: int) -> Ite
     ]
     try:
         yield tape
+    except Exception as e:
+        if not tape.expanded:
+            raise
+        # the forward failed after the recording changed an output's shape: not the model's error
+        raise LayerwiseUnsupported(
+            f"the forward failed on a batch-1 embedding output expanded to the batch ({type(e).__name__}: {e})"
+        ) from e
     finally:
         for h in handles:
             h.remove()
@@ -368,6 +380,10 @@ class LayerwiseCheck:
                 self._turn_off(reason, warn=False)
                 return False
         return True
+
+    def turn_off(self, reason: str) -> None:
+        """Forward mode for the rest of the run, with a warning saying why (a forward the recording broke)."""
+        self._turn_off(reason, warn=True)
 
     def _turn_off(self, reason: str, warn: bool) -> None:
         self.state = "off"
