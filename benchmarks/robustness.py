@@ -88,6 +88,9 @@ RECIPES: dict[str, Recipe] = {
     "ft3": Recipe("adamw_torch", 2e-5, 3, "cosine", 0.1, weight_decay=0.01, batch_size=32),
     # the ft recipe for 600 examples: 6 epochs (set on the plain fine-tune, which after 2 had not learnt the task)
     "ft6": Recipe("adamw_torch", 5e-5, 6, "linear", weight_decay=0.01, batch_size=32),
+    # the Trainer's optim="adafactor" (transformers' Adafactor at a given rate) on the adamw and ft recipes
+    "adafactor": Recipe("adafactor", 1e-3, 4, "linear"),
+    "ftadafactor": Recipe("adafactor", 5e-5, 2, "linear", weight_decay=0.01, batch_size=32),
 }
 CLASSDEP = (0.1,) * 5 + (0.5,) * 5  # classes 0-4 at 10 %, 5-9 at 50 % (flipped to another class)
 NOISES: dict[str, dict] = {
@@ -137,6 +140,9 @@ CELLS: list[Cell] = [
     Cell("vader", "minilm", "ft3", "flip20"),
     Cell("afinn", "minilm", "ft", "flip30"),  # a second human-rated lexicon, added as a held-out check
     Cell("textblob", "minilm", "ft6", "flip30"),  # a third, added as a held-out check of meta_objective="auto"
+    # Adafactor, outside the matrix's committed cells (docs/robustness.md, "Adafactor")
+    Cell("mnist", "cnn", "adafactor", "flip35"),
+    Cell("vader", "minilm", "ftadafactor", "flip30"),
 ]
 CELL_BY_NAME = {c.name: c for c in CELLS}
 
@@ -215,11 +221,11 @@ def _resolved(cell: Cell, key: str, value: Any) -> Any:
         head = _resolved(cell, "meta_parameters", OVERRIDES.get("meta_parameters", "auto")) == "head"
         recipe = RECIPES[cell.recipe]
         return "relative" if head or (recipe.optim == "sgd" and not recipe.momentum) else "clamp"
-    if key == "rate_metric" and value == "auto":  # as the trainer resolves it; under Adam's own step the two
-        # metrics are one (the second moment holds nothing): 'optimizer', the value those runs recorded
+    if key == "rate_metric" and value == "auto":  # as the trainer resolves it; under a preconditioned step (Adam,
+        # Adafactor) the two metrics are one (the second moment holds nothing): 'optimizer', the value recorded
         choice = rate_metric_choice(SimpleNamespace(rate_metric=value, meta_strategy=OVERRIDES.get("meta_strategy")))
-        adam_step = RECIPES[cell.recipe].optim.startswith("adam") and OVERRIDES.get("lookahead", "optimizer") == "optimizer"
-        return "optimizer" if adam_step else choice
+        preconditioned = RECIPES[cell.recipe].optim != "sgd" and OVERRIDES.get("lookahead", "optimizer") == "optimizer"
+        return "optimizer" if preconditioned else choice
     return value
 
 
