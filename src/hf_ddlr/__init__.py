@@ -3,8 +3,9 @@
 Learn a learning-rate multiplier per training example and/or per class, and the weight decay, by a
 one-step-lookahead meta-gradient on a small clean held-out set (Saxena, Vyas & DeCoste).
 
-``MetaSFTTrainer`` / ``MetaSFTConfig`` (TRL's ``SFTTrainer`` with the rates, :mod:`hf_ddlr.trl`) are loaded on
-first use, so that hf_ddlr does not require TRL.
+``MetaSFTTrainer`` / ``MetaSFTConfig`` (TRL's ``SFTTrainer`` with the rates, :mod:`hf_ddlr.trl`) and
+``MetaRewardTrainer`` / ``MetaRewardConfig`` (TRL's ``RewardTrainer`` with a rate per preference pair,
+:mod:`hf_ddlr.reward`) are loaded on first use, so that hf_ddlr does not require TRL.
 """
 
 from typing import Any
@@ -15,10 +16,11 @@ from .trajectory import LRTrajectory
 
 __version__ = "0.1.0"
 
-# MetaSFTConfig / MetaSFTTrainer are not listed: `from hf_ddlr import *` must work without TRL.
+# The TRL trainers and configs are not listed: `from hf_ddlr import *` must work without TRL.
 __all__ = ["LRTrajectory", "MetaLRConfig", "MetaLROptions", "MetaLRTrainer", "__version__"]
 
 _TRL_NAMES = ("MetaSFTConfig", "MetaSFTTrainer")
+_REWARD_NAMES = ("MetaRewardConfig", "MetaRewardTrainer")
 
 
 def __getattr__(name: str) -> Any:
@@ -28,4 +30,8 @@ def __getattr__(name: str) -> Any:
         from . import trl
 
         return getattr(trl, name)
+    if name in _REWARD_NAMES:
+        from . import reward
+
+        return getattr(reward, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

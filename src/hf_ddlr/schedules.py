@@ -424,7 +424,7 @@ class SameStepFused(SameStepWindow):
         # a compiled forward runs the layers inside its graph: hooks there would be traced into it (and the
         # recorded outputs changed the real step's gradient in a measured run), so nothing is recorded
         compiled = trainer._compiled
-        layers = (self.meta.layerwise_dots and self.strategy == "jvp"
+        layers = (self.meta.layerwise_dots and self.strategy == "jvp" and trainer._task.rows_per_example == 1
                   and check.applies(trainer.model, trainer.args.gradient_checkpointing, compiled=compiled))
         if layers:
             rng = _rng_state()

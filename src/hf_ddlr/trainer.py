@@ -35,7 +35,7 @@ from ._meta_parameters import instance_rate_at_cap_choice
 from ._recording import AppliedInstanceRates, MetaLog, TrajectoryRecorder, new_trajectory
 from ._tasks import check_task_options, resolve_task, warn_unweighted_terms
 from .config import MetaLROptions, rate_metric_choice, resolve_meta_options
-from .meta import MicroBatch, RateTable, param_specs, replay_rng
+from .meta import MicroBatch, RateTable, TaskLoss, param_specs, replay_rng
 from .meta.averaging import GradientSecondMoment, MetaGradientAverage
 from .meta.layerwise import LayerwiseCheck
 from .meta.passes import compiled_like_eager, is_compiled
@@ -198,7 +198,7 @@ class MetaLRTrainer(Trainer):
         self._schedule: Schedule | None = None  # resolved when train() starts
         if self._meta_active:
             # the task's loss is what is weighted; chosen again from the final model in _init_meta (model_init)
-            self._task = resolve_task(model, train_dataset)
+            self._task = self._resolve_task(model, train_dataset)
             check_datasets(train_dataset, meta_dataset, class_labels=self._task.class_labels)
             self._source_train_dataset = train_dataset
             train_dataset = with_index(train_dataset, meta.index_column)
@@ -334,10 +334,15 @@ class MetaLRTrainer(Trainer):
             return int(labels.max()) + 1
         raise ValueError("Cannot tell the number of classes: pass num_labels=... to MetaLRTrainer.")
 
+    def _resolve_task(self, model: torch.nn.Module | None, train_dataset: Any) -> TaskLoss:
+        """The loss the rates weight, chosen from the model and the train set (a trainer whose data has a loss of
+        its own, such as preference pairs, overrides this)."""
+        return resolve_task(model, train_dataset)
+
     def _init_meta(self, num_labels: int | None) -> None:
         """The state of a run: rates at 1, an empty trajectory and log (the meta-gradient average: train())."""
         args, meta = self.args, self.meta_args
-        self._task = resolve_task(self.model, self._source_train_dataset)
+        self._task = self._resolve_task(self.model, self._source_train_dataset)
         check_task_options(self._task, meta.lr_level, meta.meta_strategy, args.label_smoothing_factor,
                            meta.group_column, meta.center_instance_rates, meta.instance_rate_scale)
         warn_unweighted_terms(self.model)

@@ -71,16 +71,35 @@ class _IndexCollator:
         return batch
 
 
-def _as_sft_config(args: TrainingArguments | None) -> TrainingArguments | None:
-    """``args`` as an ``SFTConfig``: SFTTrainer rebuilds any other ``TrainingArguments`` as a plain ``SFTConfig``
-    from its ``to_dict()``, which fails on, or loses, the meta options of a ``MetaLRConfig``; a
-    :class:`MetaSFTConfig` keeps them."""
-    if args is None or isinstance(args, SFTConfig):
+def as_trl_config(args: TrainingArguments | None, base: type, meta_config: type) -> TrainingArguments | None:
+    """``args`` as a TRL config (``base``, e.g. ``SFTConfig``): TRL's trainers rebuild any other
+    ``TrainingArguments`` as a plain ``base`` from its ``to_dict()``, which fails on, or loses, the meta options
+    of a ``MetaLRConfig``; ``meta_config`` (``base`` plus the meta options) keeps them."""
+    if args is None or isinstance(args, base):
         return args
-    known = {f.name for f in fields(MetaSFTConfig) if f.init}
+    known = {f.name for f in fields(meta_config) if f.init}
     given = {k: v for k, v in args.to_dict().items() if k in known}
     given["hub_token"] = args.hub_token  # to_dict hides it
-    return MetaSFTConfig(**given)
+    return meta_config(**given)
+
+
+def check_prepared_index(trainer: MetaLRTrainer, why_dropped: str) -> None:
+    """The index column survived a TRL trainer's preparation of the train set: each prepared row is one row of
+    the train set as given, at most once. Rows the preparation dropped (``why_dropped`` says what drops them)
+    keep rate 1."""
+    col, n = trainer.meta_args.index_column, len(trainer._source_train_dataset)
+    names = getattr(trainer.train_dataset, "column_names", None) or []
+    idx = np.asarray(trainer.train_dataset.with_format(None)[col], dtype=np.int64) if col in names else None
+    name = type(trainer).__name__
+    if idx is None or len(np.unique(idx)) != len(idx) or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
+        raise ValueError(
+            f"{name}'s preparation of the train set did not keep one row per example with its {col!r} index (rows "
+            f"0..{n - 1}), which keys each example's learning rate. Pass the dataset unpacked (packing=False) and "
+            f"without a with_transform, or set index_column to a name the data does not use."
+        )
+    if len(idx) < n:
+        logger.warning(f"{name}: the preparation of the train set dropped {n - len(idx)} of the {n} training "
+                       f"examples ({why_dropped}); their rates stay at 1.")
 
 
 def _refuse_with_rates(model: Any, args: TrainingArguments | None) -> None:
@@ -143,13 +162,13 @@ class MetaSFTTrainer(MetaLRTrainer, SFTTrainer):
 
     def __init__(self, model: torch.nn.Module, args: TrainingArguments | None = None, **kwargs: Any) -> None:
         # the rest by keyword: MetaLRTrainer's and SFTTrainer's positional orders differ after train_dataset
-        args = _as_sft_config(args)
+        args = as_trl_config(args, SFTConfig, MetaSFTConfig)
         if kwargs.get("meta_dataset") is not None or resolve_meta_options(args).replay_trajectory is not None:
             _refuse_with_rates(model, args)
         super().__init__(model=model, args=args, **kwargs)
         if self._meta_active:
             self.data_collator = _IndexCollator(self.data_collator, self.meta_args.index_column)
-            self._check_prepared_index()
+            check_prepared_index(self, f"no target token left after truncation to max_length={self.args.max_length}")
             if self.aux_loss_enabled:
                 logger.warning("MetaSFTTrainer: the weighted loss has no MoE router auxiliary loss; set "
                                "router_aux_loss_coef=0 to silence this.")
@@ -161,24 +180,6 @@ class MetaSFTTrainer(MetaLRTrainer, SFTTrainer):
             return meta_dataset
         return self._prepare_dataset(meta_dataset, self.processing_class, self.args, False, self._formatting_func,
                                      "meta")
-
-    def _check_prepared_index(self) -> None:
-        """The index column survived SFTTrainer's preparation: each prepared row is one row of the train set as
-        given, at most once. Rows the preparation dropped (fully masked after truncation) keep rate 1."""
-        col, n = self.meta_args.index_column, len(self._source_train_dataset)
-        names = getattr(self.train_dataset, "column_names", None) or []
-        idx = np.asarray(self.train_dataset.with_format(None)[col], dtype=np.int64) if col in names else None
-        if idx is None or len(np.unique(idx)) != len(idx) or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
-            raise ValueError(
-                f"SFTTrainer's preparation of the train set did not keep one row per example with its {col!r} "
-                f"index (rows 0..{n - 1}), which keys each example's learning rate. Pass the dataset unpacked "
-                f"(packing=False) and without a with_transform, or set index_column to a name the data does not use."
-            )
-        if len(idx) < n:
-            logger.warning(
-                f"MetaSFTTrainer: SFTTrainer's preparation dropped {n - len(idx)} of the {n} training examples (no "
-                f"target token left after truncation to max_length={self.args.max_length}); their rates stay at 1."
-            )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """While training with rates: MetaLRTrainer's weighted per-example loss, plus SFTTrainer's training

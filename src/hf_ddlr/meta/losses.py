@@ -21,6 +21,7 @@ Pure torch: the choice of the task from a model's class and config is made on th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ __all__ = [
     "TaskLoss",
     "causal_lm_loss",
     "multi_label_loss",
+    "preference_loss",
+    "preference_task",
     "regression_loss",
     "task_loss",
     "token_loss",
@@ -98,6 +101,29 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float 
     return token_loss(logits, F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX), smoothing)
 
 
+def preference_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0,
+                    center: float = 0.0) -> torch.Tensor:
+    """Every preference pair's Bradley-Terry loss ``−log σ(r_chosen − r_rejected − margin)`` (plus
+    ``center·(r_chosen + r_rejected)²``): a reward model scores the batch's chosen answers in its first half of
+    rows and the rejected ones in the second (as TRL's ``DataCollatorForPreference`` stacks them), one reward
+    each; ``labels`` holds one margin per pair (0 without). Their mean over the pairs is TRL's
+    ``RewardTrainer`` loss, ``center_rewards_coefficient`` included."""
+    B = labels.shape[0]
+    _check_shape("preference", logits.shape[0] == 2 * B and logits[0].numel() == 1, logits, labels,
+                 "one reward per row, chosen rows then rejected rows: logits (2 * pairs, 1) and labels (pairs,)")
+    r = _fp32(logits).reshape(2 * B)
+    chosen, rejected = r[:B], r[B:]
+    loss = -F.logsigmoid(chosen - rejected - labels.to(r.dtype))
+    return loss + center * (chosen + rejected) ** 2 if center else loss
+
+
+def preference_task(center: float = 0.0) -> TaskLoss:
+    """The :class:`TaskLoss` of a reward model on preference pairs (:func:`preference_loss`; ``center``: TRL's
+    ``center_rewards_coefficient``). Not chosen from a model (a reward model is a one-output sequence
+    classifier, which reads as regression): the preference trainer sets it."""
+    return TaskLoss("preference", functools.partial(preference_loss, center=float(center)), rows_per_example=2)
+
+
 def _token_counts(labels: torch.Tensor) -> torch.Tensor:
     return (labels != IGNORE_INDEX).sum(1)
 
@@ -110,12 +136,16 @@ def _shifted_token_counts(labels: torch.Tensor) -> torch.Tensor:
 class TaskLoss:
     """A task's per-example loss: ``loss(logits, labels, smoothing)`` gives every example's ``ℓ_i`` and
     ``counts(labels)`` its number of targets ``n_i`` (None: one per example, the batch loss is the mean of the
-    ``ℓ_i``). ``class_labels``: the labels are one class id per example (class-level rates apply)."""
+    ``ℓ_i``). ``class_labels``: the labels are one class id per example (class-level rates apply).
+    ``rows_per_example``: how many rows of the model's batch one example spans."""
 
     task: str
     loss: Callable[..., torch.Tensor]
     counts: Callable[[torch.Tensor], torch.Tensor] | None = None
     class_labels: bool = False
+    # rows of the model's batch per example: 2 for preference pairs (chosen and rejected rows), whose per-row
+    # layer products do not map to examples one to one
+    rows_per_example: int = 1
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
         return self.loss(logits, labels, smoothing)

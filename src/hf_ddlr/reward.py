@@ -1,0 +1,169 @@
+"""TRL: :class:`MetaRewardTrainer`, ``trl.RewardTrainer`` with a learning-rate multiplier per preference pair.
+
+Preference data is labelled by people, and people disagree: a share of the pairs has ``chosen`` and ``rejected``
+the wrong way round. ``MetaRewardTrainer(MetaLRTrainer, RewardTrainer)`` learns one rate per pair by
+:class:`~hf_ddlr.MetaLRTrainer`'s meta step on a small set of pairs whose order is trusted; the pairs whose
+gradient disagrees with that set train slower. The method resolution order is MetaRewardTrainer →
+MetaLRTrainer → RewardTrainer → transformers.Trainer:
+
+- data: ``RewardTrainer.__init__`` prepares the train set (EOS, tokenisation into ``chosen_ids`` /
+  ``rejected_ids``, the ``max_length`` filter); the index column that keys each pair's rate is added before that
+  and carried by its ``map`` / ``filter``. The meta set is prepared by the same ``RewardTrainer._prepare_dataset``.
+  Both get a ``labels`` column, the pair's ``margin`` (0 without), which the meta step reads as the pair's target.
+- loss: while training with rates, ``compute_loss`` is MetaLRTrainer's weighted per-pair loss
+  ``Σ e_i ℓ_i / pairs`` with ``ℓ_i = −log σ(r_chosen − r_rejected − margin) [+ center·(r_chosen + r_rejected)²]``
+  (:func:`hf_ddlr.meta.losses.preference_loss`): at rates 1, RewardTrainer's loss. Its training metrics (rewards,
+  accuracy, margin, tokens) are computed from the same rewards. Evaluation, and a run without a meta set, are
+  RewardTrainer's own.
+- a pair spans two rows of the model's batch (TRL's collator stacks the chosen rows, then the rejected ones), so
+  the per-layer products (one row, one example) are off: the meta step takes its products by forward mode.
+
+Import it as ``from hf_ddlr import MetaRewardTrainer`` (loaded on first use, so hf_ddlr does not require TRL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+from transformers.utils import logging
+
+try:
+    from trl import RewardConfig, RewardTrainer
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError("hf_ddlr.MetaRewardTrainer needs TRL: pip install trl") from err
+
+from .config import MetaLROptions
+from .meta import TaskLoss
+from .meta.losses import preference_task
+from .meta.passes import extract_logits
+from .trainer import MetaLRTrainer
+from .trl import as_trl_config, check_prepared_index
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["MetaRewardConfig", "MetaRewardTrainer"]
+
+_TARGET = "labels"  # the column (and batch key) holding each pair's margin for the meta step
+
+
+@dataclass
+class MetaRewardConfig(MetaLROptions, RewardConfig):
+    """``trl.RewardConfig`` plus the meta options of :class:`~hf_ddlr.config.MetaLROptions` as fields (and, with
+    ``HfArgumentParser``, as command-line flags)."""
+
+
+class _PreferenceCollator:
+    """TRL's ``DataCollatorForPreference`` keeps the token columns and ``margin`` only. For training and meta
+    batches (rows with the ``labels`` column this trainer adds) it also carries each pair's margin as ``labels``
+    (the model never sees ``margin``) and the index column; evaluation batches are TRL's own."""
+
+    def __init__(self, collator: Any, column: str) -> None:
+        self.collator, self.column = collator, column
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        if not features or _TARGET not in features[0]:
+            return self.collator(features)
+        batch = dict(self.collator([{k: v for k, v in f.items() if k not in (_TARGET, self.column)}
+                                    for f in features]))
+        batch.pop("margin", None)
+        batch[_TARGET] = torch.as_tensor([float(f[_TARGET]) for f in features], dtype=torch.float32)
+        if self.column in features[0]:
+            batch[self.column] = torch.as_tensor([int(f[self.column]) for f in features], dtype=torch.long)
+        return batch
+
+
+def _with_targets(dataset: Any, name: str) -> Any:
+    """``dataset`` with a ``labels`` column: each pair's ``margin``, 0 without one."""
+    names = getattr(dataset, "column_names", None)
+    if names is None:
+        raise TypeError(f"MetaRewardTrainer needs the {name} set as a datasets.Dataset, got {type(dataset).__name__}.")
+    if _TARGET in names:
+        raise ValueError(
+            f"The {name} set has a {_TARGET!r} column; MetaRewardTrainer keeps each pair's margin there. Preference "
+            f"pairs are 'chosen' / 'rejected' (and an optional 'margin'): rename or remove {_TARGET!r}."
+        )
+    margins = dataset["margin"] if "margin" in names else [0.0] * len(dataset)
+    return dataset.add_column(_TARGET, [float(m) for m in margins])
+
+
+class MetaRewardTrainer(MetaLRTrainer, RewardTrainer):
+    """``trl.RewardTrainer`` that learns a learning-rate multiplier per preference pair (and optionally the weight
+    decay) by :class:`~hf_ddlr.MetaLRTrainer`'s meta step on ``meta_dataset``, a small set of pairs whose order is
+    trusted.
+
+    Args:
+        model (`PreTrainedModel` or `str`): the reward model (a sequence classifier with ``num_labels=1``), or its
+            name, loaded by ``RewardTrainer``.
+        args (`RewardConfig`, *optional*): a :class:`MetaRewardConfig` (the meta options as fields), a plain
+            ``RewardConfig`` (meta options at their defaults), or another ``TrainingArguments`` (converted to a
+            ``MetaRewardConfig``, keeping its meta options).
+        **kwargs: everything else, by keyword (MetaLRTrainer's and RewardTrainer's positional orders differ):
+            ``train_dataset``, ``eval_dataset``, ``data_collator``, ``processing_class``, ``peft_config``, ...
+            as for ``RewardTrainer`` (``chosen`` / ``rejected`` rows, with ``prompt`` or conversational, or
+            tokenised as ``chosen_ids`` / ``rejected_ids``; optional ``margin``), the rates indexed by the rows of
+            ``train_dataset`` as given; ``meta_dataset``, the trusted pairs in the train set's format, prepared
+            like it.
+
+    Example:
+
+    ```python
+    from hf_ddlr import MetaRewardConfig, MetaRewardTrainer
+
+    args = MetaRewardConfig(output_dir="rm", learning_rate=5e-5, num_train_epochs=2)
+    trainer = MetaRewardTrainer(model=model, args=args, train_dataset=pairs, meta_dataset=trusted_pairs,
+                                processing_class=tokenizer)
+    trainer.train()
+    trainer.rates.instance  # one multiplier per pair of `pairs`: low for pairs the trusted ones contradict
+    ```
+    """
+
+    def __init__(self, model: torch.nn.Module | str, args: TrainingArguments | None = None, **kwargs: Any) -> None:
+        super().__init__(model=model, args=as_trl_config(args, RewardConfig, MetaRewardConfig), **kwargs)
+        if self._meta_active:
+            self.data_collator = _PreferenceCollator(self.data_collator, self.meta_args.index_column)
+            self.train_dataset = _with_targets(self.train_dataset, "train")
+            check_prepared_index(self, f"a chosen or rejected answer longer than max_length={self.args.max_length}")
+
+    def _resolve_task(self, model: torch.nn.Module | str | None, train_dataset: Any) -> TaskLoss:
+        """The pairs' Bradley-Terry loss, with RewardTrainer's ``center_rewards_coefficient``."""
+        args = getattr(self, "args", None)  # (None while MetaLRTrainer.__init__ checks the sets: resolved again)
+        return preference_task(getattr(args, "center_rewards_coefficient", None) or 0.0)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """RewardTrainer's columns to keep (``chosen_ids``, ``rejected_ids``, ``margin``) and the index column, plus
+        the pairs' targets when the rates are learned or replayed."""
+        super()._set_signature_columns_if_needed()
+        if self._meta_active and _TARGET not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, _TARGET]
+
+    def _prepare_meta_dataset(self, meta_dataset: Any) -> Any:
+        """The trusted pairs prepared as ``RewardTrainer`` prepared the train set, with their margins as targets."""
+        prepared = self._prepare_dataset(meta_dataset, self.processing_class, self.args, "meta")
+        return _with_targets(prepared, "meta")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """While training with rates: MetaLRTrainer's weighted per-pair loss, plus RewardTrainer's training metrics
+        from the same rewards. Otherwise (evaluation, no meta set): RewardTrainer's loss."""
+        if self._schedule is None or self._schedule.current is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = super().compute_loss(model, {**inputs, "use_cache": False}, True, num_items_in_batch)
+        self._record_reward_metrics(extract_logits(outputs), inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _record_reward_metrics(self, logits: torch.Tensor, inputs: Mapping[str, Any]) -> None:
+        """``min/mean/max_reward``, ``accuracy``, ``margin`` and ``num_tokens`` as RewardTrainer logs them."""
+        gather, metrics = self.accelerator.gather_for_metrics, self._metrics["train"]
+        rewards = self.accelerator.gather(logits)
+        chosen, rejected = torch.chunk(logits.squeeze(-1), chunks=2)
+        metrics["min_reward"].append(rewards.min().item())
+        metrics["mean_reward"].append(rewards.mean().item())
+        metrics["max_reward"].append(rewards.max().item())
+        metrics["accuracy"].append(gather((chosen > rejected).float().mean()).mean().item())
+        metrics["margin"].append(gather((chosen - rejected).mean()).mean().item())
+        self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
