@@ -1016,3 +1016,27 @@ def test_hard_meta_set_moves_the_hardest_clean_examples_of_each_label_into_the_m
     assert out["train"]["x"] == [0, 1, 3, 4, 5, 6, 7, 100, 101]
     assert out["train"]["sample_index"] == list(range(9))
     assert mask.tolist() == [bool(noisy[x]) if x < 9 else False for x in out["train"]["x"]]
+
+
+def test_reward_preferences_quick_writes_the_table_and_resumes(tmp_path):
+    """benchmarks/reward_preferences.py --quick: the VADER pairs split into disjoint vocabularies with the flipped
+    share asked for, the three methods recorded once (a rerun trains nothing) and the table shows them."""
+    rp = _load("reward_preferences")
+    pairs, flipped = rp.preference_pairs(0, 0.3, 1.0)
+    words = {s: {w for p in pairs[s] for w in p} for s in ("train", "meta", "test")}
+    assert not (words["train"] & words["test"]) and not (words["meta"] & words["test"])
+    assert len(pairs["train"]) == rp.SIZES["train"] and 0.25 < flipped.mean() < 0.35
+    from hf_ddlr.data import load_vader_lexicon
+
+    score = dict(zip(load_vader_lexicon(0.5)["text"], load_vader_lexicon(0.5)["score"]))
+    order = np.array([score[c] > score[r] for c, r in pairs["train"]])
+    assert np.array_equal(order, ~flipped) and all(score[c] - score[r] >= 1.0 for c, r in pairs["test"])
+    assert rp.main(["--quick", "--seeds", "0", "--output_dir", str(tmp_path)]) == 0
+    runs = json.load(open(tmp_path / "reward_preferences.json"))["runs"]
+    assert sorted(r["method"] for r in runs) == ["metalr", "oracle", "plain"]
+    m = next(r for r in runs if r["method"] == "metalr")
+    assert 0 <= m["rate_auroc"] <= 1 and m["rate_clean"] > 0 and 0 <= m["test_accuracy"] <= 1
+    md = (tmp_path / "reward_preferences.md").read_text()
+    assert "| 0 |" in md and "rate AUROC" in md
+    assert rp.main(["--quick", "--seeds", "0", "--output_dir", str(tmp_path)]) == 0  # nothing left to run
+    assert json.load(open(tmp_path / "reward_preferences.json"))["runs"] == runs

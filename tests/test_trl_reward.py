@@ -5,6 +5,7 @@ order was flipped."""
 from __future__ import annotations
 
 import copy
+import os
 
 import datasets
 import pytest
@@ -190,3 +191,48 @@ def test_a_labels_column_is_refused_naming_the_fix(tmp_path):
         MetaRewardTrainer(model=_reward_model(), args=MetaRewardConfig(output_dir=str(tmp_path), **COMMON),
                           train_dataset=train.add_column("labels", [0] * 8), meta_dataset=meta,
                           processing_class=_tokenizer())
+
+
+def ddp_reward_run(out: str, per_device_batch: int, meta_lr: float = 0.1, plain: bool = False):
+    """The runs of the DDP test: 4 steps of ``per_device_batch`` pairs per process, MetaRewardTrainer (every
+    process's meta batch the whole meta set) or, ``plain``, trl.RewardTrainer."""
+    train, _ = _preference_set(64, 1, flip=0.3)
+    meta, _ = _preference_set(16, 2)
+    kw = {**COMMON, "max_steps": 4, "per_device_train_batch_size": per_device_batch, "optim": "adamw_torch",
+          "learning_rate": 3e-3}
+    if plain:
+        t = trl.RewardTrainer(model=_reward_model(), args=trl.RewardConfig(output_dir=out, **kw), train_dataset=train,
+                              processing_class=_tokenizer())
+    else:
+        t = MetaRewardTrainer(model=_reward_model(), train_dataset=train, meta_dataset=meta, processing_class=_tokenizer(),
+                              args=MetaRewardConfig(output_dir=out, meta_batch_size=len(meta), meta_lr=meta_lr, **kw))
+    t.train()
+    return t
+
+
+def test_two_processes_hold_the_same_rates_and_train_as_reward_trainer_does_there(tmp_path):
+    """torchrun, 2 processes x 4 pairs: both processes end with the identical rate table and model; the rates move;
+    and with rates held at 1 the model ends where trl.RewardTrainer's own 2-process run ends."""
+    import sys
+    from pathlib import Path
+
+    import safetensors.torch
+    from launching import run_launch
+
+    here = Path(__file__).parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = run_launch([str(torchrun), "--standalone", "--nproc_per_node", "2", "ddp_reward_worker.py", str(tmp_path)],
+                      here, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {name: [safetensors.torch.load_file(str(tmp_path / f"{name}_rank{r}.safetensors")) for r in (0, 1)]
+            for name in ("meta", "zero", "plain")}
+    for name, (r0, r1) in runs.items():
+        for k in r0:
+            assert torch.equal(r0[k], r1[k]), f"{name}: {k}"
+    assert not torch.equal(runs["meta"][0]["rates.instance"], torch.ones(64))
+    assert torch.equal(runs["zero"][0]["rates.instance"], torch.ones(64))
+    plain = runs["plain"][0]
+    for k, v in plain.items():
+        torch.testing.assert_close(runs["zero"][0][k], v, rtol=1e-5, atol=1e-6, msg=k)

@@ -1,0 +1,27 @@
+"""Worker for tests/test_trl_reward.py: under ``torchrun --nproc_per_node 2``, MetaRewardTrainer on the tiny preference
+set (meta_lr 0.1, and 0) and trl.RewardTrainer on the same pairs; every rank saves the rates and weights of each run
+to ``OUT/<run>_rank<r>.safetensors``."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import safetensors.torch
+import torch
+from test_trl_reward import ddp_reward_run
+
+
+def main(out: str) -> None:
+    for name, kw in (("meta", dict(meta_lr=0.1)), ("zero", dict(meta_lr=0.0)), ("plain", dict(plain=True))):
+        t = ddp_reward_run(os.path.join(out, name), per_device_batch=4, **kw)
+        state = {f"model.{k}": v.detach().cpu().contiguous() for k, v in t.model.state_dict().items()}
+        if not kw.get("plain"):
+            state["rates.instance"] = t.rates.instance.cpu()
+        safetensors.torch.save_file(state, os.path.join(out, f"{name}_rank{os.environ['RANK']}.safetensors"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
