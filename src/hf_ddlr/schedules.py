@@ -306,6 +306,8 @@ class MetaStepSchedule(Schedule):
 
         if self.strategy == "jvp" and not self._forward_mode_checked:
             self._check_forward_mode(model, params)
+            if self.strategy != "jvp":  # (a recorded tape's dots are forward mode's: not used from here on)
+                tape, check = None, None
         res = run(tape, check)
         if not all_ranks_true(res.finite, args.device):  # every rank skips together (no hanging gather)
             trainer._meta_log.record_skipped(trainer.state.global_step, res.meta_loss)
