@@ -55,24 +55,14 @@ def lexicon_ratings(name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def preference_pairs(seed: int, flip: float, min_gap: float, lexicon: str = "vader") -> tuple[dict, np.ndarray]:
-    """({train, meta, test}: lists of (chosen word, rejected word)), flipped mask of train). The lexicon's words
-    are split 60 / 10 / 30 % into the three vocabularies; pairs are drawn within each one."""
-    words, scores = lexicon_ratings(lexicon)
-    rng = np.random.default_rng([seed, 11])
-    order = rng.permutation(len(words))
-    cut = [int(0.6 * len(words)), int(0.7 * len(words))]
-    vocab = dict(zip(("train", "meta", "test"), np.split(order, cut)))
-    pairs = {}
-    for split, n in SIZES.items():
-        ids, rows = vocab[split], []
-        while len(rows) < n:
-            a, b = rng.choice(ids, 2, replace=False)
-            if abs(scores[a] - scores[b]) >= min_gap:
-                rows.append((words[a], words[b]) if scores[a] > scores[b] else (words[b], words[a]))
-        pairs[split] = rows
-    flipped = rng.random(SIZES["train"]) < flip
-    pairs["train"] = [(r, c) if f else (c, r) for (c, r), f in zip(pairs["train"], flipped)]
-    return pairs, flipped
+    """({train, meta, test}: lists of (chosen word, rejected word)), flipped mask of train), from
+    :func:`hf_ddlr.data.make_preference_pairs` (disjoint 60 / 10 / 30 % vocabularies)."""
+    from hf_ddlr.data import make_preference_pairs
+
+    ds = make_preference_pairs(*lexicon_ratings(lexicon), sizes=(SIZES["train"], SIZES["meta"], SIZES["test"]),
+                               flip=flip, min_gap=min_gap, seed=seed)
+    pairs = {split: list(zip(ds[split]["chosen"], ds[split]["rejected"])) for split in ds}
+    return pairs, np.asarray(ds["train"]["is_flipped"], dtype=bool)
 
 
 def _tokenized(pairs: list[tuple[str, str]], tok) -> datasets.Dataset:  # noqa: F821

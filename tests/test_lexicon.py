@@ -61,3 +61,26 @@ def test_make_lexicon_variant_splits_noise_and_seed(lexicon):
     assert len(rest["test"]) == len(lexicon) - 20 - 100
     with pytest.raises(ValueError, match="must be positive and fit"):
         D.make_lexicon_variant(lexicon, train_size=7000)
+
+
+def test_preference_pairs_are_ordered_by_rating_on_disjoint_vocabularies():
+    """make_preference_pairs: the chosen word is the higher-rated one, except in the flipped training pairs (about
+    the share asked for; never in meta / test); the three splits' words are disjoint; seeded."""
+    from hf_ddlr.data import load_vader_lexicon, make_preference_pairs
+
+    lex = load_vader_lexicon(0.5)
+    rating = dict(zip(lex["text"], lex["score"]))
+    ds = make_preference_pairs(lex["text"], lex["score"], sizes=(400, 20, 100), flip=0.3, min_gap=1.0, seed=3)
+    assert [len(ds[s]) for s in ("train", "meta", "test")] == [400, 20, 100]
+    for split in ds:
+        up = np.array([rating[c] - rating[r] for c, r in zip(ds[split]["chosen"], ds[split]["rejected"])])
+        flipped = np.asarray(ds[split]["is_flipped"])
+        assert (np.abs(up) >= 1.0).all() and ((up > 0) == ~flipped).all()
+        assert flipped.any() == (split == "train")
+    assert 0.22 < np.mean(ds["train"]["is_flipped"]) < 0.38
+    vocab = {s: set(ds[s]["chosen"]) | set(ds[s]["rejected"]) for s in ds}
+    assert not (vocab["train"] & vocab["test"]) and not (vocab["meta"] & vocab["test"]) and not (vocab["train"] & vocab["meta"])
+    again = make_preference_pairs(lex["text"], lex["score"], sizes=(400, 20, 100), flip=0.3, min_gap=1.0, seed=3)
+    assert again["train"]["chosen"] == ds["train"]["chosen"]
+    with pytest.raises(ValueError, match="flip must be in"):
+        make_preference_pairs(lex["text"], lex["score"], flip=1.0)

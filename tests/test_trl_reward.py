@@ -236,3 +236,25 @@ def test_two_processes_hold_the_same_rates_and_train_as_reward_trainer_does_ther
     plain = runs["plain"][0]
     for k, v in plain.items():
         torch.testing.assert_close(runs["zero"][0][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_run_resumed_from_its_checkpoint_ends_bit_for_bit_where_it_would_have(tmp_path):
+    """Checkpoints hold the rates and the meta state next to RewardTrainer's: stopped at step 3 and resumed, the
+    run ends with the same rates and weights as the run that was never stopped."""
+    train, _ = _preference_set(48, 1, flip=0.3)
+    meta, _ = _preference_set(16, 2)
+
+    def trainer(out):
+        kw = {**COMMON, "optim": "adamw_torch", "learning_rate": 3e-3, "max_steps": 6, "save_strategy": "steps",
+              "save_steps": 3}
+        return MetaRewardTrainer(model=_reward_model(), args=MetaRewardConfig(output_dir=str(out), **kw),
+                                 train_dataset=train, meta_dataset=meta, processing_class=_tokenizer())
+
+    full = trainer(tmp_path / "full")
+    full.train()
+    resumed = trainer(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    assert not torch.equal(full.rates.instance, torch.ones(48))
+    assert torch.equal(resumed.rates.instance, full.rates.instance)
+    for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), n

@@ -23,7 +23,13 @@ from hf_ddlr.data.embedded import (
     embedded_features,
     load_embedded,
 )
-from hf_ddlr.data.lexicon import SENTIMENT_NAMES, load_vader_lexicon, make_lexicon_variant, vader_lexicon_path
+from hf_ddlr.data.lexicon import (
+    SENTIMENT_NAMES,
+    load_vader_lexicon,
+    make_lexicon_variant,
+    make_preference_pairs,
+    vader_lexicon_path,
+)
 from hf_ddlr.data.transforms import (
     compute_mean_std,
     image_to_tensor,
@@ -68,6 +74,7 @@ __all__ = [
     "load_embedded",
     "load_vader_lexicon",
     "make_lexicon_variant",
+    "make_preference_pairs",
     "make_kfold",
     "make_transform",
     "make_variant",

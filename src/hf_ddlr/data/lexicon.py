@@ -11,7 +11,10 @@ injected and measured exactly.
 * :func:`load_vader_lexicon` — the lexicon as a ``datasets.Dataset`` (``text``, ``label``, ``score``, ``std``);
 * :func:`make_lexicon_variant` — seeded ``train`` / ``meta`` / ``test`` splits with label noise on train
   only, in the same label columns as :func:`hf_ddlr.data.make_variant` (``label``, ``clean_label``,
-  ``is_noisy``, ``sample_index``).
+  ``is_noisy``, ``sample_index``);
+* :func:`make_preference_pairs` — preference pairs of rated words (the more positive one ``chosen``) on
+  disjoint train / meta / test vocabularies, a share of the training pairs flipped: a reward-model task with
+  known wrong pairs.
 """
 
 from __future__ import annotations
@@ -147,3 +150,42 @@ def make_lexicon_variant(
 
 
 __all__ = ["SENTIMENT_NAMES", "load_vader_lexicon", "make_lexicon_variant", "vader_lexicon_path"]
+
+
+def make_preference_pairs(
+    words: Sequence[str],
+    ratings: Sequence[float],
+    *,
+    sizes: tuple[int, int, int] = (2000, 40, 1000),
+    flip: float = 0.3,
+    min_gap: float = 1.0,
+    seed: int = 0,
+) -> datasets.DatasetDict:
+    """``train`` / ``meta`` / ``test`` preference pairs of rated words: of two words whose ratings differ by at
+    least ``min_gap``, the higher-rated one is ``chosen``. The words are split 60 / 10 / 30 % (seeded) into three
+    disjoint vocabularies and each split's pairs drawn within its own (``sizes`` pairs each), so the test pairs
+    are words the model never scored; the order of a share ``flip`` of the training pairs is swapped
+    (``is_flipped``; never in meta / test). Columns: ``chosen``, ``rejected``, ``is_flipped``."""
+    if not 0.0 <= flip < 1.0:
+        raise ValueError(f"flip must be in [0, 1), got {flip!r}.")
+    words, ratings = np.asarray(words, dtype=object), np.asarray(ratings, dtype=np.float64)
+    rng = np.random.default_rng([seed, 11])
+    order = rng.permutation(len(words))
+    vocab = np.split(order, [int(0.6 * len(words)), int(0.7 * len(words))])
+    pairs = {}
+    for name, ids, n in zip(("train", "meta", "test"), vocab, sizes):
+        if len(ids) < 2 or np.ptp(ratings[ids]) < min_gap:
+            raise ValueError(f"the {name} vocabulary ({len(ids)} words) has no two words rated {min_gap} apart.")
+        rows: list[tuple[str, str]] = []
+        while len(rows) < n:
+            a, b = rng.choice(ids, 2, replace=False)
+            if abs(ratings[a] - ratings[b]) >= min_gap:
+                rows.append((str(words[a]), str(words[b])) if ratings[a] > ratings[b] else (str(words[b]), str(words[a])))
+        pairs[name] = rows
+    flips = {"train": rng.random(sizes[0]) < flip, "meta": np.zeros(sizes[1], bool), "test": np.zeros(sizes[2], bool)}
+    out = {}
+    for name, rows in pairs.items():
+        rows = [(r, c) if f else (c, r) for (c, r), f in zip(rows, flips[name])]
+        out[name] = datasets.Dataset.from_dict({"chosen": [c for c, _ in rows], "rejected": [r for _, r in rows],
+                                                "is_flipped": flips[name].tolist()})
+    return datasets.DatasetDict(out)
