@@ -38,28 +38,12 @@ SIZES = {"train": 2000, "meta": 40, "test": 1000}
 METHODS = ("plain", "metalr", "oracle")
 
 
-def lexicon_ratings(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(words, mean human rating) of a lexicon: ``vader`` (-4..4, the entries rated at least 0.5 away from 0) or
-    ``afinn`` (AFINN-165, integers -5..5, those rated 0 dropped): the second one a held-out check."""
-    if name == "vader":
-        from hf_ddlr.data import load_vader_lexicon
-
-        lex = load_vader_lexicon(0.5)
-        return np.asarray(lex["text"]), np.asarray(lex["score"], dtype=np.float64)
-    from importlib import resources
-
-    path = resources.files("afinn") / "data" / "AFINN-en-165.txt"
-    rows = [line.rsplit("\t", 1) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = [(w, float(v)) for w, v in rows if int(v) != 0]
-    return np.asarray([w for w, _ in rows]), np.asarray([v for _, v in rows])
-
-
 def preference_pairs(seed: int, flip: float, min_gap: float, lexicon: str = "vader") -> tuple[dict, np.ndarray]:
     """({train, meta, test}: lists of (chosen word, rejected word)), flipped mask of train), from
     :func:`hf_ddlr.data.make_preference_pairs` (disjoint 60 / 10 / 30 % vocabularies)."""
-    from hf_ddlr.data import make_preference_pairs
+    from hf_ddlr.data import load_rated_words, make_preference_pairs
 
-    ds = make_preference_pairs(*lexicon_ratings(lexicon), sizes=(SIZES["train"], SIZES["meta"], SIZES["test"]),
+    ds = make_preference_pairs(*load_rated_words(lexicon), sizes=(SIZES["train"], SIZES["meta"], SIZES["test"]),
                                flip=flip, min_gap=min_gap, seed=seed)
     pairs = {split: list(zip(ds[split]["chosen"], ds[split]["rejected"])) for split in ds}
     return pairs, np.asarray(ds["train"]["is_flipped"], dtype=bool)

@@ -79,8 +79,10 @@ def explicit_flags(argv: Sequence[str]) -> set[str]:
     return {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
 
 
-def parse_args(script_cls: type, presets: Callable[[Any], dict[str, Any]], argv: Sequence[str] | None = None):
-    """Parse ``argv`` into ``(script_options, MetaLRConfig)``.
+def parse_args(script_cls: type, presets: Callable[[Any], dict[str, Any]], argv: Sequence[str] | None = None,
+               config_cls: type = MetaLRConfig):
+    """Parse ``argv`` into ``(script_options, config)``, the config a ``config_cls`` (``MetaLRConfig``, or a TRL
+    config with the meta options such as ``MetaRewardConfig``).
 
     ``presets(script_options)`` returns defaults for ``MetaLRConfig`` fields that depend on the script options
     (dataset, --quick, ...). They replace the dataclass defaults, so a flag on the command line always wins.
@@ -90,7 +92,7 @@ def parse_args(script_cls: type, presets: Callable[[Any], dict[str, Any]], argv:
     (script,) = first.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)[:1]
     explicit = explicit_flags(argv)  # which flags the user set (presets and per-method overrides yield to them)
     script._explicit = explicit
-    parser = HfArgumentParser((script_cls, MetaLRConfig), allow_abbrev=False)
+    parser = HfArgumentParser((script_cls, config_cls), allow_abbrev=False)
     parser.set_defaults(**presets(script))
     script, config = parser.parse_args_into_dataclasses(args=argv)
     script._explicit = explicit

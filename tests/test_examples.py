@@ -123,6 +123,26 @@ def test_text_classification(tmp_path):
     assert 0.0 <= runs["metalr"]["auroc_clean_vs_noisy"] <= 1.0
 
 
+@pytest.mark.parametrize("lexicon", ["vader", "afinn"])
+def test_reward_noisy_preferences(tmp_path, lexicon):
+    """The reward-model example: MiniLM on human-rated word pairs with flipped ones, RewardTrainer vs
+    MetaRewardTrainer; every flag of MetaRewardConfig reaches the runs (here the meta learning rate)."""
+    pytest.importorskip("trl")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, str(EXAMPLES / "reward_noisy_preferences.py"), "--quick", "--output_dir", str(tmp_path),
+           "--lexicon", lexicon, "--flip", "0.4", "--meta_lr", "0.2", "--disable_tqdm", "true"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    payload = json.loads((tmp_path / "reward_noisy_preferences_results.json").read_text())
+    runs = {r["method"]: r for r in payload["runs"]}
+    assert list(runs) == ["plain", "metalr"] and payload["lexicon"] == lexicon and 0.3 < payload["observed_flipped"] < 0.5
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in runs.values())
+    assert 0.0 <= runs["metalr"]["rate_auroc"] <= 1.0 and runs["metalr"]["rate_unflipped"] > 0
+    saved = json.loads((tmp_path / "metalr" / "lr_trajectory.json").read_text())
+    assert saved["config"]["meta_lr"] == 0.2 and saved["config"]["meta_set_size"] == 16
+    assert (tmp_path / "plain" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_sft_noisy_data(tmp_path, lora):
     """The SFT example: a tiny Llama on noisy addition answers from three sources, plain vs instance x source;

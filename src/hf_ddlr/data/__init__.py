@@ -25,6 +25,7 @@ from hf_ddlr.data.embedded import (
 )
 from hf_ddlr.data.lexicon import (
     SENTIMENT_NAMES,
+    load_rated_words,
     load_vader_lexicon,
     make_lexicon_variant,
     make_preference_pairs,
@@ -73,6 +74,7 @@ __all__ = [
     "load_cifar100",
     "load_embedded",
     "load_vader_lexicon",
+    "load_rated_words",
     "make_lexicon_variant",
     "make_preference_pairs",
     "make_kfold",

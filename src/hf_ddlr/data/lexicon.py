@@ -12,6 +12,7 @@ injected and measured exactly.
 * :func:`make_lexicon_variant` — seeded ``train`` / ``meta`` / ``test`` splits with label noise on train
   only, in the same label columns as :func:`hf_ddlr.data.make_variant` (``label``, ``clean_label``,
   ``is_noisy``, ``sample_index``);
+* :func:`load_rated_words` — (words, mean rating) of VADER or AFINN-165;
 * :func:`make_preference_pairs` — preference pairs of rated words (the more positive one ``chosen``) on
   disjoint train / meta / test vocabularies, a share of the training pairs flipped: a reward-model task with
   known wrong pairs.
@@ -150,6 +151,24 @@ def make_lexicon_variant(
 
 
 __all__ = ["SENTIMENT_NAMES", "load_vader_lexicon", "make_lexicon_variant", "vader_lexicon_path"]
+
+
+def load_rated_words(name: str = "vader") -> tuple[list[str], list[float]]:
+    """(words, mean human rating) of a rated lexicon: ``"vader"`` (the entries of :func:`load_vader_lexicon`, rated
+    -4..4 and at least 0.5 from neutral) or ``"afinn"`` (AFINN-165 from the ``afinn`` package: 3,380 English
+    words rated -5..5 by Finn Arup Nielsen, the two rated 0 dropped)."""
+    if name == "vader":
+        lex = load_vader_lexicon(0.5)
+        return list(lex["text"]), [float(v) for v in lex["score"]]
+    if name != "afinn":
+        raise ValueError(f"unknown lexicon {name!r}: 'vader' or 'afinn'.")
+    try:
+        path = resources.files("afinn") / "data" / "AFINN-en-165.txt"
+    except ModuleNotFoundError as e:
+        raise ImportError("the AFINN lexicon ships in the 'afinn' package: pip install afinn.") from e
+    rows = [line.rsplit("\t", 1) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [(w, float(v)) for w, v in rows if int(v) != 0]
+    return [w for w, _ in rows], [v for _, v in rows]
 
 
 def make_preference_pairs(
