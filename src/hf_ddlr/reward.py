@@ -15,8 +15,8 @@ MetaLRTrainer → RewardTrainer → transformers.Trainer:
   (:func:`hf_ddlr.meta.losses.preference_loss`): at rates 1, RewardTrainer's loss. Its training metrics (rewards,
   accuracy, margin, tokens) are computed from the same rewards. Evaluation, and a run without a meta set, are
   RewardTrainer's own.
-- a pair spans two rows of the model's batch (TRL's collator stacks the chosen rows, then the rejected ones), so
-  the per-layer products (one row, one example) are off: the meta step takes its products by forward mode.
+- a pair spans two rows of the model's batch (TRL's collator stacks the chosen rows, then the rejected ones): the
+  per-layer products add each pair's two rows (:class:`~hf_ddlr.meta.layerwise.LayerTape`'s ``rows_per_example``).
 
 Import it as ``from hf_ddlr import MetaRewardTrainer`` (loaded on first use, so hf_ddlr does not require TRL).
 """

@@ -180,7 +180,8 @@ class Schedule:
                 hook = layer.register_forward_hook(lambda mod, inp, out: box.__setitem__("h", inp[0]))
                 stack.callback(hook.remove)
             names = {id(p): n for n, p in trainable_params(unwrapped).items()} if layers else None
-            tape = stack.enter_context(record_layers(unwrapped, names, labels.shape[0])) if layers else None
+            k = task.rows_per_example
+            tape = stack.enter_context(record_layers(unwrapped, names, labels.shape[0] * k, k)) if layers else None
             mb.outputs = stack.enter_context(record_outputs(unwrapped)) if primals else None
             outputs = model(**inputs)
         if tape is not None:
@@ -426,7 +427,7 @@ class SameStepFused(SameStepWindow):
         # a compiled forward runs the layers inside its graph: hooks there would be traced into it (and the
         # recorded outputs changed the real step's gradient in a measured run), so nothing is recorded
         compiled = trainer._compiled
-        layers = (self.meta.layerwise_dots and self.strategy == "jvp" and trainer._task.rows_per_example == 1
+        layers = (self.meta.layerwise_dots and self.strategy == "jvp"
                   and check.applies(trainer.model, trainer.args.gradient_checkpointing, compiled=compiled))
         if layers:
             rng = _rng_state()

@@ -120,13 +120,18 @@ class LayerTape:
     """The layer calls of one forward; after :meth:`backward`, per-example dots and weighted gradients.
 
     ``names`` maps the model's trainable parameters (by identity) to the names used in the tangent / gradient
-    dictionaries (the model's ``named_parameters`` names).
+    dictionaries (the model's ``named_parameters`` names). ``batch``: the rows of the forward; ``rows_per_example``
+    k: each example spans k rows, example i the rows i, i + n, ..., i + (k − 1)·n of the n·k (preference pairs:
+    the chosen rows, then the rejected ones); its products are the sums over its rows.
     """
 
-    def __init__(self, names: Mapping[int, str], batch: int) -> None:
+    def __init__(self, names: Mapping[int, str], batch: int, rows_per_example: int = 1) -> None:
+        if batch % rows_per_example:
+            raise ValueError(f"a batch of {batch} rows does not split into examples of {rows_per_example} rows.")
         self.names = dict(names)
         self.calls: list[_Call] = []
         self.batch = batch
+        self.rows_per_example = rows_per_example
         self.problem: str | None = None  # why the forward cannot be decomposed (found while recording)
         self._done = False  # backward has run
         self.scale = 1.0  # the loss scale the recorded output gradients carry
@@ -161,8 +166,8 @@ class LayerTape:
         if not self.calls:
             raise LayerwiseUnsupported("no supported layer ran in the forward")
         B = self.batch
-        if losses.shape[0] != B:
-            raise LayerwiseUnsupported(f"{losses.shape[0]} losses for a batch of {B}")
+        if losses.shape[0] * self.rows_per_example != B:
+            raise LayerwiseUnsupported(f"{losses.shape[0]} losses for a batch of {B} rows")
         for c in self.calls:
             if (c.inp._version, c.out._version) != c.versions:
                 raise LayerwiseUnsupported(f"the input or output of a {type(c.module).__name__} was modified in place")
@@ -240,7 +245,7 @@ class LayerTape:
                     out += (a * g).sum(1) @ T[w].float().reshape(-1)
                 if b is not None:
                     out += g.sum(1) @ T[b].float().reshape(-1)
-        return out
+        return out.view(self.rows_per_example, -1).sum(0) if self.rows_per_example > 1 else out
 
     def weighted_grads(self, coef: torch.Tensor) -> dict[str, torch.Tensor]:
         """``Σ_i coef_i ∇L_i`` for every named parameter a recorded layer used (fp32, parameter shapes)."""
@@ -250,7 +255,7 @@ class LayerTape:
             if name is not None:
                 grads[name] = grads[name] + value if name in grads else value
 
-        coef = coef.float().to(self._device())
+        coef = coef.float().to(self._device()).repeat(self.rows_per_example)  # (every row: its example's)
         per_example = coef[:, None, None]
         for c, a, g in self._pieces():
             m = c.module
@@ -314,11 +319,13 @@ def _wide_output(a: torch.Tensor, g: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def record_layers(model: nn.Module, names: Mapping[int, str], batch: int) -> Iterator[LayerTape]:
+def record_layers(model: nn.Module, names: Mapping[int, str], batch: int,
+                  rows_per_example: int = 1) -> Iterator[LayerTape]:
     """Record every call of a Linear / Embedding / LayerNorm / RMSNorm / Conv1D layer with trainable parameters in ``model``
-    during a forward over ``batch`` examples. A forward that fails once the recording has expanded a batch-1
-    embedding output (which it hands on in place of the original) raises :class:`LayerwiseUnsupported`."""
-    tape = LayerTape(names, batch)
+    during a forward over ``batch`` rows (``rows_per_example``: see :class:`LayerTape`). A forward that fails once
+    the recording has expanded a batch-1 embedding output (which it hands on in place of the original) raises
+    :class:`LayerwiseUnsupported`."""
+    tape = LayerTape(names, batch, rows_per_example)
     handles = [
         m.register_forward_hook(tape._hook)
         for m in model.modules()

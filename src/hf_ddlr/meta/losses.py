@@ -143,8 +143,8 @@ class TaskLoss:
     loss: Callable[..., torch.Tensor]
     counts: Callable[[torch.Tensor], torch.Tensor] | None = None
     class_labels: bool = False
-    # rows of the model's batch per example: 2 for preference pairs (chosen and rejected rows), whose per-row
-    # layer products do not map to examples one to one
+    # rows of the model's batch per example: 2 for preference pairs (the chosen rows, then the rejected ones); an
+    # example's per-layer products are the sums over its rows
     rows_per_example: int = 1
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
