@@ -273,19 +273,12 @@ def load_afinn_lexicon() -> datasets.Dataset:
     """The AFINN-165 lexicon (the ``afinn`` package's ``AFINN-en-165.txt``: 3,382 English words and phrases
     rated -5..+5 by Finn Arup Nielsen) as a binary sentiment dataset (``text``, ``label``: the sign; the two
     entries rated 0 dropped): 1,176 positive, 2,204 negative."""
-    from importlib import resources
-
+    from hf_ddlr.data import load_rated_words
     from hf_ddlr.data.lexicon import SENTIMENT_NAMES
 
-    try:
-        path = resources.files("afinn") / "data" / "AFINN-en-165.txt"
-    except ModuleNotFoundError as e:
-        raise ImportError("the afinn cells need the 'afinn' package: pip install afinn (or the 'dev' extra).") from e
-    rows = [line.rsplit("\t", 1) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = [(w, int(v)) for w, v in rows if int(v) != 0]
+    words, ratings = load_rated_words("afinn")
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=SENTIMENT_NAMES)})
-    return datasets.Dataset.from_dict({"text": [w for w, _ in rows], "label": [int(v > 0) for _, v in rows]},
-                                      features=features)
+    return datasets.Dataset.from_dict({"text": words, "label": [int(v > 0) for v in ratings]}, features=features)
 
 
 def load_textblob_lexicon(min_polarity: float = 0.1) -> datasets.Dataset:
