@@ -158,10 +158,11 @@ def test_the_trainer_runs_its_meta_passes_channels_last_when_the_model_allows_it
     a = run("flatten")
     assert a._schedule.meta_layout.state == "channels_last"
     # per step: the real forward (the user's layout), the meta loss's forward and the forward-mode passes of the
-    # dots, the step's and the probes' (channels-last); before them, on the first step, the check's two forwards;
-    # after training, the meta-set check reads the 16 meta images in the user's layout (eval batches of 8)
-    real, check, meta, dots = [False], [False, True], [True], [True, True]
-    assert a.model.seen == real + check + meta + dots + (real + meta + dots) * 2 + [False] * 2
+    # dots, the step's and the probes' (channels-last); before them, on the first step, the layout check's two
+    # forwards and the forward-mode check's one pass; after training, the meta-set check reads the 16 meta images
+    # in the user's layout (eval batches of 8)
+    real, check, forward_mode, meta, dots = [False], [False, True], [True], [True], [True, True]
+    assert a.model.seen == real + check + forward_mode + meta + dots + (real + meta + dots) * 2 + [False] * 2
     b = run("view")  # would raise in the meta loss if the check let the layout through
     assert b._schedule.meta_layout.state == "off"
     assert not torch.equal(b.rates.instance, torch.ones_like(b.rates.instance))
