@@ -236,3 +236,32 @@ def test_adalora_says_its_orthogonal_regularisation_is_not_weighted(orth_reg_wei
         _bert_peft_trainer(_peft_bert(cfg), tmp_path)
     said = [r for r in caplog.records if "orthogonal regularisation" in r.getMessage()]
     assert len(said) == (1 if orth_reg_weight else 0)
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3", "vera", "prefix"])
+def test_other_peft_methods_train_with_rates(method, tmp_path):
+    """DoRA, IA³ and VeRA on the tiny BERT classifier, prefix tuning on the tiny Llama causal LM: the rates move
+    and stay finite, only the method's trainable parameters change, and no warning says a fallback was taken."""
+    import warnings
+
+    configs = {
+        "dora": lambda: peft.LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", use_dora=True),
+        "ia3": lambda: peft.IA3Config(target_modules=["key", "value", "intermediate.dense"],
+                                      feedforward_modules=["intermediate.dense"], task_type="SEQ_CLS"),
+        "vera": lambda: peft.VeraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"),
+        "prefix": lambda: peft.PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+    }
+    torch.manual_seed(1)
+    base = _model("causal_lm") if method == "prefix" else tiny_bert()
+    model = peft.get_peft_model(base, configs[method]())
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        if method == "prefix":
+            t = _trainer("llama_lm", tmp_path, model=model)
+        else:
+            t = _bert_peft_trainer(model, tmp_path)
+        t.train()
+    assert torch.isfinite(t.rates.instance).all() and not torch.equal(t.rates.instance, torch.ones_like(t.rates.instance))
+    assert all(torch.equal(p, frozen[n]) for n, p in t.model.named_parameters() if n in frozen)
+    assert not [w for w in seen if "hf_ddlr" in w.filename], [str(w.message) for w in seen if "hf_ddlr" in w.filename]
