@@ -218,6 +218,23 @@ def test_push_to_hub_uploads_model_trajectory_and_card(hub_server, tmp_path):
     assert any(f.endswith(".png") for f in files)
 
 
+def test_reward_example_pushes_the_reward_model_with_its_trajectory(hub_server, tmp_path):
+    """The reward example's ``--push_to_hub`` through the loopback Hub: MetaRewardTrainer's repo holds the reward
+    model, the pairs' learned-rate trajectory, its plots and the card."""
+    pytest.importorskip("trl")
+    env = {**hub_server.client_env(tmp_path / "hf_home"), "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, str(EXAMPLES / "reward_noisy_preferences.py"), "--quick", "--output_dir", str(tmp_path),
+           "--methods", "metalr", "--push_to_hub", "--hub_model_id", "hubtest/reward-example", "--disable_tqdm", "true"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    store = hub_server.store
+    repo = store.require("model", "hubtest/reward-example-metalr")
+    files = {e["path"] for e in store.entries(repo, store.resolve(repo, "main"), recursive=True)}
+    assert {"model.safetensors", "config.json", "lr_trajectory.safetensors", "lr_trajectory.json",
+            "README.md"} <= files, files
+    assert any(f.endswith(".png") for f in files)
+
+
 def test_flags_override_presets():
     """Presets fill in what the user did not give; every MetaLRConfig option is a flag."""
     sys.path.insert(0, str(EXAMPLES))
