@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers import DataCollatorWithPadding, DefaultDataCollator, default_data_collator
 
-from ._tasks import decoder_inputs, model_labels
+from ._tasks import model_batch
 from .meta import MetaBatch, MicroBatch
 
 if TYPE_CHECKING:
@@ -67,8 +67,7 @@ def to_microbatch(trainer: MetaLRTrainer, raw: Mapping[str, Any], k: int) -> Mic
     labels = batch.pop("labels", None)
     if labels is None:
         raise KeyError("The training batch has no 'labels'; per-example learning rates need labels.")
-    batch = decoder_inputs(trainer.model, batch, labels, trainer._task)
-    labels = model_labels(trainer.model, labels, trainer._task)
+    batch, labels = model_batch(trainer.model, batch, labels, trainer._task)
     groups = trainer._groups.ids(idx) if trainer._groups is not None else None
     return MicroBatch(batch, labels, None, seed=step_seed(trainer, kind=0, k=k), indices=idx, groups=groups)
 
@@ -305,8 +304,7 @@ class MetaSetSampler:
         labels = batch.pop("labels", None)
         if labels is None:
             labels = batch.pop("label")
-        model, task = self.trainer.model, self.trainer._task
-        return decoder_inputs(model, batch, labels, task), model_labels(model, labels, task)
+        return model_batch(self.trainer.model, batch, labels, self.trainer._task)
 
     def _collated(self, idx: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
         """The rows of a meta batch (:meth:`read`; the meta step's own reads go through here)."""

@@ -22,7 +22,8 @@ from .meta.losses import IGNORE_INDEX, SINGLE_LABEL, TASKS, TaskLoss, task_loss
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["check_task_options", "decoder_inputs", "model_labels", "resolve_task", "warn_unweighted_terms"]
+__all__ = ["check_task_options", "decoder_inputs", "model_batch", "model_labels", "resolve_task",
+           "warn_unweighted_terms"]
 
 # model heads whose outputs none of the supported losses fit
 _UNSUPPORTED_HEADS = ("ForQuestionAnswering", "ForCTC", "ForObjectDetection", "Segmentation", "ForDepthEstimation",
@@ -142,8 +143,23 @@ def decoder_inputs(model: torch.nn.Module, inputs: Mapping[str, Any], labels: to
     return inputs
 
 
+def model_batch(model: torch.nn.Module, inputs: Mapping[str, Any], labels: torch.Tensor,
+                task: TaskLoss) -> tuple[dict[str, Any], torch.Tensor]:
+    """A batch's inputs and labels as the model's forward and the per-example loss see them: the decoder inputs
+    an encoder-decoder model makes from the labels (:func:`decoder_inputs`), and the labels aligned with the
+    logits (:func:`model_labels`)."""
+    return decoder_inputs(model, inputs, labels, task), model_labels(model, labels, task)
+
+
 # PEFT prompt-learning methods whose virtual tokens reach the model through the cache, not the sequence
 _PEFT_PROMPTS_IN_CACHE = ("PREFIX_TUNING", "CARTRIDGE", "CPT")
+
+
+def _peft_config(model: torch.nn.Module) -> tuple[Any, str | None]:
+    """The active PEFT config of a PEFT model and its type's name (``"LORA"``, ``"PROMPT_TUNING"``, ...); (None,
+    None) for any other model."""
+    cfg = getattr(model, "active_peft_config", None)
+    return (cfg, getattr(cfg.peft_type, "value", cfg.peft_type)) if cfg is not None else (None, None)
 
 
 def model_labels(model: torch.nn.Module, labels: torch.Tensor, task: TaskLoss) -> torch.Tensor:
@@ -151,10 +167,10 @@ def model_labels(model: torch.nn.Module, labels: torch.Tensor, task: TaskLoss) -
     its virtual tokens to the sequence, so its logits are that many positions longer than the labels; PEFT's
     forward prepends as many ignored labels (-100) before its loss, and so does this (the per-example losses then
     equal the model's own)."""
-    cfg = getattr(model, "active_peft_config", None)
+    cfg, peft_type = _peft_config(model)
     if task.task != "causal_lm" or cfg is None or not getattr(cfg, "is_prompt_learning", False):
         return labels
-    if getattr(cfg.peft_type, "value", cfg.peft_type) in _PEFT_PROMPTS_IN_CACHE:
+    if peft_type in _PEFT_PROMPTS_IN_CACHE:
         return labels
     pad = torch.full((labels.shape[0], int(cfg.num_virtual_tokens)), IGNORE_INDEX, dtype=labels.dtype,
                      device=labels.device)
@@ -164,8 +180,8 @@ def model_labels(model: torch.nn.Module, labels: torch.Tensor, task: TaskLoss) -
 def warn_unweighted_terms(model: torch.nn.Module) -> None:
     """Say so when the model adds a term of its own to a loss it computes from labels, which the per-example
     losses the trainer weights (from the logits) leave out: AdaLoRA's orthogonal regularisation."""
-    cfg = getattr(model, "active_peft_config", None)
-    if cfg is not None and getattr(cfg.peft_type, "value", cfg.peft_type) == "ADALORA" and cfg.orth_reg_weight > 0:
+    cfg, peft_type = _peft_config(model)
+    if peft_type == "ADALORA" and cfg.orth_reg_weight > 0:
         logger.warning(
             f"MetaLRTrainer weights the per-example task losses computed from the logits; AdaLoRA adds its "
             f"orthogonal regularisation (orth_reg_weight={cfg.orth_reg_weight}) only to a loss computed from labels "

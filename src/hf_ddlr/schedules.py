@@ -35,7 +35,7 @@ import torch
 
 from ._batches import ProbeSampler, probe_batches, to_microbatch
 from ._meta_parameters import meta_objective_choice, meta_parameter_names, meta_parameters_choice
-from ._tasks import decoder_inputs, model_labels
+from ._tasks import model_batch
 from .meta import MetaBatch, MetaGradients, MicroBatch, find_output_layer, meta_gradients
 from .meta.distributed import all_gather_varlen, all_ranks_true, all_reduce_mean_
 from .meta.engine import jvp_dots, meta_head_features
@@ -171,8 +171,7 @@ class Schedule:
         labels = inputs.pop("labels")
         for col in self.trainer._rate_columns:
             inputs.pop(col, None)
-        inputs = decoder_inputs(unwrapped, inputs, labels, task)
-        labels = model_labels(unwrapped, labels, task)
+        inputs, labels = model_batch(unwrapped, inputs, labels, task)
         box: dict[str, torch.Tensor] = {}
         with contextlib.ExitStack() as stack:
             if head:
@@ -257,9 +256,7 @@ class MetaStepSchedule(Schedule):
         if trainer.meta_args.meta_objective == "auto":
             logger.info("The meta step scores its lookahead by meta_objective=%r (meta_objective='auto').", self.objective)
         if self.strategy == "finite_difference":
-            reason = finite_difference_blocker(
-                trainer.model, trainer.args.bf16 or trainer.args.fp16, trainer.args.device.type == "cuda"
-            )
+            reason = self._finite_difference_blocker()
             if reason is not None:
                 warnings.warn(f"meta_strategy='finite_difference' {reason}; using 'jvp' instead.", stacklevel=3)
                 self.strategy = "jvp"
@@ -343,11 +340,13 @@ class MetaStepSchedule(Schedule):
                 raise
             self._leave_forward_mode(e)
 
+    def _finite_difference_blocker(self) -> str | None:
+        """Why this run's finite difference of the losses would drown in rounding (:func:`finite_difference_blocker`)."""
+        args = self.trainer.args
+        return finite_difference_blocker(self.trainer.model, args.bf16 or args.fp16, args.device.type == "cuda")
+
     def _leave_forward_mode(self, error: Exception) -> None:
-        trainer = self.trainer
-        reason = finite_difference_blocker(
-            trainer.model, trainer.args.bf16 or trainer.args.fp16, trainer.args.device.type == "cuda"
-        )
+        reason = self._finite_difference_blocker()
         if reason is not None:
             raise ValueError(
                 f"meta_strategy='jvp' needs forward-mode AD, which this model does not support ({error}); "

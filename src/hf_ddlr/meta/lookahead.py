@@ -75,8 +75,8 @@ class ParamSpec:
     decoupled: bool = False  # AdamW-style decay (not passed through the preconditioner)
     amsgrad: bool = False
     # Adafactor: which implementation ("transformers" or "torch"), its clipping threshold d, the weight of the
-    # new squared gradient in the second moment (t**decay_rate) and the rate of its decoupled decay (the step's
-    # own rate in transformers', the group's lr in torch's); beta1 = 0: no first moment
+    # new squared gradient in the second moment (t**decay_rate) and, where it is not the step's own rate, the
+    # rate of its decoupled decay (torch's: the group's lr; see decoupled_lr); beta1 = 0: no first moment
     variant: str = ""
     clip_threshold: float = 1.0
     new_moment_weight: float = 1.0
@@ -92,6 +92,12 @@ class ParamSpec:
     # the rows (of dim 0) the last lookahead() computed, when it was restricted to rows: the preconditioner
     # then holds those rows only, and precondition() is zero elsewhere
     rows: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def decoupled_lr(self) -> float:
+        """The rate a decoupled decay is applied at, ``θ·(1 − wd·rate)``: the step's own (AdamW, transformers'
+        Adafactor) unless the optimizer takes another (torch's Adafactor: the group's ``lr``, in ``decay_lr``)."""
+        return self.lr if self.decay_lr is None else self.decay_lr
 
     @property
     def preconditioned(self) -> bool:
@@ -227,7 +233,6 @@ def _describe_adafactor(spec: ParamSpec, variant: str, group: dict, st: dict, p:
         spec.lr = rate * (max(eps2, _rms(p)) if group["scale_parameter"] else 1.0)
         spec.eps, spec.clip_threshold = eps1, float(group["clip_threshold"])
         spec.beta1 = float(group["beta1"]) if group["beta1"] is not None else 0.0
-        spec.decay_lr = spec.lr
         spec.state = {k: st.get(k) for k in ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")}
     else:
         eps1, eps2 = group["eps"]
@@ -329,7 +334,7 @@ def _adam_next(s: ParamSpec, p: torch.Tensor, g: torch.Tensor, wd: float | torch
         m = _into(s.beta1 * s.state["exp_avg"].to(gt.dtype), torch.add, m)
     t = s.state["step"] + 1.0
     step = _into(_into(m, torch.div, 1.0 - s.beta1**t), torch.mul, s.preconditioner.to(p.dtype))
-    base = p * (1.0 - s.lr * wd) if (s.decay and s.decoupled) else p
+    base = p * (1.0 - s.decoupled_lr * wd) if (s.decay and s.decoupled) else p
     return _sub_from(base, _into(step, torch.mul, s.lr))
 
 
@@ -377,7 +382,7 @@ def _adafactor_next(s: ParamSpec, p: torch.Tensor, g: torch.Tensor, wd: float | 
     step = _into(g * s.preconditioner.to(g.dtype), torch.mul, s.lr)
     if s.beta1 and s.state.get("exp_avg") is not None:  # its average of the steps (already at their rates)
         step = _into(step, torch.add, s.beta1 * s.state["exp_avg"].to(step.dtype))
-    base = p * (1.0 - s.decay_lr * wd) if s.decay else p
+    base = p * (1.0 - s.decoupled_lr * wd) if s.decay else p
     return _sub_from(base, step)
 
 
@@ -496,8 +501,7 @@ def weight_decay_grad(
         if not s.decay:
             continue
         v = g if s.decoupled else precondition(s, g)
-        rate = s.decay_lr if s.decay_lr is not None else s.lr
-        term = (v.double() * params[n].detach().double()).sum() * -rate
+        term = (v.double() * params[n].detach().double()).sum() * -(s.decoupled_lr if s.decoupled else s.lr)
         total = (torch.zeros((), dtype=torch.float64, device=term.device) if total is None else total) + term
     value = float(total) if total is not None else 0.0
     if not math.isfinite(value):
