@@ -451,17 +451,24 @@ def run_one(
     }
     if isinstance(trainer, MetaLRTrainer) and trainer.rates is not None:
         out.update(rate_summary(trainer.rates, args, noise_mask))
-        if trainer.lr_trajectory is not None:
-            out["trajectory_summary"] = trainer.lr_trajectory.summary()
-            if args.should_save:
-                trainer.save_model()  # model + lr_trajectory.{safetensors,json}
-                out["plots"] = trainer.lr_trajectory.save_plots(args.output_dir)
-    elif args.should_save:
-        trainer.save_model()
-    if args.push_to_hub:
-        trainer.push_to_hub()
+    save_and_push(trainer, args, out)
     out["trainer"] = trainer
     return out
+
+
+def save_and_push(trainer: Trainer, args: Any, out: dict[str, Any]) -> None:
+    """What every example does with a trained run: for a learning run, the trajectory's summary (into ``out``) and
+    its plots; the model (with ``lr_trajectory.{safetensors,json}``) where this process saves; the Hub push when
+    asked (one repo per method, the trajectory and its card with it)."""
+    trajectory = trainer.lr_trajectory if isinstance(trainer, MetaLRTrainer) else None
+    if trajectory is not None:
+        out["trajectory_summary"] = trajectory.summary()
+    if args.should_save:
+        trainer.save_model()
+        if trajectory is not None:
+            out["plots"] = trajectory.save_plots(args.output_dir)
+    if args.push_to_hub:
+        trainer.push_to_hub()
 
 
 def rate_summary(rates, args: MetaLRConfig, noise_mask: np.ndarray | None) -> dict[str, Any]:

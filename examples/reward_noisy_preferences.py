@@ -105,12 +105,7 @@ def run_method(method: str, s: RewardOptions, config, data, flipped: np.ndarray)
         rates = trainer.rates.instance.detach().cpu().numpy().astype(np.float64)
         out.update(rate_auroc=float(roc_auc_score(~flipped, rates)), rate_unflipped=float(rates[~flipped].mean()),
                    rate_flipped=float(rates[flipped].mean()))
-        if args.should_save and trainer.lr_trajectory is not None:
-            out["plots"] = trainer.lr_trajectory.save_plots(args.output_dir)
-    if args.should_save:
-        trainer.save_model()
-    if args.push_to_hub:
-        trainer.push_to_hub()
+    common.save_and_push(trainer, args, out)
     return out
 
 

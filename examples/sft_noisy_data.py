@@ -267,14 +267,7 @@ def run_method(method: str, s: SFTOptions, config, tok, data: dict, corrupted: n
                 if 0 < corrupted[src == n].mean() < 1},
             rate_clean=float(inst[~corrupted].mean()), rate_corrupted=float(inst[corrupted].mean()),
         )
-        if args.should_save and trainer.lr_trajectory is not None:
-            out["trajectory_summary"] = trainer.lr_trajectory.summary()
-            trainer.save_model()
-            out["plots"] = trainer.lr_trajectory.save_plots(args.output_dir)
-    elif args.should_save:
-        trainer.save_model()
-    if args.push_to_hub:
-        trainer.push_to_hub()
+    common.save_and_push(trainer, args, out)
     return out
 
 

@@ -210,8 +210,13 @@ def test_push_to_hub_uploads_model_trajectory_and_card(hub_server, tmp_path):
     env = hub_server.client_env(tmp_path / "hf_home")
     run_example("noisy_cifar100.py", tmp_path / "out", "--methods", "metalr", "--max_train_samples", "150",
                 "--max_test_samples", "50", "--push_to_hub", "--hub_model_id", "hubtest/noisy-example", env=env)
+    _assert_pushed_with_trajectory(hub_server, "hubtest/noisy-example-metalr")
+
+
+def _assert_pushed_with_trajectory(hub_server, repo_id: str) -> None:
+    """The Hub repo holds the model, its learned-rate trajectory, the trajectory's plots and the card."""
     store = hub_server.store
-    repo = store.require("model", "hubtest/noisy-example-metalr")
+    repo = store.require("model", repo_id)
     files = {e["path"] for e in store.entries(repo, store.resolve(repo, "main"), recursive=True)}
     assert {"model.safetensors", "config.json", "lr_trajectory.safetensors", "lr_trajectory.json",
             "README.md"} <= files, files
@@ -227,12 +232,7 @@ def test_reward_example_pushes_the_reward_model_with_its_trajectory(hub_server, 
            "--methods", "metalr", "--push_to_hub", "--hub_model_id", "hubtest/reward-example", "--disable_tqdm", "true"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    store = hub_server.store
-    repo = store.require("model", "hubtest/reward-example-metalr")
-    files = {e["path"] for e in store.entries(repo, store.resolve(repo, "main"), recursive=True)}
-    assert {"model.safetensors", "config.json", "lr_trajectory.safetensors", "lr_trajectory.json",
-            "README.md"} <= files, files
-    assert any(f.endswith(".png") for f in files)
+    _assert_pushed_with_trajectory(hub_server, "hubtest/reward-example-metalr")
 
 
 def test_flags_override_presets():
