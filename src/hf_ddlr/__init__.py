@@ -5,7 +5,8 @@ one-step-lookahead meta-gradient on a small clean held-out set (Saxena, Vyas & D
 
 ``MetaSFTTrainer`` / ``MetaSFTConfig`` (TRL's ``SFTTrainer`` with the rates, :mod:`hf_ddlr.trl`) and
 ``MetaRewardTrainer`` / ``MetaRewardConfig`` (TRL's ``RewardTrainer`` with a rate per preference pair,
-:mod:`hf_ddlr.reward`) are loaded on first use, so that hf_ddlr does not require TRL.
+:mod:`hf_ddlr.reward`) and ``MetaDPOTrainer`` / ``MetaDPOConfig`` (TRL's ``DPOTrainer`` with a rate per preference
+pair, :mod:`hf_ddlr.dpo`) are loaded on first use, so that hf_ddlr does not require TRL.
 """
 
 from typing import Any
@@ -21,6 +22,7 @@ __all__ = ["LRTrajectory", "MetaLRConfig", "MetaLROptions", "MetaLRTrainer", "__
 
 _TRL_NAMES = ("MetaSFTConfig", "MetaSFTTrainer")
 _REWARD_NAMES = ("MetaRewardConfig", "MetaRewardTrainer")
+_DPO_NAMES = ("MetaDPOConfig", "MetaDPOTrainer")
 
 
 def __getattr__(name: str) -> Any:
@@ -34,4 +36,8 @@ def __getattr__(name: str) -> Any:
         from . import reward
 
         return getattr(reward, name)
+    if name in _DPO_NAMES:
+        from . import dpo
+
+        return getattr(dpo, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

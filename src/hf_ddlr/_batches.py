@@ -109,7 +109,7 @@ def default_meta_batch_size(per_step: int, task: str | None) -> int:
 
 def probe_batches(trainer: Any) -> float:
     """The run's ``probe_batches``: the option when set, else 1 for a task with one loss per example and 0 for a
-    token-level one (causal LM, seq2seq, token classification: a forward-mode pass through the vocabulary costs a
+    task whose logits are per token (causal LM, seq2seq, token classification, DPO: a forward-mode pass through the vocabulary costs a
     whole training step there, and those runs are long, with many visits per example already). 0 without history
     (``keep_history=False``): a probed rate would be reset before its example is trained with it."""
     if not trainer.meta_args.keep_history:  # the no-history ablation resets every rate before the next step
@@ -117,7 +117,7 @@ def probe_batches(trainer: Any) -> float:
     if trainer.meta_args.probe_batches is not None:
         return float(trainer.meta_args.probe_batches)
     task = getattr(trainer, "_task", None)
-    return 0.0 if task is not None and task.token_level else 1.0
+    return 0.0 if task is not None and task.token_outputs else 1.0
 
 
 def _per_device_batch(trainer: Any) -> int:

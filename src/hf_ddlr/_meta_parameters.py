@@ -35,14 +35,14 @@ def _trainable(model: nn.Module) -> list[str]:
 
 def meta_parameters_choice(trainer: Any, trainable: list[str] | None = None) -> str:
     """``meta_parameters`` as the run uses it: ``"auto"`` resolved to ``"head"`` for a fine-tune of a pretrained
-    model (not PEFT) on a task with one loss per example whose model has a head after a stack of blocks, and to
-    ``"all"`` otherwise; any other value as given. ``trainable``: the model's trainable parameter names, when the
-    caller has them."""
+    model (not PEFT) on a task with one loss and one output per example whose model has a head after a stack of
+    blocks, and to ``"all"`` otherwise; any other value as given. ``trainable``: the model's trainable parameter
+    names, when the caller has them."""
     choice = trainer.meta_args.meta_parameters
     if choice != "auto":
         return choice
     model, task = trainer.model, getattr(trainer, "_task", None)
-    if task is None or task.token_level or not _pretrained(model):
+    if task is None or task.token_outputs or not _pretrained(model):
         return "all"
     return "head" if head_parameter_names(model, trainable or _trainable(model)) else "all"
 

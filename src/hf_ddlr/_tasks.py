@@ -117,7 +117,7 @@ def check_task_options(task: TaskLoss, lr_level: str, meta_strategy: str, label_
             f"meta_strategy='last_layer' is the closed form of single-label cross-entropy; the model's task is "
             f"{task.task}. Use meta_strategy='jvp' (or 'finite_difference' / 'exact')."
         )
-    if label_smoothing and task.task in ("multi_label_classification", "regression", "preference"):
+    if label_smoothing and task.task in ("multi_label_classification", "regression", "preference", "dpo"):
         raise ValueError(
             f"label_smoothing_factor={label_smoothing} smooths a cross-entropy over classes; the {task.task} loss "
             f"has none. Set label_smoothing_factor=0."

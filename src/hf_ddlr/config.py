@@ -291,8 +291,8 @@ class MetaLROptions:
         "few per-visit signals, and in short runs (2-4 epochs) the paper's one visit per epoch was too few "
         "(docs/robustness.md, 'Probes'). Each probe costs a forward-mode pass over its micro-batch (about a plain "
         "training step; less with a cheap step). None (default): 1 for tasks with one loss per example "
-        "(classification, regression), 0 for token-level tasks (causal LM, seq2seq, token classification), whose "
-        "forward-mode pass through the vocabulary costs a whole step and whose runs are long. 0: the paper's "
+        "(classification, regression), 0 for tasks with logits per token (causal LM, seq2seq, token "
+        "classification, DPO), whose forward-mode pass through the vocabulary costs a whole step and whose runs are long. 0: the paper's "
         "rule. Instance levels with history only (keep_history=True); the probes go through the train set in "
         "shuffled passes of their own, and the trajectory then records the rates each example was trained with "
         "(a replay applies them exactly).",

@@ -36,7 +36,10 @@ __all__ = [
     "TASKS",
     "TaskLoss",
     "causal_lm_loss",
+    "dpo_loss",
+    "dpo_task",
     "multi_label_loss",
+    "pack_dpo_labels",
     "preference_loss",
     "preference_task",
     "regression_loss",
@@ -124,6 +127,46 @@ def preference_task(center: float = 0.0) -> TaskLoss:
     return TaskLoss("preference", functools.partial(preference_loss, center=float(center)), rows_per_example=2)
 
 
+def pack_dpo_labels(tokens: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """The targets of a batch of DPO pairs as one row per pair, which is how the meta step keys its examples:
+    the chosen sequence's token labels, the rejected one's (-100 outside the completion; the rows of ``tokens``
+    stack the chosen sequences, then the rejected ones, as TRL's ``DataCollatorForPreference`` does) and the
+    reference model's log-probabilities of the two answers (``ref_logps``: (pairs, 2), chosen then rejected).
+    Float64, in which the token ids and the log-probabilities are exact."""
+    B = ref_logps.shape[0]
+    if tokens.dim() != 2 or tokens.shape[0] != 2 * B or ref_logps.shape != (B, 2):
+        raise ValueError(f"DPO pairs need token labels (2 * pairs, tokens), chosen rows then rejected rows, and the "
+                         f"reference log-probabilities (pairs, 2); got {tuple(tokens.shape)} and "
+                         f"{tuple(ref_logps.shape)}.")
+    t = tokens.to(torch.float64)
+    return torch.cat([t[:B], t[B:], ref_logps.to(torch.float64)], dim=1)
+
+
+def dpo_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0, beta: float = 0.1) -> torch.Tensor:
+    """Every pair's DPO loss ``−log σ(β [(log π(y_c) − log π_ref(y_c)) − (log π(y_r) − log π_ref(y_r))])``
+    (Rafailov et al.; TRL's ``loss_type="sigmoid"``): a sequence's log-probability is the sum over its completion
+    tokens of the causal LM's next-token log-probabilities. ``logits``: the model's (2 * pairs, tokens, vocab),
+    chosen rows then rejected rows; ``labels``: :func:`pack_dpo_labels`. Their mean over the pairs is TRL's
+    ``DPOTrainer`` loss. Logits longer than the labels (a prompt-tuned model's virtual tokens come first) are read
+    at their last positions, as TRL does."""
+    B = labels.shape[0]
+    T = (labels.shape[1] - 2) // 2
+    _check_shape("DPO", logits.dim() == 3 and logits.shape[0] == 2 * B and logits.shape[1] >= T
+                 and labels.shape[1] == 2 * T + 2, logits, labels,
+                 "logits (2 * pairs, tokens, vocab), chosen rows then rejected rows, and packed labels "
+                 "(pairs, 2 * tokens + 2)")
+    tokens = torch.cat([labels[:, :T], labels[:, T:2 * T]]).round().long()
+    logps = -causal_lm_loss(logits[:, logits.shape[1] - T:], tokens)
+    ref = labels[:, -2:].to(logps.dtype)
+    return -F.logsigmoid(beta * ((logps[:B] - ref[:, 0]) - (logps[B:] - ref[:, 1])))
+
+
+def dpo_task(beta: float = 0.1) -> TaskLoss:
+    """The :class:`TaskLoss` of DPO on preference pairs (:func:`dpo_loss`; ``beta``: TRL's). Not chosen from a
+    model (a policy is a causal LM): the DPO trainer sets it."""
+    return TaskLoss("dpo", functools.partial(dpo_loss, beta=float(beta)), rows_per_example=2, token_outputs=True)
+
+
 def _token_counts(labels: torch.Tensor) -> torch.Tensor:
     return (labels != IGNORE_INDEX).sum(1)
 
@@ -137,7 +180,8 @@ class TaskLoss:
     """A task's per-example loss: ``loss(logits, labels, smoothing)`` gives every example's ``ℓ_i`` and
     ``counts(labels)`` its number of targets ``n_i`` (None: one per example, the batch loss is the mean of the
     ``ℓ_i``). ``class_labels``: the labels are one class id per example (class-level rates apply).
-    ``rows_per_example``: how many rows of the model's batch one example spans."""
+    ``rows_per_example``: how many rows of the model's batch one example spans. ``token_outputs``: the logits are
+    per token over a vocabulary."""
 
     task: str
     loss: Callable[..., torch.Tensor]
@@ -146,6 +190,9 @@ class TaskLoss:
     # rows of the model's batch per example: 2 for preference pairs (the chosen rows, then the rejected ones); an
     # example's per-layer products are the sums over its rows
     rows_per_example: int = 1
+    # the model's outputs are logits per token over a vocabulary, so a pass through its output layer costs about a
+    # training step: no probes by default, the lookahead on every parameter (the token-level tasks and DPO)
+    token_outputs: bool = False
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
         return self.loss(logits, labels, smoothing)
@@ -204,9 +251,9 @@ _TASKS: dict[str, TaskLoss] = {
         SINGLE_LABEL,
         TaskLoss("multi_label_classification", multi_label_loss),
         TaskLoss("regression", regression_loss),
-        TaskLoss("token_classification", token_loss, _token_counts),
-        TaskLoss("causal_lm", causal_lm_loss, _shifted_token_counts),
-        TaskLoss("seq2seq_lm", token_loss, _token_counts),
+        TaskLoss("token_classification", token_loss, _token_counts, token_outputs=True),
+        TaskLoss("causal_lm", causal_lm_loss, _shifted_token_counts, token_outputs=True),
+        TaskLoss("seq2seq_lm", token_loss, _token_counts, token_outputs=True),
     )
 }
 TASKS: tuple[str, ...] = tuple(_TASKS)
