@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 trl = pytest.importorskip("trl")
 
+from launching import check_two_process_pairs_run  # noqa: E402
 from test_trl_sft import LETTERS, char_tokenizer, tiny_llama  # noqa: E402
 
 from hf_ddlr import MetaDPOConfig, MetaDPOTrainer  # noqa: E402
@@ -247,6 +248,28 @@ def test_a_run_resumed_from_its_checkpoint_ends_bit_for_bit_where_it_would_have(
     assert torch.equal(resumed.rates.instance, full.rates.instance)
     for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(a, b), n
+
+
+def ddp_run(out: str, per_device_batch: int, meta_lr: float = 0.1, plain: bool = False):
+    """The runs of the DDP test (tests/ddp_pairs_worker.py): 4 steps of ``per_device_batch`` pairs per process,
+    MetaDPOTrainer (every process's meta batch the whole meta set) or, ``plain``, trl.DPOTrainer."""
+    train, _ = preference_pairs(64, 1, flip=0.3)
+    meta, _ = preference_pairs(16, 2)
+    kw = {**COMMON, "max_steps": 4, "per_device_train_batch_size": per_device_batch, "optim": "adamw_torch",
+          "learning_rate": 3e-3}
+    if plain:
+        t = _plain(out, _policy(), train, **kw)
+    else:
+        t = _meta(out, train, meta, meta_batch_size=len(meta), meta_lr=meta_lr, **kw)
+    t.train()
+    return t
+
+
+def test_two_processes_hold_the_same_rates_and_train_as_dpo_trainer_does_there(tmp_path):
+    """torchrun, 2 processes x 4 pairs (the reference log-probabilities precomputed across both): both processes end
+    with the identical rate table and policy; the rates move; and with rates held at 1 the policy ends where
+    trl.DPOTrainer's own 2-process run ends (its reference model computed per batch)."""
+    check_two_process_pairs_run("test_trl_dpo", tmp_path, n_train=64)
 
 
 @pytest.mark.parametrize(("option", "fix"), [

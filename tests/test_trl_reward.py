@@ -5,12 +5,12 @@ order was flipped."""
 from __future__ import annotations
 
 import copy
-import os
 
 import datasets
 import pytest
 import torch
 import torch.nn.functional as F
+from launching import check_two_process_pairs_run
 from tiny_text import WORDS, tiny_tokenizer
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
@@ -193,7 +193,7 @@ def test_a_labels_column_is_refused_naming_the_fix(tmp_path):
                           processing_class=_tokenizer())
 
 
-def ddp_reward_run(out: str, per_device_batch: int, meta_lr: float = 0.1, plain: bool = False):
+def ddp_run(out: str, per_device_batch: int, meta_lr: float = 0.1, plain: bool = False):
     """The runs of the DDP test: 4 steps of ``per_device_batch`` pairs per process, MetaRewardTrainer (every
     process's meta batch the whole meta set) or, ``plain``, trl.RewardTrainer."""
     train, _ = _preference_set(64, 1, flip=0.3)
@@ -213,29 +213,7 @@ def ddp_reward_run(out: str, per_device_batch: int, meta_lr: float = 0.1, plain:
 def test_two_processes_hold_the_same_rates_and_train_as_reward_trainer_does_there(tmp_path):
     """torchrun, 2 processes x 4 pairs: both processes end with the identical rate table and model; the rates move;
     and with rates held at 1 the model ends where trl.RewardTrainer's own 2-process run ends."""
-    import sys
-    from pathlib import Path
-
-    import safetensors.torch
-    from launching import run_launch
-
-    here = Path(__file__).parent
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])}
-    torchrun = Path(sys.executable).parent / "torchrun"
-    proc = run_launch([str(torchrun), "--standalone", "--nproc_per_node", "2", "ddp_reward_worker.py", str(tmp_path)],
-                      here, env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = {name: [safetensors.torch.load_file(str(tmp_path / f"{name}_rank{r}.safetensors")) for r in (0, 1)]
-            for name in ("meta", "zero", "plain")}
-    for name, (r0, r1) in runs.items():
-        for k in r0:
-            assert torch.equal(r0[k], r1[k]), f"{name}: {k}"
-    assert not torch.equal(runs["meta"][0]["rates.instance"], torch.ones(64))
-    assert torch.equal(runs["zero"][0]["rates.instance"], torch.ones(64))
-    plain = runs["plain"][0]
-    for k, v in plain.items():
-        torch.testing.assert_close(runs["zero"][0][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    check_two_process_pairs_run("test_trl_reward", tmp_path, n_train=64)
 
 
 def test_a_run_resumed_from_its_checkpoint_ends_bit_for_bit_where_it_would_have(tmp_path):

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers import TrainingArguments
 from transformers.utils import logging
 
@@ -187,6 +189,24 @@ class MetaDPOTrainer(MetaLRTrainer, DPOTrainer):
         prepared = self._prepare_dataset(meta_dataset, self.processing_class, self.args, "meta")
         batch = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
         return _with_marker(self._precompute_ref_logps(prepared, "meta", batch), "meta")
+
+    def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+        """DPOTrainer's, except for a dataset held in memory under several processes: DPOTrainer writes the
+        reference log-probabilities to a cache file in the main process's temporary directory, which the other
+        processes cannot open; here every process adds the gathered log-probabilities as columns itself."""
+        if self.accelerator.num_processes == 1 or getattr(dataset, "cache_files", None):
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        loader = self.accelerator.prepare(DataLoader(
+            dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory))
+        model, chosen, rejected = self.ref_model or self.model, [], []
+        for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset",
+                          disable=not self.accelerator.is_local_main_process):
+            pair = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
+            chosen.append(pair[0].float().cpu())
+            rejected.append(pair[1].float().cpu())
+        return (dataset.add_column("ref_chosen_logps", torch.cat(chosen).tolist())
+                .add_column("ref_rejected_logps", torch.cat(rejected).tolist()))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """While training with rates: MetaLRTrainer's weighted per-pair loss, plus DPOTrainer's training metrics

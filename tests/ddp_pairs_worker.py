@@ -1,20 +1,22 @@
-"""Worker for tests/test_trl_reward.py: under ``torchrun --nproc_per_node 2``, MetaRewardTrainer on the tiny preference
-set (meta_lr 0.1, and 0) and trl.RewardTrainer on the same pairs; every rank saves the rates and weights of each run
-to ``OUT/<run>_rank<r>.safetensors``."""
+"""Worker for the preference-pair trainers' DDP tests (tests/test_trl_reward.py, tests/test_trl_dpo.py): under
+``torchrun --nproc_per_node 2``, ``MODULE.ddp_run`` — the Meta* trainer on the test's pairs (meta_lr 0.1, and 0) and
+TRL's own trainer on the same pairs; every rank saves the rates and weights of each run to
+``OUT/<run>_rank<r>.safetensors``. Usage: ``ddp_pairs_worker.py MODULE OUT``."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
 import safetensors.torch
 import torch
-from test_trl_reward import ddp_reward_run
 
 
-def main(out: str) -> None:
+def main(module: str, out: str) -> None:
+    ddp_run = importlib.import_module(module).ddp_run
     for name, kw in (("meta", dict(meta_lr=0.1)), ("zero", dict(meta_lr=0.0)), ("plain", dict(plain=True))):
-        t = ddp_reward_run(os.path.join(out, name), per_device_batch=4, **kw)
+        t = ddp_run(os.path.join(out, name), per_device_batch=4, **kw)
         state = {f"model.{k}": v.detach().cpu().contiguous() for k, v in t.model.state_dict().items()}
         if not kw.get("plain"):
             state["rates.instance"] = t.rates.instance.cpu()
@@ -24,4 +26,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])
