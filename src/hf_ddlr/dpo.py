@@ -1,10 +1,11 @@
 """TRL: :class:`MetaDPOTrainer`, ``trl.DPOTrainer`` with a learning-rate multiplier per preference pair.
 
 Preference data is labelled by people, and people disagree: a share of the pairs has ``chosen`` and ``rejected``
-the wrong way round, and DPO then pushes the policy toward the worse answer. ``MetaDPOTrainer(MetaLRTrainer,
-DPOTrainer)`` learns one rate per pair by :class:`~hf_ddlr.MetaLRTrainer`'s meta step on a small set of pairs whose
-order is trusted; the pairs whose gradient disagrees with that set train slower. The method resolution order is
-MetaDPOTrainer → MetaLRTrainer → DPOTrainer → transformers.Trainer:
+the wrong way round, and DPO then pushes the policy toward the worse answer. ``MetaDPOTrainer(WeightedTRLLoss,
+MetaLRTrainer, DPOTrainer)`` learns one rate per pair by :class:`~hf_ddlr.MetaLRTrainer`'s meta step on a small
+set of pairs whose order is trusted; the pairs whose gradient disagrees with that set train slower. The method
+resolution order is MetaDPOTrainer → WeightedTRLLoss (the ``compute_loss`` the TRL trainers share) →
+MetaLRTrainer → DPOTrainer → transformers.Trainer:
 
 - data: ``DPOTrainer.__init__`` prepares the train set (EOS, tokenisation into ``prompt_ids`` / ``chosen_ids`` /
   ``rejected_ids``) and computes the reference model's log-probabilities of every answer once, before training
@@ -45,15 +46,19 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 from .config import MetaLROptions, resolve_meta_options
 from .meta import TaskLoss
 from .meta.losses import IGNORE_INDEX, dpo_task, pack_dpo_labels
-from .meta.passes import extract_logits
 from .trainer import MetaLRTrainer
-from .trl import as_trl_config, check_prepared_index
+from .trl import (
+    TARGET,
+    IndexCollator,
+    WeightedTRLLoss,
+    as_trl_config,
+    check_prepared_index,
+    with_target_column,
+)
 
 logger = logging.get_logger(__name__)
 
 __all__ = ["MetaDPOConfig", "MetaDPOTrainer"]
-
-_TARGET = "labels"  # the column marking the rows whose batches carry packed DPO targets (pack_dpo_labels)
 
 
 @dataclass
@@ -63,40 +68,25 @@ class MetaDPOConfig(MetaLROptions, DPOConfig):
     log-probabilities are computed before training (``precompute_ref_log_probs``)."""
 
 
-class _DPOCollator:
+class _DPOCollator(IndexCollator):
     """TRL's ``DataCollatorForPreference`` makes ``input_ids`` / ``attention_mask`` / ``completion_mask`` and the
     reference log-probabilities. For training and meta batches (rows with the ``labels`` column this trainer adds)
     the completion tokens and the reference log-probabilities become the pairs' packed ``labels``
-    (:func:`~hf_ddlr.meta.losses.pack_dpo_labels`) and the index column is carried; evaluation batches are TRL's."""
+    (:func:`~hf_ddlr.meta.losses.pack_dpo_labels`), with the index column; evaluation batches are TRL's."""
 
-    def __init__(self, collator: Any, column: str) -> None:
-        self.collator, self.column = collator, column
+    marker = TARGET
 
-    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        if not features or _TARGET not in features[0]:
-            return self.collator(features)
-        batch = dict(self.collator([{k: v for k, v in f.items() if k not in (_TARGET, self.column)}
-                                    for f in features]))
+    def add_targets(self, batch: dict[str, Any], features: Sequence[Mapping[str, Any]]) -> None:
         completion = batch.pop("completion_mask")
         tokens = batch["input_ids"].masked_fill(completion == 0, IGNORE_INDEX)
         ref = torch.stack([batch.pop("ref_chosen_logps"), batch.pop("ref_rejected_logps")], dim=1)
-        batch[_TARGET] = pack_dpo_labels(tokens, ref)
-        if self.column in features[0]:
-            batch[self.column] = torch.as_tensor([int(f[self.column]) for f in features], dtype=torch.long)
-        return batch
+        batch[TARGET] = pack_dpo_labels(tokens, ref)
 
 
 def _with_marker(dataset: Any, name: str) -> Any:
     """``dataset`` with the ``labels`` column that marks its batches for packed targets."""
-    names = getattr(dataset, "column_names", None)
-    if names is None:
-        raise TypeError(f"MetaDPOTrainer needs the {name} set as a datasets.Dataset, got {type(dataset).__name__}.")
-    if _TARGET in names:
-        raise ValueError(
-            f"The {name} set has a {_TARGET!r} column; MetaDPOTrainer builds each pair's targets there. Preference "
-            f"pairs are 'prompt' / 'chosen' / 'rejected': rename or remove {_TARGET!r}."
-        )
-    return dataset.add_column(_TARGET, [0] * len(dataset))
+    return with_target_column(dataset, name, "MetaDPOTrainer", [0] * len(dataset),
+                              "'prompt' / 'chosen' / 'rejected'")
 
 
 def _with_rates_options(args: DPOConfig | None) -> DPOConfig | None:
@@ -127,7 +117,7 @@ def _with_rates_options(args: DPOConfig | None) -> DPOConfig | None:
     return args
 
 
-class MetaDPOTrainer(MetaLRTrainer, DPOTrainer):
+class MetaDPOTrainer(WeightedTRLLoss, MetaLRTrainer, DPOTrainer):
     """``trl.DPOTrainer`` that learns a learning-rate multiplier per preference pair (and optionally the weight decay)
     by :class:`~hf_ddlr.MetaLRTrainer`'s meta step on ``meta_dataset``, a small set of pairs whose order is trusted.
 
@@ -157,6 +147,8 @@ class MetaDPOTrainer(MetaLRTrainer, DPOTrainer):
     ```
     """
 
+    target_column = TARGET  # marks the rows whose batches carry packed targets; kept by the column removal
+
     def __init__(self, model: torch.nn.Module | str, ref_model: torch.nn.Module | None = None,
                  args: TrainingArguments | None = None, **kwargs: Any) -> None:
         args = as_trl_config(args, DPOConfig, MetaDPOConfig)
@@ -175,13 +167,6 @@ class MetaDPOTrainer(MetaLRTrainer, DPOTrainer):
         """DPO's per-pair sigmoid loss with DPOConfig's ``beta``."""
         args = getattr(self, "args", None)  # (None while MetaLRTrainer.__init__ checks the sets: resolved again)
         return dpo_task(getattr(args, "beta", 0.1))
-
-    def _set_signature_columns_if_needed(self) -> None:
-        """DPOTrainer's columns to keep (the token ids and reference log-probabilities) and the index column, plus
-        the marker of packed targets when the rates are learned or replayed."""
-        super()._set_signature_columns_if_needed()
-        if self._meta_active and _TARGET not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, _TARGET]
 
     def _prepare_meta_dataset(self, meta_dataset: Any) -> Any:
         """The trusted pairs prepared as ``DPOTrainer`` prepared the train set, with the reference model's
@@ -208,20 +193,11 @@ class MetaDPOTrainer(MetaLRTrainer, DPOTrainer):
         return (dataset.add_column("ref_chosen_logps", torch.cat(chosen).tolist())
                 .add_column("ref_rejected_logps", torch.cat(rejected).tolist()))
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """While training with rates: MetaLRTrainer's weighted per-pair loss, plus DPOTrainer's training metrics
-        from the same logits. Otherwise (evaluation, no meta set): DPOTrainer's loss."""
-        if self._schedule is None or self._schedule.current is None or not model.training:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss, outputs = super().compute_loss(model, {**inputs, "use_cache": False}, True, num_items_in_batch)
-        self._record_dpo_metrics(extract_logits(outputs), inputs)
-        return (loss, outputs) if return_outputs else loss
-
     @torch.no_grad()
-    def _record_dpo_metrics(self, logits: torch.Tensor, inputs: Mapping[str, Any]) -> None:
+    def _record_train_metrics(self, logits: torch.Tensor, inputs: Mapping[str, Any]) -> None:
         """The training metrics DPOTrainer logs (``rewards/*``, ``logps/*``, ``logits/*``, ``entropy``,
         ``mean_token_accuracy``, ``num_tokens``), from the policy's logits and the pairs' packed targets."""
-        packed = inputs[_TARGET]
+        packed = inputs[TARGET]
         B, T = packed.shape[0], (packed.shape[1] - 2) // 2
         tokens = torch.cat([packed[:, :T], packed[:, T:2 * T]]).round().long()[:, 1:]  # the next tokens
         z = logits[:, logits.shape[1] - T:][:, :-1].float()

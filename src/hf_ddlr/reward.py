@@ -1,10 +1,11 @@
 """TRL: :class:`MetaRewardTrainer`, ``trl.RewardTrainer`` with a learning-rate multiplier per preference pair.
 
 Preference data is labelled by people, and people disagree: a share of the pairs has ``chosen`` and ``rejected``
-the wrong way round. ``MetaRewardTrainer(MetaLRTrainer, RewardTrainer)`` learns one rate per pair by
-:class:`~hf_ddlr.MetaLRTrainer`'s meta step on a small set of pairs whose order is trusted; the pairs whose
-gradient disagrees with that set train slower. The method resolution order is MetaRewardTrainer →
-MetaLRTrainer → RewardTrainer → transformers.Trainer:
+the wrong way round. ``MetaRewardTrainer(WeightedTRLLoss, MetaLRTrainer, RewardTrainer)`` learns one rate per
+pair by :class:`~hf_ddlr.MetaLRTrainer`'s meta step on a small set of pairs whose order is trusted; the pairs
+whose gradient disagrees with that set train slower. The method resolution order is MetaRewardTrainer →
+WeightedTRLLoss (the ``compute_loss`` the TRL trainers share) → MetaLRTrainer → RewardTrainer →
+transformers.Trainer:
 
 - data: ``RewardTrainer.__init__`` prepares the train set (EOS, tokenisation into ``chosen_ids`` /
   ``rejected_ids``, the ``max_length`` filter); the index column that keys each pair's rate is added before that
@@ -39,15 +40,19 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 from .config import MetaLROptions
 from .meta import TaskLoss
 from .meta.losses import preference_task
-from .meta.passes import extract_logits
 from .trainer import MetaLRTrainer
-from .trl import as_trl_config, check_prepared_index
+from .trl import (
+    TARGET,
+    IndexCollator,
+    WeightedTRLLoss,
+    as_trl_config,
+    check_prepared_index,
+    with_target_column,
+)
 
 logger = logging.get_logger(__name__)
 
 __all__ = ["MetaRewardConfig", "MetaRewardTrainer"]
-
-_TARGET = "labels"  # the column (and batch key) holding each pair's margin for the meta step
 
 
 @dataclass
@@ -56,41 +61,27 @@ class MetaRewardConfig(MetaLROptions, RewardConfig):
     ``HfArgumentParser``, as command-line flags)."""
 
 
-class _PreferenceCollator:
+class _PreferenceCollator(IndexCollator):
     """TRL's ``DataCollatorForPreference`` keeps the token columns and ``margin`` only. For training and meta
-    batches (rows with the ``labels`` column this trainer adds) it also carries each pair's margin as ``labels``
-    (the model never sees ``margin``) and the index column; evaluation batches are TRL's own."""
+    batches (rows with the ``labels`` column this trainer adds) each pair's margin goes into ``labels`` (the model
+    never sees ``margin``), with the index column; evaluation batches are TRL's own."""
 
-    def __init__(self, collator: Any, column: str) -> None:
-        self.collator, self.column = collator, column
+    marker = TARGET
 
-    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        if not features or _TARGET not in features[0]:
-            return self.collator(features)
-        batch = dict(self.collator([{k: v for k, v in f.items() if k not in (_TARGET, self.column)}
-                                    for f in features]))
+    def add_targets(self, batch: dict[str, Any], features: Sequence[Mapping[str, Any]]) -> None:
         batch.pop("margin", None)
-        batch[_TARGET] = torch.as_tensor([float(f[_TARGET]) for f in features], dtype=torch.float32)
-        if self.column in features[0]:
-            batch[self.column] = torch.as_tensor([int(f[self.column]) for f in features], dtype=torch.long)
-        return batch
+        batch[TARGET] = torch.as_tensor([float(f[TARGET]) for f in features], dtype=torch.float32)
 
 
 def _with_targets(dataset: Any, name: str) -> Any:
     """``dataset`` with a ``labels`` column: each pair's ``margin``, 0 without one."""
-    names = getattr(dataset, "column_names", None)
-    if names is None:
-        raise TypeError(f"MetaRewardTrainer needs the {name} set as a datasets.Dataset, got {type(dataset).__name__}.")
-    if _TARGET in names:
-        raise ValueError(
-            f"The {name} set has a {_TARGET!r} column; MetaRewardTrainer keeps each pair's margin there. Preference "
-            f"pairs are 'chosen' / 'rejected' (and an optional 'margin'): rename or remove {_TARGET!r}."
-        )
+    names = getattr(dataset, "column_names", None) or []
     margins = dataset["margin"] if "margin" in names else [0.0] * len(dataset)
-    return dataset.add_column(_TARGET, [float(m) for m in margins])
+    return with_target_column(dataset, name, "MetaRewardTrainer", [float(m) for m in margins],
+                              "'chosen' / 'rejected' (and an optional 'margin')")
 
 
-class MetaRewardTrainer(MetaLRTrainer, RewardTrainer):
+class MetaRewardTrainer(WeightedTRLLoss, MetaLRTrainer, RewardTrainer):
     """``trl.RewardTrainer`` that learns a learning-rate multiplier per preference pair (and optionally the weight
     decay) by :class:`~hf_ddlr.MetaLRTrainer`'s meta step on ``meta_dataset``, a small set of pairs whose order is
     trusted.
@@ -121,6 +112,8 @@ class MetaRewardTrainer(MetaLRTrainer, RewardTrainer):
     ```
     """
 
+    target_column = TARGET  # each pair's margin, kept by the Trainer's column removal
+
     def __init__(self, model: torch.nn.Module | str, args: TrainingArguments | None = None, **kwargs: Any) -> None:
         super().__init__(model=model, args=as_trl_config(args, RewardConfig, MetaRewardConfig), **kwargs)
         if self._meta_active:
@@ -133,29 +126,13 @@ class MetaRewardTrainer(MetaLRTrainer, RewardTrainer):
         args = getattr(self, "args", None)  # (None while MetaLRTrainer.__init__ checks the sets: resolved again)
         return preference_task(getattr(args, "center_rewards_coefficient", None) or 0.0)
 
-    def _set_signature_columns_if_needed(self) -> None:
-        """RewardTrainer's columns to keep (``chosen_ids``, ``rejected_ids``, ``margin``) and the index column, plus
-        the pairs' targets when the rates are learned or replayed."""
-        super()._set_signature_columns_if_needed()
-        if self._meta_active and _TARGET not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, _TARGET]
-
     def _prepare_meta_dataset(self, meta_dataset: Any) -> Any:
         """The trusted pairs prepared as ``RewardTrainer`` prepared the train set, with their margins as targets."""
         prepared = self._prepare_dataset(meta_dataset, self.processing_class, self.args, "meta")
         return _with_targets(prepared, "meta")
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """While training with rates: MetaLRTrainer's weighted per-pair loss, plus RewardTrainer's training metrics
-        from the same rewards. Otherwise (evaluation, no meta set): RewardTrainer's loss."""
-        if self._schedule is None or self._schedule.current is None or not model.training:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss, outputs = super().compute_loss(model, {**inputs, "use_cache": False}, True, num_items_in_batch)
-        self._record_reward_metrics(extract_logits(outputs), inputs)
-        return (loss, outputs) if return_outputs else loss
-
     @torch.no_grad()
-    def _record_reward_metrics(self, logits: torch.Tensor, inputs: Mapping[str, Any]) -> None:
+    def _record_train_metrics(self, logits: torch.Tensor, inputs: Mapping[str, Any]) -> None:
         """``min/mean/max_reward``, ``accuracy``, ``margin`` and ``num_tokens`` as RewardTrainer logs them."""
         gather, metrics = self.accelerator.gather_for_metrics, self._metrics["train"]
         rewards = self.accelerator.gather(logits)

@@ -1,8 +1,9 @@
 """TRL: :class:`MetaSFTTrainer`, ``trl.SFTTrainer`` with per-example learning rates, and :class:`MetaSFTConfig`.
 
-``MetaSFTTrainer(MetaLRTrainer, SFTTrainer)``: the meta step and the weighted loss are
+``MetaSFTTrainer(WeightedTRLLoss, MetaLRTrainer, SFTTrainer)``: the meta step and the weighted loss are
 :class:`~hf_ddlr.MetaLRTrainer`'s, the data preparation is ``SFTTrainer``'s. The method resolution order is
-MetaSFTTrainer → MetaLRTrainer → SFTTrainer → transformers.Trainer, so every hook MetaLRTrainer overrides
+MetaSFTTrainer → WeightedTRLLoss (the ``compute_loss`` the TRL trainers share) → MetaLRTrainer → SFTTrainer →
+transformers.Trainer, so every hook MetaLRTrainer overrides
 (``training_step``, ``compute_loss``, ``log``, ``prediction_step``, ...) runs first and hands on to SFTTrainer's
 through ``super()``:
 
@@ -47,6 +48,8 @@ logger = logging.get_logger(__name__)
 
 __all__ = ["MetaSFTConfig", "MetaSFTTrainer"]
 
+TARGET = "labels"  # the preference trainers' column (and batch key) of each pair's targets for the meta step
+
 
 @dataclass
 class MetaSFTConfig(MetaLROptions, SFTConfig):
@@ -55,20 +58,70 @@ class MetaSFTConfig(MetaLROptions, SFTConfig):
     are learned or replayed."""
 
 
-class _IndexCollator:
-    """A collator that carries the index column past ``collator``: TRL's collators build ``input_ids``,
-    ``labels`` and ``attention_mask`` and drop every other column, among them the one keying each example's rate."""
+class IndexCollator:
+    """A collator that carries the index column past ``collator``: TRL's collators build the model's inputs and
+    drop every other column, among them the one keying each example's rate.
+
+    Rows carrying ``marker`` (default: the index column itself) are the ones the meta step reads — the train set's
+    and, for the preference trainers, the meta set's; their batches get the index column (when the rows have it)
+    and whatever :meth:`add_targets` adds. Other batches (evaluation) are ``collator``'s own."""
+
+    marker: str | None = None
 
     def __init__(self, collator: Any, column: str) -> None:
         self.collator, self.column = collator, column
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        if not features or self.column not in features[0]:  # the meta and eval sets have no index
+        if not features or (self.marker or self.column) not in features[0]:
             return self.collator(features)
-        index = torch.as_tensor([int(f[self.column]) for f in features], dtype=torch.long)
-        batch = dict(self.collator([{k: v for k, v in f.items() if k != self.column} for f in features]))
-        batch[self.column] = index
+        drop = {self.column, self.marker}
+        batch = dict(self.collator([{k: v for k, v in f.items() if k not in drop} for f in features]))
+        self.add_targets(batch, features)
+        if self.column in features[0]:
+            batch[self.column] = torch.as_tensor([int(f[self.column]) for f in features], dtype=torch.long)
         return batch
+
+    def add_targets(self, batch: dict[str, Any], features: Sequence[Mapping[str, Any]]) -> None:
+        """Put the meta step's targets into ``batch`` (here: nothing; TRL's collator made the labels)."""
+
+
+def with_target_column(dataset: Any, name: str, trainer: str, values: Sequence[Any], rows: str) -> Any:
+    """``dataset`` with the ``labels`` column a preference trainer keeps its targets (or their marker) in, refused
+    when the data has one of its own (``rows``: what the trainer's rows hold, for the message)."""
+    names = getattr(dataset, "column_names", None)
+    if names is None:
+        raise TypeError(f"{trainer} needs the {name} set as a datasets.Dataset, got {type(dataset).__name__}.")
+    if TARGET in names:
+        raise ValueError(
+            f"The {name} set has a {TARGET!r} column; {trainer} keeps each pair's targets there. Preference pairs "
+            f"are {rows}: rename or remove {TARGET!r}."
+        )
+    return dataset.add_column(TARGET, list(values))
+
+
+class WeightedTRLLoss:
+    """The ``compute_loss`` of a TRL trainer with rates (first in the bases, before MetaLRTrainer): while training
+    with rates, MetaLRTrainer's weighted per-example loss, plus the TRL trainer's training metrics from the same
+    logits (:meth:`_record_train_metrics`); otherwise (evaluation, no meta set) the TRL trainer's loss. With
+    ``target_column`` set, the Trainer's column removal keeps that column when the rates are learned or replayed."""
+
+    target_column: str | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._schedule is None or self._schedule.current is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = super().compute_loss(model, {**inputs, "use_cache": False}, True, num_items_in_batch)
+        self._record_train_metrics(extract_logits(outputs), inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _record_train_metrics(self, logits: torch.Tensor, inputs: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        col = self.target_column
+        if col is not None and self._meta_active and col not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, col]
 
 
 def as_trl_config(args: TrainingArguments | None, base: type, meta_config: type) -> TrainingArguments | None:
@@ -128,7 +181,7 @@ def _refuse_with_rates(model: Any, args: TrainingArguments | None) -> None:
         )
 
 
-class MetaSFTTrainer(MetaLRTrainer, SFTTrainer):
+class MetaSFTTrainer(WeightedTRLLoss, MetaLRTrainer, SFTTrainer):
     """``trl.SFTTrainer`` that learns a learning-rate multiplier per training example (and optionally the weight
     decay) by :class:`~hf_ddlr.MetaLRTrainer`'s meta step on ``meta_dataset``.
 
@@ -167,7 +220,7 @@ class MetaSFTTrainer(MetaLRTrainer, SFTTrainer):
             _refuse_with_rates(model, args)
         super().__init__(model=model, args=args, **kwargs)
         if self._meta_active:
-            self.data_collator = _IndexCollator(self.data_collator, self.meta_args.index_column)
+            self.data_collator = IndexCollator(self.data_collator, self.meta_args.index_column)
             check_prepared_index(self, f"no target token left after truncation to max_length={self.args.max_length}")
             if self.aux_loss_enabled:
                 logger.warning("MetaSFTTrainer: the weighted loss has no MoE router auxiliary loss; set "
@@ -181,17 +234,8 @@ class MetaSFTTrainer(MetaLRTrainer, SFTTrainer):
         return self._prepare_dataset(meta_dataset, self.processing_class, self.args, False, self._formatting_func,
                                      "meta")
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """While training with rates: MetaLRTrainer's weighted per-example loss, plus SFTTrainer's training
-        metrics from the same logits. Otherwise (evaluation, no meta set): SFTTrainer's loss."""
-        if self._schedule is None or self._schedule.current is None or not model.training:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss, outputs = super().compute_loss(model, {**inputs, "use_cache": False}, True, num_items_in_batch)
-        self._record_sft_metrics(extract_logits(outputs), inputs)
-        return (loss, outputs) if return_outputs else loss
-
     @torch.no_grad()
-    def _record_sft_metrics(self, logits: torch.Tensor, inputs: Mapping[str, Any]) -> None:
+    def _record_train_metrics(self, logits: torch.Tensor, inputs: Mapping[str, Any]) -> None:
         """``entropy``, ``mean_token_accuracy`` (over the target tokens) and ``num_tokens`` as SFTTrainer logs them."""
         logits, labels = logits[:, :-1].float(), inputs["labels"][:, 1:]
         mask = labels != -100
