@@ -235,6 +235,44 @@ def test_reward_example_pushes_the_reward_model_with_its_trajectory(hub_server, 
     _assert_pushed_with_trajectory(hub_server, "hubtest/reward-example-metalr")
 
 
+def _local_policy_and_pairs(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny Llama with its character tokenizer saved as a local model folder, and letter-answer preference pairs
+    (tests/test_trl_dpo.py) saved as a local DatasetDict folder: the DPO example's --model and --dataset offline."""
+    import datasets
+    from test_trl_dpo import preference_pairs
+    from test_trl_sft import char_tokenizer, tiny_llama
+
+    model_dir, data_dir = tmp_path / "policy", tmp_path / "pairs"
+    tiny_llama().save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    datasets.DatasetDict({"train": preference_pairs(96, 1)[0], "test": preference_pairs(32, 3)[0]}).save_to_disk(
+        str(data_dir))
+    return model_dir, data_dir
+
+
+def test_dpo_noisy_preferences(tmp_path):
+    """The DPO example on a local policy and local pairs: DPOTrainer vs MetaDPOTrainer with a share of the pairs
+    swapped; every flag of MetaDPOConfig reaches the runs (here beta and the meta learning rate)."""
+    pytest.importorskip("trl")
+    model_dir, data_dir = _local_policy_and_pairs(tmp_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(EXAMPLES / "dpo_noisy_preferences.py"), "--quick", "--output_dir", str(out),
+           "--model", str(model_dir), "--dataset", str(data_dir), "--flip", "0.4", "--meta_lr", "0.2",
+           "--beta", "0.3", "--learning_rate", "3e-3", "--optim", "adamw_torch", "--disable_tqdm", "true"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    payload = json.loads((out / "dpo_noisy_preferences_results.json").read_text())
+    runs = {r["method"]: r for r in payload["runs"]}
+    assert list(runs) == ["plain", "metalr"] and 0.25 < payload["observed_flipped"] < 0.55
+    assert payload["sizes"] == {"train": 64, "meta": 16, "test": 32}
+    assert all(0.0 <= r["reward_accuracy"] <= 1.0 for r in runs.values())
+    assert 0.0 <= runs["metalr"]["rate_auroc"] <= 1.0 and runs["metalr"]["rate_unflipped"] > 0
+    saved = json.loads((out / "metalr" / "lr_trajectory.json").read_text())
+    assert saved["config"]["meta_lr"] == 0.2 and saved["config"]["meta_set_size"] == 16
+    assert (out / "plain" / "model.safetensors").is_file() and (out / "metalr" / "model.safetensors").is_file()
+
+
 def test_flags_override_presets():
     """Presets fill in what the user did not give; every MetaLRConfig option is a flag."""
     sys.path.insert(0, str(EXAMPLES))
