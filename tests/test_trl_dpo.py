@@ -164,12 +164,14 @@ def test_pair_meta_gradient_is_central_differences_through_a_real_step(strategy,
 
 
 # ------------------------------------------------------------------ the trainer
-def test_at_rates_one_a_run_is_dpo_trainers_run(tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_at_rates_one_a_run_is_dpo_trainers_run(tmp_path, accumulation):
     """meta_lr=0 keeps every rate at 1: the policy ends where DPOTrainer's own run ends (its reference model
-    computed per batch; here precomputed once), and the training logs carry DPOTrainer's metrics with its values."""
-    train, _ = preference_pairs(24, 1)
+    computed per batch; here precomputed once), and the training logs carry DPOTrainer's metrics with its values;
+    with two micro-batches per step too."""
+    train, _ = preference_pairs(48 if accumulation > 1 else 24, 1)
     meta, _ = preference_pairs(8, 2)
-    kw = dict(**COMMON, max_steps=3, beta=0.2)
+    kw = dict(**COMMON, max_steps=3, beta=0.2, gradient_accumulation_steps=accumulation)
     plain_model, meta_model = tiny_llama(), tiny_llama()
     plain = _plain(tmp_path / "p", plain_model, train, **kw)
     plain.train()
@@ -177,7 +179,7 @@ def test_at_rates_one_a_run_is_dpo_trainers_run(tmp_path):
     t.train()
     assert t.args.precompute_ref_log_probs and t._task.task == "dpo"
     assert probe_batches(t) == 0 and meta_parameters_choice(t) == "all"  # as for a causal LM: logits per token
-    assert torch.equal(t.rates.instance, torch.ones(24))
+    assert torch.equal(t.rates.instance, torch.ones(len(train)))
     for (n, a), (_, b) in zip(plain_model.named_parameters(), meta_model.named_parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)
     logged = [h for h in t.state.log_history if "loss" in h]
@@ -231,6 +233,79 @@ def test_the_per_layer_products_add_each_pairs_two_rows_and_train_like_forward_m
     torch.testing.assert_close(tape.rates.instance, forward.rates.instance, rtol=1e-4, atol=1e-5)
     for (n, a), b in zip(tape.model.named_parameters(), forward.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_a_lora_policy_trains_only_its_adapters_as_dpo_trainer_does(tmp_path):
+    """DPOTrainer's ``peft_config``: the policy becomes a LoRA model, only the adapters move, at rates 1 they end
+    where DPOTrainer's own LoRA run ends (its reference computed per batch with the adapter off; here precomputed
+    by DPOTrainer's code the same way), and the rates are learned."""
+    peft = pytest.importorskip("peft")
+    train, _ = preference_pairs(24, 1, flip=0.3)
+    meta, _ = preference_pairs(8, 2)
+
+    def lora():
+        return peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                               task_type="CAUSAL_LM")
+
+    kw = dict(**COMMON, max_steps=3, beta=0.2)
+    plain = trl.DPOTrainer(model=_policy(), args=trl.DPOConfig(output_dir=str(tmp_path / "p"), **kw),
+                           train_dataset=train, processing_class=char_tokenizer(), peft_config=lora())
+    plain.train()
+    t = MetaDPOTrainer(model=_policy(), args=MetaDPOConfig(output_dir=str(tmp_path / "m"), meta_lr=0.0, **kw),
+                       train_dataset=train, meta_dataset=meta, processing_class=char_tokenizer(), peft_config=lora())
+    base = {n: p.detach().clone() for n, p in t.model.named_parameters() if "lora_" not in n}
+    t.train()
+    assert isinstance(t.model, peft.PeftModel) and torch.equal(t.rates.instance, torch.ones(24))
+    for n, p in t.model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base[n]), n
+    theirs = dict(plain.model.named_parameters())
+    moved = [n for n, p in t.model.named_parameters() if "lora_B" in n and p.abs().max() > 0]
+    assert moved
+    for n, p in t.model.named_parameters():
+        torch.testing.assert_close(p, theirs[n], rtol=1e-5, atol=1e-6, msg=n)
+    learned = MetaDPOTrainer(model=_policy(), args=MetaDPOConfig(output_dir=str(tmp_path / "l"), **kw),
+                             train_dataset=train, meta_dataset=meta, processing_class=char_tokenizer(),
+                             peft_config=lora())
+    learned.train()
+    assert not torch.equal(learned.rates.instance, torch.ones(24))
+
+
+def test_a_learned_trajectory_replays_on_the_same_pairs_without_a_meta_set(tmp_path):
+    """The pairs' rate trajectory, saved with the policy, replays: a MetaDPOTrainer given ``replay_trajectory`` and
+    no meta set trains every pair with the weight the learning run applied to it at that step; a policy given by
+    its folder's name loads as DPOTrainer loads it."""
+    from transformers import TrainerCallback
+
+    train, _ = preference_pairs(32, 1, flip=0.3)
+    meta, _ = preference_pairs(16, 2)
+    policy_dir = tmp_path / "policy"
+    _policy().save_pretrained(policy_dir)
+    kw = {**COMMON, "optim": "adamw_torch", "learning_rate": 3e-3, "num_train_epochs": 2}
+
+    def run(out, **extra):
+        applied = {}
+
+        class Applied(TrainerCallback):
+            def on_step_end(self, args, state, control, **_):
+                for mb in t._window:
+                    for i, w in zip(mb.indices.tolist(), mb.weights.tolist()):
+                        applied[(state.global_step, i)] = w
+
+        t = MetaDPOTrainer(model=str(policy_dir), args=MetaDPOConfig(output_dir=str(out), **kw, **extra),
+                           train_dataset=train, processing_class=char_tokenizer(),
+                           **({} if "replay_trajectory" in extra else {"meta_dataset": meta}))
+        t.add_callback(Applied())
+        t.train()
+        return t, applied
+
+    learned, applied = run(tmp_path / "learned")
+    learned.save_model()
+    replay, replayed = run(tmp_path / "replay", replay_trajectory=str(tmp_path / "learned"))
+    assert replay.lr_trajectory.config["mode"] == "replay" and set(replayed) == set(applied)
+    assert sum(abs(w - 1) > 1e-3 for w in applied.values()) > len(applied) // 4  # rates really were learned
+    for key, w in applied.items():
+        assert replayed[key] == pytest.approx(w, rel=1e-5, abs=1e-6), key
 
 
 def test_a_run_resumed_from_its_checkpoint_ends_bit_for_bit_where_it_would_have(tmp_path):

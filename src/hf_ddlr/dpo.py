@@ -200,23 +200,29 @@ class MetaDPOTrainer(WeightedTRLLoss, MetaLRTrainer, DPOTrainer):
         packed = inputs[TARGET]
         B, T = packed.shape[0], (packed.shape[1] - 2) // 2
         tokens = torch.cat([packed[:, :T], packed[:, T:2 * T]]).round().long()[:, 1:]  # the next tokens
-        z = logits[:, logits.shape[1] - T:][:, :-1].float()
+        z = logits[:, logits.shape[1] - T:][:, :-1]
         mask = tokens != IGNORE_INDEX
-        logp = torch.log_softmax(z, dim=-1)
-        token_logps = logp.gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-        seq_logps = token_logps.sum(1)
+        # row by row, so that one row's (tokens, vocabulary) at a time is upcast and normalised
+        token_logps, entropy, top1, mean_logits = (torch.empty(tokens.shape, device=z.device) for _ in range(4))
+        for r in range(z.shape[0]):
+            row = z[r].float()
+            logp = torch.log_softmax(row, dim=-1)
+            token_logps[r] = logp.gather(-1, tokens[r].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            entropy[r] = -(logp.exp() * logp).sum(-1)
+            top1[r] = (row.argmax(-1) == tokens[r]).float()
+            mean_logits[r] = row.mean(-1)
+        seq_logps = (token_logps * mask).sum(1)
         chosen_rewards = self.beta * (seq_logps[:B] - packed[:, -2].float())
         rejected_rewards = self.beta * (seq_logps[B:] - packed[:, -1].float())
         gather, sum_of = self.accelerator.gather, lambda t: self.accelerator.gather_for_metrics(t).sum()
         metrics = self._metrics["train"]
         n_tokens = sum_of(mask.sum())
-        per_token = {"entropy": -(logp.exp() * logp).sum(-1), "mean_token_accuracy": (z.argmax(-1) == tokens).float()}
+        per_token = {"entropy": entropy, "mean_token_accuracy": top1}
         for key, values in per_token.items():
             rows = mask if key == "entropy" else mask[:B]  # token accuracy: the chosen answers'
             picked = values if key == "entropy" else values[:B]
             count = n_tokens if key == "entropy" else sum_of(rows.sum())
             metrics[key].append((sum_of(picked[rows].sum()) / count).item() if count > 0 else 0.0)
-        mean_logits = z.mean(-1)
         for half, rows in (("chosen", slice(0, B)), ("rejected", slice(B, 2 * B))):
             count = sum_of(mask[rows].sum())
             metrics[f"logits/{half}"].append((sum_of(mean_logits[rows][mask[rows]].sum()) / count).item()
