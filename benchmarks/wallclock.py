@@ -14,7 +14,12 @@ of the meta step shows on a small model. Tasks:
 * ``sft``: the causal-LM SFT of ``examples/sft_noisy_data.py`` (a tiny Llama-style decoder trained from its
   config on addition questions with wrong answers from three data sources, completion-only labels, AdamW 1e-3,
   batch 32), ``--sft-epochs`` epochs, with the example's MetaLR options (instance x source rates:
-  ``lr_level="both"``, ``group_column="source"``) on top of each configuration.
+  ``lr_level="both"``, ``group_column="source"``) on top of each configuration;
+* ``dpo``: DPO of the same tiny decoder on preference pairs made from that example's questions (the true sum
+  chosen over a wrong one, 30 % of the pairs swapped, its meta questions as trusted pairs), ``trl.DPOTrainer``
+  against ``MetaDPOTrainer``, both with the reference log-probabilities precomputed at construction (MetaDPOTrainer
+  always does; DPOTrainer's default, a reference forward per batch, would add to the plain step what the other
+  does once, outside ``train()``), AdamW 1e-3, batch 32, ``--dpo-epochs`` epochs.
 
 Each round trains plain, then every MetaLR configuration (``defaults``: ``MetaLRConfig()``; ``no_probes``:
 ``probe_batches=0``, only the step's own examples scored — what the probes cost; ``delayed``:
@@ -72,7 +77,7 @@ import hf_ddlr.trainer as trainer_mod  # noqa: E402
 from hf_ddlr import MetaLRConfig, MetaLRTrainer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TASKS = ("minilm", "cnn", "resnet", "sft")
+TASKS = ("minilm", "cnn", "resnet", "sft", "dpo")
 CONFIGS: dict[str, dict] = {"defaults": {}, "no_probes": {"probe_batches": 0}, "delayed": {"meta_update": "delayed"},
                             "optimizer_metric": {"rate_metric": "optimizer"}}
 DEFAULT_CONFIGS = ("defaults", "no_probes", "delayed")  # those a run without --configs measures
@@ -179,11 +184,66 @@ def _sft_bench(quick: bool, epochs: float) -> Bench:
     return Bench("sft", describe, build, score)
 
 
-def make_bench(task: str, quick: bool, width: int, steps: int, sft_epochs: float = 2) -> Bench:
+def _dpo_bench(quick: bool, epochs: float) -> Bench:
+    """DPO on the SFT example's questions and model (seed 0); score: the test pairs' reward accuracy and, for
+    MetaLR, the AUROC of the rates for the swapped pairs."""
+    import datasets
+    import trl
+
+    from hf_ddlr import MetaDPOConfig, MetaDPOTrainer
+
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+    import sft_noisy_data as sft
+
+    s = sft.SFTOptions(quick=quick)
+    tok = sft.char_tokenizer()
+    data = sft.make_data(s, 0, sources={"all": 0.0})  # every answer true: the pairs' chosen side
+    rng = np.random.default_rng([0, 29])
+
+    def pairs(rows: list[dict], swap: float) -> tuple[datasets.Dataset, np.ndarray]:
+        swapped = rng.random(len(rows)) < swap
+        out = []
+        for r, sw in zip(rows, swapped):
+            a, b = (int(x) for x in r["prompt"][:-1].split("+"))
+            good, bad = r["answer"], str(sft.random_wrong_answer(rng, a, b))
+            out.append({"prompt": r["prompt"], "chosen": bad if sw else good, "rejected": good if sw else bad})
+        return datasets.Dataset.from_list(out), swapped
+
+    (train, swapped), (meta, _), (test, _) = pairs(data["train"], 0.3), pairs(data["meta"], 0), pairs(data["test"], 0)
+    recipe = dict(per_device_train_batch_size=32, learning_rate=1e-3, optim="adamw_torch", num_train_epochs=epochs,
+                  lr_scheduler_type="linear", beta=0.1, max_length=16, report_to=[], save_strategy="no",
+                  logging_steps=50, disable_tqdm=True, seed=0, data_seed=0, bf16=False, gradient_checkpointing=False,
+                  use_cpu=not torch.cuda.is_available(), dataset_num_proc=None)
+
+    def build(config: str | None, out_dir: str) -> Trainer:
+        model = sft.tiny_llama(s, len(tok), 0)
+        if config is None:
+            return trl.DPOTrainer(model=model, train_dataset=train, eval_dataset=test, processing_class=tok,
+                                  args=trl.DPOConfig(out_dir, **recipe, precompute_ref_log_probs=True))
+        return MetaDPOTrainer(model=model, args=MetaDPOConfig(out_dir, **recipe, **CONFIGS[config]),
+                              train_dataset=train, eval_dataset=test, meta_dataset=meta, processing_class=tok)
+
+    def score(trainer: Trainer) -> dict:
+        out = {"test_accuracy": float(trainer.evaluate()["eval_rewards/accuracies"])}
+        if isinstance(trainer, MetaDPOTrainer):
+            out["rate_auroc"] = sft.auroc(~swapped, trainer.rates.instance.detach().cpu().numpy())
+        return out
+
+    steps = -(-len(train) // recipe["per_device_train_batch_size"])
+    describe = (f"DPO on examples/sft_noisy_data.py's questions and tiny Llama, {len(train)} pairs (30 % swapped) / "
+                f"{len(meta)} trusted, batch 32, adamw_torch, {epochs:g} epoch(s) ({steps} steps each); "
+                "test acc: the test pairs' reward accuracy")
+    return Bench("dpo", describe, build, score)
+
+
+def make_bench(task: str, quick: bool, width: int, steps: int, sft_epochs: float = 2,
+               dpo_epochs: float = 1) -> Bench:
     if task == "resnet":
         return _resnet_bench(4 if quick else width, 2 if quick else steps)
     if task == "sft":
         return _sft_bench(quick, 1 if quick else sft_epochs)
+    if task == "dpo":
+        return _dpo_bench(quick, 1 if quick else dpo_epochs)
     return _robustness_bench(task, quick)
 
 
@@ -365,6 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--width", type=int, default=16, help="ResNet-18 base width (64: the standard one)")
     p.add_argument("--resnet-steps", type=int, default=16)
     p.add_argument("--sft-epochs", type=float, default=2, help="epochs of the sft task")
+    p.add_argument("--dpo-epochs", type=float, default=1, help="epochs of the dpo task")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny data, 1 round")
     p.add_argument("--profile", action="store_true", help="cProfile one MetaLR run of the first task")
@@ -384,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 + f"torch {torch.__version__}, transformers {transformers.__version__}",
                  "device": "cuda" if torch.cuda.is_available() else "cpu", "rounds": rounds, "tasks": {}}
     for task in a.tasks:
-        bench = make_bench(task, a.quick, a.width, a.resnet_steps, a.sft_epochs)
+        bench = make_bench(task, a.quick, a.width, a.resnet_steps, a.sft_epochs, a.dpo_epochs)
         res["tasks"][task] = measure(bench, a.configs, rounds, tmp)
         if a.profile and task == a.tasks[0]:
             print(profile(bench, a.configs[0], tmp))

@@ -329,7 +329,7 @@ def test_final_step_traces_leave_the_training_unchanged(tmp_path):
 
 def test_wallclock_quick_writes_the_table_and_the_breakdown(tmp_path):
     """benchmarks/wallclock.py --quick (one round, tiny data) on the ResNet: whole-run times of plain and MetaLR,
-    their ratio and the per-phase breakdown, in wallclock.json and wallclock.md."""
+    their ratio and the per-phase breakdown, in wallclock.json and wallclock.md; and the DPO task."""
     wc = _load("wallclock")
     res = wc.main(["--quick", "--tasks", "resnet", "--output_dir", str(tmp_path)])
     t = res["tasks"]["resnet"]
@@ -342,6 +342,10 @@ def test_wallclock_quick_writes_the_table_and_the_breakdown(tmp_path):
     md = (tmp_path / "wallclock.md").read_text()
     assert "| resnet | defaults |" in md and "| meta batch |" in md and "shared 2-core CPU" in md
     assert json.loads((tmp_path / "wallclock.json").read_text())["tasks"]["resnet"]["ratio"] == t["ratio"]
+    pytest.importorskip("trl")  # the DPO task: trl.DPOTrainer against MetaDPOTrainer, scored on its test pairs
+    dpo = wc.main(["--quick", "--tasks", "dpo", "--output_dir", str(tmp_path / "dpo")])["tasks"]["dpo"]
+    assert all(r > 0 for r in dpo["ratio"].values()) and dpo["phases_ms"]["defaults"]["meta loss"] > 0
+    assert 0 <= dpo["metrics"]["plain"]["test_accuracy"] <= 1 and 0 <= dpo["metrics"]["defaults"]["rate_auroc"] <= 1
 
 
 def test_torch_compile_quick_times_each_run_and_compares_the_rates(tmp_path):
