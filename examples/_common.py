@@ -492,6 +492,25 @@ def rate_summary(rates, args: MetaLRConfig, noise_mask: np.ndarray | None) -> di
     return out
 
 
+def pair_rate_summary(trainer: Any, flipped: np.ndarray) -> dict[str, float]:
+    """How a preference trainer's pair rates separate the pairs in their given order from the flipped ones: the
+    AUROC (unflipped above flipped) and the mean rate of each kind; empty when the pairs are all of one kind."""
+    if not 0 < flipped.sum() < len(flipped):
+        return {}
+    from sklearn.metrics import roc_auc_score
+
+    rates = trainer.rates.instance.detach().cpu().numpy().astype(np.float64)
+    return {"rate_auroc": float(roc_auc_score(~flipped, rates)), "rate_unflipped": float(rates[~flipped].mean()),
+            "rate_flipped": float(rates[flipped].mean())}
+
+
+def pair_rate_cells(run: dict[str, Any]) -> str:
+    """The table cells of :func:`pair_rate_summary`: ``AUROC | unflipped / flipped``, dashes without them."""
+    if "rate_auroc" not in run:
+        return "– | –"
+    return f"{run['rate_auroc']:.3f} | {run['rate_unflipped']:.2f} / {run['rate_flipped']:.2f}"
+
+
 def strip(run: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in run.items() if k != "trainer"}
 
@@ -507,9 +526,10 @@ def fmt(x: Any, digits: int = 4) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def write_outputs(output_dir: str, name: str, payload: dict[str, Any], table: str, runs: list[dict[str, Any]]) -> None:
-    """``<name>_results.json``, ``<name>_results.md`` and ``<name>_accuracy.png`` (test accuracy per epoch),
-    written and printed by the main process only."""
+def write_outputs(output_dir: str, name: str, payload: dict[str, Any], table: str,
+                  runs: list[dict[str, Any]] | None = None) -> None:
+    """``<name>_results.json``, ``<name>_results.md`` and, given the ``runs``' curves, ``<name>_accuracy.png``
+    (test accuracy per epoch), written and printed by the main process only."""
     if not is_main_process():
         return
     os.makedirs(output_dir, exist_ok=True)
@@ -517,9 +537,12 @@ def write_outputs(output_dir: str, name: str, payload: dict[str, Any], table: st
         json.dump(payload, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
     with open(os.path.join(output_dir, f"{name}_results.md"), "w") as f:
         f.write(table + "\n")
-    plot_curves(runs, os.path.join(output_dir, f"{name}_accuracy.png"), title=name)
+    written = [f"{name}_results.json", f"{name}_results.md"]
+    if runs is not None:
+        plot_curves(runs, os.path.join(output_dir, f"{name}_accuracy.png"), title=name)
+        written.append(f"{name}_accuracy.png")
     print("\n" + table + "\n")
-    print(f"[{name}] wrote {output_dir}/{name}_results.json, {name}_results.md, {name}_accuracy.png")
+    print(f"[{name}] wrote {output_dir}/{', '.join(written)}")
 
 
 def plot_curves(runs: list[dict[str, Any]], path: str, title: str = "") -> None:

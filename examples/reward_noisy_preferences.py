@@ -24,7 +24,6 @@ Examples::
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -100,11 +99,7 @@ def run_method(method: str, s: RewardOptions, config, data, flipped: np.ndarray)
     out = {"method": method, "seed": args.seed, "train_time_s": round(time.time() - t0, 1),
            "test_accuracy": float(metrics["eval_accuracy"]), "test_loss": float(metrics["eval_loss"])}
     if method == "metalr":
-        from sklearn.metrics import roc_auc_score
-
-        rates = trainer.rates.instance.detach().cpu().numpy().astype(np.float64)
-        out.update(rate_auroc=float(roc_auc_score(~flipped, rates)), rate_unflipped=float(rates[~flipped].mean()),
-                   rate_flipped=float(rates[flipped].mean()))
+        out.update(common.pair_rate_summary(trainer, flipped))
     common.save_and_push(trainer, args, out)
     return out
 
@@ -127,20 +122,13 @@ def main(argv: list[str] | None = None) -> dict:
     rows = ["| method | test pairwise accuracy | test loss | rate AUROC unflipped > flipped | mean rate unflipped / "
             "flipped | train time (s) |", "|---|---|---|---|---|---|"]
     for r in runs:
-        rate = (f"{r['rate_auroc']:.3f} | {r['rate_unflipped']:.2f} / {r['rate_flipped']:.2f}" if "rate_auroc" in r
-                else "– | –")
+        rate = common.pair_rate_cells(r)
         rows.append(f"| {r['method']} | {r['test_accuracy']:.3f} | {r['test_loss']:.4f} | {rate} | "
                     f"{r['train_time_s']:.0f} |")
     payload = {"experiment": "reward_noisy_preferences", "lexicon": s.lexicon, "seed": config.seed, "flip": s.flip,
                "observed_flipped": float(flipped.mean()), "sizes": dict(zip(("train", "meta", "test"), sizes)),
                "runs": runs}
-    if common.is_main_process():
-        os.makedirs(config.output_dir, exist_ok=True)
-        with open(os.path.join(config.output_dir, "reward_noisy_preferences_results.json"), "w") as f:
-            json.dump(payload, f, indent=2, default=str)
-        with open(os.path.join(config.output_dir, "reward_noisy_preferences_results.md"), "w") as f:
-            f.write("\n".join(rows) + "\n")
-        print("\n" + "\n".join(rows) + "\n")
+    common.write_outputs(config.output_dir, "reward_noisy_preferences", payload, "\n".join(rows))
     return payload
 
 
