@@ -164,13 +164,23 @@ def test_pair_meta_gradient_is_central_differences_through_a_real_step(strategy,
 
 
 # ------------------------------------------------------------------ the trainer
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_at_rates_one_a_run_is_dpo_trainers_run(tmp_path, accumulation):
+def conversational(pairs: datasets.Dataset) -> datasets.Dataset:
+    """The pairs as chat messages (a user prompt, an assistant answer), as preference sets on the Hub hold them."""
+    return datasets.Dataset.from_list([
+        {"prompt": [{"role": "user", "content": r["prompt"]}],
+         "chosen": [{"role": "assistant", "content": r["chosen"]}],
+         "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in pairs])
+
+
+@pytest.mark.parametrize(("accumulation", "chat"), [(1, False), (2, False), (1, True)])
+def test_at_rates_one_a_run_is_dpo_trainers_run(tmp_path, accumulation, chat):
     """meta_lr=0 keeps every rate at 1: the policy ends where DPOTrainer's own run ends (its reference model
     computed per batch; here precomputed once), and the training logs carry DPOTrainer's metrics with its values;
-    with two micro-batches per step too."""
+    with two micro-batches per step too, and on conversational pairs (the chat template applied by DPOTrainer)."""
     train, _ = preference_pairs(48 if accumulation > 1 else 24, 1)
     meta, _ = preference_pairs(8, 2)
+    if chat:
+        train, meta = conversational(train), conversational(meta)
     kw = dict(**COMMON, max_steps=3, beta=0.2, gradient_accumulation_steps=accumulation)
     plain_model, meta_model = tiny_llama(), tiny_llama()
     plain = _plain(tmp_path / "p", plain_model, train, **kw)
