@@ -5,6 +5,10 @@ by the first step's check and keep their layout, and the trainer wires it in."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+import textwrap
 from dataclasses import replace
 
 import datasets
@@ -16,7 +20,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
 from hf_ddlr.meta import MetaBatch, MicroBatch, frozen_batchnorm, replay_rng
 from hf_ddlr.meta.engine import jvp_dots, meta_loss_gradient
-from hf_ddlr.meta.layout import MetaLayout, channels_last_inputs
+from hf_ddlr.meta.layout import MetaLayout, channel_block, channels_last_inputs, unsafe_convolution
 from hf_ddlr.meta.primal_reuse import Recorded, record_outputs
 
 CL = torch.channels_last
@@ -129,6 +133,61 @@ def test_models_whose_forward_depends_on_the_layout_keep_it():
         assert layout.prepare(model, meta) is meta
         assert layout.state == "off" and why in layout.reason, (flatten, layout.reason)
         assert layout.prepare(model, _batch(3, seed=1)).inputs["pixel_values"].is_contiguous()
+
+
+class _Shortcut(nn.Module):
+    """A 3×3 stem to ``width`` channels and a ResNet's downsampling shortcut from it (1×1, ``stride``)."""
+
+    def __init__(self, width: int, stride: int = 2, kernel: int = 1):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.short = nn.Conv2d(width, 16, kernel, stride=stride, padding=kernel // 2)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, pixel_values, labels=None):
+        return SequenceClassifierOutput(logits=self.fc(self.short(F.relu(self.stem(pixel_values))).mean((2, 3))))
+
+
+def test_a_strided_1x1_convolution_with_few_input_channels_keeps_the_layout():
+    """oneDNN's channels-last weight gradient of such a convolution is wrong or crashes (uxlfoundation/oneDNN#6035):
+    the model keeps its layout, decided before any pass runs. Wider inputs, a 3×3 or an unstrided 1×1 do not."""
+    meta = _batch(3)
+    narrow = MetaLayout()
+    assert narrow.prepare(_Shortcut(4), meta) is meta
+    assert narrow.state == "off" and "'short'" in narrow.reason and "4 input channels" in narrow.reason
+    assert unsafe_convolution(_Shortcut(channel_block() - 1)) is not None
+    for model in (_Shortcut(channel_block()), _Shortcut(4, kernel=3), _Shortcut(4, stride=1)):
+        assert unsafe_convolution(model) is None
+        layout = MetaLayout()
+        assert layout.prepare(model, meta).inputs["pixel_values"].is_contiguous(memory_format=CL)
+        assert layout.state == "channels_last"
+
+
+def test_the_meta_gradient_of_a_narrow_resnet_is_right_on_one_thread():
+    """A ResNet-18 at base width 4 (shortcuts of 4 input channels): its meta-loss gradient through the layout the
+    check chooses equals a float64 one. In a subprocess on one thread, where the channels-last kernel crashes on
+    AVX2 CPUs (on two it returns a wrong gradient): without the check this fails there."""
+    script = textwrap.dedent("""
+        import torch
+        from hf_ddlr.meta import MetaBatch
+        from hf_ddlr.meta.engine import meta_loss_gradient
+        from hf_ddlr.meta.layout import MetaLayout
+        from hf_ddlr.models import CifarResNetConfig, CifarResNetForImageClassification
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        model = CifarResNetForImageClassification(CifarResNetConfig(base_width=4, num_labels=10)).train()
+        meta = MetaBatch({"pixel_values": torch.randn(32, 3, 32, 32)}, torch.randint(0, 10, (32,)), seed=1)
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        _, got = meta_loss_gradient(model, params, MetaLayout().prepare(model, meta))
+        _, ref = meta_loss_gradient(model.double(), {n: p.double() for n, p in params.items()},
+                                    MetaBatch({"pixel_values": meta.inputs["pixel_values"].double()}, meta.labels, seed=1))
+        worst = max(float((got[n].double() - ref[n]).norm() / ref[n].norm().clamp_min(1e-12)) for n in ref)
+        print("worst", worst)
+        assert worst < 1e-2, worst
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, (out.returncode, out.stdout[-2000:], out.stderr[-4000:])
 
 
 def test_batches_without_images_are_left_alone_and_not_checked():

@@ -15,6 +15,12 @@ Strides are not values for every model: a forward that ``.view``\\ s an activati
 and a forward that reads the strides may compute something else. So the first meta step checks the model: its
 meta-batch logits in both layouts must agree (every process must agree, so that all take the same path), or
 the meta batch keeps its layout for the rest of the run. On other devices the layout is left as it is.
+
+One kernel is wrong in that layout: oneDNN's weight gradient of a 1×1 convolution with a stride, on
+channels-last inputs with fewer input channels than the kernel's channel block (8 on AVX2 CPUs), writes past its
+workspace (uxlfoundation/oneDNN#6035). Measured on an AVX2 AMD EPYC with PyTorch 2.13: 2 to 7 input channels
+crash the process or return a weight gradient 70-140 % off, silently; 1, 8 and more are right. A model with such a
+convolution keeps its layout (checked before any pass runs, since a crash cannot be caught).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from .distributed import all_ranks_true
 from .engine import MetaBatch, MicroBatch
 from .passes import frozen_batchnorm, functional_logits, meta_loss_mode, replay_rng
 
-__all__ = ["MetaLayout", "channels_last_inputs"]
+__all__ = ["MetaLayout", "channel_block", "channels_last_inputs", "unsafe_convolution"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +72,8 @@ class MetaLayout:
       logits in both layouts (two forwards without gradients, once per run).
     - ``"channels_last"``: the check passed; every later meta batch's images are channels-last.
     - ``"off"``: no images on CPU, or the check failed on some process (the model's forward depends on the
-      layout); the meta batches keep their layout.
+      layout, or it has a convolution whose channels-last weight gradient is wrong); the meta batches keep
+      their layout.
     """
 
     def __init__(self, off: str | None = None) -> None:
@@ -106,9 +113,33 @@ class MetaLayout:
         return out
 
 
+def channel_block() -> int:
+    """The input-channel block of oneDNN's 1×1 convolution kernels on this CPU: 16 with AVX-512, else 8."""
+    return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+
+
+def unsafe_convolution(model: nn.Module) -> str | None:
+    """Why the model's meta passes must not run channels-last on this CPU (None: no reason found): a 1×1
+    convolution with a stride and fewer input channels per group than :func:`channel_block`, whose channels-last
+    weight gradient is wrong or crashes (module docstring). The AVX-512 bound is the oneDNN issue's "fewer than
+    the channel block", not measured here."""
+    block = channel_block()
+    for name, m in model.named_modules():
+        if (isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and max(m.stride) > 1
+                and m.in_channels // m.groups < block):
+            return (f"its 1x1 convolution {name!r} with stride {tuple(m.stride)} has {m.in_channels // m.groups} "
+                    f"input channels per group, fewer than {block}: oneDNN's channels-last weight gradient is wrong "
+                    "there (uxlfoundation/oneDNN#6035)")
+    return None
+
+
 def _layout_problem(model: nn.Module, meta: MetaBatch, converted: Mapping[str, Any]) -> str | None:
-    """Why the model's meta-batch logits differ between the given layout and ``converted`` (None: they agree to
-    rounding). The model is in the mode the meta step put it in."""
+    """Why the model's meta passes keep the given layout: a convolution the channels-last kernels get wrong, or
+    meta-batch logits that differ between the given layout and ``converted`` (None: they agree to rounding). The
+    model is in the mode the meta step put it in."""
+    unsafe = unsafe_convolution(model)
+    if unsafe is not None:
+        return unsafe
     with torch.no_grad(), frozen_batchnorm(model), meta_loss_mode(model, meta.dropout):  # as the meta loss runs
         with replay_rng(meta.seed):
             ref = functional_logits(model, {}, meta.inputs).float()
