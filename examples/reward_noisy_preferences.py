@@ -53,12 +53,16 @@ class RewardOptions:
     train_pairs: int = field(default=2000, metadata={"help": "Training pairs."})
     meta_pairs: int = field(default=40, metadata={"help": "Trusted pairs (the meta set)."})
     test_pairs: int = field(default=1000, metadata={"help": "Test pairs, of words never seen in training."})
-    quick: bool = field(default=False, metadata={"help": "Smoke test: 128 / 16 / 64 pairs, 1 epoch."})
+    quick: bool = field(default=False, metadata={
+        "help": "Smoke test: 128 / 16 / 64 pairs, 1 epoch, float32 unless --bf16 is given (RewardConfig's bf16 "
+                "autocast is emulated on CPUs without native bf16: about 10x slower there)."})
 
 
 def presets(s: RewardOptions) -> dict:
     p = dict(per_device_train_batch_size=32, learning_rate=5e-5, num_train_epochs=1 if s.quick else 2,
              lr_scheduler_type="linear", weight_decay=0.01, logging_steps=20, per_device_eval_batch_size=256)
+    if s.quick:
+        p["bf16"] = False
     return common.common_presets(s, "reward_noisy_preferences", **p)
 
 

@@ -143,6 +143,24 @@ def test_reward_noisy_preferences(tmp_path, lexicon):
     assert (tmp_path / "plain" / "model.safetensors").is_file()
 
 
+def test_reward_quick_runs_in_float32_unless_bf16_is_asked_for(tmp_path, monkeypatch):
+    """RewardConfig's bf16 autocast is emulated on CPUs without native bf16 (about 10x slower): the smoke test runs
+    float32; an explicit --bf16 and a full run keep TRL's default."""
+    pytest.importorskip("trl")
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import _common
+    import reward_noisy_preferences as rnp
+
+    from hf_ddlr import MetaRewardConfig
+
+    def bf16(*argv: str) -> bool:
+        _, config = _common.parse_args(rnp.RewardOptions, rnp.presets, [*argv, "--output_dir", str(tmp_path)],
+                                       config_cls=MetaRewardConfig)
+        return config.bf16
+
+    assert (bf16("--quick"), bf16("--quick", "--bf16", "true"), bf16()) == (False, True, True)
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_sft_noisy_data(tmp_path, lora):
     """The SFT example: a tiny Llama on noisy addition answers from three sources, plain vs instance x source;
