@@ -492,6 +492,21 @@ def rate_summary(rates, args: MetaLRConfig, noise_mask: np.ndarray | None) -> di
     return out
 
 
+def run_pair_trainer(trainer: Trainer, args: Any, method: str, flipped: np.ndarray,
+                     scores: Callable[[dict[str, float]], dict[str, float]]) -> dict[str, Any]:
+    """Train and evaluate one preference-pair run and describe it: its ``scores`` of the final evaluation's
+    metrics, the training time, the pair rates' separation for a learning run (:func:`pair_rate_summary`), saved
+    and pushed as every example's run (:func:`save_and_push`)."""
+    t0 = time.time()
+    trainer.train()
+    metrics = trainer.evaluate()
+    out = {"method": method, "seed": args.seed, "train_time_s": round(time.time() - t0, 1), **scores(metrics)}
+    if method == "metalr":
+        out.update(pair_rate_summary(trainer, flipped))
+    save_and_push(trainer, args, out)
+    return out
+
+
 def pair_rate_summary(trainer: Any, flipped: np.ndarray) -> dict[str, float]:
     """How a preference trainer's pair rates separate the pairs in their given order from the flipped ones: the
     AUROC (unflipped above flipped) and the mean rate of each kind; empty when the pairs are all of one kind."""

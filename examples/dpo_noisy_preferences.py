@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -112,16 +111,9 @@ def run_method(method: str, s: DPOOptions, config, data, flipped: np.ndarray) ->
                   train_dataset=train.remove_columns("is_flipped"), eval_dataset=test,
                   processing_class=AutoTokenizer.from_pretrained(s.model))
     trainer = MetaDPOTrainer(meta_dataset=meta, **kwargs) if method == "metalr" else DPOTrainer(**kwargs)
-    t0 = time.time()
-    trainer.train()
-    metrics = trainer.evaluate()
-    out = {"method": method, "seed": args.seed, "train_time_s": round(time.time() - t0, 1),
-           "reward_accuracy": float(metrics["eval_rewards/accuracies"]),
-           "reward_margin": float(metrics["eval_rewards/margins"]), "test_loss": float(metrics["eval_loss"])}
-    if method == "metalr":
-        out.update(common.pair_rate_summary(trainer, flipped))
-    common.save_and_push(trainer, args, out)
-    return out
+    return common.run_pair_trainer(trainer, args, method, flipped, lambda m: {
+        "reward_accuracy": float(m["eval_rewards/accuracies"]), "reward_margin": float(m["eval_rewards/margins"]),
+        "test_loss": float(m["eval_loss"])})
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,10 +58,10 @@ class RewardOptions:
 
 
 def presets(s: RewardOptions) -> dict:
-    p = dict(per_device_train_batch_size=32, learning_rate=5e-5, num_train_epochs=1 if s.quick else 2,
+    p = dict(per_device_train_batch_size=32, learning_rate=5e-5, num_train_epochs=2,
              lr_scheduler_type="linear", weight_decay=0.01, logging_steps=20, per_device_eval_batch_size=256)
     if s.quick:
-        p["bf16"] = False
+        p.update(num_train_epochs=1, bf16=False)
     return common.common_presets(s, "reward_noisy_preferences", **p)
 
 
@@ -97,15 +96,8 @@ def run_method(method: str, s: RewardOptions, config, data, flipped: np.ndarray)
         trainer = MetaRewardTrainer(meta_dataset=tokenized(data["meta"], tok), **kwargs)
     else:
         trainer = RewardTrainer(**kwargs)
-    t0 = time.time()
-    trainer.train()
-    metrics = trainer.evaluate()
-    out = {"method": method, "seed": args.seed, "train_time_s": round(time.time() - t0, 1),
-           "test_accuracy": float(metrics["eval_accuracy"]), "test_loss": float(metrics["eval_loss"])}
-    if method == "metalr":
-        out.update(common.pair_rate_summary(trainer, flipped))
-    common.save_and_push(trainer, args, out)
-    return out
+    return common.run_pair_trainer(trainer, args, method, flipped, lambda m: {
+        "test_accuracy": float(m["eval_accuracy"]), "test_loss": float(m["eval_loss"])})
 
 
 def main(argv: list[str] | None = None) -> dict:
