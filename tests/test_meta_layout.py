@@ -190,6 +190,25 @@ def test_the_meta_gradient_of_a_narrow_resnet_is_right_on_one_thread():
     assert out.returncode == 0, (out.returncode, out.stdout[-2000:], out.stderr[-4000:])
 
 
+def test_the_kernel_sweep_measures_right_cases_as_right_and_reports_a_crash_as_a_row():
+    """``scripts/onednn_1x1_check.py`` (the sweep behind docs/speed.md's table): a case the kernel gets right reads
+    as float32 rounding in both layouts, and a process that dies becomes a row of the table, not the sweep's end."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    sys.path.insert(0, os.path.join(root, "scripts"))
+    try:
+        import onednn_1x1_check as sweep
+    finally:
+        sys.path.pop(0)
+    right = sweep._run_case(16, threads=1, repeats=1)
+    assert set(right) == {"nchw", "channels_last"}
+    assert 0 < right["nchw"] < 1e-5 and 0 < right["channels_last"] < 1e-5
+    assert sweep._cell(right, "channels_last") == f"{right['channels_last']:.1g}"
+    died = {"died": "SIGSEGV", "nchw": 2e-7}
+    assert sweep._cell(died, "channels_last") == "**crash** (SIGSEGV)"
+    assert sweep._cell(died, "nchw") == "2e-07" and sweep._cell({"died": "SIGSEGV"}, "nchw") == "–"
+    assert sweep._cell({"channels_last": 0.4}, "channels_last") == "**0.4** (wrong)"
+
+
 def test_batches_without_images_are_left_alone_and_not_checked():
     layout = MetaLayout()
     meta = MetaBatch({"input_ids": torch.zeros(4, 6).long()}, torch.zeros(4).long(), seed=0)

@@ -19,8 +19,9 @@ the meta batch keeps its layout for the rest of the run. On other devices the la
 One kernel is wrong in that layout: oneDNN's weight gradient of a 1×1 convolution with a stride, on
 channels-last inputs with fewer input channels than the kernel's channel block (8 on AVX2 CPUs), writes past its
 workspace (uxlfoundation/oneDNN#6035). Measured on an AVX2 AMD EPYC with PyTorch 2.13: 2 to 7 input channels
-crash the process or return a weight gradient 70-140 % off, silently; 1, 8 and more are right. A model with such a
-convolution keeps its layout (checked before any pass runs, since a crash cannot be caught).
+crash the process or return a weight gradient 13-140 % off, silently; 1, 8 and more are right
+(``scripts/onednn_1x1_check.py`` measures a CPU). A model with such a convolution keeps its layout (checked
+before any pass runs, since a crash cannot be caught).
 """
 
 from __future__ import annotations
