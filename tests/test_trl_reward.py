@@ -193,6 +193,18 @@ def test_a_labels_column_is_refused_naming_the_fix(tmp_path):
                           processing_class=_tokenizer())
 
 
+def test_the_pairs_margins_become_the_targets_and_a_set_that_is_not_a_dataset_is_refused_by_name():
+    """The targets column: each pair's ``margin`` (0 without one); a meta set that is not a ``datasets.Dataset``
+    is refused with the type it needs, not with an error from reading its length."""
+    from hf_ddlr.reward import _with_targets
+
+    pairs = datasets.Dataset.from_dict({"chosen": ["a", "b"], "rejected": ["c", "d"], "margin": [2, 0.5]})
+    assert list(_with_targets(pairs, "train")["labels"]) == [2.0, 0.5]
+    assert list(_with_targets(pairs.remove_columns("margin"), "train")["labels"]) == [0.0, 0.0]
+    with pytest.raises(TypeError, match="needs the meta set as a datasets.Dataset, got generator"):
+        _with_targets((row for row in pairs), "meta")
+
+
 def ddp_run(out: str, per_device_batch: int, meta_lr: float = 0.1, plain: bool = False):
     """The runs of the DDP test: 4 steps of ``per_device_batch`` pairs per process, MetaRewardTrainer (every
     process's meta batch the whole meta set) or, ``plain``, trl.RewardTrainer."""

@@ -85,7 +85,7 @@ class _DPOCollator(IndexCollator):
 
 def _with_marker(dataset: Any, name: str) -> Any:
     """``dataset`` with the ``labels`` column that marks its batches for packed targets."""
-    return with_target_column(dataset, name, "MetaDPOTrainer", [0] * len(dataset),
+    return with_target_column(dataset, name, "MetaDPOTrainer", lambda ds: [0] * len(ds),
                               "'prompt' / 'chosen' / 'rejected'")
 
 

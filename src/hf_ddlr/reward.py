@@ -75,9 +75,10 @@ class _PreferenceCollator(IndexCollator):
 
 def _with_targets(dataset: Any, name: str) -> Any:
     """``dataset`` with a ``labels`` column: each pair's ``margin``, 0 without one."""
-    names = getattr(dataset, "column_names", None) or []
-    margins = dataset["margin"] if "margin" in names else [0.0] * len(dataset)
-    return with_target_column(dataset, name, "MetaRewardTrainer", [float(m) for m in margins],
+    def margins(ds: Any) -> list[float]:
+        return [float(m) for m in ds["margin"]] if "margin" in ds.column_names else [0.0] * len(ds)
+
+    return with_target_column(dataset, name, "MetaRewardTrainer", margins,
                               "'chosen' / 'rejected' (and an optional 'margin')")
 
 

@@ -26,7 +26,7 @@ Import it as ``from hf_ddlr import MetaSFTTrainer`` (loaded on first use, so hf_
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -85,9 +85,11 @@ class IndexCollator:
         """Put the meta step's targets into ``batch`` (here: nothing; TRL's collator made the labels)."""
 
 
-def with_target_column(dataset: Any, name: str, trainer: str, values: Sequence[Any], rows: str) -> Any:
-    """``dataset`` with the ``labels`` column a preference trainer keeps its targets (or their marker) in, refused
-    when the data has one of its own (``rows``: what the trainer's rows hold, for the message)."""
+def with_target_column(dataset: Any, name: str, trainer: str, values: Callable[[Any], Sequence[Any]],
+                       rows: str) -> Any:
+    """``dataset`` with the ``labels`` column a preference trainer keeps its targets (or their marker) in, their
+    ``values(dataset)`` read once the set is known to be a ``datasets.Dataset``; refused when the data has a
+    ``labels`` column of its own (``rows``: what the trainer's rows hold, for the message)."""
     names = getattr(dataset, "column_names", None)
     if names is None:
         raise TypeError(f"{trainer} needs the {name} set as a datasets.Dataset, got {type(dataset).__name__}.")
@@ -96,7 +98,7 @@ def with_target_column(dataset: Any, name: str, trainer: str, values: Sequence[A
             f"The {name} set has a {TARGET!r} column; {trainer} keeps each pair's targets there. Preference pairs "
             f"are {rows}: rename or remove {TARGET!r}."
         )
-    return dataset.add_column(TARGET, list(values))
+    return dataset.add_column(TARGET, list(values(dataset)))
 
 
 class WeightedTRLLoss:
