@@ -202,6 +202,44 @@ def test_at_rates_one_a_run_is_dpo_trainers_run(tmp_path, accumulation, chat):
             assert ours[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
+def _scaled_head_policy(kind: str):
+    """A tiny causal LM whose head does more than a matrix product: Gemma-2's final logit soft-capping or Cohere's
+    logit scale (both set strong enough to move every log-probability)."""
+    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(char_tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                  eos_token_id=1, bos_token_id=None)
+    if kind == "softcap":
+        model = Gemma2ForCausalLM(Gemma2Config(**common, head_dim=16, final_logit_softcapping=1.0))
+    else:
+        model = CohereForCausalLM(CohereConfig(**common, logit_scale=0.25))
+    model.config._attn_implementation = "eager"
+    return model
+
+
+@pytest.mark.parametrize("kind", ["softcap", "logit_scale"])
+def test_policy_and_reference_log_probabilities_agree_on_heads_that_scale_the_logits(tmp_path, kind):
+    """With rates the policy's log-probabilities come from the model's logits and the reference's from DPOTrainer's
+    fused head: on a head that soft-caps or scales its logits they must still be the same numbers, or the loss at
+    the reference point is not log 2 and the run leaves DPOTrainer's."""
+    train, _ = preference_pairs(16, 1)
+    meta, _ = preference_pairs(8, 2)
+    kw = dict(**COMMON, max_steps=2, beta=0.2)
+    plain_model, meta_model = _scaled_head_policy(kind), _scaled_head_policy(kind)
+    plain = _plain(tmp_path / "p", plain_model, train, **kw)
+    plain.train()
+    t = _meta(tmp_path / "m", train, meta, model=meta_model, meta_lr=0.0, **kw)
+    t.train()
+    logged = [h for h in t.state.log_history if "loss" in h]
+    want = [h for h in plain.state.log_history if "loss" in h]
+    assert logged[0]["loss"] == pytest.approx(float(torch.log(torch.tensor(2.0))), abs=1e-5)
+    assert [h["loss"] for h in logged] == pytest.approx([h["loss"] for h in want], rel=1e-4, abs=1e-6)
+    for (n, a), (_, b) in zip(plain_model.named_parameters(), meta_model.named_parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_flipped_pairs_get_lower_rates_and_evaluation_is_dpo_trainers(tmp_path):
     """30 % of the pairs in the wrong order, 16 trusted pairs: the flipped pairs end with lower rates than the others
     (AUROC well above chance), and evaluation reports DPOTrainer's metrics."""
