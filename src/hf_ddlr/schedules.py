@@ -41,7 +41,7 @@ from .meta.distributed import all_gather_varlen, all_ranks_true, all_reduce_mean
 from .meta.engine import jvp_dots, meta_head_features
 from .meta.layerwise import LayerTape, LayerwiseUnsupported, record_layers
 from .meta.layout import MetaLayout
-from .meta.passes import extract_logits
+from .meta.passes import RngState, extract_logits
 from .meta.primal_reuse import record_outputs
 from .meta.rows import EmbeddingRows
 
@@ -63,18 +63,6 @@ def schedule_for(trainer: MetaLRTrainer) -> Schedule:
     if meta.meta_strategy == "exact":  # the exact strategy rebuilds the lookahead graph: it cannot reuse a forward
         return SameStepWindow(trainer)
     return SameStepFused(trainer)
-
-
-def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """The CPU's and (once initialised) every CUDA device's random state: what a forward draws dropout from."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
 
 
 def trainable_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -105,6 +93,12 @@ class Schedule:
 
     def after_backward(self, mb: MicroBatch) -> None:
         """Called when the backward of ``mb``'s real step is done."""
+
+    def real_forward_draws_from_the_run(self) -> bool:
+        """Whether the window's real forwards draw their dropout masks from the run's own random stream, as the
+        Trainer's do (the meta step's passes then replay the state captured before each): so wherever no pass
+        needs a micro-batch's masks before its real forward has run. Otherwise they run from seeds of the step."""
+        return True
 
     def next_micro_batch(self) -> MicroBatch:
         if self._next >= len(self.window):
@@ -402,6 +396,10 @@ class SameStepWindow(MetaStepSchedule):
         """Whether this step's meta step runs inside the loss of its micro-batch (see SameStepFused)."""
         return False
 
+    def real_forward_draws_from_the_run(self) -> bool:
+        """Not when the meta step runs as the window begins: its passes need every micro-batch's masks first."""
+        return not self.due or self._fused()
+
 
 class SameStepFused(SameStepWindow):
     """``meta_update="same_step"`` with one micro-batch per step (the default; also the last, shorter window of
@@ -429,12 +427,13 @@ class SameStepFused(SameStepWindow):
         layers = (self.meta.layerwise_dots and self.strategy == "jvp"
                   and check.applies(trainer.model, trainer.args.gradient_checkpointing, compiled=compiled))
         if layers:
-            rng = _rng_state()
+            rng = RngState.capture()
             try:
                 outputs, L, tape = self._forward(model, inputs, mb, layers=True)
             except LayerwiseUnsupported as e:  # the recording changed what the forward computes: without it
                 check.turn_off(str(e))
-                _set_rng_state(rng)  # (the dropout masks of a forward that never recorded)
+                if rng is not None:  # (the dropout masks of a forward that never recorded; else it ran seeded)
+                    rng.restore()
                 layers = False
         if not layers:
             outputs, L, tape = self._forward(model, inputs, mb, head=self.strategy == "last_layer",

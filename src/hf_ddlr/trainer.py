@@ -10,6 +10,7 @@ Trainer hooks here hand each step to it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from typing import Any
@@ -38,7 +39,7 @@ from .config import MetaLROptions, rate_metric_choice, resolve_meta_options
 from .meta import MicroBatch, RateTable, TaskLoss, param_specs, replay_rng
 from .meta.averaging import GradientSecondMoment, MetaGradientAverage
 from .meta.layerwise import LayerwiseCheck
-from .meta.passes import compiled_like_eager, is_compiled
+from .meta.passes import RngState, compiled_like_eager, is_compiled
 from .schedules import Schedule, schedule_for
 from .trajectory import TRAJECTORY_CONFIG_NAME, TRAJECTORY_TENSORS_NAME, LRTrajectory, TrajectoryReplayer
 
@@ -480,7 +481,13 @@ class MetaLRTrainer(Trainer):
         inputs = dict(inputs)
         for col in self._rate_columns:
             inputs.pop(col, None)
-        with self._schedule.running(mb), replay_rng(mb.seed):
+        # the real forward draws its dropout masks from the run's own stream, as the Trainer's does (a run at
+        # rates 1 is then the Trainer's, masks included), and the meta step's passes replay the state it started
+        # from; where a pass needs the masks before this forward (the meta step at the start of a window of
+        # several micro-batches) every pass, this forward included, runs from the step's seed instead
+        mb.rng = RngState.capture() if self._schedule.real_forward_draws_from_the_run() else None
+        replay = contextlib.nullcontext() if mb.rng is not None else replay_rng(mb.seed)
+        with self._schedule.running(mb), replay:
             loss = super().training_step(model, inputs, num_items_in_batch)
         self._schedule.after_backward(mb)
         return loss

@@ -35,6 +35,7 @@ from .layerwise import LayerTape
 from .lookahead import ParamSpec, clip_coefficient, lookahead, tangent, weight_decay_grad
 from .losses import META_OBJECTIVES, SINGLE_LABEL, TaskLoss
 from .passes import (
+    RngState,
     forward_ad_safe_attention,
     frozen_batchnorm,
     functional_logits,
@@ -58,7 +59,7 @@ class MicroBatch:
     inputs: dict[str, Any]  # model keyword arguments (no labels, no index)
     labels: torch.Tensor
     weights: torch.Tensor  # current effective weights e_i
-    seed: int  # RNG seed under which the real forward of this micro-batch runs (dropout replay)
+    seed: int  # RNG seed under which the real forward of this micro-batch runs (dropout replay) unless ``rng``
     losses: torch.Tensor | None = None  # L_i(θ) if already known (finite differences reuse them)
     indices: torch.Tensor | None = None  # dataset row of every example (for the rate table)
     groups: torch.Tensor | None = None  # group id of every example (group-level rates: keys of the group table)
@@ -66,6 +67,14 @@ class MicroBatch:
     features: tuple[torch.Tensor, torch.Tensor] | None = None
     # conv / linear outputs of the real forward, when it already ran: the jvp pass reuses them as its primal
     outputs: Recording | None = None
+    # the run's random state just before the real forward, when that forward drew its dropout masks from the run's
+    # own stream (as the Trainer's does) instead of from ``seed``: the passes replay it
+    rng: RngState | None = None
+
+    @property
+    def replay(self) -> int | RngState:
+        """What the passes over this micro-batch replay the real forward's dropout masks from."""
+        return self.rng if self.rng is not None else self.seed
 
 
 @dataclass
@@ -138,7 +147,7 @@ def lookahead_gradient(
     """
     total: dict[str, torch.Tensor] | None = None
     for mb in window:
-        with replay_rng(mb.seed), frozen_batchnorm(model):
+        with replay_rng(mb.replay), frozen_batchnorm(model):
             L = _losses(model, params, mb, smoothing, task)
             g = _grads((mb.weights.to(L.dtype) * L).sum() * (loss_scale / normalizer), params)
             if loss_scale != 1.0:
@@ -183,7 +192,7 @@ def jvp_dots(
     values from there instead of computing them again."""
     reuse = reuse_outputs(mb.outputs) if mb.outputs else contextlib.nullcontext()
     bn = batchnorm_tangents(model, mb.outputs)
-    with replay_rng(mb.seed), frozen_batchnorm(model), forward_ad_safe_attention(), torch.no_grad(), reuse, bn:
+    with replay_rng(mb.replay), frozen_batchnorm(model), forward_ad_safe_attention(), torch.no_grad(), reuse, bn:
         with fwAD.dual_level():
             # (parameters outside T enter as constants: no tangent is carried through them)
             dual = {n: fwAD.make_dual(p.detach(), (T[n] * loss_scale).to(p.dtype)) if n in T else p.detach()
@@ -206,10 +215,10 @@ def fd_dots(
         if tn == 0.0:
             return torch.zeros(mb.labels.shape[0], device=mb.labels.device)
         eps = eps_rel * max(pn, 1e-12) / tn
-        with replay_rng(mb.seed), frozen_batchnorm(model):
+        with replay_rng(mb.replay), frozen_batchnorm(model):
             if mb.losses is None:
                 mb.losses = _losses(model, params, mb, smoothing, task).detach()
-        with replay_rng(mb.seed), frozen_batchnorm(model):
+        with replay_rng(mb.replay), frozen_batchnorm(model):
             Lp = _losses(model, {n: p + eps * T[n].to(p.dtype) if n in T else p for n, p in params.items()}, mb,
                          smoothing, task)
         return ((Lp.double() - mb.losses.double()) / eps).float()
@@ -273,7 +282,7 @@ def _last_layer(
         if mb.features is not None:
             h, logits = (f.detach().float() for f in mb.features)
         else:
-            with replay_rng(mb.seed), frozen_batchnorm(model):
+            with replay_rng(mb.replay), frozen_batchnorm(model):
                 logits = functional_logits(model, {}, mb.inputs).float()
             h = box["h"].detach().float()
         h = _head_features(h, logits.shape[0], head)
@@ -343,7 +352,7 @@ def _exact(
     g: dict[str, torch.Tensor] | None = None
     with forward_ad_safe_attention():
         for mb, e in zip([*window, *probes], e_leaves):
-            with replay_rng(mb.seed), frozen_batchnorm(model):
+            with replay_rng(mb.replay), frozen_batchnorm(model):
                 L = _losses(model, params, mb, smoothing, task)
                 gi = _grads((e.to(L.dtype) * L).sum() / normalizer, params, create_graph=True)
             mb.losses = L.detach()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ __all__ = [
     "frozen_batchnorm",
     "meta_loss_mode",
     "replay_rng",
+    "RngState",
     "forward_ad_safe_attention",
     "extract_logits",
     "per_example_loss",
@@ -111,15 +113,43 @@ def _rng_devices() -> list[int]:
     return []
 
 
-@contextlib.contextmanager
-def replay_rng(seed: int) -> Iterator[None]:
-    """Run a block with the global RNG seeded by ``seed`` and restore the outer RNG stream afterwards.
+@dataclass(frozen=True)
+class RngState:
+    """The random state a forward draws its dropout masks from: the CPU generator's and, once CUDA is initialised,
+    the current CUDA device's. Captured just before a real forward that draws from the run's own stream, so that
+    the meta step's passes over the same micro-batch replay its masks (:func:`replay_rng`)."""
 
-    Every pass over the same micro-batch (lookahead, directional derivative, real forward) is run under
-    the same seed so that dropout draws identical masks; the outer stream is left untouched.
+    cpu: torch.Tensor
+    cuda: torch.Tensor | None = None
+
+    @classmethod
+    def capture(cls) -> RngState | None:
+        """The current state, or None on an accelerator other than CUDA (MPS, XPU), whose generator is not
+        captured here: the caller then seeds the forward instead."""
+        if not _cpu_only() and not torch.cuda.is_available():
+            return None
+        cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        return cls(torch.get_rng_state(), cuda)
+
+    def restore(self) -> None:
+        """Set the generators to this state (the run's stream goes on from here)."""
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda)
+
+
+@contextlib.contextmanager
+def replay_rng(seed: int | RngState) -> Iterator[None]:
+    """Run a block with the global RNG seeded by ``seed`` (or set to a captured :class:`RngState`) and restore the
+    outer RNG stream afterwards.
+
+    Every pass over the same micro-batch (lookahead, directional derivative, real forward) is run from the same
+    seed or state so that dropout draws identical masks; the outer stream is left untouched.
     """
     with torch.random.fork_rng(devices=_rng_devices()):
-        if _cpu_only():
+        if isinstance(seed, RngState):
+            seed.restore()
+        elif _cpu_only():
             torch.default_generator.manual_seed(seed)  # what torch.manual_seed seeds on such a machine
         else:
             torch.manual_seed(seed)

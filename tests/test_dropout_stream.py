@@ -1,0 +1,90 @@
+"""Dropout under MetaLRTrainer: the real forward draws its masks from the run's own random stream, as the Trainer's
+does, and the meta step's passes replay exactly those masks."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import TinyMLP, make_split
+from transformers import Trainer, TrainingArguments
+
+from hf_ddlr import MetaLRConfig, MetaLRTrainer
+
+COMMON = dict(report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+WAYS = {
+    "same_step, forward mode": dict(layerwise_dots=False),
+    "same_step, per-layer products": dict(layerwise_dots=True),
+    "same_step, finite differences": dict(meta_strategy="finite_difference"),
+    "delayed, forward mode": dict(meta_update="delayed", layerwise_dots=False),
+}
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+def test_at_rates_one_a_dropout_model_trains_as_the_trainer_does_masks_included(tmp_path, way):
+    """meta_lr=0: every weight bit-equal to a plain Trainer's run of the same seed — which holds only if each real
+    forward drew the Trainer's dropout masks and the meta step's passes drew nothing from the run's stream."""
+    train, meta = make_split(64, seed=3), make_split(16, seed=5)
+    common = dict(per_device_train_batch_size=8, num_train_epochs=2, learning_rate=0.05, optim="adamw_torch",
+                  **COMMON)
+    torch.manual_seed(0)
+    plain = TinyMLP(bn=True, dropout=0.3)
+    ours = copy.deepcopy(plain)
+    Trainer(model=plain, args=TrainingArguments(output_dir=str(tmp_path / "p"), **common), train_dataset=train).train()
+    t = MetaLRTrainer(model=ours, args=MetaLRConfig(output_dir=str(tmp_path / "m"), meta_lr=0.0, **WAYS[way], **common),
+                      train_dataset=train, meta_dataset=meta)
+    t.train()
+    assert t.state.global_step == 16 and (t.rates.instance == 1).all()
+    for (n, a), (_, b) in zip(plain.state_dict().items(), ours.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("way", [w for w in WAYS if "per-layer" not in w])
+def test_the_meta_gradient_replays_the_masks_the_real_forward_drew(tmp_path, way):
+    """One step with dropout at 0.5: each example's rate moved by the paper's rule on ``−∂L_meta/∂e_i`` computed by
+    hand from per-example gradients taken with the masks the real forward drew (recorded from the model's dropout
+    layer), at the lookahead of the plain SGD step (the meta loss without dropout, as by default)."""
+    lam, meta_lr, p = 0.5, 20.0, 0.5
+    train, meta = make_split(24, seed=1), make_split(10, seed=2)
+    torch.manual_seed(0)
+    model = TinyMLP(dropout=p)
+    start = copy.deepcopy(model)
+    masks = []
+
+    def record(module, inputs, output):
+        if module.training and torch.is_grad_enabled() and not masks:  # the step's first forward: the real one
+            x = inputs[0].detach()
+            masks.append(torch.where(x != 0, output.detach() / torch.where(x != 0, x, 1), 0.0))
+
+    model.drop.register_forward_hook(record)
+    args = MetaLRConfig(output_dir=str(tmp_path), per_device_train_batch_size=24, max_steps=1, learning_rate=lam,
+                        optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, meta_lr=meta_lr,
+                        meta_lr_scaling="raw", max_instance_rate=None, probe_batches=0, rate_metric="optimizer",
+                        meta_batch_size=10, lookahead="sgd", max_grad_norm=0.0, **WAYS[way], **COMMON)
+    trainer = MetaLRTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta)
+    trainer.train()
+    (mask,) = masks
+    assert set(torch.unique(mask).tolist()) <= {0.0, 1 / (1 - p)} and (mask == 0).float().mean() > 0.2
+
+    rows = trainer._window[0].indices  # the batch's dataset rows, in the order the masks were drawn
+    x, y = torch.tensor(train["x"])[rows], torch.tensor(train["label"])[rows]
+    xm, ym = torch.tensor(meta["x"]), torch.tensor(meta["label"])
+    theta = {n: q.detach() for n, q in start.named_parameters()}
+
+    def logits(params, inputs, m=None):
+        h = F.relu(inputs @ params["l1.weight"].T + params["l1.bias"])
+        return (h if m is None else h * m) @ params["l2.weight"].T + params["l2.bias"]
+
+    grads = []
+    for i in range(x.shape[0]):
+        leaf = {n: v.clone().requires_grad_() for n, v in theta.items()}
+        loss = F.cross_entropy(logits(leaf, x[i : i + 1], mask[i : i + 1]), y[i : i + 1])
+        grads.append(dict(zip(leaf, torch.autograd.grad(loss, list(leaf.values())))))
+    N = x.shape[0]
+    look = {n: (theta[n] - lam * sum(g[n] for g in grads) / N).requires_grad_() for n in theta}
+    g_meta = dict(zip(look, torch.autograd.grad(F.cross_entropy(logits(look, xm), ym), list(look.values()))))
+    dots = torch.stack([sum((g[n] * g_meta[n]).sum() for n in theta) for g in grads])
+    expect = (1 + meta_lr * (lam / N) * dots).clamp(min=0)
+    assert (expect - 1).abs().max() > 0.05  # the rates really moved
+    tol = 1e-2 if "finite" in way else 1e-4  # (a finite difference in float32)
+    torch.testing.assert_close(trainer.rates.instance[rows], expect, rtol=tol, atol=tol)
