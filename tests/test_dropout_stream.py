@@ -88,3 +88,35 @@ def test_the_meta_gradient_replays_the_masks_the_real_forward_drew(tmp_path, way
     assert (expect - 1).abs().max() > 0.05  # the rates really moved
     tol = 1e-2 if "finite" in way else 1e-4  # (a finite difference in float32)
     torch.testing.assert_close(trainer.rates.instance[rows], expect, rtol=tol, atol=tol)
+
+
+def test_a_dropout_run_resumed_mid_epoch_ends_bit_for_bit_where_it_would_have(tmp_path):
+    """The masks come from the run's stream, which the Trainer checkpoints and restores: a run stopped after 3 of 8
+    steps (mid-epoch) and resumed ends with the straight run's weights and rates."""
+    from transformers import TrainerCallback
+
+    train, meta = make_split(32, seed=3), make_split(16, seed=5)
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                control.should_training_stop = True
+
+    def run(out, stop=False, resume=False):
+        torch.manual_seed(0)
+        args = MetaLRConfig(output_dir=str(out), per_device_train_batch_size=8, num_train_epochs=2, learning_rate=0.05,
+                            optim="adamw_torch", save_steps=3, **{**COMMON, "save_strategy": "steps"})
+        t = MetaLRTrainer(model=TinyMLP(bn=True, dropout=0.3), args=args, train_dataset=train, meta_dataset=meta)
+        if stop:
+            t.add_callback(StopAt())
+        t.train(resume_from_checkpoint=resume or None)
+        return t
+
+    straight = run(tmp_path / "a")
+    run(tmp_path / "b", stop=True)
+    resumed = run(tmp_path / "b", resume=True)
+    assert resumed.state.global_step == straight.state.global_step == 8
+    assert not torch.equal(straight.rates.instance, torch.ones_like(straight.rates.instance))
+    assert torch.equal(resumed.rates.instance, straight.rates.instance)
+    for (n, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
