@@ -621,6 +621,20 @@ def runs_by_cell(runs: list[dict]) -> Iterator[tuple[str, list[dict], str]]:
         yield cell, rs, ", ".join(str(r["seed"]) for r in rs)
 
 
+def variant_runs(runs: list[dict], matrix: dict, methods: Sequence[str]) -> Iterator[tuple[str, list[int], list[dict],
+                                                                                      list[list[dict]]]]:
+    """What a variant script's table compares, per cell whose seeds every variant in ``methods`` finished: the
+    cell, its seeds, the matrix's plain runs of those seeds, and their run lists — the matrix's MetaLR runs
+    (:func:`matrix_runs`), then each variant's in the order of ``methods``."""
+    for cell, rs, _ in runs_by_cell(runs):
+        by = {m: sorted((r for r in rs if r["method"] == m), key=lambda r: r["seed"]) for m in methods}
+        if len({tuple(r["seed"] for r in v) for v in by.values()}) != 1:
+            continue  # a seed not finished for every variant
+        seeds = [r["seed"] for r in by[methods[0]]]
+        yield (cell, seeds, [matrix[(cell, s, "plain")] for s in seeds],
+               [[matrix[(cell, s, "metalr")] for s in seeds], *by.values()])
+
+
 def mean_and_each(runs: list[dict], key: str) -> str:
     """A table cell: the mean of ``key`` over ``runs`` in bold, then each run's value (the seeds of a cell)."""
     return f"**{np.mean([r[key] for r in runs]):.3f}** ({' / '.join(f'{r[key]:.3f}' for r in runs)})"

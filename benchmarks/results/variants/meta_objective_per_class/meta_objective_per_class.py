@@ -87,14 +87,9 @@ def render(runs: list[dict], matrix: dict, command: str) -> str:
     lines = R.table_head(command, "MetaLR with every class's pull on the meta gradient made equal, beside the "
                          "matrix's runs (test accuracy / rate AUROC, mean over the seeds; runs ≥ plain)",
                          ["cell", "seeds", "plain acc", "MetaLR (defaults)", *[f"MetaLR, {v}" for v in VARIANTS]])
-    for cell, rs, _ in R.runs_by_cell(runs):
-        by = {m: sorted((r for r in rs if r["method"] == m), key=lambda r: r["seed"]) for m in METHODS}
-        if len({tuple(r["seed"] for r in v) for v in by.values()}) != 1:
-            continue  # a seed not finished for every variant
-        ref = [r["seed"] for r in by[METHODS[0]]]
-        plain = [matrix[(cell, s, "plain")] for s in ref]
+    for cell, ref, plain, columns in R.variant_runs(runs, matrix, METHODS):
         cols = []
-        for x in ([matrix[(cell, s, "metalr")] for s in ref], *by.values()):
+        for x in columns:
             ge = sum(q["test_accuracy"] >= p["test_accuracy"] for p, q in zip(plain, x))
             cols.append(f"{np.mean([r['test_accuracy'] for r in x]):.3f} / {np.mean([r['rate_auroc'] for r in x]):.3f}"
                         f" ({ge} of {len(x)})")

@@ -24,6 +24,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from unittest import mock
 
 import numpy as np
 import torch
@@ -53,11 +54,8 @@ def unit_weights(variant: str) -> Iterator[dict]:
         else:
             count["rates"] += 1
 
-    Schedule._refresh = _refresh
-    try:
+    with mock.patch.object(Schedule, "_refresh", _refresh):
         yield count
-    finally:
-        Schedule._refresh = original
 
 
 def run_seed(cell: R.Cell, seed: int, methods: list[str], bar) -> list[dict]:
@@ -80,14 +78,9 @@ def render(runs: list[dict], matrix: dict, command: str) -> str:
                          "each epoch)",
                          ["cell", "seeds", "plain acc / loss AUROC", "MetaLR (defaults)",
                           *[f"MetaLR, {v}" for v in VARIANTS]])
-    for cell, rs, _ in R.runs_by_cell(runs):
-        by = {m: sorted((r for r in rs if r["method"] == m), key=lambda r: r["seed"]) for m in METHODS}
-        if len({tuple(r["seed"] for r in v) for v in by.values()}) != 1:
-            continue  # a seed not finished for every variant
-        ref = [r["seed"] for r in by[METHODS[0]]]
-        plain = [matrix[(cell, s, "plain")] for s in ref]
+    for cell, ref, plain, columns in R.variant_runs(runs, matrix, METHODS):
         cols = []
-        for x in ([matrix[(cell, s, "metalr")] for s in ref], *by.values()):
+        for x in columns:
             ge = sum(q["test_accuracy"] >= p["test_accuracy"] for p, q in zip(plain, x))
             visits = np.mean([r["per_visit_auroc"] for r in x], axis=0)
             cols.append(f"{np.mean([r['test_accuracy'] for r in x]):.3f} / {np.mean([r['rate_auroc'] for r in x]):.3f}"
