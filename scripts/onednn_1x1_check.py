@@ -106,6 +106,7 @@ def main() -> None:
 
     import torch
     from torch import nn
+    from tqdm.auto import tqdm
 
     from hf_ddlr.meta.layout import channel_block, unsafe_convolution
 
@@ -119,11 +120,6 @@ def main() -> None:
     print(header)
     print("|" + "---|" * (2 + 2 * len(args.threads)))
     uncovered = []
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm comes with transformers
-        def tqdm(it, **_):  # type: ignore[no-redef]
-            return it
     for c in tqdm(args.channels, desc="channels", leave=False, file=sys.stderr):
         kept = unsafe_convolution(nn.Conv2d(c, 16, 1, stride=2)) is not None
         cells = []

@@ -343,9 +343,16 @@ class _RepeatedLookup(nn.Module):
         return SequenceClassifierOutput(logits=self.net.l2(F.relu(self.net.l1(h + p))))
 
 
-def test_a_forward_the_recording_breaks_runs_again_without_it(tmp_path):
+@pytest.mark.parametrize("stream", ["run", "seeded"])
+def test_a_forward_the_recording_breaks_runs_again_without_it(tmp_path, monkeypatch, stream):
     """The first step's forward fails on the expanded lookup: the run warns, takes forward mode, and trains
-    exactly like a run that never recorded — the retried forward draws the same dropout masks."""
+    exactly like a run that never recorded — the retried forward draws the same dropout masks. ``"seeded"``: where
+    the random state is not captured (an accelerator other than CUDA), every forward runs from the step's seed."""
+    if stream == "seeded":
+        from hf_ddlr.meta.passes import RngState
+
+        monkeypatch.setattr(RngState, "capture", classmethod(lambda cls: None))
+
     def run(layerwise, out):
         torch.manual_seed(0)
         t = _mlp_trainer(_RepeatedLookup(), out, layerwise_dots=layerwise, max_steps=3)

@@ -41,7 +41,7 @@ from .meta.distributed import all_gather_varlen, all_ranks_true, all_reduce_mean
 from .meta.engine import jvp_dots, meta_head_features
 from .meta.layerwise import LayerTape, LayerwiseUnsupported, record_layers
 from .meta.layout import MetaLayout
-from .meta.passes import RngState, extract_logits
+from .meta.passes import extract_logits, rewind_rng
 from .meta.primal_reuse import record_outputs
 from .meta.rows import EmbeddingRows
 
@@ -427,13 +427,11 @@ class SameStepFused(SameStepWindow):
         layers = (self.meta.layerwise_dots and self.strategy == "jvp"
                   and check.applies(trainer.model, trainer.args.gradient_checkpointing, compiled=compiled))
         if layers:
-            rng = RngState.capture()
             try:
                 outputs, L, tape = self._forward(model, inputs, mb, layers=True)
             except LayerwiseUnsupported as e:  # the recording changed what the forward computes: without it
                 check.turn_off(str(e))
-                if rng is not None:  # (the dropout masks of a forward that never recorded; else it ran seeded)
-                    rng.restore()
+                rewind_rng(mb.replay)  # (the dropout masks of the forward that never recorded, drawn again)
                 layers = False
         if not layers:
             outputs, L, tape = self._forward(model, inputs, mb, head=self.strategy == "last_layer",

@@ -147,13 +147,19 @@ def replay_rng(seed: int | RngState) -> Iterator[None]:
     seed or state so that dropout draws identical masks; the outer stream is left untouched.
     """
     with torch.random.fork_rng(devices=_rng_devices()):
-        if isinstance(seed, RngState):
-            seed.restore()
-        elif _cpu_only():
-            torch.default_generator.manual_seed(seed)  # what torch.manual_seed seeds on such a machine
-        else:
-            torch.manual_seed(seed)
+        rewind_rng(seed)
         yield
+
+
+def rewind_rng(seed: int | RngState) -> None:
+    """Set the generators to where a forward replaying ``seed`` starts (:func:`replay_rng`), in place: for a forward
+    that must draw the same masks again in the stream it runs in."""
+    if isinstance(seed, RngState):
+        seed.restore()
+    elif _cpu_only():
+        torch.default_generator.manual_seed(seed)  # what torch.manual_seed seeds on such a machine
+    else:
+        torch.manual_seed(seed)
 
 
 @functools.cache
