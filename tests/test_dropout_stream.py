@@ -3,11 +3,14 @@ does, and the meta step's passes replay exactly those masks."""
 
 import copy
 
+import datasets
 import pytest
 import torch
 import torch.nn.functional as F
 from tiny import TinyMLP, make_split
+from torch import nn
 from transformers import Trainer, TrainingArguments
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
 
@@ -120,3 +123,72 @@ def test_a_dropout_run_resumed_mid_epoch_ends_bit_for_bit_where_it_would_have(tm
     assert torch.equal(resumed.rates.instance, straight.rates.instance)
     for (n, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
+
+
+class _ConvDropout(nn.Module):
+    """conv 3×3 → ReLU → elementwise dropout on the feature maps → linear: a mask drawn over a 4-D activation,
+    whose order in memory is the layout's (a channels-last pass draws the same numbers into other places)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.conv, self.drop, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Dropout(p), nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, pixel_values, labels=None):
+        return SequenceClassifierOutput(logits=self.fc(self.drop(F.relu(self.conv(pixel_values))).flatten(1)))
+
+
+def _images(n: int, seed: int) -> datasets.Dataset:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(n, 3, 5, 5, generator=g) + y[:, None, None, None].float()
+    return datasets.Dataset.from_dict({"pixel_values": x.numpy(), "labels": y.numpy()})
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_a_convolutional_dropout_model_gets_the_meta_gradient_of_its_real_masks(tmp_path, layerwise):
+    """Dropout over convolutional feature maps, on CPU, where the meta passes may run channels-last: each rate moves
+    by the paper's rule on ``−∂L_meta/∂e_i`` computed by hand with the masks the real forward drew. A pass that ran
+    channels-last would draw its mask into the other memory order (other masks for the same numbers)."""
+    lam, meta_lr, p = 0.5, 20.0, 0.5
+    train, meta = _images(16, 1), _images(8, 2)
+    torch.manual_seed(0)
+    model = _ConvDropout(p)
+    start = copy.deepcopy(model)
+    masks = []
+
+    def record(module, inputs, output):
+        if module.training and torch.is_grad_enabled() and not masks:  # the step's first forward: the real one
+            x = inputs[0].detach()
+            masks.append(torch.where(x != 0, output.detach() / torch.where(x != 0, x, 1), 0.0))
+
+    model.drop.register_forward_hook(record)
+    args = MetaLRConfig(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=1, learning_rate=lam,
+                        optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, meta_lr=meta_lr,
+                        meta_lr_scaling="raw", max_instance_rate=None, probe_batches=0, rate_metric="optimizer",
+                        meta_batch_size=8, lookahead="sgd", max_grad_norm=0.0, layerwise_dots=layerwise, **COMMON)
+    trainer = MetaLRTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta)
+    trainer.train()
+    (mask,) = masks
+    assert (mask == 0).float().mean() > 0.3
+
+    rows = trainer._window[0].indices
+    x, y = torch.tensor(train["pixel_values"])[rows], torch.tensor(train["labels"])[rows]
+    xm, ym = torch.tensor(meta["pixel_values"]), torch.tensor(meta["labels"])
+    theta = {n: q.detach() for n, q in start.named_parameters()}
+
+    def logits(params, inputs, m=None):
+        h = F.relu(F.conv2d(inputs, params["conv.weight"], params["conv.bias"], padding=1))
+        return ((h if m is None else h * m).flatten(1)) @ params["fc.weight"].T + params["fc.bias"]
+
+    grads = []
+    for i in range(x.shape[0]):
+        leaf = {n: v.clone().requires_grad_() for n, v in theta.items()}
+        loss = F.cross_entropy(logits(leaf, x[i : i + 1], mask[i : i + 1]), y[i : i + 1])
+        grads.append(dict(zip(leaf, torch.autograd.grad(loss, list(leaf.values())))))
+    N = x.shape[0]
+    look = {n: (theta[n] - lam * sum(g[n] for g in grads) / N).requires_grad_() for n in theta}
+    g_meta = dict(zip(look, torch.autograd.grad(F.cross_entropy(logits(look, xm), ym), list(look.values()))))
+    dots = torch.stack([sum((g[n] * g_meta[n]).sum() for n in theta) for g in grads])
+    expect = (1 + meta_lr * (lam / N) * dots).clamp(min=0)
+    assert (expect - 1).abs().max() > 0.05  # the rates really moved
+    torch.testing.assert_close(trainer.rates.instance[rows], expect, rtol=1e-4, atol=1e-4)

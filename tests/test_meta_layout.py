@@ -135,6 +135,41 @@ def test_models_whose_forward_depends_on_the_layout_keep_it():
         assert layout.prepare(model, _batch(3, seed=1)).inputs["pixel_values"].is_contiguous()
 
 
+class _Dropped(_Net):
+    """_Net with dropout on its first feature maps: elementwise (``nn.Dropout``) or per channel (``nn.Dropout2d``)."""
+
+    def __init__(self, drop: nn.Module):
+        super().__init__(3)
+        self.drop = drop
+
+    def forward(self, pixel_values, labels=None):
+        h = self.drop(F.relu(self.b1(self.c1(pixel_values))))
+        h = F.max_pool2d(F.relu(self.b2(self.c2(F.max_pool2d(h, 2)))), 2)
+        return SequenceClassifierOutput(logits=self.fc(h.flatten(1)))
+
+
+def test_an_elementwise_dropout_on_feature_maps_keeps_the_layout_of_the_training_passes():
+    """The passes over training micro-batches run with dropout on: an elementwise mask is drawn in memory order, so
+    channels-last it would fall on other activations than the real forward's (per-channel masks do not move)."""
+    x = _batch(3, seed=2)
+    train = MicroBatch(x.inputs, x.labels, torch.ones(16), seed=7)
+    for drop, kept in ((nn.Dropout(0.3), True), (nn.Dropout2d(0.3), False), (nn.Identity(), False)):
+        torch.manual_seed(0)
+        model = _Dropped(drop)
+        model.train()
+        layout = MetaLayout()
+        meta = _batch(3)
+        out = layout.prepare(model, meta, train=train)
+        assert (out is meta) == kept and (layout.state == "off") == kept, drop
+        assert not kept or ("training mode" in layout.reason and "dropout" in layout.reason), layout.reason
+        assert model.training  # the check leaves the model in its mode
+        model.eval()
+        layout = MetaLayout()
+        layout.prepare(model, meta, train=train)
+        assert layout.state == ("off" if kept else "channels_last") and not model.training
+        assert MetaLayout().prepare(model, meta) is not meta  # without a training micro-batch: the meta batch's alone
+
+
 class _Shortcut(nn.Module):
     """A 3×3 stem to ``width`` channels and a ResNet's downsampling shortcut from it (1×1, ``stride``)."""
 
@@ -237,9 +272,9 @@ def test_the_trainer_runs_its_meta_passes_channels_last_when_the_model_allows_it
     assert a._schedule.meta_layout.state == "channels_last"
     # per step: the real forward (the user's layout), the meta loss's forward and the forward-mode passes of the
     # dots, the step's and the probes' (channels-last); before them, on the first step, the layout check's two
-    # forwards and the forward-mode check's one pass; after training, the meta-set check reads the 16 meta images
-    # in the user's layout (eval batches of 8)
-    real, check, forward_mode, meta, dots = [False], [False, True], [True], [True], [True, True]
+    # forwards of the meta batch and two of the step's micro-batch in training mode, and the forward-mode check's
+    # one pass; after training, the meta-set check reads the 16 meta images in the user's layout (eval batches of 8)
+    real, check, forward_mode, meta, dots = [False], [False, True] * 2, [True], [True], [True, True]
     assert a.model.seen == real + check + forward_mode + meta + dots + (real + meta + dots) * 2 + [False] * 2
     b = run("view")  # would raise in the meta loss if the check let the layout through
     assert b._schedule.meta_layout.state == "off"

@@ -363,9 +363,11 @@ class MetaStepSchedule(Schedule):
         return self.meta_layout.window(probes) if self.strategy == "jvp" else probes
 
     def _meta_batch(self) -> MetaBatch:
-        """This meta step's meta batch (sampled in turn from the meta set, in the meta passes' layout)."""
+        """This meta step's meta batch (sampled in turn from the meta set, in the meta passes' layout; the
+        forward-mode passes over the window take that layout too, so the first check covers a micro-batch of it)."""
         trainer = self.trainer
-        return self.meta_layout.prepare(trainer.model, trainer._meta_set.sample(), trainer.args.device)
+        train = self.window[0] if self.strategy == "jvp" and self.window else None
+        return self.meta_layout.prepare(trainer.model, trainer._meta_set.sample(), trainer.args.device, train=train)
 
     def _table_keys(self, mb: MicroBatch) -> torch.Tensor:
         """The keys of ``mb``'s class or group rates: its group ids with group rates, else its labels for a task

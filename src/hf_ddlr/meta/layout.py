@@ -82,8 +82,11 @@ class MetaLayout:
         self.state = "unchecked" if off is None else "off"
         self.reason: str | None = off  # why the layout is kept
 
-    def prepare(self, model: nn.Module, meta: MetaBatch, device: Any = "cpu") -> MetaBatch:
-        """``meta`` with its images channels-last when this run uses that layout (checked on first use)."""
+    def prepare(self, model: nn.Module, meta: MetaBatch, device: Any = "cpu", train: MicroBatch | None = None) -> MetaBatch:
+        """``meta`` with its images channels-last when this run uses that layout (checked on first use, on ``meta``
+        and on the training micro-batch ``train`` when given: the passes over training micro-batches run with
+        dropout on, and an elementwise dropout mask is drawn in memory order, so in the other layout it lands on
+        other activations than the real forward's)."""
         if self.state == "off":
             return meta
         converted = channels_last_inputs(meta.inputs)
@@ -91,7 +94,7 @@ class MetaLayout:
             if not all_ranks_true(converted is not None, device):  # (one collective: the first meta step)
                 self.state, self.reason = "off", "no images on CPU in the meta batch"
                 return meta
-            problem = _layout_problem(model, meta, converted)
+            problem = _layout_problem(model, meta, converted, train)
             if all_ranks_true(problem is None, device):
                 self.state = "channels_last"
             else:
@@ -134,21 +137,46 @@ def unsafe_convolution(model: nn.Module) -> str | None:
     return None
 
 
-def _layout_problem(model: nn.Module, meta: MetaBatch, converted: Mapping[str, Any]) -> str | None:
+def _layout_problem(
+    model: nn.Module, meta: MetaBatch, converted: Mapping[str, Any], train: MicroBatch | None = None,
+) -> str | None:
     """Why the model's meta passes keep the given layout: a convolution the channels-last kernels get wrong, or
-    meta-batch logits that differ between the given layout and ``converted`` (None: they agree to rounding). The
-    model is in the mode the meta step put it in."""
+    meta-batch logits that differ between the given layout and ``converted``, or (``train``) a training
+    micro-batch's logits in training mode, dropout masks from one random state, that differ between the layouts
+    (None: they agree to rounding)."""
     unsafe = unsafe_convolution(model)
     if unsafe is not None:
         return unsafe
     with torch.no_grad(), frozen_batchnorm(model), meta_loss_mode(model, meta.dropout):  # as the meta loss runs
-        with replay_rng(meta.seed):
-            ref = functional_logits(model, {}, meta.inputs).float()
-        try:
-            with replay_rng(meta.seed):
-                got = functional_logits(model, {}, converted).float()
-        except Exception as err:  # e.g. a .view of a channels-last activation
-            return f"the model's forward failed on channels-last images ({type(err).__name__}: {err})"
+        problem = _logits_differ(model, meta.inputs, converted, meta.seed)
+    if problem is not None or train is None:
+        return problem
+    train_converted = channels_last_inputs(train.inputs)
+    if train_converted is None:
+        return None
+    was_training = model.training
+    model.train()  # as the passes over training micro-batches run: dropout on, masks replayed from one state
+    try:
+        with torch.no_grad(), frozen_batchnorm(model):
+            problem = _logits_differ(model, train.inputs, train_converted, train.seed)
+    finally:
+        model.train(was_training)
+    if problem is not None:
+        return (f"in training mode {problem} (an elementwise dropout on feature maps draws its mask in memory order: "
+                "other masks than the real forward's)")
+    return None
+
+
+def _logits_differ(model: nn.Module, inputs: Mapping[str, Any], converted: Mapping[str, Any], seed: int) -> str | None:
+    """How the model's logits on ``inputs`` and on ``converted`` (the same images channels-last), each computed
+    from the random state ``seed``, differ beyond rounding (None: they do not)."""
+    with replay_rng(seed):
+        ref = functional_logits(model, {}, inputs).float()
+    try:
+        with replay_rng(seed):
+            got = functional_logits(model, {}, converted).float()
+    except Exception as err:  # e.g. a .view of a channels-last activation
+        return f"the model's forward failed on channels-last images ({type(err).__name__}: {err})"
     if got.shape != ref.shape:
         return f"the model's logits have shape {tuple(got.shape)} on channels-last images, {tuple(ref.shape)} otherwise"
     scale = float(ref.abs().max()) if ref.numel() else 0.0
