@@ -20,6 +20,13 @@ WAYS = {
     "same_step, per-layer products": dict(layerwise_dots=True),
     "same_step, finite differences": dict(meta_strategy="finite_difference"),
     "delayed, forward mode": dict(meta_update="delayed", layerwise_dots=False),
+    # the meta step before the window's real forwards: the states they start from, learned from its passes
+    "same_step, accumulation of 2": dict(gradient_accumulation_steps=2),
+    "same_step, accumulation of 2, finite differences": dict(gradient_accumulation_steps=2,
+                                                             meta_strategy="finite_difference"),
+    "same_step, accumulation of 3, last layer": dict(gradient_accumulation_steps=3, meta_strategy="last_layer"),
+    "exact": dict(meta_strategy="exact", rate_metric="optimizer"),
+    "exact, accumulation of 2": dict(meta_strategy="exact", rate_metric="optimizer", gradient_accumulation_steps=2),
 }
 
 
@@ -28,48 +35,66 @@ def test_at_rates_one_a_dropout_model_trains_as_the_trainer_does_masks_included(
     """meta_lr=0: every weight bit-equal to a plain Trainer's run of the same seed — which holds only if each real
     forward drew the Trainer's dropout masks and the meta step's passes drew nothing from the run's stream."""
     train, meta = make_split(64, seed=3), make_split(16, seed=5)
+    accumulation = WAYS[way].get("gradient_accumulation_steps", 1)
     common = dict(per_device_train_batch_size=8, num_train_epochs=2, learning_rate=0.05, optim="adamw_torch",
-                  **COMMON)
+                  gradient_accumulation_steps=accumulation, **COMMON)
+    meta_options = {k: v for k, v in WAYS[way].items() if k != "gradient_accumulation_steps"}
     torch.manual_seed(0)
     plain = TinyMLP(bn=True, dropout=0.3)
     ours = copy.deepcopy(plain)
     Trainer(model=plain, args=TrainingArguments(output_dir=str(tmp_path / "p"), **common), train_dataset=train).train()
-    t = MetaLRTrainer(model=ours, args=MetaLRConfig(output_dir=str(tmp_path / "m"), meta_lr=0.0, **WAYS[way], **common),
-                      train_dataset=train, meta_dataset=meta)
+    t = MetaLRTrainer(model=ours, args=MetaLRConfig(output_dir=str(tmp_path / "m"), meta_lr=0.0, **meta_options,
+                                                    **common), train_dataset=train, meta_dataset=meta)
     t.train()
-    assert t.state.global_step == 16 and (t.rates.instance == 1).all()
+    assert t.state.global_step == 2 * -(-8 // accumulation)  # (3: the last window of an epoch is shorter)
+    assert (t.rates.instance == 1).all()
     for (n, a), (_, b) in zip(plain.state_dict().items(), ours.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
 
 
-@pytest.mark.parametrize("way", [w for w in WAYS if "per-layer" not in w])
-def test_the_meta_gradient_replays_the_masks_the_real_forward_drew(tmp_path, way):
+@pytest.mark.parametrize("way", [w for w in WAYS if "per-layer" not in w and "last layer" not in w])
+def test_the_meta_gradient_replays_the_masks_the_real_forward_drew(tmp_path, way, monkeypatch):
     """One step with dropout at 0.5: each example's rate moved by the paper's rule on ``−∂L_meta/∂e_i`` computed by
-    hand from per-example gradients taken with the masks the real forward drew (recorded from the model's dropout
-    layer), at the lookahead of the plain SGD step (the meta loss without dropout, as by default)."""
+    hand from per-example gradients taken with the masks the real forwards drew (recorded from the model's dropout
+    layer inside the Trainer's training_step), at the lookahead of the plain SGD step over the window (the meta loss
+    without dropout, as by default)."""
     lam, meta_lr, p = 0.5, 20.0, 0.5
+    accumulation = WAYS[way].get("gradient_accumulation_steps", 1)
     train, meta = make_split(24, seed=1), make_split(10, seed=2)
     torch.manual_seed(0)
     model = TinyMLP(dropout=p)
     start = copy.deepcopy(model)
-    masks = []
+    masks, real = [], [False]
+    training_step = Trainer.training_step
+
+    def real_step(self, *a, **kw):  # the Trainer's own step: its forward is the real one
+        real[0] = True
+        try:
+            return training_step(self, *a, **kw)
+        finally:
+            real[0] = False
+
+    monkeypatch.setattr(Trainer, "training_step", real_step)
 
     def record(module, inputs, output):
-        if module.training and torch.is_grad_enabled() and not masks:  # the step's first forward: the real one
+        if module.training and torch.is_grad_enabled() and real[0]:
             x = inputs[0].detach()
             masks.append(torch.where(x != 0, output.detach() / torch.where(x != 0, x, 1), 0.0))
+            real[0] = False  # (a fused meta step's passes run later inside this step)
 
     model.drop.register_forward_hook(record)
-    args = MetaLRConfig(output_dir=str(tmp_path), per_device_train_batch_size=24, max_steps=1, learning_rate=lam,
-                        optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, meta_lr=meta_lr,
-                        meta_lr_scaling="raw", max_instance_rate=None, probe_batches=0, rate_metric="optimizer",
-                        meta_batch_size=10, lookahead="sgd", max_grad_norm=0.0, **WAYS[way], **COMMON)
+    args = MetaLRConfig(output_dir=str(tmp_path), per_device_train_batch_size=24 // accumulation, max_steps=1,
+                        learning_rate=lam, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
+                        meta_lr=meta_lr, meta_lr_scaling="raw", max_instance_rate=None, probe_batches=0,
+                        meta_batch_size=10, lookahead="sgd", max_grad_norm=0.0,
+                        **{"rate_metric": "optimizer", **WAYS[way]}, **COMMON)
     trainer = MetaLRTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta)
     trainer.train()
-    (mask,) = masks
+    assert len(masks) == accumulation
+    mask = torch.cat(masks)
     assert set(torch.unique(mask).tolist()) <= {0.0, 1 / (1 - p)} and (mask == 0).float().mean() > 0.2
 
-    rows = trainer._window[0].indices  # the batch's dataset rows, in the order the masks were drawn
+    rows = torch.cat([mb.indices for mb in trainer._window])  # the window's dataset rows, in the masks' order
     x, y = torch.tensor(train["x"])[rows], torch.tensor(train["label"])[rows]
     xm, ym = torch.tensor(meta["x"]), torch.tensor(meta["label"])
     theta = {n: q.detach() for n, q in start.named_parameters()}

@@ -41,7 +41,7 @@ from .meta.distributed import all_gather_varlen, all_ranks_true, all_reduce_mean
 from .meta.engine import jvp_dots, meta_head_features
 from .meta.layerwise import LayerTape, LayerwiseUnsupported, record_layers
 from .meta.layout import MetaLayout
-from .meta.passes import extract_logits, rewind_rng
+from .meta.passes import RngChain, RngState, extract_logits, rewind_rng
 from .meta.primal_reuse import record_outputs
 from .meta.rows import EmbeddingRows
 
@@ -93,12 +93,6 @@ class Schedule:
 
     def after_backward(self, mb: MicroBatch) -> None:
         """Called when the backward of ``mb``'s real step is done."""
-
-    def real_forward_draws_from_the_run(self) -> bool:
-        """Whether the window's real forwards draw their dropout masks from the run's own random stream, as the
-        Trainer's do (the meta step's passes then replay the state captured before each): so wherever no pass
-        needs a micro-batch's masks before its real forward has run. Otherwise they run from seeds of the step."""
-        return True
 
     def next_micro_batch(self) -> MicroBatch:
         if self._next >= len(self.window):
@@ -391,6 +385,7 @@ class SameStepWindow(MetaStepSchedule):
             self._forget_history()
         self._open(batches)  # the weights at the current rates: the lookahead step's
         if self.due and not self._fused():
+            self._chain_random_states()
             self._meta_step()
             self._refresh()  # the real step uses the updated rates
 
@@ -398,9 +393,17 @@ class SameStepWindow(MetaStepSchedule):
         """Whether this step's meta step runs inside the loss of its micro-batch (see SameStepFused)."""
         return False
 
-    def real_forward_draws_from_the_run(self) -> bool:
-        """Not when the meta step runs as the window begins: its passes need every micro-batch's masks first."""
-        return not self.due or self._fused()
+    def _chain_random_states(self) -> None:
+        """The meta step runs before the window's real forwards, whose dropout masks its passes must replay: the
+        states those forwards start from in the run's stream are learned in order from the passes
+        (:class:`~hf_ddlr.meta.passes.RngChain`), and each real forward then starts from its own. Where the state is
+        not captured (an accelerator other than CUDA) every pass and real forward runs from the step's seeds."""
+        first = RngState.capture()
+        if first is None:
+            return
+        chain = RngChain(first, len(self.window))
+        for k, mb in enumerate(self.window):
+            mb.chain, mb.position = chain, k
 
 
 class SameStepFused(SameStepWindow):

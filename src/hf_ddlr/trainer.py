@@ -482,10 +482,15 @@ class MetaLRTrainer(Trainer):
         for col in self._rate_columns:
             inputs.pop(col, None)
         # the real forward draws its dropout masks from the run's own stream, as the Trainer's does (a run at
-        # rates 1 is then the Trainer's, masks included), and the meta step's passes replay the state it started
-        # from; where a pass needs the masks before this forward (the meta step at the start of a window of
-        # several micro-batches) every pass, this forward included, runs from the step's seed instead
-        mb.rng = RngState.capture() if self._schedule.real_forward_draws_from_the_run() else None
+        # rates 1 is then the Trainer's, masks included), and the meta step's passes replay the state it starts
+        # from. Where the meta step ran first (a window of several micro-batches), its passes learned that state
+        # (the meta.passes.RngChain) and this forward starts from it; where the state is not captured (an
+        # accelerator other than CUDA) every pass and this forward run from the step's seed
+        if mb.chain is not None and mb.chain.states[mb.position] is not None:
+            mb.rng = mb.chain.states[mb.position]
+            mb.rng.restore()  # (where the run's stream stands already, if the passes drew as this forward does)
+        else:
+            mb.chain, mb.rng = None, RngState.capture()
         replay = contextlib.nullcontext() if mb.rng is not None else replay_rng(mb.seed)
         with self._schedule.running(mb), replay:
             loss = super().training_step(model, inputs, num_items_in_batch)

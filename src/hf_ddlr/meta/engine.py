@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -35,6 +35,7 @@ from .layerwise import LayerTape
 from .lookahead import ParamSpec, clip_coefficient, lookahead, tangent, weight_decay_grad
 from .losses import META_OBJECTIVES, SINGLE_LABEL, TaskLoss
 from .passes import (
+    RngChain,
     RngState,
     forward_ad_safe_attention,
     frozen_batchnorm,
@@ -70,11 +71,28 @@ class MicroBatch:
     # the run's random state just before the real forward, when that forward drew its dropout masks from the run's
     # own stream (as the Trainer's does) instead of from ``seed``: the passes replay it
     rng: RngState | None = None
+    # where the meta step runs before the window's real forwards: the states they start from, learned in order
+    # from the meta step's first passes (shared by the copies of the window's micro-batches), and this one's place
+    chain: RngChain | None = None
+    position: int = 0
 
     @property
     def replay(self) -> int | RngState:
         """What the passes over this micro-batch replay the real forward's dropout masks from."""
+        if self.chain is not None:
+            return self.chain.state(self.position)
         return self.rng if self.rng is not None else self.seed
+
+
+@contextlib.contextmanager
+def _first_pass(mb: MicroBatch) -> Iterator[None]:
+    """``replay_rng(mb.replay)`` for a pass that draws as the real forward does (a forward in training mode, its
+    backward): where the states of the window's real forwards are learned in order (:class:`RngChain`), the
+    state it leaves is the next micro-batch's."""
+    with replay_rng(mb.replay):
+        yield
+        if mb.chain is not None:
+            mb.chain.passed(mb.position)
 
 
 @dataclass
@@ -147,7 +165,7 @@ def lookahead_gradient(
     """
     total: dict[str, torch.Tensor] | None = None
     for mb in window:
-        with replay_rng(mb.replay), frozen_batchnorm(model):
+        with _first_pass(mb), frozen_batchnorm(model):
             L = _losses(model, params, mb, smoothing, task)
             g = _grads((mb.weights.to(L.dtype) * L).sum() * (loss_scale / normalizer), params)
             if loss_scale != 1.0:
@@ -282,7 +300,7 @@ def _last_layer(
         if mb.features is not None:
             h, logits = (f.detach().float() for f in mb.features)
         else:
-            with replay_rng(mb.replay), frozen_batchnorm(model):
+            with _first_pass(mb), frozen_batchnorm(model):
                 logits = functional_logits(model, {}, mb.inputs).float()
             h = box["h"].detach().float()
         h = _head_features(h, logits.shape[0], head)
@@ -352,7 +370,7 @@ def _exact(
     g: dict[str, torch.Tensor] | None = None
     with forward_ad_safe_attention():
         for mb, e in zip([*window, *probes], e_leaves):
-            with replay_rng(mb.replay), frozen_batchnorm(model):
+            with _first_pass(mb), frozen_batchnorm(model):
                 L = _losses(model, params, mb, smoothing, task)
                 gi = _grads((e.to(L.dtype) * L).sum() / normalizer, params, create_graph=True)
             mb.losses = L.detach()

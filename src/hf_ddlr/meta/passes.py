@@ -24,6 +24,7 @@ __all__ = [
     "frozen_batchnorm",
     "meta_loss_mode",
     "replay_rng",
+    "RngChain",
     "RngState",
     "forward_ad_safe_attention",
     "extract_logits",
@@ -136,6 +137,31 @@ class RngState:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda)
+
+
+class RngChain:
+    """The random states a window's real forwards start from, in order, where the meta step runs before them
+    (several micro-batches per optimizer step): the first is captured as the window begins, and each next one is
+    where the meta step's first pass over the micro-batch before it left the generators — a pass draws its dropout
+    masks as the real forward does, so that is where the Trainer's stream stands when that micro-batch's real
+    forward begins. The passes replay these states, and each real forward starts from its own."""
+
+    def __init__(self, first: RngState, length: int) -> None:
+        self.states: list[RngState | None] = [first] + [None] * (length - 1)
+
+    def state(self, position: int) -> RngState:
+        """The state the forward of the window's micro-batch ``position`` starts from."""
+        state = self.states[position]
+        if state is None:
+            raise RuntimeError(f"micro-batch {position} of the window was replayed before the pass over micro-batch "
+                               f"{position - 1}, which gives its random state; the window's passes run in order.")
+        return state
+
+    def passed(self, position: int) -> None:
+        """A pass over micro-batch ``position`` ends here: the next micro-batch starts from the current state,
+        unless an earlier pass gave it already."""
+        if position + 1 < len(self.states) and self.states[position + 1] is None:
+            self.states[position + 1] = RngState.capture()
 
 
 @contextlib.contextmanager
