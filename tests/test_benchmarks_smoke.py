@@ -565,6 +565,43 @@ def test_fixed_weights_selects_by_each_ranking_and_weights_each_example_loss():
     assert torch.allclose(got, by_hand)
 
 
+def test_paired_significance_counts_the_discordant_examples_and_tests_them_exactly(tmp_path, monkeypatch):
+    """benchmarks/paired_significance.py: b (right under plain only) and c (right under MetaLR only) counted from the
+    per-example correctness, McNemar's exact p against the binomial sum taken by hand, the paired difference's
+    interval, and the summary's counts; a run that does not reproduce the matrix's accuracy is flagged."""
+    from math import comb
+
+    ps = _load("paired_significance")
+    plain, metalr = "1" * 80 + "10" * 6 + "0" * 8, "1" * 80 + "01" * 6 + "1" * 8  # 100 examples: b = 6, c = 6 + 8
+    got = ps.compare(plain, metalr)
+    assert (got["n"], got["b"], got["c"]) == (100, 6, 14)
+    by_hand = min(1.0, 2 * sum(comb(20, k) for k in range(0, 7)) / 2**20)  # two-sided: 2 · P(X ≤ 6), X ~ Bin(20, ½)
+    assert got["p"] == pytest.approx(by_hand, rel=1e-9) and 0.05 < got["p"] < 0.2
+    assert got["diff"] == pytest.approx(0.08)
+    half = 1.96 * np.sqrt(20 - 8**2 / 100) / 100
+    assert (got["low"], got["high"]) == (pytest.approx(0.08 - half), pytest.approx(0.08 + half))
+    assert ps.compare(plain, plain)["p"] == 1.0 and ps.verdict(ps.compare(plain, plain)) == "within the noise"
+    strong = ps.compare("1" * 60 + "0" * 40, "1" * 100)
+    assert strong["p"] < 1e-9 and ps.verdict(strong) == "MetaLR better"
+    assert ps.verdict(ps.compare("1" * 100, "1" * 60 + "0" * 40)) == "**MetaLR worse**"
+    with pytest.raises(ValueError, match="different sizes"):
+        ps.compare("1" * 10, "1" * 11)
+
+    cell = "digits-cnn-sgd-flip35"
+    monkeypatch.setattr(ps.R, "matrix_runs", lambda: {(cell, 0, "plain"): {"test_accuracy": 0.86},
+                                                     (cell, 0, "metalr"): {"test_accuracy": 0.94}})
+    runs = [{"cell": cell, "seed": 0, "method": "plain", "test_accuracy": 0.86, "correct": plain},
+            {"cell": cell, "seed": 0, "method": "metalr", "test_accuracy": 0.94, "correct": metalr},
+            {"cell": cell, "seed": 1, "method": "plain", "test_accuracy": 1.0, "correct": "1" * 100},
+            {"cell": cell, "seed": 1, "method": "metalr", "test_accuracy": 0.6, "correct": "1" * 60 + "0" * 40}]
+    md = ps.render(runs, "cmd")
+    assert "| digits-cnn-sgd-flip35 | 0 | 100 | 0.860 / 0.940 | yes | +8.0 (" in md and "| 6 / 14 |" in md
+    assert "| digits-cnn-sgd-flip35 | 1 | 100 | 1.000 / 0.600 | no | -40.0 (" in md
+    assert ("2 paired runs: MetaLR at or above plain in 1; significantly better (p < 0.05) in 0, significantly worse "
+            "in 1, within the test set's noise in 1") in md
+    assert "of the 1 runs below plain, significantly below: 1" in md
+
+
 def test_rate_rules_replay_reproduces_the_trainers_rates(monkeypatch):
     """benchmarks/rate_rules.py replays a run's recorded rate signals in numpy: under the rule the run used it must
     land on the trainer's own final rates — the clamped step under AdamW, the step relative to the class's median

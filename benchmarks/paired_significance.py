@@ -1,0 +1,132 @@
+"""Whether each paired run's difference from plain training is larger than its test set can measure.
+
+Issue 13's count bar asks MetaLR's test accuracy to be at or above plain training's in 90 % of the matrix's paired
+runs. A paired run compares two models on the same test examples, so its difference has a known noise floor: the
+examples one model gets right and the other wrong. For a cell and seed this trains the plain ``Trainer`` and
+``MetaLRTrainer`` (defaults) exactly as ``robustness.py`` does — so each run reproduces the committed matrix's
+accuracy, which the table checks — keeps which test examples each gets right, and reports:
+
+- the discordant examples: ``b`` right under plain training only, ``c`` right under MetaLR only;
+- the difference ``(c − b) / n`` with its 95 % interval (the paired proportions' normal interval);
+- McNemar's exact test (two-sided binomial test of ``c`` against ``b``): whether the two models' error rates on
+  this test set differ beyond chance.
+
+    python benchmarks/paired_significance.py --cells mnist-cnn-adamw-flip35 --seeds 0 1 2
+
+Writes paired_significance.json (every run, with its per-example correctness; a rerun skips the runs already there)
+and paired_significance.md to --output_dir (default benchmarks/results/paired_significance). ``--merge DIR ...``
+first takes the runs of other output folders of this script (runs made in parallel processes).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import numpy as np
+from scipy.stats import binomtest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import robustness as R  # noqa: E402  (the matrix's cells, data, models and recipes)
+
+NAME = "paired_significance"
+METHODS = ("plain", "metalr")
+ALPHA = 0.05
+
+
+def correct_on(trainer, ds) -> str:
+    """Which examples of ``ds`` the trained model gets right, as a string of 0 / 1 (the JSON stays compact)."""
+    logits, y = R._predict(trainer, ds)
+    return "".join("1" if ok else "0" for ok in logits.argmax(1) == y)
+
+
+def train(cell: R.Cell, seed: int, missing: list[str], bar) -> list[dict]:
+    """The missing methods of one cell and seed, each with its accuracy and per-example test correctness."""
+    data = R.load_data(cell, seed, False)
+    out = []
+    got: dict = {}
+    for method in missing:
+        r = R.run_cell(cell, seed, method, data=data,
+                       after_train=lambda t, m=method: got.__setitem__(m, correct_on(t, data[0]["test"])))
+        out.append({k: r[k] for k in ("cell", "seed", "method", "fingerprint", "test_accuracy", "threads", "torch",
+                                      "transformers")} | {"correct": got[method]})
+        bar.update()
+    return out
+
+
+def compare(plain: str, metalr: str) -> dict:
+    """The paired comparison of two models' per-example correctness on one test set."""
+    a = np.frombuffer(plain.encode(), dtype=np.uint8) == ord("1")
+    m = np.frombuffer(metalr.encode(), dtype=np.uint8) == ord("1")
+    if a.shape != m.shape:
+        raise ValueError(f"the two runs were scored on test sets of different sizes ({a.size} and {m.size})")
+    n, b, c = a.size, int((a & ~m).sum()), int((~a & m).sum())
+    diff = (c - b) / n
+    se = math.sqrt(max(b + c - (c - b) ** 2 / n, 0.0)) / n
+    p = binomtest(c, b + c, 0.5).pvalue if b + c else 1.0
+    return {"n": n, "b": b, "c": c, "diff": diff, "low": diff - 1.96 * se, "high": diff + 1.96 * se, "p": p}
+
+
+def verdict(cmp: dict) -> str:
+    if cmp["p"] >= ALPHA:
+        return "within the noise"
+    return "MetaLR better" if cmp["c"] > cmp["b"] else "**MetaLR worse**"
+
+
+def render(runs: list[dict], command: str) -> str:
+    matrix = R.matrix_runs()
+    by = {(r["cell"], r["seed"], r["method"]): r for r in runs}
+    pairs = sorted({(r["cell"], r["seed"]) for r in runs if all((r["cell"], r["seed"], m) in by for m in METHODS)},
+                   key=lambda k: ([c.name for c in R.CELLS].index(k[0]), k[1]))
+    lines = R.table_head(command, "MetaLRConfig defaults, one thread; each pair scored on the same test examples "
+                         "(b: right under plain only, c: right under MetaLR only); McNemar's exact test",
+                         ["cell", "seed", "test examples", "plain / MetaLR acc", "as in the matrix",
+                          "difference, points (95 % interval)", "b / c", "p", "verdict"])
+    rows = []
+    for cell, seed in pairs:
+        p, m = by[(cell, seed, "plain")], by[(cell, seed, "metalr")]
+        cmp = compare(p["correct"], m["correct"])
+        same = all(matrix.get((cell, seed, k), {}).get("test_accuracy") == by[(cell, seed, k)]["test_accuracy"]
+                   for k in METHODS)
+        rows.append((cell, seed, cmp, m["test_accuracy"] >= p["test_accuracy"]))
+        lines.append(f"| {cell} | {seed} | {cmp['n']} | {p['test_accuracy']:.3f} / {m['test_accuracy']:.3f} | "
+                     f"{'yes' if same else 'no'} | {100 * cmp['diff']:+.1f} ({100 * cmp['low']:+.1f} to "
+                     f"{100 * cmp['high']:+.1f}) | {cmp['b']} / {cmp['c']} | {cmp['p']:.3g} | {verdict(cmp)} |")
+    if rows:
+        below = [r for r in rows if not r[3]]
+        better = sum(r[2]["p"] < ALPHA and r[2]["c"] > r[2]["b"] for r in rows)
+        worse = sum(r[2]["p"] < ALPHA and r[2]["c"] < r[2]["b"] for r in rows)
+        lines += ["", f"- {len(rows)} paired runs: MetaLR at or above plain in {len(rows) - len(below)}; "
+                  f"significantly better (p < {ALPHA}) in {better}, significantly worse in {worse}, "
+                  f"within the test set's noise in {len(rows) - better - worse}",
+                  f"- of the {len(below)} runs below plain, significantly below: "
+                  f"{sum(r[2]['p'] < ALPHA for r in below)}; their differences "
+                  + ", ".join(f"{100 * r[2]['diff']:+.1f} ({r[0]} s{r[1]}, p {r[2]['p']:.2f})" for r in below)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = R.cell_seed_parser(__doc__, os.path.join(R.HERE, "results", NAME))
+    parser.add_argument("--merge", nargs="+", default=[], metavar="DIR",
+                        help="other output folders of this script whose runs to take in first")
+    args = parser.parse_args(argv)
+    R.datasets.disable_progress_bars()
+    R.transformers.logging.set_verbosity_error()  # the MiniLM head's "newly initialized" notice, once per run
+    path, runs, command = R.open_results(args.output_dir, NAME, "paired_significance.py", argv)
+    have = {(r["cell"], r["seed"], r["method"]) for r in runs}
+    for folder in args.merge:
+        for r in R.load_runs(os.path.join(folder, f"{NAME}.json")):
+            if (r["cell"], r["seed"], r["method"]) not in have:
+                runs.append(r)
+                have.add((r["cell"], r["seed"], r["method"]))
+    R.write_json_atomic(path, {"runs": runs})
+    R.torch.set_num_threads(R.RUN_SETTINGS["threads"])
+    shown = R.run_missing(path, runs, R.select_cells(args.cells), args.seeds, train, "paired runs", METHODS,
+                          keep=lambda r: r["fingerprint"] == R.fingerprint(R.CELL_BY_NAME[r["cell"]], r["method"], False))
+    R.write_table(args.output_dir, NAME, render(shown, command))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
