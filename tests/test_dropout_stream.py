@@ -30,6 +30,24 @@ WAYS = {
 }
 
 
+def _paper_rule(logits, theta: dict, window: tuple, meta: tuple, lam: float, meta_lr: float) -> torch.Tensor:
+    """The rates after one step of the paper's rule from 1, by hand: each example's gradient taken alone with its
+    recorded dropout mask (``logits(params, x, mask)``), the lookahead of the plain SGD step at rate ``lam`` over
+    the window, the meta loss's gradient there (no dropout), and ``1 + meta_lr · (lam / N) · ∇L_i · ∇L_meta``."""
+    x, y, mask = window
+    xm, ym = meta
+    grads = []
+    for i in range(x.shape[0]):
+        leaf = {n: v.clone().requires_grad_() for n, v in theta.items()}
+        loss = F.cross_entropy(logits(leaf, x[i : i + 1], mask[i : i + 1]), y[i : i + 1])
+        grads.append(dict(zip(leaf, torch.autograd.grad(loss, list(leaf.values())))))
+    N = x.shape[0]
+    look = {n: (theta[n] - lam * sum(g[n] for g in grads) / N).requires_grad_() for n in theta}
+    g_meta = dict(zip(look, torch.autograd.grad(F.cross_entropy(logits(look, xm), ym), list(look.values()))))
+    dots = torch.stack([sum((g[n] * g_meta[n]).sum() for n in theta) for g in grads])
+    return (1 + meta_lr * (lam / N) * dots).clamp(min=0)
+
+
 @pytest.mark.parametrize("way", list(WAYS))
 def test_at_rates_one_a_dropout_model_trains_as_the_trainer_does_masks_included(tmp_path, way):
     """meta_lr=0: every weight bit-equal to a plain Trainer's run of the same seed — which holds only if each real
@@ -103,16 +121,7 @@ def test_the_meta_gradient_replays_the_masks_the_real_forward_drew(tmp_path, way
         h = F.relu(inputs @ params["l1.weight"].T + params["l1.bias"])
         return (h if m is None else h * m) @ params["l2.weight"].T + params["l2.bias"]
 
-    grads = []
-    for i in range(x.shape[0]):
-        leaf = {n: v.clone().requires_grad_() for n, v in theta.items()}
-        loss = F.cross_entropy(logits(leaf, x[i : i + 1], mask[i : i + 1]), y[i : i + 1])
-        grads.append(dict(zip(leaf, torch.autograd.grad(loss, list(leaf.values())))))
-    N = x.shape[0]
-    look = {n: (theta[n] - lam * sum(g[n] for g in grads) / N).requires_grad_() for n in theta}
-    g_meta = dict(zip(look, torch.autograd.grad(F.cross_entropy(logits(look, xm), ym), list(look.values()))))
-    dots = torch.stack([sum((g[n] * g_meta[n]).sum() for n in theta) for g in grads])
-    expect = (1 + meta_lr * (lam / N) * dots).clamp(min=0)
+    expect = _paper_rule(logits, theta, (x, y, mask), (xm, ym), lam, meta_lr)
     assert (expect - 1).abs().max() > 0.05  # the rates really moved
     tol = 1e-2 if "finite" in way else 1e-4  # (a finite difference in float32)
     torch.testing.assert_close(trainer.rates.instance[rows], expect, rtol=tol, atol=tol)
@@ -205,15 +214,6 @@ def test_a_convolutional_dropout_model_gets_the_meta_gradient_of_its_real_masks(
         h = F.relu(F.conv2d(inputs, params["conv.weight"], params["conv.bias"], padding=1))
         return ((h if m is None else h * m).flatten(1)) @ params["fc.weight"].T + params["fc.bias"]
 
-    grads = []
-    for i in range(x.shape[0]):
-        leaf = {n: v.clone().requires_grad_() for n, v in theta.items()}
-        loss = F.cross_entropy(logits(leaf, x[i : i + 1], mask[i : i + 1]), y[i : i + 1])
-        grads.append(dict(zip(leaf, torch.autograd.grad(loss, list(leaf.values())))))
-    N = x.shape[0]
-    look = {n: (theta[n] - lam * sum(g[n] for g in grads) / N).requires_grad_() for n in theta}
-    g_meta = dict(zip(look, torch.autograd.grad(F.cross_entropy(logits(look, xm), ym), list(look.values()))))
-    dots = torch.stack([sum((g[n] * g_meta[n]).sum() for n in theta) for g in grads])
-    expect = (1 + meta_lr * (lam / N) * dots).clamp(min=0)
+    expect = _paper_rule(logits, theta, (x, y, mask), (xm, ym), lam, meta_lr)
     assert (expect - 1).abs().max() > 0.05  # the rates really moved
     torch.testing.assert_close(trainer.rates.instance[rows], expect, rtol=1e-4, atol=1e-4)
