@@ -50,7 +50,7 @@ def train(cell: R.Cell, seed: int, missing: list[str], bar) -> list[dict]:
         r = R.run_cell(cell, seed, method, data=data,
                        after_train=lambda t, m=method: got.__setitem__(m, correct_on(t, data[0]["test"])))
         out.append({k: r[k] for k in ("cell", "seed", "method", "fingerprint", "test_accuracy", "threads", "torch",
-                                      "transformers")} | {"correct": got[method]})
+                                      "transformers", "cpu")} | {"correct": got[method]})
         bar.update()
     return out
 
@@ -122,9 +122,12 @@ def main(argv: list[str] | None = None) -> int:
                 have.add((r["cell"], r["seed"], r["method"]))
     R.write_json_atomic(path, {"runs": runs})
     R.torch.set_num_threads(R.RUN_SETTINGS["threads"])
-    shown = R.run_missing(path, runs, R.select_cells(args.cells), args.seeds, train, "paired runs", METHODS,
+    cells = R.select_cells(args.cells)
+    names = {c.name for c in cells}
+    shown = R.run_missing(path, runs, cells, args.seeds, train, "paired runs", METHODS,
                           keep=lambda r: r["fingerprint"] == R.fingerprint(R.CELL_BY_NAME[r["cell"]], r["method"], False))
-    R.write_table(args.output_dir, NAME, render(shown, command))
+    R.write_table(args.output_dir, NAME, render([r for r in shown if r["cell"] in names and r["seed"] in args.seeds],
+                                                command))
     return 0
 
 

@@ -508,8 +508,11 @@ def run_cell(cell: Cell | str, seed: int, method: str, quick: bool = False, data
 
 
 def environment() -> dict:
-    """What a run's numbers depend on beyond the script: the thread count it ran with and the library versions."""
-    return {"threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__}
+    """What a run's numbers depend on beyond the script: the thread count it ran with, the library versions and the
+    CPU's vector extension that PyTorch's kernels use (AVX2, AVX512, ...: another one sums in another order, and
+    these chaotic trainings end elsewhere; recorded from 2026-12-06 on)."""
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "cpu": torch.backends.cpu.get_cpu_capability()}
 
 
 # ----------------------------------------------------------------------------------------------- results
@@ -717,8 +720,8 @@ def environments(stats: dict[str, dict]) -> str:
     envs: dict[str, int] = {}
     for by in stats.values():
         for r in (r for rs in by.values() for r in rs):
-            key = (f"{r['threads']} thread(s), torch {r['torch']}, transformers {r['transformers']}" if "threads" in r
-                   else "environment not recorded")
+            key = (f"{r['threads']} thread(s), torch {r['torch']}, transformers {r['transformers']}"
+                   + (f", {r['cpu']} kernels" if "cpu" in r else "") if "threads" in r else "environment not recorded")
             envs[key] = envs.get(key, 0) + 1
     return "runs made with " + "; ".join(f"{k}: {n}" for k, n in envs.items())
 

@@ -238,6 +238,7 @@ def test_robustness_quick_writes_results_and_resumes(tmp_path):
     for r in runs:
         assert r["quick"] is True and r["seed"] == 0 and r["steps"] > 0 and r["train_s"] > 0
         assert r["threads"] == 1 and r["torch"] == torch.__version__
+        assert r["cpu"] == torch.backends.cpu.get_cpu_capability()
         assert 0.0 <= r["test_accuracy"] <= 1.0
         if r["method"] == "metalr":
             assert 0.0 <= r["rate_auroc"] <= 1.0 and r["rate_clean"] >= 0 and r["rate_noisy"] >= 0
