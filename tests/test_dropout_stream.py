@@ -20,6 +20,8 @@ WAYS = {
     "same_step, per-layer products": dict(layerwise_dots=True),
     "same_step, finite differences": dict(meta_strategy="finite_difference"),
     "delayed, forward mode": dict(meta_update="delayed", layerwise_dots=False),
+    "delayed, accumulation of 2": dict(meta_update="delayed", gradient_accumulation_steps=2),
+    "same_step, last layer": dict(meta_strategy="last_layer"),
     # the meta step before the window's real forwards: the states they start from, learned from its passes
     "same_step, accumulation of 2": dict(gradient_accumulation_steps=2),
     "same_step, accumulation of 2, finite differences": dict(gradient_accumulation_steps=2,
