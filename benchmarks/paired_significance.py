@@ -77,8 +77,8 @@ def verdict(cmp: dict) -> str:
 def render(runs: list[dict], command: str) -> str:
     matrix = R.matrix_runs()
     by = {(r["cell"], r["seed"], r["method"]): r for r in runs}
-    pairs = sorted({(r["cell"], r["seed"]) for r in runs if all((r["cell"], r["seed"], m) in by for m in METHODS)},
-                   key=lambda k: ([c.name for c in R.CELLS].index(k[0]), k[1]))
+    pairs = [(r["cell"], r["seed"]) for r in R.in_matrix_order([r for r in runs if r["method"] == "plain"])
+             if (r["cell"], r["seed"], "metalr") in by]
     lines = R.table_head(command, "MetaLRConfig defaults, one thread; each pair scored on the same test examples "
                          "(b: right under plain only, c: right under MetaLR only); McNemar's exact test",
                          ["cell", "seed", "test examples", "plain / MetaLR acc", "as in the matrix",

@@ -720,8 +720,12 @@ def environments(stats: dict[str, dict]) -> str:
     envs: dict[str, int] = {}
     for by in stats.values():
         for r in (r for rs in by.values() for r in rs):
-            key = (f"{r['threads']} thread(s), torch {r['torch']}, transformers {r['transformers']}"
-                   + (f", {r['cpu']} kernels" if "cpu" in r else "") if "threads" in r else "environment not recorded")
+            if "threads" not in r:
+                key = "environment not recorded"
+            else:
+                key = f"{r['threads']} thread(s), torch {r['torch']}, transformers {r['transformers']}"
+                if "cpu" in r:  # (recorded from 2026-12-06 on)
+                    key += f", {r['cpu']} kernels"
             envs[key] = envs.get(key, 0) + 1
     return "runs made with " + "; ".join(f"{k}: {n}" for k, n in envs.items())
 
