@@ -89,7 +89,7 @@ def render(runs: list[dict], command: str) -> str:
         cmp = compare(p["correct"], m["correct"])
         same = all(matrix.get((cell, seed, k), {}).get("test_accuracy") == by[(cell, seed, k)]["test_accuracy"]
                    for k in METHODS)
-        rows.append((cell, seed, cmp, m["test_accuracy"] >= p["test_accuracy"]))
+        rows.append((cell, seed, cmp, m["test_accuracy"] >= p["test_accuracy"], same))
         lines.append(f"| {cell} | {seed} | {cmp['n']} | {p['test_accuracy']:.3f} / {m['test_accuracy']:.3f} | "
                      f"{'yes' if same else 'no'} | {100 * cmp['diff']:+.1f} ({100 * cmp['low']:+.1f} to "
                      f"{100 * cmp['high']:+.1f}) | {cmp['b']} / {cmp['c']} | {cmp['p']:.3g} | {verdict(cmp)} |")
@@ -99,7 +99,10 @@ def render(runs: list[dict], command: str) -> str:
         worse = sum(r[2]["p"] < ALPHA and r[2]["c"] < r[2]["b"] for r in rows)
         lines += ["", f"- {len(rows)} paired runs: MetaLR at or above plain in {len(rows) - len(below)}; "
                   f"significantly better (p < {ALPHA}) in {better}, significantly worse in {worse}, "
-                  f"within the test set's noise in {len(rows) - better - worse}",
+                  f"within the test set's noise in {len(rows) - better - worse}; mean difference "
+                  f"{100 * np.mean([r[2]['diff'] for r in rows]):+.2f} points",
+                  f"- pairs whose plain and MetaLR accuracies both reproduce the committed matrix's: "
+                  f"{sum(r[4] for r in rows)} of {len(rows)}",
                   f"- of the {len(below)} runs below plain, significantly below: "
                   f"{sum(r[2]['p'] < ALPHA for r in below)}; their differences "
                   + ", ".join(f"{100 * r[2]['diff']:+.1f} ({r[0]} s{r[1]}, p {r[2]['p']:.2f})" for r in below)]

@@ -599,7 +599,8 @@ def test_paired_significance_counts_the_discordant_examples_and_tests_them_exact
     assert "| digits-cnn-sgd-flip35 | 0 | 100 | 0.860 / 0.940 | yes | +8.0 (" in md and "| 6 / 14 |" in md
     assert "| digits-cnn-sgd-flip35 | 1 | 100 | 1.000 / 0.600 | no | -40.0 (" in md
     assert ("2 paired runs: MetaLR at or above plain in 1; significantly better (p < 0.05) in 0, significantly worse "
-            "in 1, within the test set's noise in 1") in md
+            "in 1, within the test set's noise in 1; mean difference -16.00 points") in md
+    assert "both reproduce the committed matrix's: 1 of 2" in md
     assert "of the 1 runs below plain, significantly below: 1" in md
 
 
