@@ -11,10 +11,12 @@ scores every training word by signals that each rank clean above mislabelled whe
 
 - ``loss``: minus its cross-entropy with its (noisy) label, eval mode: the free detector the rates must clear;
 - ``dot``: the classifier's per-example gradient dotted with the meta set's mean gradient (eval mode);
-- ``adam``: the same dot in Adam's metric (``1/sqrt(v)`` of the optimizer's second moment), as the rates take it;
+- ``adam``: the same dot in Adam's metric (``1/sqrt(v)`` of the optimizer's second moment);
 - ``dropout``: ``dot`` with the training words' gradients taken in train mode (one dropout draw), as the real
   step's masks are replayed;
 - ``head``: ``dot`` over the pooler and the classifier (what ``meta_parameters="head"`` covers), eval mode;
+- ``head adam``: ``head`` in Adam's metric, the product the rates take by default (at θ, without the lookahead,
+  the running average or the bounded meta objective);
 - ``newton λ``: ``g_meta·(H + λI)⁻¹·g_i`` with ``H`` the classifier's exact Hessian of the mean training loss.
 
     python benchmarks/head_signal.py --cells vader-minilm-ft-flip30 --seeds 0 1 2   # ~2 min a seed, one thread
@@ -38,7 +40,7 @@ import robustness as R  # noqa: E402  (the matrix's cells, data, models and reci
 
 CHECKPOINTS = 8
 DAMPINGS = (1e-1, 1e-2, 1e-3)
-SIGNALS = ("loss", "dot", "adam", "dropout", "head", *(f"newton {lam:g}" for lam in DAMPINGS))
+SIGNALS = ("loss", "dot", "adam", "dropout", "head", "head adam", *(f"newton {lam:g}" for lam in DAMPINGS))
 
 
 def _features(model, ds, collate, train_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,6 +77,13 @@ def classifier_hessian(p: torch.Tensor, xa: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nab,ni,nj->aibj", a, xa, xa).reshape(c * d, c * d) / len(p)
 
 
+def _second_moment(optimizer, layer) -> torch.Tensor:
+    """Adam's ``exp_avg_sq`` of a linear layer as one [weight | bias] matrix, flattened row-major."""
+    state = optimizer.state
+    return torch.cat([state[layer.weight]["exp_avg_sq"].double(), state[layer.bias]["exp_avg_sq"].double()[:, None]],
+                     1)
+
+
 def signals(model, optimizer, train, meta, collate) -> dict[str, np.ndarray]:
     """Every training row's score by each of :data:`SIGNALS` at the model's current parameters."""
     w, b = model.classifier.weight.detach().double(), model.classifier.bias.detach().double()
@@ -88,15 +97,18 @@ def signals(model, optimizer, train, meta, collate) -> dict[str, np.ndarray]:
     grads = (r[:, :, None] * xa[:, None, :]).reshape(len(x), -1)
     grads_dropout = (rt[:, :, None] * _with_bias(xt)[:, None, :]).reshape(len(x), -1)
     g_meta = (rm[:, :, None] * xma[:, None, :]).reshape(len(xm), -1).mean(0)
-    # the pooler's per-example gradient is (Wᵀr ⊙ (1 − h²)) ⊗ [cls, 1]; its dot with the meta mean, pairwise
+    # the pooler's per-example gradient is (Wᵀr ⊙ (1 − h²)) ⊗ [cls, 1]: its product with a matrix M of the
+    # pooler's [weight | bias] shape is d_i·(M [cls_i, 1]), so no per-example gradient is materialised
     d, dm = (r @ w) * (1 - x ** 2), (rm @ w) * (1 - xm ** 2)
-    pooler = ((d @ dm.T) * (_with_bias(c) @ _with_bias(cm).T)).mean(1)
-    state = optimizer.state.get(model.classifier.weight, {})
-    v = torch.cat([state["exp_avg_sq"].double(), optimizer.state[model.classifier.bias]["exp_avg_sq"].double()[:, None]],
-                  1).reshape(-1)
+    ca = _with_bias(c)
+    pooler_meta = dm.T @ _with_bias(cm) / len(xm)
+    v, v_pooler = (_second_moment(optimizer, layer) for layer in (model.classifier, model.bert.pooler.dense))
+    metric = 1 / (v.reshape(-1).sqrt() + 1e-8)
     out = {"loss": torch.log(p[torch.arange(len(y)), y]), "dot": grads @ g_meta,
-           "adam": grads @ (g_meta / (v.sqrt() + 1e-8)), "dropout": grads_dropout @ g_meta,
-           "head": grads @ g_meta + pooler}
+           "adam": grads @ (g_meta * metric), "dropout": grads_dropout @ g_meta,
+           "head": grads @ g_meta + (d * (ca @ pooler_meta.T)).sum(1),
+           "head adam": grads @ (g_meta * metric)
+           + (d * (ca @ (pooler_meta / (v_pooler.sqrt() + 1e-8)).T)).sum(1)}
     hessian = classifier_hessian(p, xa)
     eye = torch.eye(len(hessian), dtype=hessian.dtype)
     for lam in DAMPINGS:

@@ -1135,7 +1135,10 @@ def test_head_signal_hessian_and_dots_are_autograds():
     dot = torch.tensor([float(g[2] @ meta_g[2] + g[3] @ meta_g[3]) for g in rows])
     both = torch.tensor([float(sum(a @ b for a, b in zip(g, meta_g))) for g in rows])
     adam = torch.tensor([float(torch.cat(g[2:]) @ (torch.cat(meta_g[2:]) / (v.sqrt() + 1e-8))) for g in rows])
-    for name, expected in (("dot", dot), ("head", both), ("adam", adam)):
+    v_all = [optimizer.state[q]["exp_avg_sq"].reshape(-1) for q in head]
+    both_adam = torch.tensor([float(sum(a @ (b / (s.sqrt() + 1e-8)) for a, b, s in zip(g, meta_g, v_all)))
+                              for g in rows])
+    for name, expected in (("dot", dot), ("head", both), ("adam", adam), ("head adam", both_adam)):
         assert np.allclose(got[name], expected.numpy(), rtol=1e-7, atol=1e-10), name
     assert not np.allclose(got["dot"], got["head"])  # the pooler's part is not negligible here
 
