@@ -21,7 +21,8 @@ scores every training word by signals that each rank clean above mislabelled whe
 
     python benchmarks/head_signal.py --cells vader-minilm-ft-flip30 --seeds 0 1 2   # ~2 min a seed, one thread
 
-Writes head_signal.json (every run; a rerun skips the runs already there) and head_signal.md to --output_dir
+Writes head_signal.json (every run; a rerun skips the runs already there), head_signal.md and head_signal.png (the
+curves of the loss, the default's product and the Newton products per cell) to --output_dir
 (default benchmarks/results/head_signal).
 """
 
@@ -165,6 +166,37 @@ def render(runs: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+PLOTTED = {"loss": ("loss (the free detector)", "tab:red", "--"),
+           "head adam": ("head, Adam's metric (the default's product)", "tab:blue", "-"),
+           "adam": ("classifier, Adam's metric", "tab:cyan", "-"), "newton 0.1": ("Newton, λ 0.1", "tab:green", "-"),
+           "newton 0.01": ("Newton, λ 0.01", "tab:olive", "-"), "newton 0.001": ("Newton, λ 0.001", "tab:gray", "-")}
+
+
+def plot(runs: list[dict], path: str) -> None:
+    """Small multiples, one per cell: each plotted signal's AUROC at every checkpoint (mean over the seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = list(R.runs_by_cell(runs))
+    fig, axes = plt.subplots(1, len(cells), figsize=(3.2 * len(cells), 3.4), squeeze=False, sharey=True)
+    for ax, (cell, rs, seeds) in zip(axes[0], cells):
+        for name, (label, color, style) in PLOTTED.items():
+            curve = np.mean([[c[name] for c in r["checkpoints"]] for r in rs], axis=0)
+            ax.plot(np.arange(1, len(curve) + 1) / len(curve), curve, style, color=color, label=label, lw=1.4)
+        ax.set_title(f"{cell}\n(seeds {seeds})", fontsize=8)
+        ax.set_xlabel("share of the run", fontsize=8)
+        ax.set_ylim(0.4, 1.0)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("AUROC, clean > mislabelled", fontsize=8)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=len(PLOTTED), fontsize=7,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = R.cell_seed_parser(__doc__, os.path.join(R.HERE, "results", "head_signal"))
     args = p.parse_args(argv)
@@ -174,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     if bad := [c.name for c in cells if c.model != "minilm"]:
         raise SystemExit(f"{bad} are not MiniLM fine-tunes; head_signal.py needs a text cell (e.g. "
                          "vader-minilm-ft-flip30), whose classifier sits on the pooler's features.")
-    R.run_diagnostic(args.output_dir, "head_signal", "head_signal.py", argv, cells, args.seeds,
-                     lambda cell, seed, methods, bar: run_seed(cell, seed, bar), "head signal", render)
+    shown = R.run_diagnostic(args.output_dir, "head_signal", "head_signal.py", argv, cells, args.seeds,
+                             lambda cell, seed, methods, bar: run_seed(cell, seed, bar), "head signal", render)
+    if shown:
+        plot(shown, os.path.join(args.output_dir, "head_signal.png"))
     return 0
 
 

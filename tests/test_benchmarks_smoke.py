@@ -1155,3 +1155,18 @@ def test_head_signal_hessian_and_dots_are_autograds():
     solved = torch.linalg.solve(h + 0.01 * torch.eye(len(h), dtype=h.dtype), torch.cat(meta_g[2:]))
     newton = torch.tensor([float(torch.cat(g[2:]) @ solved) for g in rows])
     assert np.allclose(got["newton 0.01"], newton.numpy(), rtol=1e-6, atol=1e-10)
+
+
+def test_head_signal_table_and_plot_average_each_checkpoint_over_the_seeds(tmp_path):
+    """head_signal.py's table: each signal's AUROC per checkpoint as the mean over the seeds, and the mean of the
+    second half's checkpoints; its plot is written from the same runs."""
+    hs = _load("head_signal")
+    runs = [{"cell": "vader-minilm-ft-flip30", "seed": s,
+             "checkpoints": [{k: 0.5 + 0.05 * i + 0.1 * s for k in hs.SIGNALS} for i in range(4)]} for s in (0, 1)]
+    md = hs.render(runs, "cmd")
+    # checkpoint i: mean of 0.5 + 0.05 i and 0.6 + 0.05 i; second half: checkpoints 2 and 3, (0.65 + 0.70) / 2
+    assert "| vader-minilm-ft-flip30 (0, 1) | newton 0.01 | 0.550 0.600 0.650 0.700 | 0.675 |" in md
+    assert md.count("| vader-minilm-ft-flip30 (0, 1) |") == len(hs.SIGNALS)
+    hs.plot(runs, str(tmp_path / "h.png"))
+    png = (tmp_path / "h.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
