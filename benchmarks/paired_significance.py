@@ -15,7 +15,10 @@ accuracy, which the table checks — keeps which test examples each gets right, 
 
 Writes paired_significance.json (every run, with its per-example correctness; a rerun skips the runs already there)
 and paired_significance.md to --output_dir (default benchmarks/results/paired_significance). ``--merge DIR ...``
-first takes the runs of other output folders of this script (runs made in parallel processes).
+first takes the runs of other output folders of this script (runs made in parallel processes). ``--training_noise``
+also retrains plain training on another training seed of each cell and seed (the model's initialisation, the data
+order and the dropout masks; the data, noise and meta set kept) and scores it against plain training as MetaLR is:
+what the count bar and the test say of a method no different from plain training.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import robustness as R  # noqa: E402  (the matrix's cells, data, models and reci
 
 NAME = "paired_significance"
 METHODS = ("plain", "metalr")
+RESEEDED = "plain_reseeded"  # --training_noise: plain training again, on another training seed
+RESEED = 1000  # its training seed: the cell's seed + RESEED (the data, noise and meta set stay the seed's)
 ALPHA = 0.05
 
 
@@ -47,10 +52,11 @@ def train(cell: R.Cell, seed: int, missing: list[str], bar) -> list[dict]:
     out = []
     got: dict = {}
     for method in missing:
-        r = R.run_cell(cell, seed, method, data=data,
-                       after_train=lambda t, m=method: got.__setitem__(m, correct_on(t, data[0]["test"])))
-        out.append({k: r[k] for k in ("cell", "seed", "method", "fingerprint", "test_accuracy", "threads", "torch",
-                                      "transformers", "cpu")} | {"correct": got[method]})
+        r = R.run_cell(cell, seed, "plain" if method == RESEEDED else method, data=data,
+                       after_train=lambda t, m=method: got.__setitem__(m, correct_on(t, data[0]["test"])),
+                       train_seed=seed + RESEED if method == RESEEDED else None)
+        out.append({k: r[k] for k in ("cell", "seed", "fingerprint", "test_accuracy", "threads", "torch",
+                                      "transformers", "cpu")} | {"method": method, "correct": got[method]})
         bar.update()
     return out
 
@@ -110,13 +116,45 @@ def render(runs: list[dict], command: str) -> str:
                   f"- of the {len(below)} runs below plain, significantly below: "
                   f"{sum(r[2]['p'] < ALPHA for r in below)}; their differences "
                   + ", ".join(f"{100 * r[2]['diff']:+.1f} ({r[0]} s{r[1]}, p {r[2]['p']:.2f})" for r in below)]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + training_noise(by, pairs)) + "\n"
+
+
+def training_noise(by: dict, pairs: list[tuple[str, int]]) -> list[str]:
+    """The null comparison, where ``--training_noise`` made it: plain training against plain training on another
+    training seed (the same data, noise, meta set and test set), scored as the MetaLR pairs are. What the count
+    bar and the test would say of a method no different from plain training."""
+    rows = [(cell, seed, compare(by[(cell, seed, "plain")]["correct"], by[(cell, seed, RESEEDED)]["correct"]))
+            for cell, seed in pairs if (cell, seed, RESEEDED) in by]
+    if not rows:
+        return []
+    lines = ["", f"**Plain training against itself on another training seed** (seed + {RESEED}: the model's "
+             "initialisation, the data order and the dropout masks; the same data, noise, meta set and test set)", "",
+             "| cell | seed | plain / plain again | difference, points (95 % interval) | b / c | p | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for cell, seed, cmp in rows:
+        a, b = by[(cell, seed, "plain")]["test_accuracy"], by[(cell, seed, RESEEDED)]["test_accuracy"]
+        lines.append(f"| {cell} | {seed} | {a:.3f} / {b:.3f} | {100 * cmp['diff']:+.1f} ({100 * cmp['low']:+.1f} to "
+                     f"{100 * cmp['high']:+.1f}) | {cmp['b']} / {cmp['c']} | {cmp['p']:.3g} | "
+                     f"{verdict(cmp).replace('MetaLR', 'the second run')} |")
+    ge = sum(by[(c, s, RESEEDED)]["test_accuracy"] >= by[(c, s, "plain")]["test_accuracy"] for c, s, _ in rows)
+    sig = sum(cmp["p"] < ALPHA for _, _, cmp in rows)
+    acc = {k: by[k]["test_accuracy"] for k in by}
+    above_mean = sum(acc[(c, s, "metalr")] >= (acc[(c, s, "plain")] + acc[(c, s, RESEEDED)]) / 2 for c, s, _ in rows)
+    lines += ["", f"- {len(rows)} pairs of plain runs: the second at or above the first in {ge}; significantly "
+              f"different (p < {ALPHA}) in {sig}; mean |difference| "
+              f"{100 * np.mean([abs(cmp['diff']) for _, _, cmp in rows]):.2f} points",
+              f"- MetaLR at or above the mean of the two plain runs in {above_mean} of {len(rows)} (at or above the "
+              f"first: {sum(acc[(c, s, 'metalr')] >= acc[(c, s, 'plain')] for c, s, _ in rows)})"]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = R.cell_seed_parser(__doc__, os.path.join(R.HERE, "results", NAME))
     parser.add_argument("--merge", nargs="+", default=[], metavar="DIR",
                         help="other output folders of this script whose runs to take in first")
+    parser.add_argument("--training_noise", action="store_true",
+                        help=f"also retrain plain on another training seed (seed + {RESEED}) and compare it with "
+                             "plain as MetaLR is: the null comparison")
     args = parser.parse_args(argv)
     R.datasets.disable_progress_bars()
     R.transformers.logging.set_verbosity_error()  # the MiniLM head's "newly initialized" notice, once per run
@@ -131,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     R.torch.set_num_threads(R.RUN_SETTINGS["threads"])
     cells = R.select_cells(args.cells)
     names = {c.name for c in cells}
-    shown = R.run_missing(path, runs, cells, args.seeds, train, "paired runs", METHODS,
+    methods = (*METHODS, RESEEDED) if args.training_noise else METHODS
+    shown = R.run_missing(path, runs, cells, args.seeds, train, "paired runs", methods,
                           keep=lambda r: r["fingerprint"] == R.fingerprint(R.CELL_BY_NAME[r["cell"]], r["method"], False))
     R.write_table(args.output_dir, NAME, render([r for r in shown if r["cell"] in names and r["seed"] in args.seeds],
                                                 command))

@@ -462,22 +462,26 @@ class VisitRecorder(TrainerCallback):
 
 
 def run_cell(cell: Cell | str, seed: int, method: str, quick: bool = False, data=None,
-             after_train: Callable[[Trainer], None] | None = None, callbacks: list | None = None) -> dict:
+             after_train: Callable[[Trainer], None] | None = None, callbacks: list | None = None,
+             train_seed: int | None = None) -> dict:
     """Train one method ("plain", "metalr" or "oracle") on one cell and seed; return its metrics.
 
     ``data`` (from :func:`load_data`) may be passed to share the splits between the methods of a seed;
     ``after_train`` is called with the trained trainer (to read more than the metrics, e.g. its trajectory);
-    ``callbacks`` are added to the trainer (observers that must not change the training).
+    ``callbacks`` are added to the trainer (observers that must not change the training); ``train_seed`` (default:
+    ``seed``) seeds the model's initialisation and the Trainer's stream (data order, dropout) alone, the data, its
+    noise and the meta set staying those of ``seed``.
     """
+    train_seed = seed if train_seed is None else train_seed
     cell = CELL_BY_NAME[cell] if isinstance(cell, str) else cell
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     t0 = time.time()
     ds, noisy = data if data is not None else load_data(cell, seed, quick)
     train = ds["train"] if method != "oracle" else _reindex(ds["train"], np.flatnonzero(~noisy))
-    model, collate = model_and_collator(cell, seed, ds)
+    model, collate = model_and_collator(cell, train_seed, ds)
     with tempfile.TemporaryDirectory(prefix="hf_ddlr_robustness_") as tmp:
-        kw = training_args(cell, seed, tmp, quick)
+        kw = training_args(cell, train_seed, tmp, quick)
         if method == "metalr":
             trainer = MetaLRTrainer(model=model, args=MetaLRConfig(**kw, **OVERRIDES), data_collator=collate,
                                     train_dataset=train, meta_dataset=ds["meta"])

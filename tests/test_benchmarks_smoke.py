@@ -262,6 +262,22 @@ def test_robustness_quick_writes_results_and_resumes(tmp_path):
     assert json.loads((tmp_path / "robustness.json").read_text())["runs"] == runs
 
 
+def test_run_cell_train_seed_seeds_the_model_and_the_trainer_only(monkeypatch):
+    """robustness.run_cell(train_seed=...): the model's initialisation and the TrainingArguments' seeds take it, the
+    data (split, noise, meta set) stays the cell seed's; without it both are the cell's seed."""
+    R = _load("robustness")
+    seen: dict = {"model": [], "args": []}
+    build, args = R.build_model, R.training_args
+    monkeypatch.setattr(R, "build_model", lambda cell, seed, size: seen["model"].append(seed) or build(cell, seed, size))
+    monkeypatch.setattr(R, "training_args", lambda cell, seed, out, quick: seen["args"].append(seed)
+                        or args(cell, seed, out, quick))
+    data = R.load_data(R.CELL_BY_NAME["digits-cnn-sgd-flip35"], 3, quick=True)
+    first = R.run_cell("digits-cnn-sgd-flip35", 3, "plain", quick=True, data=data)
+    again = R.run_cell("digits-cnn-sgd-flip35", 3, "plain", quick=True, data=data, train_seed=1003)
+    assert seen == {"model": [3, 1003], "args": [3, 1003]}
+    assert (again["seed"], again["n_noisy"], again["n_train"]) == (3, first["n_noisy"], first["n_train"])
+
+
 def test_run_missing_trains_only_what_is_missing_and_keeps_what_an_interrupted_run_finished(tmp_path):
     """The diagnostics' shared loop: each (cell, seed, method) already in the JSON is skipped, only the missing
     methods of a seed are asked for, the JSON is written after every seed (a crash keeps the finished seeds and the
@@ -605,6 +621,19 @@ def test_paired_significance_counts_the_discordant_examples_and_tests_them_exact
     assert ("both reproduce the committed matrix's: 1 of 2; the runs that moved differ from the matrix's by 2.00 "
             "points on average (up to 3.0)") in md  # seed 1: 1.0 against 0.99, 0.6 against 0.63
     assert "of the 1 runs below plain, significantly below: 1" in md
+    assert "Plain training against itself" not in md  # no --training_noise runs: no null section
+
+    again = "1" * 80 + "01" * 6 + "0" * 8  # seed 0 retrained: b = 6, c = 6 against plain
+    runs.append({"cell": cell, "seed": 0, "method": ps.RESEEDED, "test_accuracy": 0.86, "correct": again})
+    md = ps.render(runs, "cmd")
+    assert "| digits-cnn-sgd-flip35 | 0 | 0.860 / 0.860 | +0.0 (" in md and "| 6 / 6 | 1 | within the noise |" in md
+    assert ("1 pairs of plain runs: the second at or above the first in 1; significantly different (p < 0.05) in 0; "
+            "mean |difference| 0.00 points") in md
+    assert "MetaLR at or above the mean of the two plain runs in 1 of 1 (at or above the first: 1)" in md
+    runs[-1] |= {"test_accuracy": 0.98}  # plain runs 0.86 and 0.98: their mean, 0.92, is below MetaLR's 0.94
+    assert "in 1 of 1 (at or above the first: 1)" in ps.render(runs, "cmd")
+    runs[1] |= {"test_accuracy": 0.90}  # MetaLR 0.90: below that mean, above the first plain run
+    assert "in 0 of 1 (at or above the first: 1)" in ps.render(runs, "cmd")
 
 
 def test_rate_rules_replay_reproduces_the_trainers_rates(monkeypatch):
