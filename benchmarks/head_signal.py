@@ -104,12 +104,10 @@ def signals(model, optimizer, train, meta, collate) -> dict[str, np.ndarray]:
     ca = _with_bias(c)
     pooler_meta = dm.T @ _with_bias(cm) / len(xm)
     v, v_pooler = (_second_moment(optimizer, layer) for layer in (model.classifier, model.bert.pooler.dense))
-    metric = 1 / (v.reshape(-1).sqrt() + 1e-8)
     out = {"loss": torch.log(p[torch.arange(len(y)), y]), "dot": grads @ g_meta,
-           "adam": grads @ (g_meta * metric), "dropout": grads_dropout @ g_meta,
-           "head": grads @ g_meta + (d * (ca @ pooler_meta.T)).sum(1),
-           "head adam": grads @ (g_meta * metric)
-           + (d * (ca @ (pooler_meta / (v_pooler.sqrt() + 1e-8)).T)).sum(1)}
+           "adam": grads @ (g_meta / (v.reshape(-1).sqrt() + 1e-8)), "dropout": grads_dropout @ g_meta}
+    out["head"] = out["dot"] + (d * (ca @ pooler_meta.T)).sum(1)
+    out["head adam"] = out["adam"] + (d * (ca @ (pooler_meta / (v_pooler.sqrt() + 1e-8)).T)).sum(1)
     hessian = classifier_hessian(p, xa)
     eye = torch.eye(len(hessian), dtype=hessian.dtype)
     for lam in DAMPINGS:

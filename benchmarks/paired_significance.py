@@ -131,14 +131,13 @@ def training_noise(by: dict, pairs: list[tuple[str, int]]) -> list[str]:
              "initialisation, the data order and the dropout masks; the same data, noise, meta set and test set)", "",
              "| cell | seed | plain / plain again | difference, points (95 % interval) | b / c | p | verdict |",
              "|---|---|---|---|---|---|---|"]
+    acc = {k: r["test_accuracy"] for k, r in by.items()}
     for cell, seed, cmp in rows:
-        a, b = by[(cell, seed, "plain")]["test_accuracy"], by[(cell, seed, RESEEDED)]["test_accuracy"]
-        lines.append(f"| {cell} | {seed} | {a:.3f} / {b:.3f} | {100 * cmp['diff']:+.1f} ({100 * cmp['low']:+.1f} to "
-                     f"{100 * cmp['high']:+.1f}) | {cmp['b']} / {cmp['c']} | {cmp['p']:.3g} | "
-                     f"{verdict(cmp).replace('MetaLR', 'the second run')} |")
-    ge = sum(by[(c, s, RESEEDED)]["test_accuracy"] >= by[(c, s, "plain")]["test_accuracy"] for c, s, _ in rows)
+        lines.append(f"| {cell} | {seed} | {acc[(cell, seed, 'plain')]:.3f} / {acc[(cell, seed, RESEEDED)]:.3f} | "
+                     f"{100 * cmp['diff']:+.1f} ({100 * cmp['low']:+.1f} to {100 * cmp['high']:+.1f}) | "
+                     f"{cmp['b']} / {cmp['c']} | {cmp['p']:.3g} | {verdict(cmp).replace('MetaLR', 'the second run')} |")
+    ge = sum(acc[(c, s, RESEEDED)] >= acc[(c, s, "plain")] for c, s, _ in rows)
     sig = sum(cmp["p"] < ALPHA for _, _, cmp in rows)
-    acc = {k: by[k]["test_accuracy"] for k in by}
     above_mean = sum(acc[(c, s, "metalr")] >= (acc[(c, s, "plain")] + acc[(c, s, RESEEDED)]) / 2 for c, s, _ in rows)
     lines += ["", f"- {len(rows)} pairs of plain runs: the second at or above the first in {ge}; significantly "
               f"different (p < {ALPHA}) in {sig}; mean |difference| "
