@@ -379,10 +379,17 @@ def training_args(cell: Cell, seed: int, output_dir: str, quick: bool) -> dict:
 
 
 def _predict(trainer: Trainer, ds) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, labels) of ``ds`` in eval mode."""
-    pred = trainer.predict(ds.remove_columns("sample_index"))
-    logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-    return np.asarray(logits, dtype=np.float64), np.asarray(pred.label_ids)
+    """(logits, labels) of ``ds`` in eval mode; kept on the trainer per data set and optimizer step, so that a
+    diagnostic that scores the test set after training (``after_train``) and the run's own accuracy share one
+    prediction pass."""
+    cache = trainer.__dict__.setdefault("_robustness_predictions", {})
+    key = (ds._fingerprint, trainer.state.global_step)
+    if key not in cache:
+        pred = trainer.predict(ds.remove_columns("sample_index"))
+        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        cache.clear()  # one entry per data set of the current model
+        cache[key] = (np.asarray(logits, dtype=np.float64), np.asarray(pred.label_ids))
+    return cache[key]
 
 
 def _auroc(clean: np.ndarray, score: np.ndarray) -> float:

@@ -636,6 +636,34 @@ def test_paired_significance_counts_the_discordant_examples_and_tests_them_exact
     assert "in 0 of 1 (at or above the first: 1)" in ps.render(runs, "cmd")
 
 
+def test_a_run_predicts_each_data_set_once_per_model_state():
+    """The run's accuracy and a diagnostic's per-example correctness (paired_significance's ``after_train``) share
+    one prediction pass of the test set; another data set or a later optimizer step predicts again."""
+    from types import SimpleNamespace
+
+    ps = _load("paired_significance")
+    calls = []
+
+    class Data(SimpleNamespace):
+        def remove_columns(self, _):
+            return self
+
+    def predict(ds):
+        calls.append(ds._fingerprint)
+        logits = np.array([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
+        return SimpleNamespace(predictions=logits, label_ids=np.array([0, 1, 1]))
+
+    trainer = SimpleNamespace(state=SimpleNamespace(global_step=7), predict=predict)
+    test, train = Data(_fingerprint="test"), Data(_fingerprint="train")
+    assert ps.correct_on(trainer, test) == "110"
+    assert ps.R.accuracy_on(trainer, test) == pytest.approx(2 / 3)
+    assert calls == ["test"]
+    ps.R.train_losses(trainer, train)
+    trainer.state.global_step = 8
+    ps.R.accuracy_on(trainer, train)
+    assert calls == ["test", "train", "train"]
+
+
 def test_rate_rules_replay_reproduces_the_trainers_rates(monkeypatch):
     """benchmarks/rate_rules.py replays a run's recorded rate signals in numpy: under the rule the run used it must
     land on the trainer's own final rates — the clamped step under AdamW, the step relative to the class's median
