@@ -387,7 +387,7 @@ def _predict(trainer: Trainer, ds) -> tuple[np.ndarray, np.ndarray]:
     if key not in cache:
         pred = trainer.predict(ds.remove_columns("sample_index"))
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-        cache.clear()  # one entry per data set of the current model
+        cache.clear()  # only the latest prediction is kept
         cache[key] = (np.asarray(logits, dtype=np.float64), np.asarray(pred.label_ids))
     return cache[key]
 
