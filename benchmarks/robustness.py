@@ -379,17 +379,17 @@ def training_args(cell: Cell, seed: int, output_dir: str, quick: bool) -> dict:
 
 
 def _predict(trainer: Trainer, ds) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, labels) of ``ds`` in eval mode; kept on the trainer per data set and optimizer step, so that a
-    diagnostic that scores the test set after training (``after_train``) and the run's own accuracy share one
-    prediction pass."""
-    cache = trainer.__dict__.setdefault("_robustness_predictions", {})
+    """(logits, labels) of ``ds`` in eval mode. The latest prediction is kept on the trainer with its data set and
+    optimizer step, so that a diagnostic that scores the test set after training (``after_train``) and the run's
+    own accuracy share one prediction pass."""
     key = (ds._fingerprint, trainer.state.global_step)
-    if key not in cache:
+    last = getattr(trainer, "_robustness_prediction", None)
+    if last is None or last[0] != key:
         pred = trainer.predict(ds.remove_columns("sample_index"))
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-        cache.clear()  # only the latest prediction is kept
-        cache[key] = (np.asarray(logits, dtype=np.float64), np.asarray(pred.label_ids))
-    return cache[key]
+        last = key, (np.asarray(logits, dtype=np.float64), np.asarray(pred.label_ids))
+        trainer._robustness_prediction = last
+    return last[1]
 
 
 def _auroc(clean: np.ndarray, score: np.ndarray) -> float:
