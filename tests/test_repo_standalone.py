@@ -3,6 +3,7 @@ from it works (the offline Hub stand-in from the command line)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import signal
@@ -82,6 +83,113 @@ def test_the_link_check_catches_links_out_of_the_repository():
         assert any(expected in p for p in found), (text, found)
     ok = "[docs](docs/meta_lr_sensitivity.md), [web](https://huggingface.co), [anchor](#usage), `src/../README.md`"
     assert link_problems(readme, ok) == []
+
+
+def _docs_contents():
+    """scripts/docs_contents.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("docs_contents", ROOT / "scripts" / "docs_contents.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# a section named by its title: `docs/robustness.md, "The meta objective"` (also `robustness.md), 'Probes'`)
+_SECTION_REF = re.compile(r"([\w/]*?(\w+\.md))\)?,\s*((?:[\"'][^\"'\n]+[\"'](?:,\s*(?:and\s+)?)?)+)")
+
+
+def section_problems(md: Path, text: str, docs: Path = ROOT / "docs") -> list[str]:
+    """Links to ``#anchor`` (in ``md`` or another page) that no heading gives, and sections of docs/ named by a
+    quoted title that no heading of that page starts with."""
+    dc = _docs_contents()
+    problems, pages = [], {}
+    where = md.relative_to(ROOT) if _inside(md) else md.name
+
+    def page(path: Path) -> tuple[set[str], list[str]]:
+        if path not in pages:
+            lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+            found = dc.headings(lines)
+            pages[path] = ({a for *_, a, _ in found}, [title.replace("`", "") for _, title, _, _ in found])
+        return pages[path]
+
+    for target in _INLINE.findall(text):
+        if "#" not in target or _SCHEME.match(target):
+            continue
+        rel, anchor = target.split("#", 1)
+        path = md if not rel else md.parent / rel
+        if path.suffix == ".md" and path.exists() and anchor not in page(path)[0]:
+            problems.append(f"{where}: link {target!r}: no heading of {path.name} has the anchor #{anchor}")
+    for m in _SECTION_REF.finditer(text):
+        path = docs / m.group(2)
+        if not path.exists():
+            continue
+        titles = page(path)[1]
+        for title in re.findall(r"[\"']([^\"'\n]+)[\"']", m.group(3)):
+            title = title.strip().rstrip(".").replace("`", "")
+            if not any(h.startswith(title) for h in titles):
+                problems.append(f"{where}: names the section {title!r} of docs/{path.name}, which has no such heading")
+    return problems
+
+
+def _text_files() -> list[Path]:
+    """The Markdown pages and the Python sources that name sections of docs/ (help strings, docstrings)."""
+    py = [p for d in ("src", "benchmarks", "examples", "scripts") for p in (ROOT / d).rglob("*.py")]
+    return markdown_files() + sorted(py)
+
+
+def test_every_link_to_a_section_and_every_section_named_exists():
+    problems = [p for f in _text_files() for p in section_problems(f, f.read_text(encoding="utf-8"))]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_section_check_catches_a_missing_heading(tmp_path):
+    """Negative control: a page whose heading was renamed breaks the anchor and the quoted title that named it."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "page.md").write_text("# Page\n\n## The meta objective: bounded\n\n```\n## not a heading\n```\n")
+    md = tmp_path / "README.md"
+    ok = '[a](docs/page.md#the-meta-objective-bounded), docs/page.md, "The meta objective"'
+    assert section_problems(md, ok, docs) == []
+    bad = {
+        "[a](docs/page.md#the-meta-objective)": "no heading of page.md has the anchor",
+        "[b](docs/page.md#not-a-heading)": "no heading of page.md has the anchor",
+        'see docs/page.md, "The meta objective", "Probes"': "'Probes' of docs/page.md",
+        "(page.md), 'A renamed section'": "'A renamed section'",
+    }
+    for text, expected in bad.items():
+        found = section_problems(md, text, docs)
+        assert any(expected in p for p in found), (text, found)
+
+
+def test_docs_contents_are_current():
+    """A page with a contents block lists every section (scripts/docs_contents.py rewrites it)."""
+    dc = _docs_contents()
+    pages = [f for f in markdown_files() if dc.START in f.read_text(encoding="utf-8")]
+    assert ROOT / "docs" / "robustness.md" in pages
+    stale = [str(f.relative_to(ROOT)) for f in pages if dc.contents(f.read_text(encoding="utf-8")) != f.read_text(
+        encoding="utf-8")]
+    assert not stale, f"out of date: run python scripts/docs_contents.py {' '.join(stale)}"
+
+
+def test_docs_contents_lists_every_section_with_githubs_anchors(tmp_path):
+    dc = _docs_contents()
+    page = "\n".join([
+        "# Title", "", dc.START, "- [stale](#stale)", dc.END, "",
+        "## Instance × group rates: the `lr_level` (2026-12-05)", "### Seeds 3–5", "#### Plain SGD too",
+        "##### too deep", "```", "## in a fence", "```", "## Seeds 3–5", "",
+    ])
+    out = dc.contents(page)
+    block = out.split(dc.START)[1].split(dc.END)[0].strip().splitlines()
+    assert block == [
+        "- [Instance × group rates: the `lr_level` (2026-12-05)](#instance--group-rates-the-lr_level-2026-12-05)",
+        "  - [Seeds 3–5](#seeds-35)",
+        "    - [Plain SGD too](#plain-sgd-too)",
+        "- [Seeds 3–5](#seeds-35-1)",
+    ]
+    assert dc.contents(out) == out  # rewriting a current block changes nothing
+    f = tmp_path / "page.md"
+    f.write_text(page)
+    assert dc.main(["--check", str(f)]) == 1 and f.read_text() == page  # --check reports, does not write
+    assert dc.main([str(f)]) == 0 and dc.main(["--check", str(f)]) == 0
 
 
 def test_hub_server_serves_from_the_command_line(tmp_path, offline_off):
