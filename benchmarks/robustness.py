@@ -11,6 +11,7 @@ clean meta split, which rows are corrupted, the initialisation and the data orde
     python benchmarks/robustness.py --list                    # the cells and their estimated time
     python benchmarks/robustness.py                           # all cells, seeds 0 1 2 (resumes from the JSON)
     python benchmarks/robustness.py --cells 'mnist-cnn-*' --seeds 0 1 2 3 4
+    python benchmarks/robustness.py --jobs 8                  # 8 worker processes, the same runs (one thread each)
     python benchmarks/robustness.py --quick --cells mnist-cnn-sgd-flip35 --seeds 0   # smoke run (tiny data)
     python benchmarks/robustness.py --metalr_args meta_grad_average=0.9 --output_dir outputs/robustness_b09
 
@@ -20,7 +21,9 @@ from benchmarks/results/robustness.json where they are current, so a variant cos
 
 Every run uses ``--threads`` torch threads (default 1): the count is part of a run's fingerprint and is recorded
 with the torch and transformers versions, because these short trainings are chaotic and another count (or
-version) ends them elsewhere — a table mixing environments would compare noise.
+version) ends them elsewhere — a table mixing environments would compare noise. ``--jobs N`` spreads the runs over
+N worker processes instead of adding threads: each run seeds everything it draws from, so a run is the same in a
+worker as in one process (on a machine with N cores the matrix takes about 1/N of the time).
 
 Writes robustness.md (table + summary), robustness.json (every run; a rerun skips the runs already there,
 unless --force or the cell / MetaLR defaults changed), robustness_auroc.png (the rate and loss AUROC per cell) and
@@ -868,6 +871,53 @@ def print_list(cells: list[Cell], seeds: list[int]) -> None:
           "2-core machine; a GPU takes much less)")
 
 
+def _quiet() -> None:
+    """The libraries' progress bars and notices off: one line per run is what the matrix prints."""
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()  # the MiniLM head's "newly initialized" notice, once per run
+    transformers.logging.disable_progress_bar()
+
+
+def _start_worker(settings: dict, overrides: dict, meta_size: int | None) -> None:
+    """A ``--jobs`` worker process takes the parent's run settings, ``--metalr_args`` and ``--meta_size``."""
+    RUN_SETTINGS.update(settings)
+    OVERRIDES.clear()
+    OVERRIDES.update(overrides)
+    if meta_size is not None:
+        for d in DATA.values():
+            d["meta_size"] = meta_size
+    torch.set_num_threads(settings["threads"])
+    _quiet()
+
+
+def _run_in_worker(name: str, seed: int, method: str, quick: bool) -> dict:
+    return run_cell(CELL_BY_NAME[name], seed, method, quick)
+
+
+def run_units(units: list[tuple[Cell, int, list[str]]], quick: bool, jobs: int, meta_size: int | None,
+              record: Callable[[dict], None]) -> None:
+    """Train every ``(cell, seed, methods)`` and hand each run to ``record`` as it finishes: in this process, the
+    seed's data loaded once for its methods, or over ``jobs`` worker processes (spawned: torch's thread pools do not
+    survive a fork), the longest runs first."""
+    if jobs <= 1:
+        for cell, seed, methods in units:
+            data = load_data(cell, seed, quick)
+            for method in methods:
+                record(run_cell(cell, seed, method, quick, data))
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    tasks = sorted(((c, s, m) for c, s, ms in units for m in ms),
+                   key=lambda u: -estimate_s(u[0]) * (3.0 if u[2] == "metalr" else 1.0))
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks) or 1), mp_context=context, initializer=_start_worker,
+                             initargs=(dict(RUN_SETTINGS), dict(OVERRIDES), meta_size)) as pool:
+        futures = [pool.submit(_run_in_worker, c.name, s, m, quick) for c, s, m in tasks]
+        for future in as_completed(futures):
+            record(future.result())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cells", nargs="+", help="cell names or glob patterns (default: all)")
@@ -876,6 +926,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads per run (default 1, what the committed runs used): part of every run's "
                         "fingerprint, since another count ends these chaotic trainings elsewhere")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes running the runs side by side, each on --threads threads (default 1: "
+                        "this process); a run is the same in a worker as here")
     p.add_argument("--list", action="store_true", help="print the cells with estimated times and exit")
     p.add_argument("--output_dir", default=None, help="default benchmarks/results (--quick: a temporary folder)")
     p.add_argument("--force", action="store_true", help="rerun runs already in the JSON")
@@ -893,15 +946,15 @@ def main(argv: list[str] | None = None) -> int:
     if (OVERRIDES or a.meta_size is not None) and not a.output_dir and not a.quick:
         raise SystemExit("--metalr_args measures a variant of the defaults: give it its own --output_dir so that "
                          "benchmarks/results/robustness.* keep showing the defaults.")
+    if a.jobs < 1:
+        raise SystemExit(f"--jobs must be at least 1, got {a.jobs}: it is the number of worker processes.")
     cells = select_cells(a.cells)
     if a.list:
         print_list(cells, a.seeds)
         return 0
     RUN_SETTINGS["threads"] = 1 if a.quick else a.threads
     torch.set_num_threads(RUN_SETTINGS["threads"])
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()  # the MiniLM head's "newly initialized" notice, once per run
-    transformers.logging.disable_progress_bar()
+    _quiet()
     out_dir = a.output_dir or (os.path.join(tempfile.gettempdir(), "hf_ddlr_robustness_quick") if a.quick
                                else os.path.join(HERE, "results"))
     os.makedirs(out_dir, exist_ok=True)
@@ -914,21 +967,25 @@ def main(argv: list[str] | None = None) -> int:
         runs += [r for r in load_runs(os.path.join(main_dir, "robustness.json"))
                  if r["method"] != "metalr" and _key(r) not in have]
     done = {_key(r): r["fingerprint"] for r in runs}
+    units = []
     for cell in cells:
         for seed in a.seeds:
             todo = [m for m in METHODS if a.force or done.get((cell.name, seed, m, a.quick)) != fingerprint(cell, m, a.quick)]
-            if not todo:
+            if todo:
+                units.append((cell, seed, todo))
+            else:
                 print(f"[robustness] {cell.name} seed {seed}: done, skipped", flush=True)
-                continue
-            data = load_data(cell, seed, a.quick)
-            for method in todo:
-                r = run_cell(cell, seed, method, a.quick, data)
-                runs = [x for x in runs if _key(x) != _key(r)] + [r]
-                save_runs(json_path, runs)
-                extra = {"metalr": f" rate AUROC {r.get('rate_auroc', 0):.3f}",
-                         "plain": f" loss AUROC {r.get('loss_auroc', 0):.3f}"}.get(method, "")
-                print(f"[robustness] {cell.name} seed {seed} {method}: acc {r['test_accuracy']:.4f}{extra} "
-                      f"({r['train_s']:.0f} s train, {time.time() - t0:.0f} s total)", flush=True)
+
+    def record(r: dict) -> None:  # every run saved as it finishes: an interrupted matrix resumes from the JSON
+        nonlocal runs
+        runs = [x for x in runs if _key(x) != _key(r)] + [r]
+        save_runs(json_path, runs)
+        extra = {"metalr": f" rate AUROC {r.get('rate_auroc', 0):.3f}",
+                 "plain": f" loss AUROC {r.get('loss_auroc', 0):.3f}"}.get(r["method"], "")
+        print(f"[robustness] {r['cell']} seed {r['seed']} {r['method']}: acc {r['test_accuracy']:.4f}{extra} "
+              f"({r['train_s']:.0f} s train, {time.time() - t0:.0f} s total)", flush=True)
+
+    run_units(units, a.quick, a.jobs, a.meta_size, record)
     stats = cell_stats(runs, a.quick)
     if variant:  # only the cells it ran
         stats = {name: by for name, by in stats.items() if by["metalr"]}

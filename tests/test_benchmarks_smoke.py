@@ -261,6 +261,25 @@ def test_robustness_quick_writes_results_and_resumes(tmp_path):
     assert second.stdout.count("done, skipped") == 2 and ": acc " not in second.stdout
     assert json.loads((tmp_path / "robustness.json").read_text())["runs"] == runs
 
+    # --jobs: the same runs from two worker processes (only the timings differ)
+    jobs = subprocess.run(cmd[:-1] + [str(tmp_path / "jobs"), "--jobs", "2"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert jobs.returncode == 0, jobs.stdout[-2000:] + jobs.stderr[-4000:]
+    timing = {"train_s", "wall_s"}
+    by_key = {(r["cell"], r["method"]): r for r in json.loads((tmp_path / "jobs" / "robustness.json").read_text())["runs"]}
+    assert set(by_key) == {(r["cell"], r["method"]) for r in runs}
+    for r in runs:
+        other = by_key[(r["cell"], r["method"])]
+        assert {k: v for k, v in other.items() if k not in timing} == {k: v for k, v in r.items() if k not in timing}
+    # ... and the workers take the parent's --metalr_args: frozen rates stay at 1, so they rank nothing
+    frozen = subprocess.run([sys.executable, os.path.join(BENCH, "robustness.py"), "--quick", "--cells", cells[0],
+                             "--seeds", "0", "--output_dir", str(tmp_path / "frozen"), "--jobs", "2",
+                             "--metalr_args", "meta_lr=0"], env=env, capture_output=True, text=True, timeout=300)
+    assert frozen.returncode == 0, frozen.stderr[-4000:]
+    (metalr,) = [r for r in json.loads((tmp_path / "frozen" / "robustness.json").read_text())["runs"]
+                 if r["method"] == "metalr"]
+    assert metalr["rate_auroc"] == 0.5 and metalr["rate_clean"] == metalr["rate_noisy"] == 1.0
+
 
 def test_run_cell_train_seed_seeds_the_model_and_the_trainer_only(monkeypatch):
     """robustness.run_cell(train_seed=...): the model's initialisation and the TrainingArguments' seeds take it, the
