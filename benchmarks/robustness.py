@@ -23,7 +23,7 @@ Every run uses ``--threads`` torch threads (default 1): the count is part of a r
 with the torch and transformers versions, because these short trainings are chaotic and another count (or
 version) ends them elsewhere — a table mixing environments would compare noise. ``--jobs N`` spreads the runs over
 N worker processes instead of adding threads: each run seeds everything it draws from, so a run is the same in a
-worker as in one process (on a machine with N cores the matrix takes about 1/N of the time).
+worker as in one process (the runs are independent: N free cores take the wall time down about N-fold, less the longest run).
 
 Writes robustness.md (table + summary), robustness.json (every run; a rerun skips the runs already there,
 unless --force or the cell / MetaLR defaults changed), robustness_auroc.png (the rate and loss AUROC per cell) and
