@@ -158,3 +158,25 @@ def test_type_checking_imports_and_outside_packages_are_no_edges():
     for node in _runtime_imports(tree):
         targets |= _targets("hf_ddlr.trajectory.card", False, node, modules)
     assert targets == {"hf_ddlr.trajectory.io", "hf_ddlr.trajectory.kfold", "hf_ddlr.trajectory.report"}
+
+
+def test_type_checkers_see_each_name_the_package_loads_on_first_use():
+    """``hf_ddlr.__getattr__`` loads the TRL trainers on first use (so hf_ddlr does not require TRL); the
+    ``if TYPE_CHECKING:`` block of ``__init__`` re-exports the same names from the same modules, so that mypy and
+    pyright (the package ships ``py.typed``) type ``from hf_ddlr import MetaSFTTrainer`` as the real class."""
+    import hf_ddlr
+
+    tree = ast.parse((SRC / PACKAGE / "__init__.py").read_text())
+    seen = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for imp in node.body:
+                assert isinstance(imp, ast.ImportFrom) and imp.level == 1, ast.dump(imp)
+                for alias in imp.names:
+                    assert alias.asname == alias.name, f"{alias.name}: re-export it as `{alias.name} as {alias.name}`"
+                    seen[alias.name] = f"{PACKAGE}.{imp.module}"
+    lazy = hf_ddlr._TRL_NAMES + hf_ddlr._REWARD_NAMES + hf_ddlr._DPO_NAMES
+    assert set(seen) == set(lazy)
+    pytest.importorskip("trl")
+    for name, module in seen.items():
+        assert getattr(hf_ddlr, name).__module__ == module, name

@@ -9,11 +9,19 @@ one-step-lookahead meta-gradient on a small clean held-out set (Saxena, Vyas & D
 pair, :mod:`hf_ddlr.dpo`) are loaded on first use, so that hf_ddlr does not require TRL.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import MetaLRConfig, MetaLROptions
 from .trainer import MetaLRTrainer
 from .trajectory import LRTrajectory
+
+if TYPE_CHECKING:  # what type checkers see of the names __getattr__ loads on first use (re-exported: `X as X`)
+    from .dpo import MetaDPOConfig as MetaDPOConfig
+    from .dpo import MetaDPOTrainer as MetaDPOTrainer
+    from .reward import MetaRewardConfig as MetaRewardConfig
+    from .reward import MetaRewardTrainer as MetaRewardTrainer
+    from .trl import MetaSFTConfig as MetaSFTConfig
+    from .trl import MetaSFTTrainer as MetaSFTTrainer
 
 __version__ = "0.1.0"
 
