@@ -23,7 +23,7 @@ Every run uses ``--threads`` torch threads (default 1): the count is part of a r
 with the torch and transformers versions, because these short trainings are chaotic and another count (or
 version) ends them elsewhere — a table mixing environments would compare noise. ``--jobs N`` spreads the runs over
 N worker processes instead of adding threads: each run seeds everything it draws from, so a run is the same in a
-worker as in one process (the runs are independent: N free cores take the wall time down about N-fold, less the longest run).
+worker as in one process (two workers on two cores: the whole matrix in 50 min instead of 98).
 
 Writes robustness.md (table + summary), robustness.json (every run; a rerun skips the runs already there,
 unless --force or the cell / MetaLR defaults changed), robustness_auroc.png (the rate and loss AUROC per cell) and
@@ -186,9 +186,19 @@ def parse_metalr_args(pairs: list[str]) -> dict:
             out[key] = None
         elif isinstance(d, (int, float)) or d is None:  # an integer literal stays an int unless the default is a float
             whole = text.lstrip("-").isdigit() and not isinstance(d, float)
-            out[key] = int(text) if whole else float(text)
+            try:
+                out[key] = int(text) if whole else float(text)
+            except ValueError:
+                if d is not None:
+                    raise SystemExit(f"--metalr_args: {key} takes a number, got {text!r}.") from None
+                out[key] = text  # an option off by default (None) that takes a name: group_column, replay_trajectory
         else:
             out[key] = text
+    try:  # the options' own checks, before any run: a bad value fails here, not after an hour of plain runs
+        with tempfile.TemporaryDirectory() as tmp:
+            MetaLRConfig(output_dir=tmp, **out)
+    except ValueError as err:
+        raise SystemExit(f"--metalr_args: {err}") from None
     return out
 
 
@@ -911,11 +921,26 @@ def run_units(units: list[tuple[Cell, int, list[str]]], quick: bool, jobs: int, 
     tasks = sorted(((c, s, m) for c, s, ms in units for m in ms),
                    key=lambda u: -estimate_s(u[0]) * (3.0 if u[2] == "metalr" else 1.0))
     context = multiprocessing.get_context("spawn")
+    failed = []
     with ProcessPoolExecutor(max_workers=min(jobs, len(tasks) or 1), mp_context=context, initializer=_start_worker,
                              initargs=(dict(RUN_SETTINGS), dict(OVERRIDES), meta_size)) as pool:
-        futures = [pool.submit(_run_in_worker, c.name, s, m, quick) for c, s, m in tasks]
-        for future in as_completed(futures):
-            record(future.result())
+        futures = {pool.submit(_run_in_worker, c.name, s, m, quick): (c.name, s, m) for c, s, m in tasks}
+        try:
+            for future in as_completed(futures):
+                try:
+                    r = future.result()
+                except Exception as err:  # the other runs go on and are kept; the failures are raised at the end
+                    failed.append((*futures[future], err))
+                    print(f"[robustness] {failed[-1][0]} seed {failed[-1][1]} {failed[-1][2]}: FAILED: {err!r}",
+                          flush=True)
+                    continue
+                record(r)
+        except KeyboardInterrupt:  # stop at once: what finished is saved, the rest reruns next time
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(tasks)} runs failed (the others are saved): "
+                           + "; ".join(f"{c} seed {s} {m}: {err!r}" for c, s, m, err in failed))
 
 
 def main(argv: list[str] | None = None) -> int:

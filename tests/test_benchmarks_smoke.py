@@ -492,6 +492,34 @@ def test_robustness_metalr_args_keep_integers_integers():
     assert type(got["meta_batch_size"]) is int and type(got["meta_lr"]) is float
 
 
+def test_robustness_metalr_args_are_checked_before_any_run():
+    """A name for an option off by default stays a name; a value MetaLRConfig refuses, or text for a number, stops
+    the script at once with the option's own message (not after the plain runs, nor as a bare float() error)."""
+    rb = _load("robustness")
+    assert rb.parse_metalr_args(["lr_level=group", "group_column=source"]) == {"lr_level": "group",
+                                                                             "group_column": "source"}
+    for pair, expected in [("meta_lr=-1", "meta_lr must be >= 0"), ("meta_lr=fast", "meta_lr takes a number"),
+                           ("lookahead_step=2", "lookahead_step must be in [0, 1]")]:
+        with pytest.raises(SystemExit, match=re.escape(expected)):
+            rb.parse_metalr_args([pair])
+
+
+def test_robustness_jobs_keeps_the_runs_that_finish_when_one_fails(tmp_path):
+    """A run that fails in a --jobs worker (here MetaLR asked for a group column the data lacks, which only the
+    trainer can tell) does not lose the others: they are saved, and the script exits non-zero naming the run and
+    its error."""
+    cmd = [sys.executable, os.path.join(BENCH, "robustness.py"), "--quick", "--cells", "digits-cnn-sgd-flip35",
+           "--seeds", "0", "--jobs", "2", "--metalr_args", "lr_level=group", "group_column=nosuch",
+           "--output_dir", str(tmp_path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "1 of 3 runs failed (the others are saved): digits-cnn-sgd-flip35 seed 0 metalr" in out.stderr
+    assert "no 'nosuch' column" in out.stderr
+    runs = json.loads((tmp_path / "robustness.json").read_text())["runs"]
+    assert sorted(r["method"] for r in runs) == ["oracle", "plain"]
+
+
 
 def test_layer_signal_quick_splits_the_products_into_groups_that_add_up(tmp_path):
     """benchmarks/layer_signal.py --quick on the MiniLM cell: one group per encoder block plus the embeddings,
