@@ -888,8 +888,9 @@ def _quiet() -> None:
     transformers.logging.disable_progress_bar()
 
 
-def _start_worker(settings: dict, overrides: dict, meta_size: int | None) -> None:
-    """A ``--jobs`` worker process takes the parent's run settings, ``--metalr_args`` and ``--meta_size``."""
+def _configure(settings: dict, overrides: dict, meta_size: int | None) -> None:
+    """This process's run settings, ``--metalr_args`` and ``--meta_size``: set by ``main`` and, with the same
+    arguments, by each ``--jobs`` worker as it starts, so that a run is the same in either."""
     RUN_SETTINGS.update(settings)
     OVERRIDES.clear()
     OVERRIDES.update(overrides)
@@ -922,25 +923,23 @@ def run_units(units: list[tuple[Cell, int, list[str]]], quick: bool, jobs: int, 
                    key=lambda u: -estimate_s(u[0]) * (3.0 if u[2] == "metalr" else 1.0))
     context = multiprocessing.get_context("spawn")
     failed = []
-    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks) or 1), mp_context=context, initializer=_start_worker,
+    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks) or 1), mp_context=context, initializer=_configure,
                              initargs=(dict(RUN_SETTINGS), dict(OVERRIDES), meta_size)) as pool:
-        futures = {pool.submit(_run_in_worker, c.name, s, m, quick): (c.name, s, m) for c, s, m in tasks}
+        futures = {pool.submit(_run_in_worker, c.name, s, m, quick): f"{c.name} seed {s} {m}" for c, s, m in tasks}
         try:
             for future in as_completed(futures):
                 try:
                     r = future.result()
                 except Exception as err:  # the other runs go on and are kept; the failures are raised at the end
-                    failed.append((*futures[future], err))
-                    print(f"[robustness] {failed[-1][0]} seed {failed[-1][1]} {failed[-1][2]}: FAILED: {err!r}",
-                          flush=True)
+                    failed.append(f"{futures[future]}: {err!r}")
+                    print(f"[robustness] {futures[future]}: FAILED: {err!r}", flush=True)
                     continue
                 record(r)
         except KeyboardInterrupt:  # stop at once: what finished is saved, the rest reruns next time
             pool.shutdown(wait=False, cancel_futures=True)
             raise
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(tasks)} runs failed (the others are saved): "
-                           + "; ".join(f"{c} seed {s} {m}: {err!r}" for c, s, m, err in failed))
+        raise RuntimeError(f"{len(failed)} of {len(tasks)} runs failed (the others are saved): " + "; ".join(failed))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -963,11 +962,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metalr_args", nargs="+", default=[], metavar="KEY=VALUE",
                    help="MetaLR options other than the defaults, for every cell (needs --output_dir)")
     a = p.parse_args(argv)
-    OVERRIDES.clear()
-    OVERRIDES.update(parse_metalr_args(a.metalr_args))
-    if a.meta_size is not None:
-        for d in DATA.values():
-            d["meta_size"] = a.meta_size
+    _configure({"threads": 1 if a.quick else a.threads}, parse_metalr_args(a.metalr_args), a.meta_size)
     if (OVERRIDES or a.meta_size is not None) and not a.output_dir and not a.quick:
         raise SystemExit("--metalr_args measures a variant of the defaults: give it its own --output_dir so that "
                          "benchmarks/results/robustness.* keep showing the defaults.")
@@ -977,9 +972,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.list:
         print_list(cells, a.seeds)
         return 0
-    RUN_SETTINGS["threads"] = 1 if a.quick else a.threads
-    torch.set_num_threads(RUN_SETTINGS["threads"])
-    _quiet()
     out_dir = a.output_dir or (os.path.join(tempfile.gettempdir(), "hf_ddlr_robustness_quick") if a.quick
                                else os.path.join(HERE, "results"))
     os.makedirs(out_dir, exist_ok=True)

@@ -46,11 +46,6 @@ def headings(lines: list[str]) -> list[tuple[int, str, str, int]]:
     return out
 
 
-def anchors(text: str) -> set[str]:
-    """The anchors a page's headings give."""
-    return {a for _, _, a, _ in headings(text.splitlines())}
-
-
 def contents(text: str) -> str:
     """``text`` with the block between the markers rewritten (unchanged when the page has no markers)."""
     lines = text.splitlines()

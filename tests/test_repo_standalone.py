@@ -3,6 +3,7 @@ from it works (the offline Hub stand-in from the command line)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -85,6 +86,7 @@ def test_the_link_check_catches_links_out_of_the_repository():
     assert link_problems(readme, ok) == []
 
 
+@functools.cache
 def _docs_contents():
     """scripts/docs_contents.py as a module (scripts/ is not a package)."""
     spec = importlib.util.spec_from_file_location("docs_contents", ROOT / "scripts" / "docs_contents.py")
@@ -165,8 +167,8 @@ def test_docs_contents_are_current():
     dc = _docs_contents()
     pages = [f for f in markdown_files() if dc.START in f.read_text(encoding="utf-8")]
     assert ROOT / "docs" / "robustness.md" in pages
-    stale = [str(f.relative_to(ROOT)) for f in pages if dc.contents(f.read_text(encoding="utf-8")) != f.read_text(
-        encoding="utf-8")]
+    texts = {f: f.read_text(encoding="utf-8") for f in pages}
+    stale = [str(f.relative_to(ROOT)) for f, text in texts.items() if dc.contents(text) != text]
     assert not stale, f"out of date: run python scripts/docs_contents.py {' '.join(stale)}"
 
 
