@@ -109,6 +109,11 @@ def run_seed(cell: R.Cell, seed: int, bar: tqdm) -> dict:
     return out
 
 
+def train(cell: R.Cell, seed: int, _missing: list, bar: tqdm) -> list[dict]:
+    """:func:`robustness.run_missing`'s unit of work: one seed's row."""
+    return [run_seed(cell, seed, bar)]
+
+
 def render(runs: list[dict], command: str) -> str:
     cols = ("plain", "metalr", *WEIGHTINGS)
     lines = R.table_head(command, "MetaLRConfig defaults; every column trained in the same run, test accuracy, mean "
@@ -124,11 +129,10 @@ def render(runs: list[dict], command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = R.cell_seed_parser(__doc__, os.path.join(R.HERE, "results")).parse_args(argv)
+    args = R.cell_seed_parser(__doc__, os.path.join(R.HERE, "results"), jobs=True).parse_args(argv)
     path, runs, command = R.open_results(args.output_dir, "fixed_weights", "fixed_weights.py", argv)
-    shown = R.run_missing(path, runs, R.select_cells(args.cells), args.seeds,
-                          lambda cell, seed, _missing, bar: [run_seed(cell, seed, bar)], "fixed weights",
-                          bar_per_method=2 + len(WEIGHTINGS))
+    shown = R.run_missing(path, runs, R.select_cells(args.cells), args.seeds, train, "fixed weights",
+                          bar_per_method=2 + len(WEIGHTINGS), jobs=args.jobs)
     md = render(sorted(shown, key=lambda r: (r["cell"], r["seed"])), command)
     R.write_table(args.output_dir, "fixed_weights", md)
     return 0

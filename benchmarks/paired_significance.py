@@ -148,7 +148,7 @@ def training_noise(by: dict, pairs: list[tuple[str, int]]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = R.cell_seed_parser(__doc__, os.path.join(R.HERE, "results", NAME))
+    parser = R.cell_seed_parser(__doc__, os.path.join(R.HERE, "results", NAME), jobs=True)
     parser.add_argument("--merge", nargs="+", default=[], metavar="DIR",
                         help="other output folders of this script whose runs to take in first")
     parser.add_argument("--training_noise", action="store_true",
@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     names = {c.name for c in cells}
     methods = (*METHODS, RESEEDED) if args.training_noise else METHODS
     shown = R.run_missing(path, runs, cells, args.seeds, train, "paired runs", methods,
-                          keep=lambda r: r["fingerprint"] == R.fingerprint(R.CELL_BY_NAME[r["cell"]], r["method"], False))
+                          keep=lambda r: r["fingerprint"] == R.fingerprint(R.CELL_BY_NAME[r["cell"]], r["method"], False),
+                          jobs=args.jobs)
     R.write_table(args.output_dir, NAME, render([r for r in shown if r["cell"] in names and r["seed"] in args.seeds],
                                                 command))
     return 0

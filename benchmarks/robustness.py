@@ -559,12 +559,25 @@ def write_json_atomic(path: str, blob: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def cell_seed_parser(doc: str, default_dir: str) -> argparse.ArgumentParser:
-    """The command line of a diagnostic that runs robustness cells seed by seed: --cells, --seeds, --output_dir."""
+def worker_count(text: str) -> int:
+    """``--jobs``: a number of worker processes, at least 1."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}: it is the number of worker processes")
+    return n
+
+
+def cell_seed_parser(doc: str, default_dir: str, jobs: bool = False) -> argparse.ArgumentParser:
+    """The command line of a diagnostic that runs robustness cells seed by seed: --cells, --seeds, --output_dir,
+    and ``--jobs`` where its seeds can train in worker processes (:func:`run_missing`)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--cells", nargs="+", required=True, help="robustness cell names or glob patterns")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--output_dir", default=default_dir)
+    if jobs:
+        p.add_argument("--jobs", type=worker_count, default=1,
+                       help="worker processes training the seeds side by side, one thread each (default 1: this "
+                            "process); a run is the same in a worker as here")
     return p
 
 
@@ -615,23 +628,35 @@ def run_diagnostic(output_dir: str, name: str, script: str, argv: list[str] | No
 
 def run_missing(path: str, runs: list[dict], cells: list[Cell], seeds: list[int],
                 train: Callable[[Cell, int, list, Any], list[dict]], desc: str, methods: Sequence = (None,),
-                keep: Callable[[dict], bool] = lambda r: True, bar_per_method: int = 1) -> list[dict]:
+                keep: Callable[[dict], bool] = lambda r: True, bar_per_method: int = 1, jobs: int = 1) -> list[dict]:
     """Run a diagnostic's missing work, seed by seed, and return the runs its table shows.
 
     A ``(cell, seed, method)`` is done when a run in ``runs`` that ``keep`` accepts has it (``method`` is a run's
     ``"method"``; ``None`` for a diagnostic that records one run per seed without one). ``train(cell, seed,
     methods_missing, bar)`` trains those and returns their runs, advancing ``bar`` (``bar_per_method`` units per
     method) as it goes. ``runs`` grows in place and is written to ``path`` after every seed, so an interrupted
-    diagnostic keeps what it finished and its rerun goes on from there. Returns the runs ``keep`` accepts: a
-    ``--quick`` smoke run, or a run of other options, in the same folder is kept in the JSON but not shown.
+    diagnostic keeps what it finished and its rerun goes on from there. With ``jobs`` > 1 the seeds are trained
+    side by side in that many worker processes (:func:`in_workers`; ``train`` must then be a module-level
+    function), each saved as it finishes. Returns the runs ``keep`` accepts: a ``--quick`` smoke run, or a run of
+    other options, in the same folder is kept in the JSON but not shown.
     """
     done = {(r["cell"], r["seed"], r.get("method")) for r in runs if keep(r)}
     todo = [(c, s, [m for m in methods if (c.name, s, m) not in done]) for c in cells for s in seeds]
     todo = [t for t in todo if t[2]]
     with tqdm(total=bar_per_method * sum(len(t[2]) for t in todo), desc=desc, unit="run") as bar:
-        for cell, seed, missing in todo:
-            runs += train(cell, seed, missing, bar)
+        def save(got: list[dict], n_methods: int) -> None:
+            runs.extend(got)
             write_json_atomic(path, {"runs": runs})
+            bar.update(bar_per_method * n_methods if jobs > 1 else 0)
+
+        if jobs > 1:
+            todo.sort(key=lambda t: -estimate_s(t[0]) * len(t[2]))
+            sizes = {f"{c.name} seed {s}": len(m) for c, s, m in todo}
+            in_workers([(f"{c.name} seed {s}", _train_in_worker, (train, c.name, s, m)) for c, s, m in todo],
+                       jobs, None, lambda label, got: save(got, sizes[label]))
+        else:
+            for cell, seed, missing in todo:
+                save(train(cell, seed, missing, bar), len(missing))
     return [r for r in runs if keep(r)]
 
 
@@ -905,41 +930,63 @@ def _run_in_worker(name: str, seed: int, method: str, quick: bool) -> dict:
     return run_cell(CELL_BY_NAME[name], seed, method, quick)
 
 
+class _NoBar:
+    """A progress bar's ``update`` for work done in a worker process: the parent advances its own bar."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def _train_in_worker(train: Callable, name: str, seed: int, missing: list) -> list[dict]:
+    return train(CELL_BY_NAME[name], seed, missing, _NoBar())
+
+
+def in_workers(tasks: list[tuple[str, Callable, tuple]], jobs: int, meta_size: int | None,
+               on_result: Callable[[str, Any], None]) -> None:
+    """Run each ``(label, fn, args)`` as ``fn(*args)`` in ``jobs`` spawned worker processes (torch's thread pools do
+    not survive a fork), set up as this process is (:func:`_configure`), and hand each result to ``on_result(label,
+    result)`` as it finishes. A task that fails does not stop the others, whose results are handed on; the failures
+    are raised together at the end, each named by its label. ``fn`` must be a module-level function (pickled by
+    name)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    failed = []
+    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks) or 1), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_configure,
+                             initargs=(dict(RUN_SETTINGS), dict(OVERRIDES), meta_size)) as pool:
+        futures = {pool.submit(fn, *args): label for label, fn, args in tasks}
+        try:
+            for future in as_completed(futures):
+                try:
+                    result = future.result()
+                except Exception as err:  # the other tasks go on and are kept; the failures are raised at the end
+                    failed.append(f"{futures[future]}: {err!r}")
+                    print(f"[robustness] {futures[future]}: FAILED: {err!r}", flush=True)
+                    continue
+                on_result(futures[future], result)
+        except KeyboardInterrupt:  # stop at once: what finished is saved, the rest reruns next time
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(tasks)} runs failed (the others are saved): " + "; ".join(failed))
+
+
 def run_units(units: list[tuple[Cell, int, list[str]]], quick: bool, jobs: int, meta_size: int | None,
               record: Callable[[dict], None]) -> None:
     """Train every ``(cell, seed, methods)`` and hand each run to ``record`` as it finishes: in this process, the
-    seed's data loaded once for its methods, or over ``jobs`` worker processes (spawned: torch's thread pools do not
-    survive a fork), the longest runs first."""
+    seed's data loaded once for its methods, or over ``jobs`` worker processes (:func:`in_workers`), the longest
+    runs first."""
     if jobs <= 1:
         for cell, seed, methods in units:
             data = load_data(cell, seed, quick)
             for method in methods:
                 record(run_cell(cell, seed, method, quick, data))
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
     tasks = sorted(((c, s, m) for c, s, ms in units for m in ms),
                    key=lambda u: -estimate_s(u[0]) * (3.0 if u[2] == "metalr" else 1.0))
-    context = multiprocessing.get_context("spawn")
-    failed = []
-    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks) or 1), mp_context=context, initializer=_configure,
-                             initargs=(dict(RUN_SETTINGS), dict(OVERRIDES), meta_size)) as pool:
-        futures = {pool.submit(_run_in_worker, c.name, s, m, quick): f"{c.name} seed {s} {m}" for c, s, m in tasks}
-        try:
-            for future in as_completed(futures):
-                try:
-                    r = future.result()
-                except Exception as err:  # the other runs go on and are kept; the failures are raised at the end
-                    failed.append(f"{futures[future]}: {err!r}")
-                    print(f"[robustness] {futures[future]}: FAILED: {err!r}", flush=True)
-                    continue
-                record(r)
-        except KeyboardInterrupt:  # stop at once: what finished is saved, the rest reruns next time
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {len(tasks)} runs failed (the others are saved): " + "; ".join(failed))
+    in_workers([(f"{c.name} seed {s} {m}", _run_in_worker, (c.name, s, m, quick)) for c, s, m in tasks],
+               jobs, meta_size, lambda _label, r: record(r))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -950,7 +997,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads per run (default 1, what the committed runs used): part of every run's "
                         "fingerprint, since another count ends these chaotic trainings elsewhere")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=worker_count, default=1,
                    help="worker processes running the runs side by side, each on --threads threads (default 1: "
                         "this process); a run is the same in a worker as here")
     p.add_argument("--list", action="store_true", help="print the cells with estimated times and exit")
@@ -966,8 +1013,6 @@ def main(argv: list[str] | None = None) -> int:
     if (OVERRIDES or a.meta_size is not None) and not a.output_dir and not a.quick:
         raise SystemExit("--metalr_args measures a variant of the defaults: give it its own --output_dir so that "
                          "benchmarks/results/robustness.* keep showing the defaults.")
-    if a.jobs < 1:
-        raise SystemExit(f"--jobs must be at least 1, got {a.jobs}: it is the number of worker processes.")
     cells = select_cells(a.cells)
     if a.list:
         print_list(cells, a.seeds)

@@ -1274,3 +1274,37 @@ def test_head_signal_table_and_plot_average_each_checkpoint_over_the_seeds(tmp_p
     hs.plot(runs, str(tmp_path / "h.png"))
     png = (tmp_path / "h.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_a_diagnostic_trains_its_seeds_in_worker_processes(tmp_path, monkeypatch):
+    """robustness.run_missing(jobs=2), what paired_significance.py and fixed_weights.py --jobs use: every missing
+    seed is trained in a spawned worker set up as the parent is (its --metalr_args), saved as it finishes, a
+    failing seed does not lose the others and is named in the error, and a rerun trains only what is missing."""
+    R = _load("robustness")
+    (tmp_path / "fake_diagnostic.py").write_text(
+        "import os\nimport robustness as R\n\n"
+        "def train(cell, seed, missing, bar):\n"
+        "    if seed == 3:\n"
+        "        raise ValueError('seed 3 breaks')\n"
+        "    bar.update(len(missing))\n"
+        "    return [{'cell': cell.name, 'seed': seed, 'method': m, 'pid': os.getpid(),\n"
+        "             'meta_lr': R.OVERRIDES.get('meta_lr'), 'threads': R.torch.get_num_threads()} for m in missing]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(R, "OVERRIDES", {"meta_lr": 0.25})
+    fake = importlib.import_module("fake_diagnostic")
+    cells = [R.CELL_BY_NAME["digits-cnn-sgd-flip35"]]
+    path, runs = str(tmp_path / "d.json"), []
+    with pytest.raises(RuntimeError, match=r"1 of 3 runs failed.*digits-cnn-sgd-flip35 seed 3: ValueError\('seed 3 breaks"):
+        R.run_missing(path, runs, cells, [0, 1, 3], fake.train, "fake", methods=("a", "b"), jobs=2)
+    saved = json.loads(open(path).read())["runs"]
+    assert sorted((r["seed"], r["method"]) for r in saved) == [(0, "a"), (0, "b"), (1, "a"), (1, "b")]
+    assert all(r["pid"] != os.getpid() and r["meta_lr"] == 0.25 and r["threads"] == 1 for r in saved)
+    runs = saved + [{"cell": cells[0].name, "seed": 2, "method": "a", "pid": 0}]
+    shown = R.run_missing(path, runs, cells, [0, 1, 2], fake.train, "fake", methods=("a", "b"), jobs=2)
+    assert sorted((r["seed"], r["method"]) for r in shown) == [(0, "a"), (0, "b"), (1, "a"), (1, "b"), (2, "a"),
+                                                                (2, "b")]
+    assert [r["pid"] for r in shown if r["seed"] < 2] == [r["pid"] for r in saved]  # not retrained
+    assert {r["method"]: r["pid"] != os.getpid() for r in shown if r["seed"] == 2} == {"a": True, "b": True}
+    assert [r["pid"] for r in shown if r["seed"] == 2 and r["method"] == "a"] == [0]  # only "b" was trained
+    with pytest.raises(SystemExit):
+        R.cell_seed_parser("doc", str(tmp_path), jobs=True).parse_args(["--cells", "x", "--jobs", "0"])
