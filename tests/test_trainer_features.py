@@ -601,6 +601,33 @@ def test_resume_after_a_max_steps_stop_mid_epoch_matches_a_straight_run(tmp_path
     assert torch.equal(resumed.rates.instance, straight.rates.instance)
 
 
+def test_a_checkpoint_saved_at_an_epoch_end_holds_that_epochs_rates(tmp_path):
+    """save_strategy="steps" with a save at each epoch's last step: the Trainer saves there before it calls
+    on_epoch_end, and each checkpoint's trajectory must still hold the epoch it finished, or a run resumed from it
+    lacks that epoch's instance table (and a replay of it applies other rates)."""
+    def make():
+        torch.manual_seed(0)
+        return MetaLRTrainer(
+            model=TinyMLP(hidden=12),
+            args=_args(tmp_path / "run", optim="sgd", learning_rate=0.1, per_device_train_batch_size=8,
+                       num_train_epochs=3, save_strategy="steps", save_steps=4),  # 4 steps per epoch
+            train_dataset=make_split(32, seed=11), meta_dataset=make_split(8, seed=12),
+        )
+
+    straight = make()
+    straight.train()
+    epochs = [(s, e) for s, e, _ in straight.lr_trajectory._instance]
+    assert epochs == [(0, 0.0), (4, 1.0), (8, 2.0), (12, 3.0)]
+    for k, step in enumerate((4, 8, 12)):
+        saved = LRTrajectory.from_pretrained(tmp_path / "run" / f"checkpoint-{step}")
+        assert [(s, e) for s, e, _ in saved._instance] == epochs[:k + 2]
+        assert torch.equal(saved.instance_rates[-1], straight.lr_trajectory.instance_rates[k + 1])
+    resumed = make()
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
+    assert resumed.lr_trajectory == straight.lr_trajectory
+    assert torch.equal(resumed.rates.instance, straight.rates.instance)
+
+
 def test_load_best_model_at_end_brings_back_its_rates_and_trajectory(tmp_path):
     torch.manual_seed(0)
     t = MetaLRTrainer(

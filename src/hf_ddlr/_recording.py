@@ -190,6 +190,7 @@ class TrajectoryRecorder(TrainerCallback):
 
     def __init__(self, trainer: MetaLRTrainer) -> None:
         self.trainer = trainer
+        self._instance_step: int | None = None  # the step of the last instance snapshot
 
     def _snapshot(self, state, instance: bool) -> None:
         t, rates = self.trainer.lr_trajectory, self.trainer.rates
@@ -201,6 +202,7 @@ class TrajectoryRecorder(TrainerCallback):
             applied = self.trainer._applied_instance
             t.record_instance_rates(state.global_step, state.epoch or 0.0,
                                     rates.instance if applied is None else applied.merged())
+            self._instance_step = state.global_step
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.trainer.lr_trajectory.num_steps == 0 and state.global_step == 0:
@@ -210,7 +212,12 @@ class TrajectoryRecorder(TrainerCallback):
         trainer, log = self.trainer, self.trainer._meta_log
         wd = trainer.rates.weight_decay if trainer.meta_args.learn_weight_decay else args.weight_decay
         trainer.lr_trajectory.record_step(state.global_step, state.epoch or 0.0, log.step_lr, wd, log.step_meta_loss)
-        self._snapshot(state, instance=False)
+        # the step that ends an epoch records the epoch's instance table here, not at on_epoch_end: the Trainer
+        # saves a checkpoint due at this step (save_strategy="steps") before it calls on_epoch_end, and the
+        # checkpoint's trajectory must hold the epoch it finished (its replay, and a run resumed from it, need it)
+        epoch = state.epoch or 0.0
+        self._snapshot(state, instance=epoch > 0 and epoch == int(epoch))
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        self._snapshot(state, instance=True)
+        if self._instance_step != state.global_step:  # a stop within an epoch (max_steps, should_training_stop)
+            self._snapshot(state, instance=True)
