@@ -231,6 +231,96 @@ def test_torch_meta_set_with_string_labels_is_refused(tmp_path):
                       train_dataset=make_split(16, seed=1), meta_dataset=Rows(), num_labels=3)
 
 
+class _Rows(torch.utils.data.Dataset):
+    """A torch meta set of dict items: ``labels[i]`` is row i's label."""
+
+    def __init__(self, labels):
+        self.labels = labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"x": torch.zeros(6), "label": torch.tensor(self.labels[i])}
+
+
+def test_torch_meta_set_with_a_label_out_of_range_is_refused_at_construction(tmp_path):
+    """A small torch meta set has every label read at construction: one out of the label space would otherwise
+    fail inside the loss at the first meta step that samples it."""
+    args = MetaLRConfig(output_dir=str(tmp_path), **COMMON)
+    with pytest.raises(ValueError, match=r"meta dataset has labels \[5\] outside the model's label space 0\.\.2"):
+        MetaLRTrainer(model=TinyMLP(), args=args, train_dataset=make_split(16, seed=1),
+                      meta_dataset=_Rows([0, 1, 2, 1, 0, 1, 2, 5]), num_labels=3)
+    MetaLRTrainer(model=TinyMLP(), args=args, train_dataset=make_split(16, seed=1),
+                  meta_dataset=_Rows([0, 1, 2, 1, 0, 1, 2, 2]), num_labels=3)
+
+
+@pytest.mark.parametrize("kind", ["datasets", "torch"])
+def test_an_empty_meta_set_is_refused_at_construction(tmp_path, kind):
+    meta = make_split(8, seed=2).select([]) if kind == "datasets" else _Rows([])
+    with pytest.raises(ValueError, match="The meta dataset is empty"):
+        MetaLRTrainer(model=TinyMLP(), args=MetaLRConfig(output_dir=str(tmp_path), **COMMON),
+                      train_dataset=make_split(16, seed=1), meta_dataset=meta, num_labels=3)
+
+
+def test_compute_loss_func_is_refused_with_rates(tmp_path):
+    """compute_loss_func gives one loss per batch, which no per-example rate can weight: refused, not ignored."""
+    def loss_func(outputs, labels, num_items_in_batch=None):
+        return torch.nn.functional.cross_entropy(outputs.logits, labels)
+
+    args = MetaLRConfig(output_dir=str(tmp_path), **COMMON)
+    with pytest.raises(ValueError, match="does not use compute_loss_func"):
+        MetaLRTrainer(model=TinyMLP(), args=args, train_dataset=make_split(16, seed=1),
+                      meta_dataset=make_split(8, seed=2), compute_loss_func=loss_func)
+    MetaLRTrainer(model=TinyMLP(), args=args, train_dataset=make_split(16, seed=1),  # no meta set: the Trainer's
+                  compute_loss_func=loss_func)
+
+
+def test_a_compute_loss_that_skips_the_weighted_loss_stops_the_run(tmp_path):
+    """A subclass whose compute_loss never calls MetaLRTrainer.compute_loss for training would train without any
+    rate: the first step says so. One that calls it while training and customises evaluation trains as usual."""
+    class Own(MetaLRTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = model(**{k: v for k, v in inputs.items() if k not in ("labels", "label")})
+            loss = torch.nn.functional.cross_entropy(out.logits, inputs["labels"])
+            return (loss, out) if return_outputs else loss
+
+    class EvalOnly(Own):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:
+                return MetaLRTrainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    args = MetaLRConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, **COMMON)
+    data = dict(train_dataset=make_split(16, seed=1), meta_dataset=make_split(8, seed=2))
+    with pytest.raises(RuntimeError, match="Own.compute_loss returned a training loss without calling"):
+        Own(model=TinyMLP(), args=args, **data).train()
+    fine = EvalOnly(model=TinyMLP(), args=args, eval_dataset=make_split(8, seed=3), **data)
+    fine.train()
+    assert fine.lr_trajectory.num_steps == 2 and "eval_loss" in fine.evaluate()
+
+
+def test_labels_under_another_name_are_refused_with_the_rename(tmp_path):
+    """The rates read labels from 'labels' / 'label': another column, named by label_names or not, is refused at
+    construction with the rename that fixes it; a DatasetDict given for a set is told to pass a split."""
+    train, meta = make_split(16, seed=1), make_split(8, seed=2)
+    renamed = dict(train_dataset=train.rename_column("label", "sentiment"),
+                   meta_dataset=meta.rename_column("label", "sentiment"))
+    args = MetaLRConfig(output_dir=str(tmp_path), label_names=["sentiment"], **COMMON)
+    with pytest.raises(ValueError, match=r"label_names=\['sentiment'\].*rename_column\('sentiment', 'labels'\)"):
+        MetaLRTrainer(model=TinyMLP(), args=args, **renamed)
+    plain = MetaLRConfig(output_dir=str(tmp_path), **COMMON)
+    with pytest.raises(ValueError, match=r"train dataset has no 'labels'/'label' column \(its columns: \['x', "
+                                         r"'sentiment'\]\).*rename_column"):
+        MetaLRTrainer(model=TinyMLP(), args=plain, **renamed)
+    with pytest.raises(ValueError, match=r"meta dataset is a DatasetDict \(splits \['meta', 'test'\]\): pass one "
+                                         r"split, e.g. meta_dataset=dataset_dict\['meta'\]"):
+        MetaLRTrainer(model=TinyMLP(), args=plain, train_dataset=train,
+                      meta_dataset=datasets.DatasetDict(meta=meta, test=meta))
+    MetaLRTrainer(model=TinyMLP(), args=MetaLRConfig(output_dir=str(tmp_path), label_names=["labels"], **COMMON),
+                  train_dataset=train, meta_dataset=meta)
+
+
 # ---------------------------------------------------------------- replay: check_fingerprint
 def test_check_fingerprint_is_an_option_of_the_config(tmp_path):
     train = make_split(40, seed=1)

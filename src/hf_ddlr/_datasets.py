@@ -43,11 +43,28 @@ class _IndexedDataset(Dataset):
         return {**item, self.column: i}
 
 
-def label_values(dataset: Any) -> torch.Tensor | None:
-    """All labels of a `datasets.Dataset` (None when they cannot be read cheaply)."""
+META_ROWS_READ = 10_000  # a map-style meta set up to this size has every label checked at construction
+
+
+def label_values(dataset: Any, read_rows: int = 0) -> torch.Tensor | None:
+    """All labels of a `datasets.Dataset`, or of another map-style set of dict items with at most ``read_rows``
+    rows (read item by item: worth it for a small meta set, whose bad label would fail mid-run); None when they
+    cannot be read cheaply."""
     names = getattr(dataset, "column_names", None)
     if names is None:
-        return None
+        if dataset is None or not 0 < len(dataset) <= read_rows:
+            return None
+        values = []
+        for i in range(len(dataset)):
+            item = dataset[i]
+            key = next((k for k in LABEL_KEYS if isinstance(item, Mapping) and k in item), None)
+            if key is None or _label_type_problem(item[key]) is not None:
+                return None  # no labels, or not class ids: the type check says what is wrong
+            value = torch.as_tensor(item[key])
+            if value.numel() != 1:
+                return None
+            values.append(int(value.reshape(-1)[0]))
+        return torch.as_tensor(values)
     for key in LABEL_KEYS:
         if key in names:
             return torch.as_tensor(dataset.with_format(None)[key])
@@ -130,26 +147,41 @@ def check_datasets(train_dataset: Any, meta_dataset: Any, class_labels: bool = T
                 f"{type(ds).__name__} (streaming/iterable) does not offer. Materialize it first, e.g. "
                 f"datasets.Dataset.from_generator(...) or load_dataset(..., streaming=False)."
             )
+    for name, ds in (("train", train_dataset), ("meta", meta_dataset)):
+        if ds is not None and len(ds) == 0:
+            raise ValueError(
+                f"The {name} dataset is empty. "
+                + ("The rates are learned from the loss on the meta set: pass a few clean, labelled examples (the "
+                   "matrix in the README uses 10-20 per class), or no meta_dataset to train as the Trainer does."
+                   if name == "meta" else "Pass the examples to train on as train_dataset.")
+            )
     if not class_labels:
         return
-    if not _has_labels(train_dataset):
+    for name, ds in (("train", train_dataset), ("meta", meta_dataset)):
+        if ds is None or _has_labels(ds):
+            continue
+        cols = getattr(ds, "column_names", None)
+        if isinstance(cols, Mapping):  # a DatasetDict: its splits' columns
+            raise ValueError(f"The {name} dataset is a DatasetDict (splits {sorted(cols)}): pass one split, e.g. "
+                             f"{name}_dataset=dataset_dict[{sorted(cols)[0]!r}].")
+        seen = f" (its columns: {cols})" if cols is not None else ""
         raise ValueError(
-            "The train dataset has no 'labels'/'label' column: per-example learning rates need the "
-            "class label of every example."
+            f"The {name} dataset has no 'labels'/'label' column{seen}: per-example learning rates need the class "
+            f"label of every example, read from that column. If the labels are under another name, rename it, "
+            f"e.g. {name}_dataset = {name}_dataset.rename_column('target', 'labels')."
         )
-    if meta_dataset is not None and not _has_labels(meta_dataset):
-        raise ValueError("The meta dataset has no 'labels'/'label' column; add the labels of its examples.")
     _check_label_type("train", train_dataset)
     if meta_dataset is not None:
         _check_label_type("meta", meta_dataset)
 
 
 def check_label_range(datasets: Iterable[tuple[str, Any]], num_labels: int) -> None:
-    """Refuse labels outside ``0..num_labels-1`` in the named sets (where they can be read cheaply)."""
+    """Refuse labels outside ``0..num_labels-1`` in the named sets (where they can be read cheaply; the meta set,
+    small, item by item when it is not a `datasets.Dataset`)."""
     for name, ds in datasets:
         if ds is None:
             continue
-        labels = label_values(ds)
+        labels = label_values(ds, read_rows=META_ROWS_READ if name == "meta" else 0)
         if labels is not None and labels.numel() and (labels.min() < 0 or labels.max() >= num_labels):
             bad = sorted({int(v) for v in labels[(labels < 0) | (labels >= num_labels)].unique()[:10]})
             raise ValueError(

@@ -88,6 +88,7 @@ _TRAINER_MEMBERS_USED = _members("""
     override  _load_optimizer_and_scheduler(checkpoint)
     call      create_model_card(model_name, dataset)
     call      push_to_hub()
+    call      save_model(output_dir, _internal_call)
     call      _remove_unused_columns(dataset, description)
     call      _get_collator_with_removed_columns(data_collator, description)
     call      _prepare_inputs(inputs)
@@ -191,6 +192,20 @@ class MetaLRTrainer(Trainer):
             )
             meta.learn_weight_decay = self.replay.replays_weight_decay(meta.learn_weight_decay)
         self._meta_active = meta_dataset is not None or self.replay is not None
+        other_labels = [n for n in (getattr(args, "label_names", None) or []) if n not in LABEL_KEYS]
+        if self._meta_active and other_labels:
+            raise ValueError(
+                f"MetaLRTrainer reads each example's label from a 'labels' or 'label' column; label_names="
+                f"{args.label_names} names {other_labels}, which it does not read. Rename the column in the train and "
+                f"meta sets, e.g. dataset.rename_column({other_labels[0]!r}, 'labels'), and drop label_names."
+            )
+        if self._meta_active and kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "MetaLRTrainer does not use compute_loss_func: the rates weight each example's loss, and "
+                "compute_loss_func returns one loss for the whole batch. The loss weighted is the model's own, "
+                "chosen from the model and its labels (README, \"Tasks\"). Drop compute_loss_func, or train "
+                "with transformers.Trainer if that custom loss is what you need."
+            )
         # after a learning run: the trained model on the meta set (single-label classification; see _meta_check)
         self.meta_set_check: MetaSetCheck | None = None
         self.rates: RateTable | None = None
@@ -492,8 +507,17 @@ class MetaLRTrainer(Trainer):
         else:
             mb.chain, mb.rng = None, RngState.capture()
         replay = contextlib.nullcontext() if mb.rng is not None else replay_rng(mb.seed)
+        self._weighted_loss_taken = False
         with self._schedule.running(mb), replay:
             loss = super().training_step(model, inputs, num_items_in_batch)
+        if not self._weighted_loss_taken:
+            raise RuntimeError(
+                f"{type(self).__name__}.compute_loss returned a training loss without calling "
+                "MetaLRTrainer.compute_loss, so no rate was applied and none learned (the weighted per-example loss, "
+                "and with it the meta step, are made there). Call super().compute_loss(model, inputs, "
+                "return_outputs, num_items_in_batch) while model.training, and customise only the evaluation "
+                "loss; or train with transformers.Trainer if the custom loss is what you need."
+            )
         self._schedule.after_backward(mb)
         return loss
 
@@ -505,6 +529,7 @@ class MetaLRTrainer(Trainer):
         if mb is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = self._schedule.loss(model, inputs, mb)
+        self._weighted_loss_taken = True
         # The loss is already the window's mean (÷ N_window); with loss_is_scaled_for_ga=False the Trainer divides
         # it by the window's micro-batches k, so it is multiplied back here. Not replaced by loss_is_scaled_for_ga=
         # True because x·k/k is not always x in floating point (the logged loss at k=3, the gradient at k=41, ...):
@@ -556,7 +581,14 @@ class MetaLRTrainer(Trainer):
 
     def push_to_hub(self, *args: Any, **kwargs: Any):
         """``Trainer.push_to_hub`` (model, trajectory, plots, card). On failure the output folder is complete and
-        the error says how to retry."""
+        the error says how to retry: the model and the card (with the trajectory and plots) are written before
+        the push, which creates the Hub repo before it saves anything (the push then saves them once more)."""
+        if self._meta_active:
+            self.save_model(_internal_call=True)  # every process, as in the push (a save can be collective)
+            if self.is_world_process_zero():
+                self.create_model_card(model_name=kwargs.get("model_name") or (
+                    os.path.basename(os.path.normpath(self.args.output_dir)) if self.args.hub_model_id is None
+                    else self.args.hub_model_id.split("/")[-1]))
         try:
             return super().push_to_hub(*args, **kwargs)
         except Exception as err:

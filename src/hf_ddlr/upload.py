@@ -6,12 +6,9 @@ nothing about trajectories.
 
 from __future__ import annotations
 
-import logging
 import os
 import shlex
 from typing import Any
-
-logger = logging.getLogger(__name__)
 
 
 class HubUploadError(RuntimeError):
@@ -43,9 +40,9 @@ def upload_folder_with_retry_message(
     """Create ``repo_id`` if needed and upload ``folder_path`` to it; return the ``CommitInfo``.
 
     The folder is only read, so a failure (HTTP error, connection refused, offline mode) leaves it
-    complete; the failure is logged and raised as :class:`HubUploadError`, whose message names the
-    folder, the repo, the cause and the command to retry (``retry_hint`` adds an alternative, e.g.
-    ``trainer.push_to_hub()``). Uses ``HF_ENDPOINT``/token settings like any ``huggingface_hub`` call.
+    complete; the failure is raised (not also logged: it is shown once) as :class:`HubUploadError`, whose
+    message names the folder, the repo, the cause and the command to retry (``retry_hint`` adds an alternative,
+    e.g. ``trainer.push_to_hub()``). Uses ``HF_ENDPOINT``/token settings like any ``huggingface_hub`` call.
     """
     from huggingface_hub import HfApi
 
@@ -70,5 +67,5 @@ def upload_folder_with_retry_message(
             f"Upload of {folder} to {repo_id} failed: {type(err).__name__}: {err}. "
             f"The folder is complete locally; retry with {hint}."
         )
-        logger.error(message)
         raise HubUploadError(message, folder_path=folder, repo_id=repo_id) from err
+
