@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -79,6 +80,25 @@ def explicit_flags(argv: Sequence[str]) -> set[str]:
     return {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
 
 
+def wants_help(argv: Sequence[str]) -> bool:
+    """Whether argparse would print the help for ``argv``: ``-h`` / ``--help`` before any ``--``."""
+    for a in argv:
+        if a == "--":
+            return False
+        if a in ("-h", "--help"):
+            return True
+    return False
+
+
+def escape_help_percents(parser: Any) -> None:
+    """Double the lone ``%`` of the parser's help texts (e.g. "95 %" in a field's help), which argparse would
+    otherwise read as a format directive and fail on; ``%%`` and ``%(default)s`` stay as they are."""
+    for action in parser._actions:
+        if action.help:
+            action.help = re.sub(r"%%|%\([^)]*\)[a-z]|%", lambda m: m.group(0) if len(m.group(0)) > 1 else "%%",
+                                 action.help)
+
+
 def parse_args(script_cls: type, presets: Callable[[Any], dict[str, Any]], argv: Sequence[str] | None = None,
                config_cls: type = MetaLRConfig):
     """Parse ``argv`` into ``(script_options, config)``, the config a ``config_cls`` (``MetaLRConfig``, or a TRL
@@ -86,14 +106,20 @@ def parse_args(script_cls: type, presets: Callable[[Any], dict[str, Any]], argv:
 
     ``presets(script_options)`` returns defaults for ``MetaLRConfig`` fields that depend on the script options
     (dataset, --quick, ...). They replace the dataclass defaults, so a flag on the command line always wins.
+
+    ``-h`` / ``--help`` prints the script's options followed by every ``config_cls`` flag (MetaLR and
+    ``TrainingArguments`` options), with the defaults the presets give for the other flags on the command line.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    first = HfArgumentParser(script_cls, allow_abbrev=False)
+    # no --help here: the full parser below answers it, with the config flags and their preset defaults
+    first = HfArgumentParser(script_cls, allow_abbrev=False, add_help=False)
     (script,) = first.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)[:1]
     explicit = explicit_flags(argv)  # which flags the user set (presets and per-method overrides yield to them)
     script._explicit = explicit
     parser = HfArgumentParser((script_cls, config_cls), allow_abbrev=False)
     parser.set_defaults(**presets(script))
+    if wants_help(argv):
+        escape_help_percents(parser)
     script, config = parser.parse_args_into_dataclasses(args=argv)
     script._explicit = explicit
     return script, config

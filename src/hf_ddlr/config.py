@@ -87,7 +87,7 @@ class MetaLROptions:
         "multipliers are example weights in [0, 1], as in Learning to Reweight and Meta-Weight-Net, and speed-ups "
         "are left to class and group rates, which stay unbounded. Uncapped, the rates of clean examples drift "
         "above 1 and raise the effective learning rate, which cost accuracy under constant or momentum "
-        "schedules; the cap raised the runs at or above the plain Trainer from 76 % to 88 % of the robustness "
+        "schedules; the cap raised the runs at or above the plain Trainer from 76 to 88 percent of the robustness "
         "matrix (docs/robustness.md, 'Instance rates capped at 1'). For a network far from fitting its data in "
         "the run's length, try 1.5: it leaves fewer clean and mislabelled examples tied at the cap (an "
         "under-trained ResNet: rate AUROC 0.889 -> 0.912 and accuracy 0.675 -> 0.698 over nine seeds) but costs "
