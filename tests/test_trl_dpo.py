@@ -408,3 +408,21 @@ def test_what_the_per_pair_loss_does_not_cover_is_refused_naming_the_fix(tmp_pat
         _meta(tmp_path, train, meta, **{**COMMON, **option})
     with pytest.raises(ValueError, match="'labels' column"):
         _meta(tmp_path, train.add_column("labels", [0] * 8), meta, **COMMON)
+
+
+def test_trusted_pairs_in_another_format_than_the_train_pairs_are_refused(tmp_path):
+    """Trusted pairs without the train pairs' prompt, with an answer missing, or conversational beside plain-text
+    train pairs: refused at construction, naming the meta set (not a KeyError inside TRL, nor a silent run under
+    another chat template)."""
+    train, _ = preference_pairs(16, 1)
+    meta, _ = preference_pairs(4, 2)
+    with pytest.raises(ValueError, match=r"meta dataset's columns \['chosen', 'rejected'\] are not the train set's"):
+        _meta(tmp_path, train, meta.remove_columns("prompt"), **COMMON)
+    with pytest.raises(ValueError, match=r"Row 1 of the meta dataset has no value in \['rejected'\]"):
+        rows = meta.to_list()
+        rows[1]["rejected"] = None
+        _meta(tmp_path, train, datasets.Dataset.from_list(rows), **COMMON)
+    chat = meta.map(lambda r: {k: [{"role": "user" if k == "prompt" else "assistant", "content": r[k]}]
+                               for k in ("prompt", "chosen", "rejected")})
+    with pytest.raises(ValueError, match="train set's rows are plain text but the meta set's are conversational"):
+        _meta(tmp_path, train, chat, **COMMON)

@@ -271,3 +271,13 @@ def test_the_per_layer_products_add_each_pairs_two_rows_and_train_like_forward_m
     torch.testing.assert_close(tape.rates.instance, forward.rates.instance, rtol=1e-4, atol=1e-5)
     for (n, a), b in zip(tape.model.named_parameters(), forward.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_trusted_pairs_without_the_rejected_answer_are_refused_by_name(tmp_path):
+    train, _ = _preference_set(8, 1)
+    meta, _ = _preference_set(4, 2)
+    with pytest.raises(ValueError, match=r"meta dataset's columns \['chosen'\] are not the train set's text "
+                                         r"columns \['chosen', 'rejected'\]"):
+        MetaRewardTrainer(model=_reward_model(), args=MetaRewardConfig(output_dir=str(tmp_path), **COMMON),
+                          train_dataset=train, meta_dataset=meta.remove_columns("rejected"),
+                          processing_class=_tokenizer())

@@ -300,3 +300,18 @@ def test_peft_config_trains_only_the_lora_adapters_with_rates(tmp_path):
         if "lora_" not in n:
             assert torch.equal(p.detach(), before[n.replace(".base_layer", "")]), n
     assert not torch.equal(t.rates.instance, torch.ones(32)) and bool(torch.isfinite(t.rates.instance).all())
+
+
+def test_a_meta_set_in_another_format_than_the_train_set_is_refused(tmp_path):
+    """TRL prepares the meta set with the train set's function: plain-text rows beside conversational ones (another
+    template and masking, so the rates would follow another objective) or other columns are refused at
+    construction, naming the meta set, instead of training silently or failing inside TRL."""
+    conv = reverse_task(8, seed=2)
+    plain = conv.map(lambda r: {"prompt": r["prompt"][0]["content"], "completion": r["completion"][0]["content"]})
+    with pytest.raises(ValueError, match="train set's rows are conversational .* but the meta set's are plain text"):
+        MetaSFTTrainer(model=tiny_llama(), args=_args(tmp_path), train_dataset=reverse_task(32, seed=1),
+                       meta_dataset=plain, processing_class=char_tokenizer())
+    with pytest.raises(ValueError, match=r"meta dataset's columns \['text'\] are not the train set's text columns "
+                                         r"\['prompt', 'completion'\]"):
+        MetaSFTTrainer(model=tiny_llama(), args=_args(tmp_path), train_dataset=reverse_task(32, seed=1),
+                       meta_dataset=datasets.Dataset.from_list([{"text": "abc"}] * 4), processing_class=char_tokenizer())

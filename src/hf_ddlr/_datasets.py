@@ -151,8 +151,9 @@ def check_datasets(train_dataset: Any, meta_dataset: Any, class_labels: bool = T
         if ds is not None and len(ds) == 0:
             raise ValueError(
                 f"The {name} dataset is empty. "
-                + ("The rates are learned from the loss on the meta set: pass a few clean, labelled examples (the "
-                   "matrix in the README uses 10-20 per class), or no meta_dataset to train as the Trainer does."
+                + ("The rates are learned from the loss on the meta set: pass a few clean, trusted examples (for a "
+                   "classifier, 10-20 per class, as in the README's matrix), or no meta_dataset to train as the "
+                   "Trainer does."
                    if name == "meta" else "Pass the examples to train on as train_dataset.")
             )
     if not class_labels:

@@ -48,10 +48,12 @@ from .meta import TaskLoss
 from .meta.losses import IGNORE_INDEX, dpo_task, pack_dpo_labels
 from .trainer import MetaLRTrainer
 from .trl import (
+    PAIR_TEXT_COLUMNS,
     TARGET,
     IndexCollator,
     WeightedTRLLoss,
     as_trl_config,
+    check_meta_rows,
     check_prepared_index,
     with_target_column,
 )
@@ -171,6 +173,7 @@ class MetaDPOTrainer(WeightedTRLLoss, MetaLRTrainer, DPOTrainer):
     def _prepare_meta_dataset(self, meta_dataset: Any) -> Any:
         """The trusted pairs prepared as ``DPOTrainer`` prepared the train set, with the reference model's
         log-probabilities of their answers."""
+        check_meta_rows(self._source_train_dataset, meta_dataset, PAIR_TEXT_COLUMNS)
         prepared = self._prepare_dataset(meta_dataset, self.processing_class, self.args, "meta")
         batch = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
         return _with_marker(self._precompute_ref_logps(prepared, "meta", batch), "meta")

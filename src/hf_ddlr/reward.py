@@ -42,10 +42,12 @@ from .meta import TaskLoss
 from .meta.losses import preference_task
 from .trainer import MetaLRTrainer
 from .trl import (
+    PAIR_TEXT_COLUMNS,
     TARGET,
     IndexCollator,
     WeightedTRLLoss,
     as_trl_config,
+    check_meta_rows,
     check_prepared_index,
     with_target_column,
 )
@@ -129,6 +131,7 @@ class MetaRewardTrainer(WeightedTRLLoss, MetaLRTrainer, RewardTrainer):
 
     def _prepare_meta_dataset(self, meta_dataset: Any) -> Any:
         """The trusted pairs prepared as ``RewardTrainer`` prepared the train set, with their margins as targets."""
+        check_meta_rows(self._source_train_dataset, meta_dataset, PAIR_TEXT_COLUMNS)
         prepared = self._prepare_dataset(meta_dataset, self.processing_class, self.args, "meta")
         return _with_targets(prepared, "meta")
 

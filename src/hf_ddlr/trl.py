@@ -157,6 +157,54 @@ def check_prepared_index(trainer: MetaLRTrainer, why_dropped: str) -> None:
                        f"examples ({why_dropped}); their rates stay at 1.")
 
 
+SFT_TEXT_COLUMNS = ("messages", "prompt", "completion", "text")  # the row formats SFTTrainer prepares
+PAIR_TEXT_COLUMNS = ("prompt", "chosen", "rejected")  # the preference rows RewardTrainer and DPOTrainer prepare
+
+
+def _row_format(dataset: Any, columns: Sequence[str]) -> tuple[list[str], bool] | None:
+    """The text columns of ``columns`` that ``dataset`` has and whether its row 0 is conversational; None for a set
+    given already tokenised (none of those columns) or not a `datasets.Dataset`."""
+    from trl.data_utils import is_conversational
+
+    names = getattr(dataset, "column_names", None)
+    if not isinstance(names, list) or len(dataset) == 0:
+        return None
+    present = [c for c in columns if c in names]
+    return (present, is_conversational(dataset[0])) if present else None
+
+
+def check_meta_rows(train: Any, meta: Any, columns: Sequence[str]) -> None:
+    """Refuse a meta set whose rows are not in the train set's format, before TRL prepares it: the meta set is
+    prepared by the train set's function with its settings, so a conversational set beside a plain-text one (or a
+    missing ``prompt``) would be templated and masked otherwise than the train set — the rates would follow another
+    objective, silently — and a missing or empty column fails deep inside TRL's preparation without naming the meta
+    set. ``columns``: the text columns of the format (:data:`SFT_TEXT_COLUMNS`, :data:`PAIR_TEXT_COLUMNS`)."""
+    got, want = _row_format(meta, columns), _row_format(train, columns)
+    if want is None:
+        return  # a tokenised train set: the meta set's inputs are checked like any Trainer's
+    cols, conversational = want
+    kind = "conversational (lists of {'role', 'content'} messages)" if conversational else "plain text"
+    if got is None or got[0] != cols:
+        has = sorted(getattr(meta, "column_names", None) or []) if got is None else got[0]
+        raise ValueError(
+            f"The meta dataset's columns {has} are not the train set's text columns {cols}: TRL prepares the meta "
+            f"set with the train set's function and settings, so it needs the same format. Give the meta set the "
+            f"columns {cols}, {kind} like the train set's."
+        )
+    if got[1] != conversational:
+        other = "plain text" if conversational else "conversational (lists of {'role', 'content'} messages)"
+        raise ValueError(
+            f"The train set's rows are {kind} but the meta set's are {other}: the meta set would get another "
+            f"chat template and masking than the train set, and the rates would follow another objective. Give "
+            f"the meta set in the train set's format."
+        )
+    for i, row in enumerate(meta.select_columns(cols)):
+        empty = [c for c in cols if row[c] is None]
+        if empty:
+            raise ValueError(f"Row {i} of the meta dataset has no value in {empty} (None): every trusted row needs "
+                             f"all of {cols}.")
+
+
 def _refuse_with_rates(model: Any, args: TrainingArguments | None) -> None:
     """Refuse, before any preparation, what breaks the one-row-one-example keying of the rates or their loss."""
     if isinstance(model, str):
@@ -233,6 +281,7 @@ class MetaSFTTrainer(WeightedTRLLoss, MetaLRTrainer, SFTTrainer):
         the same completion-/assistant-only masking, truncation), never packed."""
         if self._skip_prepare_dataset:
             return meta_dataset
+        check_meta_rows(self._source_train_dataset, meta_dataset, SFT_TEXT_COLUMNS)
         return self._prepare_dataset(meta_dataset, self.processing_class, self.args, False, self._formatting_func,
                                      "meta")
 
