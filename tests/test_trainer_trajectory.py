@@ -198,3 +198,22 @@ def test_replay_reproduces_rates_divided_by_the_median(tmp_path, normalization):
     assert set(replayed) == set(cb.applied)
     for key, w in cb.applied.items():
         assert replayed[key] == pytest.approx(w, rel=1e-5, abs=1e-6), key
+
+
+def test_a_replay_that_trains_past_the_trajectorys_end_says_so_once(tmp_path, caplog):
+    """A checkpoint's trajectory replayed on the whole run: past its last epoch the replay can only keep the last
+    rates, which the original run never applied there, so it warns (once); the final save's trajectory, as long as
+    the run, replays without a word."""
+    train, meta = make_split(32, seed=1), make_split(8, seed=2)
+    kw = {**COMMON, "save_strategy": "steps", "save_steps": 4, "num_train_epochs": 3}
+    orig, _ = _train(tmp_path, "orig", train, meta, **kw)
+    orig.save_model()
+    for source, warnings in (("orig/checkpoint-8", 1), ("orig", 0)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="hf_ddlr.trajectory.replay"):
+            _train(tmp_path, "replay", train, None, **{**kw, "save_strategy": "no"},
+                   replay_trajectory=str(tmp_path / source))
+        said = [r.getMessage() for r in caplog.records if "trains past it" in r.getMessage()]
+        assert len(said) == warnings, (source, said)
+        if warnings:
+            assert "replay_trajectory ends at epoch 2, and this run trains past it (step 9 ends at epoch 2.25)" in said[0]

@@ -40,6 +40,26 @@ class TrajectoryReplayer:
         )
         if train_dataset is not None:
             self.trajectory.check_dataset(train_dataset, check_fingerprint=check_fingerprint)
+        self._warned_past_end = False
+
+    def _last_epoch(self) -> float:
+        """The last epoch the trajectory recorded anything at."""
+        t = self.trajectory
+        ends = [float(e[-1]) for e in (t.epochs, t.instance_epochs, t.class_epochs, t.group_epochs) if len(e)]
+        return max(ends, default=0.0)
+
+    def _warn_past_end(self, epoch: float, step: int) -> None:
+        """Once per run: the run trains on past the trajectory's end, where it can only keep the last rates."""
+        last = self._last_epoch()
+        if self._warned_past_end or epoch <= last + 1e-6:
+            return
+        self._warned_past_end = True
+        logger.warning(
+            f"replay_trajectory ends at epoch {last:g}, and this run trains past it (step {step + 1} ends at epoch "
+            f"{epoch:g}): from there on every step keeps the trajectory's last rates, which the original run never "
+            f"applied there. Replay the trajectory of a run as long as this one (its final save, not an earlier "
+            f"checkpoint), or stop this run at epoch {last:g} (num_train_epochs / max_steps)."
+        )
 
     def replays_weight_decay(self, requested: bool) -> bool:
         """Whether the run sets the weight decay from the trajectory: when ``requested``, and also when the
@@ -77,6 +97,7 @@ class TrajectoryReplayer:
         # The original run recorded, at the end of step s, the values after that step's meta update: a
         # same-step run had applied them in step s itself, a delayed one applies them from step s + 1 on.
         end = epoch_after(step if delayed else step + 1)
+        self._warn_past_end(epoch_after(step + 1), step)
         # A run with probes recorded at each epoch's end the rates its examples were trained with in that epoch.
         mode = "previous" if delayed and not t.config.get("probe_batches") else "next"
         if rates.instance is not None:
