@@ -377,3 +377,46 @@ def test_seq2seq_trainer_with_rates_evaluates_by_generation(tmp_path):
                            data_collator=_collator(task))
     np.testing.assert_array_equal(got.predictions, plain.predict(test).predictions)
 
+
+
+def _named_otherwise(name: str) -> torch.nn.Module:
+    """LM heads whose class name has no task suffix, as AutoModelForCausalLM / AutoModelForSeq2SeqLM load them."""
+    from transformers import BertLMHeadModel, GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTModel
+
+    torch.manual_seed(0)
+    if name == "GPT2LMHeadModel":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    if name == "BertLMHeadModel":
+        return BertLMHeadModel(_bert_config(is_decoder=True))
+    return MarianMTModel(MarianConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+                                      encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                      decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0, pad_token_id=0,
+                                      decoder_start_token_id=0))
+
+
+@pytest.mark.parametrize("name, task", [("GPT2LMHeadModel", "causal_lm"), ("BertLMHeadModel", "causal_lm"),
+                                        ("MarianMTModel", "seq2seq_lm")])
+def test_lm_heads_named_without_a_task_suffix_get_their_task_and_its_loss(name, task):
+    """GPT-2's and Marian's heads (what the Auto classes load for gpt2 or opus-mt) are read from transformers'
+    auto mappings: the task is theirs, and at rates 1 its loss and gradient are the model's own outputs.loss."""
+    model = _named_otherwise(name).train()
+    loss = resolve_task(model, None)
+    assert loss.task == task
+    batch = _batch(task)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref = model(**batch).loss
+    labels = batch.pop("labels")
+    L = loss(model(**decoder_inputs(model, batch, labels, loss)).logits, labels)
+    got = L.sum() / loss.num_targets([labels])
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(torch.autograd.grad(got, params), torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_an_lm_head_without_a_shifted_loss_is_refused_by_name():
+    from transformers import XLNetConfig, XLNetLMHeadModel
+
+    model = XLNetLMHeadModel(XLNetConfig(vocab_size=VOCAB, d_model=32, n_layer=1, n_head=2, d_inner=64))
+    with pytest.raises(ValueError, match="cannot weight the loss of XLNetLMHeadModel"):
+        resolve_task(model, None)

@@ -30,11 +30,28 @@ _UNSUPPORTED_HEADS = ("ForQuestionAnswering", "ForCTC", "ForObjectDetection", "S
                       "ForMaskedImageModeling", "ForPreTraining", "ForZeroShot", "ForImageTextRetrieval")
 
 
+def _auto_classes(mapping: str) -> frozenset[str]:
+    """The class names of one of transformers' auto-model mappings (what ``AutoModelFor...`` loads)."""
+    from transformers.models.auto import modeling_auto
+
+    names: set[str] = set()
+    for value in getattr(modeling_auto, mapping, {}).values():
+        names.update([value] if isinstance(value, str) else value)
+    return frozenset(names)
+
+
+# LM heads whose loss predicts each position's own label under a permutation or masking objective (no shift): they
+# are in the causal-LM auto mapping but fit neither the causal (shifted) nor the token-classification loss as used
+_NO_SHIFT_LM_HEADS = ("XLNetLMHeadModel", "XLMWithLMHeadModel", "FlaubertWithLMHeadModel")
+
+
 def _head_task(model: torch.nn.Module) -> str | None:
-    """The token-level task of a transformers head class, None for a sequence-level (or unknown) one."""
+    """The token-level task of a transformers head class, None for a sequence-level (or unknown) one: by the
+    class name's suffix, or, for the heads named otherwise (``GPT2LMHeadModel``, ``MarianMTModel``,
+    ``EncoderDecoderModel``, ...), by transformers' own auto-model mappings."""
     name = type(model).__name__
     cfg = getattr(model, "config", None)
-    if any(h in name for h in _UNSUPPORTED_HEADS):
+    if any(h in name for h in _UNSUPPORTED_HEADS) or name in _NO_SHIFT_LM_HEADS:
         raise ValueError(
             f"MetaLRTrainer cannot weight the loss of {name}: its outputs fit none of the supported tasks "
             f"({', '.join(TASKS)}; chosen from the model's class, config.problem_type and num_labels)."
@@ -47,6 +64,13 @@ def _head_task(model: torch.nn.Module) -> str | None:
         return "seq2seq_lm"
     if "ForConditionalGeneration" in name:  # a decoder-only generator (e.g. a vision-language model)
         return "causal_lm"
+    if name in _auto_classes("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"):
+        return "seq2seq_lm"
+    if name in _auto_classes("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"):
+        return "causal_lm"
+    if name in _auto_classes("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES") | _auto_classes(
+            "MODEL_FOR_MASKED_LM_MAPPING_NAMES"):
+        return "token_classification"
     return None
 
 
