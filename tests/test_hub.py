@@ -253,3 +253,26 @@ def test_cli_average_and_console_script(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "final instance rate: mean" in proc.stdout
     assert (tmp_path / "p" / "lr_trajectory_instance.png").is_file()
+    # `| head`: the reader stops early; a closed pipe is the end of the output, not an error
+    piped = subprocess.run(f"{' '.join(cmd)} show {tmp_path / 'avg'} --no-plots | head -1", shell=True,
+                           capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and piped.stdout.startswith("# Learned LR trajectory") and "error" not in piped.stderr
+
+
+def test_cli_average_refuses_to_write_over_a_run(tmp_path, capsys):
+    """A forgotten OUT_DIR makes the first run the output: refused, as is a folder holding a trajectory already
+    (unless --overwrite), so that no run's trajectory is replaced by an average beside its model."""
+    for f in range(2):
+        make_trajectory(seed=f).save_pretrained(tmp_path / f"run{f}")
+    before = LRTrajectory.from_pretrained(tmp_path / "run0")
+    assert cli.main(["average", str(tmp_path / "run0"), str(tmp_path / "run1")]) == 1
+    assert "already holds a trajectory" in capsys.readouterr().err
+    assert cli.main(["average", str(tmp_path / "run0"), str(tmp_path / "run0"), str(tmp_path / "run1")]) == 1
+    assert "is one of the runs to average" in capsys.readouterr().err
+    assert LRTrajectory.from_pretrained(tmp_path / "run0") == before
+    assert cli.main(["average", str(tmp_path / "avg"), str(tmp_path / "run1")]) == 0
+    assert "one run given" in capsys.readouterr().err
+    assert cli.main(["average", str(tmp_path / "avg"), str(tmp_path / "run0"), str(tmp_path / "run1")]) == 1
+    assert cli.main(["average", str(tmp_path / "avg"), str(tmp_path / "run0"), str(tmp_path / "run1"),
+                     "--overwrite"]) == 0
+    assert LRTrajectory.from_pretrained(tmp_path / "avg").config["averaged_over_runs"] == 2

@@ -1,7 +1,7 @@
 """``hf-ddlr`` command line: inspect, average and push learned LR trajectories.
 
     hf-ddlr show REPO_OR_DIR [--revision R] [--plots-dir DIR] [--json]
-    hf-ddlr average OUT_DIR RUN_DIR_OR_REPO [RUN_DIR_OR_REPO ...]
+    hf-ddlr average OUT_DIR RUN_DIR_OR_REPO [RUN_DIR_OR_REPO ...] [--overwrite]
     hf-ddlr push DIR REPO_ID [--private] [--revision R]
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -27,10 +28,14 @@ def _build_parser() -> argparse.ArgumentParser:
     show.add_argument("--no-plots", action="store_true", help="only print the summary")
     show.add_argument("--json", action="store_true", help="print the summary as JSON instead of Markdown")
 
-    avg = sub.add_parser("average", help="average k-fold trajectories (instance tables indexed by full train "
-                                         "position, NaN where a fold did not train) and save the result")
-    avg.add_argument("output_dir", metavar="OUT_DIR")
+    avg = sub.add_parser(
+        "average", help="average the trajectories of runs on the same train set (e.g. several seeds) and save the "
+                        "result; k-fold runs, each on another subset, need each fold's positions in the full train set: "
+                        "LRTrajectory.average(..., instance_indices=..., dataset=...), as examples/kfold_replay.py does")
+    avg.add_argument("output_dir", metavar="OUT_DIR", help="a new folder (or one without a trajectory, see --overwrite)")
     avg.add_argument("sources", metavar="RUN", nargs="+", help="local folders or Hub repo ids")
+    avg.add_argument("--overwrite", action="store_true",
+                     help="replace a trajectory already in OUT_DIR (refused otherwise: OUT_DIR may be a run's folder)")
 
     push = sub.add_parser("push", help="upload a saved trajectory (with plots and a card) to a Hub model repo")
     push.add_argument("source", metavar="DIR", help="folder holding lr_trajectory.safetensors/.json")
@@ -38,6 +43,21 @@ def _build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", default=None)
     push.add_argument("--revision", default=None, help="branch to push to (created when missing)")
     return parser
+
+
+def _check_average_output(output_dir: str, sources: Sequence[str], overwrite: bool) -> None:
+    """Refuse an OUT_DIR that is one of the runs, or that holds a trajectory already (without ``overwrite``): a
+    forgotten OUT_DIR would otherwise replace a run's trajectory with an average, beside that run's model."""
+    from .trajectory import TRAJECTORY_CONFIG_NAME, TRAJECTORY_TENSORS_NAME
+
+    out = os.path.abspath(output_dir)
+    if any(os.path.isdir(s) and os.path.abspath(s) == out for s in sources):
+        raise ValueError(f"OUT_DIR {output_dir} is one of the runs to average: give a new folder first, e.g. "
+                         f"hf-ddlr average averaged {' '.join(sources)}")
+    held = [n for n in (TRAJECTORY_TENSORS_NAME, TRAJECTORY_CONFIG_NAME) if os.path.isfile(os.path.join(out, n))]
+    if held and not overwrite:
+        raise ValueError(f"OUT_DIR {output_dir} already holds a trajectory ({', '.join(held)}): give a new folder "
+                         "first (hf-ddlr average OUT_DIR RUN [RUN ...]), or --overwrite to replace it.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for path in traj.save_plots(args.plots_dir):
                     print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
         elif args.command == "average":
+            _check_average_output(args.output_dir, args.sources, args.overwrite)
+            if len(args.sources) == 1:
+                print("hf-ddlr average: warning: one run given; its average is the run itself", file=sys.stderr)
             runs = [LRTrajectory.from_pretrained(s) for s in args.sources]
             avg = LRTrajectory.average(runs)
             for path in avg.save_pretrained(args.output_dir):
@@ -68,6 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             traj = LRTrajectory.from_pretrained(args.source)
             info = traj.push_to_hub(args.repo_id, private=args.private, revision=args.revision)
             print(f"pushed to {getattr(info, 'commit_url', args.repo_id)}")
+    except BrokenPipeError:  # the output piped into a command that stopped reading (`| head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second failure at exit's flush
+        return 0
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as err:
         print(f"hf-ddlr {args.command}: error: {err}", file=sys.stderr)
         return 1
