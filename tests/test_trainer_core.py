@@ -287,6 +287,9 @@ def test_model_returning_a_tuple(tmp_path):
         (dict(probe_batches=True), "probe_batches must be a number >= 0"),
         (dict(instance_rate_scale="key", lr_level="class"), "instance_rate_scale='key' sets the scale"),
         (dict(instance_rate_scale="key", meta_lr_scaling="raw"), "instance_rate_scale='key' sets the scale"),
+        (dict(probe_batches=2, lr_level="class"), "probe_batches=2 moves instance rates .* lr_level='class' has no"),
+        (dict(probe_batches=1, keep_history=False), "keep_history=False resets the instance rates"),
+        (dict(instance_rate_gradient="chain_rule"), "lr_level='instance' has no product of the two"),
     ],
 )
 def test_bad_config(tmp_path, kw, msg):

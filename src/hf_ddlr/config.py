@@ -482,6 +482,17 @@ def check_meta_options(opts: Any, weight_decay: float | None = None) -> None:
     if probes is not None and not (_is_finite_number(probes) and probes >= 0):
         raise ValueError(f"probe_batches must be a number >= 0 (0: only the step's own examples are scored, the "
                          f"paper's rule; None: by task), got {probes!r}.")
+    if probes and (opts.lr_level not in INSTANCE_LEVELS or not opts.keep_history):
+        why = (f"lr_level={opts.lr_level!r} has no instance rates" if opts.lr_level not in INSTANCE_LEVELS
+               else "keep_history=False resets the instance rates at every visit")
+        raise ValueError(f"probe_batches={probes} moves instance rates between their visits, but {why}: drop "
+                         "probe_batches (or use an instance level with keep_history=True).")
+    if opts.instance_rate_gradient != "effective" and opts.lr_level != "both":
+        raise ValueError(
+            f"instance_rate_gradient={opts.instance_rate_gradient!r} chooses how the instance rates step under a "
+            f"class or group rate (lr_level='both'); lr_level={opts.lr_level!r} has no product of the two: drop "
+            "instance_rate_gradient or use lr_level='both'."
+        )
     for name in ("max_rate", "max_instance_rate"):
         bound = getattr(opts, name)
         if bound is not None and not (_is_finite_number(bound) and bound > 0):
