@@ -306,3 +306,21 @@ def test_average_refuses_rows_of_different_train_sets_and_class_level_replays_an
     cls_avg.check_compatible({"num_examples": 10 * N, "fingerprint": "full"})
     with pytest.raises(ValueError, match="size mismatch"):
         make_trajectory(0).check_compatible({"num_examples": 10 * N, "fingerprint": "full"})
+
+
+def test_average_refuses_repeated_positions_and_mixed_levels_and_warns_without_fingerprints():
+    """A fold's positions must be distinct (a repeat would let one row overwrite another); runs of different rate
+    levels are refused as such (not by a label-name mismatch that follows from it); runs whose train sets have no
+    fingerprint cannot be checked to hold the same rows: averaged, with a warning naming the fix."""
+    a, b = make_trajectory(0), make_trajectory(1)
+    with pytest.raises(ValueError, match=r"instance_indices\[0\] names a full-train position more than once"):
+        LRTrajectory.average([a, b], instance_indices=[torch.zeros(N, dtype=torch.int64), torch.arange(N)],
+                             dataset={"num_examples": N, "fingerprint": None})
+    instance_only = make_trajectory(1)
+    instance_only._class, instance_only.label_names = [], None
+    with pytest.raises(ValueError, match="different levels .* average runs of one rate level"):
+        LRTrajectory.average([a, instance_only])
+    for t in (a, b):
+        t.dataset["fingerprint"] = None
+    with pytest.warns(UserWarning, match="no fingerprint .* cannot be checked"):
+        LRTrajectory.average([a, b])

@@ -41,6 +41,10 @@ def average_records(
         "config": {**first.config, "averaged_over_runs": len(trajs)},
         "model_name": first.model_name,
     }
+    levels = {(t.has_instance_rates, t.has_class_rates, t.has_group_rates) for t in trajs}
+    if len(levels) > 1:
+        raise ValueError("the runs learned rates at different levels (instance, class, group tables: "
+                         f"{sorted(levels)}); average runs of one rate level")
     for i, t in enumerate(trajs[1:], start=1):
         if t.label_names != first.label_names:
             raise ValueError(f"trajectory {i} has label names {t.label_names}, trajectory 0 has {first.label_names}")
@@ -222,6 +226,13 @@ def _same_set_tables(trajs: list[LRTrajectory], e: int) -> tuple[Iterator[torch.
                 f"instance_indices=[each fold's full-train positions, ...] and dataset=<full train "
                 f"signature> (as examples/kfold_replay.py does), or average runs on the same train set."
             )
+    if len(trajs) > 1 and not all(prints):
+        warnings.warn(
+            "averaging instance rates of runs whose train sets have no fingerprint (e.g. a torch Dataset): row i "
+            "is taken to be the same example in every run, which cannot be checked. For folds on different rows, "
+            "pass instance_indices=[each fold's full-train positions, ...] and dataset=<full train signature>.",
+            stacklevel=_CALLER + 2,
+        )
     sizes = {t.final_instance_rates.numel() for t in trajs}
     if len(sizes) != 1:
         raise ValueError(
@@ -252,6 +263,9 @@ def _indexed_tables(
             )
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_full):
             raise ValueError(f"instance_indices[{k}] has positions outside the full train set of {n_full}")
+        if idx.unique().numel() != idx.numel():
+            raise ValueError(f"instance_indices[{k}] names a full-train position more than once: each of the fold's "
+                             f"{width} rows is one example of the full train set, so its positions are distinct")
         positions.append(idx)
         if t.noise_mask is not None:
             noise[idx] = t.noise_mask
