@@ -217,3 +217,11 @@ def test_a_replay_that_trains_past_the_trajectorys_end_says_so_once(tmp_path, ca
         assert len(said) == warnings, (source, said)
         if warnings:
             assert "replay_trajectory ends at epoch 2, and this run trains past it (step 9 ends at epoch 2.25)" in said[0]
+
+
+def test_replaying_at_another_rate_level_names_the_level_recorded(tmp_path):
+    train, meta = make_split(32, seed=1), make_split(8, seed=2)
+    orig, _ = _train(tmp_path, "orig", train, meta, max_steps=4, lr_level="class")
+    orig.save_model()
+    with pytest.raises(ValueError, match=r"no instance rates; set lr_level to what it recorded \('class'\)"):
+        _train(tmp_path, "replay", train, None, max_steps=4, replay_trajectory=str(tmp_path / "orig"))

@@ -102,16 +102,18 @@ class TrajectoryReplayer:
         mode = "previous" if delayed and not t.config.get("probe_batches") else "next"
         if rates.instance is not None:
             if not t.has_instance_rates:
-                raise ValueError("The replayed trajectory has no instance rates; set lr_level to what it recorded.")
+                raise ValueError(f"The replayed trajectory has no instance rates; set lr_level to what it recorded "
+                                 f"({t.config.get('lr_level')!r}).")
             rates.instance.copy_(t.instance_rates_at(mid, mode=mode).to(rates.instance.device))
         if rates.per_class is not None:
             if not t.has_class_rates:
-                raise ValueError("The replayed trajectory has no class rates; set lr_level to what it recorded.")
+                raise ValueError(f"The replayed trajectory has no class rates; set lr_level to what it recorded "
+                                 f"({t.config.get('lr_level')!r}).")
             rates.per_class.copy_(t.class_rates_at(epoch=end).to(rates.per_class.device))
         if rates.per_group is not None:
             if not t.has_group_rates:
                 raise ValueError("The replayed trajectory has no group rates; set lr_level and group_column to what "
-                                 "it recorded.")
+                                 f"it recorded ({t.config.get('lr_level')!r}, {t.config.get('group_column')!r}).")
             rates.per_group.copy_(t.group_rates_at(epoch=end).to(rates.per_group.device))
         if weight_decay and t.num_steps:
             if delayed and step == 0:  # before the first record: the original run's starting value
