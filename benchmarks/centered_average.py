@@ -29,6 +29,7 @@ Writes centered_average.json (every run; a rerun skips the runs already there) a
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from collections.abc import Iterator, Mapping
@@ -193,7 +194,7 @@ def render(runs: list[dict], command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = R.cell_seed_parser(__doc__, os.path.join(R.HERE, "results", "centered_average"))
+    p = R.cell_seed_parser(__doc__, os.path.join(R.HERE, "results", "centered_average"), jobs=True)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                    help="the runs to make (the second runs make the recording run too; default: all)")
     p.add_argument("--quick", action="store_true", help="tiny subsample, 1 epoch (smoke test; robustness.py's)")
@@ -201,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     if "plain" not in args.methods:
         raise SystemExit("--methods needs 'plain': the table counts every run against it.")
     R.run_diagnostic(args.output_dir, "centered_average", "centered_average.py", argv, R.select_cells(args.cells),
-                     args.seeds, lambda cell, seed, methods, bar: run_seed(cell, seed, methods, bar, args.quick),
-                     "centered average", render, methods=args.methods, keep=lambda r: r["quick"] == args.quick)
+                     args.seeds, functools.partial(run_seed, quick=args.quick), "centered average", render,
+                     methods=args.methods, keep=lambda r: r["quick"] == args.quick, jobs=args.jobs)
     return 0
 
 

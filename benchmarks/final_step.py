@@ -15,6 +15,7 @@ Writes final_step.json (every run with its trace; a rerun skips the runs already
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -100,8 +101,13 @@ def render(runs: list[dict], last: int, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def train(cell: R.Cell, seed: int, methods: list[str], bar, *, every: int, quick: bool) -> list[dict]:
+    """:func:`robustness.run_missing`'s unit of work (module-level, so that ``--jobs`` workers can run it)."""
+    return run_seed(cell, seed, methods, every, bar, quick)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = R.cell_seed_parser(__doc__, os.path.join(R.HERE, "results", "final_step"))
+    p = R.cell_seed_parser(__doc__, os.path.join(R.HERE, "results", "final_step"), jobs=True)
     p.add_argument("--methods", nargs="+", default=["plain", "metalr"], choices=R.METHODS)
     p.add_argument("--every", type=int, default=20, help="evaluate the test split every this many optimizer steps")
     p.add_argument("--last", type=int, default=5, help="the evaluations at the end that the mean is taken over")
@@ -113,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(R.RUN_SETTINGS["threads"])
     shown = R.run_missing(  # runs recorded before the quick flag existed were all full runs
         path, runs, R.select_cells(args.cells), args.seeds,
-        lambda cell, seed, methods, bar: run_seed(cell, seed, methods, args.every, bar, args.quick),
-        "final step", methods=args.methods, keep=lambda r: r.get("quick", False) == args.quick)
+        functools.partial(train, every=args.every, quick=args.quick),
+        "final step", methods=args.methods, keep=lambda r: r.get("quick", False) == args.quick, jobs=args.jobs)
     md = render(sorted(shown, key=lambda r: (r["cell"], r["seed"])), args.last, command)
     R.write_table(args.output_dir, "final_step", md)
     return 0

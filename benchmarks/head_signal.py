@@ -195,8 +195,13 @@ def plot(runs: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def train(cell: R.Cell, seed: int, _methods: list, bar) -> list[dict]:
+    """:func:`robustness.run_missing`'s unit of work (module-level, so that ``--jobs`` workers can run it)."""
+    return run_seed(cell, seed, bar)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = R.cell_seed_parser(__doc__, os.path.join(R.HERE, "results", "head_signal"))
+    p = R.cell_seed_parser(__doc__, os.path.join(R.HERE, "results", "head_signal"), jobs=True)
     args = p.parse_args(argv)
     R.datasets.disable_progress_bars()
     R.transformers.logging.set_verbosity_error()  # the MiniLM head's "newly initialized" notice, once per run
@@ -205,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{bad} are not MiniLM fine-tunes; head_signal.py needs a text cell (e.g. "
                          "vader-minilm-ft-flip30), whose classifier sits on the pooler's features.")
     shown = R.run_diagnostic(args.output_dir, "head_signal", "head_signal.py", argv, cells, args.seeds,
-                             lambda cell, seed, methods, bar: run_seed(cell, seed, bar), "head signal", render)
+                             train, "head signal", render, jobs=args.jobs)
     if shown:
         plot(shown, os.path.join(args.output_dir, "head_signal.png"))
     return 0

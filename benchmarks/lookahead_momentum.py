@@ -20,6 +20,7 @@ Writes lookahead_momentum.json (every run; a rerun skips the runs already there)
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from collections.abc import Iterator
@@ -120,8 +121,13 @@ def render(runs: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def train(cell: R.Cell, seed: int, methods: list[str], bar, *, momentum: float, quick: bool) -> list[dict]:
+    """:func:`robustness.run_missing`'s unit of work (module-level, so that ``--jobs`` workers can run it)."""
+    return run_seed(cell, seed, methods, momentum, bar, quick)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = R.cell_seed_parser(__doc__, os.path.join(R.HERE, "results", "lookahead_momentum"))
+    p = R.cell_seed_parser(__doc__, os.path.join(R.HERE, "results", "lookahead_momentum"), jobs=True)
     p.add_argument("--momentum", type=float, default=0.9, help="μ of the momentum step the lookahead lands at")
     p.add_argument("--quick", action="store_true", help="tiny subsample, 1 epoch (smoke test; robustness.py's)")
     args = p.parse_args(argv)
@@ -133,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                          "pick plain-SGD cells (the 'sgd' recipe, e.g. mnist-cnn-sgd-flip35).")
     R.run_diagnostic(
         args.output_dir, "lookahead_momentum", "lookahead_momentum.py", argv, cells, args.seeds,
-        lambda cell, seed, methods, bar: run_seed(cell, seed, methods, args.momentum, bar, args.quick),
-        "momentum lookahead", render, methods=METHODS, keep=lambda r: r["quick"] == args.quick)
+        functools.partial(train, momentum=args.momentum, quick=args.quick),
+        "momentum lookahead", render, methods=METHODS, keep=lambda r: r["quick"] == args.quick, jobs=args.jobs)
     return 0
 
 

@@ -25,6 +25,7 @@ benchmarks/results/rate_rules).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -172,20 +173,24 @@ def render(runs: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def train(cell: R.Cell, seed: int, _missing: list, bar, *, quick: bool) -> list[dict]:
+    """:func:`robustness.run_missing`'s unit of work (module-level, so that ``--jobs`` workers can run it)."""
+    run = run_seed(cell, seed, quick)
+    bar.write(f"[rate_rules] {cell.name} seed {seed}: " + ", ".join(
+        f"{c} {run[c]:.3f}" for c in COLUMNS) + f" (replay check {run['replay_check']:.1e})")
+    bar.update()
+    return [run]
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = R.cell_seed_parser(__doc__, os.path.join(R.HERE, "results", "rate_rules"))
+    p = R.cell_seed_parser(__doc__, os.path.join(R.HERE, "results", "rate_rules"), jobs=True)
     p.add_argument("--quick", action="store_true", help="tiny subsample, 1 epoch (smoke test)")
     args = p.parse_args(argv)
     path, runs, command = R.open_results(args.output_dir, "rate_rules", "rate_rules.py", argv)
-    def train(cell: R.Cell, seed: int, _missing: list, bar) -> list[dict]:
-        run = run_seed(cell, seed, args.quick)
-        bar.write(f"[rate_rules] {cell.name} seed {seed}: " + ", ".join(
-            f"{c} {run[c]:.3f}" for c in COLUMNS) + f" (replay check {run['replay_check']:.1e})")
-        bar.update()
-        return [run]
-
-    shown = sorted(R.run_missing(path, runs, R.select_cells(args.cells), args.seeds, train, "rate rules",
-                                 keep=lambda r: r["quick"] == args.quick), key=lambda r: (r["cell"], r["seed"]))
+    shown = sorted(R.run_missing(path, runs, R.select_cells(args.cells), args.seeds,
+                                 functools.partial(train, quick=args.quick), "rate rules",
+                                 keep=lambda r: r["quick"] == args.quick, jobs=args.jobs),
+                   key=lambda r: (r["cell"], r["seed"]))
     md = render(shown, command)
     R.write_table(args.output_dir, "rate_rules", md)
     bad = [r for r in shown if not math.isfinite(r["replay_check"]) or r["replay_check"] > 1e-4]

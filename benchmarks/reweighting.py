@@ -44,6 +44,7 @@ benchmarks/results/reweighting/<baseline>).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from collections.abc import Iterator
@@ -423,8 +424,14 @@ def plot(runs: list[dict], path: str, method: str = "mwnet") -> None:
     plt.close(fig)
 
 
+def train(cell: R.Cell, seed: int, missing: list[str], bar, *, known: dict, options: dict,
+          quick: bool) -> list[dict]:
+    """:func:`robustness.run_missing`'s unit of work (module-level, so that ``--jobs`` workers can run it)."""
+    return run_seed(cell, seed, missing, known, options, bar, quick)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = R.cell_seed_parser(__doc__, "")
+    p = R.cell_seed_parser(__doc__, "", jobs=True)
     p.add_argument("--baseline", choices=BASELINES, default="mwnet", help="the reweighting method beside MetaLR")
     p.add_argument("--matrix", default=os.path.join(R.HERE, "results", "robustness.json"),
                    help="robustness.py's JSON: its plain and MetaLR runs with current fingerprints are reused")
@@ -465,8 +472,8 @@ def main(argv: list[str] | None = None) -> int:
 
     runs_now = R.run_missing(
         path, runs, cells, args.seeds,
-        lambda cell, seed, missing, bar: run_seed(cell, seed, missing, known, options, bar, args.quick),
-        args.baseline, methods=methods, keep=keep)
+        functools.partial(train, known=known, options=options, quick=args.quick),
+        args.baseline, methods=methods, keep=keep, jobs=args.jobs)
     shown = R.in_matrix_order(runs_now)
     R.write_table(output_dir, "reweighting", render(shown, command, args.baseline, options))
     if args.baseline in ("mwnet", "prior"):

@@ -615,13 +615,14 @@ def write_table(output_dir: str, name: str, md: str) -> None:
 def run_diagnostic(output_dir: str, name: str, script: str, argv: list[str] | None, cells: list[Cell],
                    seeds: list[int], train: Callable[[Cell, int, list, Any], list[dict]], desc: str,
                    render: Callable[[list[dict], str], str], methods: Sequence = (None,),
-                   keep: Callable[[dict], bool] = lambda r: True) -> list[dict]:
+                   keep: Callable[[dict], bool] = lambda r: True, jobs: int = 1) -> list[dict]:
     """A diagnostic's whole run: its results in ``output_dir``/``name``.json opened (:func:`open_results`), the
-    missing runs trained on the matrix's thread count (:func:`run_missing`), and ``render(runs shown, in matrix
-    order, command)`` written as ``name``.md and printed. Returns the runs shown, in that order."""
+    missing runs trained on the matrix's thread count (:func:`run_missing`, in ``jobs`` worker processes), and
+    ``render(runs shown, in matrix order, command)`` written as ``name``.md and printed. Returns the runs shown,
+    in that order."""
     path, runs, command = open_results(output_dir, name, script, argv)
     torch.set_num_threads(RUN_SETTINGS["threads"])
-    shown = in_matrix_order(run_missing(path, runs, cells, seeds, train, desc, methods, keep))
+    shown = in_matrix_order(run_missing(path, runs, cells, seeds, train, desc, methods, keep, jobs=jobs))
     write_table(output_dir, name, render(shown, command))
     return shown
 
@@ -637,7 +638,7 @@ def run_missing(path: str, runs: list[dict], cells: list[Cell], seeds: list[int]
     method) as it goes. ``runs`` grows in place and is written to ``path`` after every seed, so an interrupted
     diagnostic keeps what it finished and its rerun goes on from there. With ``jobs`` > 1 the seeds are trained
     side by side in that many worker processes (:func:`in_workers`; ``train`` must then be a module-level
-    function), each saved as it finishes. Returns the runs ``keep`` accepts: a ``--quick`` smoke run, or a run of
+    function, or a ``functools.partial`` of one with its options as keywords), each saved as it finishes. Returns the runs ``keep`` accepts: a ``--quick`` smoke run, or a run of
     other options, in the same folder is kept in the JSON but not shown.
     """
     done = {(r["cell"], r["seed"], r.get("method")) for r in runs if keep(r)}
@@ -931,10 +932,13 @@ def _run_in_worker(name: str, seed: int, method: str, quick: bool) -> dict:
 
 
 class _NoBar:
-    """A progress bar's ``update`` for work done in a worker process: the parent advances its own bar."""
+    """A progress bar for work done in a worker process: the parent advances its own bar; a line is printed."""
 
     def update(self, n: int = 1) -> None:
         pass
+
+    def write(self, line: str) -> None:
+        print(line, flush=True)
 
 
 def _train_in_worker(train: Callable, name: str, seed: int, missing: list) -> list[dict]:

@@ -6,6 +6,7 @@ the robustness matrix runs two cells at --quick (tiny data, one epoch) in a subp
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -1283,11 +1284,12 @@ def test_a_diagnostic_trains_its_seeds_in_worker_processes(tmp_path, monkeypatch
     R = _load("robustness")
     (tmp_path / "fake_diagnostic.py").write_text(
         "import os\nimport robustness as R\n\n"
-        "def train(cell, seed, missing, bar):\n"
+        "def train(cell, seed, missing, bar, *, tag=None):\n"
         "    if seed == 3:\n"
         "        raise ValueError('seed 3 breaks')\n"
         "    bar.update(len(missing))\n"
-        "    return [{'cell': cell.name, 'seed': seed, 'method': m, 'pid': os.getpid(),\n"
+        "    bar.write(f'trained seed {seed}')\n"
+        "    return [{'cell': cell.name, 'seed': seed, 'method': m, 'pid': os.getpid(), 'tag': tag,\n"
         "             'meta_lr': R.OVERRIDES.get('meta_lr'), 'threads': R.torch.get_num_threads()} for m in missing]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(R, "OVERRIDES", {"meta_lr": 0.25})
@@ -1300,11 +1302,13 @@ def test_a_diagnostic_trains_its_seeds_in_worker_processes(tmp_path, monkeypatch
     assert sorted((r["seed"], r["method"]) for r in saved) == [(0, "a"), (0, "b"), (1, "a"), (1, "b")]
     assert all(r["pid"] != os.getpid() and r["meta_lr"] == 0.25 and r["threads"] == 1 for r in saved)
     runs = saved + [{"cell": cells[0].name, "seed": 2, "method": "a", "pid": 0}]
-    shown = R.run_missing(path, runs, cells, [0, 1, 2], fake.train, "fake", methods=("a", "b"), jobs=2)
+    shown = R.run_missing(path, runs, cells, [0, 1, 2], functools.partial(fake.train, tag="opt"), "fake",
+                          methods=("a", "b"), jobs=2)  # a diagnostic's options reach the workers as keywords
     assert sorted((r["seed"], r["method"]) for r in shown) == [(0, "a"), (0, "b"), (1, "a"), (1, "b"), (2, "a"),
                                                                 (2, "b")]
     assert [r["pid"] for r in shown if r["seed"] < 2] == [r["pid"] for r in saved]  # not retrained
     assert {r["method"]: r["pid"] != os.getpid() for r in shown if r["seed"] == 2} == {"a": True, "b": True}
     assert [r["pid"] for r in shown if r["seed"] == 2 and r["method"] == "a"] == [0]  # only "b" was trained
+    assert [r["tag"] for r in shown if r["seed"] == 2 and r["method"] == "b"] == ["opt"]
     with pytest.raises(SystemExit):
         R.cell_seed_parser("doc", str(tmp_path), jobs=True).parse_args(["--cells", "x", "--jobs", "0"])
