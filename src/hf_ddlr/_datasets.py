@@ -133,7 +133,7 @@ def _check_label_type(name: str, dataset: Any) -> None:
 
 
 def check_datasets(train_dataset: Any, meta_dataset: Any, class_labels: bool = True) -> None:
-    """Refuse, at construction, sets the rates cannot be learned or replayed on: no train set, streaming
+    """Refuse, at construction, sets the rates cannot be learned or replayed on: no train set, an empty one, streaming
     (iterable) sets and, for a task with class labels (``class_labels``), sets without labels and labels that
     are not integer class ids. Other tasks' labels (multi-hot, float targets, token labels that a collator may
     make) are checked by the loss on the first batch."""
