@@ -6,7 +6,8 @@ average is replayed on the *full* train set with the same schedule and no meta s
 the same schedule is the baseline. Writes results.json, the averaged trajectory (+ plots) and, with
 --push_to_hub, uploads the replayed model together with the trajectory and a model card.
 
-Offline (embedded MNIST digits, small CNN):
+Offline (embedded MNIST digits, small CNN, the offline demo's recipe: SGD 0.05 + momentum, 1-epoch warm-up,
+8 epochs, as every example's --dataset embedded):
     python examples/kfold_replay.py --dataset embedded --output_dir outputs/kfold --k 3
 CIFAR-100 from the Hub, ResNet-18, on GPUs:
     accelerate launch examples/kfold_replay.py --dataset cifar100 --model resnet18 --k 5 \
@@ -18,24 +19,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 
 import datasets
 import torch
 from accelerate import PartialState
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
-from hf_ddlr import MetaLRConfig, MetaLRTrainer
-from hf_ddlr.data import (
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as common  # noqa: E402
+
+from hf_ddlr import MetaLRConfig, MetaLRTrainer  # noqa: E402
+from hf_ddlr.data import (  # noqa: E402
     CIFAR100_MEAN,
-    CIFAR100_REPO_ID,
     CIFAR100_STD,
     compute_mean_std,
     kfold_splits,
-    load_embedded,
     make_transform,
 )
-from hf_ddlr.trajectory import LRTrajectory, dataset_signature
+from hf_ddlr.trajectory import LRTrajectory, dataset_signature  # noqa: E402
 
 
 @dataclass
@@ -44,7 +47,15 @@ class ScriptArguments:
     model: str = field(default="auto", metadata={"help": "'small_cnn', 'resnet18' or 'auto' (small_cnn offline).",
                                                   "choices": ["auto", "small_cnn", "resnet18"]})
     k: int = field(default=3, metadata={"help": "Number of folds."})
-    quick: bool = field(default=False, metadata={"help": "Tiny budget (a few hundred examples, 1 epoch) for tests."})
+    quick: bool = field(default=False, metadata={"help": "Tiny budget (600 train / 200 test images drawn "
+                                                           "class-balanced, 1 epoch) for tests."})
+
+
+def presets(s: ScriptArguments) -> dict:
+    """The image examples' SGD recipe (the offline demo's on the embedded digits); no evaluation set and no
+    checkpoints: the script evaluates the replay and the plain run on the test split at the end."""
+    return {**common.sgd_image_presets(s, "kfold_replay", cifar_epochs=200), "eval_strategy": "no",
+            "save_strategy": "no"}
 
 
 def _materialize(split: datasets.Dataset, to_tensor) -> datasets.Dataset:
@@ -73,17 +84,9 @@ def _model(name: str, num_labels: int, channels: int, size: int, seed: int):
 
 
 def _load(script: ScriptArguments, args: MetaLRConfig) -> tuple[datasets.DatasetDict, list]:
-    """The raw splits (labels as ``label``, with ``sample_index``) and the k folds; --quick cuts the data down
-    and shortens the run."""
-    if script.dataset == "embedded":
-        raw = load_embedded("mnist")
-    elif script.dataset == "cifar100":
-        raw = datasets.load_dataset(CIFAR100_REPO_ID)  # the same call load_cifar100 makes
-    else:
-        raise ValueError(f"--dataset must be 'embedded' or 'cifar100', got {script.dataset!r}")
-    if script.quick:
-        raw = datasets.DatasetDict(train=raw["train"].select(range(600)), test=raw["test"].select(range(200)))
-        args.num_train_epochs, args.logging_steps = 1, 5
+    """The raw splits (labels as ``label``, with ``sample_index``) and the k folds; --quick draws 600 train and
+    200 test images class-balanced (the splits are in class order: a first-600 cut would hold two digits)."""
+    raw = common.load_raw(script.dataset, *((600, 200) if script.quick else (None, None)), seed=args.seed)
     folds = kfold_splits(raw, script.k, seed=args.seed)  # fold i: train = other folds, meta = fold i
     raw = datasets.DatasetDict({
         k: v.rename_column("fine_label", "label").add_column("sample_index", list(range(len(v))))
@@ -101,7 +104,7 @@ def _fold_trajectories(folds: list, args: MetaLRConfig, make_model, to_tensor, i
                   flush=True)
         # dataclasses.replace, not to_dict(): to_dict() masks hub_token as "<HUB_TOKEN>"
         fold_args = dataclasses.replace(args, output_dir=os.path.join(args.output_dir, f"fold_{i}"),
-                                        push_to_hub=False, save_strategy="no", report_to=[])
+                                        push_to_hub=False, report_to=[])
         trainer = MetaLRTrainer(
             model=make_model(), args=fold_args,
             train_dataset=_materialize(fold["train"], to_tensor), meta_dataset=_materialize(fold["meta"], to_tensor),
@@ -113,7 +116,7 @@ def _fold_trajectories(folds: list, args: MetaLRConfig, make_model, to_tensor, i
 
 
 def main() -> dict:
-    script, args = HfArgumentParser((ScriptArguments, MetaLRConfig)).parse_args_into_dataclasses()
+    script, args = common.parse_args(ScriptArguments, presets)
     raw, folds = _load(script, args)
     mean, std = (CIFAR100_MEAN, CIFAR100_STD) if script.dataset == "cifar100" else compute_mean_std(raw["train"])
     to_tensor = make_transform(augment=False, mean=mean, std=std)
