@@ -8,6 +8,7 @@ offline settings can stand in for the download.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -126,3 +127,14 @@ def test_hub_server_model_upload_and_download(hub_server, tmp_path, monkeypatch)
     )
     with pytest.raises(huggingface_hub.errors.RepositoryNotFoundError):
         api.model_info("tester/missing")
+
+
+def test_load_cifar100_offline_says_what_to_do(tmp_path):
+    """Offline with nothing cached: the error names the offline alternative (the embedded digits), not only the
+    datasets library's connection error."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "home")}
+    code = ("from hf_ddlr.data import load_cifar100\n"
+            "try:\n    load_cifar100()\nexcept ConnectionError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Could not load uoft-cs/cifar100" in proc.stdout and "load_embedded('mnist')" in proc.stdout

@@ -95,3 +95,12 @@ def test_every_config_help_formats(name):
 
     text = " ".join(HfArgumentParser(getattr(hf_ddlr, name)).format_help().split())
     assert "--meta_lr" in text and "--max_instance_rate" in text and "--learning_rate" in text
+
+
+@pytest.mark.parametrize("epochs", ["0", "-1"])
+def test_demo_refuses_a_run_of_no_epochs(epochs):
+    from hf_ddlr.demo import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--epochs", epochs])
+    assert exc.value.code == 2

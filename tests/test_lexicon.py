@@ -84,3 +84,19 @@ def test_preference_pairs_are_ordered_by_rating_on_disjoint_vocabularies():
     assert again["train"]["chosen"] == ds["train"]["chosen"]
     with pytest.raises(ValueError, match="flip must be in"):
         make_preference_pairs(lex["text"], lex["score"], flip=1.0)
+
+
+def test_lexicon_helpers_refuse_what_they_cannot_split_by_name(lexicon):
+    """More meta rows than a class has, a label that is not a ClassLabel, or words and ratings that do not pair up:
+    refused with what to change, not a numpy sampling error, a KeyError or an IndexError."""
+    import datasets
+
+    with pytest.raises(ValueError, match=r"meta_per_class=5000 must be at least 1 and at most the smallest class's"):
+        D.make_lexicon_variant(lexicon, meta_per_class=5000)
+    with pytest.raises(ValueError, match="needs a datasets.Dataset with a ClassLabel 'label' column .* no label column"):
+        D.make_lexicon_variant(lexicon.rename_column("label", "y"))
+    as_int = lexicon.cast_column("label", datasets.Value("int64"))
+    with pytest.raises(ValueError, match=r"ClassLabel 'label' column \(got Value\)"):
+        D.make_lexicon_variant(as_int)
+    with pytest.raises(ValueError, match="got 20 words and 10 ratings"):
+        D.make_preference_pairs([f"w{i}" for i in range(20)], list(range(10)))

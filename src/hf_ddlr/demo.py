@@ -157,6 +157,14 @@ def format_table(plain: dict, meta: dict) -> str:
     return "\n".join(rows)
 
 
+def _positive(text: str) -> float:
+    """``--epochs``: a number of epochs > 0 (fractions allowed)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict:
     d = NoisyDigitsSetup()
     p = argparse.ArgumentParser(
@@ -171,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--output_dir", default="outputs/demo",
                    help="Folder for results.json, results.md, the rate plot and each method's run.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the noise, the meta split, the model and the data order.")
-    p.add_argument("--epochs", type=float, default=NoisyDigitsSetup.epochs, help="Training epochs of both runs.")
+    p.add_argument("--epochs", type=_positive, default=NoisyDigitsSetup.epochs, help="Training epochs of both runs.")
     p.add_argument("--dataset", default="mnist", choices=["mnist", "digits"],
                    help="Embedded digits: 'mnist' (5,000 MNIST digits, 28x28) or 'digits' (scikit-learn's 1,797, 8x8).")
     a = p.parse_args(argv)

@@ -80,9 +80,17 @@ def load_cifar100(
     """
     from hf_ddlr.data.variants import make_variant
 
-    raw = datasets.load_dataset(
-        repo_id, revision=revision, cache_dir=None if cache_dir is None else str(cache_dir)
-    )
+    try:
+        raw = datasets.load_dataset(
+            repo_id, revision=revision, cache_dir=None if cache_dir is None else str(cache_dir)
+        )
+    except ConnectionError as err:  # offline (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE) or the Hub unreachable
+        raise ConnectionError(
+            f"Could not load {repo_id} from the Hub or the local cache ({err}). Without network, download it once "
+            f"where the Hub is reachable (the cache is then reused offline), or pass a mirror as repo_id; for an "
+            f"offline run on real images use hf_ddlr.data.load_embedded('mnist') with make_variant(...) (the "
+            f"examples' --dataset embedded)."
+        ) from err
     if not isinstance(raw, datasets.DatasetDict) or not {"train", "test"} <= set(raw):
         raise ValueError(
             f"{repo_id} did not load as a DatasetDict with 'train' and 'test' splits (got {type(raw).__name__} "

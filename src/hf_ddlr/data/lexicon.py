@@ -118,8 +118,22 @@ def make_lexicon_variant(
     "flip" or "pair"). Every split keeps the input columns and gets ``clean_label`` (the true label),
     ``is_noisy`` and ``sample_index`` (row position in its split, what MetaLRTrainer indexes rates by).
     """
-    names = lexicon.features["label"].names
+    feature = lexicon.features.get("label") if hasattr(lexicon, "features") else None
+    if not isinstance(feature, datasets.ClassLabel):
+        raise ValueError(
+            f"make_lexicon_variant needs a datasets.Dataset with a ClassLabel 'label' column (got "
+            f"{type(feature).__name__ if feature is not None else 'no label column'}): e.g. "
+            f"dataset.cast_column('label', datasets.ClassLabel(names=[...])), or load_vader_lexicon() / "
+            f"load_afinn_lexicon()."
+        )
+    names = feature.names
     y = np.asarray(lexicon["label"], dtype=np.int64)
+    counts = np.bincount(y, minlength=len(names))
+    if meta_per_class < 1 or meta_per_class > counts.min():
+        raise ValueError(
+            f"meta_per_class={meta_per_class} must be at least 1 and at most the smallest class's {counts.min()} "
+            f"rows (class counts {dict(zip(names, counts.tolist()))})."
+        )
     rng = np.random.default_rng([seed, 0])
     meta_rows = np.sort(
         np.concatenate(
@@ -187,6 +201,8 @@ def make_preference_pairs(
     (``is_flipped``; never in meta / test). Columns: ``chosen``, ``rejected``, ``is_flipped``."""
     if not 0.0 <= flip < 1.0:
         raise ValueError(f"flip must be in [0, 1), got {flip!r}.")
+    if len(words) != len(ratings):
+        raise ValueError(f"words and ratings must pair up: got {len(words)} words and {len(ratings)} ratings.")
     words, ratings = np.asarray(words, dtype=object), np.asarray(ratings, dtype=np.float64)
     rng = np.random.default_rng([seed, 11])
     order = rng.permutation(len(words))
