@@ -129,6 +129,10 @@ def test_bad_configs_and_inputs():
         M.CifarResNetConfig(dropout_rate=1.0)
     with pytest.raises(Exception, match="one entry per stage"):
         M.CifarVGGConfig(stage_channels=[8, 16], stage_depths=[1])
+    for depths in ("2222", [2, 2.5], [2, True]):  # a string has a length and int-able characters
+        with pytest.raises(Exception, match="depths must be a list of at least 1 positive integers"):
+            M.CifarResNetConfig(depths=depths)
+    assert M.CifarResNetConfig(depths=[1, 1]).depths in ([1, 1], (1, 1))
     model = M.SmallCNNForImageClassification(M.SmallCNNConfig(num_labels=3, image_size=8, channels=[4]))
     with pytest.raises(ValueError, match=r"expects pixel_values of shape \(batch, 1, H, W\)"):
         model(torch.randn(2, 3, 8, 8))

@@ -14,7 +14,9 @@ from transformers import PreTrainedConfig
 
 
 def _positive_ints(name: str, values: list[int], min_len: int = 1) -> None:
-    if len(values) < min_len or any(int(v) <= 0 for v in values):
+    ok = isinstance(values, (list, tuple)) and len(values) >= min_len and all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+    if not ok:  # (a string such as "2222" has a length and int-able characters: refused here, not at build)
         raise ValueError(f"{name} must be a list of at least {min_len} positive integers, got {values!r}.")
 
 
