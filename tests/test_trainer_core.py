@@ -499,12 +499,13 @@ def test_infinite_bound_on_the_command_line_means_no_bound(tmp_path):
 
 
 @pytest.mark.parametrize("probes, probed, history", [(0, 0, True), (0.5, 4, True), (1, 8, True), (2, 16, True),
-                                                     (1, 0, False)])
+                                                     (None, 0, False)])
 def test_probes_move_the_rates_of_rows_outside_the_step(tmp_path, probes, probed, history):
     """probe_batches=k: a meta step also moves the rates of k x (the step's examples) rows taken in turn from a
     shuffled pass of their own (a function of the seed and the step); every other rate stays 1. Their rows go
     through the Trainer's preparation of the train set (here a transform that builds the inputs). Without history
-    (the no-history ablation resets every rate before the next step) nothing is probed."""
+    (the no-history ablation resets every rate before the next step) the default probes nothing (probes asked for
+    there are refused: test_bad_config)."""
     from hf_ddlr._batches import probe_indices
 
     def transform(batch):
