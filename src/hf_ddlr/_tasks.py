@@ -11,6 +11,7 @@ classification; float labels: multi-label classification). A model without a con
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +31,7 @@ _UNSUPPORTED_HEADS = ("ForQuestionAnswering", "ForCTC", "ForObjectDetection", "S
                       "ForMaskedImageModeling", "ForPreTraining", "ForZeroShot", "ForImageTextRetrieval")
 
 
+@functools.cache
 def _auto_classes(mapping: str) -> frozenset[str]:
     """The class names of one of transformers' auto-model mappings (what ``AutoModelFor...`` loads)."""
     from transformers.models.auto import modeling_auto

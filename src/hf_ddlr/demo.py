@@ -170,9 +170,10 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog=f"These four flags are all the demo takes. The rest of the setup is fixed ({d.noise_mode} noise on {round(100 * d.noise_rate)} percent of "
-        f"the labels, {d.meta_size} clean meta images, SGD lr {d.learning_rate} with momentum "
-        f"{d.momentum}, batch {d.batch_size}; MetaLRTrainer with the MetaLRConfig defaults). The scripts under "
+        epilog=f"These four flags are all the demo takes. The rest of the setup is fixed ({d.noise_mode} noise on "
+        f"{round(100 * d.noise_rate)} percent of the labels, {d.meta_size} clean meta images, SGD lr "
+        f"{d.learning_rate} with momentum {d.momentum}, batch {d.batch_size}; MetaLRTrainer with the MetaLRConfig "
+        "defaults). The scripts under "
         "examples/ take every MetaLRConfig and TrainingArguments option as a flag (--meta_lr, --lr_level, "
         "--learning_rate, ...; see their --help).",
     )

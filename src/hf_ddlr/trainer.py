@@ -586,9 +586,7 @@ class MetaLRTrainer(Trainer):
         if self._meta_active:
             self.save_model(_internal_call=True)  # every process, as in the push (a save can be collective)
             if self.is_world_process_zero():
-                self.create_model_card(model_name=kwargs.get("model_name") or (
-                    os.path.basename(os.path.normpath(self.args.output_dir)) if self.args.hub_model_id is None
-                    else self.args.hub_model_id.split("/")[-1]))
+                self.create_model_card(model_name=kwargs.get("model_name") or self._repo_id().split("/")[-1])
         try:
             return super().push_to_hub(*args, **kwargs)
         except Exception as err:

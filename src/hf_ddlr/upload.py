@@ -68,4 +68,3 @@ def upload_folder_with_retry_message(
             f"The folder is complete locally; retry with {hint}."
         )
         raise HubUploadError(message, folder_path=folder, repo_id=repo_id) from err
-

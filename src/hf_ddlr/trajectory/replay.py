@@ -40,17 +40,14 @@ class TrajectoryReplayer:
         )
         if train_dataset is not None:
             self.trajectory.check_dataset(train_dataset, check_fingerprint=check_fingerprint)
-        self._warned_past_end = False
-
-    def _last_epoch(self) -> float:
-        """The last epoch the trajectory recorded anything at."""
-        t = self.trajectory
+        t = self.trajectory  # the last epoch it recorded anything at (read once: each view copies its records)
         ends = [float(e[-1]) for e in (t.epochs, t.instance_epochs, t.class_epochs, t.group_epochs) if len(e)]
-        return max(ends, default=0.0)
+        self._last_epoch = max(ends, default=0.0)
+        self._warned_past_end = False
 
     def _warn_past_end(self, epoch: float, step: int) -> None:
         """Once per run: the run trains on past the trajectory's end, where it can only keep the last rates."""
-        last = self._last_epoch()
+        last = self._last_epoch
         if self._warned_past_end or epoch <= last + 1e-6:
             return
         self._warned_past_end = True
