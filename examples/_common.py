@@ -29,6 +29,7 @@ import torch
 from transformers import HfArgumentParser, Trainer
 
 from hf_ddlr import MetaLRConfig, MetaLRTrainer
+from hf_ddlr.meta.rates import INSTANCE_LEVELS
 
 IMAGE_MODELS = ("resnet18", "vgg16", "wrn28_10", "small_cnn")
 
@@ -170,10 +171,23 @@ def sgd_image_presets(script: Any, name: str, cifar_epochs: int, **extra: Any) -
     return common_presets(script, name, **p)
 
 
-def run_config(config: MetaLRConfig, script: Any, method: str, overrides: dict[str, Any]) -> MetaLRConfig:
+def run_config(config: MetaLRConfig, script: Any, method: str, overrides: dict[str, Any],
+               forced: dict[str, Any] | None = None) -> MetaLRConfig:
     """The config of one method's run: its own output sub-folder (and Hub repo), plus method defaults
-    (``overrides``) for the fields the user did not set on the command line."""
+    (``overrides``) for the fields the user did not set on the command line, and the values that define the
+    method (``forced``, e.g. ``keep_history=False`` for the no-history ablation) whatever the command line says.
+
+    A ``--probe_batches`` meant for the instance-level runs does not stop a comparison at a method that has no
+    instance rates to probe (a class level, no history): that method runs without probes, and says so."""
     changes = {k: v for k, v in overrides.items() if k not in script._explicit}
+    changes.update(forced or {})
+    level = changes.get("lr_level", config.lr_level)
+    history = changes.get("keep_history", config.keep_history)
+    probes = changes.get("probe_batches", config.probe_batches)
+    if probes and (level not in INSTANCE_LEVELS or not history):
+        say(f"[{method}] --probe_batches {probes:g} does not apply to {method} (no instance rates kept between "
+            "visits); it runs without probes.")
+        changes["probe_batches"] = None
     changes["output_dir"] = os.path.join(config.output_dir, method)
     if config.push_to_hub:
         base = config.hub_model_id or os.path.basename(os.path.normpath(config.output_dir))

@@ -40,7 +40,6 @@ Examples::
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = []
     for method in plan.methods:
         base, forced = METHODS[method]
-        args = dataclasses.replace(common.run_config(config, s, method, {}), **forced)
+        args = common.run_config(config, s, method, {}, forced)
         meta = base is MetaLRTrainer
         common.say(f"[noisy] training {method} ...")
         model = common.build_image_model(model_name, data, config.seed, s.dropout_rate)

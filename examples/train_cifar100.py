@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = []
     for method in plan.methods:
         base, defaults, forced = METHOD_SPECS[method]
-        args = dataclasses.replace(common.run_config(config, s, method, defaults), **forced)
+        args = common.run_config(config, s, method, defaults, forced)
         cls = common.trainer_class(base, decay, s.lr_decay_factor)
         model = common.build_image_model(model_name, data, config.seed)
         common.say(f"[cifar100] training {method} ...")

@@ -317,6 +317,29 @@ def test_flags_override_presets():
     assert common.step_decay(s, (0.5, 0.8)) == ()
 
 
+def test_a_probe_flag_for_the_instance_runs_does_not_stop_the_ablations(capsys):
+    """``--probe_batches`` with ``--methods metalr,metalr_nohistory,metalr_class``: the ablations have no instance
+    rates kept between visits (probes are refused there), so they run without probes and say so."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import noisy_cifar100
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    common = noisy_cifar100.common
+    s, cfg = common.parse_args(noisy_cifar100.NoisyOptions, noisy_cifar100.presets,
+                               ["--dataset", "embedded", "--probe_batches", "3", "--output_dir", "o"])
+    metalr = common.run_config(cfg, s, "metalr", {}, noisy_cifar100.METHODS["metalr"][1])
+    assert metalr.probe_batches == 3 and metalr.output_dir == os.path.join("o", "metalr")
+    assert "probe" not in capsys.readouterr().out
+    for method in ("metalr_nohistory", "metalr_class"):
+        args = common.run_config(cfg, s, method, {}, noisy_cifar100.METHODS[method][1])
+        assert args.probe_batches is None, method
+        assert f"[{method}] --probe_batches 3 does not apply" in capsys.readouterr().out
+    nohistory = common.run_config(cfg, s, "metalr_nohistory", {}, noisy_cifar100.METHODS["metalr_nohistory"][1])
+    assert nohistory.keep_history is False  # the method's own setting is kept
+    assert common.run_config(cfg, s, "metalr_class", {}, {"lr_level": "class"}).lr_level == "class"
+
+
 def test_quick_subsample_keeps_every_cifar100_class(synthetic_cifar100):
     """--quick on CIFAR-100 (400 train images) must still allow the class-balanced meta split."""
     import numpy as np
