@@ -121,7 +121,11 @@ def run_noisy_experiment(setup: NoisyDigitsSetup, method: str, output_dir: str, 
 
 
 def plot_rates(result: dict, noisy: np.ndarray, path: str) -> None:
-    """Mean ± std of the learned rates of clean and noisy examples over epochs."""
+    """Mean ± std of the learned rates of clean and noisy examples over epochs, and the final rates' means.
+
+    The curves are the trajectory's: the rate each example was trained with in each epoch. Probes move rates
+    between visits, so the final table (the results' AUROC and means) can lie below the last curve point; it is
+    drawn as a marker at the end so the plot and the table agree."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,8 +141,11 @@ def plot_rates(result: dict, noisy: np.ndarray, path: str) -> None:
         m, s = R[:, mask].mean(1), R[:, mask].std(1)
         ax.plot(ep, m, color=color, label=f"{name} examples (n={int(mask.sum())})")
         ax.fill_between(ep, *band(R[:, mask], m, s), color=color, alpha=0.2)
+    if "rate_clean" in result:
+        ax.scatter([ep[-1]] * 2, [result["rate_clean"], result["rate_noisy"]], marker="D", s=36, zorder=3,
+                   facecolors="none", edgecolors=["tab:blue", "tab:red"], label="final rates (the results table)")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("learned learning-rate multiplier")
+    ax.set_ylabel("learned learning-rate multiplier (as trained)")
     ax.set_title(f"Instance rates under {int(round(100 * noisy.mean()))}% label noise (mean ± std)")
     ax.legend()
     fig.tight_layout()
