@@ -638,26 +638,31 @@ def run_missing(path: str, runs: list[dict], cells: list[Cell], seeds: list[int]
     method) as it goes. ``runs`` grows in place and is written to ``path`` after every seed, so an interrupted
     diagnostic keeps what it finished and its rerun goes on from there. With ``jobs`` > 1 the seeds are trained
     side by side in that many worker processes (:func:`in_workers`; ``train`` must then be a module-level
-    function, or a ``functools.partial`` of one with its options as keywords), each saved as it finishes. Returns the runs ``keep`` accepts: a ``--quick`` smoke run, or a run of
+    function, or a ``functools.partial`` of one with its options as keywords), each saved as it finishes; the bar
+    then moves as each seed comes back. Returns the runs ``keep`` accepts: a ``--quick`` smoke run, or a run of
     other options, in the same folder is kept in the JSON but not shown.
     """
     done = {(r["cell"], r["seed"], r.get("method")) for r in runs if keep(r)}
     todo = [(c, s, [m for m in methods if (c.name, s, m) not in done]) for c in cells for s in seeds]
     todo = [t for t in todo if t[2]]
     with tqdm(total=bar_per_method * sum(len(t[2]) for t in todo), desc=desc, unit="run") as bar:
-        def save(got: list[dict], n_methods: int) -> None:
+        def save(got: list[dict]) -> None:
             runs.extend(got)
             write_json_atomic(path, {"runs": runs})
-            bar.update(bar_per_method * n_methods if jobs > 1 else 0)
 
-        if jobs > 1:
+        if jobs > 1:  # a worker has no bar: each seed's share moves as the seed comes back
             todo.sort(key=lambda t: -estimate_s(t[0]) * len(t[2]))
             sizes = {f"{c.name} seed {s}": len(m) for c, s, m in todo}
+
+            def collect(label: str, got: list[dict]) -> None:
+                save(got)
+                bar.update(bar_per_method * sizes[label])
+
             in_workers([(f"{c.name} seed {s}", _train_in_worker, (train, c.name, s, m)) for c, s, m in todo],
-                       jobs, None, lambda label, got: save(got, sizes[label]))
-        else:
+                       jobs, None, collect)
+        else:  # ``train`` moves the bar itself, run by run
             for cell, seed, missing in todo:
-                save(train(cell, seed, missing, bar), len(missing))
+                save(train(cell, seed, missing, bar))
     return [r for r in runs if keep(r)]
 
 
