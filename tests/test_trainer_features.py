@@ -628,19 +628,33 @@ def test_a_checkpoint_saved_at_an_epoch_end_holds_that_epochs_rates(tmp_path):
     assert torch.equal(resumed.rates.instance, straight.rates.instance)
 
 
-def test_load_best_model_at_end_brings_back_its_rates_and_trajectory(tmp_path):
+@pytest.mark.parametrize("save_only_model", [False, True])
+def test_load_best_model_at_end_brings_back_its_rates_and_trajectory(tmp_path, save_only_model):
+    """Also with ``save_only_model=True``, whose checkpoints hold no optimizer: the rates are saved with the model."""
     torch.manual_seed(0)
     t = MetaLRTrainer(
         model=TinyMLP(hidden=12),
         args=_args(tmp_path, optim="sgd", learning_rate=1.0, per_device_train_batch_size=8, max_steps=8,
                    eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
-                   load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True),
+                   load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True,
+                   save_only_model=save_only_model),
         train_dataset=make_split(32, seed=11), meta_dataset=make_split(8, seed=12), eval_dataset=make_split(16, seed=5),
     )
     t.train()
     best = t.state.best_model_checkpoint
     best_step = int(best.rsplit("-", 1)[1])
     assert best_step < 8  # the last step is not the best one here, so the test means something
+    assert ("optimizer.pt" in os.listdir(best)) is not save_only_model
     saved = safetensors.torch.load_file(os.path.join(best, META_STATE_NAME))
     assert torch.equal(t.rates.instance, saved["instance"])
+    last = safetensors.torch.load_file(os.path.join(tmp_path, "checkpoint-8", META_STATE_NAME))
+    assert not torch.equal(last["instance"], saved["instance"])  # the rates moved after the best step
     assert t.lr_trajectory.num_steps == best_step and t.lr_trajectory == LRTrajectory.from_pretrained(best)
+    if save_only_model:  # a best checkpoint of an earlier version, without the rates: said, trajectory still loaded
+        from hf_ddlr._checkpoint import load_best_meta_state
+
+        os.remove(os.path.join(best, META_STATE_NAME))
+        t.lr_trajectory = LRTrajectory.from_pretrained(os.path.join(tmp_path, "checkpoint-8"))
+        with pytest.warns(UserWarning, match="holds no meta_state.safetensors.*rates stay those of the last step"):
+            load_best_meta_state(t)
+        assert t.lr_trajectory.num_steps == best_step

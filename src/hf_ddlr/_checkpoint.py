@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 logger = logging.get_logger("hf_ddlr.trainer")
 
 __all__ = ["META_GRAD_AVERAGE_NAME", "META_STATE_NAME", "load_best_meta_state", "load_meta_state",
-           "save_meta_state"]
+           "save_meta_state", "save_rates"]
 
 META_STATE_NAME = "meta_state.safetensors"
 META_GRAD_AVERAGE_NAME = "meta_grad_average.safetensors"
@@ -30,13 +30,18 @@ RATE_METRIC_NAME = "rate_metric.safetensors"  # rate_metric "adam" (the default)
 APPLIED_RATES_NAME = "applied_instance_rates.safetensors"  # probe runs: what each example was last trained with
 
 
-def save_meta_state(trainer: MetaLRTrainer, output_dir: str) -> None:
-    """Write the rates (and the running statistics of the meta step: the meta-gradient average, the rate metric's
-    second moment) into checkpoint ``output_dir``."""
+def save_rates(trainer: MetaLRTrainer, output_dir: str) -> None:
+    """Write the rates into checkpoint ``output_dir``: with the model, also under ``save_only_model=True``, so
+    that ``load_best_model_at_end`` brings back the rates of the model it keeps."""
     safetensors.torch.save_file(
         {k: v.contiguous() for k, v in trainer.rates.state_dict().items()},
         os.path.join(output_dir, META_STATE_NAME),
     )
+
+
+def save_meta_state(trainer: MetaLRTrainer, output_dir: str) -> None:
+    """Write the running statistics of the meta step a resumed run continues (the meta-gradient average, the rate
+    metric's second moment, the applied instance rates) into checkpoint ``output_dir``, beside its optimizer."""
     if trainer._meta_grad_average is not None:
         safetensors.torch.save_file(
             trainer._meta_grad_average.state_dict(), os.path.join(output_dir, META_GRAD_AVERAGE_NAME)
@@ -51,12 +56,21 @@ def load_best_meta_state(trainer: MetaLRTrainer) -> None:
     """``load_best_model_at_end``: the rates and the trajectory go back to the best checkpoint too, so that
     ``trainer.rates``, ``save_model`` and ``push_to_hub`` describe the model that is kept."""
     best = trainer.state.best_model_checkpoint
-    if not best or not os.path.isfile(os.path.join(best, META_STATE_NAME)):
+    if not best:
         return
-    trainer.rates.load_state_dict(safetensors.torch.load_file(os.path.join(best, META_STATE_NAME)))
+    has_rates = os.path.isfile(os.path.join(best, META_STATE_NAME))
+    if has_rates:
+        trainer.rates.load_state_dict(safetensors.torch.load_file(os.path.join(best, META_STATE_NAME)))
+    else:
+        warnings.warn(
+            f"The best checkpoint {best} holds no {META_STATE_NAME} (it was not written by this MetaLRTrainer "
+            "version): its model is loaded, but trainer.rates stay those of the last step.",
+            stacklevel=3,
+        )
     if os.path.isfile(os.path.join(best, TRAJECTORY_TENSORS_NAME)):
         trainer.lr_trajectory = LRTrajectory.from_pretrained(best)
-    logger.info(f"Loaded the rates and LR trajectory of the best checkpoint {best} with its model.")
+    logger.info(f"Loaded the {'rates and ' if has_rates else ''}LR trajectory of the best checkpoint {best} with its "
+                "model.")
 
 
 def _load_running_state(state: Any, path: str, device: Any, why_missing: str) -> None:
@@ -77,7 +91,7 @@ def load_meta_state(trainer: MetaLRTrainer, checkpoint: str) -> None:
     if not os.path.isfile(path):
         warnings.warn(
             f"{path} is missing: the learned rates restart from 1 (the checkpoint was not written by "
-            "MetaLRTrainer, or with save_only_model=True). Training is not an exact continuation.",
+            "MetaLRTrainer, or with save_only_model=True by an earlier hf_ddlr). Training is not an exact continuation.",
             stacklevel=3,
         )
         return

@@ -20,7 +20,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from ._batches import MetaSetSampler, probe_batches
-from ._checkpoint import META_STATE_NAME, load_best_meta_state, load_meta_state, save_meta_state
+from ._checkpoint import META_STATE_NAME, load_best_meta_state, load_meta_state, save_meta_state, save_rates
 from ._datasets import (
     LABEL_KEYS,
     check_datasets,
@@ -82,6 +82,7 @@ _TRAINER_MEMBERS_USED = _members("""
     override  compute_loss(model, inputs, return_outputs, num_items_in_batch)
     override  log(logs, start_time)
     override  _save(output_dir, state_dict)
+    override  _save_checkpoint(model, trial)
     override  _push_from_checkpoint(checkpoint_folder)
     override  _save_optimizer_and_scheduler(output_dir)
     override  _load_best_model()
@@ -158,6 +159,8 @@ class MetaLRTrainer(Trainer):
     trainer.lr_trajectory.save_pretrained("out")  # also written with every checkpoint
     ```
     """
+
+    _saving_checkpoint = False  # True while the Trainer writes a checkpoint (its model is saved with the rates)
 
     def __init__(
         self,
@@ -551,7 +554,17 @@ class MetaLRTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
         if self._meta_active and self.args.should_save:
-            self.lr_trajectory.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
+            out = output_dir if output_dir is not None else self.args.output_dir
+            self.lr_trajectory.save_pretrained(out)
+            if self._saving_checkpoint:  # the rates go with a checkpoint's model (save_only_model included)
+                save_rates(self, out)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self._saving_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         if self._meta_active and self.is_world_process_zero():
