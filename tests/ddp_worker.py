@@ -13,7 +13,8 @@ with accelerate's default ``split_batches=False`` the sampler's batches of size 
 ``randperm(n, seed + epoch)`` shared by all ranks) are dealt round-robin, so optimizer step ``t`` of a
 GA=g run covers sampler batches ``[t·g·W, (t+1)·g·W)``, i.e. the same rows as one process with batch
 ``g·W·b``. Each rank's meta batch is the whole meta set (``meta_batch_size = len(meta set)``), so the
-rank-averaged meta gradient equals the single-process one.
+rank-averaged meta gradient equals the single-process one; in the ``meta_quarter`` run a quarter of it, the ranks
+taking consecutive slices of one shared order, so together they are the batch of one process with half the set.
 """
 
 from __future__ import annotations
@@ -79,11 +80,13 @@ def run(
     probe_batches: float = 1.0,
     rate_metric: str = "auto",
     torch_compile: bool = False,
+    meta_batch: int | None = None,
 ) -> _Recording:
     """``model="bert"``: the tiny BERT of tiny_text.py with padding (its forward takes **kwargs: the GA/DDP
     loss-scaling trap's precondition), 32 train / 16 meta sentences; ``"bert_head"``: the same with the meta step
     on the head only (``meta_parameters="head"``) scored by the bounded meta objective (a fine-tune's default).
-    ``torch_compile``: the Trainer compiles the (DDP-wrapped) model."""
+    ``torch_compile``: the Trainer compiles the (DDP-wrapped) model. ``meta_batch``: the meta batch per process
+    (default: the whole meta set)."""
     if model in ("bert", "bert_head"):
         tok, train, meta = text_data_splits()
         extra = dict(data_collator=DataCollatorWithPadding(tok), processing_class=tok)
@@ -114,7 +117,7 @@ def run(
         meta_lr=0.2,
         per_device_train_batch_size=per_device_batch,
         gradient_accumulation_steps=ga,
-        meta_batch_size=len(meta),
+        meta_batch_size=meta_batch or len(meta),
         max_steps=max_steps,
         logging_steps=1,
         save_strategy="steps" if save_steps else "no",
@@ -171,6 +174,8 @@ def main() -> None:
     dump(run(os.path.join(out, "ga1"), per_device_batch=4), out, "ga1")
     if mode == "all":
         dump(run(os.path.join(out, "ga2"), per_device_batch=2, ga=2), out, "ga2")
+        # a meta batch of a quarter of the meta set a process: the ranks' together are one process's half
+        dump(run(os.path.join(out, "meta_quarter"), per_device_batch=4, meta_batch=N_META // 4), out, "meta_quarter")
         # exact resume under DDP: stop after 3 steps (mid-epoch, checkpoint-3), resume to 6
         dump(run(os.path.join(out, "resume"), per_device_batch=4, stop_at=3, save_steps=3), out, "stopped")
         dump(run(os.path.join(out, "resume"), per_device_batch=4, resume=True, save_steps=3), out, "resumed")

@@ -47,6 +47,13 @@ def single_process(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def single_process_meta_half(tmp_path_factory):
+    """One process, batch 8 and a meta batch of half the meta set = 2 ranks x 4, each a quarter of it."""
+    t = run(str(tmp_path_factory.mktemp("single_meta_half")), per_device_batch=8, meta_batch=4)
+    return state_of(t), t.seen_rows
+
+
+@pytest.fixture(scope="module")
 def single_process_bert(tmp_path_factory):
     t = run(str(tmp_path_factory.mktemp("single_bert")), per_device_batch=8, max_steps=3, model="bert")
     assert t.model_accepts_loss_kwargs  # the trap's precondition: BERT's forward takes **kwargs
@@ -91,7 +98,7 @@ def _check_run(out: Path, name: str, single_process, first_step: int = 0, layerw
 
 
 def test_torchrun_ddp_matches_single_process_and_resumes_exactly(
-    tmp_path, single_process, single_process_bert, single_process_bert_head
+    tmp_path, single_process, single_process_meta_half, single_process_bert, single_process_bert_head
 ):
     out = tmp_path / "out"
     out.mkdir()
@@ -101,6 +108,9 @@ def test_torchrun_ddp_matches_single_process_and_resumes_exactly(
     )
     ga1 = _check_run(out, "ga1", single_process)  # 2 ranks x 4
     _check_run(out, "ga2", single_process, layerwise="unchecked")  # 2 ranks x GA 2 x 2 (forward mode)
+    # meta batches smaller than the meta set: the ranks' slices of one order are one process's meta batch
+    quarter = _check_run(out, "meta_quarter", single_process_meta_half)
+    assert not torch.equal(quarter["rates.instance"], ga1["rates.instance"])  # the meta batch size matters here
     # exact resume under DDP: stopped after step 3 (mid-epoch), resumed to 6 == never stopped, bit for bit
     resumed = _check_run(out, "resumed", single_process, first_step=3)
     for k in ga1:

@@ -428,6 +428,26 @@ def test_meta_batches_take_the_meta_set_in_turn(tmp_path, monkeypatch, meta_inte
         assert batches.cycled_indices(trainer, 10, 4).tolist() == rows
 
 
+def test_the_processes_meta_batches_together_are_one_process_batch():
+    """Under DDP the processes take consecutive slices of one shared order: their meta batches are disjoint and
+    together are the meta batch of one process with ``world_size`` times the rows (orders of their own had the
+    ranks score the same examples in one step)."""
+    from types import SimpleNamespace
+
+    import hf_ddlr._batches as batches
+
+    def fake(step: int, world: int, rank: int) -> SimpleNamespace:
+        return SimpleNamespace(args=SimpleNamespace(seed=3, world_size=world, process_index=rank),
+                               state=SimpleNamespace(global_step=step), meta_args=SimpleNamespace(meta_interval=1))
+
+    for step in range(7):  # 16 meta rows, 2 x 3 a step: passes of 3 steps, the third wrapping
+        one = batches.cycled_indices(fake(step, 1, 0), 16, 6).tolist()
+        r0, r1 = (batches.cycled_indices(fake(step, 2, r), 16, 3).tolist() for r in (0, 1))
+        assert r0 + r1 == one, step
+        if step % 3 != 2:
+            assert not set(r0) & set(r1), step
+
+
 @pytest.mark.parametrize("cap", [1.0, None])
 def test_instance_rates_capped_at_one_by_default(tmp_path, cap):
     """The default max_instance_rate=1 reaches the rate table: no instance rate ends above 1 (some sit at it);

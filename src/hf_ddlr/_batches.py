@@ -25,29 +25,35 @@ if TYPE_CHECKING:
 __all__ = ["MetaSetSampler", "ProbeSampler", "probe_batches", "step_seed", "to_microbatch"]
 
 
-def step_seed(trainer: MetaLRTrainer, kind: int, k: int = 0, step: int | None = None) -> int:
+def step_seed(trainer: MetaLRTrainer, kind: int, k: int = 0, step: int | None = None, shared: bool = False) -> int:
     """A seed for this optimizer step (or ``step``), process and use (``kind`` 0: micro-batch ``k``'s dropout
-    replay, 1: the order of the meta set, 2: the meta batch's passes)."""
+    replay, 1: the order of the meta set, 2: the meta batch's passes); ``shared``: the same on every process."""
     return (
         trainer.args.seed * 1_000_003
         + (trainer.state.global_step if step is None else step) * 7_919
         + k * 104_729
         + kind * 86_028_121
-        + trainer.args.process_index * 15_485_863
+        + (0 if shared else trainer.args.process_index * 15_485_863)
     ) % (2**62)
 
 
 def cycled_indices(trainer: MetaLRTrainer, n: int, m: int) -> torch.Tensor:
-    """The rows of this meta step's meta batch: ``m`` of the meta set's ``n``, taken in turn from a shuffled
-    order of the whole set, so that every ``ceil(n / m)`` consecutive meta steps see every meta example (the
-    last batch of a pass wraps to the start of the same order), each pass in a new order. Independent draws
-    would leave some examples out of the running average of the meta gradient for many steps and count
-    others several times. A function of the step, the seed and the process, so a resumed run draws the same."""
-    per_pass, interval = -(-n // m), max(1, trainer.meta_args.meta_interval)
+    """This process's rows of this meta step's meta batch: ``m`` of the meta set's ``n``. The meta steps take
+    the meta set in turn from one shuffled order, shared by all processes, ``m × world_size`` places a step
+    (process ``r`` the ``r``-th ``m`` of them), so that every ``ceil(n / (m × world_size))`` consecutive meta
+    steps see every meta example (the last batch of a pass wraps to the start of the same order), each pass in a
+    new order. Independent draws would leave some examples out of the running average of the meta gradient for
+    many steps and count others several times, and orders of their own would have the processes score the
+    same examples in one step: the rank-averaged meta gradient is then that of one process whose meta batch is
+    the ranks' together. A function of the step and the seed, so a resumed run draws the same."""
+    world, rank = max(1, trainer.args.world_size), trainer.args.process_index
+    per_step = m * world
+    per_pass, interval = -(-n // per_step), max(1, trainer.meta_args.meta_interval)
     p, j = divmod(trainer.state.global_step // interval, per_pass)  # the pass, and this meta step's place in it
     first = p * per_pass * interval  # the optimizer step of the pass's first meta step: its seed orders the pass
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(trainer, kind=1, step=first)))
-    return order[(j * m + torch.arange(m)) % n]
+    seed = step_seed(trainer, kind=1, step=first, shared=True)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[(j * per_step + rank * m + torch.arange(m)) % n]
 
 
 def to_microbatch(trainer: MetaLRTrainer, raw: Mapping[str, Any], k: int) -> MicroBatch:
