@@ -16,20 +16,26 @@ from hf_ddlr import MetaLRConfig, MetaLRTrainer
 
 
 def main(out: str) -> None:
-    task = "causal_lm"
-    common = {**tasks.COMMON, "max_steps": 3, "per_device_train_batch_size": 4, "ddp_backend": "gloo"}
-    plain, meta, init = tasks._model(task), tasks._model(task), tasks._model(task)
-    Trainer(model=plain, args=TrainingArguments(output_dir=os.path.join(out, "plain"), **common),
-            train_dataset=tasks._data(task, 24, seed=1), data_collator=tasks._collator(task)).train()
-    t = MetaLRTrainer(model=meta, args=MetaLRConfig(output_dir=os.path.join(out, "meta"), meta_lr=0.0, **common),
-                      train_dataset=tasks._data(task, 24, seed=1), meta_dataset=tasks._data(task, 8, seed=2),
-                      data_collator=tasks._collator(task))
-    t.train()
-    states = [m.state_dict() for m in (plain, meta, init)]
-    diff = max(float((a - b).abs().max()) for a, b in zip(states[0].values(), states[1].values()))
-    moved = max(float((a - b).abs().max()) for a, b in zip(states[0].values(), states[2].values()))
+    task, res = "causal_lm", {}
+    for across in (True, False):  # the Trainer's average_tokens_across_devices, both ways
+        common = {**tasks.COMMON, "max_steps": 3, "per_device_train_batch_size": 4, "ddp_backend": "gloo",
+                  "average_tokens_across_devices": across}
+        plain, meta, init = tasks._model(task), tasks._model(task), tasks._model(task)
+        Trainer(model=plain, args=TrainingArguments(output_dir=os.path.join(out, f"plain_{across}"), **common),
+                train_dataset=tasks._data(task, 24, seed=1), data_collator=tasks._collator(task)).train()
+        t = MetaLRTrainer(model=meta, args=MetaLRConfig(output_dir=os.path.join(out, f"meta_{across}"), meta_lr=0.0,
+                                                        **common),
+                          train_dataset=tasks._data(task, 24, seed=1), meta_dataset=tasks._data(task, 8, seed=2),
+                          data_collator=tasks._collator(task))
+        t.train()
+        states = [m.state_dict() for m in (plain, meta, init)]
+        res[f"diff_{across}"] = max(float((a - b).abs().max()) for a, b in zip(states[0].values(), states[1].values()))
+        res[f"moved_{across}"] = max(float((a - b).abs().max()) for a, b in zip(states[0].values(), states[2].values()))
+        res[f"plain_{across}"] = {k: v.clone() for k, v in states[0].items()}
+    res["ways_differ"] = max(float((res["plain_True"][k] - res["plain_False"][k]).abs().max()) for k in res["plain_True"])
+    res = {k: v for k, v in res.items() if not k.startswith("plain_")}
     with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
-        json.dump({"diff": diff, "moved": moved, "world_size": t.args.world_size}, f)
+        json.dump({**res, "world_size": t.args.world_size}, f)
 
 
 if __name__ == "__main__":

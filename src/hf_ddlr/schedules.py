@@ -124,13 +124,15 @@ class Schedule:
     def _window_normalizer(self) -> float:
         """What the window's weighted loss is divided by on this process: its number of examples, or, for a
         token-level task, of target tokens, averaged over processes (at least 1) so that the real gradient is
-        ``Σ e_i ∇ℓ_i / (the target tokens of every process)`` as the Trainer's ``num_items_in_batch`` makes it."""
+        ``Σ e_i ∇ℓ_i / (the target tokens of every process)`` as the Trainer's ``num_items_in_batch`` makes it;
+        under ``average_tokens_across_devices=False`` this process's own tokens, as the Trainer then divides."""
         task = self.trainer._task
         if not task.token_level:
             return float(sum(mb.labels.shape[0] for mb in self.window))
         n = torch.tensor([task.num_targets([mb.labels for mb in self.window])], dtype=torch.float64,
                          device=self.window[0].labels.device)
-        all_reduce_mean_([n])
+        if getattr(self.trainer.args, "average_tokens_across_devices", True):
+            all_reduce_mean_([n])
         return max(float(n), 1.0)
 
     def _refresh(self) -> None:
