@@ -109,3 +109,17 @@ def test_tasks_without_a_single_label_have_no_check(tmp_path, task):
                             meta_dataset=_data(task, 8, seed=2), data_collator=_collator(task))
     trainer.train()
     assert trainer.meta_set_check is None
+
+
+def test_a_meta_set_the_model_cannot_take_fails_with_both_batches_shapes(tmp_path):
+    """A meta set of other feature sizes than the train set fails at the first meta step with a message that shows
+    the meta batch's and a training micro-batch's shapes and names the fix, not the model's bare shape error."""
+    args = MetaLRConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                        per_device_train_batch_size=8, optim="sgd", learning_rate=0.1, max_steps=2)
+    torch.manual_seed(0)
+    t = MetaLRTrainer(model=TinyMLP(), args=args, train_dataset=make_split(32, 1),
+                      meta_dataset=make_split(16, 2, d_in=5))
+    with pytest.raises(RuntimeError, match=r"(?s)first meta step failed: RuntimeError: mat1 and mat2.*meta batch "
+                                           r"\{x: \(8, 5\)\} beside the training micro-batch \{x: \(8, 6\)\}.*"
+                                           r"prepare the meta set as the train set"):
+        t.train()

@@ -239,6 +239,7 @@ class MetaStepSchedule(Schedule):
         self.meta_layout = MetaLayout()  # the meta batch's images channels-last on CPU (checked on first use)
         self._early_meta: MetaBatch | None = None  # a meta batch taken before the real forward (last_layer)
         self._forward_mode_checked = False  # (jvp: whether the model's forward can carry a tangent, seen once)
+        self._meta_step_ran = False  # an error in the first meta step says what it ran the model on
         self.probe_sampler = ProbeSampler(trainer)  # training rows scored outside the step (probe_batches)
         parameters = meta_parameters_choice(trainer)  # (resolved once: "auto" scans the model for its head)
         self.meta_params = meta_parameter_names(trainer, parameters)  # what the lookahead moves (None: all)
@@ -296,7 +297,13 @@ class MetaStepSchedule(Schedule):
             self._check_forward_mode(model, params)
             if self.strategy != "jvp":  # (a recorded tape's dots are forward mode's: not used from here on)
                 tape, check = None, None
-        res = run(tape, check)
+        try:
+            res = run(tape, check)
+        except RuntimeError as err:  # (a plain RuntimeError only: out-of-memory and the like keep their type)
+            if self._meta_step_ran or type(err) is not RuntimeError:
+                raise
+            raise RuntimeError(_first_meta_step_failed(err, meta_batch, self.window)) from err
+        self._meta_step_ran = True
         if not all_ranks_true(res.finite, args.device):  # every rank skips together (no hanging gather)
             trainer._meta_log.record_skipped(trainer.state.global_step, res.meta_loss)
             return res
@@ -543,3 +550,18 @@ class Delayed(MetaStepSchedule):
             return g.float() / scale
 
         return {n: real_grad(p) for n, p in trainable_params(self.trainer.model).items()}
+
+
+def _shapes(inputs: Mapping[str, Any]) -> str:
+    """``{name: shape}`` of a batch's tensors, for an error message."""
+    return "{" + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in inputs.items() if torch.is_tensor(v)) + "}"
+
+
+def _first_meta_step_failed(err: BaseException, meta_batch: Any, window: list[MicroBatch]) -> str:
+    """The message of an error in a run's first meta step: most often a meta set the model cannot take as it
+    takes the train set (other feature sizes, columns or preprocessing), so it shows both batches' shapes."""
+    train = _shapes(window[0].inputs) if window else "{}"
+    return (f"The first meta step failed: {type(err).__name__}: {err}\nIt runs the model on a meta batch "
+            f"{_shapes(meta_batch.inputs)} beside the training micro-batch {train}. If their features differ, "
+            "prepare the meta set as the train set (the same columns, feature sizes and preprocessing).")
+
