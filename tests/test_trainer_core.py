@@ -229,6 +229,15 @@ def test_meta_labels_outside_label_space(tmp_path):
         MetaLRTrainer(model=TinyMLP(), args=_args(tmp_path), train_dataset=train, meta_dataset=meta, num_labels=3)
 
 
+def test_ignored_labels_are_refused_with_the_filter_that_drops_them(tmp_path):
+    """-100 (an example a plain Trainer's loss ignores) has no class for a rate: refused at construction with the
+    filter that drops those rows, on the set's own label column."""
+    train = make_split(16, seed=1).map(lambda r, i: {"label": -100 if i == 3 else r["label"]}, with_indices=True)
+    with pytest.raises(ValueError, match=r"train dataset has labels \[-100\].*drop those rows first, e\.g\. "
+                                         r"train_dataset\.filter\(lambda r: r\['label'\] != -100\)"):
+        MetaLRTrainer(model=TinyMLP(), args=_args(tmp_path), train_dataset=train, meta_dataset=make_split(8, seed=2))
+
+
 def test_train_set_without_labels(tmp_path):
     train = make_split(16, seed=1).remove_columns("label")
     with pytest.raises(ValueError, match="no 'labels'/'label' column"):

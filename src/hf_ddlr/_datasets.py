@@ -185,9 +185,14 @@ def check_label_range(datasets: Iterable[tuple[str, Any]], num_labels: int) -> N
         labels = label_values(ds, read_rows=META_ROWS_READ if name == "meta" else 0)
         if labels is not None and labels.numel() and (labels.min() < 0 or labels.max() >= num_labels):
             bad = sorted({int(v) for v in labels[(labels < 0) | (labels >= num_labels)].unique()[:10]})
+            fix = ("Use the same label mapping as the train set (and num_labels / model.config.num_labels)."
+                   if name == "meta" else "Set num_labels / model.config.num_labels to the number of classes.")
+            if -100 in bad:  # the ignored-example label of a plain Trainer run: no rate can weight "no loss"
+                col = "label" if "label" in (getattr(ds, "column_names", None) or ()) else "labels"
+                fix = (f"-100 marks an example the loss ignores, which has no class and no rate here: drop those "
+                       f"rows first, e.g. {name}_dataset.filter(lambda r: r[{col!r}] != -100). " + fix)
             raise ValueError(
-                f"The {name} dataset has labels {bad} outside the model's label space 0..{num_labels - 1}. "
-                "Use the same label mapping as the train set (and num_labels / model.config.num_labels)."
+                f"The {name} dataset has labels {bad} outside the model's label space 0..{num_labels - 1}. {fix}"
             )
 
 
