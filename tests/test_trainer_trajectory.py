@@ -225,3 +225,32 @@ def test_replaying_at_another_rate_level_names_the_level_recorded(tmp_path):
     orig.save_model()
     with pytest.raises(ValueError, match=r"no instance rates; set lr_level to what it recorded \('class'\)"):
         _train(tmp_path, "replay", train, None, max_steps=4, replay_trajectory=str(tmp_path / "orig"))
+
+
+def test_a_class_trajectory_replays_only_on_its_classes(tmp_path):
+    """Class rates are keyed by label id: a replay on another number of classes, or (where both name them) on
+    classes of other names, is refused at construction with the fix; the same classes in new rows replay."""
+    import datasets
+
+    def named(ds, names):
+        return ds.cast_column("label", datasets.ClassLabel(names=names))
+
+    orig, _ = _train(tmp_path, "orig", named(make_split(32, seed=1), ["ant", "bee", "cat"]),
+                     named(make_split(8, seed=2), ["ant", "bee", "cat"]), max_steps=4, lr_level="class")
+    orig.save_model()
+    saved = str(tmp_path / "orig")
+    assert LRTrajectory.from_pretrained(saved).label_names == ["ant", "bee", "cat"]
+    common = dict(output_dir=str(tmp_path / "r"), **{**COMMON, "max_steps": 2}, lr_level="class",
+                  replay_trajectory=saved)
+    with pytest.raises(ValueError, match=r"classes are \['ant', 'bee', 'cat'\]; the train set's are \['x', 'y', 'z'\]"
+                                         r".*align_labels_with_mapping"):
+        MetaLRTrainer(model=TinyMLP(), args=MetaLRConfig(**common),
+                      train_dataset=named(make_split(24, seed=5), ["x", "y", "z"]))
+    with pytest.raises(ValueError, match=r"class rates cover 3 classes \(ant, bee, cat\); this run has 4"):
+        MetaLRTrainer(model=TinyMLP(num_labels=4), args=MetaLRConfig(**common),
+                      train_dataset=make_split(24, seed=5, num_labels=4), num_labels=4)
+    # the same classes, other rows (a class trajectory's use: e.g. the k folds' average on the whole set)
+    t = MetaLRTrainer(model=TinyMLP(), args=MetaLRConfig(**common),
+                      train_dataset=named(make_split(24, seed=5), ["ant", "bee", "cat"]))
+    t.train()
+    assert not torch.equal(t.rates.per_class.cpu(), torch.ones(3))  # the trajectory's rates, not the start's

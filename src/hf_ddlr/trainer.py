@@ -42,6 +42,7 @@ from .meta.layerwise import LayerwiseCheck
 from .meta.passes import RngState, compiled_like_eager, is_compiled
 from .schedules import Schedule, schedule_for
 from .trajectory import TRAJECTORY_CONFIG_NAME, TRAJECTORY_TENSORS_NAME, LRTrajectory, TrajectoryReplayer
+from .trajectory.signature import label_names_of
 
 logger = logging.get_logger(__name__)
 
@@ -366,6 +367,8 @@ class MetaLRTrainer(Trainer):
                            meta.group_column, meta.center_instance_rates, meta.instance_rate_scale)
         warn_unweighted_terms(self.model)
         self.num_labels = self._infer_num_labels(num_labels)
+        if self.replay is not None and meta.lr_level in ("class", "both"):
+            self.replay.check_classes(self.num_labels, label_names_of(self._source_train_dataset, None))
         if self._task.class_labels:
             check_label_range((("meta", self.meta_dataset), ("train", self.train_dataset)), self.num_labels)
         self.rates = RateTable(

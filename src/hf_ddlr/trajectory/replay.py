@@ -45,6 +45,25 @@ class TrajectoryReplayer:
         self._last_epoch = max(ends, default=0.0)
         self._warned_past_end = False
 
+    def check_classes(self, num_labels: int, label_names: list[str] | None) -> None:
+        """Refuse a train set whose classes are not the trajectory's: class rates are keyed by label id, so on
+        another number of classes they do not fit, and on other class names (where the trajectory and the train
+        set both name them) each rate would land on another class."""
+        t = self.trajectory
+        if not t.has_class_rates:
+            return
+        k, recorded = int(t.class_rates.shape[-1]), t.label_names
+        named = recorded is not None and list(recorded) != [str(c) for c in range(k)]  # not just the ids
+        about = f" ({', '.join(map(str, recorded))})" if named else ""
+        fix = ("replay it on a train set with the trajectory's classes in the same label order (e.g. "
+               "dataset.align_labels_with_mapping), or learn new rates with a meta_dataset instead of replay_trajectory.")
+        if k != num_labels:
+            raise ValueError(f"The replayed trajectory's class rates cover {k} classes{about}; this run has "
+                             f"{num_labels}: {fix}")
+        if named and label_names is not None and list(label_names) != list(recorded):
+            raise ValueError(f"The replayed trajectory's classes are {list(recorded)}; the train set's are "
+                             f"{list(label_names)}. Its class rates would land on other classes: {fix}")
+
     def _warn_past_end(self, epoch: float, step: int) -> None:
         """Once per run: the run trains on past the trajectory's end, where it can only keep the last rates."""
         last = self._last_epoch
