@@ -159,8 +159,8 @@ def common_presets(script: Any, name: str, **extra: Any) -> dict[str, Any]:
 def sgd_image_presets(script: Any, name: str, cifar_epochs: int, **extra: Any) -> dict[str, Any]:
     """The SGD recipe of the CIFAR-100 ResNet / VGG examples: momentum 0.9, weight decay 5e-4; on CIFAR-100
     batch 128 at LR 0.1 for ``cifar_epochs`` epochs, on the embedded digits the offline demo's batch 64 at LR
-    0.05 with a 1-epoch warm-up for 8 epochs; one epoch under ``--quick``. ``extra``: the script's MetaLR
-    defaults."""
+    0.05 with a 1-epoch warm-up for 8 epochs; one epoch under ``--quick``. The schedule after the warm-up is the
+    script's (a step decay, or the scheduler it sets). ``extra``: the script's MetaLR defaults."""
     if script.dataset == "embedded":
         p = dict(per_device_train_batch_size=64, learning_rate=0.05, warmup_steps=0.125, num_train_epochs=8)
     else:
@@ -453,6 +453,16 @@ def eval_curve(trainer: Trainer) -> tuple[list[float], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def meta_set(args: MetaLRConfig, meta: Any, method: str) -> Any:
+    """The meta set a MetaLR run learns its rates on, or None when ``--replay_trajectory`` replays learned rates
+    instead (a trainer takes one or the other)."""
+    if meta is not None and getattr(args, "replay_trajectory", None):
+        say(f"[{method}] replaying {args.replay_trajectory} (--replay_trajectory) instead of learning rates on the "
+            "meta set")
+        return None
+    return meta
+
+
 def run_one(
     method: str,
     trainer_cls: type[Trainer],
@@ -472,7 +482,7 @@ def run_one(
     """
     kwargs = dict(model=model, args=args, train_dataset=train, eval_dataset=test, compute_metrics=accuracy_metric)
     if meta is not None:
-        kwargs["meta_dataset"] = meta
+        kwargs["meta_dataset"] = meta_set(args, meta, method)
     kwargs.update(trainer_kwargs)
     trainer = trainer_cls(**kwargs)
     t0 = time.time()

@@ -110,7 +110,7 @@ def run_method(method: str, s: DPOOptions, config, data, flipped: np.ndarray) ->
     kwargs = dict(model=AutoModelForCausalLM.from_pretrained(s.model), args=args,
                   train_dataset=train.remove_columns("is_flipped"), eval_dataset=test,
                   processing_class=AutoTokenizer.from_pretrained(s.model))
-    trainer = MetaDPOTrainer(meta_dataset=meta, **kwargs) if method == "metalr" else DPOTrainer(**kwargs)
+    trainer = MetaDPOTrainer(meta_dataset=common.meta_set(args, meta, method), **kwargs) if method == "metalr" else DPOTrainer(**kwargs)
     return common.run_pair_trainer(trainer, args, method, flipped, lambda m: {
         "reward_accuracy": float(m["eval_rewards/accuracies"]), "reward_margin": float(m["eval_rewards/margins"]),
         "test_loss": float(m["eval_loss"])})

@@ -6,8 +6,8 @@ average is replayed on the *full* train set with the same schedule and no meta s
 the same schedule is the baseline. Writes results.json, the averaged trajectory (+ plots) and, with
 --push_to_hub, uploads the replayed model together with the trajectory and a model card.
 
-Offline (embedded MNIST digits, small CNN, the offline demo's recipe: SGD 0.05 + momentum, 1-epoch warm-up,
-8 epochs, as every example's --dataset embedded):
+Offline (embedded MNIST digits, small CNN, the offline demo's recipe: SGD 0.05 + momentum, 1-epoch warm-up then
+a constant LR, 8 epochs, as noisy_cifar100.py's --dataset embedded):
     python examples/kfold_replay.py --dataset embedded --output_dir outputs/kfold --k 3
 CIFAR-100 from the Hub, ResNet-18, on GPUs:
     accelerate launch examples/kfold_replay.py --dataset cifar100 --model resnet18 --k 5 \
@@ -54,8 +54,10 @@ class ScriptArguments:
 def presets(s: ScriptArguments) -> dict:
     """The image examples' SGD recipe (the offline demo's on the embedded digits); no evaluation set and no
     checkpoints: the script evaluates the replay and the plain run on the test split at the end."""
-    return {**common.sgd_image_presets(s, "kfold_replay", cifar_epochs=200), "eval_strategy": "no",
-            "save_strategy": "no"}
+    p = {**common.sgd_image_presets(s, "kfold_replay", cifar_epochs=200), "eval_strategy": "no", "save_strategy": "no"}
+    if s.dataset == "embedded":  # the demo's schedule (without it, the Trainer's linear decay to 0)
+        p["lr_scheduler_type"] = "constant_with_warmup"
+    return p
 
 
 def _materialize(split: datasets.Dataset, to_tensor) -> datasets.Dataset:
@@ -117,6 +119,11 @@ def _fold_trajectories(folds: list, args: MetaLRConfig, make_model, to_tensor, i
 
 def main() -> dict:
     script, args = common.parse_args(ScriptArguments, presets)
+    if args.replay_trajectory:
+        raise SystemExit("kfold_replay.py learns the k folds' trajectories and replays their average itself; "
+                         "--replay_trajectory does not apply here. To replay a saved trajectory on the embedded digits, "
+                         "pass it to examples/noisy_cifar100.py --replay_trajectory DIR (same --seed as the run "
+                         "that learned it).")
     raw, folds = _load(script, args)
     mean, std = (CIFAR100_MEAN, CIFAR100_STD) if script.dataset == "cifar100" else compute_mean_std(raw["train"])
     to_tensor = make_transform(augment=False, mean=mean, std=std)

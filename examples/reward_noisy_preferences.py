@@ -93,7 +93,7 @@ def run_method(method: str, s: RewardOptions, config, data, flipped: np.ndarray)
     kwargs = dict(model=model, args=args, train_dataset=tokenized(data["train"], tok),
                   eval_dataset=tokenized(data["test"], tok), processing_class=tok)
     if method == "metalr":
-        trainer = MetaRewardTrainer(meta_dataset=tokenized(data["meta"], tok), **kwargs)
+        trainer = MetaRewardTrainer(meta_dataset=common.meta_set(args, tokenized(data["meta"], tok), method), **kwargs)
     else:
         trainer = RewardTrainer(**kwargs)
     return common.run_pair_trainer(trainer, args, method, flipped, lambda m: {

@@ -236,7 +236,7 @@ def run_method(method: str, s: SFTOptions, config, tok, data: dict, corrupted: n
         model = with_lora(model, s)
     kwargs = dict(model=model, args=args, train_dataset=train, eval_dataset=test)
     if meta:
-        kwargs["meta_dataset"] = to_dataset(tok, data["meta"])
+        kwargs["meta_dataset"] = common.meta_set(args, to_dataset(tok, data["meta"]), method)
     trainer = (MetaLRTrainer if meta else Trainer)(**kwargs)
     t0 = time.time()
     trainer.train()

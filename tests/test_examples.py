@@ -13,7 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from launching import run_launch
+
+from hf_ddlr import LRTrajectory
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -60,6 +63,17 @@ def test_noisy_cifar100(tmp_path):
     assert "auroc_clean_vs_noisy" not in runs["plain"]
     files = {p.name for p in (tmp_path / "metalr").iterdir()}
     assert {"lr_trajectory.safetensors", "lr_trajectory.json", "lr_trajectory_instance.png"} <= files
+    # --replay_trajectory (every MetaLR option is a flag): the run replays the saved rates instead of learning
+    out: list[str] = []
+    again = run_example("noisy_cifar100.py", tmp_path / "replay", "--methods", "metalr", "--noise_rate", "0.4",
+                        "--replay_trajectory", str(tmp_path / "metalr"), stdout=out)
+    assert "replaying" in out[0] and "instead of learning rates" in out[0]
+    replayed = LRTrajectory.from_pretrained(tmp_path / "replay" / "metalr")
+    assert replayed.config["mode"] == "replay"
+    original = LRTrajectory.from_pretrained(tmp_path / "metalr")  # the rates applied in its epoch, replayed
+    assert torch.allclose(replayed.instance_rates[-1], original.instance_rates[-1])
+    assert not torch.equal(original.instance_rates[-1], original.instance_rates[0])
+    assert again["runs"][0]["method"] == "metalr"
 
 
 def test_noisy_cifar100_under_accelerate_launch_on_two_processes(tmp_path):

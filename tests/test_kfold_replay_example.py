@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from hf_ddlr import LRTrajectory
@@ -49,6 +50,10 @@ def test_quick_draws_every_class_and_the_embedded_run_takes_the_image_recipe(mon
     script, args = mod.common.parse_args(mod.ScriptArguments, mod.presets, ["--dataset", "embedded", "--quick"])
     assert (args.learning_rate, args.per_device_train_batch_size, args.optim_args) == (0.05, 64, "momentum=0.9")
     assert args.num_train_epochs == 1 and args.save_strategy == "no"
+    assert args.lr_scheduler_type == "constant_with_warmup" and args.warmup_steps == 0.125  # the demo's schedule
+    monkeypatch.setattr(sys, "argv", ["kfold_replay.py", "--dataset", "embedded", "--replay_trajectory", "x"])
+    with pytest.raises(SystemExit, match="replays their average itself; --replay_trajectory does not apply"):
+        mod.main()
     raw, folds = mod._load(script, args)
     assert np.bincount(raw["train"]["label"]).tolist() == [60] * 10
     assert np.bincount(raw["test"]["label"]).tolist() == [20] * 10
