@@ -85,13 +85,15 @@ class RepoStore:
             raise HubError(404, "Repository not found", "RepoNotFound")
         return self.repo_dir(rtype, repo_id)
 
-    def create(self, rtype: str, repo_id: str) -> bool:
-        """Create an empty repo with one initial commit holding ``.gitattributes``; False if it exists."""
+    def create(self, rtype: str, repo_id: str, private: bool = False) -> bool:
+        """Create an empty repo with one initial commit holding ``.gitattributes``; False if it exists (its
+        visibility then stays as created, as on the Hub)."""
         with self.lock:
             if self.exists(rtype, repo_id):
                 return False
             d = self.repo_dir(rtype, repo_id)
             (d / "commits").mkdir(parents=True)
+            (d / "settings.json").write_text(json.dumps({"private": bool(private)}))
             (d / "refs.json").write_text(json.dumps({}))
             (d / "commits.json").write_text(json.dumps([]))
             self.commit(
@@ -201,6 +203,11 @@ class RepoStore:
         data = p.read_bytes()
         return {"type": "file", "oid": git_blob_oid(data), "size": len(data), "path": rel}
 
+    @staticmethod
+    def private(repo: Path) -> bool:
+        settings = repo / "settings.json"
+        return bool(json.loads(settings.read_text())["private"]) if settings.is_file() else False
+
     def info(self, rtype: str, repo_id: str, repo: Path, commit: str) -> dict:
         date = hub_date(next(c["date"] for c in self.log(repo) if c["id"] == commit))
         base = self.snapshot(repo, commit)
@@ -210,7 +217,7 @@ class RepoStore:
             "id": repo_id,
             "sha": commit,
             "author": repo_id.split("/")[0],
-            "private": False,
+            "private": self.private(repo),
             "gated": False,
             "disabled": False,
             "lastModified": date,
@@ -321,7 +328,8 @@ class _Handler(BaseHTTPRequestHandler):
                 repo_id = f"{body['organization']}/{name}" if body.get("organization") else name
                 repo_id = repo_id if "/" in repo_id else f"hubtest/{repo_id}"
                 url = f"{self.endpoint}/{'' if rtype == 'model' else PLURAL[rtype] + '/'}{repo_id}"
-                if not st.create(rtype, repo_id):
+                private = bool(body.get("private")) or body.get("visibility") in ("private", "protected")
+                if not st.create(rtype, repo_id, private=private):
                     return self._json({"error": "You already created this repo", "url": url}, 409)
                 return self._json({"url": url, "name": repo_id})
             if rest == ["repos", "delete"] and method == "DELETE":

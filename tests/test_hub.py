@@ -276,3 +276,45 @@ def test_cli_average_refuses_to_write_over_a_run(tmp_path, capsys):
     assert cli.main(["average", str(tmp_path / "avg"), str(tmp_path / "run0"), str(tmp_path / "run1"),
                      "--overwrite"]) == 0
     assert LRTrajectory.from_pretrained(tmp_path / "avg").config["averaged_over_runs"] == 2
+
+
+def test_a_trajectory_pushed_into_a_model_repo_keeps_its_card_and_bad_ids_are_named(hub_server, tmp_path):
+    """``push_to_hub`` (and ``hf-ddlr push``) into a repo that already has a model card adds the trajectory's
+    section to it (it replaced the card); pushed again, the section is replaced, not repeated. A private push into
+    an existing public repo, and an invalid repo id, are refused before anything is uploaded. Reading a repo or
+    revision that does not exist names it instead of the Hub client's raw 404."""
+    hub_server.commit_files("model", "hubtest/has-card", {"README.md": TRAINER_CARD.encode(), "config.json": b"{}"})
+    make_trajectory().save_pretrained(tmp_path / "traj")
+    out = run_client(f"""
+        from huggingface_hub import hf_hub_download
+        from hf_ddlr.trajectory import LRTrajectory
+        traj = LRTrajectory.from_pretrained({str(tmp_path / "traj")!r})
+        traj.push_to_hub("hubtest/has-card")
+        traj.push_to_hub("hubtest/has-card")
+        print("CARD<<" + open(hf_hub_download("hubtest/has-card", "README.md")).read() + ">>CARD")
+        from huggingface_hub import HfApi
+        for repo in ("hubtest/has-card", "bad id!!"):  # a public repo asked private; an invalid id
+            try:
+                traj.push_to_hub(repo, private=True)
+            except ValueError as err:
+                print("REFUSED:", err)
+        traj.push_to_hub("hubtest/new-private", private=True)
+        print("PRIVATE:", HfApi().repo_info("hubtest/new-private").private)
+        for repo, rev in (("hubtest/no-such-repo", None), ("hubtest/has-card", "no-such-branch")):
+            try:
+                LRTrajectory.from_pretrained(repo, revision=rev)
+            except FileNotFoundError as err:
+                print("ERROR:", err)
+    """, hub_server.client_env(tmp_path / "home"), tmp_path)
+    from hf_ddlr.trajectory.card import SECTION_END, SECTION_START
+
+    card = out.stdout.split("CARD<<", 1)[1].split(">>CARD", 1)[0]
+    assert "library_name: transformers" in card and "# tiny-cnn" in card  # the model's card is kept
+    assert card.count(SECTION_START) == 1 and card.count(SECTION_END) == 1  # one section, after two pushes
+    assert f"`{TRAJECTORY_TENSORS_NAME}`" in card
+    assert "'hubtest/no-such-repo' is neither a local folder nor a Hub model repo this account can read" in out.stdout
+    assert "Hub repo 'hubtest/has-card' has no revision 'no-such-branch'" in out.stdout
+    assert "REFUSED: hubtest/has-card exists and is public, and private=True (--private) does not change" in out.stdout
+    assert "REFUSED: 'bad id!!' is not a Hub repo id" in out.stdout
+    assert "PRIVATE: True" in out.stdout
+    assert card.count(SECTION_START) == 1  # (the refused private push changed nothing)

@@ -37,10 +37,14 @@ def _build_parser() -> argparse.ArgumentParser:
     avg.add_argument("--overwrite", action="store_true",
                      help="replace a trajectory already in OUT_DIR (refused otherwise: OUT_DIR may be a run's folder)")
 
-    push = sub.add_parser("push", help="upload a saved trajectory (with plots and a card) to a Hub model repo")
+    push = sub.add_parser("push", help="upload a saved trajectory (with plots and a card) to a Hub model repo; a "
+                                       "card the repo already has (a model's) is kept, with the trajectory's section "
+                                       "added")
     push.add_argument("source", metavar="DIR", help="folder holding lr_trajectory.safetensors/.json")
-    push.add_argument("repo_id", metavar="REPO_ID")
-    push.add_argument("--private", action="store_true", default=None)
+    push.add_argument("repo_id", metavar="REPO_ID", help="the Hub model repo, e.g. me/my-model (created when missing)")
+    push.add_argument("--private", action="store_true", default=None,
+                      help="create the repo private; an existing public repo is refused (its visibility is not "
+                           "changed)")
     push.add_argument("--revision", default=None, help="branch to push to (created when missing)")
     return parser
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from collections.abc import Callable
 from typing import Any
 
 
@@ -36,13 +37,16 @@ def upload_folder_with_retry_message(
     commit_message: str = "Upload learned LR trajectory",
     ignore_patterns: list[str] | None = None,
     retry_hint: str | None = None,
+    before_upload: Callable[[], None] | None = None,
 ) -> Any:
     """Create ``repo_id`` if needed and upload ``folder_path`` to it; return the ``CommitInfo``.
 
     The folder is only read, so a failure (HTTP error, connection refused, offline mode) leaves it
     complete; the failure is raised (not also logged: it is shown once) as :class:`HubUploadError`, whose
     message names the folder, the repo, the cause and the command to retry (``retry_hint`` adds an alternative,
-    e.g. ``trainer.push_to_hub()``). Uses ``HF_ENDPOINT``/token settings like any ``huggingface_hub`` call.
+    e.g. ``trainer.push_to_hub()``). ``before_upload``: called once the repo (and branch) exist, before the
+    upload, e.g. to merge the repo's card into the folder's. Uses ``HF_ENDPOINT``/token settings like any
+    ``huggingface_hub`` call.
     """
     from huggingface_hub import HfApi
 
@@ -52,15 +56,20 @@ def upload_folder_with_retry_message(
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision is not None:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            revision=revision,
-            commit_message=commit_message,
-            ignore_patterns=ignore_patterns,
-        )
+        # create_repo leaves an existing repo's visibility as it is: a private push must not land in a public repo
+        public = bool(private) and getattr(api.repo_info(repo_id), "private", None) is False
+        if not public:
+            if revision is not None:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            if before_upload is not None:
+                before_upload()
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                revision=revision,
+                commit_message=commit_message,
+                ignore_patterns=ignore_patterns,
+            )
     except Exception as err:  # any failure: the folder is untouched, so say how to resume
         hint = f"`{retry_command(folder, repo_id, revision)}`" + (f" or {retry_hint}" if retry_hint else "")
         message = (
@@ -68,3 +77,8 @@ def upload_folder_with_retry_message(
             f"The folder is complete locally; retry with {hint}."
         )
         raise HubUploadError(message, folder_path=folder, repo_id=repo_id) from err
+    raise ValueError(
+        f"{repo_id} exists and is public, and private=True (--private) does not change an existing repo's "
+        f"visibility: nothing was uploaded. Make it private first (its settings page on the Hub, or "
+        f"HfApi().update_repo_settings({repo_id!r}, private=True)) and push again, or push to a new repo."
+    )

@@ -82,7 +82,13 @@ def _hub_files(
     subfolder: str | None,
 ) -> tuple[Path, Path]:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
     from huggingface_hub.utils import validate_repo_id
 
     try:
@@ -100,6 +106,17 @@ def _hub_files(
                     repo_id, name, subfolder=subfolder, revision=revision, cache_dir=cache_dir, token=token
                 )
             )
+        except RepositoryNotFoundError as err:
+            raise FileNotFoundError(
+                f"{repo_id!r} is neither a local folder nor a Hub model repo this account can read (the Hub has "
+                f"no such repo, or it is private or gated: log in with `hf auth login` or pass token=...). Check "
+                f"the path or the repo id."
+            ) from err
+        except RevisionNotFoundError as err:
+            raise FileNotFoundError(
+                f"Hub repo {repo_id!r} has no revision {revision!r} (a branch, tag or commit). Leave revision out "
+                f"for 'main', or name one the repo has."
+            ) from err
         except LocalEntryNotFoundError as err:
             raise FileNotFoundError(
                 f"{repo_id!r} is not a local folder, and {name} of the Hub repo of that name is not "
@@ -112,6 +129,19 @@ def _hub_files(
                 f"learned LR trajectory. Push one with trajectory.push_to_hub({repo_id!r})."
             ) from err
     return Path(paths[0]), Path(paths[1])
+
+
+def hub_card_text(repo_id: str, *, revision: str | None = None, token: str | bool | None = None) -> str | None:
+    """The ``README.md`` of Hub model repo ``repo_id`` (at ``revision``), or None when the repo, the revision
+    or the card does not exist yet: what a trajectory pushed there adds its section to instead of replacing."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        path = hf_hub_download(repo_id, "README.md", revision=revision, token=token)
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError):
+        return None  # (also the Hub out of reach, a LocalEntryNotFoundError: the upload that follows says so)
+    return Path(path).read_text(encoding="utf-8")
 
 
 def read_files(tensors_path: Path, config_path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -21,7 +21,7 @@ import torch
 from ..upload import upload_folder_with_retry_message
 from . import kfold, report
 from .card import write_artifacts
-from .io import FORMAT_NAME, SCHEMA_VERSION, locate_files, read_files, write_files
+from .io import FORMAT_NAME, SCHEMA_VERSION, hub_card_text, locate_files, read_files, write_files
 from .lookup import SnapshotLookup
 from .signature import check_same_dataset, dataset_signature, label_names_of
 
@@ -443,16 +443,32 @@ class LRTrajectory:
     ) -> Any:
         """Upload the trajectory files, PNG plots and a README card to the Hub model repo ``repo_id``.
 
-        Everything is first written to ``local_dir`` (a temporary folder when None). When the upload
-        fails that folder is kept and the raised :class:`hf_ddlr.hub.HubUploadError` says how to retry
-        (a temporary folder is removed after a successful upload). Returns the ``CommitInfo`` of the upload.
+        Everything is first written to ``local_dir`` (a temporary folder when None). A repo that already has a
+        card (a model pushed before) keeps it: the trajectory's section is added to it, or replaces the section
+        an earlier push added, unless ``local_dir`` holds a card of its own. When the upload fails that folder
+        is kept and the raised :class:`hf_ddlr.hub.HubUploadError` says how to retry (a temporary folder is
+        removed after a successful upload). Returns the ``CommitInfo`` of the upload.
         """
+        from huggingface_hub.utils import validate_repo_id
+
+        try:  # before anything is written
+            validate_repo_id(repo_id)
+        except ValueError as err:
+            raise ValueError(f"{repo_id!r} is not a Hub repo id ({err}); give one such as 'user/my-model'.") from err
         temporary = local_dir is None
+        own_card = not temporary and os.path.isfile(os.path.join(str(local_dir), "README.md"))
         folder = tempfile.mkdtemp(prefix="hf_ddlr_trajectory_") if temporary else str(local_dir)
-        write_artifacts(self, folder, model_name=self.model_name or repo_id, repo_id=repo_id)
+        name = self.model_name or repo_id
+        write_artifacts(self, folder, model_name=name, repo_id=repo_id)
+
+        def keep_the_repos_card() -> None:  # (once the repo exists: the Hub answers)
+            base = None if own_card else hub_card_text(repo_id, revision=revision, token=token)
+            if base is not None:
+                write_artifacts(self, folder, model_card_base=base, model_name=name, repo_id=repo_id)
+
         info = upload_folder_with_retry_message(
             folder, repo_id, token=token, private=private, revision=revision, commit_message=commit_message,
-            retry_hint="`trajectory.push_to_hub(...)`",
+            retry_hint="`trajectory.push_to_hub(...)`", before_upload=keep_the_repos_card,
         )
         if temporary:
             shutil.rmtree(folder, ignore_errors=True)
