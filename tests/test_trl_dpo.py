@@ -398,6 +398,7 @@ def test_two_processes_hold_the_same_rates_and_train_as_dpo_trainer_does_there(t
 @pytest.mark.parametrize(("option", "fix"), [
     (dict(loss_type=["ipo"]), "loss_type='sigmoid'"),
     (dict(ld_alpha=0.5), "ld_alpha=None"),
+    (dict(loss_weights=[2.0]), r"loss_weights=\[2.0\].*loss_weights=None"),
     (dict(use_weighting=True), "use_weighting=False"),
     (dict(sync_ref_model=True), "sync_ref_model=False"),
 ])

@@ -228,6 +228,14 @@ def test_rows_dropped_by_truncation_keep_rate_one(tmp_path):
     kept = set(t.train_dataset.with_format(None)["sample_index"])
     assert 0 < len(kept) < 32 and t.rates.instance.shape == (32,)
     assert f"dropped {32 - len(kept)} of the 32 training examples" in log.out
+    # the trusted rows it drops are said too; all of them dropped is refused at construction, naming the meta set
+    left = len(t.meta_dataset)
+    assert 0 < left < 8 and f"meta set dropped {8 - left} of its 8 trusted rows" in log.out
+    long = reverse_task(8, seed=2).map(lambda r: {"prompt": [{**r["prompt"][0], "content": "x" * 20}]})
+    with pytest.raises(ValueError, match=r"preparation of the meta set dropped all of its 8 rows \(no target token "
+                                         r"left after truncation to max_length=8\).*Raise max_length"):
+        MetaSFTTrainer(model=tiny_llama(), args=_args(tmp_path, max_steps=4, max_length=8),
+                       train_dataset=reverse_task(32, seed=1), meta_dataset=long, processing_class=char_tokenizer())
     seen = _SeenIndices(t)
     t.add_callback(seen)
     t.train()

@@ -55,6 +55,7 @@ from .trl import (
     as_trl_config,
     check_meta_rows,
     check_prepared_index,
+    check_prepared_meta,
     with_target_column,
 )
 
@@ -99,6 +100,8 @@ def _with_rates_options(args: DPOConfig | None) -> DPOConfig | None:
         (list(args.loss_type) != ["sigmoid"], f"loss_type={args.loss_type!r}", "loss_type='sigmoid' (DPO's loss)"),
         (args.f_divergence_type != "reverse_kl", f"f_divergence_type={args.f_divergence_type!r}",
          "f_divergence_type='reverse_kl'"),
+        (args.loss_weights is not None and [float(w) for w in args.loss_weights] != [1.0],
+         f"loss_weights={args.loss_weights}", "loss_weights=None (a weight on the one loss: scale learning_rate)"),
         (args.ld_alpha is not None, f"ld_alpha={args.ld_alpha}", "ld_alpha=None"),
         (args.use_weighting, "use_weighting=True", "use_weighting=False"),
         (args.padding_free, "padding_free=True (a batch row would hold several answers)", "padding_free=False"),
@@ -175,6 +178,8 @@ class MetaDPOTrainer(WeightedTRLLoss, MetaLRTrainer, DPOTrainer):
         log-probabilities of their answers."""
         check_meta_rows(self._source_train_dataset, meta_dataset, PAIR_TEXT_COLUMNS)
         prepared = self._prepare_dataset(meta_dataset, self.processing_class, self.args, "meta")
+        check_prepared_meta(self, meta_dataset, prepared,
+                            f"an answer truncated to nothing by max_length={self.args.max_length}")
         batch = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
         return _with_marker(self._precompute_ref_logps(prepared, "meta", batch), "meta")
 

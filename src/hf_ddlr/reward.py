@@ -49,6 +49,7 @@ from .trl import (
     as_trl_config,
     check_meta_rows,
     check_prepared_index,
+    check_prepared_meta,
     with_target_column,
 )
 
@@ -133,6 +134,8 @@ class MetaRewardTrainer(WeightedTRLLoss, MetaLRTrainer, RewardTrainer):
         """The trusted pairs prepared as ``RewardTrainer`` prepared the train set, with their margins as targets."""
         check_meta_rows(self._source_train_dataset, meta_dataset, PAIR_TEXT_COLUMNS)
         prepared = self._prepare_dataset(meta_dataset, self.processing_class, self.args, "meta")
+        check_prepared_meta(self, meta_dataset, prepared,
+                            f"a chosen or rejected answer longer than max_length={self.args.max_length}")
         return _with_targets(prepared, "meta")
 
     @torch.no_grad()

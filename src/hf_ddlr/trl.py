@@ -157,6 +157,20 @@ def check_prepared_index(trainer: MetaLRTrainer, why_dropped: str) -> None:
                        f"examples ({why_dropped}); their rates stay at 1.")
 
 
+def check_prepared_meta(trainer: Any, given: Any, prepared: Any, why_dropped: str) -> None:
+    """The meta set a TRL trainer's preparation left: every trusted row it dropped (``why_dropped`` says what
+    drops them) is said, and a meta set left empty is refused here rather than failing inside TRL at the first
+    meta step."""
+    n, m, name = len(given), len(prepared), type(trainer).__name__
+    if m == 0:
+        raise ValueError(f"{name}'s preparation of the meta set dropped all of its {n} rows ({why_dropped}): no "
+                         f"trusted example is left to learn the rates on. Raise max_length, or give trusted examples "
+                         f"that fit it.")
+    if m < n:
+        logger.warning(f"{name}: the preparation of the meta set dropped {n - m} of its {n} trusted rows "
+                       f"({why_dropped}); the rates learn on the {m} left.")
+
+
 SFT_TEXT_COLUMNS = ("messages", "prompt", "completion", "text")  # the row formats SFTTrainer prepares
 PAIR_TEXT_COLUMNS = ("prompt", "chosen", "rejected")  # the preference rows RewardTrainer and DPOTrainer prepare
 
@@ -282,8 +296,11 @@ class MetaSFTTrainer(WeightedTRLLoss, MetaLRTrainer, SFTTrainer):
         if self._skip_prepare_dataset:
             return meta_dataset
         check_meta_rows(self._source_train_dataset, meta_dataset, SFT_TEXT_COLUMNS)
-        return self._prepare_dataset(meta_dataset, self.processing_class, self.args, False, self._formatting_func,
-                                     "meta")
+        prepared = self._prepare_dataset(meta_dataset, self.processing_class, self.args, False, self._formatting_func,
+                                         "meta")
+        check_prepared_meta(self, meta_dataset, prepared,
+                            f"no target token left after truncation to max_length={self.args.max_length}")
+        return prepared
 
     @torch.no_grad()
     def _record_train_metrics(self, logits: torch.Tensor, inputs: Mapping[str, Any]) -> None:
