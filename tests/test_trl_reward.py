@@ -281,3 +281,15 @@ def test_trusted_pairs_without_the_rejected_answer_are_refused_by_name(tmp_path)
         MetaRewardTrainer(model=_reward_model(), args=MetaRewardConfig(output_dir=str(tmp_path), **COMMON),
                           train_dataset=train, meta_dataset=meta.remove_columns("rejected"),
                           processing_class=_tokenizer())
+
+
+def test_trusted_pairs_without_margins_beside_train_pairs_with_them_train(tmp_path):
+    """``margin`` is optional in RewardTrainer and the collator takes it out before the model: trusted pairs
+    without it (beside train pairs with margins) are not refused as if the model needed it; their targets are 0."""
+    train, _ = _preference_set(8, 1)
+    meta, _ = _preference_set(4, 2)
+    assert "margin" in train.column_names
+    t = MetaRewardTrainer(model=_reward_model(), args=MetaRewardConfig(output_dir=str(tmp_path), **COMMON, max_steps=1),
+                          train_dataset=train, meta_dataset=meta.remove_columns("margin"), processing_class=_tokenizer())
+    assert list(t.meta_dataset.with_format(None)["labels"]) == [0.0] * 4
+    t.train()

@@ -323,3 +323,10 @@ def test_a_meta_set_in_another_format_than_the_train_set_is_refused(tmp_path):
                                          r"\['prompt', 'completion'\]"):
         MetaSFTTrainer(model=tiny_llama(), args=_args(tmp_path), train_dataset=reverse_task(32, seed=1),
                        meta_dataset=datasets.Dataset.from_list([{"text": "abc"}] * 4), processing_class=char_tokenizer())
+    # not a datasets.Dataset: said as such, not as a set of no columns
+    for meta, message in ((conv.to_list(), r"meta dataset is a list: TRL prepares it .* needs a datasets\.Dataset"),
+                          (datasets.DatasetDict({"validation": conv}), r"DatasetDict \(splits \['validation'\]\): "
+                                                                       r"pass one split")):
+        with pytest.raises((TypeError, ValueError), match=message):
+            MetaSFTTrainer(model=tiny_llama(), args=_args(tmp_path), train_dataset=reverse_task(32, seed=1),
+                           meta_dataset=meta, processing_class=char_tokenizer())

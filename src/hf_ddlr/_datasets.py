@@ -197,13 +197,14 @@ def check_label_range(datasets: Iterable[tuple[str, Any]], num_labels: int) -> N
 
 
 def check_meta_inputs(train: Mapping | None, meta: Mapping | None, model_inputs: Iterable[str], index_column: str,
-                      model_name: str) -> None:
+                      model_name: str, optional: Iterable[str] = ()) -> None:
     """Refuse a meta set without the model inputs the train set gives (e.g. raw text that was never tokenised):
     its first meta batch would fail deep inside the model. ``train`` / ``meta``: row 0 of each set;
-    ``model_inputs``: the Trainer's signature columns (the model's forward arguments)."""
+    ``model_inputs``: the Trainer's signature columns (the model's forward arguments); ``optional``: signature
+    columns a meta row may lack (e.g. a reward pair's ``margin``, which the collator takes out)."""
     if train is None or meta is None:
         return
-    skip = {*LABEL_KEYS, "label_ids", index_column}
+    skip = {*LABEL_KEYS, "label_ids", index_column, *optional}
     needed = (set(train) & set(model_inputs)) - skip
     missing = sorted(needed - set(meta))
     if missing:

@@ -116,6 +116,8 @@ class MetaRewardTrainer(WeightedTRLLoss, MetaLRTrainer, RewardTrainer):
     ```
     """
 
+    _optional_meta_columns = ("margin",)  # optional in RewardTrainer: a trusted pair without one has margin 0
+
     target_column = TARGET  # each pair's margin, kept by the Trainer's column removal
 
     def __init__(self, model: torch.nn.Module | str, args: TrainingArguments | None = None, **kwargs: Any) -> None:

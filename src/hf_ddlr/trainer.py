@@ -162,6 +162,7 @@ class MetaLRTrainer(Trainer):
     """
 
     _saving_checkpoint = False  # True while the Trainer writes a checkpoint (its model is saved with the rates)
+    _optional_meta_columns: tuple[str, ...] = ()  # signature columns a meta row may lack (see check_meta_inputs)
 
     def __init__(
         self,
@@ -328,7 +329,8 @@ class MetaLRTrainer(Trainer):
         row-0 keys that are arguments of the model's forward (what the Trainer's column removal keeps)."""
         self._set_signature_columns_if_needed()
         check_meta_inputs(first_item(self._source_train_dataset), first_item(self.meta_dataset),
-                          self._signature_columns, self.meta_args.index_column, type(self.model).__name__)
+                          self._signature_columns, self.meta_args.index_column, type(self.model).__name__,
+                          optional=self._optional_meta_columns)
 
     def _read_groups(self) -> Groups | None:
         """The train set's groups by ``group_column`` (group-level rates; None without it). A replayed trajectory
