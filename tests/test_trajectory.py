@@ -324,3 +324,22 @@ def test_average_refuses_repeated_positions_and_mixed_levels_and_warns_without_f
         t.dataset["fingerprint"] = None
     with pytest.warns(UserWarning, match="no fingerprint .* cannot be checked"):
         LRTrajectory.average([a, b])
+
+
+def test_average_refuses_runs_a_replay_reads_differently_and_names_other_train_sets_first():
+    """Runs whose meta_update or probes differ are replayed by different rules: refused, naming the setting (the
+    average kept the first run's). Runs on train sets of other sizes and schedules are refused as other train
+    sets (the schedule's misalignment follows from it and was named instead)."""
+    a, b = make_trajectory(0), make_trajectory(1)
+    a.config["meta_update"], b.config["meta_update"] = "same_step", "delayed"
+    with pytest.raises(ValueError, match=r"different meta_update \(\['same_step', 'delayed'\]\).*one meta_update"):
+        LRTrajectory.average([a, b])
+    b.config["meta_update"] = "same_step"
+    a.config["probe_batches"], b.config["probe_batches"] = 1.0, 0.0
+    with pytest.raises(ValueError, match=r"different probe_batches"):
+        LRTrajectory.average([a, b])
+    small = make_trajectory(2, steps_per_epoch=2)  # a smaller train set: fewer steps an epoch, a smaller table
+    small.dataset["fingerprint"] = None
+    small._instance = [(s, e, r[: N - 2]) for s, e, r in small._instance]
+    with pytest.raises(ValueError, match=r"instance tables have sizes .*train sets of other sizes"):
+        LRTrajectory.average([make_trajectory(0), small])

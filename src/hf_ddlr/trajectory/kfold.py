@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # averaging reads trajectories through their public views onl
     from .record import LRTrajectory
 
 Indices = Sequence[torch.Tensor | Sequence[int]]
+# settings a replay reads to know which rates each step applied: runs averaged together must share them
+REPLAY_SETTINGS = ("meta_update", "probe_batches")
 # frames between a warning raised in a helper of average_records and the caller of LRTrajectory.average
 _CALLER = 4
 
@@ -45,6 +47,13 @@ def average_records(
     if len(levels) > 1:
         raise ValueError("the runs learned rates at different levels (instance, class, group tables: "
                          f"{sorted(levels)}); average runs of one rate level")
+    for key in REPLAY_SETTINGS:
+        values = [t.config.get(key) for t in trajs]
+        if any(v != values[0] for v in values[1:]):
+            raise ValueError(f"the runs have different {key} ({values}), which decides how a replay reads the "
+                             f"rates: average runs of one {key}")
+    if instance_indices is None and any(t.has_instance_rates for t in trajs):
+        _check_same_train_set(trajs)  # (before the schedules: other train sets have other steps per epoch too)
     for i, t in enumerate(trajs[1:], start=1):
         if t.label_names != first.label_names:
             raise ValueError(f"trajectory {i} has label names {t.label_names}, trajectory 0 has {first.label_names}")
@@ -215,8 +224,9 @@ def _full_tables(
     return _indexed_tables(trajs, e, instance_indices, dataset)
 
 
-def _same_set_tables(trajs: list[LRTrajectory], e: int) -> tuple[Iterator[torch.Tensor], torch.Tensor | None]:
-    """The folds' tables as they are: each already indexed by full train position."""
+def _check_same_train_set(trajs: list[LRTrajectory]) -> None:
+    """Runs averaged row by row (no ``instance_indices``) must have learned on one train set: the same
+    fingerprint where both have one, tables of one size."""
     prints = [t.dataset.get("fingerprint") for t in trajs]
     for k, fp in enumerate(prints[1:], start=1):
         if prints[0] and fp and fp != prints[0]:
@@ -226,18 +236,24 @@ def _same_set_tables(trajs: list[LRTrajectory], e: int) -> tuple[Iterator[torch.
                 f"instance_indices=[each fold's full-train positions, ...] and dataset=<full train "
                 f"signature> (as examples/kfold_replay.py does), or average runs on the same train set."
             )
+    sizes = {t.final_instance_rates.numel() for t in trajs}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"instance tables have sizes {sorted(sizes)}: the runs trained on train sets of other sizes. Index them "
+            f"by full train position (NaN where a fold did not train) or pass instance_indices=[fold positions, ...]"
+        )
+
+
+def _same_set_tables(trajs: list[LRTrajectory], e: int) -> tuple[Iterator[torch.Tensor], torch.Tensor | None]:
+    """The folds' tables as they are: each already indexed by full train position (checked by
+    :func:`_check_same_train_set`)."""
+    prints = [t.dataset.get("fingerprint") for t in trajs]
     if len(trajs) > 1 and not all(prints):
         warnings.warn(
             "averaging instance rates of runs whose train sets have no fingerprint (e.g. a torch Dataset): row i "
             "is taken to be the same example in every run, which cannot be checked. For folds on different rows, "
             "pass instance_indices=[each fold's full-train positions, ...] and dataset=<full train signature>.",
             stacklevel=_CALLER + 2,
-        )
-    sizes = {t.final_instance_rates.numel() for t in trajs}
-    if len(sizes) != 1:
-        raise ValueError(
-            f"instance tables have sizes {sorted(sizes)}: index them by full train position "
-            f"(NaN where a fold did not train) or pass instance_indices=[fold positions, ...]"
         )
     masks = [t.noise_mask for t in trajs]
     noise = masks[0].clone() if all(m is not None for m in masks) else None
