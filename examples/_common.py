@@ -427,6 +427,20 @@ class _StepSchedule:
             return self.lr_scheduler
         return super().create_scheduler(num_training_steps, optimizer)
 
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """The Trainer's card lists ``lr_scheduler_type`` from the args, which this schedule replaces."""
+        super().create_model_card(*args, **kwargs)
+        path = os.path.join(self.args.output_dir, "README.md")
+        if self.lr_decay_at and self.is_world_process_zero() and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            steps = ", ".join(f"{x:g}" for x in self.lr_decay_at)
+            text = re.sub(r"^- lr_scheduler_type: .*$",
+                          f"- lr_scheduler_type: step decay (x{self.lr_decay_factor:g} at {steps} of the run, "
+                          "after the warm-up)", text, count=1, flags=re.M)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+
 
 def trainer_class(base: type[Trainer], lr_decay_at: Sequence[float] = (), lr_decay_factor: float = 0.1) -> type:
     """``base`` with a step schedule: LR ×``lr_decay_factor`` at each fraction of the run in ``lr_decay_at``

@@ -243,6 +243,45 @@ def test_push_to_hub_uploads_model_trajectory_and_card(hub_server, tmp_path):
     run_example("noisy_cifar100.py", tmp_path / "out", "--methods", "metalr", "--max_train_samples", "150",
                 "--max_test_samples", "50", "--push_to_hub", "--hub_model_id", "hubtest/noisy-example", env=env)
     _assert_pushed_with_trajectory(hub_server, "hubtest/noisy-example-metalr")
+    # the card of a model built from a config, of a type hf_ddlr.models registers, says so (no link to nowhere)
+    card = (tmp_path / "out" / "metalr" / "README.md").read_text()
+    assert "`import hf_ddlr.models` before `AutoModel*.from_pretrained`" in card and "hf_ddlr_cnn" in card
+    assert "[](https://huggingface.co/)" not in card and "None dataset" not in card
+    assert "This model was trained from scratch on " in card
+
+
+def test_cards_name_the_step_schedule_and_a_replay(tmp_path):
+    """An example's step decay replaces the args' scheduler: its card says so (it said "linear"); a replayed run's
+    card says its rates were replayed, not learned in it."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import _common as common
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    from tiny import TinyConfig, TinyPreTrained, make_split
+
+    from hf_ddlr import MetaLRConfig, MetaLRTrainer
+
+    kw = dict(report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, max_steps=2,
+              per_device_train_batch_size=8, optim="sgd", learning_rate=0.1)
+    cls = common.trainer_class(MetaLRTrainer, (0.5, 0.75), 0.2)
+    t = cls(model=TinyPreTrained(TinyConfig()), args=MetaLRConfig(output_dir=str(tmp_path / "learn"), **kw),
+            train_dataset=make_split(32, seed=1), meta_dataset=make_split(8, seed=2))
+    t.train()
+    t.save_model()
+    t.create_model_card(model_name="tiny")
+    card = (tmp_path / "learn" / "README.md").read_text()
+    assert "- lr_scheduler_type: step decay (x0.2 at 0.5, 0.75 of the run, after the warm-up)" in card
+    assert "were\nlearned online by a one-step-lookahead meta-gradient" in card
+    r = MetaLRTrainer(model=TinyPreTrained(TinyConfig()),
+                      args=MetaLRConfig(output_dir=str(tmp_path / "replay"), replay_trajectory=str(tmp_path / "learn"),
+                                        **kw),
+                      train_dataset=make_split(32, seed=1))
+    r.train()
+    r.create_model_card(model_name="tiny-replay")
+    card = (tmp_path / "replay" / "README.md").read_text()
+    assert "replayed from a learned trajectory" in card and "learned online" in card
+    assert "- lr_scheduler_type: linear" in card  # (the plain schedule, as run)
 
 
 def _assert_pushed_with_trajectory(hub_server, repo_id: str) -> None:

@@ -585,13 +585,19 @@ class MetaLRTrainer(Trainer):
         if self._meta_active and self.is_world_process_zero():
             from .hub import write_artifacts
 
+            _mend_trainer_card(os.path.join(self.args.output_dir, "README.md"))
             dataset = kwargs.get("dataset")  # Trainer.create_model_card's name(s) of the training data
             check = self.meta_set_check
+            extra = {} if check is None else {"meta set, as the trained model sees it": check.card_text()}
+            model_type = str(getattr(getattr(self.model, "config", None), "model_type", ""))
+            if model_type.startswith("hf_ddlr_"):  # one of hf_ddlr.models: the Auto classes know it once imported
+                extra["loading the model"] = (f"`import hf_ddlr.models` before `AutoModel*.from_pretrained`: it "
+                                              f"registers the model type `{model_type}` with the Auto classes")
             write_artifacts(
                 self.lr_trajectory, self.args.output_dir, repo_id=self._repo_id(),
                 model_name=kwargs.get("model_name"),
                 dataset_name=dataset if dataset is None or isinstance(dataset, str) else ", ".join(dataset),
-                extra=None if check is None else {"meta set, as the trained model sees it": check.card_text()},
+                extra=extra or None,
             )
 
     def _repo_id(self) -> str:
@@ -637,6 +643,21 @@ class MetaLRTrainer(Trainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if self._meta_active and checkpoint is not None:
             load_meta_state(self, checkpoint)
+
+
+def _mend_trainer_card(path: str) -> None:
+    """The Trainer's card of a model built from a config (``_name_or_path`` "") and a train set without a name
+    says "a fine-tuned version of [](https://huggingface.co/) on the None dataset": written as what it is."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    mended = (text.replace("This model is a fine-tuned version of [](https://huggingface.co/) on ",
+                           "This model was trained from scratch on ")
+              .replace(" on the None dataset.", " on an unnamed dataset."))
+    if mended != text:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(mended)
 
 
 def _is_transfer_error(err: BaseException) -> bool:

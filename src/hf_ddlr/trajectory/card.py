@@ -117,6 +117,7 @@ def _template_vars(
         "levels_text": " and ".join(levels) or "learning-rate multipliers",
         "learns_wd": bool(cfg.get("learn_weight_decay", trajectory.num_steps > 0)),
         "averaged": cfg.get("averaged_over_runs"),
+        "replayed": cfg.get("mode") == "replay",
         "config_rows": [(k, _cell(v)) for k, v in sorted(cfg.items())],
         "summary_markdown": trajectory.summary_markdown().strip(),
         "plots": _plot_entries(plots),
