@@ -232,15 +232,17 @@ def plan_image_run(
     """Model, sizes, LR steps and methods of an image example's run.
 
     ``meta_size`` / ``quick_meta_size`` are the (embedded, cifar100) defaults of the meta set and its cap
-    under ``--quick`` (which also takes 400 train / 200 test examples unless given); the model defaults to
+    under ``--quick`` when ``--meta_size`` is not given (``--quick`` also takes 400 train / 200 test examples
+    unless given); the model defaults to
     ``paper_model`` on CIFAR-100 and the small CNN on the embedded digits; ``--lr_decay_at`` (when the
     script has it and it is given) replaces ``default_decay``.
     """
     pick = 0 if script.dataset == "embedded" else 1
     meta = script.meta_size or meta_size[pick]
     n_train, n_test = script.max_train_samples, script.max_test_samples
-    if script.quick:
-        n_train, n_test, meta = n_train or 400, n_test or 200, min(meta, quick_meta_size[pick])
+    if script.quick:  # (a --meta_size given is kept, as every flag given)
+        n_train, n_test = n_train or 400, n_test or 200
+        meta = script.meta_size or min(meta, quick_meta_size[pick])
     given = getattr(script, "lr_decay_at", None)
     decay = step_decay(script, default_decay if given is None else [float(v) for v in parse_list(given)])
     model_name = script.model or ("small_cnn" if pick == 0 else paper_model)

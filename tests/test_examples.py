@@ -370,6 +370,24 @@ def test_flags_override_presets():
     assert common.step_decay(s, (0.5, 0.8)) == ()
 
 
+def test_quick_keeps_a_meta_size_given():
+    """``--quick`` caps the meta set's default size, not one given with ``--meta_size`` (a flag given wins)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import noisy_cifar100
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    common = noisy_cifar100.common
+
+    def meta_size(*argv: str) -> int:
+        s, _ = common.parse_args(noisy_cifar100.NoisyOptions, noisy_cifar100.presets,
+                                 ["--dataset", "embedded", "--quick", *argv])
+        return common.plan_image_run(s, paper_model="wrn28_10", meta_size=(100, 1000), quick_meta_size=(50, 100),
+                                     methods=list(noisy_cifar100.METHODS)).meta_size
+
+    assert meta_size() == 50 and meta_size("--meta_size", "100") == 100
+
+
 def test_a_probe_flag_for_the_instance_runs_does_not_stop_the_ablations(capsys):
     """``--probe_batches`` with ``--methods metalr,metalr_nohistory,metalr_class``: the ablations have no instance
     rates kept between visits (probes are refused there), so they run without probes and say so."""

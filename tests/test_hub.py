@@ -238,6 +238,13 @@ def test_cli_show_prints_summary_and_writes_plots(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["auroc_clean_vs_noisy"] == 1.0
     assert cli.main(["show", str(tmp_path / "nowhere")]) == 1
     assert "neither an existing local folder nor a Hub repo id" in capsys.readouterr().err
+    # an example's output folder (a run per method): the error names the subfolder that holds the trajectory
+    traj.save_pretrained(tmp_path / "example_out" / "metalr")
+    assert cli.main(["show", str(tmp_path / "example_out"), "--no-plots"]) == 1
+    assert "trajectories in its subfolder metalr (e.g. an example's output folder" in capsys.readouterr().err
+    # --revision names a Hub revision: on a local folder it is said to be unused
+    assert cli.main(["show", str(tmp_path / "run"), "--revision", "v1", "--no-plots"]) == 0
+    assert "is a local folder; --revision v1 applies to Hub repos only" in capsys.readouterr().err
 
 
 def test_cli_average_and_console_script(tmp_path):

@@ -71,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if args.command == "show":
+            if args.revision is not None and os.path.isdir(args.source):
+                print(f"hf-ddlr show: warning: {args.source} is a local folder; --revision {args.revision} applies to "
+                      "Hub repos only and is not used", file=sys.stderr)
             traj = LRTrajectory.from_pretrained(args.source, revision=args.revision)
             if args.json:
                 print(json.dumps(traj.summary(), indent=2))

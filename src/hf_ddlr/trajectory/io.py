@@ -66,10 +66,11 @@ def locate_files(
 def _local_files(folder: Path) -> tuple[Path, Path]:
     missing = [n for n in TRAJECTORY_FILES if not (folder / n).is_file()]
     if missing:
-        raise FileNotFoundError(
-            f"{folder} is missing {', '.join(missing)}: it is not a saved LRTrajectory. "
-            f"Save one with trajectory.save_pretrained({str(folder)!r})."
-        )
+        inside = sorted(str(p.parent.relative_to(folder)) for p in folder.glob(f"*/{TRAJECTORY_CONFIG_NAME}"))
+        hint = (f"It holds trajectories in its subfolder{'s' if len(inside) > 1 else ''} {', '.join(inside)} (e.g. "
+                f"an example's output folder, a run per method): pass {folder / inside[0]}." if inside else
+                f"Save one with trajectory.save_pretrained({str(folder)!r}).")
+        raise FileNotFoundError(f"{folder} is missing {', '.join(missing)}: it is not a saved LRTrajectory. {hint}")
     return folder / TRAJECTORY_TENSORS_NAME, folder / TRAJECTORY_CONFIG_NAME
 
 
