@@ -131,22 +131,23 @@ class Cell:
         return f"{self.data}-{self.model}-{self.recipe}-{self.noise}"
 
 
-CELLS: list[Cell] = [
+CELLS: list[Cell] = [  # the matrix: `python benchmarks/robustness.py` runs these 17 (the README's first table)
     *(Cell("mnist", "cnn", r, "flip35") for r in ("sgd", "sgdm", "cosine", "adamw")),
-    *(Cell("mnist", "cnn", "sgdm", n) for n in ("flip40", "uniform20", "pair30", "classdep")),
+    *(Cell("mnist", "cnn", "sgdm", n) for n in ("uniform20", "pair30", "classdep")),
     Cell("mnist", "cnn", "adamw", "pair30"),
     Cell("mnist", "cnn", "sgd", "classdep"),
     *(Cell("digits", "cnn", r, "flip35") for r in ("sgd", "sgdm")),
     Cell("digits", "cnn", "sgdm", "pair30"),
-    *(Cell("mnist", "resnet", r, "flip35") for r in ("sgd", "sgdm")),
+    Cell("mnist", "resnet", "sgd", "flip35"),
     Cell("vader", "minilm", "ft", "flip30"),
     Cell("vader", "minilm", "ft3", "flip20"),
     Cell("afinn", "minilm", "ft", "flip30"),  # a second human-rated lexicon, added as a held-out check
     Cell("textblob", "minilm", "ft6", "flip30"),  # a third, added as a held-out check of meta_objective="auto"
 ]
-# Run by name only (not in the default selection): Adafactor on the adamw and ft recipes (docs/robustness.md,
-# "Adafactor")
-EXTRA_CELLS: list[Cell] = [Cell("mnist", "cnn", "adafactor", "flip35"), Cell("vader", "minilm", "ftadafactor", "flip30")]
+# Run by name only (not in the default selection): the demo's setting (covered by `make results`), the ResNet with
+# momentum (held-out checks in docs/robustness.md), Adafactor on the adamw and ft recipes ("Adafactor" there)
+EXTRA_CELLS: list[Cell] = [Cell("mnist", "cnn", "sgdm", "flip40"), Cell("mnist", "resnet", "sgdm", "flip35"),
+                           Cell("mnist", "cnn", "adafactor", "flip35"), Cell("vader", "minilm", "ftadafactor", "flip30")]
 DEFAULT_CELLS = list(CELLS)
 CELLS += EXTRA_CELLS
 CELL_BY_NAME = {c.name: c for c in CELLS}
@@ -571,7 +572,9 @@ def cell_seed_parser(doc: str, default_dir: str, jobs: bool = False) -> argparse
     """The command line of a diagnostic that runs robustness cells seed by seed: --cells, --seeds, --output_dir,
     and ``--jobs`` where its seeds can train in worker processes (:func:`run_missing`)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    p.add_argument("--cells", nargs="+", required=True, help="robustness cell names or glob patterns")
+    p.add_argument("--cells", nargs="+", default=None,
+                   help="robustness cell names or glob patterns (default: the 17 cells of the matrix, ~1.7 h a "
+                        "method on one thread: most diagnostics are run on a few)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--output_dir", default=default_dir)
     if jobs:

@@ -10,8 +10,8 @@ over seeds) and ``results/results.json`` (every run):
 2. Personalization (``examples/personalize_superclass.py --dataset embedded``): superclass ``curvy`` (digits 2, 3,
    5), 90 personal images — biased / full / transfer / class-level MetaLR.
 
-Usage: ``python scripts/make_results.py [--seeds 0 1 2] [--out results] [--epochs 8] [--jobs 2]``. Takes ~25-30
-min of compute on 2 idle CPU cores. Each (table, seed) is cached under ``outputs/make_results/runs/`` (``--work``) as it finishes, so an
+Usage: ``python scripts/make_results.py [--seeds 0 1 2] [--out results] [--epochs 8] [--jobs 2]``. Takes ~9
+min of compute (about 5 min wall with 2 workers) on 2 idle CPU cores. Each (table, seed) is cached under ``outputs/make_results/runs/`` (``--work``) as it finishes, so an
 interrupted run resumes (``--force`` retrains); ``--jobs N`` spreads the seeds over N single-threaded worker
 processes.
 """
