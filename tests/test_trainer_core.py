@@ -1,6 +1,7 @@
 """MetaLRTrainer end to end on tiny models: the paper's update rule, pass-through, bad input."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,58 @@ def _per_example_grads(model, x, y):
         loss = F.cross_entropy(model(x[i : i + 1]).logits, y[i : i + 1])
         out.append(dict(zip(names, torch.autograd.grad(loss, list(model.parameters())))))
     return out
+
+
+# the README's recipe for the paper's rule (eq. 3-7), besides lr_level / meta_lr / learn_weight_decay
+PAPER_RULE = dict(meta_lr_scaling="raw", max_instance_rate=None, probe_batches=0, rate_metric="optimizer",
+                  lookahead="sgd", meta_grad_average=0.0)
+
+
+def test_the_readmes_paper_rule_follows_eq_3_to_7_over_several_steps(tmp_path):
+    """Three full-batch plain-SGD steps with exactly the README's recipe (its options, nothing else changed but the
+    Trainer's own clipping of the real step, max_grad_norm=0): each step's rates and weight decay are eq. 3-7's,
+    computed independently with per-example gradients. Over several steps the meta gradient's running average
+    and the lookahead's clipping (defaults both) would show; the one-step test above cannot see them."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    recipe = readme.split("The paper's rule stays available: ", 1)[1].split("(and", 1)[0]
+    assert dict(re.findall(r"`(\w+)=([^`]+)`", recipe)) == {k: f'"{v}"' if isinstance(v, str) else str(v)
+                                                            for k, v in PAPER_RULE.items()}
+    lam, meta_lr, wd, wd_lr, steps = 0.5, 20.0, 0.01, 50.0, 3
+    train, meta = make_split(24, seed=1), make_split(10, seed=2)
+    torch.manual_seed(0)
+    model = TinyMLP()
+    start = copy.deepcopy(model)
+    args = _args(tmp_path, per_device_train_batch_size=24, max_steps=steps, learning_rate=lam, optim="sgd",
+                 lr_scheduler_type="constant", weight_decay=wd, lr_level="instance", meta_lr=meta_lr,
+                 learn_weight_decay=True, weight_decay_meta_lr=wd_lr, meta_batch_size=10, max_grad_norm=0.0,
+                 **PAPER_RULE)
+    trainer = MetaLRTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta)
+    trainer.train()
+
+    x, y = torch.tensor(train["x"]), torch.tensor(train["label"])
+    xm, ym = torch.tensor(meta["x"]), torch.tensor(meta["label"])
+    N, decay = x.shape[0], {"l1.weight", "l2.weight"}
+    theta = {n: p.detach().clone() for n, p in start.named_parameters()}
+    e, lam_wd = torch.ones(N), wd
+    for _ in range(steps):
+        net = copy.deepcopy(start)
+        net.load_state_dict(theta, strict=False)
+        grads = _per_example_grads(net, x, y)
+        g_w = {n: sum(e[i] * grads[i][n] for i in range(N)) / N for n in theta}  # the step's weighted gradient
+        look = {n: (p - lam * (g_w[n] + (lam_wd * p if n in decay else 0))).requires_grad_() for n, p in theta.items()}
+        lm = F.cross_entropy(torch.func.functional_call(start, look, (xm,)).logits, ym)
+        g_meta = dict(zip(look, torch.autograd.grad(lm, list(look.values()))))
+        dots = torch.stack([sum((g[n] * g_meta[n]).sum() for n in theta) for g in grads])
+        e = (e + meta_lr * (lam / N) * dots).clamp(min=0)  # eq. 5-7: w <- max(0, w - meta_lr dL/dw)
+        lam_wd = max(0.0, lam_wd - wd_lr * (-lam * sum(float((g_meta[n] * theta[n]).sum()) for n in decay)))
+        g_new = {n: sum(e[i] * grads[i][n] for i in range(N)) / N for n in theta}  # the real step, new rates
+        theta = {n: p - lam * (g_new[n] + (lam_wd * p if n in decay else 0)) for n, p in theta.items()}
+    torch.testing.assert_close(trainer.rates.instance, e, rtol=1e-4, atol=1e-5)
+    assert trainer.rates.weight_decay == pytest.approx(lam_wd, rel=1e-4)
+    for n, p in trainer.model.named_parameters():
+        torch.testing.assert_close(p.detach(), theta[n], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("level, center", [("instance", None), ("class", None), ("both", None),
