@@ -558,3 +558,63 @@ def test_class_rates_per_step_follow_the_per_step_meta_gradient(tmp_path, monkey
     for (n, p), q in zip(per_step.model.named_parameters(), no_avg.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
     assert float((averaged.rates.per_class - no_avg.rates.per_class).abs().max()) > 1e-3
+
+
+def test_both_levels_class_rates_step_on_the_per_step_products(tmp_path, monkeypatch):
+    """lr_level='both' with the average on: every rate update hands the class table the step's own products
+    (``keyed_grad``, as the engine computed them), not the instance rates' averaged ones; with
+    class_rate_direction='average' it hands none, and the class rates end elsewhere."""
+    from hf_ddlr.meta.rates import RateTable
+
+    seen: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    update = RateTable.update
+
+    def spy(self, indices, labels, example_grad, weight_decay_grad=None, keyed_grad=None, probes=None):
+        seen.append((example_grad.clone(), None if keyed_grad is None else keyed_grad.clone()))
+        return update(self, indices, labels, example_grad, weight_decay_grad, keyed_grad=keyed_grad, probes=probes)
+
+    monkeypatch.setattr(RateTable, "update", spy)
+
+    def run(name: str, direction: str) -> MetaLRTrainer:
+        torch.manual_seed(0)
+        args = MetaLRConfig(output_dir=str(tmp_path / name), **COMMON, save_strategy="no", optim="sgd",
+                            learning_rate=0.3, lr_scheduler_type="constant", lr_level="both", meta_lr=0.3,
+                            meta_grad_average=0.9, class_rate_direction=direction, per_device_train_batch_size=8,
+                            meta_batch_size=8, max_steps=6, probe_batches=0)
+        t = MetaLRTrainer(model=TinyMLP(hidden=12), args=args, train_dataset=make_split(32, seed=11),
+                          meta_dataset=make_split(16, seed=12))
+        t.train()
+        return t
+
+    per_step = run("ps", "per_step")
+    assert len(seen) == 6 and all(k is not None for _, k in seen)
+    last = per_step.last_meta_gradients
+    torch.testing.assert_close(seen[-1][1], last.per_step_grad.cpu())
+    torch.testing.assert_close(seen[-1][0], last.example_grad.cpu())
+    assert max(float((k - g).norm() / g.norm()) for g, k in seen[1:]) > 0.05  # the two directions differ
+    seen.clear()
+    averaged = run("avg", "average")
+    assert len(seen) == 6 and all(k is None for _, k in seen)
+    assert float((averaged.rates.per_class - per_step.rates.per_class).abs().max()) > 1e-4
+
+
+def test_class_products_take_the_same_metric_as_the_instance_products(tmp_path):
+    """Under plain SGD the products are taken in Adam's metric (rate_metric='auto'): at the first step, where the
+    running average is its first value, a class-level run's products (the per-step tangent) equal an
+    instance-level run's (the averaged one) on the same batch and model. A per-step tangent outside the metric
+    differs."""
+    def first_products(name: str, level: str, metric: str = "auto") -> torch.Tensor:
+        torch.manual_seed(0)
+        args = MetaLRConfig(output_dir=str(tmp_path / name), **COMMON, save_strategy="no", optim="sgd",
+                            learning_rate=0.3, lr_scheduler_type="constant", lr_level=level, meta_lr=0.3,
+                            meta_grad_average=0.9, per_device_train_batch_size=8, meta_batch_size=8, max_steps=1,
+                            probe_batches=0, rate_metric=metric)
+        t = MetaLRTrainer(model=TinyMLP(hidden=12), args=args, train_dataset=make_split(32, seed=11),
+                          meta_dataset=make_split(16, seed=12))
+        t.train()
+        return t.last_meta_gradients.example_grad
+
+    cls, inst = first_products("cls", "class"), first_products("inst", "instance")
+    torch.testing.assert_close(cls, inst, rtol=1e-5, atol=1e-8)
+    plain = first_products("plain", "instance", metric="optimizer")  # the check can fail: the metric matters here
+    assert float((plain - inst).norm() / inst.norm()) > 0.05
