@@ -566,3 +566,31 @@ def test_meta_gradients_over_the_head_from_a_tape_equal_forward_mode_and_the_exa
         assert got.meta_loss == pytest.approx(exact.meta_loss, rel=1e-6)
     whole = run(tape)
     assert not torch.allclose(whole.example_grad, exact.example_grad, rtol=0.05)
+
+
+class _Float64MLP(TinyMLP):
+    """TinyMLP in float64 (its inputs cast on the way in: the collator gives float32)."""
+
+    def forward(self, x, labels=None):
+        return super().forward(x.double(), labels)
+
+
+def test_a_float64_model_takes_the_per_layer_products(tmp_path):
+    """The per-layer products are fp32; a float64 model's lookahead keeps float64 parameters (θ' was written into
+    an fp32 scratch tensor and the meta forward failed on the dtype), and gives the forward-mode run's rates."""
+    from hf_ddlr import MetaLRConfig, MetaLRTrainer
+
+    def run(layerwise: bool):
+        torch.manual_seed(0)
+        model = _Float64MLP().double()
+        args = MetaLRConfig(output_dir=str(tmp_path / str(layerwise)), report_to=[], use_cpu=True, save_strategy="no",
+                            disable_tqdm=True, optim="sgd", learning_rate=0.3, per_device_train_batch_size=8,
+                            max_steps=3, layerwise_dots=layerwise)
+        t = MetaLRTrainer(model=model, args=args, train_dataset=make_split(32, seed=1), meta_dataset=make_split(8, seed=2))
+        t.train()
+        return t
+
+    per_layer, forward = run(True), run(False)
+    assert per_layer._layerwise == "verified" and all(p.dtype == torch.float64 for p in per_layer.model.parameters())
+    assert not torch.equal(per_layer.rates.instance, torch.ones_like(per_layer.rates.instance))
+    torch.testing.assert_close(per_layer.rates.instance, forward.rates.instance, rtol=1e-5, atol=1e-6)

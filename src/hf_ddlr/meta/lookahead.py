@@ -321,8 +321,11 @@ def _needs_graph(*xs: object) -> bool:
 
 
 def _into(a: torch.Tensor, op, b: torch.Tensor | float) -> torch.Tensor:
-    """``op(a, b)``, written into ``a`` (a scratch tensor of the caller) unless autograd needs ``a`` unchanged."""
-    return op(a, b, out=a) if not _needs_graph(a, b) else op(a, b)
+    """``op(a, b)``, written into ``a`` (a scratch tensor of the caller) unless autograd needs ``a`` unchanged or
+    the result has another dtype than ``a`` (e.g. fp32 per-layer gradients of float64 parameters)."""
+    if _needs_graph(a, b) or (torch.is_tensor(b) and b.dtype != a.dtype):
+        return op(a, b)
+    return op(a, b, out=a)
 
 
 def _adam_next(s: ParamSpec, p: torch.Tensor, g: torch.Tensor, wd: float | torch.Tensor) -> torch.Tensor:
@@ -339,8 +342,11 @@ def _adam_next(s: ParamSpec, p: torch.Tensor, g: torch.Tensor, wd: float | torch
 
 
 def _sub_from(base: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """``base − step``, written into ``step`` (a scratch tensor) unless autograd needs it."""
-    return torch.sub(base, step, out=step) if not _needs_graph(base, step) else base - step
+    """``base − step``, written into ``step`` (a scratch tensor) unless autograd needs it or the result has another
+    dtype than ``step`` (θ' keeps the parameters' dtype: float64 parameters with fp32 per-layer gradients)."""
+    if _needs_graph(base, step) or base.dtype != step.dtype:
+        return base - step
+    return torch.sub(base, step, out=step)
 
 
 def _rmsprop_next(s: ParamSpec, p: torch.Tensor, g: torch.Tensor, wd: float | torch.Tensor) -> torch.Tensor:
