@@ -284,3 +284,29 @@ def test_median_normalization_divides_the_applied_instance_rates_by_the_tables_m
     assert RateTable(7, 2, "class", instance_normalization="median").instance_divisor() == 1.0
     with pytest.raises(ValueError, match="instance_normalization must be one of"):
         RateTable(7, 2, "instance", instance_normalization="mean")
+
+
+@pytest.mark.parametrize("level, gradient", [("both", "effective"), ("both", "chain_rule"), ("class", "effective")])
+def test_raw_steps_are_the_derivatives_of_the_applied_rates_under_the_median_divisor(level, gradient):
+    """instance_normalization="median" applies e_i = w_inst[i]·w_class[y_i] / max(1, median(w_inst)): the raw step
+    of a class rate (and, under the chain rule, of an instance rate) is meta_lr times the derivative of that
+    e through autograd, the divisor included (the divisor itself held constant, as it is within a step)."""
+    idx, y = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 1, 0])
+    g = torch.tensor([0.4, -0.2, 0.3, -0.1])  # dL/de_i
+    t = RateTable(4, 2, level, meta_lr=0.5, scaling="raw", max_instance_rate=None,
+                  instance_normalization="median", instance_gradient=gradient)
+    if t.instance is not None:
+        t.instance.copy_(torch.tensor([2.0, 3.0, 2.5, 4.0]))  # median 2.5: a divisor above 1
+    t.per_class.copy_(torch.tensor([1.2, 0.8]))
+    w_inst = (t.instance.clone() if t.instance is not None else torch.ones(4)).requires_grad_()
+    w_cls = t.per_class.clone().requires_grad_()
+    d = max(1.0, float(w_inst.detach().median())) if t.instance is not None else 1.0
+    loss = (g * (w_inst[idx] * w_cls[y] / d)).sum()  # L linear in e with dL/de = g
+    gi, gc = torch.autograd.grad(loss, [w_inst, w_cls])
+    before_inst = None if t.instance is None else t.instance.clone()
+    t.update(idx, y, g)
+    torch.testing.assert_close(t.per_class, (w_cls - 0.5 * gc).detach())
+    if gradient == "chain_rule":
+        torch.testing.assert_close(t.instance, (w_inst - 0.5 * gi).detach())
+    elif before_inst is not None:  # "effective": the instance table steps on dL/de_i itself
+        torch.testing.assert_close(t.instance, before_inst - 0.5 * g)

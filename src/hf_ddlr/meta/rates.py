@@ -377,13 +377,18 @@ class RateTable:
         lookups = self._lookups(indices, labels)
         probe_lookups = self._lookups(probes[0], probes[1]) if probe_grad is not None else None
 
+        divisor = self.instance_divisor()  # e_i = w_inst·w_key / divisor (instance_normalization="median")
+
         def chain(table: torch.Tensor, g: torch.Tensor, lookups: list) -> torch.Tensor:
-            """∂e_i/∂table[keys_i] is the product of the other levels' rates (taken before any of them moves); the
-            instance table of "both" steps on ∂L/∂e_i itself unless instance_gradient="chain_rule"."""
+            """∂e_i/∂table[keys_i] is the product of the other levels' rates (taken before any of them moves) over
+            the instance divisor; the instance table of "both" steps on ∂L/∂e_i itself unless
+            instance_gradient="chain_rule"."""
             if not (table is self.instance and self.instance_gradient == "effective"):
                 for other, other_keys in lookups:
                     if other is not table:
                         g = g * other[other_keys].to(g.device)
+                if divisor != 1.0:
+                    g = g / divisor
             return g
 
         for i, (table, keys) in enumerate(lookups):
