@@ -71,6 +71,27 @@ def test_weight_decay_normalized_is_multiplicative_and_bounded():
     )  # positive gradient: decreases, by <= 1 %/step
 
 
+def test_weight_decay_normalized_step_is_an_rms_normalized_log_step_clipped_at_three():
+    """log(wd) moves by -meta_wd_lr * g/rms(g), rms the bias-corrected running mean of g^2 (decay 0.99); a
+    gradient spike after many small ones moves it by 3 * meta_wd_lr at most. Checked against that rule
+    recomputed here, step by step."""
+    lr, beta = 0.02, 0.99
+    t = RateTable(2, 2, "instance", learn_weight_decay=True, weight_decay=1e-3, meta_wd_lr=lr)
+    grads = [1e-4] * 20 + [1.0, -1e-4, -0.5]
+    wd, sq, ratios = 1e-3, 0.0, []
+    for k, g in enumerate(grads, start=1):
+        before = t.weight_decay
+        t.update(torch.tensor([0]), torch.tensor([0]), torch.tensor([0.0]), weight_decay_grad=g)
+        sq = beta * sq + (1 - beta) * g * g
+        ratio = g / math.sqrt(sq / (1 - beta**k))
+        ratios.append(ratio)
+        wd = wd * math.exp(-lr * max(-3.0, min(3.0, ratio)))
+        assert t.weight_decay == pytest.approx(wd, rel=1e-6), k
+        assert abs(math.log(t.weight_decay / before)) <= 3 * lr + 1e-9
+    assert ratios[20] > 4.0  # the spike: unclipped, the step would have been exp(-4.4 lr)
+    assert t.weight_decay / wd == pytest.approx(1.0, rel=1e-6)
+
+
 def test_state_round_trip_and_resize():
     t = RateTable(5, 2, "both", learn_weight_decay=True, weight_decay=1e-3)
     t.update(torch.tensor([0, 3]), torch.tensor([0, 1]), torch.tensor([0.5, -0.5]), 0.1)

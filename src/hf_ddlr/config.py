@@ -201,8 +201,9 @@ class MetaLROptions:
     )
     weight_decay_meta_lr: float = _option(
         0.01,
-        "Step size of the weight-decay update: the largest relative change per step with "
-        "'normalized' scaling (wd moves multiplicatively), the raw SGD step with 'raw' scaling.",
+        "Step size of the weight-decay update. With 'normalized' scaling wd moves multiplicatively: log(wd) "
+        "steps by weight_decay_meta_lr times the meta-gradient over its running RMS, clipped to 3x that "
+        "(about a 1 % change per step at 0.01, never more than 3 %); with 'raw' scaling the raw SGD step.",
     )
 
     # ---- How the meta-gradient is computed
