@@ -282,6 +282,22 @@ def test_meta_labels_outside_label_space(tmp_path):
         MetaLRTrainer(model=TinyMLP(), args=_args(tmp_path), train_dataset=train, meta_dataset=meta, num_labels=3)
 
 
+def test_labels_beyond_a_config_less_models_outputs_are_refused_at_the_first_forward(tmp_path):
+    """A model without a config has its label space read from the train labels (0..4 here); a head of 3 outputs
+    cannot score labels 3 and 4: the first forward says so and how to fix it, instead of cross-entropy's index
+    error (a device-side assert on a GPU). A head as wide as the labels trains."""
+    train = make_split(16, seed=1, num_labels=5)
+    assert max(train["label"]) == 4
+    args = _args(tmp_path, per_device_train_batch_size=8, max_steps=1)
+    t = MetaLRTrainer(model=TinyMLP(num_labels=3), args=args, train_dataset=train,
+                      meta_dataset=make_split(8, seed=2, num_labels=3))
+    with pytest.raises(ValueError, match=r"outputs 3 logits per example, but the labels span 5 classes \(0\.\.4\)"
+                                         r"\. Give the model's head num_labels=5 outputs"):
+        t.train()
+    MetaLRTrainer(model=TinyMLP(num_labels=5), args=args, train_dataset=train,
+                  meta_dataset=make_split(8, seed=2, num_labels=3)).train()
+
+
 def test_ignored_labels_are_refused_with_the_filter_that_drops_them(tmp_path):
     """-100 (an example a plain Trainer's loss ignores) has no class for a rate: refused at construction with the
     filter that drops those rows, on the set's own label column."""

@@ -81,6 +81,7 @@ class Schedule:
         self.normalizer = 1.0  # N_window: the examples of the window on this process
         self.due = False  # whether this step runs a meta step
         self._next = 0
+        self._outputs_checked = False  # the first forward checks the head's width against the label space
 
     # ---------------------------------------------------------------- the hooks
     def begin_window(self, batches: list[Mapping[str, Any]]) -> None:
@@ -176,6 +177,9 @@ class Schedule:
         if tape is not None:
             tape.inputs = inputs
         logits = extract_logits(outputs)
+        if not self._outputs_checked:
+            _check_output_width(logits, task.class_labels, self.trainer.num_labels)
+            self._outputs_checked = True
         L = task(logits, labels, self.trainer.args.label_smoothing_factor)
         mb.losses = L.detach()
         if "h" in box:
@@ -550,6 +554,18 @@ class Delayed(MetaStepSchedule):
             return g.float() / scale
 
         return {n: real_grad(p) for n, p in trainable_params(self.trainer.model).items()}
+
+
+def _check_output_width(logits: torch.Tensor, class_labels: bool, num_labels: int) -> None:
+    """Refuse, at the first forward, a classifier with fewer outputs than the label space the trainer took (from
+    the train labels, for a model without a config): its loss would fail with an index error, or a device-side
+    assert on a GPU, that names neither the labels nor the fix."""
+    if class_labels and logits.dim() == 2 and logits.shape[-1] < num_labels:
+        raise ValueError(
+            f"The model outputs {logits.shape[-1]} logits per example, but the labels span {num_labels} classes "
+            f"(0..{num_labels - 1}). Give the model's head num_labels={num_labels} outputs, or map the labels to "
+            f"0..{logits.shape[-1] - 1} (and pass num_labels={logits.shape[-1]} to MetaLRTrainer)."
+        )
 
 
 def _shapes(inputs: Mapping[str, Any]) -> str:
