@@ -3,8 +3,9 @@
 Each fold holds out 1/k of the train set as its meta set and learns a learning-rate trajectory with
 MetaLRTrainer. The k trajectories are averaged (per example over the folds that trained on it) and the
 average is replayed on the *full* train set with the same schedule and no meta set. A plain Trainer on
-the same schedule is the baseline. Writes results.json, the averaged trajectory (+ plots) and, with
---push_to_hub, uploads the replayed model together with the trajectory and a model card.
+the same schedule is the baseline. Writes results.json, each fold's trajectory (fold_<i>/), the averaged
+trajectory (+ plots, averaged_trajectory/), the replayed model with its trajectory (replay/) and the plain
+model (plain/); with --push_to_hub, uploads the replayed model together with the trajectory and a model card.
 
 Offline (embedded MNIST digits, small CNN, the offline demo's recipe: SGD 0.05 + momentum, 1-epoch warm-up then
 a constant LR, 8 epochs, as noisy_cifar100.py's --dataset embedded):
@@ -112,6 +113,8 @@ def _fold_trajectories(folds: list, args: MetaLRConfig, make_model, to_tensor, i
             train_dataset=_materialize(fold["train"], to_tensor), meta_dataset=_materialize(fold["meta"], to_tensor),
         )
         trainer.train()
+        if is_main:  # the fold's own trajectory beside the average, to compare folds (hf-ddlr show fold_i)
+            trainer.lr_trajectory.save_pretrained(fold_args.output_dir)
         trajectories.append(trainer.lr_trajectory)
         indices.append(torch.as_tensor(fold["train"]["source_index"]))
     return trajectories, indices
@@ -163,6 +166,7 @@ def main() -> dict:
                                               "push_to_hub": False, "report_to": []}),
                     train_dataset=full_train.remove_columns("sample_index"))
     plain.train()
+    plain.save_model()  # the baseline's model, as the replay's
     result = {"k": script.k, "dataset": script.dataset, "model": model_name,
               "replay_test_accuracy": evaluate(replay), "plain_test_accuracy": evaluate(plain),
               "averaged_summary": averaged.summary()}

@@ -32,6 +32,10 @@ def test_kfold_average_replay_quick(tmp_path):
     assert (tmp_path / "averaged_trajectory" / "lr_trajectory_instance.png").is_file()
     replayed = LRTrajectory.from_pretrained(tmp_path / "replay")
     assert replayed.config["mode"] == "replay"
+    for i in range(2):  # each fold's learned trajectory, on that fold's 300 train rows
+        fold = LRTrajectory.from_pretrained(tmp_path / f"fold_{i}")
+        assert fold.instance_rates.shape[1] == 300 and fold.config["mode"] != "replay"
+    assert (tmp_path / "plain" / "config.json").is_file()  # the baseline's model saved, as the replay's
 
 
 def test_quick_draws_every_class_and_the_embedded_run_takes_the_image_recipe(monkeypatch):
