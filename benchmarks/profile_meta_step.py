@@ -7,12 +7,14 @@ milliseconds per step and the same in units of a plain Trainer step (measured ju
 
     .venv/bin/python benchmarks/profile_meta_step.py --model resnet --width 32 --config jvp
     .venv/bin/python benchmarks/profile_meta_step.py --model bert --config jvp --ops meta_loss_gradient
+    .venv/bin/python benchmarks/profile_meta_step.py --model resnet --width 64 --no-primal-reuse
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import os
 import statistics
@@ -106,7 +108,15 @@ def main(argv=None):
         "(e.g. jvp_dots, meta_loss_gradient, _meta_step, compute_loss)",
     )
     p.add_argument("--ops-rows", type=int, default=20)
+    p.add_argument(
+        "--no-primal-reuse",
+        action="store_true",
+        help="the forward-mode pass computes its primal values again instead of taking the real forward's "
+        "conv / linear / BatchNorm outputs (the cost before that reuse, for comparison)",
+    )
     a = p.parse_args(argv)
+    if a.no_primal_reuse:
+        schedules.record_outputs = lambda model: contextlib.nullcontext(None)
     torch.set_num_threads(a.threads)
     global CLOCK
     CLOCK = time.process_time if a.clock == "cpu" else time.perf_counter
@@ -131,7 +141,8 @@ def main(argv=None):
     # phases accumulated over the timed steps (exclude what happened before the first timed step)
     ph = {k: (last.get(k, 0.0) - first.get(k, 0.0)) / max(n - 1, 1) for k in last}
     print(
-        f"\n{a.model} ({'w' + str(a.width) if a.model == 'resnet' else ''}) {a.config}: "
+        f"\n{a.model} ({'w' + str(a.width) if a.model == 'resnet' else ''}) {a.config}"
+        f"{' without primal reuse' if a.no_primal_reuse else ''}: "
         f"plain step {plain * 1e3:.0f} ms, meta step {step * 1e3:.0f} ms = {step / plain:.2f}x plain"
     )
     print("| phase | ms/step | × plain step |\n|---|---|---|")
