@@ -203,7 +203,7 @@ class MetaLROptions:
         0.01,
         "Step size of the weight-decay update. With 'normalized' scaling wd moves multiplicatively: log(wd) "
         "steps by weight_decay_meta_lr times the meta-gradient over its running RMS, clipped to 3x that "
-        "(about a 1 % change per step at 0.01, never more than 3 %); with 'raw' scaling the raw SGD step.",
+        "(about a 1 percent change per step at 0.01, never more than 3 percent); with 'raw' scaling the raw SGD step.",
     )
 
     # ---- How the meta-gradient is computed
