@@ -313,11 +313,14 @@ def test_train_set_without_labels(tmp_path):
         MetaLRTrainer(model=TinyMLP(), args=_args(tmp_path), train_dataset=train, meta_dataset=make_split(8, seed=2))
 
 
-def test_iterable_train_set_is_refused(tmp_path):
+def test_iterable_sets_are_refused_each_with_its_own_reason(tmp_path):
     stream = make_split(16, seed=1).to_iterable_dataset()
-    with pytest.raises(ValueError, match="map-style train_dataset"):
+    with pytest.raises(ValueError, match=r"map-style train_dataset .*got IterableDataset.*keyed to the train set's rows"):
         MetaLRTrainer(model=TinyMLP(), args=_args(tmp_path, max_steps=1), train_dataset=stream,
                       meta_dataset=make_split(8, seed=2))
+    with pytest.raises(ValueError, match=r"map-style meta_dataset .*sampled from it by position"):
+        MetaLRTrainer(model=TinyMLP(), args=_args(tmp_path, max_steps=1), train_dataset=make_split(16, seed=1),
+                      meta_dataset=make_split(8, seed=2).to_iterable_dataset())
 
 
 def test_model_without_logits(tmp_path):

@@ -142,10 +142,14 @@ def check_datasets(train_dataset: Any, meta_dataset: Any, class_labels: bool = T
     for name, ds in (("train_dataset", train_dataset), ("meta_dataset", meta_dataset)):
         if ds is not None and not hasattr(ds, "__len__"):
             raise ValueError(
-                f"MetaLRTrainer needs a map-style {name} (datasets.Dataset or a torch Dataset with __len__): "
-                f"per-example rates are indexed by row and meta batches are sampled by position, which an "
-                f"{type(ds).__name__} (streaming/iterable) does not offer. Materialize it first, e.g. "
-                f"datasets.Dataset.from_generator(...) or load_dataset(..., streaming=False)."
+                f"MetaLRTrainer needs a map-style {name} (datasets.Dataset or a torch Dataset with __len__), "
+                f"got {type(ds).__name__}, an iterable (streaming) set: "
+                + ("the rates and the trajectory are keyed to the train set's rows (an instance rate per row, a "
+                   "replay that looks each row up by its index), which a stream does not number. "
+                   if name == "train_dataset" else
+                   "meta batches are sampled from it by position, which a stream does not offer. ")
+                + "Materialize it first, e.g. datasets.Dataset.from_generator(...) or load_dataset(..., "
+                "streaming=False)."
             )
     for name, ds in (("train", train_dataset), ("meta", meta_dataset)):
         if ds is not None and len(ds) == 0:
