@@ -321,6 +321,18 @@ def test_labels_under_another_name_are_refused_with_the_rename(tmp_path):
                   train_dataset=train, meta_dataset=meta)
 
 
+@pytest.mark.parametrize("which", ["train", "meta"])
+def test_a_dict_of_columns_is_refused_with_the_wrapper_that_fixes_it(tmp_path, which):
+    """A dict of columns (e.g. Dataset.to_dict()) has a len() -- its number of keys -- and failed with KeyError 0 at
+    the first batch; it is refused at construction, naming its keys and Dataset.from_dict."""
+    sets = {"train": make_split(16, seed=1), "meta": make_split(8, seed=2)}
+    sets[which] = sets[which].to_dict()
+    with pytest.raises(ValueError, match=rf"The {which} dataset is a dict with keys \['label', 'x'\], not a dataset "
+                                         r"of rows: wrap a dict of columns as datasets\.Dataset\.from_dict"):
+        MetaLRTrainer(model=TinyMLP(), args=MetaLRConfig(output_dir=str(tmp_path), **COMMON),
+                      train_dataset=sets["train"], meta_dataset=sets["meta"])
+
+
 # ---------------------------------------------------------------- replay: check_fingerprint
 def test_check_fingerprint_is_an_option_of_the_config(tmp_path):
     train = make_split(40, seed=1)

@@ -140,6 +140,14 @@ def check_datasets(train_dataset: Any, meta_dataset: Any, class_labels: bool = T
     if train_dataset is None:
         raise ValueError("MetaLRTrainer with a meta_dataset or replay_trajectory needs a train_dataset.")
     for name, ds in (("train_dataset", train_dataset), ("meta_dataset", meta_dataset)):
+        if isinstance(ds, Mapping):  # a DatasetDict, or a dict of columns: its len() counts keys, not rows
+            keys = sorted(map(str, ds))
+            if ds and all(hasattr(v, "column_names") for v in ds.values()):
+                raise ValueError(f"The {name.removesuffix('_dataset')} dataset is a {type(ds).__name__} (splits "
+                                 f"{keys}): pass one split, e.g. {name}=dataset_dict[{keys[0]!r}].")
+            raise ValueError(f"The {name.removesuffix('_dataset')} dataset is a {type(ds).__name__} with keys {keys}, "
+                             f"not a dataset of rows: wrap a dict of columns as datasets.Dataset.from_dict(...), a list "
+                             f"of rows as datasets.Dataset.from_list(...).")
         if ds is not None and not hasattr(ds, "__len__"):
             raise ValueError(
                 f"MetaLRTrainer needs a map-style {name} (datasets.Dataset or a torch Dataset with __len__), "
@@ -166,9 +174,6 @@ def check_datasets(train_dataset: Any, meta_dataset: Any, class_labels: bool = T
         if ds is None or _has_labels(ds):
             continue
         cols = getattr(ds, "column_names", None)
-        if isinstance(cols, Mapping):  # a DatasetDict: its splits' columns
-            raise ValueError(f"The {name} dataset is a DatasetDict (splits {sorted(cols)}): pass one split, e.g. "
-                             f"{name}_dataset=dataset_dict[{sorted(cols)[0]!r}].")
         seen = f" (its columns: {cols})" if cols is not None else ""
         raise ValueError(
             f"The {name} dataset has no 'labels'/'label' column{seen}: per-example learning rates need the class "
