@@ -292,6 +292,8 @@ def test_a_trajectory_pushed_into_a_model_repo_keeps_its_card_and_bad_ids_are_na
     revision that does not exist names it instead of the Hub client's raw 404."""
     hub_server.commit_files("model", "hubtest/has-card", {"README.md": TRAINER_CARD.encode(), "config.json": b"{}"})
     make_trajectory().save_pretrained(tmp_path / "traj")
+    tmpdir = tmp_path / "client_tmp"  # the client's temporary folders
+    tmpdir.mkdir()
     out = run_client(f"""
         from huggingface_hub import hf_hub_download
         from hf_ddlr.trajectory import LRTrajectory
@@ -312,7 +314,8 @@ def test_a_trajectory_pushed_into_a_model_repo_keeps_its_card_and_bad_ids_are_na
                 LRTrajectory.from_pretrained(repo, revision=rev)
             except FileNotFoundError as err:
                 print("ERROR:", err)
-    """, hub_server.client_env(tmp_path / "home"), tmp_path)
+    """, {**hub_server.client_env(tmp_path / "home"), "TMPDIR": str(tmpdir)}, tmp_path)
+    assert not list(tmpdir.iterdir())  # the refused push left no temporary folder behind
     from hf_ddlr.trajectory.card import SECTION_END, SECTION_START
 
     card = out.stdout.split("CARD<<", 1)[1].split(">>CARD", 1)[0]

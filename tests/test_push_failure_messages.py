@@ -96,8 +96,9 @@ def test_cli_push_failure_is_printed_once(tmp_path):
     """``hf-ddlr push`` to an unreachable Hub: the error (with its retry command) is printed once, not once
     logged and once printed."""
     make_trajectory().save_pretrained(tmp_path / "run")
+    (tmp_path / "tmp").mkdir()  # the CLI's temporary folder lands here, not in the machine's /tmp
     env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": _dead_endpoint(), "HF_HOME": str(tmp_path / "home"),
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_TOKEN": "hf_test_token"}
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_TOKEN": "hf_test_token", "TMPDIR": str(tmp_path / "tmp")}
     proc = subprocess.run([sys.executable, "-m", "hf_ddlr.cli", "push", str(tmp_path / "run"), "me/x"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr[-3000:]
@@ -105,3 +106,5 @@ def test_cli_push_failure_is_printed_once(tmp_path):
     assert both.count("retry with `hf upload me/x ") == 1, both
     assert both.count("Upload of ") == 1, both
     assert proc.stderr.startswith("hf-ddlr push: error: Upload of "), proc.stderr
+    (kept,) = (tmp_path / "tmp").iterdir()  # kept for the retry the message names
+    assert f"Upload of {kept} to me/x failed" in proc.stderr and (kept / "lr_trajectory.safetensors").is_file()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..upload import upload_folder_with_retry_message
+from ..upload import HubUploadError, upload_folder_with_retry_message
 from . import kfold, report
 from .card import write_artifacts
 from .io import FORMAT_NAME, SCHEMA_VERSION, hub_card_text, locate_files, read_files, write_files
@@ -466,10 +466,17 @@ class LRTrajectory:
             if base is not None:
                 write_artifacts(self, folder, model_card_base=base, model_name=name, repo_id=repo_id)
 
-        info = upload_folder_with_retry_message(
-            folder, repo_id, token=token, private=private, revision=revision, commit_message=commit_message,
-            retry_hint="`trajectory.push_to_hub(...)`", before_upload=keep_the_repos_card,
-        )
+        try:
+            info = upload_folder_with_retry_message(
+                folder, repo_id, token=token, private=private, revision=revision, commit_message=commit_message,
+                retry_hint="`trajectory.push_to_hub(...)`", before_upload=keep_the_repos_card,
+            )
+        except HubUploadError:
+            raise  # the folder stays: the message names it and the command that uploads it
+        except BaseException:
+            if temporary:  # a refusal (e.g. private=True into a public repo) names no folder to retry from
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
         if temporary:
             shutil.rmtree(folder, ignore_errors=True)
         return info
