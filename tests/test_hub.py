@@ -226,6 +226,19 @@ def test_trajectory_push_failure_keeps_temporary_folder(hub_server, tmp_path, mo
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def test_cli_version_names_hf_ddlr_and_the_installed_libraries(capsys):
+    from importlib import metadata
+
+    import hf_ddlr
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith(f"hf-ddlr {hf_ddlr.__version__} (torch {metadata.version('torch')}, ")
+    assert f"transformers {metadata.version('transformers')}" in out and "huggingface_hub " in out
+
+
 def test_cli_show_prints_summary_and_writes_plots(tmp_path, capsys):
     traj = make_trajectory()
     traj.save_pretrained(tmp_path / "run")

@@ -3,6 +3,7 @@
     hf-ddlr show REPO_OR_DIR [--revision R] [--plots-dir DIR] [--json]
     hf-ddlr average OUT_DIR RUN_DIR_OR_REPO [RUN_DIR_OR_REPO ...] [--overwrite]
     hf-ddlr push DIR REPO_ID [--private] [--revision R]
+    hf-ddlr --version
 """
 
 from __future__ import annotations
@@ -14,10 +15,30 @@ import sys
 from collections.abc import Sequence
 
 
+def _versions() -> str:
+    """``hf-ddlr X (torch Y, transformers Z, ...)``: the installed versions, read without importing the libraries."""
+    from importlib import metadata
+
+    from . import __version__
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    deps = ", ".join(f"{d} {version(d)}" for d in ("torch", "transformers", "accelerate", "datasets",
+                                                    "huggingface_hub", "trl", "peft"))
+    return f"hf-ddlr {__version__} ({deps})"
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hf-ddlr", description="Inspect, average and push learned learning-rate trajectories (hf_ddlr)."
+        prog="hf-ddlr", description="Inspect, average and push learned learning-rate trajectories (hf_ddlr).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # (--version on one line, as a bug report quotes it)
     )
+    parser.add_argument("--version", action="version", version=_versions(),
+                        help="print hf_ddlr's version and those of the libraries it runs on (for a bug report)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     show = sub.add_parser("show", help="print a trajectory's summary table and write its plots")
