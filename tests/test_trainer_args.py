@@ -255,6 +255,18 @@ def test_torch_meta_set_with_a_label_out_of_range_is_refused_at_construction(tmp
                   meta_dataset=_Rows([0, 1, 2, 1, 0, 1, 2, 2]), num_labels=3)
 
 
+@pytest.mark.parametrize("which", ["train", "meta"])
+def test_a_torch_set_of_tuples_is_told_to_return_dicts(tmp_path, which):
+    """A TensorDataset's (x, y) rows have no field names for the collator or the label: refused at construction
+    saying so, not as a missing 'labels' column with a datasets-only rename."""
+    sets = {"train": make_split(16, seed=1), "meta": make_split(8, seed=2)}
+    sets[which] = torch.utils.data.TensorDataset(torch.randn(8, 6), torch.randint(0, 3, (8,)))
+    with pytest.raises(ValueError, match=rf"The {which} dataset's rows are tuples, not dicts.*Return a dict from "
+                                         r"__getitem__"):
+        MetaLRTrainer(model=TinyMLP(), args=MetaLRConfig(output_dir=str(tmp_path), **COMMON),
+                      train_dataset=sets["train"], meta_dataset=sets["meta"], num_labels=3)
+
+
 @pytest.mark.parametrize("kind", ["datasets", "torch"])
 def test_an_empty_meta_set_is_refused_at_construction(tmp_path, kind):
     meta = make_split(8, seed=2).select([]) if kind == "datasets" else _Rows([])

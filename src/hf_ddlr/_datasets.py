@@ -82,12 +82,17 @@ def _has_labels(dataset: Any) -> bool:
     return isinstance(item, Mapping) and any(k in item for k in LABEL_KEYS)
 
 
-def first_item(dataset: Any) -> Mapping | None:
-    """Row 0 as the data loader sees it (after a ``set_transform``), or None when it cannot be read cheaply."""
+def _raw_item(dataset: Any) -> Any:
+    """Row 0 as ``dataset[0]`` returns it, or None when it cannot be read."""
     try:
-        item = dataset[0]
+        return dataset[0]
     except Exception:  # noqa: BLE001 - empty or unindexable: the first batch will tell
         return None
+
+
+def first_item(dataset: Any) -> Mapping | None:
+    """Row 0 as the data loader sees it (after a ``set_transform``), or None when it cannot be read cheaply."""
+    item = _raw_item(dataset)
     return item if isinstance(item, Mapping) else None
 
 
@@ -174,6 +179,14 @@ def check_datasets(train_dataset: Any, meta_dataset: Any, class_labels: bool = T
         if ds is None or _has_labels(ds):
             continue
         cols = getattr(ds, "column_names", None)
+        row = _raw_item(ds) if cols is None else None
+        if row is not None and not isinstance(row, Mapping):  # e.g. a TensorDataset's (x, y) tuples
+            raise ValueError(
+                f"The {name} dataset's rows are {type(row).__name__}s, not dicts: the Trainer's collators and the "
+                f"rates read named fields, the label from 'labels' / 'label'. Return a dict from __getitem__, e.g. "
+                f"{{'pixel_values': x, 'labels': y}} with the model's input names, or build a datasets.Dataset "
+                f"(datasets.Dataset.from_dict({{'x': ..., 'labels': ...}}))."
+            )
         seen = f" (its columns: {cols})" if cols is not None else ""
         raise ValueError(
             f"The {name} dataset has no 'labels'/'label' column{seen}: per-example learning rates need the class "
