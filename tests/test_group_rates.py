@@ -164,8 +164,9 @@ def test_options_without_a_group_level_or_column_are_refused(kw, msg, tmp_path):
 
 def test_a_missing_or_id_like_group_column_is_refused(tmp_path):
     train = _sourced(32, seed=1)
-    with pytest.raises(ValueError, match=r"has no 'domain' column \(columns: .*'source'.*add_column"):
+    with pytest.raises(ValueError, match=r"has no 'domain' column \(columns: .*'source'.*add_column") as info:
         _trainer(tmp_path, train, lr_level="group", group_column="domain")
+    assert "sample_index" not in str(info.value)  # the trainer's own index column is not offered as a group
     many = make_split(MAX_GROUPS + 1, seed=1)
     many = many.add_column("doc_id", [f"d{i}" for i in range(len(many))])
     with pytest.raises(ValueError, match=f"{MAX_GROUPS + 1} distinct values, more than {MAX_GROUPS}.*id or text"):

@@ -47,7 +47,7 @@ def _rows(dataset: Any, column: str, index_column: str) -> tuple[list[Any], list
     names = getattr(dataset, "column_names", None)
     if names is not None:  # a datasets.Dataset: read the columns without its format or transform
         if column not in names:
-            raise _missing(column, names)
+            raise _missing(column, [n for n in names if n != index_column])  # (the trainer's own index: not the user's)
         raw = dataset.with_format(None)
         feature = (getattr(dataset, "features", None) or {}).get(column)
         return list(raw[column]), [int(i) for i in raw[index_column]], getattr(feature, "names", None)
@@ -55,7 +55,8 @@ def _rows(dataset: Any, column: str, index_column: str) -> tuple[list[Any], list
     for i in range(len(dataset)):
         item = dataset[i]
         if not isinstance(item, Mapping) or column not in item:
-            raise _missing(column, sorted(item) if isinstance(item, Mapping) else [], row=i)
+            raise _missing(column, sorted(k for k in item if k != index_column) if isinstance(item, Mapping) else [],
+                           row=i)
         value = item[column]
         values.append(value.item() if isinstance(value, torch.Tensor) and value.dim() == 0 else value)
         index.append(int(item[index_column]))
