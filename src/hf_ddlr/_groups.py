@@ -47,7 +47,7 @@ def _rows(dataset: Any, column: str, index_column: str) -> tuple[list[Any], list
     names = getattr(dataset, "column_names", None)
     if names is not None:  # a datasets.Dataset: read the columns without its format or transform
         if column not in names:
-            raise _missing(column, [n for n in names if n != index_column])  # (the trainer's own index: not the user's)
+            raise _missing(column, names, index_column)
         raw = dataset.with_format(None)
         feature = (getattr(dataset, "features", None) or {}).get(column)
         return list(raw[column]), [int(i) for i in raw[index_column]], getattr(feature, "names", None)
@@ -55,18 +55,19 @@ def _rows(dataset: Any, column: str, index_column: str) -> tuple[list[Any], list
     for i in range(len(dataset)):
         item = dataset[i]
         if not isinstance(item, Mapping) or column not in item:
-            raise _missing(column, sorted(k for k in item if k != index_column) if isinstance(item, Mapping) else [],
-                           row=i)
+            raise _missing(column, sorted(item) if isinstance(item, Mapping) else [], index_column, row=i)
         value = item[column]
         values.append(value.item() if isinstance(value, torch.Tensor) and value.dim() == 0 else value)
         index.append(int(item[index_column]))
     return values, index, None
 
 
-def _missing(column: str, columns: Sequence[str], row: int | None = None) -> ValueError:
+def _missing(column: str, columns: Sequence[str], index_column: str, row: int | None = None) -> ValueError:
+    """The refusal of a missing group column, listing the user's columns (not the trainer's own index column)."""
     where = f"row {row} of the train set" if row is not None else "The train set"
+    columns = [c for c in columns if c != index_column]
     return ValueError(
-        f"group_column={column!r}: {where} has no {column!r} column (columns: {list(columns)}). Add the group of "
+        f"group_column={column!r}: {where} has no {column!r} column (columns: {columns}). Add the group of "
         f"every training example as a column (e.g. train_dataset.add_column({column!r}, sources)), or set "
         f"group_column to the name of an existing categorical column."
     )

@@ -32,12 +32,22 @@ def _versions() -> str:
     return f"hf-ddlr {__version__} ({deps})"
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the versions are read only when it is given, not on every command's start-up."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(_versions())  # (to stdout, as argparse's own version action prints)
+        parser.exit()
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-ddlr", description="Inspect, average and push learned learning-rate trajectories (hf_ddlr).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,  # (--version on one line, as a bug report quotes it)
     )
-    parser.add_argument("--version", action="version", version=_versions(),
+    parser.add_argument("--version", action=_VersionAction,
                         help="print hf_ddlr's version and those of the libraries it runs on (for a bug report)")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -580,4 +580,3 @@ def _first_meta_step_failed(err: BaseException, meta_batch: Any, window: list[Mi
     return (f"The first meta step failed: {type(err).__name__}: {err}\nIt runs the model on a meta batch "
             f"{_shapes(meta_batch.inputs)} beside the training micro-batch {train}. If their features differ, "
             "prepare the meta set as the train set (the same columns, feature sizes and preprocessing).")
-

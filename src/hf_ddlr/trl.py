@@ -195,10 +195,7 @@ def check_meta_rows(train: Any, meta: Any, columns: Sequence[str]) -> None:
     set. ``columns``: the text columns of the format (:data:`SFT_TEXT_COLUMNS`, :data:`PAIR_TEXT_COLUMNS`)."""
     import datasets
 
-    if isinstance(meta, datasets.DatasetDict):
-        raise ValueError(f"The meta dataset is a DatasetDict (splits {sorted(meta)}): pass one split, e.g. "
-                         f"meta_dataset=dataset_dict[{sorted(meta)[0]!r}].")
-    if not isinstance(meta, datasets.Dataset):
+    if not isinstance(meta, datasets.Dataset):  # (a DatasetDict is refused before, by MetaLRTrainer's check_datasets)
         raise TypeError(f"The meta dataset is a {type(meta).__name__}: TRL prepares it as the train set, which needs "
                         "a datasets.Dataset in the train set's format, e.g. datasets.Dataset.from_list(rows).")
     got, want = _row_format(meta, columns), _row_format(train, columns)

@@ -466,20 +466,18 @@ class LRTrajectory:
             if base is not None:
                 write_artifacts(self, folder, model_card_base=base, model_name=name, repo_id=repo_id)
 
+        retry_from_folder = False  # a failed upload keeps the folder: its message names it and the retry command
         try:
-            info = upload_folder_with_retry_message(
+            return upload_folder_with_retry_message(
                 folder, repo_id, token=token, private=private, revision=revision, commit_message=commit_message,
                 retry_hint="`trajectory.push_to_hub(...)`", before_upload=keep_the_repos_card,
             )
         except HubUploadError:
-            raise  # the folder stays: the message names it and the command that uploads it
-        except BaseException:
-            if temporary:  # a refusal (e.g. private=True into a public repo) names no folder to retry from
-                shutil.rmtree(folder, ignore_errors=True)
+            retry_from_folder = True
             raise
-        if temporary:
-            shutil.rmtree(folder, ignore_errors=True)
-        return info
+        finally:  # after an upload, or a refusal (e.g. private=True into a public repo) that names no folder
+            if temporary and not retry_from_folder:
+                shutil.rmtree(folder, ignore_errors=True)
 
     # ------------------------------------------------------------------ averaging (k-fold protocol, .kfold)
     @classmethod
