@@ -264,14 +264,42 @@ def test_a_model_name_is_refused_with_the_fix(tmp_path):
                        meta_dataset=reverse_task(4, seed=2))
 
 
-def test_without_trl_the_import_error_says_pip_install_trl():
+@pytest.mark.parametrize("trl", ["missing", "1.12.0", "broken"])
+def test_a_missing_old_or_broken_trl_is_refused_with_the_fix(trl):
+    """In a fresh interpreter: TRL not installed, an older release that imports (pip does not upgrade it for a
+    plain `pip install hf_ddlr`), or installed but failing to import. The core library still imports."""
     import subprocess
     import sys
 
-    code = ("import sys; sys.modules['trl'] = None\nimport hf_ddlr\nassert hf_ddlr.MetaLRTrainer\n"
-            "try:\n    hf_ddlr.MetaSFTTrainer\nexcept ImportError as e:\n    print(e)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "pip install trl" in out
+    from hf_ddlr._trl_version import MIN_TRL
+
+    fake = {"missing": "if name == 'trl':\n        raise importlib.metadata.PackageNotFoundError(name)\n    return real(name)",
+            "broken": "return real(name)",
+            "1.12.0": "return '1.12.0' if name == 'trl' else real(name)"}[trl]
+    code = ("import importlib.metadata, sys\nreal = importlib.metadata.version\n"
+            f"def version(name):\n    {fake}\nimportlib.metadata.version = version\n"
+            + ("sys.modules['trl'] = None\n" if trl != "1.12.0" else "")
+            + "import hf_ddlr\nassert hf_ddlr.MetaLRTrainer\n"
+            "for name in ('MetaSFTTrainer', 'MetaRewardTrainer', 'MetaDPOTrainer'):\n"
+            "    try:\n        getattr(hf_ddlr, name)\n    except ImportError as e:\n        print(name, '->', e)\n"
+            "    else:\n        print(name, '-> imported')\n")
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(lines) == 3 and all("MetaSFTTrainer, MetaRewardTrainer, MetaDPOTrainer" in x for x in lines), lines
+    want = {"missing": f"need TRL: pip install -U 'trl>={MIN_TRL}'",
+            "1.12.0": f"need trl>={MIN_TRL}, found trl 1.12.0",
+            "broken": f"is installed but did not import (import of trl halted; None in sys.modules): "
+                      f"pip install --force-reinstall 'trl>={MIN_TRL}'"}[trl]
+    assert all(want in x for x in lines), lines
+
+
+def test_the_trl_version_check_compares_releases_not_strings():
+    from hf_ddlr._trl_version import MIN_TRL, check_trl_version
+
+    for ok in (MIN_TRL, f"{MIN_TRL}.3", "1.100.0", "2.0.0.dev0"):
+        check_trl_version(ok)
+    for old in ("1.9.0", "0.29.1", f"{MIN_TRL}.0rc1"):
+        with pytest.raises(ImportError, match=rf"need trl>={MIN_TRL}, found trl {old}"):
+            check_trl_version(old)
 
 
 def test_the_sft_trainer_members_used_exist(tmp_path):

@@ -38,10 +38,13 @@ from tqdm.auto import tqdm
 from transformers import TrainingArguments
 from transformers.utils import logging
 
+from ._trl_version import require_trl
+
 try:
     from trl import DPOConfig, DPOTrainer
 except ImportError as err:  # pragma: no cover - depends on the environment
-    raise ImportError("hf_ddlr.MetaDPOTrainer needs TRL: pip install trl") from err
+    require_trl(err)  # missing, too old or broken: the message names the fix
+    raise
 
 from .config import MetaLROptions, resolve_meta_options
 from .meta import TaskLoss

@@ -32,10 +32,13 @@ import torch
 from transformers import TrainingArguments
 from transformers.utils import logging
 
+from ._trl_version import require_trl
+
 try:
     from trl import RewardConfig, RewardTrainer
 except ImportError as err:  # pragma: no cover - depends on the environment
-    raise ImportError("hf_ddlr.MetaRewardTrainer needs TRL: pip install trl") from err
+    require_trl(err)  # missing, too old or broken: the message names the fix
+    raise
 
 from .config import MetaLROptions
 from .meta import TaskLoss

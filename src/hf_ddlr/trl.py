@@ -35,15 +35,19 @@ import torch
 from transformers import TrainingArguments
 from transformers.utils import logging
 
+from ._trl_version import require_trl
+
 try:
     from trl import SFTConfig, SFTTrainer
 except ImportError as err:  # pragma: no cover - depends on the environment
-    raise ImportError("hf_ddlr.MetaSFTTrainer needs TRL: pip install trl") from err
+    require_trl(err)  # missing, too old or broken: the message names the fix
+    raise
 
 from .config import MetaLROptions, resolve_meta_options
 from .meta.passes import extract_logits
 from .trainer import MetaLRTrainer
 
+require_trl()  # an older TRL imports, and would fail later and less clearly
 logger = logging.get_logger(__name__)
 
 __all__ = ["MetaSFTConfig", "MetaSFTTrainer"]
