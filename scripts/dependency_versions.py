@@ -1,9 +1,10 @@
 """Run the test suite against other releases of hf_ddlr's dependencies, each in a fresh virtual environment.
 
-``pyproject.toml``'s lower bounds (``transformers>=...``, ``trl>=...``, ``peft>=...``) should be releases the tests
-passed on, not guesses. For each pin set this makes a venv, installs torch (``TORCH_SPEC``, as the Makefile does),
-the project's dependencies and its ``dev`` extra with the pins in place of their requirements, hf_ddlr itself
-without dependencies (so a pin below a lower bound can be tried), runs pytest, and writes one Markdown table::
+``pyproject.toml``'s lower bounds (``torch>=...``, ``transformers>=...``, ``trl>=...``, ``peft>=...``) should be
+releases the tests passed on, not guesses. For each pin set this makes a venv, installs torch (the set's torch pin,
+else ``TORCH_SPEC`` as in the Makefile), the project's dependencies and its ``dev`` extra with the pins in place of
+their requirements, hf_ddlr itself without dependencies (so a pin below a lower bound can be tried), runs pytest,
+and writes one Markdown table::
 
     python scripts/dependency_versions.py --sets "transformers==5.19.0" "transformers==5.18.0" \\
         --pytest_args tests/test_transformers_contract.py                   # the contract only: ~1 min a set
@@ -72,6 +73,7 @@ def run_set(pins: list[Requirement], folder: Path, pytest_args: list[str], torch
     """Make the venv (``folder/venv``), install, run pytest (log: ``folder/log.txt``); what was installed and what
     pytest said."""
     label = " ".join(str(p) for p in pins)
+    torch_spec = next((str(p) for p in pins if canonicalize_name(p.name) == "torch"), torch_spec)  # a torch pin wins
     folder.mkdir(parents=True, exist_ok=True)
     venv, log_path = folder / "venv", folder / "log.txt"
     py = str(venv / "bin" / "python")
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     torch_spec = os.environ.get("TORCH_SPEC", "torch==2.13.0")
     if args.jobs > 1:  # the sets share the cores
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-    print(f"{len(sets)} set(s), venvs in {root}, torch from {torch_spec!r}", flush=True)
+    print(f"{len(sets)} set(s), venvs in {root}, torch from {torch_spec!r} where a set pins none", flush=True)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = {pool.submit(run_set, pins, root / f"set{i}", shlex.split(args.pytest_args), torch_spec): i
                    for i, pins in enumerate(sets)}
