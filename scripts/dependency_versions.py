@@ -39,7 +39,7 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORTED = ("torch", "transformers", "accelerate", "datasets", "huggingface-hub", "trl", "peft")
-SUMMARY = re.compile(r"^=*\s*(\d+ (?:passed|failed|error).*?)\s*=*$")
+SUMMARY = re.compile(r"^=*\s*(\d+ [a-z]+\b.* in [\d.]+s\b.*?)\s*=*$")  # pytest's last line: "3 failed, 9 passed in 2.1s"
 
 
 def parse_set(text: str) -> list[Requirement]:
@@ -77,6 +77,7 @@ def run_set(pins: list[Requirement], folder: Path, pytest_args: list[str], torch
     folder.mkdir(parents=True, exist_ok=True)
     venv, log_path = folder / "venv", folder / "log.txt"
     py = str(venv / "bin" / "python")
+    print(f"[{label}] installing and testing; log {log_path}", flush=True)
     start = time.time()
     with open(log_path, "w") as log:
         steps = [

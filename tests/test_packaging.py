@@ -126,3 +126,6 @@ def test_the_version_script_pins_in_place_of_the_projects_requirements():
     table = mod.to_markdown([{"set": "trl==1.16.0", "installed": {"trl": "1.16.0"}, "result": "3 passed in 1.0s",
                               "failed": [], "seconds": 4}], "cmd")
     assert "| `trl==1.16.0` |" in table and "| 3 passed in 1.0s | – | 4 |" in table
+    last = "===== 1 failed, 2 skipped, 9 passed, 2 deselected in 84.65s (0:01:24) ====="
+    assert mod.SUMMARY.match(last).group(1) == "1 failed, 2 skipped, 9 passed, 2 deselected in 84.65s (0:01:24)"
+    assert mod.SUMMARY.match("FAILED tests/test_x.py::test_y - 2 passed in 1s") is None
