@@ -69,7 +69,8 @@ OPTIMIZERS: dict[str, tuple[Callable[[list[dict]], torch.optim.Optimizer], tuple
 }
 ADAFACTORS = tuple(n for n in OPTIMIZERS if "adafactor" in n)
 # the state tensor each preconditioned optimizer's step divides by (the brute force freezes its new value)
-SECOND_MOMENT = {torch.optim.Adam: "exp_avg_sq", torch.optim.AdamW: "exp_avg_sq", torch.optim.RMSprop: "square_avg", torch.optim.Adagrad: "sum"}
+SECOND_MOMENT = {torch.optim.Adam: "exp_avg_sq", torch.optim.AdamW: "exp_avg_sq", torch.optim.RMSprop: "square_avg",
+                 torch.optim.Adagrad: "sum"}  # AdamW: a class of its own before torch subclassed it from Adam
 
 
 def _data(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -132,7 +133,7 @@ def _real_step(model: nn.Module, opt: torch.optim.Optimizer, data, e: torch.Tens
     _adjust_grads(m, grad_scale, only)
     if freeze_v is not None and _is_adafactor(o):
         _freeze_adafactor(m, o, freeze_v)
-    elif freeze_v is not None and not isinstance(o, (torch.optim.Adam, torch.optim.AdamW)):  # AdamW subclasses Adam in newer torch only
+    elif freeze_v is not None and not isinstance(o, (torch.optim.Adam, torch.optim.AdamW)):
         _freeze_rmsprop_or_adagrad(m, o, freeze_v)
     elif freeze_v is not None:
         for group in o.param_groups:
