@@ -7,7 +7,7 @@ the robustness matrix runs two cells at --quick (tiny data, one epoch) in a subp
 from __future__ import annotations
 
 import functools
-import importlib.util
+import importlib
 import json
 import os
 import re
@@ -18,6 +18,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from load_file import load_file
 
 from hf_ddlr import MetaLRConfig
 
@@ -27,11 +28,7 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _load(name: str):
     if BENCH not in sys.path:
         sys.path.insert(0, BENCH)
-    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file(os.path.join(BENCH, f"{name}.py"))
 
 
 def _rows(jvp_time: float, cos: float) -> dict:
@@ -941,10 +938,7 @@ def test_adam_unrated_moment_is_torchs_adamw_with_the_second_moment_from_another
     """The variant's AdamW step (benchmarks/results/variants/adam_unrated_moment): with no unweighted gradient left
     by the real step it is torch's AdamW to the bit; with one, the second moment is built from it (clipped to the
     max norm) and the first moment from the real gradient, as written out here."""
-    spec = importlib.util.spec_from_file_location("adam_unrated_moment", os.path.join(
-        BENCH, "results", "variants", "adam_unrated_moment", "adam_unrated_moment.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_file(os.path.join(BENCH, "results", "variants", "adam_unrated_moment", "adam_unrated_moment.py"), register=None)
     torch.manual_seed(0)
     ref, ours = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
     ours.load_state_dict(ref.state_dict())
@@ -1116,10 +1110,7 @@ def test_per_class_meta_objective_weighs_each_class_by_the_inverse_of_its_loss()
     """results/variants/meta_objective_per_class: under "class_log" a meta example's loss pulls with weight
     1 / (C · n_c · class mean loss) (its class's relative change), under "class_mean" 1 / (C · n_c); the patch
     replaces only a single-label classifier's "loss" objective and is undone afterwards."""
-    spec = importlib.util.spec_from_file_location("meta_objective_per_class", os.path.join(
-        BENCH, "results", "variants", "meta_objective_per_class", "meta_objective_per_class.py"))
-    pc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pc)
+    pc = load_file(os.path.join(BENCH, "results", "variants", "meta_objective_per_class", "meta_objective_per_class.py"), register=None)
     from hf_ddlr.meta.losses import SINGLE_LABEL, task_loss
 
     labels = torch.tensor([0, 0, 0, 2, 2, 5])
@@ -1147,10 +1138,7 @@ def test_hard_meta_set_moves_the_hardest_clean_examples_of_each_label_into_the_m
     at the end of its training set, every sample_index renumbered and the noisy mask following its rows."""
     import datasets
 
-    spec = importlib.util.spec_from_file_location("hard_meta_set", os.path.join(
-        BENCH, "results", "variants", "hard_meta_set", "hard_meta_set.py"))
-    hm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hm)
+    hm = load_file(os.path.join(BENCH, "results", "variants", "hard_meta_set", "hard_meta_set.py"), register=None)
     labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1])
     noisy = np.array([0, 1, 0, 0, 0, 0, 1, 0, 0], dtype=bool)
     losses = np.array([0.5, 9.0, 2.0, 1.0, 0.1, 3.0, 8.0, 0.2, 4.0])

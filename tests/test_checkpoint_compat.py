@@ -7,7 +7,6 @@ whose rate table saved its state as the v0 dict (tables, ``weight_decay``, ``wd_
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import safetensors.torch
 import torch
 from ddp_worker import MAX_STEPS, run, state_of
+from load_file import load_file
 from test_trainer_features import _assert_states
 
 from hf_ddlr.meta import RateTable
@@ -24,10 +24,7 @@ from hf_ddlr.trainer import META_STATE_NAME
 
 def _fixture_module():
     path = Path(__file__).parent / "fixtures" / "make_checkpoint_fixture.py"
-    spec = importlib.util.spec_from_file_location("make_checkpoint_fixture", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file(path, register=None)
 
 
 FX = _fixture_module()

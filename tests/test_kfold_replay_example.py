@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from load_file import load_file
 
 from hf_ddlr import LRTrajectory
 
@@ -42,15 +43,10 @@ def test_quick_draws_every_class_and_the_embedded_run_takes_the_image_recipe(mon
     """--quick keeps 600 / 200 images drawn class-balanced (the embedded splits are in class order: a cut of the
     first rows held two digits), and --dataset embedded trains with the examples' recipe, not TrainingArguments'
     defaults."""
-    import importlib.util
-
     import numpy as np
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    spec = importlib.util.spec_from_file_location("kfold_replay", ROOT / "examples" / "kfold_replay.py")
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "kfold_replay", mod)  # dataclasses look their module up
-    spec.loader.exec_module(mod)
+    mod = load_file(ROOT / "examples" / "kfold_replay.py", register=lambda n, m: monkeypatch.setitem(sys.modules, n, m))
     script, args = mod.common.parse_args(mod.ScriptArguments, mod.presets, ["--dataset", "embedded", "--quick"])
     assert (args.learning_rate, args.per_device_train_batch_size, args.optim_args) == (0.05, 64, "momentum=0.9")
     assert args.num_train_epochs == 1 and args.save_strategy == "no"

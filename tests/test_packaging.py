@@ -4,7 +4,6 @@ read the hints), the console script and the extras, and nothing from tests/ or b
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -13,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from load_file import load_file
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,10 +69,7 @@ LOWER_BOUNDS_SELF = "tests/test_packaging.py::test_each_lower_bound_is_a_release
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("dependency_versions", ROOT / "scripts" / "dependency_versions.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file(ROOT / "scripts" / "dependency_versions.py", register=None)
 
 
 def _lower_bounds() -> dict[str, str]:

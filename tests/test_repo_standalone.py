@@ -4,13 +4,14 @@ from it works (the offline Hub stand-in from the command line)."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from load_file import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {".git", ".venv", "venv", "node_modules", "outputs", "build", "dist", ".pytest_cache", ".ruff_cache"}
@@ -89,10 +90,7 @@ def test_the_link_check_catches_links_out_of_the_repository():
 @functools.cache
 def _docs_contents():
     """scripts/docs_contents.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("docs_contents", ROOT / "scripts" / "docs_contents.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file(ROOT / "scripts" / "docs_contents.py", register=None)
 
 
 # a section named by its title: `docs/robustness.md, "The meta objective"` (also `robustness.md), 'Probes'`)
