@@ -73,8 +73,8 @@ def _script():
 
 
 def _lower_bounds() -> dict[str, str]:
-    """pyproject's ``>=`` bounds of the packages hf_ddlr builds on closely (torch, transformers, TRL, PEFT) (each requirement string of the file;
-    no tomllib, which Python 3.10 lacks)."""
+    """pyproject's ``>=`` bounds of the packages hf_ddlr builds on closely: torch, transformers, TRL, PEFT (each
+    requirement string of the file; no tomllib, which Python 3.10 lacks)."""
     bounds: dict[str, str] = {}
     for text in re.findall(r'"((?:torch|transformers|trl|peft)\b[^"]*)"', (ROOT / "pyproject.toml").read_text()):
         req = Requirement(text)
