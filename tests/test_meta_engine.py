@@ -247,3 +247,70 @@ def test_replay_rng_draws_what_torch_manual_seed_draws_and_restores_the_outer_st
     assert torch.equal(outer, expected_outer)
     with replay_rng(8):
         assert not torch.equal(torch.rand(6), expected_inner)
+
+
+class CheckpointedMLP(nn.Module):
+    """A block checkpointed whenever the model trains with the flag on, with or without gradients recorded: the
+    pattern of transformers before 5.24 and of many remote-code models. Dropout inside the checkpoint; a layer before
+    it, so that the checkpoint's input carries a tangent."""
+
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.reentrant = reentrant
+        self.embed = nn.Linear(6, 6)
+        self.block = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.2))
+        self.head = nn.Linear(16, 3)
+        self.gradient_checkpointing = True
+
+    def forward(self, x):
+        x = self.embed(x)
+        if self.gradient_checkpointing and self.training:
+            h = torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.reentrant)
+        else:
+            h = self.block(x)
+        return self.head(h)
+
+
+def test_forward_mode_runs_checkpointed_layers_as_they_are():
+    """torch's checkpoint has no forward-mode rule, and a pass without a backward has nothing to checkpoint for: the
+    dots of a checkpointing model are those of the same model without checkpointing (double backward, same masks),
+    and its flag is on again afterwards. (Without a recorded graph torch 2.13's non-reentrant checkpoint runs the
+    layer as is by itself, torch 2.7's does not: the reentrant test below fails on both without the fix.)"""
+    torch.manual_seed(0)
+    model = CheckpointedMLP(reentrant=False).train()
+    x, y = torch.randn(24, 6), torch.randint(0, 3, (24,))
+    params = dict(model.named_parameters())
+    specs = param_specs(torch.optim.SGD(model.parameters(), lr=0.1), params, ["block.0.weight", "head.weight"],
+                        mode="optimizer")
+    window = [MicroBatch({"x": x[:12]}, y[:12], torch.rand(12) + 0.5, seed=5)]
+    meta = MetaBatch({"x": x[12:]}, y[12:], seed=9)
+
+    def run(strategy, checkpointing):
+        model.gradient_checkpointing = checkpointing
+        return meta_gradients(model, params, copy.deepcopy(window), meta, specs, weight_decay=0.0, normalizer=12,
+                              strategy=strategy)
+
+    ref = run("exact", False)
+    got = run("jvp", True)
+    assert model.gradient_checkpointing is True
+    assert ref.example_grad.abs().max() > 0
+    assert cos(got.example_grad, ref.example_grad) > 0.9999
+    torch.testing.assert_close(got.example_grad, ref.example_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_forward_mode_dots_of_a_reentrant_checkpoint():
+    """The reentrant checkpoint (``use_reentrant=True``, which a model may still pass) has no forward-mode rule on any
+    torch: the per-example dots are computed with the layer run as is, equal to those with checkpointing off."""
+    from hf_ddlr.meta import engine
+
+    torch.manual_seed(1)
+    model = CheckpointedMLP(reentrant=True).train()
+    params = dict(model.named_parameters())
+    T = {n: torch.randn_like(p) for n, p in params.items()}
+    mb = MicroBatch({"x": torch.randn(10, 6)}, torch.randint(0, 3, (10,)), torch.ones(10), seed=3)
+    model.gradient_checkpointing = False
+    ref = engine.jvp_dots(model, params, copy.deepcopy(mb), T)
+    model.gradient_checkpointing = True
+    got = engine.jvp_dots(model, params, copy.deepcopy(mb), T)
+    assert model.gradient_checkpointing is True and ref.abs().max() > 0
+    torch.testing.assert_close(got, ref)

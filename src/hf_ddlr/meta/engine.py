@@ -37,6 +37,7 @@ from .losses import META_OBJECTIVES, SINGLE_LABEL, TaskLoss
 from .passes import (
     RngChain,
     RngState,
+    checkpointing_off,
     forward_ad_safe_attention,
     frozen_batchnorm,
     functional_logits,
@@ -210,7 +211,8 @@ def jvp_dots(
     values from there instead of computing them again."""
     reuse = reuse_outputs(mb.outputs) if mb.outputs else contextlib.nullcontext()
     bn = batchnorm_tangents(model, mb.outputs)
-    with replay_rng(mb.replay), frozen_batchnorm(model), forward_ad_safe_attention(), torch.no_grad(), reuse, bn:
+    with replay_rng(mb.replay), frozen_batchnorm(model), forward_ad_safe_attention(), checkpointing_off(model), \
+            torch.no_grad(), reuse, bn:
         with fwAD.dual_level():
             # (parameters outside T enter as constants: no tangent is carried through them)
             dual = {n: fwAD.make_dual(p.detach(), (T[n] * loss_scale).to(p.dtype)) if n in T else p.detach()

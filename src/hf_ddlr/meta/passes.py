@@ -19,6 +19,7 @@ from torch import nn
 from torch.func import functional_call
 
 __all__ = [
+    "checkpointing_off",
     "compiled_like_eager",
     "is_compiled",
     "frozen_batchnorm",
@@ -49,6 +50,30 @@ def frozen_batchnorm(model: nn.Module) -> Iterator[None]:
     finally:
         for m, o in zip(mods, old):
             m.track_running_stats = o
+
+
+@contextlib.contextmanager
+def checkpointing_off(model: nn.Module) -> Iterator[None]:
+    """Run every gradient-checkpointed layer as is for a pass that records no backward (the forward-mode dots).
+
+    Checkpointing only saves memory for a backward; a layer that checkpoints without one (transformers before
+    5.24, and remote-code models that test ``self.gradient_checkpointing and self.training`` alone) runs through
+    ``torch.utils.checkpoint``, which has no forward-mode rule, and the pass fails. Dropout draws the same masks
+    either way. Clears the ``gradient_checkpointing`` flag of the modules that have it on, then restores it.
+    """
+    mods = []
+    try:
+        for m in model.modules():
+            if getattr(m, "gradient_checkpointing", False) is True:
+                try:
+                    m.gradient_checkpointing = False
+                except AttributeError:  # a read-only property: the module decides itself
+                    continue
+                mods.append(m)
+        yield
+    finally:
+        for m in mods:
+            m.gradient_checkpointing = True
 
 
 @contextlib.contextmanager
