@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import all_ranks_true, all_reduce_mean_
+from .passes import checkpointed_modules
 
 __all__ = ["LayerTape", "LayerwiseCheck", "LayerwiseUnsupported", "compare_grads", "record_layers",
            "unsupported_reason"]
@@ -378,9 +379,7 @@ class LayerwiseCheck:
         if self.state == "unchecked":
             reason = "the model's forward is compiled (torch_compile / torch.compile)" if compiled else None
             reason = reason or unsupported_reason(model)
-            checkpointing = gradient_checkpointing or any(
-                getattr(m, "gradient_checkpointing", False) is True for m in model.modules()
-            )
+            checkpointing = gradient_checkpointing or bool(checkpointed_modules(model))
             if reason is None and checkpointing:
                 reason = "gradient checkpointing recomputes the layers during the backward"
             if reason is not None:

@@ -19,6 +19,7 @@ from torch import nn
 from torch.func import functional_call
 
 __all__ = [
+    "checkpointed_modules",
     "checkpointing_off",
     "compiled_like_eager",
     "is_compiled",
@@ -52,6 +53,12 @@ def frozen_batchnorm(model: nn.Module) -> Iterator[None]:
             m.track_running_stats = o
 
 
+def checkpointed_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` with gradient checkpointing on (the ``gradient_checkpointing`` flag transformers'
+    layers and many remote-code models carry)."""
+    return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
 @contextlib.contextmanager
 def checkpointing_off(model: nn.Module) -> Iterator[None]:
     """Run every gradient-checkpointed layer as is for a pass that records no backward (the forward-mode dots).
@@ -63,13 +70,12 @@ def checkpointing_off(model: nn.Module) -> Iterator[None]:
     """
     mods = []
     try:
-        for m in model.modules():
-            if getattr(m, "gradient_checkpointing", False) is True:
-                try:
-                    m.gradient_checkpointing = False
-                except AttributeError:  # a read-only property: the module decides itself
-                    continue
-                mods.append(m)
+        for m in checkpointed_modules(model):
+            try:
+                m.gradient_checkpointing = False
+            except AttributeError:  # a read-only property: the module decides itself
+                continue
+            mods.append(m)
         yield
     finally:
         for m in mods:
