@@ -3,13 +3,15 @@ that uses them (checked against forward mode, falls back when a model cannot be 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 from tiny import TinyMLP, make_split
 from tiny_text import text_data_splits, tiny_bert
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, DataCollatorWithPadding
+from transformers import BertConfig, BertForSequenceClassification, DataCollatorWithPadding, TrainingArguments
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 import hf_ddlr.meta.engine as engine
@@ -17,6 +19,10 @@ from hf_ddlr import MetaLRConfig, MetaLRTrainer
 from hf_ddlr.meta import MicroBatch, per_example_loss, replay_rng
 from hf_ddlr.meta.layerwise import LayerwiseCheck, LayerwiseUnsupported, record_layers, unsupported_reason
 from hf_ddlr.schedules import SameStepFused
+
+# transformers 5.23 renamed TrainingArguments.gradient_checkpointing (the old name a deprecated alias until v6)
+CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in
+                 {f.name for f in dataclasses.fields(TrainingArguments)} else "gradient_checkpointing")
 
 
 def _bert(dropout: float = 0.1) -> BertForSequenceClassification:
@@ -400,7 +406,7 @@ def test_gradient_accumulation_and_checkpointing_keep_forward_mode(tmp_path, mon
     t = _text_trainer(tmp_path, layerwise=True, gradient_accumulation_steps=2, max_steps=2)
     t.train()
     assert t._layerwise == "unchecked" and len(calls) == 4  # two micro-batches per step: forward mode
-    t2 = _text_trainer(tmp_path / "gc", layerwise=True, activation_checkpointing=True, max_steps=1)
+    t2 = _text_trainer(tmp_path / "gc", layerwise=True, max_steps=1, **{CHECKPOINTING: True})
     t2.train()
     assert t2._layerwise == "off"
 
