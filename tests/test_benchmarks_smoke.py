@@ -1269,6 +1269,77 @@ def test_head_signal_table_and_plot_average_each_checkpoint_over_the_seeds(tmp_p
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def test_class_signal_products_are_brute_force_per_example_gradients():
+    """class_signal.py's scores against per-example backward passes of a real CNN (eval mode): the product with the
+    meta set's mean gradient, split into the meta examples of each class, in the parameters' own scale and in the
+    metric of the batch-mean gradients' second moment, over every parameter and over the head only."""
+    import hf_ddlr.models as M
+
+    cs = _load("class_signal")
+    torch.manual_seed(0)
+    model = M.SmallCNNForImageClassification(M.SmallCNNConfig(num_channels=1, image_size=8, channels=[3, 4],
+                                                              num_labels=3)).double()
+    x, xm = torch.randn(7, 1, 8, 8, dtype=torch.float64), torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    y, ym = torch.tensor([0, 1, 2, 2, 1, 0, 1]), torch.tensor([0, 0, 1, 2, 2, 2])
+    model.train()
+    got = cs.signals(model, x, y, xm, ym, 3)
+    assert model.training  # left in the mode it was in
+
+    model.eval()
+    params = list(model.parameters())
+
+    def flat_grad(xi, yi):
+        out = model(pixel_values=xi[None]).logits
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+            torch.nn.functional.cross_entropy(out, yi[None]), params)])
+
+    g = torch.stack([flat_grad(a, b) for a, b in zip(x, y)])
+    gm = torch.stack([flat_grad(a, b) for a, b in zip(xm, ym)])
+    v = g.mean(0) ** 2  # one batch of 7
+    metric = torch.where(v > 0, 1 / (v.sqrt() + 1e-8), torch.zeros_like(v))
+    last = model.classifier if hasattr(model, "classifier") else [m for m in model.modules()
+                                                                  if isinstance(m, torch.nn.Linear)][-1]
+    head = torch.cat([torch.full((p.numel(),), any(p is q for q in last.parameters())) for p in params])
+    assert 0 < int(head.sum()) < len(head)
+
+    def per_class(gmeta):  # [7, 3]: Σ over each class's meta examples of <g_i, gmeta_j>, over all 6 meta examples
+        return torch.stack([(g @ gmeta[ym == c].T).sum(1) for c in range(3)], 1) / len(ym)
+
+    def worst(C):
+        return torch.stack([min(C[i, c] for c in range(3) if c != y[i]) for i in range(len(y))])
+
+    raw, adam, adam_head = per_class(gm), per_class(gm * metric), per_class(gm * metric * head)
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(pixel_values=x).logits, y, reduction="none")
+    want = {"loss": -loss, "mean": adam.sum(1), "own class": adam[torch.arange(7), y],
+            "other classes": adam.sum(1) - adam[torch.arange(7), y], "worst other class": worst(adam),
+            "worst other class, head": worst(adam_head), "mean, no metric": (g @ gm.T).mean(1),
+            "worst other class, no metric": worst(raw)}
+    assert set(got) == set(cs.SIGNALS) == set(want)
+    for k in cs.SIGNALS:
+        np.testing.assert_allclose(got[k], want[k].numpy(), rtol=1e-7, atol=1e-12, err_msg=k)
+
+
+def test_class_signal_sums_checkpoints_in_units_of_their_mean_absolute_score_and_leaves_the_own_class_out():
+    cs = _load("class_signal")
+    clean = np.array([True, True, False, False])
+    # in units of their mean |score|: [1.6, 1.2, 0.4, 0.8] + [1, 0, 2, 1] = [2.6, 1.2, 2.4, 1.8], AUROC 0.5 whatever
+    # the second checkpoint's scale (a plain sum of the two: [1004, 3, 2001, 1002], AUROC 0.25)
+    first, second = np.array([4.0, 3.0, 1.0, 2.0]), np.array([1.0, 0.0, 2.0, 1.0])
+    assert cs.summed_auroc(clean, [first]) == 1.0
+    assert cs.summed_auroc(clean, [first, 1000 * second]) == cs.summed_auroc(clean, [first, second]) == 0.5
+    # the worst other class leaves the own label's out even where it is the lowest (a gradient rarely hurts its own
+    # label's meta examples, so the brute-force test above never meets that case)
+    C = torch.tensor([[0.0, 1.0, 2.0], [5.0, -1.0, 3.0]])
+    assert cs.worst_other(C, torch.tensor([0, 1])).tolist() == [1.0, 3.0]
+    runs = [{"cell": "digits-cnn-sgd-flip35", "seed": s, "checkpoints": [
+        {**{k: 0.5 + 0.1 * i + 0.1 * s for k in cs.SIGNALS}, **{f"summed {k}": 0.6 + s * 0.2 for k in cs.SIGNALS}}
+        for i in range(3)]} for s in (0, 1)]
+    md = cs.render(runs, "cmd")
+    assert "| digits-cnn-sgd-flip35 (0, 1) | worst other class | 0.550 0.650 0.750 | 0.700 |" in md
+    assert md.count("| digits-cnn-sgd-flip35 (0, 1) |") == len(cs.SIGNALS)
+
+
 def test_a_diagnostic_trains_its_seeds_in_worker_processes(tmp_path, monkeypatch):
     """robustness.run_missing(jobs=2), what paired_significance.py and fixed_weights.py --jobs use: every missing
     seed is trained in a spawned worker set up as the parent is (its --metalr_args), saved as it finishes, a
