@@ -172,27 +172,7 @@ PLOTTED = {"loss": ("loss (the free detector)", "tab:red", "--"),
 
 def plot(runs: list[dict], path: str) -> None:
     """Small multiples, one per cell: each plotted signal's AUROC at every checkpoint (mean over the seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cells = list(R.runs_by_cell(runs))
-    fig, axes = plt.subplots(1, len(cells), figsize=(3.2 * len(cells), 3.4), squeeze=False, sharey=True)
-    for ax, (cell, rs, seeds) in zip(axes[0], cells):
-        for name, (label, color, style) in PLOTTED.items():
-            curve = np.mean([[c[name] for c in r["checkpoints"]] for r in rs], axis=0)
-            ax.plot(np.arange(1, len(curve) + 1) / len(curve), curve, style, color=color, label=label, lw=1.4)
-        ax.set_title(f"{cell}\n(seeds {seeds})", fontsize=8)
-        ax.set_xlabel("share of the run", fontsize=8)
-        ax.set_ylim(0.4, 1.0)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("AUROC, clean > mislabelled", fontsize=8)
-    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=len(PLOTTED), fontsize=7,
-               frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    R.plot_checkpoint_curves(runs, path, PLOTTED, (0.4, 1.0))
 
 
 def train(cell: R.Cell, seed: int, _methods: list, bar) -> list[dict]:

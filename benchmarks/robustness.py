@@ -826,6 +826,33 @@ def _count_detail(summ: dict) -> str:
     return f" ({summ['metalr_ge_plain']}; 95 % Wilson interval {lo:.0%}–{hi:.0%}{oracle})"
 
 
+def plot_checkpoint_curves(runs: list[dict], path: str, plotted: dict[str, tuple[str, str, str]],
+                           ylim: tuple[float, float]) -> None:
+    """A diagnostic's small multiples, one per cell: each ``plotted`` signal's AUROC (``{name: (label, colour,
+    line style)}``) at every checkpoint of its runs' ``"checkpoints"``, mean over the seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = list(runs_by_cell(runs))
+    fig, axes = plt.subplots(1, len(cells), figsize=(3.2 * len(cells), 3.4), squeeze=False, sharey=True)
+    for ax, (cell, rs, seeds) in zip(axes[0], cells):
+        for name, (label, color, style) in plotted.items():
+            curve = np.mean([[c[name] for c in r["checkpoints"]] for r in rs], axis=0)
+            ax.plot(np.arange(1, len(curve) + 1) / len(curve), curve, style, color=color, label=label, lw=1.4)
+        ax.set_title(f"{cell}\n(seeds {seeds})", fontsize=8)
+        ax.set_xlabel("share of the run", fontsize=8)
+        ax.set_ylim(*ylim)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("AUROC, clean > mislabelled", fontsize=8)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=len(plotted), fontsize=7,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_auroc(stats: dict[str, dict], path: str) -> None:
     """Heat map: per cell, the mean rate AUROC (MetaLR) beside the mean loss AUROC (plain)."""
     import matplotlib

@@ -1340,6 +1340,43 @@ def test_class_signal_sums_checkpoints_in_units_of_their_mean_absolute_score_and
     assert md.count("| digits-cnn-sgd-flip35 (0, 1) |") == len(cs.SIGNALS)
 
 
+def test_class_rates_probe_products_are_brute_force_per_example_gradients():
+    """class_rates_probe.py's per-class meta gradients and split products against per-example backward passes of a
+    real CNN in eval mode, in a given metric, over a subset of its parameters (the others held fixed)."""
+    import hf_ddlr.models as M
+
+    probe = _load("class_rates_probe")
+    torch.manual_seed(1)
+    model = M.SmallCNNForImageClassification(M.SmallCNNConfig(num_channels=1, image_size=8, channels=[3, 4],
+                                                              num_labels=3)).double().eval()
+    names = [n for n, _ in model.named_parameters()][1:]  # the first tensor is not "trainable" here
+    params = {n: p for n, p in model.named_parameters() if n in names}
+    x, xm = torch.randn(5, 1, 8, 8, dtype=torch.float64), torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    y, ym = torch.tensor([0, 1, 2, 2, 1]), torch.tensor([0, 0, 1, 2, 2, 2])
+
+    def flat_grad(xi, yi):
+        out = model(pixel_values=xi[None]).logits
+        gs = torch.autograd.grad(torch.nn.functional.cross_entropy(out, yi[None]), list(params.values()))
+        return torch.cat([g.reshape(-1) for g in gs])
+
+    g = torch.stack([flat_grad(a, b) for a, b in zip(x, y)])
+    gm = torch.stack([flat_grad(a, b) for a, b in zip(xm, ym)])
+    want_G = torch.stack([gm[ym == c].sum(0) for c in range(3)]) / len(ym)
+    G = probe.class_gradients(model, params, xm, ym, 3)
+    torch.testing.assert_close(G.double(), want_G, rtol=1e-5, atol=1e-7)
+    P = torch.rand(g.shape[1], dtype=torch.float64) + 0.5
+    # any per-class directions: with the meta set's own, an image's product is lowest for its own label on no row
+    # (its gradient helps that label's meta examples), and the worst-class test would not see the own class left out
+    want_G = torch.randn(3, g.shape[1], dtype=torch.float64)
+    d = g @ (want_G * P).T  # [5, 3]
+    assert (d.argmin(1) == y).any()
+    worst = torch.stack([min(d[i, c] for c in range(3) if c != y[i]) for i in range(5)])
+    other = torch.stack([sum(d[i, c] for c in range(3) if c != y[i]) for i in range(5)])
+    for signal, want in (("worst", worst), ("other", other)):
+        got = probe.split_products(model, params, P, want_G, [(x[:2], y[:2]), (x[2:], y[2:])], signal)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7, msg=signal)
+
+
 def test_a_diagnostic_trains_its_seeds_in_worker_processes(tmp_path, monkeypatch):
     """robustness.run_missing(jobs=2), what paired_significance.py and fixed_weights.py --jobs use: every missing
     seed is trained in a spawned worker set up as the parent is (its --metalr_args), saved as it finishes, a
