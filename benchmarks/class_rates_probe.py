@@ -28,8 +28,6 @@ import weakref
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import class_signal as CS  # noqa: E402
@@ -43,27 +41,14 @@ BETA = 0.97  # the default meta_grad_average
 
 def metric_of(name: str, param: torch.Tensor, specs: Mapping, metric) -> torch.Tensor:
     """The flattened metric the step's products take for this tensor: the optimizer's preconditioner (Adam), the
-    second moment the default keeps for an SGD tensor (``rate_metric``), or 1."""
+    second moment the default keeps for an SGD tensor (``rate_metric``, applied by its own ``precondition_``), or 1."""
     spec = specs.get(name)
     if spec is not None and spec.preconditioner is not None:
         return spec.preconditioner.float().reshape(-1)
-    if metric is not None and name in metric.second_moment and metric.num_updates:
-        v = metric.second_moment[name].float() / (1 - metric.beta ** metric.num_updates)
-        return torch.where(v == 0, torch.zeros_like(v), 1.0 / (v.sqrt() + metric.eps)).reshape(-1)
-    return torch.ones(param.numel())
-
-
-def example_loss(model: torch.nn.Module, params: Mapping[str, torch.Tensor]):
-    """``loss(p, x_i, y_i)``: one image's cross-entropy with ``params`` replaced by ``p`` (the model's other parameters
-    and its buffers held as they are), for :func:`class_signal.per_example_grads`."""
-    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in params}
-    buffers = {k: v.detach() for k, v in model.named_buffers()}
-
-    def loss(p, xi, yi):
-        out = functional_call(model, ({**p, **frozen}, buffers), kwargs={"pixel_values": xi[None]})
-        return F.cross_entropy(out.logits, yi[None])
-
-    return loss
+    ones = {name: torch.ones_like(param, dtype=torch.float32)}
+    if metric is not None:
+        metric.precondition_(ones)
+    return ones[name].reshape(-1)
 
 
 def split_products(model: torch.nn.Module, params: Mapping[str, torch.Tensor], P: torch.Tensor,
@@ -72,25 +57,24 @@ def split_products(model: torch.nn.Module, params: Mapping[str, torch.Tensor], P
     """For every example of ``batches`` ((pixel_values, labels) pairs): its gradient's products with the per-class
     meta gradients ``class_grads`` ([classes, flattened ``params``]) in the metric ``P``, reduced by ``signal``
     ("worst": the lowest over the other classes; "other": the sum over them). Eval mode is the caller's."""
-    loss = example_loss(model, params)
+    loss = CS.example_loss(model, params)
     targets = (class_grads * P).T
     out = []
     for x, y in batches:
         d = CS.per_example_grads(loss, {n: p.detach() for n, p in params.items()}, x, y,
                                  lambda g: g @ targets.to(g.dtype)).double()
-        if signal == "worst":
-            out.append(CS.worst_other(d, y))
-        else:
-            out.append(d.sum(1) - d[torch.arange(len(y)), y])
+        out.append(CS.worst_other(d, y) if signal == "worst" else CS.other_than_own(d, y))
     return torch.cat(out).float()
 
 
 def class_gradients(model: torch.nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                     num_classes: int) -> torch.Tensor:
     """[classes, flattened ``params``]: each class's share of the meta set's mean gradient (eval mode)."""
-    g = CS.per_example_grads(example_loss(model, params), {n: p.detach() for n, p in params.items()}, x, y,
+    g = CS.per_example_grads(CS.example_loss(model, params), {n: p.detach() for n, p in params.items()}, x, y,
                              lambda g: g)
-    return F.one_hot(y, num_classes).to(g.dtype).T @ g / len(y)
+    # (class_signal.class_products(g.T, …).T is the same sum, but its transposed product rounds otherwise, and the
+    # recorded runs, chaotic, moved by a test image with it)
+    return torch.nn.functional.one_hot(y, num_classes).to(g.dtype).T @ g / len(y)
 
 
 def install(signal: str) -> None:

@@ -60,6 +60,19 @@ def per_example_grads(loss: Callable, params: Mapping[str, torch.Tensor], x: tor
     return torch.cat(out)
 
 
+def example_loss(model: torch.nn.Module, params: Mapping[str, torch.Tensor]) -> Callable:
+    """``loss(p, x_i, y_i)``: one image's cross-entropy with ``params`` replaced by ``p`` (the model's other parameters
+    and its buffers held as they are), for :func:`per_example_grads`."""
+    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in params}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    def loss(p, xi, yi):
+        out = functional_call(model, ({**p, **frozen}, buffers), kwargs={"pixel_values": xi[None]})
+        return F.cross_entropy(out.logits, yi[None])
+
+    return loss
+
+
 def class_products(G: torch.Tensor, meta_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """[n, classes]: each row of ``G`` (training examples × meta examples products) summed over each class's meta
     examples and divided by the number of meta examples, so a row's classes add up to its product with the mean
@@ -75,6 +88,11 @@ def worst_other(C: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return masked.min(1).values
 
 
+def other_than_own(C: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The sum of each row's class products over the classes other than the row's own label."""
+    return C.sum(1) - C[torch.arange(len(labels)), labels]
+
+
 def head_mask(model: torch.nn.Module) -> torch.Tensor:
     """Over the flattened parameters (``named_parameters`` order): True on the last ``nn.Linear``'s."""
     last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
@@ -88,12 +106,7 @@ def signals(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, xm: torch.
     was_training = model.training
     model.eval()
     params = {k: v.detach() for k, v in model.named_parameters()}
-    buffers = {k: v.detach() for k, v in model.named_buffers()}
-
-    def loss(p, xi, yi):
-        return F.cross_entropy(functional_call(model, (p, buffers), kwargs={"pixel_values": xi[None]}).logits,
-                               yi[None])
-
+    loss = example_loss(model, params)
     with torch.no_grad():
         train_loss = F.cross_entropy(model(pixel_values=x).logits, y, reduction="none")
     gm = per_example_grads(loss, params, xm, ym, lambda g: g)
@@ -112,7 +125,7 @@ def signals(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, xm: torch.
     m = len(ym)
     adam, adam_head, raw = (class_products(prods[:, k * m:(k + 1) * m], ym, num_classes) for k in range(3))
     own = adam[torch.arange(len(y)), y]
-    out = {"loss": -train_loss.double(), "mean": adam.sum(1), "own class": own, "other classes": adam.sum(1) - own,
+    out = {"loss": -train_loss.double(), "mean": adam.sum(1), "own class": own, "other classes": other_than_own(adam, y),
            "worst other class": worst_other(adam, y), "worst other class, head": worst_other(adam_head, y),
            "mean, no metric": raw.sum(1), "worst other class, no metric": worst_other(raw, y)}
     model.train(was_training)
