@@ -16,6 +16,9 @@ BatchNorm, per-example gradients by ``torch.func``), then by:
   hurt most;
 - ``worst other class, head``: the same over the classifier head's parameters only (a closed form the meta step
   could take cheaply);
+- ``own class, head``: the own label's share over the head only;
+- ``mean minus own class's head share``: ``mean`` without that share — what ``instance_signal="other_classes"``
+  steps on (there at the lookahead, with the batch's BatchNorm statistics);
 - ``mean, no metric`` and ``worst other class, no metric``: the two in the parameters' own scale.
 
 Every score ranks clean above mislabelled when high. The table gives each score's AUROC at every checkpoint and of
@@ -46,7 +49,7 @@ import robustness as R  # noqa: E402  (the matrix's cells, data, models and reci
 
 CHECKPOINTS = 8
 SIGNALS = ("loss", "mean", "own class", "other classes", "worst other class", "worst other class, head",
-           "mean, no metric", "worst other class, no metric")
+           "mean, no metric", "worst other class, no metric", "own class, head", "mean minus own class's head share")
 
 
 def per_example_grads(loss: Callable, params: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
@@ -127,7 +130,9 @@ def signals(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, xm: torch.
     own = adam[torch.arange(len(y)), y]
     out = {"loss": -train_loss.double(), "mean": adam.sum(1), "own class": own, "other classes": other_than_own(adam, y),
            "worst other class": worst_other(adam, y), "worst other class, head": worst_other(adam_head, y),
-           "mean, no metric": raw.sum(1), "worst other class, no metric": worst_other(raw, y)}
+           "mean, no metric": raw.sum(1), "worst other class, no metric": worst_other(raw, y),
+           "own class, head": adam_head[torch.arange(len(y)), y],
+           "mean minus own class's head share": adam.sum(1) - adam_head[torch.arange(len(y)), y]}
     model.train(was_training)
     return {k: s.numpy() for k, s in out.items()}
 

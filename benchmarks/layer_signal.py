@@ -116,8 +116,10 @@ def analyse(rec: GroupVisits, noisy: np.ndarray) -> dict[str, dict]:
 
 
 def run(cell: str, seed: int, quick: bool = False) -> dict:
-    # the products over every parameter, split by group (a pretrained model's default takes its head only)
+    # the products over every parameter, split by group (a pretrained model's default takes its head only); the
+    # rates on the whole products (instance_signal="mean", the default before 2026-12-08: the groups add up to them)
     R.OVERRIDES["meta_parameters"] = "all"
+    R.OVERRIDES["instance_signal"] = "mean"
     data = R.load_data(R.CELL_BY_NAME[cell], seed, quick)
     sink: list = []
     made: list[GroupVisits] = []

@@ -125,6 +125,9 @@ def _auroc(clean: np.ndarray, score: np.ndarray) -> float:
 
 def run_seed(cell: R.Cell, seed: int, quick: bool = False) -> dict:
     """MetaLR on one cell and seed, its recorded signals replayed through every rule."""
+    # the replay follows uncentred steps on the whole products: the rule of instance_signal="mean" (the default
+    # before 2026-12-08, which the recorded runs were made with); the default's centred split is not replayed
+    R.OVERRIDES["instance_signal"] = "mean"
     data = R.load_data(cell, seed, quick)
     noisy = data[1]
     got: dict = {}

@@ -212,7 +212,7 @@ NEUTRAL_NEW_OPTIONS = {"meta_grad_average_epochs": None, "group_column": None,
                        "class_rate_direction": "per_step", "lookahead_step": 1.0, "instance_rate_scale": "batch",
                        "max_instance_rate": None, "probe_batches": 0, "meta_parameters": "all",
                        "meta_objective": "loss", "rate_metric": "optimizer", "instance_rate_normalization": "none",
-                       "instance_rate_center": "mean", "instance_rate_at_cap": "clamp"}
+                       "instance_rate_center": "mean", "instance_rate_at_cap": "clamp", "instance_signal": "mean"}
 
 
 # options whose default (None) resolves by task: the value every cell (single-label classification) gets
@@ -237,6 +237,19 @@ def _resolved(cell: Cell, key: str, value: Any) -> Any:
         head = _resolved(cell, "meta_parameters", OVERRIDES.get("meta_parameters", "auto")) == "head"
         recipe = RECIPES[cell.recipe]
         return "relative" if head or (recipe.optim == "sgd" and not recipe.momentum) else "clamp"
+    if key == "instance_signal" and value == "auto":  # as the trainer resolves it (instance_signal_choice): the
+        # other classes' share for every cell (single-label, a trained linear head the lookahead moves) under jvp or
+        # finite differences with instance rates, else the mean product
+        instance = metalr_defaults()["lr_level"] in INSTANCE_LEVELS
+        strategy = OVERRIDES.get("meta_strategy", "jvp") in ("jvp", "finite_difference")
+        return "other_classes" if instance and strategy else "mean"
+    if key == "center_instance_rates" and value is None:  # as instance_centering_choice resolves it
+        split = _resolved(cell, "instance_signal", OVERRIDES.get("instance_signal", "auto")) == "other_classes"
+        median = OVERRIDES.get("instance_rate_center") == "median"
+        return metalr_defaults()["lr_level"] in INSTANCE_LEVELS and (split or median)
+    if key == "instance_rate_center" and value == "auto":  # likewise
+        split = _resolved(cell, "instance_signal", OVERRIDES.get("instance_signal", "auto")) == "other_classes"
+        return "median" if split else "mean"
     if key == "rate_metric" and value == "auto":  # as the trainer resolves it; under a preconditioned step (Adam,
         # Adafactor) the two metrics are one (the second moment holds nothing): 'optimizer', the value recorded
         choice = rate_metric_choice(SimpleNamespace(rate_metric=value, meta_strategy=OVERRIDES.get("meta_strategy")))

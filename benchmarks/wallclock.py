@@ -24,8 +24,9 @@ of the meta step shows on a small model. Tasks:
 Each round trains plain, then every MetaLR configuration (``defaults``: ``MetaLRConfig()``; ``no_probes``:
 ``probe_batches=0``, only the step's own examples scored — what the probes cost; ``delayed``:
 ``meta_update="delayed"``, the meta step from the real step's gradient; ``optimizer_metric``:
-``rate_metric="optimizer"``, the products without Adam's metric — what the metric costs under SGD; not run unless
-asked with ``--configs``), each from a fresh model, in one
+``rate_metric="optimizer"``, the products without Adam's metric — what the metric costs under SGD; ``other_classes``:
+``instance_signal="other_classes"`` with the median-centred instance rates it is measured with; these two not run
+unless asked with ``--configs``), each from a fresh model, in one
 process; the ratio of a round is MetaLR / plain of that round and the reported ratio is the median over
 rounds. After the rounds, one instrumented run per configuration gives the per-phase breakdown (wall time
 per optimizer step, each phase exclusive of the phases it calls). ``--profile`` adds a cProfile table of one
@@ -79,7 +80,9 @@ from hf_ddlr import MetaLRConfig, MetaLRTrainer  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 TASKS = ("minilm", "cnn", "resnet", "sft", "dpo")
 CONFIGS: dict[str, dict] = {"defaults": {}, "no_probes": {"probe_batches": 0}, "delayed": {"meta_update": "delayed"},
-                            "optimizer_metric": {"rate_metric": "optimizer"}}
+                            "optimizer_metric": {"rate_metric": "optimizer"},
+                            "other_classes": {"instance_signal": "other_classes", "center_instance_rates": True,
+                                              "instance_rate_center": "median"}}
 DEFAULT_CONFIGS = ("defaults", "no_probes", "delayed")  # those a run without --configs measures
 TARGETS = {"minilm": 2.5, "cnn": 3.0, "resnet": 3.2}  # issue 15's whole-run ratios with the defaults
 CELLS = {"minilm": "vader-minilm-ft-flip30", "cnn": "mnist-cnn-sgdm-flip35"}
@@ -135,7 +138,8 @@ def _robustness_bench(task: str, quick: bool) -> Bench:
 
 def _resnet_bench(width: int, steps: int) -> Bench:
     task = _tasks.make_task("resnet", width, n_train=steps * 64)
-    names = {None: "plain", "defaults": "jvp", "no_probes": "jvp", "delayed": "jvp/delayed", "optimizer_metric": "jvp"}
+    names = {None: "plain", "defaults": "jvp", "no_probes": "jvp", "delayed": "jvp/delayed", "optimizer_metric": "jvp",
+             "other_classes": "jvp"}
 
     def build(config: str | None, out_dir: str) -> Trainer:
         extra = {k: v for k, v in CONFIGS.get(config, {}).items() if k != "meta_update"}  # (the name sets it)

@@ -195,7 +195,9 @@ def markdown(a: argparse.Namespace, noisy: dict, personal: dict, compute: float)
         "MetaLR: default options ("
         + ", ".join(f"{k}={getattr(MetaLRConfig, k)!r}" for k in ("meta_lr", "meta_lr_scaling", "lookahead",
                                                                "meta_grad_average", "meta_strategy",
-                                                               "max_instance_rate", "probe_batches", "rate_metric"))
+                                                               "max_instance_rate", "probe_batches", "rate_metric",
+                                                               "instance_signal", "center_instance_rates",
+                                                               "instance_rate_center"))
         + ").",
         "",
         "## 1. Label noise: 40 % of the training labels changed to another class",

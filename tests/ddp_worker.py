@@ -81,6 +81,8 @@ def run(
     rate_metric: str = "auto",
     torch_compile: bool = False,
     meta_batch: int | None = None,
+    instance_signal: str = "auto",
+    center_instance_rates: bool | None = None,
 ) -> _Recording:
     """``model="bert"``: the tiny BERT of tiny_text.py with padding (its forward takes **kwargs: the GA/DDP
     loss-scaling trap's precondition), 32 train / 16 meta sentences; ``"bert_head"``: the same with the meta step
@@ -112,6 +114,8 @@ def run(
         max_instance_rate=max_instance_rate,
         probe_batches=probe_batches,
         rate_metric=rate_metric,
+        instance_signal=instance_signal,
+        center_instance_rates=center_instance_rates,
         meta_parameters="head" if model == "bert_head" else "auto",
         meta_objective="bounded" if model == "bert_head" else "auto",
         meta_lr=0.2,

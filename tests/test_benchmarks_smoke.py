@@ -1314,7 +1314,8 @@ def test_class_signal_products_are_brute_force_per_example_gradients():
     want = {"loss": -loss, "mean": adam.sum(1), "own class": adam[torch.arange(7), y],
             "other classes": adam.sum(1) - adam[torch.arange(7), y], "worst other class": worst(adam),
             "worst other class, head": worst(adam_head), "mean, no metric": (g @ gm.T).mean(1),
-            "worst other class, no metric": worst(raw)}
+            "worst other class, no metric": worst(raw), "own class, head": adam_head[torch.arange(7), y],
+            "mean minus own class's head share": adam.sum(1) - adam_head[torch.arange(7), y]}
     assert set(got) == set(cs.SIGNALS) == set(want)
     for k in cs.SIGNALS:
         np.testing.assert_allclose(got[k], want[k].numpy(), rtol=1e-7, atol=1e-12, err_msg=k)

@@ -31,10 +31,11 @@ FX = _fixture_module()
 # the fixture was written before lr_level="both" had instance_rate_gradient and class_rate_direction and before
 # the instance rates were capped at 1 and probed: its instance rates followed the exact chain rule, unbounded, moved
 # at their own visits only, and its class
-# rates the running average, and its products were the optimizer's (no rate_metric), so the run that continues it
-# (and the straight run it must equal) does too
+# rates the running average, and its products were the optimizer's (no rate_metric), the whole products (no
+# instance_signal), uncentred, so the run that continues it (and the straight run it must equal) does too
 RUN = {**FX.RUN, "instance_rate_gradient": "chain_rule", "class_rate_direction": "average",
-       "max_instance_rate": None, "probe_batches": 0, "rate_metric": "optimizer"}
+       "max_instance_rate": None, "probe_batches": 0, "rate_metric": "optimizer", "instance_signal": "mean",
+       "center_instance_rates": False}
 
 
 def _resume(tmp_path: Path, name: str, monkeypatch, meta_state: dict[str, torch.Tensor] | None = None):

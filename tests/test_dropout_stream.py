@@ -106,7 +106,7 @@ def test_the_meta_gradient_replays_the_masks_the_real_forward_drew(tmp_path, way
     args = MetaLRConfig(output_dir=str(tmp_path), per_device_train_batch_size=24 // accumulation, max_steps=1,
                         learning_rate=lam, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
                         meta_lr=meta_lr, meta_lr_scaling="raw", max_instance_rate=None, probe_batches=0,
-                        meta_batch_size=10, lookahead="sgd", max_grad_norm=0.0,
+                        meta_batch_size=10, lookahead="sgd", max_grad_norm=0.0, instance_signal="mean",
                         **{"rate_metric": "optimizer", **WAYS[way]}, **COMMON)
     trainer = MetaLRTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta)
     trainer.train()
@@ -201,7 +201,8 @@ def test_a_convolutional_dropout_model_gets_the_meta_gradient_of_its_real_masks(
     args = MetaLRConfig(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=1, learning_rate=lam,
                         optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, meta_lr=meta_lr,
                         meta_lr_scaling="raw", max_instance_rate=None, probe_batches=0, rate_metric="optimizer",
-                        meta_batch_size=8, lookahead="sgd", max_grad_norm=0.0, layerwise_dots=layerwise, **COMMON)
+                        meta_batch_size=8, lookahead="sgd", max_grad_norm=0.0, layerwise_dots=layerwise,
+                        instance_signal="mean", **COMMON)
     trainer = MetaLRTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta)
     trainer.train()
     (mask,) = masks

@@ -108,7 +108,8 @@ def test_lora_meta_gradients_equal_the_exact_double_backward(case, tmp_path, mon
 
         monkeypatch.setattr(schedules, "meta_gradients", spy)
         t = _trainer(case, tmp_path / strategy, model=_lora(case, random_b=True), meta_strategy=strategy,
-                     rate_metric="optimizer")  # (exact's products: the two strategies compute the same quantity)
+                     rate_metric="optimizer",  # (exact's products: the two strategies compute the same quantity)
+                     instance_signal="mean")  # (and exact's whole product)
         t.train()
         monkeypatch.setattr(schedules, "meta_gradients", orig)
         runs[strategy] = (t, grads)

@@ -608,7 +608,7 @@ def test_class_products_take_the_same_metric_as_the_instance_products(tmp_path):
         args = MetaLRConfig(output_dir=str(tmp_path / name), **COMMON, save_strategy="no", optim="sgd",
                             learning_rate=0.3, lr_scheduler_type="constant", lr_level=level, meta_lr=0.3,
                             meta_grad_average=0.9, per_device_train_batch_size=8, meta_batch_size=8, max_steps=1,
-                            probe_batches=0, rate_metric=metric)
+                            probe_batches=0, rate_metric=metric, instance_signal="mean")  # (the whole products)
         t = MetaLRTrainer(model=TinyMLP(hidden=12), args=args, train_dataset=make_split(32, seed=11),
                           meta_dataset=make_split(16, seed=12))
         t.train()
@@ -618,3 +618,17 @@ def test_class_products_take_the_same_metric_as_the_instance_products(tmp_path):
     torch.testing.assert_close(cls, inst, rtol=1e-5, atol=1e-8)
     plain = first_products("plain", "instance", metric="optimizer")  # the check can fail: the metric matters here
     assert float((plain - inst).norm() / inst.norm()) > 0.05
+
+
+def test_average_starts_a_new_tensor_at_its_value_and_goes_on_with_the_others():
+    """A tensor the average did not hold (the class shares of instance_signal='other_classes' after a resume from a
+    checkpoint written without them) starts at its first value; the tensors it held go on averaging. A tensor it
+    held that is gone (another set of parameters) starts everything again."""
+    a = MetaGradientAverage(0.5)
+    a.update(_grads(0))
+    g = _grads(1)
+    out = a.update({**g, "new": torch.full((2,), 4.0)})
+    torch.testing.assert_close(out["w"], 0.5 * _grads(0)["w"] + 0.5 * g["w"])
+    torch.testing.assert_close(out["new"], torch.full((2,), 4.0))
+    out = a.update({"w": g["w"]})  # "b" and "new" gone: started again
+    assert set(out) == {"w"} and torch.equal(out["w"], g["w"])

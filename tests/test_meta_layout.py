@@ -286,8 +286,10 @@ def test_the_trainer_runs_its_meta_passes_channels_last_when_the_model_allows_it
     # per step: the real forward (the user's layout), the meta loss's forward and the forward-mode passes of the
     # dots, the step's and the probes' (channels-last); before them, on the first step, the layout check's two
     # forwards of the meta batch and two of the step's micro-batch in training mode, and the forward-mode check's
-    # one pass; after training, the meta-set check reads the 16 meta images in the user's layout (eval batches of 8)
-    real, check, forward_mode, meta, dots = [False], [False, True] * 2, [True], [True], [True, True]
+    # one pass; after training, the meta-set check reads the 16 meta images in the user's layout (eval batches of 8).
+    # The default split of the products (instance_signal) reads the probes' head input from one more forward of them
+    # (the step's own micro-batch gives it from its real forward)
+    real, check, forward_mode, meta, dots = [False], [False, True] * 2, [True], [True], [True, True, True]
     assert a.model.seen == real + check + forward_mode + meta + dots + (real + meta + dots) * 2 + [False] * 2
     b = run("view")  # would raise in the meta loss if the check let the layout through
     assert b._schedule.meta_layout.state == "off"

@@ -140,8 +140,9 @@ def test_resume_with_the_heads_meta_gradient_is_bit_exact(tmp_path):
     straight run: the running average holds the head's entries only and is saved and restored with them."""
     straight = _trained(tmp_path / "a", _pretrained(tmp_path), max_steps=4, save_strategy="no",
                         meta_grad_average=0.5)
-    assert set(straight._meta_grad_average.average) == {
-        "bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"}
+    assert set(straight._meta_grad_average.average) == {  # (and the classifier's class shares: instance_signal)
+        "bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias",
+        "<own class head>.weight", "<own class head>.bias"}
     kw = dict(max_steps=4, save_strategy="steps", save_steps=2, meta_grad_average=0.5)
     first = _trainer(tmp_path / "b", _pretrained(tmp_path), **kw)
     first.train()
@@ -159,6 +160,13 @@ def test_resume_with_the_heads_meta_gradient_is_bit_exact(tmp_path):
     assert not torch.equal(broken.rates.instance, straight.rates.instance)
 
 
+def _uncentred(tmp_path, model, **kw):
+    """A run whose instance rates step on the whole, uncentred products (instance_signal="mean"): where they are
+    centred on their label's median (the default with the other classes' share), the step relative to the typical
+    classmate at the cap is the clamp's (the centred median is 0), and the two rules cannot be told apart."""
+    return _trained(tmp_path, model, instance_signal="mean", **kw)
+
+
 def test_auto_at_cap_is_relative_on_a_pretrained_models_head_and_clamped_otherwise(tmp_path):
     """``instance_rate_at_cap="auto"``: a fine-tune of a pretrained model (the head's meta-gradient) steps exactly
     like an explicit ``"relative"`` run and records it; a model built from its config, or every parameter of a
@@ -166,12 +174,12 @@ def test_auto_at_cap_is_relative_on_a_pretrained_models_head_and_clamped_otherwi
     (some examples leave the cap)."""
     from tiny_text import tiny_bert
 
-    auto_pre = _trained(tmp_path, _pretrained(tmp_path))
-    relative = _trained(tmp_path, _pretrained(tmp_path), instance_rate_at_cap="relative")
-    clamp_pre = _trained(tmp_path, _pretrained(tmp_path), instance_rate_at_cap="clamp")
-    auto_new = _trained(tmp_path, tiny_bert())
-    clamp_new = _trained(tmp_path, tiny_bert(), instance_rate_at_cap="clamp")
-    whole = _trained(tmp_path, _pretrained(tmp_path), meta_parameters="all")
+    auto_pre = _uncentred(tmp_path, _pretrained(tmp_path))
+    relative = _uncentred(tmp_path, _pretrained(tmp_path), instance_rate_at_cap="relative")
+    clamp_pre = _uncentred(tmp_path, _pretrained(tmp_path), instance_rate_at_cap="clamp")
+    auto_new = _uncentred(tmp_path, tiny_bert())
+    clamp_new = _uncentred(tmp_path, tiny_bert(), instance_rate_at_cap="clamp")
+    whole = _uncentred(tmp_path, _pretrained(tmp_path), meta_parameters="all")
     assert (auto_pre.rates.at_cap, auto_new.rates.at_cap, whole.rates.at_cap) == ("relative", "clamp", "clamp")
     assert auto_pre.lr_trajectory.config["instance_rate_at_cap"] == "relative"
     assert "instance_rate_at_cap" not in auto_new.lr_trajectory.config
@@ -190,14 +198,14 @@ def test_auto_at_cap_is_relative_under_sgd_without_momentum(tmp_path):
     from hf_ddlr._meta_parameters import plain_sgd
 
     sgd = {"optim": "sgd", "learning_rate": 0.05}
-    auto = _trained(tmp_path, tiny_bert(), **sgd)
-    relative = _trained(tmp_path, tiny_bert(), instance_rate_at_cap="relative", **sgd)
-    clamp = _trained(tmp_path, tiny_bert(), instance_rate_at_cap="clamp", **sgd)
+    auto = _uncentred(tmp_path, tiny_bert(), **sgd)
+    relative = _uncentred(tmp_path, tiny_bert(), instance_rate_at_cap="relative", **sgd)
+    clamp = _uncentred(tmp_path, tiny_bert(), instance_rate_at_cap="clamp", **sgd)
     assert auto.rates.at_cap == "relative" and auto.lr_trajectory.config["instance_rate_at_cap"] == "relative"
     assert torch.equal(auto.rates.instance, relative.rates.instance)
     assert not torch.equal(auto.rates.instance, clamp.rates.instance)
     assert plain_sgd(auto)  # after training too, with the Trainer's optimizer wrapped by accelerate
-    momentum = _trained(tmp_path, tiny_bert(), optim_args="momentum=0.9", **sgd)
+    momentum = _uncentred(tmp_path, tiny_bert(), optim_args="momentum=0.9", **sgd)
     assert momentum.rates.at_cap == "clamp" and "instance_rate_at_cap" not in momentum.lr_trajectory.config
     assert not plain_sgd(momentum)
 

@@ -383,7 +383,9 @@ def test_centred_instance_rates_need_instance_rates(tmp_path):
 
 def test_instance_rate_center_needs_centring_and_a_known_statistic(tmp_path):
     with pytest.raises(ValueError, match="center_instance_rates is off: set center_instance_rates=True"):
-        MetaLRConfig(output_dir=str(tmp_path), **COMMON, instance_rate_center="median")
+        MetaLRConfig(output_dir=str(tmp_path), **COMMON, center_instance_rates=False, instance_rate_center="median")
+    # unset, the centring follows what asks for it
+    assert MetaLRConfig(output_dir=str(tmp_path), **COMMON, instance_rate_center="median").center_instance_rates is None
     with pytest.raises(ValueError, match="instance_rate_center='mode' is not valid"):
         MetaLRConfig(output_dir=str(tmp_path), **COMMON, center_instance_rates=True, instance_rate_center="mode")
     args = MetaLRConfig(output_dir=str(tmp_path), **COMMON, center_instance_rates=True, instance_rate_center="median")

@@ -29,7 +29,7 @@ def _per_example_grads(model, x, y):
 
 # the README's recipe for the paper's rule (eq. 3-7), besides lr_level / meta_lr / learn_weight_decay
 PAPER_RULE = dict(meta_lr_scaling="raw", max_instance_rate=None, probe_batches=0, rate_metric="optimizer",
-                  lookahead="sgd", meta_grad_average=0.0)
+                  lookahead="sgd", meta_grad_average=0.0, instance_signal="mean", center_instance_rates=False)
 
 
 def test_the_readmes_paper_rule_follows_eq_3_to_7_over_several_steps(tmp_path):
@@ -101,7 +101,7 @@ def test_one_sgd_step_matches_the_paper_equations(tmp_path, level, center):
         probe_batches=0, rate_metric="optimizer",  # the step's rows only and the real (plain-SGD) step's products
         learn_weight_decay=True, weight_decay_meta_lr=wd_lr, meta_batch_size=10, lookahead="sgd", max_grad_norm=0.0,
         center_instance_rates=center in ("mean", "median"), instance_rate_center=center if center == "median" else "mean",
-        instance_rate_at_cap="relative" if center == "at_cap" else "clamp",
+        instance_rate_at_cap="relative" if center == "at_cap" else "clamp", instance_signal="mean",
     )
     trainer = MetaLRTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta)
     trainer.train()
@@ -236,7 +236,7 @@ def test_user_transform_sees_the_added_index_column(tmp_path):
     train = make_split(32, seed=6).with_transform(transform, columns=["x", "label"])
     t = MetaLRTrainer(model=TinyMLP(), args=_args(tmp_path, per_device_train_batch_size=8, max_steps=2,
                                                   remove_unused_columns=False, max_instance_rate=None,
-                                                  probe_batches=0),
+                                                  probe_batches=0, instance_signal="mean"),  # (uncentred)
                       train_dataset=train, meta_dataset=make_split(8, seed=7))
     assert t.train_dataset[3]["sample_index"] == 3
     t.train()
@@ -342,7 +342,8 @@ def test_model_returning_a_tuple(tmp_path):
             return (super().forward(x).logits,)
 
     t = MetaLRTrainer(model=TupleOut(), args=_args(tmp_path, max_steps=2, per_device_train_batch_size=8,
-                                                  max_instance_rate=None),  # uncapped: every visited rate moves
+                                                  max_instance_rate=None,  # uncapped: every visited rate moves
+                                                  instance_signal="mean"),  # (centred, a label's median would not)
                       train_dataset=make_split(16, seed=1), meta_dataset=make_split(8, seed=2), num_labels=3)
     t.train()
     assert (t.rates.instance != 1).sum() == 16
@@ -397,7 +398,8 @@ def test_last_layer_is_exact_when_only_the_head_trains(tmp_path, update, ga):
         model = TinyMLP()
         model.l1.requires_grad_(False)
         args = _args(tmp_path / strategy, per_device_train_batch_size=8, gradient_accumulation_steps=ga,
-                     max_steps=1, optim="sgd", learning_rate=0.1, meta_strategy=strategy, meta_update=update)
+                     max_steps=1, optim="sgd", learning_rate=0.1, meta_strategy=strategy, meta_update=update,
+                     instance_signal="mean")  # (the closed form is of the whole product)
         t = MetaLRTrainer(model=model, args=args, train_dataset=make_split(32, seed=6),
                           meta_dataset=make_split(16, seed=7))
         t.train()
@@ -616,7 +618,8 @@ def test_probes_move_the_rates_of_rows_outside_the_step(tmp_path, probes, probed
     torch.manual_seed(0)
     t = MetaLRTrainer(model=TinyMLP(), args=_args(tmp_path, per_device_train_batch_size=8, max_steps=1,
                                                   remove_unused_columns=False, max_instance_rate=None,
-                                                  probe_batches=probes, keep_history=history),
+                                                  probe_batches=probes, keep_history=history,
+                                                  instance_signal="mean"),  # (uncentred: every visited rate moves)
                       train_dataset=train, meta_dataset=make_split(8, seed=7))
     t.train()
     step_rows = set(t._window[0].indices.tolist())

@@ -299,7 +299,8 @@ def test_train_sampling_strategies_key_each_rate_to_its_row(tmp_path, text_data,
             moved.append(set(torch.nonzero(t.rates.instance != 1).flatten().tolist()))
 
     t = _bert_trainer(tmp_path, text_data, per_device_train_batch_size=8, max_steps=1, probe_batches=0,
-                      max_instance_rate=None, train_sampling_strategy=strategy)
+                      max_instance_rate=None, train_sampling_strategy=strategy,
+                      instance_signal="mean")  # (uncentred: every row of the step moves)
     t.add_callback(Moved())
     t.train()
     assert len(moved) == 1 and len(moved[0]) == 8

@@ -1,6 +1,7 @@
 """The run's ``meta_parameters`` (which trainable parameters the meta step looks ahead on), its ``meta_objective``
-(what the lookahead is scored by) and its ``instance_rate_at_cap``, as their ``"auto"`` defaults resolve for the
-model and its optimizer."""
+(what the lookahead is scored by), its ``instance_rate_at_cap``, and what its instance rates step on and are centred
+by (``instance_signal``, ``center_instance_rates``, ``instance_rate_center``), as their ``"auto"`` defaults resolve
+for the model, its task and its optimizer."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from .meta.engine import find_output_layer
+from .meta.losses import SINGLE_LABEL
 from .meta.parameters import head_parameter_names, select_meta_parameters
 from .meta.rates import INSTANCE_LEVELS
 
 __all__ = [
-    "instance_rate_at_cap_choice", "meta_objective_choice", "meta_parameters_choice", "meta_parameter_names",
-    "plain_sgd",
+    "instance_centering_choice", "instance_rate_at_cap_choice", "instance_signal_choice", "meta_objective_choice",
+    "meta_parameters_choice", "meta_parameter_names", "plain_sgd",
 ]
 
 logger = logging.getLogger(__name__)
@@ -108,3 +111,41 @@ def instance_rate_at_cap_choice(trainer: Any, parameters: str | None = None) -> 
     if (parameters or meta_parameters_choice(trainer)) == "head":
         return "relative"
     return "relative" if plain_sgd(trainer) else "clamp"
+
+
+def instance_signal_choice(trainer: Any) -> str:
+    """``instance_signal`` as the run uses it: ``"auto"`` resolved to ``"other_classes"`` where that applies —
+    instance rates, single-label classification, ``meta_strategy`` ``"jvp"`` or ``"finite_difference"``, and a
+    classification head (the last ``nn.Linear`` with ``num_labels`` outputs) that trains and that the lookahead
+    moves — and to ``"mean"`` otherwise; any other value as given."""
+    meta = trainer.meta_args
+    if meta.instance_signal != "auto":
+        return meta.instance_signal
+    if (meta.lr_level not in INSTANCE_LEVELS or meta.meta_strategy not in ("jvp", "finite_difference")
+            or getattr(trainer, "_task", None) is not SINGLE_LABEL):
+        return "mean"
+    try:
+        name, head = find_output_layer(trainer.model, getattr(trainer, "num_labels", None))
+    except ValueError:  # no linear head with one output per class
+        return "mean"
+    if not head.weight.requires_grad:
+        return "mean"
+    trainable = _trainable(trainer.model)
+    moved = select_meta_parameters(trainer.model, trainable, meta_parameters_choice(trainer, trainable))
+    return "other_classes" if moved is None or f"{name}.weight" in moved else "mean"
+
+
+def instance_centering_choice(trainer: Any, signal: str | None = None) -> tuple[bool, str]:
+    """(``center_instance_rates``, ``instance_rate_center``) as the run uses them: ``center_instance_rates=None``
+    resolved to on where the instance rates step on the other classes' share (``signal``: the run's resolved
+    :func:`instance_signal_choice`, when the caller has it) or ``instance_rate_center`` asks for the median, off
+    otherwise; ``instance_rate_center="auto"`` resolved to ``"median"`` for the other classes' share and to
+    ``"mean"`` otherwise. The other classes' share leans negative for every example (each loses its own label's
+    help), so uncentred every rate drifts down together (docs/robustness.md)."""
+    meta = trainer.meta_args
+    split = (signal or instance_signal_choice(trainer)) == "other_classes"
+    center = meta.instance_rate_center if meta.instance_rate_center != "auto" else ("median" if split else "mean")
+    on = meta.center_instance_rates
+    if on is None:
+        on = meta.lr_level in INSTANCE_LEVELS and (split or meta.instance_rate_center == "median")
+    return bool(on), center

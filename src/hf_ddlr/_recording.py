@@ -15,7 +15,13 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from ._batches import HALF_META_BATCH_TASKS, meta_batch_size, probe_batches
-from ._meta_parameters import instance_rate_at_cap_choice, meta_objective_choice, meta_parameters_choice
+from ._meta_parameters import (
+    instance_centering_choice,
+    instance_rate_at_cap_choice,
+    instance_signal_choice,
+    meta_objective_choice,
+    meta_parameters_choice,
+)
 from .config import rate_metric_choice
 from .meta import RateTable
 from .meta.distributed import world_size
@@ -113,8 +119,15 @@ def meta_settings(trainer: MetaLRTrainer) -> dict[str, Any]:
         out["rate_metric"] = metric
     if trainer.meta_args.instance_rate_scale != "batch":  # likewise
         out["instance_rate_scale"] = trainer.meta_args.instance_rate_scale
-    if trainer.meta_args.instance_rate_center != "mean":  # likewise
-        out["instance_rate_center"] = trainer.meta_args.instance_rate_center
+    if out["mode"] == "learn" and getattr(trainer, "_task", None) is not None:  # as the run resolved them
+        signal = instance_signal_choice(trainer)
+        centred, center = instance_centering_choice(trainer, signal)
+        if signal != "mean":  # only then, likewise
+            out["instance_signal"] = signal
+        if centred:  # likewise
+            out["center_instance_rates"] = True
+            if center != "mean":
+                out["instance_rate_center"] = center
     if trainer.meta_args.instance_rate_normalization != "none":  # likewise
         out["instance_rate_normalization"] = trainer.meta_args.instance_rate_normalization
     task = getattr(trainer, "_task", None)

@@ -114,12 +114,19 @@ def resolve_task(model: torch.nn.Module | None, train_dataset: Any) -> TaskLoss:
 
 def check_task_options(task: TaskLoss, lr_level: str, meta_strategy: str, label_smoothing: float,
                        group_column: str | None = None, center_instance_rates: bool = False,
-                       instance_rate_scale: str = "batch") -> None:
+                       instance_rate_scale: str = "batch", instance_signal: str = "auto") -> None:
     """Refuse, at construction, the options a task does not support: class-level rates (one class per example;
     group rates, keyed by ``group_column``, suit every task), instance rates centred per class (the same), the
-    last-layer closed form (of single-label cross-entropy), label smoothing of a non-cross-entropy loss."""
+    last-layer closed form (of single-label cross-entropy), label smoothing of a non-cross-entropy loss, the
+    meta gradient split by the meta examples' class (``instance_signal="other_classes"``)."""
     if task is SINGLE_LABEL:
         return
+    if instance_signal == "other_classes":
+        raise ValueError(
+            f"instance_signal='other_classes' splits the meta gradient by the meta examples' single class label; "
+            f"the model's task is {task.task}. Use instance_signal='auto' (the mean product for this task) or "
+            "'mean'."
+        )
     per_class_options = (  # (set, as the user wrote it, what it does, the same within groups, option name)
         (center_instance_rates, "center_instance_rates=True", "centres", "Centre", "center_instance_rates"),
         (instance_rate_scale == "key", "instance_rate_scale='key'", "scales", "Scale", "instance_rate_scale"),

@@ -11,6 +11,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .meta.engine import INSTANCE_SIGNALS as _SIGNALS
 from .meta.engine import STRATEGIES
 from .meta.losses import META_OBJECTIVES
 from .meta.parameters import PARAMETER_CHOICES, meta_parameters_pattern
@@ -31,6 +32,7 @@ LOOKAHEADS = ("optimizer", "sgd")
 RATE_METRICS = ("auto", "optimizer", "adam")
 SCALINGS = ("normalized", "raw")
 CLASS_RATE_DIRECTIONS = ("average", "per_step")
+INSTANCE_SIGNALS = ("auto", *_SIGNALS)
 OBJECTIVE_CHOICES = ("auto", *META_OBJECTIVES)
 
 
@@ -146,29 +148,42 @@ class MetaLROptions:
         "rates, which move once per epoch, keep the average either way.",
         choices=CLASS_RATE_DIRECTIONS,
     )
-    center_instance_rates: bool = _option(
-        False,
-        "Step each instance rate on its meta-gradient minus the mean over the batch's examples of its class "
-        "(or of its group, with group_column), so that the instance rates learn which examples to prefer "
-        "within a class and leave whole-class preferences (the meta set's class balance against the train "
-        "set's) to class rates or to no one. Off by default: over the robustness matrix (docs/robustness.md) "
-        "it raised accuracy where label noise unbalances the classes and in short plain-SGD runs, but lowered "
-        "the rates' noisy/clean AUROC slightly in most other cells. instance_rate_center='median' centres on the "
-        "median instead, which ranks better. Needs class labels or a group_column, and an instance level "
-        "('instance' or 'both').",
+    center_instance_rates: bool | None = _option(
+        None,
+        "Step each instance rate on its meta-gradient minus the mean (or median: instance_rate_center) over the "
+        "batch's examples of its class (or of its group, with group_column), so that the instance rates learn "
+        "which examples to prefer within a class and leave whole-class preferences (the meta set's class balance "
+        "against the train set's) to class rates or to no one. None (default): on where the instance rates step "
+        "on the other classes' share (instance_signal, resolved), centred on the median — that share leans "
+        "negative for every example, and uncentred every rate drifts down together, which under plain SGD cuts "
+        "the learning rate — and off otherwise. With the paper's mean product (instance_signal='mean') centring "
+        "raised accuracy where label noise unbalances the classes and in short plain-SGD runs, but lowered the "
+        "rates' noisy/clean AUROC slightly in most other cells (docs/robustness.md). Needs class labels or a "
+        "group_column, and an instance level ('instance' or 'both').",
     )
     instance_rate_center: str = _option(
-        "mean",
-        "With center_instance_rates=True: what is subtracted from each instance rate's meta-gradient, the 'mean' "
-        "(default) or the (lower) 'median' of the batch's examples of its class (or group). The median is the "
-        "typical, clean example's product, which the few large products of mislabelled examples do not pull: an "
-        "example no better than its typical classmate stands still instead of resting at the cap of 1 beside it, "
-        "and one worse moves down. On the robustness matrix (docs/robustness.md, 'Instance rates centred on their "
-        "class's median') it ranks every cell where the loss detector reaches 0.9 at 0.9 or better (the "
-        "plain-SGD ResNet 0.899 -> 0.921) with the defaults' mean gain (+5.6 points), better on short plain-SGD "
-        "runs and held-out fine-tunes, worse on 8-epoch momentum runs (43 of 51 runs at or above plain against "
-        "44). Every label needs several examples per batch: a label seen once has a centred step of 0.",
-        choices=INSTANCE_CENTERS,
+        "auto",
+        "With the instance rates centred: what is subtracted from each instance rate's meta-gradient, the 'mean' or "
+        "the (lower) 'median' of the batch's examples of its class (or group). 'auto' (default): the median where "
+        "the instance rates step on the other classes' share (instance_signal), the mean otherwise. The median is "
+        "the typical, clean example's product, which the few large products of mislabelled examples do not pull: "
+        "an example no better than its typical classmate stands still instead of resting at the cap of 1 beside "
+        "it, and one worse moves down (docs/robustness.md, 'Instance rates centred on their class's median'). "
+        "Every label needs several examples per batch: a label seen once has a centred step of 0.",
+        choices=("auto", *INSTANCE_CENTERS),
+    )
+    instance_signal: str = _option(
+        "auto",
+        "What each instance rate steps on. 'mean' (the paper): its example's gradient's product with the meta "
+        "set's mean gradient at the lookahead. 'other_classes': that product without the share of the meta "
+        "examples of the example's own label, taken over the classification head in closed form (no extra pass "
+        "over the model). A mislabelled example's gradient raises its wrong label's logit for every input, which "
+        "helps the meta examples of that label: that share ranks mislabelled examples above clean ones and hides "
+        "the harm done to the other classes (docs/robustness.md, 'The meta gradient split by class'). 'auto' "
+        "(default): 'other_classes' where it applies — single-label classification, meta_strategy 'jvp' or "
+        "'finite_difference', an instance level, and a linear classification head that trains and that the "
+        "lookahead moves — and 'mean' otherwise (token-level, regression, multi-label and preference tasks).",
+        choices=INSTANCE_SIGNALS,
     )
     instance_rate_at_cap: str = _option(
         "auto",
@@ -420,7 +435,8 @@ def check_meta_options(opts: Any, weight_decay: float | None = None) -> None:
         ("instance_rate_gradient", opts.instance_rate_gradient, INSTANCE_GRADIENTS),
         ("class_rate_direction", opts.class_rate_direction, CLASS_RATE_DIRECTIONS),
         ("instance_rate_scale", opts.instance_rate_scale, INSTANCE_SCALES),
-        ("instance_rate_center", opts.instance_rate_center, INSTANCE_CENTERS),
+        ("instance_rate_center", opts.instance_rate_center, ("auto", *INSTANCE_CENTERS)),
+        ("instance_signal", opts.instance_signal, INSTANCE_SIGNALS),
         ("instance_rate_at_cap", opts.instance_rate_at_cap, ("auto", *INSTANCE_AT_CAP)),
         ("instance_rate_normalization", opts.instance_rate_normalization, INSTANCE_NORMALIZATIONS),
         ("meta_objective", opts.meta_objective, OBJECTIVE_CHOICES),
@@ -452,10 +468,22 @@ def check_meta_options(opts: Any, weight_decay: float | None = None) -> None:
             f"center_instance_rates=True centres the instance rates' steps, but lr_level={opts.lr_level!r} has no "
             "instance rates: use lr_level='instance' or 'both', or drop center_instance_rates."
         )
-    if opts.instance_rate_center != "mean" and not opts.center_instance_rates:
+    if opts.instance_rate_center not in ("auto", "mean") and opts.center_instance_rates is False:
         raise ValueError(
             f"instance_rate_center={opts.instance_rate_center!r} chooses what center_instance_rates subtracts, but "
-            "center_instance_rates is off: set center_instance_rates=True as well, or drop instance_rate_center."
+            "center_instance_rates is off: set center_instance_rates=True (or leave it unset), or drop "
+            "instance_rate_center."
+        )
+    if opts.instance_signal == "other_classes" and opts.lr_level not in INSTANCE_LEVELS:
+        raise ValueError(
+            f"instance_signal={opts.instance_signal!r} changes what the instance rates step on, but "
+            f"lr_level={opts.lr_level!r} has no instance rates: use lr_level='instance' or 'both', or drop "
+            "instance_signal."
+        )
+    if opts.instance_signal == "other_classes" and opts.meta_strategy not in ("jvp", "finite_difference"):
+        raise ValueError(
+            f"instance_signal='other_classes' is taken with meta_strategy='jvp' or 'finite_difference', not "
+            f"{opts.meta_strategy!r}: use one of those, or instance_signal='mean'."
         )
     if opts.instance_rate_at_cap == "relative" and opts.lr_level not in INSTANCE_LEVELS:
         raise ValueError(

@@ -34,7 +34,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._batches import ProbeSampler, probe_batches, to_microbatch
-from ._meta_parameters import meta_objective_choice, meta_parameter_names, meta_parameters_choice
+from ._meta_parameters import (
+    instance_signal_choice,
+    meta_objective_choice,
+    meta_parameter_names,
+    meta_parameters_choice,
+)
 from ._tasks import model_batch
 from .meta import MetaBatch, MetaGradients, MicroBatch, find_output_layer, meta_gradients
 from .meta.distributed import all_gather_varlen, all_ranks_true, all_reduce_mean_
@@ -244,6 +249,9 @@ class MetaStepSchedule(Schedule):
         self._early_meta: MetaBatch | None = None  # a meta batch taken before the real forward (last_layer)
         self._forward_mode_checked = False  # (jvp: whether the model's forward can carry a tangent, seen once)
         self._meta_step_ran = False  # an error in the first meta step says what it ran the model on
+        self.signal = instance_signal_choice(trainer)  # what the instance rates step on ("auto" resolved once)
+        # "other_classes": the real forward records the head's input for the split's closed form
+        self._split = self.signal == "other_classes"
         self.probe_sampler = ProbeSampler(trainer)  # training rows scored outside the step (probe_batches)
         parameters = meta_parameters_choice(trainer)  # (resolved once: "auto" scans the model for its head)
         self.meta_params = meta_parameter_names(trainer, parameters)  # what the lookahead moves (None: all)
@@ -295,6 +303,7 @@ class MetaStepSchedule(Schedule):
                 per_step_too=meta.class_rate_direction == "per_step" and trainer.rates.keyed is not None,
                 average_products=trainer.rates.instance is not None,  # class / group rates: the per-step set alone
                 probes=probes, meta_params=self.meta_params, objective=self.objective, metric=trainer._rate_metric,
+                instance_signal=self.signal,
             )
 
         if self.strategy == "jvp" and not self._forward_mode_checked:
@@ -446,13 +455,13 @@ class SameStepFused(SameStepWindow):
                   and check.applies(trainer.model, trainer.args.gradient_checkpointing, compiled=compiled))
         if layers:
             try:
-                outputs, L, tape = self._forward(model, inputs, mb, layers=True)
+                outputs, L, tape = self._forward(model, inputs, mb, layers=True, head=self._split)
             except LayerwiseUnsupported as e:  # the recording changed what the forward computes: without it
                 check.turn_off(str(e))
                 rewind_rng(mb.replay)  # (the dropout masks of the forward that never recorded, drawn again)
                 layers = False
         if not layers:
-            outputs, L, tape = self._forward(model, inputs, mb, head=self.strategy == "last_layer",
+            outputs, L, tape = self._forward(model, inputs, mb, head=self.strategy == "last_layer" or self._split,
                                              primals=not compiled and self.strategy == "jvp")
         from_tape = tape is not None and check.meta_step(
             tape, L, w / self.normalizer, trainable_params(trainer.model), loss_scale=self._loss_scale(),
@@ -530,7 +539,7 @@ class Delayed(MetaStepSchedule):
         self._open(batches)
 
     def loss(self, model: torch.nn.Module, inputs: Mapping[str, Any], mb: MicroBatch) -> tuple[torch.Tensor, Any]:
-        outputs, L, _ = self._forward(model, inputs, mb, head=self.strategy == "last_layer")
+        outputs, L, _ = self._forward(model, inputs, mb, head=self.strategy == "last_layer" or self._split)
         return self._weighted(mb.weights.detach(), L), outputs
 
     def after_backward(self, mb: MicroBatch) -> None:

@@ -32,7 +32,7 @@ from ._datasets import (
 )
 from ._groups import Groups, check_same_groups, read_groups
 from ._meta_check import MetaSetCheck, check_meta_set
-from ._meta_parameters import instance_rate_at_cap_choice
+from ._meta_parameters import instance_centering_choice, instance_rate_at_cap_choice
 from ._recording import AppliedInstanceRates, MetaLog, TrajectoryRecorder, new_trajectory
 from ._tasks import check_task_options, resolve_task, warn_unweighted_terms
 from .config import MetaLROptions, rate_metric_choice, resolve_meta_options
@@ -366,13 +366,18 @@ class MetaLRTrainer(Trainer):
         args, meta = self.args, self.meta_args
         self._task = self._resolve_task(self.model, self._source_train_dataset)
         check_task_options(self._task, meta.lr_level, meta.meta_strategy, args.label_smoothing_factor,
-                           meta.group_column, meta.center_instance_rates, meta.instance_rate_scale)
+                           meta.group_column,
+                           # (unset, centring asked for by the median alone: the split's is single-label only)
+                           meta.center_instance_rates or (meta.center_instance_rates is None
+                                                          and meta.instance_rate_center == "median"),
+                           meta.instance_rate_scale, meta.instance_signal)
         warn_unweighted_terms(self.model)
         self.num_labels = self._infer_num_labels(num_labels)
         if self.replay is not None and meta.lr_level in ("class", "both"):
             self.replay.check_classes(self.num_labels, label_names_of(self._source_train_dataset, None))
         if self._task.class_labels:
             check_label_range((("meta", self.meta_dataset), ("train", self.train_dataset)), self.num_labels)
+        centring = instance_centering_choice(self)  # (with instance_signal resolved: the model's head is known)
         self.rates = RateTable(
             len(self._source_train_dataset),  # the rows as given (a subclass's preparation may drop some)
             self.num_labels,
@@ -386,8 +391,8 @@ class MetaLRTrainer(Trainer):
             max_rate=meta.max_rate,
             max_instance_rate=meta.max_instance_rate,
             instance_gradient=meta.instance_rate_gradient,
-            center_instance=meta.center_instance_rates,
-            center=meta.instance_rate_center,
+            center_instance=centring[0],
+            center=centring[1],
             at_cap=instance_rate_at_cap_choice(self),
             instance_scale=meta.instance_rate_scale,
             instance_normalization=meta.instance_rate_normalization,

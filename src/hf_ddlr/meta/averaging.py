@@ -69,11 +69,14 @@ class MetaGradientAverage:
             return dict(g_meta)
         if self.beta == 0.0:
             return {n: g.detach() for n, g in g_meta.items()}
-        if not self.average or set(self.average) != set(g_meta):
+        if not self.average or not set(self.average) <= set(g_meta):
             self.average = {n: g.detach().float().clone() for n, g in g_meta.items()}
-        else:
+        else:  # (a tensor first seen now — e.g. one a resumed checkpoint did not hold — starts at its value)
             for n, g in g_meta.items():
-                self.average[n].mul_(self.beta).add_(g.detach().float(), alpha=1.0 - self.beta)
+                if n not in self.average:
+                    self.average[n] = g.detach().float().clone()
+                else:
+                    self.average[n].mul_(self.beta).add_(g.detach().float(), alpha=1.0 - self.beta)
         self.num_updates += 1
         return {n: m.to(g_meta[n].dtype) for n, m in self.average.items()}
 

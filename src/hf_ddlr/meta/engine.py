@@ -30,6 +30,7 @@ from torch import nn
 
 from .averaging import GradientSecondMoment, MetaGradientAverage
 from .batchnorm_tangent import batchnorm_tangents
+from .class_split import OWN_CLASS_KEY, HeadSplit, class_head_gradients, logit_gradients, own_class_products
 from .distributed import all_reduce_mean_, world_size
 from .layerwise import LayerTape
 from .lookahead import ParamSpec, clip_coefficient, lookahead, tangent, weight_decay_grad
@@ -48,10 +49,13 @@ from .passes import (
 from .primal_reuse import Recording, reuse_outputs
 from .rows import EmbeddingRows
 
-__all__ = ["MicroBatch", "MetaBatch", "MetaGradients", "meta_gradients", "STRATEGIES", "find_output_layer"]
+__all__ = ["MicroBatch", "MetaBatch", "MetaGradients", "meta_gradients", "STRATEGIES", "INSTANCE_SIGNALS",
+           "find_output_layer"]
 
 Strategy = Literal["jvp", "finite_difference", "exact", "last_layer"]
 STRATEGIES = ("jvp", "finite_difference", "exact", "last_layer")
+# what the instance rates step on: the product with the whole meta gradient, or without the own label's share
+INSTANCE_SIGNALS = ("mean", "other_classes")
 
 
 @dataclass
@@ -180,18 +184,34 @@ def lookahead_gradient(
 def meta_loss_gradient(
     model: nn.Module, theta: Mapping[str, torch.Tensor], meta: MetaBatch, smoothing: float = 0.0,
     loss_scale: float = 1.0, task: TaskLoss = SINGLE_LABEL, wrt: Collection[str] | None = None,
-    objective: str = "loss",
+    objective: str = "loss", record: tuple[nn.Module, dict[str, torch.Tensor]] | None = None,
 ) -> tuple[float, dict[str, torch.Tensor]]:
     """Mean meta loss (the task's batch loss: over examples, or over target tokens) and the gradient of the
     meta ``objective`` (:meth:`TaskLoss.meta_objective`; ``"loss"``: that loss) at θ (batch-statistics BN,
     nothing written), averaged over ranks. The backward runs on ``loss_scale ×`` the objective and the
     gradient is unscaled (fp16 underflow). ``wrt``: the gradient of these parameters only (the others enter
-    the forward as constants: no graph is kept for them)."""
+    the forward as constants: no graph is kept for them). ``record`` (a module, a dict): that module's input
+    (``"h"``) and output (``"logits"``) in this forward, and every meta example's ``∂objective/∂ℓ_j``
+    (``"w"``), detached, into the dict (this rank's examples: what :mod:`~hf_ddlr.meta.class_split` needs)."""
     leaf = {n: v.detach().requires_grad_(wrt is None or n in wrt) for n, v in theta.items()}
+    hook = None
+    if record is not None:
+        box = record[1]
+        hook = record[0].register_forward_hook(
+            lambda mod, inp, out: box.update(h=inp[0].detach(), head_out=out.detach()))
     with replay_rng(meta.seed), frozen_batchnorm(model), meta_loss_mode(model, meta.dropout):
-        L = _losses(model, leaf, meta, smoothing, task)
+        try:
+            logits = functional_logits(model, leaf, meta.inputs)  # (what _losses computes, the logits kept)
+            L = task(logits, meta.labels, smoothing)
+        finally:
+            if hook is not None:
+                hook.remove()
+        if record is not None:
+            box["logits"] = logits.detach()
         Lm = task.mean(L, meta.labels)
         obj = task.meta_objective(L, meta.labels, objective)
+        if record is not None:
+            record[1]["w"] = torch.autograd.grad(obj, L, retain_graph=True)[0].detach().float()
         g = _grads(obj * loss_scale, _subset(leaf, wrt))
         if loss_scale != 1.0:
             g = {n: v / loss_scale for n, v in g.items()}
@@ -432,6 +452,7 @@ def meta_gradients(
     meta_params: Collection[str] | None = None,
     objective: str = "loss",
     metric: GradientSecondMoment | None = None,
+    instance_signal: str = "mean",
 ) -> MetaGradients:
     """∂L_meta/∂e_i for every example of ``window`` and ∂L_meta/∂wd after the lookahead of ``specs``.
 
@@ -479,8 +500,14 @@ def meta_gradients(
     is then taken in its metric, ``T_p / (sqrt(v̂_p) + eps)`` (:class:`~hf_ddlr.meta.averaging.GradientSecondMoment`).
     Adam / AdamW, RMSprop and Adagrad specs keep their own preconditioner. The weight decay's meta-gradient stays
     the real step's.
+
+    ``instance_signal="other_classes"`` (``"jvp"`` and ``"finite_difference"``, single-label classification): the
+    window's and the probes' example gradients (:attr:`MetaGradients.example_grad`, ``probe_grad``: what the instance
+    rates step on) leave out each example's product with the share of the meta examples of its own label, taken over
+    the classification head in closed form (:mod:`~hf_ddlr.meta.class_split`); :attr:`MetaGradients.dots` and the
+    per-step products (class and group rates) stay the whole meta gradient's. ``"mean"``: the whole product.
     """
-    _check_arguments(strategy, layer_tape, grads, task, objective)
+    _check_arguments(strategy, layer_tape, grads, task, objective, instance_signal)
     if strategy == "exact" and metric is not None:
         raise ValueError("meta_strategy='exact' differentiates the real lookahead, whose products are the optimizer's; "
                          "it cannot take them in Adam's metric. Use meta_strategy='jvp' or rate_metric='optimizer'.")
@@ -493,10 +520,10 @@ def meta_gradients(
     if grads is None:
         grads = lookahead_gradient(model, params, window, normalizer, label_smoothing, loss_scale, task)
     rows = None if weight_decay_grad_needed or layer_tape is None else embedding_rows
-    meta_loss, g_meta, T, T_step = _meta_tangent(model, params, grads, meta, specs, weight_decay, label_smoothing,
-                                                 loss_scale, max_grad_norm, average, task, rows, layer_tape,
-                                                 per_step_too, [mb.inputs for mb in probes], meta_params,
-                                                 objective, metric)
+    split = _head_split(model, params, num_labels, meta_params) if instance_signal == "other_classes" else None
+    meta_loss, g_meta, T, T_step, T_own = _meta_tangent(
+        model, params, grads, meta, specs, weight_decay, label_smoothing, loss_scale, max_grad_norm, average, task,
+        rows, layer_tape, per_step_too, [mb.inputs for mb in probes], meta_params, objective, metric, split)
     only_step = T_step is not None and not average_products  # the per-step set is the only one
     dots, mismatch = _dots(model, params, window, T_step if only_step else T, strategy, label_smoothing, loss_scale,
                            fd_eps, layer_tape, check_layer_tape, task)
@@ -512,15 +539,70 @@ def meta_gradients(
         probe_dots, _ = _dots(model, params, probes, T, strategy, label_smoothing, loss_scale, fd_eps, None, None,
                               task)
         probe_grad = -probe_dots / (normalizer * world_size())
+    if split is not None:  # the own label's share of the instance rates' products, left out
+        def own(of: Sequence[MicroBatch]) -> torch.Tensor:
+            return torch.cat([own_class_products(*T_own, *_train_head_features(model, params, mb, split,
+                                                                                label_smoothing), mb.labels)
+                              for mb in of])
+
+        example_grad = example_grad + own(window).to(example_grad.dtype) / (normalizer * world_size())
+        if probes:
+            probe_grad = probe_grad + own(probes).to(probe_grad.dtype) / (normalizer * world_size())
     wd_g = weight_decay_grad(g_meta, params, specs) if weight_decay_grad_needed else 0.0
     return MetaGradients(example_grad, wd_g, meta_loss, dots, mismatch, per_step, probe_grad)
 
 
+def _head_split(
+    model: nn.Module, params: Mapping[str, torch.Tensor], num_labels: int | None, meta_params: Collection[str] | None,
+) -> HeadSplit:
+    """The classification head of ``instance_signal="other_classes"``, or a clear error when the lookahead does not
+    move it (its per-class share is then 0)."""
+    name, head = find_output_layer(model, num_labels)
+    weight, bias = f"{name}.weight", f"{name}.bias"
+    moved = set(params) if meta_params is None else set(meta_params) & set(params)
+    if weight not in moved:
+        raise ValueError(
+            f"instance_signal='other_classes' splits the meta gradient over the classification head {name!r}, but "
+            f"the lookahead does not move {weight!r} (frozen, or outside meta_parameters). Train the head and keep it "
+            "in meta_parameters, or use instance_signal='mean'."
+        )
+    return HeadSplit(head, weight, bias if bias in moved and head.bias is not None else None)
+
+
+def _train_head_features(
+    model: nn.Module, params: Mapping[str, torch.Tensor], mb: MicroBatch, split: HeadSplit, smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(head input h_i, ∂ℓ_i/∂logits_i) of every example of ``mb`` at θ: from its real forward when that recorded
+    them (``mb.features``), else from one forward without gradients that replays it."""
+    if mb.features is not None:
+        h, logits = mb.features
+    else:
+        box: dict[str, torch.Tensor] = {}
+        hook = split.module.register_forward_hook(lambda mod, inp, out: box.update(h=inp[0].detach()))
+        try:
+            with torch.no_grad(), replay_rng(mb.replay), frozen_batchnorm(model):
+                logits = functional_logits(model, {n: p.detach() for n, p in params.items()}, mb.inputs)
+        finally:
+            hook.remove()
+        h = box["h"]
+    logits = logits.reshape(mb.labels.shape[0], -1)
+    return split.features(h, logits), logit_gradients(logits, mb.labels, smoothing)
+
+
 def _check_arguments(
     strategy: str, layer_tape: LayerTape | None, grads: Mapping | None, task: TaskLoss, objective: str = "loss",
+    instance_signal: str = "mean",
 ) -> None:
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown meta_strategy {strategy!r}; choose one of {STRATEGIES}.")
+    if instance_signal not in INSTANCE_SIGNALS:
+        raise ValueError(f"Unknown instance_signal {instance_signal!r}; choose one of {INSTANCE_SIGNALS}.")
+    if instance_signal == "other_classes" and strategy not in ("jvp", "finite_difference"):
+        raise ValueError(f"instance_signal='other_classes' is taken with meta_strategy='jvp' or 'finite_difference', "
+                         f"not {strategy!r}. Use one of those, or instance_signal='mean'.")
+    if instance_signal == "other_classes" and task is not SINGLE_LABEL:
+        raise ValueError(f"instance_signal='other_classes' splits the meta gradient by the meta examples' single "
+                         f"label; the task is {task.task}. Use instance_signal='mean'.")
     if objective not in META_OBJECTIVES:
         raise ValueError(f"Unknown meta objective {objective!r}; choose one of {META_OBJECTIVES}.")
     if strategy == "last_layer" and objective != "loss":
@@ -543,25 +625,30 @@ def _meta_tangent(
     max_grad_norm: float | None, average: MetaGradientAverage | None, task: TaskLoss = SINGLE_LABEL,
     embedding_rows: EmbeddingRows | None = None, tape: LayerTape | None = None, per_step_too: bool = False,
     probe_inputs: Sequence[Mapping[str, Any]] = (), meta_params: Collection[str] | None = None,
-    objective: str = "loss", metric: GradientSecondMoment | None = None,
-) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    objective: str = "loss", metric: GradientSecondMoment | None = None, split: HeadSplit | None = None,
+) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor] | None,
+           tuple[torch.Tensor, torch.Tensor | None] | None]:
     """The meta loss at the lookahead point θ' of the real gradient ``grads``, its gradient (the running
     average's direction when there is one), and the tangent T of the dots. The step's clipping coefficient
     is a constant of the step: θ' uses the clipped gradient and T carries the coefficient. With
     ``embedding_rows`` the tables it plans are computed on their looked-up rows (checked once against the
     full lookahead). With ``per_step_too`` and an average, also the tangent of this step's own meta gradient
     (else None). ``meta_params``: the lookahead moves these only (the clipping coefficient is still the whole
-    step's) and the gradient and tangent are theirs. ``metric``: both tangents in its metric (:func:`meta_gradients`)."""
+    step's) and the gradient and tangent are theirs. ``metric``: both tangents in its metric (:func:`meta_gradients`).
+    ``split`` (the classification head): also the head tangents of each class's meta examples alone, stacked over
+    the classes (averaged as the meta gradient is; :mod:`~hf_ddlr.meta.class_split`), else None."""
     c = clip_coefficient(grads, max_grad_norm)
     detached = {n: p.detach() for n, p in params.items()}
     moved = _subset(detached, meta_params)
     shapes = {n: p.shape for n, p in moved.items()}
     rows = embedding_rows.plan(tape, meta.inputs, shapes, probe_inputs) if embedding_rows else {}
 
+    seen: dict[str, torch.Tensor] = {}
+
     def at_lookahead(**kw) -> tuple[float, dict[str, torch.Tensor]]:
         theta = {**detached, **lookahead(moved, grads, specs, weight_decay, grad_scale=c, **kw)}
         return meta_loss_gradient(model, theta, meta, smoothing, loss_scale, task, wrt=meta_params,
-                                  objective=objective)
+                                  objective=objective, record=(split.module, seen) if split else None)
 
     meta_loss, g_meta = at_lookahead(rows=rows)
     if rows and embedding_rows.state == "unchecked":
@@ -572,14 +659,39 @@ def _meta_tangent(
         meta_loss, g_meta = ref_loss, ref_g
     # (a finite clipping coefficient is a finite norm of the whole gradient: the metric need not scan it again)
     _update_metric(metric, grads, moved, specs, c, known_finite=bool(max_grad_norm) and max_grad_norm > 0)
+    own = _class_head_gradients(split, seen, meta, smoothing) if split else {}
     T_step = None
     if average is not None:
         if per_step_too:
             T_step = _scaled(tangent(g_meta, specs), c)
-        g_meta = average.update(g_meta)
+        both = average.update({**g_meta, **own})  # (one average: the same factor and steps, saved together)
+        g_meta = {n: v for n, v in both.items() if not n.startswith(OWN_CLASS_KEY)}
+        own = {n: v for n, v in both.items() if n.startswith(OWN_CLASS_KEY)}
     T = _scaled(tangent(g_meta, specs), c)
     _in_metric(metric, T, T_step)
-    return meta_loss, g_meta, T, T_step
+    T_own = None
+    if split:  # (the tangent is elementwise-linear in the gradient: each class's is its gradient times T of ones)
+        unit = _scaled(tangent({n: torch.ones_like(detached[n], dtype=torch.float32) for n in split.names}, specs), c)
+        _in_metric(metric, unit)
+        T_own = (unit[split.weight] * own[OWN_CLASS_KEY + "weight"],
+                 unit[split.bias] * own[OWN_CLASS_KEY + "bias"] if split.bias else None)
+    return meta_loss, g_meta, T, T_step, T_own
+
+
+def _class_head_gradients(
+    split: HeadSplit, seen: Mapping[str, torch.Tensor], meta: MetaBatch, smoothing: float,
+) -> dict[str, torch.Tensor]:
+    """The meta objective's head gradient split by the meta examples' class, averaged over ranks, under the keys the
+    meta-gradient average holds it by (:data:`~hf_ddlr.meta.class_split.OWN_CLASS_KEY`)."""
+    logits = seen["logits"].float().reshape(meta.labels.shape[0], -1)
+    h = split.features(seen["h"], logits, seen["head_out"])
+    GW, Gb = class_head_gradients(h, logit_gradients(logits, meta.labels, smoothing), seen["w"], meta.labels,
+                                  logits.shape[1])
+    all_reduce_mean_([GW, Gb])
+    out = {OWN_CLASS_KEY + "weight": GW}
+    if split.bias is not None:
+        out[OWN_CLASS_KEY + "bias"] = Gb
+    return out
 
 
 def _update_metric(
