@@ -177,7 +177,7 @@ class MetaLROptions:
         "What each instance rate steps on. 'mean' (the paper): its example's gradient's product with the meta "
         "set's mean gradient at the lookahead. 'other_classes': that product without the share of the meta "
         "examples of the example's own label, taken over the classification head in closed form (no extra pass "
-        "over the model). A mislabelled example's gradient raises its wrong label's logit for every input, which "
+        "over the model for the step's own examples; the probes take one forward). A mislabelled example's gradient raises its wrong label's logit for every input, which "
         "helps the meta examples of that label: that share ranks mislabelled examples above clean ones and hides "
         "the harm done to the other classes (docs/robustness.md, 'The meta gradient split by class'). 'auto' "
         "(default): 'other_classes' where it applies — single-label classification, meta_strategy 'jvp' or "
